@@ -1,0 +1,116 @@
+"""The values every layer passes around: an order, a step's result, an order's result.
+
+Plain data: the rules a request must meet are stated here as constants and
+constrained types, and enforced where input enters, by the converter in
+`serialization`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Final, Literal, NewType, Protocol, get_args, runtime_checkable
+
+import attrs
+
+StepName = Literal["payment", "vendor", "courier"]
+STEP_NAMES: Final[tuple[StepName, ...]] = get_args(StepName)
+
+ORDER_ID_MAX_CHARS: Final = 128
+MAX_DELAY_MS: Final = 600_000
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+
+@runtime_checkable
+class Classified(Protocol):
+    """An error that says what kind of failure it is.
+
+    The orchestrator reads `kind` structurally, so a new service brings its own
+    kinds without touching orchestration code.
+    """
+
+    @property
+    def kind(self) -> str: ...
+
+
+class StepError(Exception):
+    """A step failed in an expected, classified way (a decline, an outage)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+# Constrained scalars: the converter checks type and range for each, so the path
+# in an error message names the exact field (`$.delay_ms['payment']`).
+OrderId = NewType("OrderId", str)
+Int64 = NewType("Int64", int)
+DelayMs = NewType("DelayMs", int)
+
+
+@attrs.frozen
+class OrderRequest:
+    """One order as the client sent it; `serialization.parse_order` validates it."""
+
+    order_id: OrderId
+    amount: Int64 = Int64(0)
+    fail_step: StepName | None = None
+    delay_ms: Mapping[StepName, DelayMs] = attrs.field(factory=dict)
+
+
+class StepStatus(enum.StrEnum):
+    OK = "ok"
+    ERROR = "error"
+    CANCELED = "canceled"
+
+
+@attrs.frozen
+class StepResult:
+    """How one step ended; `detail` is the failure kind, only on `error`."""
+
+    name: str
+    status: StepStatus
+    duration_ms: int
+    detail: str | None = None
+
+
+@attrs.frozen
+class OrderResult:
+    """How a whole order ended; `kind` is None exactly when every step succeeded."""
+
+    order_id: str
+    steps: tuple[StepResult, ...]
+    kind: str | None = None
+    duration_ms: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.kind is None
+
+
+@attrs.frozen
+class ErrorInfo:
+    kind: str
+    message: str
+
+
+@attrs.frozen
+class Reply:
+    """The one JSON shape of every response, success or error.
+
+    Fields left at their default are omitted, so a bad request has no `steps` and
+    a success has no `error`.
+    """
+
+    status: Literal["ok", "error"]
+    order_id: str | None = None
+    steps: tuple[StepResult, ...] | None = None
+    error: ErrorInfo | None = None
+
+
+# Kinds the orchestrator itself decides; services bring their own.
+TIMEOUT: Final = "timeout"
+CANCELED: Final = "canceled"
+INTERNAL: Final = "internal"
+BAD_REQUEST: Final = "bad_request"

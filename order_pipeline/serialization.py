@@ -1,0 +1,143 @@
+"""The one cattrs converter: strict structuring of requests, compact replies.
+
+Set up as `configure_converter` + `make_converter`, the shape of cattrs' own
+preconfigured converters, with one module-level instance built from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, cast
+
+import attrs
+import cattrs
+import orjson
+from cattrs.gen import make_dict_unstructure_fn, override
+from cattrs.preconf.orjson import OrjsonConverter
+from cattrs.preconf.orjson import configure_converter as configure_orjson
+
+from .model import (
+    BAD_REQUEST,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_DELAY_MS,
+    ORDER_ID_MAX_CHARS,
+    STEP_NAMES,
+    DelayMs,
+    Int64,
+    OrderId,
+    OrderRequest,
+    Reply,
+    StepName,
+    StepResult,
+)
+
+__all__ = ["InvalidOrder", "converter", "dump_reply", "parse_order"]
+
+
+class InvalidOrder(ValueError):
+    """The body is not a valid order; `message` names the field and the fault."""
+
+    kind = BAD_REQUEST
+
+    def __init__(self, message: str, order_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.order_id = order_id
+
+
+def _integer(value: Any, low: int, high: int) -> int:
+    # bool is an int subclass, and cattrs' own int hook would take "12" or 1.5.
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"must be an integer from {low} to {high}")
+    return value
+
+
+def _order_id(value: Any, _: type) -> str:
+    if type(value) is not str:
+        raise TypeError("must be a string")
+    if not value.strip():
+        raise ValueError("must not be blank")
+    if len(value) > ORDER_ID_MAX_CHARS:
+        raise ValueError(f"must be at most {ORDER_ID_MAX_CHARS} characters")
+    return value
+
+
+def _step_name(value: Any, _: type) -> StepName:
+    if value not in STEP_NAMES:
+        raise ValueError(f"must be one of {', '.join(STEP_NAMES)}")
+    return cast(StepName, value)
+
+
+def configure_converter(converter: cattrs.Converter) -> None:
+    """Make `converter` strict on input and terse on output."""
+    configure_orjson(converter)
+    converter.forbid_extra_keys = True
+    converter.register_structure_hook(OrderId, _order_id)
+    converter.register_structure_hook(Int64, lambda v, _: _integer(v, INT64_MIN, INT64_MAX))
+    converter.register_structure_hook(DelayMs, lambda v, _: _integer(v, 0, MAX_DELAY_MS))
+    converter.register_structure_hook_func(lambda t: t == StepName, _step_name)
+    delays_type = Mapping[StepName, DelayMs]
+    structure_delays = converter.get_structure_hook(delays_type)
+
+    def _delays(value: Any, cls: type) -> Any:
+        if type(value) is not dict:
+            raise TypeError("must be an object")
+        return structure_delays(value, cls)
+
+    converter.register_structure_hook_func(lambda t: t == delays_type, _delays)
+    for cls in (StepResult, Reply):
+        omit: dict[str, Any] = {
+            a.name: override(omit_if_default=True) for a in attrs.fields(cls) if a.default is None
+        }
+        converter.register_unstructure_hook(cls, make_dict_unstructure_fn(cls, converter, **omit))
+
+
+def make_converter() -> OrjsonConverter:
+    converter = OrjsonConverter(forbid_extra_keys=True)
+    configure_converter(converter)
+    return converter
+
+
+converter = make_converter()
+
+
+def _describe(exc: BaseException, _: type | None) -> str:
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"unknown field(s): {', '.join(sorted(map(repr, exc.extra_fields)))}"
+    if isinstance(exc, (TypeError, ValueError)) and exc.args:
+        return str(exc.args[0])
+    return "invalid value"
+
+
+def _readable_order_id(document: dict[str, Any]) -> str | None:
+    try:
+        return _order_id(document.get("order_id"), str)
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_order(body: bytes) -> OrderRequest:
+    """Turn a request body into a valid order, or raise `InvalidOrder`.
+
+    Exactly one JSON object is accepted. A `null` optional field counts as
+    absent.
+    """
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidOrder(f"body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidOrder("body must be a JSON object")
+    present = {key: value for key, value in document.items() if value is not None}
+    try:
+        return converter.structure(present, OrderRequest)
+    except Exception as exc:  # cattrs raises a group, or a plain error for some hooks
+        messages = cattrs.transform_error(exc, path="$", format_exception=_describe)
+        raise InvalidOrder("; ".join(messages), _readable_order_id(document)) from None
+
+
+def dump_reply(reply: Reply) -> bytes:
+    return converter.dumps(reply)

@@ -1,0 +1,226 @@
+"""The HTTP transport with a stub processor: validation, error mapping, JSON shapes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+import pytest
+from quart_trio import QuartTrio
+
+from order_pipeline.http import create_app
+from order_pipeline.http.app import MAX_BODY_BYTES
+from order_pipeline.model import OrderRequest, OrderResult, StepResult, StepStatus
+
+OK_STEPS = (StepResult("payment", StepStatus.OK, 150), StepResult("vendor", StepStatus.OK, 200))
+
+
+@attrs.define
+class StubProcessor:
+    """Records the orders it sees and answers each with `kind` (None: success)."""
+
+    kind: str | None = None
+    raises: Exception | None = None
+    seen: list[OrderRequest] = attrs.Factory(list)
+
+    async def process(self, order: OrderRequest) -> OrderResult:
+        self.seen.append(order)
+        if self.raises is not None:
+            raise self.raises
+        return OrderResult(order.order_id, OK_STEPS, self.kind)
+
+
+@pytest.fixture(name="processor")
+def _processor() -> StubProcessor:
+    return StubProcessor()
+
+
+@pytest.fixture(name="app")
+def _app(processor: StubProcessor) -> QuartTrio:
+    return create_app(processor)
+
+
+async def post(app: QuartTrio, body: bytes | str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    response = await app.test_client().post("/order", data=body)
+    assert response.content_type == "application/json"
+    return response.status_code, json.loads(await response.get_data()), dict(response.headers)
+
+
+async def test_success_shape(app: QuartTrio, processor: StubProcessor) -> None:
+    """A valid order reaches the processor and the reply has exactly the documented shape."""
+    status, body, _ = await post(app, '{"order_id": "o-1", "amount": 5}')
+
+    assert status == 200
+    assert body == {
+        "status": "ok",
+        "order_id": "o-1",
+        "steps": [
+            {"name": "payment", "status": "ok", "duration_ms": 150},
+            {"name": "vendor", "status": "ok", "duration_ms": 200},
+        ],
+    }
+    assert [o.order_id for o in processor.seen] == ["o-1"]
+
+
+async def test_all_fields_and_nulls(processor: StubProcessor, app: QuartTrio) -> None:
+    """Every field is read, and a null optional field counts as absent."""
+    await post(
+        app,
+        '{"order_id":"a","amount":-3,"fail_step":"courier","delay_ms":{"payment":0,"courier":600000}}',
+    )
+    await post(app, '{"order_id":"b","amount":null,"fail_step":null,"delay_ms":null}')
+
+    first, second = processor.seen
+    assert (first.amount, first.fail_step, dict(first.delay_ms)) == (
+        -3,
+        "courier",
+        {"payment": 0, "courier": 600000},
+    )
+    assert (second.amount, second.fail_step, dict(second.delay_ms)) == (0, None, {})
+
+
+BAD_BODIES = [
+    ("", None, "not valid JSON"),
+    ("{", None, "not valid JSON"),
+    ('{"order_id": "o"} {}', None, "not valid JSON"),
+    ("[]", None, "must be a JSON object"),
+    ('"o-1"', None, "must be a JSON object"),
+    ("null", None, "must be a JSON object"),
+    ("NaN", None, "not valid JSON"),
+    (b"\xff\xfe{}", None, "not valid JSON"),
+    ("[" * 10_000 + "]" * 10_000, None, "not valid JSON"),
+    ('{"order_id": "o", "amount": ' + "9" * 10_000 + "}", None, "not valid JSON"),
+    ("{}", None, "required field missing @ $.order_id"),
+    ('{"order_id": null}', None, "required field missing @ $.order_id"),
+    ('{"order_id": ""}', None, "must not be blank @ $.order_id"),
+    ('{"order_id": " \\t "}', None, "must not be blank @ $.order_id"),
+    ('{"order_id": "' + "x" * 129 + '"}', None, "at most 128 characters @ $.order_id"),
+    ('{"order_id": 7}', None, "must be a string @ $.order_id"),
+    ('{"order_id": "o", "extra": 1}', "o", "unknown field(s): 'extra'"),
+    ('{"order_id": "o", "amount": true}', "o", "@ $.amount"),
+    ('{"order_id": "o", "amount": 1.5}', "o", "@ $.amount"),
+    ('{"order_id": "o", "amount": "12"}', "o", "@ $.amount"),
+    ('{"order_id": "o", "amount": 9223372036854775808}', "o", "@ $.amount"),
+    ('{"order_id": "o", "amount": -9223372036854775809}', "o", "@ $.amount"),
+    (
+        '{"order_id": "o", "fail_step": "billing"}',
+        "o",
+        "must be one of payment, vendor, courier @ $.fail_step",
+    ),
+    ('{"order_id": "o", "fail_step": 1}', "o", "@ $.fail_step"),
+    ('{"order_id": "o", "delay_ms": []}', "o", "must be an object @ $.delay_ms"),
+    ('{"order_id": "o", "delay_ms": {"billing": 1}}', "o", "@ $.delay_ms['billing']"),
+    (
+        '{"order_id": "o", "delay_ms": {"payment": -1}}',
+        "o",
+        "from 0 to 600000 @ $.delay_ms['payment']",
+    ),
+    ('{"order_id": "o", "delay_ms": {"payment": 600001}}', "o", "@ $.delay_ms['payment']"),
+    ('{"order_id": "o", "delay_ms": {"payment": 1.0}}', "o", "@ $.delay_ms['payment']"),
+    ('{"order_id": "o", "delay_ms": {"payment": null}}', "o", "@ $.delay_ms['payment']"),
+]
+
+
+@pytest.mark.parametrize(("body", "order_id", "message"), BAD_BODIES)
+async def test_bad_request(
+    app: QuartTrio, processor: StubProcessor, body: str | bytes, order_id: str | None, message: str
+) -> None:
+    """Each invalid body gets 400 bad_request naming the fault, and no step runs."""
+    status, reply, _ = await post(app, body)
+
+    assert status == 400
+    assert reply["status"] == "error"
+    assert reply["error"]["kind"] == "bad_request"
+    assert message in reply["error"]["message"]
+    assert reply.get("order_id") == order_id
+    assert set(reply) == ({"status", "error"} | ({"order_id"} if order_id else set()))
+    assert processor.seen == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "message"),
+    [
+        ("payment_declined", 400, "order failed"),
+        ("vendor_unavailable", 503, "order failed"),
+        ("no_courier", 503, "order failed"),
+        ("timeout", 504, "order did not complete before its deadline"),
+        ("canceled", 408, "order was canceled"),
+        ("internal", 500, "internal error"),
+        ("some_new_kind", 500, "internal error"),
+    ],
+)
+async def test_error_kinds_map_to_statuses(kind: str, status: int, message: str) -> None:
+    """Each order-failure kind gets its status, the steps and an error object."""
+    code, body, _ = await post(create_app(StubProcessor(kind)), '{"order_id": "o-9"}')
+
+    assert code == status
+    assert body == {
+        "status": "error",
+        "order_id": "o-9",
+        "steps": [
+            {"name": "payment", "status": "ok", "duration_ms": 150},
+            {"name": "vendor", "status": "ok", "duration_ms": 200},
+        ],
+        "error": {"kind": kind, "message": message},
+    }
+
+
+async def test_body_over_64_kib_is_413(app: QuartTrio, processor: StubProcessor) -> None:
+    """A body past 64 KiB is refused with 413 payload_too_large; one at the limit is read."""
+    padded = '{"order_id": "o", "amount": 1}'
+    status, body, _ = await post(app, padded + " " * (MAX_BODY_BYTES - len(padded)))
+    assert status == 200
+
+    status, body, _ = await post(app, padded + " " * (MAX_BODY_BYTES - len(padded) + 1))
+    assert status == 413
+    assert body == {
+        "status": "error",
+        "error": {"kind": "payload_too_large", "message": "request body too large"},
+    }
+    assert len(processor.seen) == 1
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS"])
+async def test_other_methods_are_405_with_allow(app: QuartTrio, method: str) -> None:
+    """Any method but POST on /order is 405 method_not_allowed with Allow: POST."""
+    # Quart's TestClientProtocol omits the default of `json`; the client has one.
+    response = await app.test_client().open("/order", method=method)  # type: ignore[call-arg]
+
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
+    assert response.content_type == "application/json"
+    assert json.loads(await response.get_data()) == {
+        "status": "error",
+        "error": {"kind": "method_not_allowed", "message": "method not allowed"},
+    }
+
+
+async def test_head_is_405_without_body(app: QuartTrio) -> None:
+    """HEAD is refused like the others (and carries no body, as HTTP requires)."""
+    response = await app.test_client().head("/order")
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
+
+
+@pytest.mark.parametrize("path", ["/", "/orders", "/order/1", "/static/x"])
+async def test_unknown_path_is_404(app: QuartTrio, path: str) -> None:
+    """An unknown path is 404 not_found, as JSON."""
+    response = await app.test_client().post(path, data=b"{}")
+
+    assert response.status_code == 404
+    assert json.loads(await response.get_data()) == {
+        "status": "error",
+        "error": {"kind": "not_found", "message": "no such endpoint"},
+    }
+
+
+async def test_processor_crash_is_500_without_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """An exception escaping the processor is a JSON 500; the traceback goes to the log only."""
+    app = create_app(StubProcessor(raises=RuntimeError("secret detail")))
+
+    status, body, _ = await post(app, '{"order_id": "o"}')
+
+    assert status == 500
+    assert body == {"status": "error", "error": {"kind": "internal", "message": "internal error"}}
+    assert "secret detail" in caplog.text

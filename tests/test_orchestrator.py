@@ -1,0 +1,206 @@
+"""The orchestrator alone, with inline steps, on Trio's virtual clock."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+
+from order_pipeline.model import OrderRequest, OrderResult, StepError, StepResult, StepStatus
+from order_pipeline.orchestrator import Pipeline, Step, StepAction
+from order_pipeline.services import StepTracker
+
+OK, ERROR, CANCELED = StepStatus.OK, StepStatus.ERROR, StepStatus.CANCELED
+
+
+def sleeps(seconds: float, fails_with: Exception | None = None) -> StepAction:
+    """A step that takes `seconds` of virtual time, then succeeds or raises."""
+
+    async def run(_: OrderRequest) -> None:
+        await trio.sleep(seconds)
+        if fails_with is not None:
+            raise fails_with
+
+    return run
+
+
+def pipeline(
+    *steps: tuple[str, StepAction], timeout: float = 10.0
+) -> tuple[Pipeline, list[OrderResult]]:
+    finished: list[OrderResult] = []
+    return Pipeline([Step(n, r) for n, r in steps], timeout, finished.append), finished
+
+
+async def test_all_steps_succeed(order: OrderRequest, autojump_clock: trio.abc.Clock) -> None:
+    """Every step runs concurrently; the order takes as long as its slowest step."""
+    pipe, finished = pipeline(("a", sleeps(0.15)), ("b", sleeps(0.2)), ("c", sleeps(0.1)))
+
+    result = await pipe.process(order)
+
+    assert result == OrderResult(
+        "o-1",
+        (StepResult("a", OK, 150), StepResult("b", OK, 200), StepResult("c", OK, 100)),
+        None,
+        200,
+    )
+    assert result.ok
+    assert trio.current_time() == 0.2
+    assert finished == [result]
+
+
+async def test_failure_cancels_siblings_at_once(
+    order: OrderRequest, autojump_clock: trio.abc.Clock
+) -> None:
+    """A failing step cancels the steps still running, at the moment it fails."""
+    pipe, _ = pipeline(
+        ("payment", sleeps(0.15, StepError("payment_declined"))),
+        ("vendor", sleeps(0.2)),
+        ("courier", sleeps(0.3)),
+    )
+
+    result = await pipe.process(order)
+
+    assert result.kind == "payment_declined"
+    assert result.steps == (
+        StepResult("payment", ERROR, 150, "payment_declined"),
+        StepResult("vendor", CANCELED, 150),
+        StepResult("courier", CANCELED, 150),
+    )
+    assert trio.current_time() == 0.15
+
+
+async def test_first_failure_in_time_wins(
+    order: OrderRequest, autojump_clock: trio.abc.Clock
+) -> None:
+    """Of two failing steps, the earlier failure decides the kind; the later one is cancelled."""
+    pipe, _ = pipeline(
+        ("late", sleeps(0.2, StepError("late_kind"))),
+        ("early", sleeps(0.1, StepError("early_kind"))),
+    )
+
+    result = await pipe.process(order)
+
+    assert result.kind == "early_kind"
+    assert result.steps == (
+        StepResult("late", CANCELED, 100),
+        StepResult("early", ERROR, 100, "early_kind"),
+    )
+
+
+async def test_deadline_cancels_running_steps(
+    order: OrderRequest, autojump_clock: trio.abc.Clock
+) -> None:
+    """At the deadline every step still running is cancelled and the kind is timeout."""
+    pipe, _ = pipeline(("fast", sleeps(0.1)), ("slow", sleeps(5)), timeout=1.0)
+
+    result = await pipe.process(order)
+
+    assert result.kind == "timeout"
+    assert result.steps == (StepResult("fast", OK, 100), StepResult("slow", CANCELED, 1000))
+    assert result.duration_ms == 1000
+    assert trio.current_time() == 1.0
+
+
+async def test_outer_cancellation_cancels_steps_and_reports_canceled(
+    order: OrderRequest, autojump_clock: trio.abc.Clock
+) -> None:
+    """A caller's cancellation (client gone) stops the steps at once and still reports the order."""
+    pipe, finished = pipeline(("a", sleeps(1)), ("b", sleeps(2)))
+
+    with trio.move_on_after(0.25) as outer:
+        await pipe.process(order)
+
+    assert outer.cancelled_caught
+    assert trio.current_time() == 0.25
+    assert finished == [
+        OrderResult(
+            "o-1", (StepResult("a", CANCELED, 250), StepResult("b", CANCELED, 250)), "canceled", 250
+        )
+    ]
+
+
+async def test_exception_without_kind_is_internal(
+    order: OrderRequest, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected exception is kind internal, cancels siblings, and its traceback is logged."""
+    pipe, _ = pipeline(("broken", sleeps(0.05, ZeroDivisionError("boom"))), ("other", sleeps(1)))
+
+    with caplog.at_level(logging.ERROR):
+        result = await pipe.process(order)
+
+    assert result.kind == "internal"
+    assert result.steps == (
+        StepResult("broken", ERROR, 50, "internal"),
+        StepResult("other", CANCELED, 50),
+    )
+    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
+
+
+async def test_kind_is_read_structurally(
+    order: OrderRequest, autojump_clock: trio.abc.Clock
+) -> None:
+    """An exception with a string `kind` is classified by it; any other kind is internal."""
+
+    class CustomError(Exception):
+        kind = "custom_kind"
+
+    class BadKind(Exception):
+        kind = 42
+
+    custom, _ = pipeline(("a", sleeps(0, CustomError())))
+    bad, _ = pipeline(("a", sleeps(0, BadKind())))
+
+    assert (await custom.process(order)).kind == "custom_kind"
+    assert (await bad.process(order)).kind == "internal"
+
+
+async def test_results_keep_registration_order(
+    order: OrderRequest, autojump_clock: trio.abc.Clock
+) -> None:
+    """Results come back in the order steps were registered, not the order they finished."""
+    pipe, _ = pipeline(("first", sleeps(0.3)), ("second", sleeps(0.2)), ("third", sleeps(0.1)))
+
+    result = await pipe.process(order)
+
+    assert [s.name for s in result.steps] == ["first", "second", "third"]
+    assert [s.duration_ms for s in result.steps] == [300, 200, 100]
+
+
+async def test_zero_delay_steps_finish_without_virtual_time(
+    order: OrderRequest, autojump_clock: trio.abc.Clock
+) -> None:
+    """Steps that do not wait finish at time zero with duration 0."""
+    pipe, _ = pipeline(("a", sleeps(0)), ("b", sleeps(0)))
+
+    result = await pipe.process(order)
+
+    assert result == OrderResult("o-1", (StepResult("a", OK, 0), StepResult("b", OK, 0)), None, 0)
+
+
+async def hangs(_: OrderRequest) -> None:
+    await trio.sleep_forever()
+
+
+@pytest.mark.parametrize(
+    ("steps", "timeout", "kind"),
+    [
+        ([("fail", sleeps(0.1, StepError("x"))), ("hang", hangs)], 10.0, "x"),
+        ([("hang", hangs), ("ok", sleeps(0.1))], 1.0, "timeout"),
+    ],
+)
+async def test_no_task_outlives_its_order(
+    order: OrderRequest,
+    autojump_clock: trio.abc.Clock,
+    steps: list[tuple[str, StepAction]],
+    timeout: float,  # noqa: ASYNC109 (a test parameter, not an API that should take a scope)
+    kind: str,
+) -> None:
+    """Even a step that would never end is gone when process() returns."""
+    tracker = StepTracker()
+    pipe = Pipeline([tracker.track(Step(n, r)) for n, r in steps], timeout)
+
+    result = await pipe.process(order)
+
+    assert result.kind == kind
+    assert tracker.in_flight == 0
