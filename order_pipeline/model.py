@@ -57,6 +57,8 @@ class OrderRequest:
     amount: Int64 = Int64(0)
     fail_step: StepName | None = None
     delay_ms: Mapping[StepName, DelayMs] = attrs.field(factory=dict)
+    fail_compensation: StepName | None = None
+    compensation_delay_ms: Mapping[StepName, DelayMs] = attrs.field(factory=dict)
 
 
 class StepStatus(enum.StrEnum):
@@ -65,14 +67,33 @@ class StepStatus(enum.StrEnum):
     CANCELED = "canceled"
 
 
+class CompensationStatus(enum.StrEnum):
+    OK = "ok"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+
+
+@attrs.frozen
+class Compensation:
+    """How undoing a completed step ended."""
+
+    status: CompensationStatus
+    duration_ms: int
+
+
 @attrs.frozen
 class StepResult:
-    """How one step ended; `detail` is the failure kind, only on `error`."""
+    """How one step ended; `detail` is the failure kind, only on `error`.
+
+    `compensation` is there only for a step that succeeded in an order that then
+    failed, and so was undone.
+    """
 
     name: str
     status: StepStatus
     duration_ms: int
     detail: str | None = None
+    compensation: Compensation | None = None
 
 
 @attrs.frozen
@@ -113,4 +134,5 @@ class Reply:
 TIMEOUT: Final = "timeout"
 CANCELED: Final = "canceled"
 INTERNAL: Final = "internal"
+COMPENSATION_FAILED: Final = "compensation_failed"
 BAD_REQUEST: Final = "bad_request"

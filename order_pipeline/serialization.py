@@ -77,7 +77,7 @@ def configure_converter(converter: cattrs.Converter) -> None:
     converter.register_structure_hook(Int64, lambda v, _: _integer(v, INT64_MIN, INT64_MAX))
     converter.register_structure_hook(DelayMs, lambda v, _: _integer(v, 0, MAX_DELAY_MS))
     converter.register_structure_hook_func(lambda t: t == StepName, _step_name)
-    delays_type = Mapping[StepName, DelayMs]
+    delays_type = Mapping[StepName, DelayMs]  # delay_ms and compensation_delay_ms
     structure_delays = converter.get_structure_hook(delays_type)
 
     def _delays(value: Any, cls: type) -> Any:

@@ -38,6 +38,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     request_timeout: float = 10.0
+    compensation_timeout: float = 5.0
     courier_pool_size: int = 5
 
 
@@ -54,12 +55,17 @@ class Service:
 def build_service(settings: Settings) -> Service:
     pool = CourierPool(settings.courier_pool_size)
     tracker = StepTracker()
+    payment, vendor, courier = PaymentService(), VendorService(), CourierService(pool)
     steps = [
-        Step("payment", PaymentService().charge),
-        Step("vendor", VendorService().notify),
-        Step("courier", CourierService(pool).assign),
+        Step("payment", payment.charge, payment.refund),
+        Step("vendor", vendor.notify, vendor.cancel),
+        Step("courier", courier.assign, courier.release),
     ]
-    pipeline = Pipeline([tracker.track(s) for s in steps], timeout=settings.request_timeout)
+    pipeline = Pipeline(
+        [tracker.track(s) for s in steps],
+        timeout=settings.request_timeout,
+        compensation_timeout=settings.compensation_timeout,
+    )
     return Service(create_app(pipeline), pipeline, pool, tracker)
 
 
@@ -69,8 +75,8 @@ def hypercorn_config(settings: Settings) -> Config:
     config.keep_alive_timeout = HEADER_AND_IDLE_TIMEOUT_S
     # read_timeout would also run while an order is processed: leave it off.
     config.read_timeout = None
-    # Let in-flight orders finish on shutdown: one full deadline plus a margin.
-    config.graceful_timeout = settings.request_timeout + 1
+    # Let in-flight orders finish on shutdown: a full deadline, then their compensations.
+    config.graceful_timeout = settings.request_timeout + settings.compensation_timeout + 1
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     return config

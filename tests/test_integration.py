@@ -22,6 +22,9 @@ async def post(service: Service, body: dict[str, Any]) -> tuple[int, dict[str, A
     return response.status_code, json.loads(await response.get_data())
 
 
+REFUNDED = {"status": "ok", "duration_ms": 80}
+RELEASED = {"status": "ok", "duration_ms": 30}
+
 # The README's four curl examples, with the bodies they give on the virtual clock
 # (a real server adds a millisecond or so to each duration).
 README_EXAMPLES = [
@@ -64,14 +67,14 @@ README_EXAMPLES = [
             "status": "error",
             "order_id": "o-3",
             "steps": [
-                {"name": "payment", "status": "ok", "duration_ms": 150},
+                {"name": "payment", "status": "ok", "duration_ms": 150, "compensation": REFUNDED},
                 {
                     "name": "vendor",
                     "status": "error",
                     "duration_ms": 200,
                     "detail": "vendor_unavailable",
                 },
-                {"name": "courier", "status": "ok", "duration_ms": 100},
+                {"name": "courier", "status": "ok", "duration_ms": 100, "compensation": RELEASED},
             ],
             "error": {"kind": "vendor_unavailable", "message": "order failed"},
         },
@@ -83,9 +86,9 @@ README_EXAMPLES = [
             "status": "error",
             "order_id": "o-4",
             "steps": [
-                {"name": "payment", "status": "ok", "duration_ms": 150},
+                {"name": "payment", "status": "ok", "duration_ms": 150, "compensation": REFUNDED},
                 {"name": "vendor", "status": "canceled", "duration_ms": 10000},
-                {"name": "courier", "status": "ok", "duration_ms": 100},
+                {"name": "courier", "status": "ok", "duration_ms": 100, "compensation": RELEASED},
             ],
             "error": {"kind": "timeout", "message": "order did not complete before its deadline"},
         },

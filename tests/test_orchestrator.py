@@ -29,7 +29,9 @@ def pipeline(
     *steps: tuple[str, StepAction], timeout: float = 10.0
 ) -> tuple[Pipeline, list[OrderResult]]:
     finished: list[OrderResult] = []
-    return Pipeline([Step(n, r) for n, r in steps], timeout, finished.append), finished
+    return Pipeline(
+        [Step(n, r) for n, r in steps], timeout=timeout, on_finish=finished.append
+    ), finished
 
 
 async def test_all_steps_succeed(order: OrderRequest, autojump_clock: trio.abc.Clock) -> None:
@@ -198,7 +200,7 @@ async def test_no_task_outlives_its_order(
 ) -> None:
     """Even a step that would never end is gone when process() returns."""
     tracker = StepTracker()
-    pipe = Pipeline([tracker.track(Step(n, r)) for n, r in steps], timeout)
+    pipe = Pipeline([tracker.track(Step(n, r)) for n, r in steps], timeout=timeout)
 
     result = await pipe.process(order)
 

@@ -53,7 +53,9 @@ def test_hypercorn_limits() -> None:
 
 def test_cli_defaults() -> None:
     """`order-pipeline serve` alone gives the documented defaults."""
-    assert parse_args(["serve"]) == Settings("127.0.0.1", 8080, 10.0, 5)
+    assert parse_args(["serve"]) == Settings(
+        host="127.0.0.1", port=8080, request_timeout=10.0, courier_pool_size=5
+    )
 
 
 def test_cli_flags() -> None:
@@ -71,7 +73,7 @@ def test_cli_flags() -> None:
             "9",
         ]
     )
-    assert settings == Settings("0.0.0.0", 0, 2.5, 9)
+    assert settings == Settings(host="0.0.0.0", port=0, request_timeout=2.5, courier_pool_size=9)
 
 
 @pytest.mark.parametrize(

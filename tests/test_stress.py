@@ -14,12 +14,20 @@ CLIENTS = 100
 REQUESTS_PER_CLIENT = 200
 
 
-def steps(*triples: tuple[str, str, int] | tuple[str, str, int, str]) -> list[dict[str, Any]]:
+UNDO_MS = {"payment": 80, "vendor": 50, "courier": 30}
+
+
+def steps(
+    *triples: tuple[str, str, int] | tuple[str, str, int, str], undone: bool = True
+) -> list[dict[str, Any]]:
+    """Expected steps; in a failed order (`undone`) each `ok` step carries its compensation."""
     out = []
     for name, status, duration, *detail in triples:
         step: dict[str, Any] = {"name": name, "status": status, "duration_ms": duration}
         if detail:
             step["detail"] = detail[0]
+        if undone and status == "ok":
+            step["compensation"] = {"status": "ok", "duration_ms": UNDO_MS[name]}
         out.append(step)
     return out
 
@@ -36,7 +44,9 @@ MIX: list[tuple[dict[str, Any], int, dict[str, Any]]] = [
         200,
         {
             "status": "ok",
-            "steps": steps(("payment", "ok", 150), ("vendor", "ok", 200), ("courier", "ok", 100)),
+            "steps": steps(
+                ("payment", "ok", 150), ("vendor", "ok", 200), ("courier", "ok", 100), undone=False
+            ),
         },
     ),
     (

@@ -22,6 +22,7 @@ OUTCOMES: Final[dict[str, Outcome]] = {
     "timeout": Outcome(504, "order did not complete before its deadline"),
     "canceled": Outcome(408, "order was canceled"),
     "internal": Outcome(500, "internal error"),
+    "compensation_failed": Outcome(500, "order failed and could not be fully undone"),
     "bad_request": Outcome(400, "bad request"),
     "not_found": Outcome(404, "no such endpoint"),
     "method_not_allowed": Outcome(405, "method not allowed"),

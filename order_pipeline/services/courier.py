@@ -1,4 +1,4 @@
-"""The simulated courier-assignment step."""
+"""The simulated courier-assignment step and its compensation, the release."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ..model import OrderRequest, StepError
 from .pool import CourierPool
 
 NO_COURIER: Final = "no_courier"
+COURIER_RELEASE_FAILED: Final = "courier_release_failed"
 
 
 @attrs.frozen
@@ -19,9 +20,16 @@ class CourierService:
 
     pool: CourierPool
     delay_ms: int = 100
+    release_delay_ms: int = 30
 
     async def assign(self, order: OrderRequest) -> None:
         async with self.pool.slot():
             await trio.sleep(order.delay_ms.get("courier", self.delay_ms) / 1000)
             if order.fail_step == "courier":
                 raise StepError(NO_COURIER)
+
+    async def release(self, order: OrderRequest) -> None:
+        """Tell the assigned courier the order is off (no pool slot is needed for that)."""
+        await trio.sleep(order.compensation_delay_ms.get("courier", self.release_delay_ms) / 1000)
+        if order.fail_compensation == "courier":
+            raise StepError(COURIER_RELEASE_FAILED)

@@ -1,0 +1,274 @@
+"""Compensation (the saga): completed steps are undone when the order fails, exactly once."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from order_pipeline.model import (
+    Compensation,
+    CompensationStatus,
+    OrderRequest,
+    OrderResult,
+    StepStatus,
+)
+from order_pipeline.orchestrator import Pipeline, Step
+from order_pipeline.server import Settings, build_service
+
+from .conftest import make_order
+
+UNDONE = {
+    "payment": Compensation(CompensationStatus.OK, 80),
+    "vendor": Compensation(CompensationStatus.OK, 50),
+    "courier": Compensation(CompensationStatus.OK, 30),
+}
+
+
+def compensations(result: OrderResult) -> dict[str, Compensation | None]:
+    return {s.name: s.compensation for s in result.steps}
+
+
+@attrs.define
+class Recorder:
+    """Collects every finished order and counts every compensation call."""
+
+    finished: list[OrderResult] = attrs.Factory(list)
+    calls: Counter[str] = attrs.Factory(Counter)
+
+    def pipeline(self, settings: Settings | None = None) -> Pipeline:
+        real = build_service(settings or Settings()).pipeline
+
+        def counted(step: Step) -> Step:
+            assert step.compensate is not None
+            undo = step.compensate
+
+            async def compensate(order: OrderRequest) -> None:
+                self.calls[step.name] += 1
+                await undo(order)
+
+            return Step(step.name, step.run, compensate)
+
+        return attrs.evolve(
+            real, steps=[counted(s) for s in real.steps], on_finish=self.finished.append
+        )
+
+
+async def test_late_failure_undoes_the_completed_steps(autojump_clock: trio.abc.Clock) -> None:
+    """A courier failure after payment and vendor succeeded compensates both, not the courier."""
+    recorder = Recorder()
+    order = make_order(amount=5, fail_step="courier", delay_ms={"courier": 300})
+
+    result = await recorder.pipeline().process(order)
+
+    assert result.kind == "no_courier"
+    assert compensations(result) == {
+        "payment": UNDONE["payment"],
+        "vendor": UNDONE["vendor"],
+        "courier": None,
+    }
+    assert recorder.calls == Counter(payment=1, vendor=1)
+    # The compensations run concurrently: the longest (80 ms) ends the order.
+    assert trio.current_time() == 0.38
+    assert result.duration_ms == 380
+
+
+async def test_failure_before_any_success_undoes_nothing(autojump_clock: trio.abc.Clock) -> None:
+    """When no step had completed, nothing is compensated."""
+    recorder = Recorder()
+    order = make_order(amount=0, delay_ms={"courier": 300})
+
+    result = await recorder.pipeline().process(order)
+
+    assert result.kind == "payment_declined"
+    assert set(compensations(result).values()) == {None}
+    assert recorder.calls == Counter()
+    assert trio.current_time() == 0.15
+
+
+async def test_timeout_undoes_the_payment(autojump_clock: trio.abc.Clock) -> None:
+    """A deadline that passes after the payment succeeded refunds it."""
+    recorder = Recorder()
+    order = make_order(amount=5, delay_ms={"vendor": 2000, "courier": 2000})
+
+    result = await recorder.pipeline(Settings(request_timeout=1)).process(order)
+
+    assert result.kind == "timeout"
+    assert compensations(result) == {"payment": UNDONE["payment"], "vendor": None, "courier": None}
+    assert trio.current_time() == 1.08
+
+
+async def test_failed_compensation_is_compensation_failed(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compensation that fails makes the order compensation_failed and is logged loudly."""
+    recorder = Recorder()
+    order = make_order(amount=5, fail_step="vendor", fail_compensation="payment")
+
+    with caplog.at_level(logging.ERROR):
+        result = await recorder.pipeline().process(order)
+
+    assert result.kind == "compensation_failed"
+    assert compensations(result) == {
+        "payment": Compensation(CompensationStatus.ERROR, 80),
+        "vendor": None,
+        "courier": UNDONE["courier"],
+    }
+    assert (
+        "compensation of payment ended error (refund_failed); it needs manual attention"
+        in caplog.text
+    )
+
+
+async def test_stuck_compensation_times_out(autojump_clock: trio.abc.Clock) -> None:
+    """A compensation that outlives its own deadline is reported as timeout."""
+    recorder = Recorder()
+    order = make_order(amount=5, fail_step="vendor", compensation_delay_ms={"courier": 60_000})
+
+    result = await recorder.pipeline(Settings(compensation_timeout=5)).process(order)
+
+    assert result.kind == "compensation_failed"
+    assert compensations(result) == {
+        "payment": UNDONE["payment"],
+        "vendor": None,
+        "courier": Compensation(CompensationStatus.TIMEOUT, 5000),
+    }
+    assert trio.current_time() == 5.2
+
+
+async def test_outer_cancellation_still_compensates(autojump_clock: trio.abc.Clock) -> None:
+    """A client disconnect (outer cancel) cannot skip the compensations: they run to the end."""
+    recorder = Recorder()
+    tracker = build_service(Settings()).tracker
+    pipeline = recorder.pipeline()
+    pipeline = attrs.evolve(pipeline, steps=[tracker.track(s) for s in pipeline.steps])
+
+    with trio.move_on_after(0.25) as disconnect:
+        await pipeline.process(make_order(amount=5, delay_ms={"vendor": 1000, "courier": 1000}))
+
+    assert disconnect.cancelled_caught
+    assert trio.current_time() == 0.33
+    (result,) = recorder.finished
+    assert result.kind == "canceled"
+    assert compensations(result) == {"payment": UNDONE["payment"], "vendor": None, "courier": None}
+    assert tracker.in_flight == 0
+
+
+async def test_success_runs_no_compensation(autojump_clock: trio.abc.Clock) -> None:
+    """A successful order is not compensated at all."""
+    recorder = Recorder()
+
+    result = await recorder.pipeline().process(make_order(amount=5))
+
+    assert result.ok
+    assert recorder.calls == Counter()
+    assert trio.current_time() == 0.2
+
+
+async def test_compensation_through_http(autojump_clock: trio.abc.Clock) -> None:
+    """Over HTTP a failed compensation answers 500 compensation_failed with the records."""
+    app = build_service(Settings()).app
+    order = {"order_id": "o", "amount": 5, "fail_step": "courier", "fail_compensation": "vendor"}
+    order["delay_ms"] = {"courier": 300}
+    order["compensation_delay_ms"] = {"payment": 10}
+
+    response = await app.test_client().post("/order", json=order)
+
+    assert response.status_code == 500
+    assert await response.get_json() == {
+        "status": "error",
+        "order_id": "o",
+        "steps": [
+            {
+                "name": "payment",
+                "status": "ok",
+                "duration_ms": 150,
+                "compensation": {"status": "ok", "duration_ms": 10},
+            },
+            {
+                "name": "vendor",
+                "status": "ok",
+                "duration_ms": 200,
+                "compensation": {"status": "error", "duration_ms": 50},
+            },
+            {"name": "courier", "status": "error", "duration_ms": 300, "detail": "no_courier"},
+        ],
+        "error": {
+            "kind": "compensation_failed",
+            "message": "order failed and could not be fully undone",
+        },
+    }
+
+
+step_names = st.sampled_from(["payment", "vendor", "courier"])
+delays = st.dictionaries(step_names, st.integers(0, 3_000))
+
+
+@given(
+    fields=st.fixed_dictionaries(
+        {
+            "amount": st.integers(-2, 2),
+            "fail_step": st.none() | step_names,
+            "fail_compensation": st.none() | step_names,
+            "delay_ms": delays,
+            "compensation_delay_ms": delays,
+        }
+    ),
+    cancel_after=st.none() | st.integers(0, 3_000),
+)
+def test_every_completed_step_of_a_failed_order_is_undone_exactly_once(
+    fields: dict[str, Any], cancel_after: int | None
+) -> None:
+    """For random orders, the ok steps of a failed order each have one compensation; others none."""
+    recorder = Recorder()
+    pipeline = recorder.pipeline(Settings(request_timeout=2, compensation_timeout=1))
+
+    async def main() -> None:
+        with trio.move_on_after(float("inf") if cancel_after is None else cancel_after / 1000):
+            await pipeline.process(make_order(**fields))
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+    (result,) = recorder.finished
+    completed = {s.name for s in result.steps if s.status is StepStatus.OK}
+    undone = {s.name for s in result.steps if s.compensation is not None}
+    if result.ok:
+        assert undone == set()
+        assert recorder.calls == Counter()
+    else:
+        assert undone == completed
+        assert recorder.calls == Counter(completed)
+        failed_undo = any(s.compensation.status != "ok" for s in result.steps if s.compensation)
+        assert (result.kind == "compensation_failed") == failed_undo
+
+
+async def test_unexpected_compensation_error_is_logged_with_traceback(
+    order: OrderRequest, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compensation that raises an unclassified exception is an error, traceback in the log."""
+
+    async def ok(_: OrderRequest) -> None:
+        pass
+
+    async def fail(_: OrderRequest) -> None:
+        await trio.sleep(0.1)
+        raise RuntimeError("fail")
+
+    async def broken_undo(_: OrderRequest) -> None:
+        raise RuntimeError("undo exploded")
+
+    pipeline = Pipeline([Step("a", ok, broken_undo), Step("b", fail)])
+    with caplog.at_level(logging.ERROR):
+        result = await pipeline.process(order)
+
+    assert result.kind == "compensation_failed"
+    assert result.steps[0].compensation == Compensation(CompensationStatus.ERROR, 0)
+    assert "undo exploded" in caplog.text
+    assert "compensation of a ended error (internal); it needs manual attention" in caplog.text
