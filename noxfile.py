@@ -6,6 +6,13 @@ needs no particular minor version installed.
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
@@ -33,7 +40,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package and the tests."""
-    session.install("-e", *TEST_DEPS, "mypy>=1.13", "nox")
+    session.install("-e", *TEST_DEPS, "mypy>=1.13", "nox", "types-jsonschema")
     session.run("mypy", "order_pipeline", "tests", "noxfile.py")
 
 
@@ -67,3 +74,64 @@ def cover(session: nox.Session) -> None:
     session.run("coverage", "run", "-m", "pytest", "-m", "not bench", *session.posargs)
     session.run("coverage", "report")
     session.run("coverage", "html")
+
+
+def _start_server(session: nox.Session, *flags: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """Start `order-pipeline serve` from the session's venv on a free port; return its URL."""
+    log = Path(tempfile.mkstemp(prefix="order-pipeline-", suffix=".log")[1])
+    python = str(Path(session.bin) / "python")
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [python, "-m", "order_pipeline", "serve", "--port", "0", *flags], stdout=out, stderr=out
+        )
+    deadline = time.monotonic() + 30
+    while not (found := re.search(r"Running on (http://127\.0\.0\.1:\d+)", log.read_text())):
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            session.error(f"the server did not start:\n{log.read_text()}")
+        time.sleep(0.05)
+    return server, found.group(1), log
+
+
+def _stop_server(session: nox.Session, server: subprocess.Popen[bytes], log: Path) -> None:
+    server.send_signal(signal.SIGTERM)
+    if server.wait(timeout=60) != 0:
+        session.error(f"the server exited with {server.returncode}:\n{log.read_text()}")
+
+
+@nox.session
+def api(session: nox.Session) -> None:
+    """schemathesis against a live server: every response must fit docs/openapi.json."""
+    session.install("-e", ".", "schemathesis>=4")
+    server, url, log = _start_server(
+        session, "--request-timeout", "1", "--compensation-timeout", "0.5", "--no-access-log"
+    )
+    try:
+        session.run(
+            "schemathesis", "run", f"{url}/openapi.json",
+            "--checks", "all",
+            # Valid orders can be refused by design (payment_declined), and some
+            # 5xx are documented outcomes; tests/schemathesis_hooks.py checks the rest.
+            "--exclude-checks", "not_a_server_error,positive_data_acceptance",
+            "--max-examples", session.posargs[0] if session.posargs else "200",
+            env={"SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": "tests"},
+        )  # fmt: skip
+    finally:
+        _stop_server(session, server, log)
+    unhandled = [line for line in log.read_text().splitlines() if "unhandled error" in line]
+    if unhandled:
+        session.error("the server logged unhandled errors:\n" + "\n".join(unhandled))
+
+
+@nox.session
+def overload(session: nox.Session) -> None:
+    """2,000 simultaneous orders, pool 5: counts and latencies of the shed and the served."""
+    session.install("-e", ".", "httpx")
+    server, url, log = _start_server(
+        session, "--courier-pool-size", "5", "--courier-delay-ms", "100",
+        "--courier-queue-limit", "1000", "--request-timeout", "30", "--no-access-log",
+    )  # fmt: skip
+    try:
+        session.run("python", "benchmarks/overload.py", url, *session.posargs)
+    finally:
+        _stop_server(session, server, log)

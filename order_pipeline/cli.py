@@ -1,74 +1,82 @@
-"""`order-pipeline serve`: parse the command line, set up logging, run the server."""
+"""`order-pipeline serve`: settings from flags and environment, logging, then serve.
+
+Precedence is flag, then environment variable, then default; a bad value from
+either source exits with status 2 and names the setting.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import attrs
 import trio
 
-from .server import Settings, build_service, serve
+from .logs import configure_logging
+from .server import run_server
+from .settings import Settings
 
 __all__ = ["main", "parse_args"]
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, not {text!r}")
-    return value
-
-
-def _parser() -> argparse.ArgumentParser:
-    defaults = Settings()
-    parser = argparse.ArgumentParser(prog="order-pipeline", description=__doc__)
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The program's parser, and its `serve` subparser (whose errors name `serve`)."""
+    parser = argparse.ArgumentParser(
+        prog="order-pipeline",
+        description="Process delivery orders: payment, vendor and courier steps run concurrently.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve_cmd = commands.add_parser(
+    serve = commands.add_parser(
         "serve",
         help="run the HTTP server",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run the HTTP server. Every flag can also be set by the environment "
+        f"variable named after it ({Settings.env_name('courier_pool_size')} for "
+        "--courier-pool-size); a flag wins over the environment.",
     )
-    serve_cmd.add_argument("--host", default=defaults.host, help="address to listen on")
-    serve_cmd.add_argument("--port", type=_port, default=defaults.port, help="0 picks a free port")
-    serve_cmd.add_argument(
-        "--request-timeout",
-        type=_positive_float,
-        default=defaults.request_timeout,
-        help="deadline of one order, in seconds",
-    )
-    serve_cmd.add_argument(
-        "--courier-pool-size",
-        type=int,
-        default=defaults.courier_pool_size,
-        help="couriers available at once (clamped to 1..128)",
-    )
-    return parser
+    for field in attrs.fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        env = Settings.env_name(field.name)
+        help_text = f"{field.metadata['help']} [env {env}; default {field.default}]"
+        if field.type in (bool, "bool"):
+            serve.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            serve.add_argument(flag, metavar=field.name.upper(), help=help_text)
+    return parser, serve
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Settings:
-    args = _parser().parse_args(argv)
-    return Settings(
-        host=args.host,
-        port=args.port,
-        request_timeout=args.request_timeout,
-        courier_pool_size=args.courier_pool_size,
-    )
+def parse_args(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from `argv` over `environ` over the defaults; exits 2 on a bad value."""
+    environ = os.environ if environ is None else environ
+    parser, serve = _parsers()
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for field in attrs.fields(Settings):
+        given = getattr(args, field.name)
+        env = Settings.env_name(field.name)
+        if given is not None:
+            source, text = "--" + field.name.replace("_", "-"), given
+        elif env in environ:
+            source, text = env, environ[env]
+        else:
+            continue
+        if isinstance(text, bool):
+            values[field.name] = text
+            continue
+        try:
+            values[field.name] = field.metadata["parse"](text)
+        except ValueError as exc:
+            serve.error(f"{source}: {exc}")
+    return Settings(**values)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     # A second Ctrl-C while draining interrupts the drain: exit quietly.
     with contextlib.suppress(KeyboardInterrupt):
-        trio.run(serve, build_service(settings), settings)
+        trio.run(run_server, settings)

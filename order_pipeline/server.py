@@ -7,8 +7,10 @@ and it hands back the addresses it really bound (port 0 becomes a real port).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
 import attrs
 import trio
@@ -17,10 +19,18 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 
 from .http import create_app
+from .http.asgi import finish_responses_shielded
+from .http.errors import outcome_of
+from .logs import log_order
+from .metrics import Metrics
+from .model import OrderResult
 from .orchestrator import Pipeline, Step
+from .serialization import converter
 from .services import CourierPool, CourierService, PaymentService, StepTracker, VendorService
+from .settings import Settings
+from .supervisor import LISTEN_BACKLOG, LISTEN_FD_ENV, hard_deadline, supervise
 
-__all__ = ["Service", "Settings", "build_service", "hypercorn_config", "serve"]
+__all__ = ["Service", "Settings", "build_service", "hypercorn_config", "run_server", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +38,22 @@ log = logging.getLogger(__name__)
 # requests" (keep_alive_timeout, started at connect). We set it to the
 # reference's 3 s header limit, so a slow-header client cannot hold a
 # connection; idle keep-alive connections are closed after 3 s too.
-HEADER_AND_IDLE_TIMEOUT_S = 3.0
+HEADER_AND_IDLE_TIMEOUT_S: Final = 3.0
 
 
-@attrs.frozen
-class Settings:
-    """Everything an operator can set; the CLI fills it from flags."""
+@attrs.define(eq=False)
+class Readiness:
+    """Whether the server takes new orders; false from the moment it starts draining."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    request_timeout: float = 10.0
-    compensation_timeout: float = 5.0
-    courier_pool_size: int = 5
+    draining: bool = False
+    drain_started: trio.Event = attrs.field(factory=trio.Event)
+
+    def is_ready(self) -> bool:
+        return not self.draining
+
+    def start_draining(self) -> None:
+        self.draining = True
+        self.drain_started.set()
 
 
 @attrs.frozen
@@ -50,34 +64,69 @@ class Service:
     pipeline: Pipeline
     pool: CourierPool
     tracker: StepTracker
+    metrics: Metrics
+    readiness: Readiness
 
 
-def build_service(settings: Settings) -> Service:
-    pool = CourierPool(settings.courier_pool_size)
-    tracker = StepTracker()
-    payment, vendor, courier = PaymentService(), VendorService(), CourierService(pool)
+def _order_fields(result: OrderResult, http_status: int) -> dict[str, Any]:
+    return {
+        "order_id": result.order_id,
+        "status": "ok" if result.ok else "error",
+        "kind": result.kind or "ok",
+        "http_status": http_status,
+        "duration_ms": result.duration_ms,
+        "steps": [converter.unstructure(s) for s in result.steps],
+    }
+
+
+def build_service(settings: Settings | None = None) -> Service:
+    settings = settings or Settings()
+    metrics = Metrics()
+    readiness = Readiness()
+    pool = CourierPool(settings.courier_pool_size, settings.courier_queue_limit, metrics)
+    tracker = StepTracker(on_change=metrics.steps_changed)
+    payment = PaymentService(settings.payment_delay_ms)
+    vendor = VendorService(settings.vendor_delay_ms)
+    courier = CourierService(pool, settings.courier_delay_ms)
     steps = [
         Step("payment", payment.charge, payment.refund),
         Step("vendor", vendor.notify, vendor.cancel),
         Step("courier", courier.assign, courier.release),
     ]
+
+    def finished(result: OrderResult) -> None:
+        status = 200 if result.ok else outcome_of(result.kind or "").status
+        log_order(_order_fields(result, status))
+        metrics.observe_order(result, status)
+
+    def rejected(kind: str, status: int, order_id: str | None) -> None:
+        fields = {"order_id": order_id, "status": "error", "kind": kind, "http_status": status}
+        log_order({**fields, "duration_ms": 0, "steps": []})
+        metrics.orders.labels(kind, str(status)).inc()
+
     pipeline = Pipeline(
         [tracker.track(s) for s in steps],
         timeout=settings.request_timeout,
         compensation_timeout=settings.compensation_timeout,
+        on_finish=finished,
     )
-    return Service(create_app(pipeline), pipeline, pool, tracker)
+    app = create_app(
+        pipeline, is_ready=readiness.is_ready, metrics=metrics.exposition, on_rejected=rejected
+    )
+    return Service(app, pipeline, pool, tracker, metrics, readiness)
 
 
 def hypercorn_config(settings: Settings) -> Config:
     config = Config()
-    config.bind = [f"{settings.host}:{settings.port}"]
+    listen_fd = os.environ.get(LISTEN_FD_ENV)
+    # A worker of the supervisor serves the socket it inherited.
+    config.bind = [f"fd://{listen_fd}"] if listen_fd else [f"{settings.host}:{settings.port}"]
+    config.backlog = LISTEN_BACKLOG
     config.keep_alive_timeout = HEADER_AND_IDLE_TIMEOUT_S
     # read_timeout would also run while an order is processed: leave it off.
     config.read_timeout = None
-    # Let in-flight orders finish on shutdown: a full deadline, then their compensations.
-    config.graceful_timeout = settings.request_timeout + settings.compensation_timeout + 1
-    config.accesslog = None
+    config.graceful_timeout = settings.shutdown_grace
+    config.accesslog = logging.getLogger("hypercorn.access") if settings.access_log else None
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
 
@@ -85,7 +134,8 @@ def hypercorn_config(settings: Settings) -> Config:
 async def wait_for_signal() -> None:
     """Return on the first SIGTERM or SIGINT: hypercorn's graceful-shutdown trigger."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
+        async for signum in signals:
+            log.info("received %s: draining", signal.Signals(signum).name)
             return
 
 
@@ -96,14 +146,40 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `service` until `shutdown_trigger` returns (default: SIGTERM or SIGINT).
+    """Serve `service` until `shutdown_trigger` returns (default: SIGTERM or SIGINT), then drain.
 
-    Hypercorn logs each address it listens on ("Running on ...") and hands the
-    list to `task_status`, so a caller can bind port 0 and learn the real port.
+    Draining: no new connections are accepted, `/readyz` answers 503, and
+    orders in flight get `settings.shutdown_grace` seconds to finish (and
+    compensate) before they are cancelled. Hypercorn logs each address it
+    listens on ("Running on ...") and hands the list to `task_status`.
     """
+
+    async def trigger() -> None:
+        await (shutdown_trigger or wait_for_signal)()
+        service.readiness.start_draining()
+
     await hypercorn_serve(
-        service.app,
+        finish_responses_shielded(service.app),
         hypercorn_config(settings),
-        shutdown_trigger=shutdown_trigger or wait_for_signal,
+        shutdown_trigger=trigger,
         task_status=task_status,
     )
+
+
+async def run_server(settings: Settings) -> None:
+    """The process's main: supervise workers, or serve here and exit at a hard deadline."""
+    if settings.workers > 1:
+        await supervise(settings)
+        return
+    service = build_service(settings)
+    async with trio.open_nursery() as nursery:
+
+        async def exit_at_hard_deadline() -> None:
+            await service.readiness.drain_started.wait()
+            await trio.sleep(hard_deadline(settings))
+            log.error("drain did not finish by its hard deadline: exiting")
+            os._exit(1)
+
+        nursery.start_soon(exit_at_hard_deadline)
+        await serve(service, settings)
+        nursery.cancel_scope.cancel()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,6 +11,8 @@ from hypothesis import HealthCheck, settings
 
 from order_pipeline.model import OrderRequest
 from order_pipeline.serialization import converter
+
+from .server_process import StartServer, server_factory
 
 settings.register_profile("default", deadline=None)
 settings.register_profile(
@@ -25,3 +29,10 @@ def make_order(order_id: str = "o-1", **fields: Any) -> OrderRequest:
 @pytest.fixture(name="order")
 def _order() -> OrderRequest:
     return make_order(amount=100)
+
+
+@pytest.fixture(name="start_server")
+async def _start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
+    """Start the real server (a subprocess on 127.0.0.1, port 0) with extra flags."""
+    async with server_factory(tmp_path) as start:
+        yield start

@@ -1,4 +1,4 @@
-"""The Quart-Trio app: `POST /order`, and JSON for every error.
+"""The Quart-Trio app: `POST /order`, health, readiness, metrics, OpenAPI, and JSON for every error.
 
 Errors are answered here, at the transport boundary, as plain responses; no
 exception group reaches Quart's error-handler lookup (which would miss it and
@@ -7,13 +7,18 @@ answer 500), and no traceback reaches a client.
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
+import re
+import uuid
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ..logs import request_id
 from ..model import INTERNAL, ErrorInfo, OrderRequest, OrderResult, Reply
 from ..serialization import InvalidOrder, dump_reply, parse_order
 from .errors import KIND_BY_HTTP_STATUS, OUTCOMES, outcome_of
@@ -22,8 +27,14 @@ __all__ = ["MAX_BODY_BYTES", "OrderProcessor", "create_app"]
 
 MAX_BODY_BYTES: Final = 64 * 1024
 BODY_TIMEOUT_S: Final = 10
+REQUEST_ID_HEADER: Final = "X-Request-ID"
+# A client's request ID is echoed only if it is short and plain; otherwise we make one.
+_VALID_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 log = logging.getLogger(__name__)
+
+OnRejected = Callable[[str, int, "str | None"], None]
+"""Hears an order refused before it ran: (kind, HTTP status, order_id if readable)."""
 
 
 class OrderProcessor(Protocol):
@@ -32,35 +43,66 @@ class OrderProcessor(Protocol):
     async def process(self, order: OrderRequest) -> OrderResult: ...
 
 
-def _json(reply: Reply, status: int, headers: dict[str, str] | None = None) -> Response:
-    return Response(dump_reply(reply), status, headers, content_type="application/json")
+def _json(body: bytes, status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status, headers, content_type="application/json")
+
+
+def _reply(reply: Reply, status: int, headers: dict[str, str] | None = None) -> Response:
+    if status == 503:
+        headers = {**(headers or {}), "Retry-After": "1"}
+    return _json(dump_reply(reply), status, headers)
 
 
 def error_response(
-    kind: str,
-    message: str | None = None,
-    *,
-    order_id: str | None = None,
-    headers: dict[str, str] | None = None,
+    kind: str, message: str | None = None, *, order_id: str | None = None
 ) -> Response:
     outcome = outcome_of(kind)
     error = ErrorInfo(kind, message or outcome.message)
-    return _json(Reply("error", order_id, error=error), outcome.status, headers)
+    return _reply(Reply("error", order_id, error=error), outcome.status)
 
 
 def result_response(result: OrderResult) -> Response:
     if result.kind is None:
-        return _json(Reply("ok", result.order_id, result.steps), 200)
+        return _reply(Reply("ok", result.order_id, result.steps), 200)
     outcome = outcome_of(result.kind)
     error = ErrorInfo(result.kind, outcome.message)
-    return _json(Reply("error", result.order_id, result.steps, error), outcome.status)
+    return _reply(Reply("error", result.order_id, result.steps, error), outcome.status)
 
 
-def create_app(processor: OrderProcessor) -> QuartTrio:
-    """Build the app around `processor`; the app itself holds no order state."""
+def _openapi_document() -> bytes:
+    return importlib.resources.files(__package__).joinpath("openapi.json").read_bytes()
+
+
+def _no_rejections(kind: str, status: int, order_id: str | None) -> None:
+    pass
+
+
+def create_app(
+    processor: OrderProcessor,
+    *,
+    is_ready: Callable[[], bool] = lambda: True,
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
+    on_rejected: OnRejected = _no_rejections,
+) -> QuartTrio:
+    """Build the app around `processor`; the app itself holds no order state.
+
+    `is_ready` answers `/readyz` (False while draining); `metrics` renders
+    `/metrics`; `on_rejected` hears each order refused before it ran.
+    """
     app = QuartTrio(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_S
+    openapi = _openapi_document()
+
+    @app.before_request
+    async def assign_request_id() -> None:
+        given = request.headers.get(REQUEST_ID_HEADER, "")
+        request_id.set(given if _VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex)
+
+    @app.after_request
+    async def echo_request_id(response: Response) -> Response:
+        response.headers[REQUEST_ID_HEADER] = request_id.get() or ""
+        return response
 
     @app.post("/order", provide_automatic_options=False)
     async def order() -> Response:
@@ -68,17 +110,41 @@ def create_app(processor: OrderProcessor) -> QuartTrio:
         try:
             parsed = parse_order(body)
         except InvalidOrder as exc:
+            on_rejected(exc.kind, outcome_of(exc.kind).status, exc.order_id)
             return error_response(exc.kind, exc.message, order_id=exc.order_id)
         return result_response(await processor.process(parsed))
+
+    @app.get("/healthz", provide_automatic_options=False)
+    async def healthz() -> Response:
+        return _json(b'{"status":"ok"}', 200)
+
+    @app.get("/readyz", provide_automatic_options=False)
+    async def readyz() -> Response:
+        if is_ready():
+            return _json(b'{"status":"ready"}', 200)
+        return _json(b'{"status":"draining"}', 503, {"Retry-After": "1"})
+
+    @app.get("/metrics", provide_automatic_options=False)
+    async def metrics_text() -> Response:
+        if metrics is None:
+            return error_response("not_found")
+        body, content_type = metrics()
+        return Response(body, 200, content_type=content_type)
+
+    @app.get("/openapi.json", provide_automatic_options=False)
+    async def openapi_json() -> Response:
+        return _json(openapi, 200)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         kind = KIND_BY_HTTP_STATUS.get(status, "http_error")
         message = outcome_of(kind).message if kind in OUTCOMES else exc.name.lower()
+        if request.path == "/order" and request.method == "POST":
+            on_rejected(kind, status, None)
         # Keep Werkzeug's headers (Allow on a 405) but not its HTML content type.
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
-        return _json(Reply("error", error=ErrorInfo(kind, message)), status, headers)
+        return _reply(Reply("error", error=ErrorInfo(kind, message)), status, headers)
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:

@@ -8,7 +8,7 @@ import attrs
 import trio
 
 from ..model import OrderRequest, StepError
-from .pool import CourierPool
+from .pool import CourierPool, PoolFull
 
 NO_COURIER: Final = "no_courier"
 COURIER_RELEASE_FAILED: Final = "courier_release_failed"
@@ -23,10 +23,13 @@ class CourierService:
     release_delay_ms: int = 30
 
     async def assign(self, order: OrderRequest) -> None:
-        async with self.pool.slot():
-            await trio.sleep(order.delay_ms.get("courier", self.delay_ms) / 1000)
-            if order.fail_step == "courier":
-                raise StepError(NO_COURIER)
+        try:
+            async with self.pool.slot():
+                await trio.sleep(order.delay_ms.get("courier", self.delay_ms) / 1000)
+        except PoolFull:
+            raise StepError(NO_COURIER) from None  # shed: no courier soon enough
+        if order.fail_step == "courier":
+            raise StepError(NO_COURIER)
 
     async def release(self, order: OrderRequest) -> None:
         """Tell the assigned courier the order is off (no pool slot is needed for that)."""

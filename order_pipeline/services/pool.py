@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Final, Protocol
 
 import attrs
 import trio
@@ -17,24 +17,70 @@ def clamp_size(size: int) -> int:
     return max(MIN_SIZE, min(MAX_SIZE, size))
 
 
+class PoolFull(Exception):
+    """Every slot is taken and `queue_limit` orders already wait: shed, do not queue."""
+
+
+class PoolObserver(Protocol):
+    """Hears the pool's figures change, and each order it sheds (metrics implement it)."""
+
+    def pool_changed(self, in_use: int, waiting: int) -> None: ...
+
+    def pool_shed(self) -> None: ...
+
+
+class _Unobserved:
+    def pool_changed(self, in_use: int, waiting: int) -> None:
+        pass
+
+    def pool_shed(self) -> None:
+        pass
+
+
 @attrs.define(eq=False)
 class CourierPool:
-    """A `trio.CapacityLimiter` whose size is clamped to 1..128.
+    """A `trio.CapacityLimiter` whose size is clamped to 1..128, with a bounded queue.
 
     Waiting for a slot is a checkpoint like any other: a cancelled order stops
-    waiting at once, and a slot taken is released on every path.
+    waiting at once, and a slot taken is released on every path. When
+    `queue_limit` orders already wait, `slot()` raises `PoolFull` at once
+    instead of holding one more client until its deadline.
     """
 
     size: int = attrs.field(converter=clamp_size)
+    queue_limit: int | None = None
+    observer: PoolObserver = attrs.field(factory=_Unobserved)
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
+    _waiting: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         self._limiter = trio.CapacityLimiter(self.size)
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        async with self._limiter:
+        limiter = self._limiter
+        try:
+            # Only an order that really has to wait counts against the queue limit.
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            if self.queue_limit is not None and self._waiting >= self.queue_limit:
+                self.observer.pool_shed()
+                raise PoolFull from None
+            self._waiting += 1
+            self.observer.pool_changed(self.in_use, self._waiting)
+            try:
+                await limiter.acquire()
+            finally:
+                self._waiting -= 1
+                self.observer.pool_changed(self.in_use, self._waiting)
+        else:
+            self.observer.pool_changed(self.in_use, self._waiting)
+        try:
+            await trio.lowlevel.checkpoint()
             yield
+        finally:
+            limiter.release()
+            self.observer.pool_changed(self.in_use, self._waiting)
 
     @property
     def in_use(self) -> int:
@@ -42,4 +88,4 @@ class CourierPool:
 
     @property
     def waiting(self) -> int:
-        return self._limiter.statistics().tasks_waiting
+        return self._waiting

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
+import trio
 
 from ..model import OrderRequest
 from ..orchestrator import Step, StepAction
@@ -13,6 +16,20 @@ class StepTracker:
     """Wraps steps so that `in_flight` counts the actions (and compensations) running now."""
 
     in_flight: int = 0
+    on_change: Callable[[int], None] = lambda _: None
+    _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
+
+    async def wait_for(self, condition: Callable[[int], bool]) -> None:
+        """Return as soon as `condition(in_flight)` holds: an event, not a polling loop."""
+        while not condition(self.in_flight):
+            await self._changed.wait()
+        await trio.lowlevel.checkpoint()
+
+    def _set(self, in_flight: int) -> None:
+        self.in_flight = in_flight
+        self.on_change(in_flight)
+        self._changed.set()
+        self._changed = trio.Event()
 
     def track(self, step: Step) -> Step:
         compensate = None if step.compensate is None else self._counted(step.compensate)
@@ -20,10 +37,10 @@ class StepTracker:
 
     def _counted(self, action: StepAction) -> StepAction:
         async def run(order: OrderRequest) -> None:
-            self.in_flight += 1
+            self._set(self.in_flight + 1)
             try:
                 await action(order)
             finally:
-                self.in_flight -= 1
+                self._set(self.in_flight - 1)
 
         return run

@@ -1,0 +1,79 @@
+"""Logging set-up: one JSON object a line (or text), with the request ID on every line.
+
+`request_id` is a context variable: the HTTP layer sets it for each request, and
+Trio copies the context into every task the request starts, so the order's step
+and compensation logs carry it too.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import IO, Any, Final
+
+__all__ = ["ORDERS_LOGGER", "JsonFormatter", "configure_logging", "log_order", "request_id"]
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+ORDERS_LOGGER: Final = "order_pipeline.orders"
+_orders = logging.getLogger(ORDERS_LOGGER)
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """Renders a record as one JSON object; `extra={"fields": {...}}` adds keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        rid = getattr(record, "request_id", None)
+        if rid:
+            line["request_id"] = rid
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = getattr(record, "fields", None)
+        rid = getattr(record, "request_id", None)
+        extra = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in (fields or {}).items())
+        return " ".join(p for p in (text, f"request_id={rid}" if rid else "", extra) if p)
+
+
+def configure_logging(
+    level: str = "info", fmt: str = "json", stream: IO[str] | None = None
+) -> None:
+    """Send every log record to `stream` (stderr) in `fmt`, from `level` up."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_RequestIdFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def log_order(fields: dict[str, Any]) -> None:
+    """The one line each order gets: `fields` holds order_id, status, kind, http_status, ..."""
+    _orders.info(
+        "order %s %s", fields.get("order_id"), fields.get("kind") or "ok", extra={"fields": fields}
+    )

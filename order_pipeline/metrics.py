@@ -1,0 +1,107 @@
+"""Prometheus metrics of the service, in one place.
+
+With several workers, `PROMETHEUS_MULTIPROC_DIR` is set (by the supervisor)
+before prometheus-client is imported: every worker then writes its figures to
+files there and any worker's `/metrics` reports the sum over all of them. The
+gauges use `livesum`, so a worker that has exited stops counting.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from .model import OrderResult
+
+__all__ = ["Metrics"]
+
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 1, 2.5, 5, 10, 30,
+)  # fmt: skip
+
+
+class Metrics:
+    """The service's metrics, registered in a registry of their own (so tests can build many)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.orders = Counter(
+            "order_pipeline_orders", "Orders answered, by outcome kind and HTTP status.",
+            ["kind", "http_status"], registry=r,
+        )  # fmt: skip
+        self.order_seconds = Histogram(
+            "order_pipeline_order_duration_seconds", "Order latency, compensations included.",
+            ["kind"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.step_seconds = Histogram(
+            "order_pipeline_step_duration_seconds", "Step latency, by step and status.",
+            ["step", "status"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.compensations = Counter(
+            "order_pipeline_compensations", "Compensations run, by step and outcome.",
+            ["step", "status"], registry=r,
+        )  # fmt: skip
+        self.shed = Counter(
+            "order_pipeline_orders_shed",
+            "Courier steps refused at once because too many orders waited for a courier.",
+            registry=r,
+        )
+        self.canceled = Counter(
+            "order_pipeline_orders_canceled",
+            "Orders cancelled from outside (client gone, or shutdown grace exceeded).",
+            registry=r,
+        )
+        self.steps_in_flight = Gauge(
+            "order_pipeline_steps_in_flight", "Steps and compensations running now.",
+            multiprocess_mode="livesum", registry=r,
+        )  # fmt: skip
+        self.courier_slots_in_use = Gauge(
+            "order_pipeline_courier_slots_in_use", "Courier pool slots held now.",
+            multiprocess_mode="livesum", registry=r,
+        )  # fmt: skip
+        self.courier_waiting = Gauge(
+            "order_pipeline_courier_waiting", "Orders waiting for a courier slot now.",
+            multiprocess_mode="livesum", registry=r,
+        )  # fmt: skip
+
+    def observe_order(self, result: OrderResult, http_status: int) -> None:
+        kind = result.kind or "ok"
+        self.orders.labels(kind, str(http_status)).inc()
+        self.order_seconds.labels(kind).observe(result.duration_ms / 1000)
+        if kind == "canceled":
+            self.canceled.inc()
+        for step in result.steps:
+            self.step_seconds.labels(step.name, step.status).observe(step.duration_ms / 1000)
+            if step.compensation is not None:
+                self.compensations.labels(step.name, step.compensation.status).inc()
+
+    def pool_changed(self, in_use: int, waiting: int) -> None:
+        self.courier_slots_in_use.set(in_use)
+        self.courier_waiting.set(waiting)
+
+    def pool_shed(self) -> None:
+        self.shed.inc()
+
+    def steps_changed(self, in_flight: int) -> None:
+        self.steps_in_flight.set(in_flight)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text format: this process's figures, or every worker's in multiprocess mode."""
+        path = os.environ.get(MULTIPROC_ENV)
+        if not path:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]  # untyped upstream
+        return generate_latest(registry), CONTENT_TYPE_LATEST

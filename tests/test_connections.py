@@ -1,0 +1,52 @@
+"""Connection handling over a real socket: closing when asked, and when idle."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from functools import partial
+
+import pytest
+import trio
+
+from order_pipeline.server import HEADER_AND_IDLE_TIMEOUT_S, Settings, build_service, serve
+
+
+@pytest.fixture(name="address")
+async def _address() -> AsyncIterator[tuple[str, int]]:
+    """A real server on 127.0.0.1 (port 0) in this test's nursery."""
+    settings = Settings(port=0, access_log=False)
+    async with trio.open_nursery() as nursery:
+        (url,) = await nursery.start(
+            partial(serve, build_service(settings), settings, shutdown_trigger=trio.sleep_forever)
+        )
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        yield host, int(port)
+        nursery.cancel_scope.cancel()
+
+
+async def read_until_closed(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return data
+
+
+async def test_connection_close_is_honoured(address: tuple[str, int]) -> None:
+    """A request with `Connection: close` gets its reply and then the server closes."""
+    async with await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        with trio.fail_after(1):
+            reply = await read_until_closed(stream)
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert reply.endswith(b'{"status":"ok"}')
+
+
+async def test_idle_keep_alive_connection_is_closed(address: tuple[str, int]) -> None:
+    """A keep-alive connection left idle after its reply is closed after the idle limit."""
+    async with await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = trio.current_time()
+        with trio.fail_after(HEADER_AND_IDLE_TIMEOUT_S + 2):
+            reply = await read_until_closed(stream)
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert trio.current_time() - started >= HEADER_AND_IDLE_TIMEOUT_S - 0.5

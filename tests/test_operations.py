@@ -1,0 +1,343 @@
+"""Running it like a production service: drain, health, metrics, logs, overload, workers."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import signal
+from functools import partial
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from order_pipeline.logs import configure_logging
+from order_pipeline.model import OrderResult
+from order_pipeline.server import Settings, build_service, serve
+from order_pipeline.services import CourierPool
+from order_pipeline.services.pool import PoolFull
+
+from .server_process import StartServer
+
+NO_DELAY = {"payment": 0, "vendor": 0, "courier": 0}
+
+
+def metric(text: str, series: str) -> float:
+    """The value of one series (name plus labels, as printed) in a Prometheus exposition."""
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{series} not in metrics"
+    return float(match.group(1))
+
+
+async def test_health_and_readiness_flip_when_draining() -> None:
+    """/healthz stays 200; /readyz is 200 until the drain starts, then 503."""
+    service = build_service()
+    client = service.app.test_client()
+
+    assert (await client.get("/healthz")).status_code == 200
+    ready = await client.get("/readyz")
+    assert (ready.status_code, await ready.get_json()) == (200, {"status": "ready"})
+
+    service.readiness.start_draining()
+
+    draining = await client.get("/readyz")
+    assert (draining.status_code, await draining.get_json()) == (503, {"status": "draining"})
+    assert draining.headers["Retry-After"] == "1"
+    assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_drain_finishes_in_flight_orders_over_a_socket() -> None:
+    """After the trigger, an order already in flight still gets its 200, and serve() returns."""
+    settings = Settings(port=0)
+    service = build_service(settings)
+    stop = trio.Event()
+    replies: list[httpx.Response] = []
+
+    async with trio.open_nursery() as nursery:
+        (url,) = await nursery.start(partial(serve, service, settings, shutdown_trigger=stop.wait))
+
+        async def order() -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                body = {"order_id": "d", "amount": 1, "delay_ms": {"vendor": 500}}
+                replies.append(await client.post("/order", json=body))
+
+        nursery.start_soon(order)
+        with trio.fail_after(5):
+            await service.tracker.wait_for(lambda n: n > 0)
+        stop.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not service.readiness.is_ready()
+        assert service.tracker.in_flight > 0
+
+    assert [r.status_code for r in replies] == [200]
+    assert service.tracker.in_flight == 0
+
+
+async def test_orders_past_the_grace_are_cancelled_and_compensated() -> None:
+    """An order still running when the grace ends is cancelled, logged canceled, and undone."""
+    settings = Settings(port=0, shutdown_grace=0.2)
+    service = build_service(settings)
+    finished: list[OrderResult] = []
+    pipeline = service.pipeline
+    on_finish = pipeline.on_finish
+
+    def record(result: OrderResult) -> None:
+        finished.append(result)
+        on_finish(result)
+
+    object.__setattr__(pipeline, "on_finish", record)
+    stop = trio.Event()
+
+    async with trio.open_nursery() as nursery:
+        (url,) = await nursery.start(partial(serve, service, settings, shutdown_trigger=stop.wait))
+
+        async def order() -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                with pytest.raises(httpx.HTTPError):
+                    await client.post(
+                        "/order",
+                        json={"order_id": "late", "amount": 1, "delay_ms": {"vendor": 60_000}},
+                    )
+
+        nursery.start_soon(order)
+        with trio.fail_after(5):
+            await service.tracker.wait_for(lambda n: n == 3)
+            # Payment (150 ms) and courier (100 ms) done; the vendor runs on.
+            await service.tracker.wait_for(lambda n: n == 1)
+        stop.set()
+
+    (result,) = finished
+    assert result.kind == "canceled"
+    assert [(s.name, s.status, s.compensation and s.compensation.status) for s in result.steps] == [
+        ("payment", "ok", "ok"),
+        ("vendor", "canceled", None),
+        ("courier", "ok", "ok"),
+    ]
+    assert service.tracker.in_flight == 0
+
+
+async def test_sigterm_with_100_orders_in_flight(start_server: StartServer) -> None:
+    """SIGTERM while 100 two-second orders run: all 100 get their 200 and the process exits 0."""
+    server = await start_server("--no-access-log", "--courier-pool-size", "128")
+    statuses: list[int] = []
+    limits = httpx.Limits(max_connections=200)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
+
+        async def order(n: int) -> None:
+            body = {"order_id": f"t-{n}", "amount": 1, "delay_ms": {"vendor": 2000}}
+            statuses.append((await client.post("/order", json=body)).status_code)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(100):
+                nursery.start_soon(order, n)
+            with trio.fail_after(10):
+                while True:
+                    text = (await client.get("/metrics")).text
+                    # Payments and couriers done, the 100 two-second vendor steps running:
+                    if metric(text, "order_pipeline_steps_in_flight") == 100:
+                        break
+                    await trio.sleep(0.02)
+            server.process.send_signal(signal.SIGTERM)
+
+    assert statuses == [200] * 100
+    with trio.fail_after(10):
+        assert await server.process.wait() == 0
+    kinds = [
+        line["kind"] for line in server.log_lines() if line["logger"] == "order_pipeline.orders"
+    ]
+    assert kinds == ["ok"] * 100
+
+
+async def test_metrics_cover_orders_steps_pool_and_sheds(autojump_clock: trio.abc.Clock) -> None:
+    """/metrics counts orders by kind and status, step latencies, compensations and sheds."""
+    service = build_service(Settings(courier_pool_size=1, courier_queue_limit=0))
+    client = service.app.test_client()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(client.post, "/order", json={"order_id": "a", "amount": 1}))
+        await trio.testing.wait_all_tasks_blocked()
+        shed = await client.post("/order", json={"order_id": "b", "amount": 1})
+    await client.post("/order", json={"order_id": "c", "amount": 1, "fail_step": "vendor"})
+    await client.post("/order", json={"order_id": 1})
+    text = await (await client.get("/metrics")).get_data(as_text=True)
+
+    assert shed.status_code == 503
+    assert metric(text, 'order_pipeline_orders_total{http_status="200",kind="ok"}') == 1
+    assert metric(text, 'order_pipeline_orders_total{http_status="503",kind="no_courier"}') == 1
+    assert (
+        metric(text, 'order_pipeline_orders_total{http_status="503",kind="vendor_unavailable"}')
+        == 1
+    )
+    assert metric(text, 'order_pipeline_orders_total{http_status="400",kind="bad_request"}') == 1
+    assert metric(text, "order_pipeline_orders_shed_total") == 1
+    assert metric(text, 'order_pipeline_compensations_total{status="ok",step="payment"}') == 1
+    assert (
+        metric(text, 'order_pipeline_step_duration_seconds_count{status="ok",step="vendor"}') == 1
+    )
+    assert metric(text, 'order_pipeline_order_duration_seconds_count{kind="ok"}') == 1
+    for gauge in ("steps_in_flight", "courier_slots_in_use", "courier_waiting"):
+        assert metric(text, f"order_pipeline_{gauge}") == 0
+
+
+async def test_gauges_show_work_in_flight(autojump_clock: trio.abc.Clock) -> None:
+    """While orders run, the gauges show steps in flight, slots in use and orders waiting."""
+    service = build_service(Settings(courier_pool_size=1))
+    client = service.app.test_client()
+    async with trio.open_nursery() as nursery:
+        for name in ("a", "b"):
+            nursery.start_soon(partial(client.post, "/order", json={"order_id": name, "amount": 1}))
+        await trio.testing.wait_all_tasks_blocked()
+        text = service.metrics.exposition()[0].decode()
+        assert metric(text, "order_pipeline_steps_in_flight") == 6
+        assert metric(text, "order_pipeline_courier_slots_in_use") == 1
+        assert metric(text, "order_pipeline_courier_waiting") == 1
+
+
+async def test_request_id_is_echoed_or_generated() -> None:
+    """A plain X-Request-ID is echoed; a missing or odd one is replaced by a fresh one."""
+    client = build_service().app.test_client()
+
+    given = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    missing = await client.get("/healthz")
+    odd = await client.get("/healthz", headers={"X-Request-ID": "x" * 200})
+
+    assert given.headers["X-Request-ID"] == "abc-123"
+    assert re.fullmatch(r"[0-9a-f]{32}", missing.headers["X-Request-ID"])
+    assert re.fullmatch(r"[0-9a-f]{32}", odd.headers["X-Request-ID"])
+
+
+async def test_one_json_log_line_per_order(autojump_clock: trio.abc.Clock) -> None:
+    """Every order, run or refused, gets one JSON line with the documented fields."""
+    stream = io.StringIO()
+    configure_logging("info", "json", stream)
+    client = build_service().app.test_client()
+
+    await client.post(
+        "/order",
+        json={"order_id": "ok-1", "amount": 1, "delay_ms": NO_DELAY},
+        headers={"X-Request-ID": "r-1"},
+    )
+    await client.post(
+        "/order", json={"order_id": "bad", "amount": "1"}, headers={"X-Request-ID": "r-2"}
+    )
+
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    orders = [line for line in lines if line["logger"] == "order_pipeline.orders"]
+    assert [
+        {
+            k: line[k]
+            for k in ("request_id", "order_id", "status", "kind", "http_status", "duration_ms")
+        }
+        for line in orders
+    ] == [
+        {
+            "request_id": "r-1",
+            "order_id": "ok-1",
+            "status": "ok",
+            "kind": "ok",
+            "http_status": 200,
+            "duration_ms": 0,
+        },
+        {
+            "request_id": "r-2",
+            "order_id": "bad",
+            "status": "error",
+            "kind": "bad_request",
+            "http_status": 400,
+            "duration_ms": 0,
+        },
+    ]
+    assert orders[0]["steps"] == [
+        {"name": n, "status": "ok", "duration_ms": 0} for n in ("payment", "vendor", "courier")
+    ]
+    assert {"time", "level", "message", "pid"} <= set(orders[0])
+
+
+async def test_internal_errors_keep_their_traceback_in_the_log_only() -> None:
+    """A crash inside the app answers a bare 500; the traceback is in the JSON log line."""
+    stream = io.StringIO()
+    configure_logging("info", "json", stream)
+    service = build_service()
+
+    @service.app.get("/boom")
+    async def boom() -> str:
+        raise RuntimeError("kaboom")
+
+    response = await service.app.test_client().get("/boom")
+
+    assert response.status_code == 500
+    assert b"kaboom" not in await response.get_data()
+    (line,) = [json.loads(x) for x in stream.getvalue().splitlines() if "kaboom" in x]
+    assert line["level"] == "error"
+    assert "RuntimeError: kaboom" in line["traceback"]
+
+
+async def test_pool_sheds_past_its_queue_limit(autojump_clock: trio.abc.Clock) -> None:
+    """With every slot taken and `queue_limit` waiting, the next slot() raises PoolFull at once."""
+    pool = CourierPool(1, queue_limit=2)
+
+    async def hold() -> None:
+        async with pool.slot():
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(hold)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (pool.in_use, pool.waiting) == (1, 2)
+        with pytest.raises(PoolFull):
+            async with pool.slot():
+                pass  # pragma: no cover - never entered
+        assert trio.current_time() == 0
+    assert (pool.in_use, pool.waiting) == (0, 0)
+
+
+async def test_overload_sheds_the_excess_promptly(autojump_clock: trio.abc.Clock) -> None:
+    """2,000 orders at once, pool 5, queue 1,000: 995 get 503 at once, 1,005 admitted succeed."""
+    service = build_service(
+        Settings(courier_pool_size=5, courier_queue_limit=1000, request_timeout=30)
+    )
+    client = service.app.test_client()
+    answered: list[tuple[int, float, str | None]] = []
+
+    async def order(n: int) -> None:
+        response = await client.post("/order", json={"order_id": f"o{n}", "amount": 1})
+        answered.append(
+            (response.status_code, trio.current_time(), response.headers.get("Retry-After"))
+        )
+
+    async with trio.open_nursery() as nursery:
+        for n in range(2000):
+            nursery.start_soon(order, n)
+
+    shed = [a for a in answered if a[0] == 503]
+    served = [a for a in answered if a[0] == 200]
+    assert (len(served), len(shed)) == (1005, 995)
+    assert {(when, retry) for _, when, retry in shed} == {(0, "1")}
+    # The admitted ones are served five at a time, 100 ms each: the last at 201 x 0.1 s.
+    assert max(when for _, when, _ in served) == pytest.approx(20.1)
+
+
+async def test_workers_share_the_socket_and_sum_their_metrics(start_server: StartServer) -> None:
+    """--workers 2: both serve orders, and /metrics from either reports the whole server."""
+    server = await start_server("--workers", "2", "--no-access-log")
+    statuses: list[int] = []
+
+    async def order(n: int) -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            body = {"order_id": f"w{n}", "amount": 1, "delay_ms": {"vendor": 300}}
+            statuses.append((await client.post("/order", json=body)).status_code)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(60):
+            nursery.start_soon(order, n)
+
+    assert statuses == [200] * 60
+    pids = {line["pid"] for line in server.log_lines() if line["logger"] == "order_pipeline.orders"}
+    assert len(pids) == 2
+    for _ in range(6):  # fresh connections: each scrape may land on either worker
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            text = (await client.get("/metrics")).text
+        assert metric(text, 'order_pipeline_orders_total{http_status="200",kind="ok"}') == 60
