@@ -16,6 +16,7 @@ from pathlib import Path
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
+UNIT = "not bench and not stress"
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
@@ -24,9 +25,30 @@ TEST_DEPS = [".[test]"]
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (no benchmarks)."""
+    """The test suite, without benchmarks and the heaviest load tests (see `stress`)."""
     session.install("-e", *TEST_DEPS)
-    session.run("pytest", "-m", "not bench", *session.posargs)
+    session.run("pytest", "-m", UNIT, *session.posargs)
+
+
+@nox.session
+def stress(session: nox.Session) -> None:
+    """The heaviest load tests: 20,000 requests, 20,000 orders in flight, 5,000 connections."""
+    session.install("-e", *TEST_DEPS)
+    session.run("pytest", "-m", "stress", "--durations=0", *session.posargs)
+
+
+@nox.session
+def race(session: nox.Session) -> None:
+    """The whole suite under `python -X dev -W error` (cf. Go's -race): warnings fail it.
+
+    Unawaited coroutines, unclosed sockets and files and other ResourceWarnings
+    become errors; every Trio test also fails if it leaves a task running
+    (tests/conftest.py).
+    """
+    session.install("-e", *TEST_DEPS)
+    session.run(
+        "python", "-X", "dev", "-W", "error", "-m", "pytest", "-m", "not bench", *session.posargs
+    )
 
 
 @nox.session
@@ -69,11 +91,13 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def cover(session: nox.Session) -> None:
-    """Branch coverage of order_pipeline; HTML report in htmlcov/index.html."""
+    """Branch coverage of order_pipeline, at least 95 %; HTML report in htmlcov/index.html."""
     session.install("-e", *TEST_DEPS)
-    session.run("coverage", "run", "-m", "pytest", "-m", "not bench", *session.posargs)
-    session.run("coverage", "report")
+    session.run("coverage", "erase")
+    session.run("coverage", "run", "-m", "pytest", "-m", UNIT, *session.posargs)
+    session.run("coverage", "combine")
     session.run("coverage", "html")
+    session.run("coverage", "report", "--fail-under=95")
 
 
 def _start_server(session: nox.Session, *flags: str) -> tuple[subprocess.Popen[bytes], str, Path]:

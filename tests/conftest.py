@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import HealthCheck, settings
 
 from order_pipeline.model import OrderRequest
@@ -36,3 +40,41 @@ async def _start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
     """Start the real server (a subprocess on 127.0.0.1, port 0) with extra flags."""
     async with server_factory(tmp_path) as start:
         yield start
+
+
+def _live_tasks() -> set[trio.lowlevel.Task]:
+    found: set[trio.lowlevel.Task] = set()
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        found.add(task)
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    walk(root)
+    return found
+
+
+def _no_task_left_running(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Fail a Trio test that leaves a task running when it returns (say, in a fixture's nursery)."""
+
+    @functools.wraps(test)
+    async def checked(*args: Any, **kwargs: Any) -> None:
+        before = _live_tasks()
+        await test(*args, **kwargs)
+        # Let tasks that are merely finishing (a server closing a connection) finish.
+        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        left = sorted(task.name for task in _live_tasks() - before)
+        assert not left, f"tasks left running by the test: {left}"
+
+    return checked
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        test = getattr(item, "obj", None)
+        if inspect.iscoroutinefunction(test) and not hasattr(test, "hypothesis"):
+            item.obj = _no_task_left_running(test)  # type: ignore[attr-defined]

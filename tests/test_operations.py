@@ -255,6 +255,22 @@ async def test_one_json_log_line_per_order(autojump_clock: trio.abc.Clock) -> No
     assert {"time", "level", "message", "pid"} <= set(orders[0])
 
 
+async def test_text_log_format_carries_the_same_fields(autojump_clock: trio.abc.Clock) -> None:
+    """--log-format text: one line per order, the request ID and fields as key=value."""
+    stream = io.StringIO()
+    configure_logging("info", "text", stream)
+    client = build_service().app.test_client()
+
+    await client.post(
+        "/order", json={"order_id": "t-1", "amount": 1}, headers={"X-Request-ID": "r-9"}
+    )
+
+    (line,) = [x for x in stream.getvalue().splitlines() if "order_pipeline.orders" in x]
+    assert "INFO order_pipeline.orders: order t-1 ok request_id=r-9" in line
+    assert 'order_id="t-1"' in line
+    assert "http_status=200" in line
+
+
 async def test_internal_errors_keep_their_traceback_in_the_log_only() -> None:
     """A crash inside the app answers a bare 500; the traceback is in the JSON log line."""
     stream = io.StringIO()

@@ -109,6 +109,8 @@ def test_flag_wins_over_environment() -> None:
         (["serve", "--request-timeout", "0"], {}, "--request-timeout: must be a positive"),
         (["serve", "--request-timeout", "nan"], {}, "--request-timeout: must be a positive"),
         (["serve", "--request-timeout", "inf"], {}, "--request-timeout: must be a positive"),
+        (["serve", "--request-timeout", "soon"], {}, "--request-timeout: must be a positive"),
+        (["serve", "--host", " "], {}, "--host: must not be empty"),
         (["serve", "--shutdown-grace", "-1"], {}, "--shutdown-grace: must be a non-negative"),
         (["serve", "--courier-pool-size", "many"], {}, "--courier-pool-size: must be an integer"),
         (["serve", "--payment-delay-ms", "600001"], {}, "--payment-delay-ms: must be an integer"),

@@ -1,0 +1,126 @@
+"""Hostile clients over real sockets: each gets a clear 4xx or a closed connection, never a 5xx.
+
+All cases run at once against one real server process (the `start_server`
+fixture fails the test if the server logs an unhandled error); after the
+barrage a normal order must still succeed.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from .rawhttp import address, exchange, parse, post, read_all, request
+from .server_process import StartServer
+
+NORMAL = {"order_id": "normal", "amount": 1, "delay_ms": {"payment": 0, "vendor": 0, "courier": 0}}
+CHUNK = b"%x\r\n%s\r\n"
+
+CASES: dict[str, bytes] = {
+    "truncated body, then half-close": request(
+        b'{"order_id": "t"', extra=b"Content-Length: 100\r\n"
+    ),
+    "Content-Length shorter than the body": request(
+        b'{"order_id": "lie", "amount": 1}', extra=b"Content-Length: 5\r\n"
+    ),
+    "Content-Length longer than the body": request(
+        b'{"order_id": "x"}', extra=b"Content-Length: 40\r\n"
+    ),
+    "invalid UTF-8": request(b'{"order_id": "\xff\xfe\xfa"}'),
+    "10,000 levels of nesting": request(b"[" * 10_000 + b"]" * 10_000),
+    "a 1 MB string": request(b'{"order_id": "' + b"a" * 1_000_000 + b'"}'),
+    "a number of 10,000 digits": request(b'{"order_id": "n", "amount": ' + b"9" * 10_000 + b"}"),
+    "chunked past the size limit": request(
+        b"".join(CHUNK % (8192, b" " * 8192) for _ in range(9)) + b"0\r\n\r\n",
+        extra=b"Transfer-Encoding: chunked\r\n",
+    ),
+    "not HTTP at all": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 200,
+    "a 1 MB header line": b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: "
+    + b"a" * 1_000_000
+    + b"\r\n\r\n",
+}
+
+
+async def hostile(url: str, name: str, raw: bytes, outcomes: dict[str, int | str]) -> None:
+    with trio.fail_after(20):
+        async with await trio.open_tcp_stream(*address(url)) as stream:
+            try:
+                await stream.send_all(raw)
+                if name.endswith("half-close"):
+                    await stream.send_eof()
+                reply = await read_all(stream)
+            except trio.BrokenResourceError:  # the server hung up on us mid-send
+                reply = b""
+    outcomes[name] = parse(reply).status if reply else "closed"
+
+
+async def slow_headers(url: str, outcomes: dict[str, int | str]) -> None:
+    """One header byte a second: the server must close us at its 3 s header limit."""
+    started = trio.current_time()
+    with trio.fail_after(15):
+        async with await trio.open_tcp_stream(*address(url)) as stream:
+            try:
+                for byte in b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n":
+                    await stream.send_all(bytes([byte]))
+                    with trio.move_on_after(1):
+                        if await stream.receive_some(1024) == b"":
+                            break
+            except trio.BrokenResourceError:
+                pass
+    waited = trio.current_time() - started
+    outcomes["headers one byte a second"] = "closed" if 2 <= waited <= 6 else f"held {waited:.1f}s"
+
+
+async def idle_connections(url: str, outcomes: dict[str, int | str], count: int = 300) -> None:
+    """`count` connections: half send nothing, half one keep-alive request; all are closed."""
+    closed = 0
+
+    async def one(n: int) -> None:
+        nonlocal closed
+        async with await trio.open_tcp_stream(*address(url)) as stream:
+            if n % 2:
+                await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            await read_all(stream)
+            closed += 1
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            for n in range(count):
+                nursery.start_soon(one, n)
+    outcomes[f"{count} idle keep-alive connections"] = "closed" if closed == count else closed
+
+
+async def test_hostile_clients_get_4xx_or_a_closed_connection(start_server: StartServer) -> None:
+    """Every hostile client gets a 4xx or is disconnected; others are served meanwhile."""
+    server = await start_server("--no-access-log")
+    outcomes: dict[str, int | str] = {}
+    served_meanwhile: list[int] = []
+
+    async with trio.open_nursery() as nursery:
+        for name, raw in CASES.items():
+            nursery.start_soon(hostile, server.url, name, raw, outcomes)
+        nursery.start_soon(slow_headers, server.url, outcomes)
+        nursery.start_soon(idle_connections, server.url, outcomes)
+        for _ in range(5):
+            served_meanwhile.append((await post(server.url, NORMAL)).status)
+            await trio.sleep(0.5)
+
+    bad = {k: v for k, v in outcomes.items() if not (v == "closed" or 400 <= int(v) < 500)}
+    assert bad == {}
+    assert set(outcomes) == {*CASES, "headers one byte a second", "300 idle keep-alive connections"}
+    assert served_meanwhile == [200] * 5
+    after = await post(server.url, NORMAL)
+    assert (after.status, after.json()["status"]) == (200, "ok")
+
+
+async def test_specific_hostile_answers(start_server: StartServer) -> None:
+    """The cases with a definite answer get exactly it."""
+    server = await start_server("--no-access-log")
+
+    async def status(raw: bytes) -> int:
+        return parse(await exchange(server.url, raw)).status
+
+    assert await status(CASES["invalid UTF-8"]) == 400
+    assert await status(CASES["10,000 levels of nesting"]) == 400
+    assert await status(CASES["a number of 10,000 digits"]) == 400
+    assert await status(CASES["Content-Length shorter than the body"]) == 400
+    assert await status(CASES["chunked past the size limit"]) == 413
