@@ -6,7 +6,9 @@ needs no particular minor version installed.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -159,3 +161,24 @@ def overload(session: nox.Session) -> None:
         session.run("python", "benchmarks/overload.py", url, *session.posargs)
     finally:
         _stop_server(session, server, log)
+
+
+def _ensure_wrk(session: nox.Session) -> None:
+    """wrk is an OS package: install it where we can (root with apt), else say how."""
+    if shutil.which("wrk"):
+        return
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        session.run("apt-get", "update", "-qq", external=True)
+        session.run("apt-get", "install", "-y", "-qq", "wrk", external=True)
+        return
+    session.error(
+        "wrk is not installed: `sudo apt-get install wrk` (Debian/Ubuntu), `brew install wrk`"
+    )
+
+
+@nox.session
+def loadtest(session: nox.Session) -> None:
+    """wrk against the server floor, the framework floor and the service (docs/performance.md)."""
+    _ensure_wrk(session)
+    session.install("-e", ".")
+    session.run("python", "benchmarks/loadtest.py", *session.posargs)

@@ -14,6 +14,8 @@ import sys
 from datetime import UTC, datetime
 from typing import IO, Any, Final
 
+import orjson
+
 __all__ = ["ORDERS_LOGGER", "JsonFormatter", "configure_logging", "log_order", "request_id"]
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -45,7 +47,7 @@ class JsonFormatter(logging.Formatter):
         line.update(getattr(record, "fields", {}))
         if record.exc_info:
             line["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return orjson.dumps(line, default=str).decode()
 
 
 class TextFormatter(logging.Formatter):

@@ -9,7 +9,7 @@ gauges use `livesum`, so a worker that has exited stops counting.
 from __future__ import annotations
 
 import os
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,6 +36,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.orders = Counter(
             "order_pipeline_orders", "Orders answered, by outcome kind and HTTP status.",
@@ -78,14 +79,25 @@ class Metrics:
 
     def observe_order(self, result: OrderResult, http_status: int) -> None:
         kind = result.kind or "ok"
-        self.orders.labels(kind, str(http_status)).inc()
-        self.order_seconds.labels(kind).observe(result.duration_ms / 1000)
+        self.count_order(kind, http_status)
+        self._child(self.order_seconds, kind).observe(result.duration_ms / 1000)
         if kind == "canceled":
             self.canceled.inc()
         for step in result.steps:
-            self.step_seconds.labels(step.name, step.status).observe(step.duration_ms / 1000)
+            self._child(self.step_seconds, step.name, step.status).observe(step.duration_ms / 1000)
             if step.compensation is not None:
-                self.compensations.labels(step.name, step.compensation.status).inc()
+                self._child(self.compensations, step.name, step.compensation.status).inc()
+
+    def count_order(self, kind: str, http_status: int) -> None:
+        self._child(self.orders, kind, str(http_status)).inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached: the lookup costs more than the increment."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def pool_changed(self, in_use: int, waiting: int) -> None:
         self.courier_slots_in_use.set(in_use)

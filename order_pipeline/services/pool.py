@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Final, Protocol
 
 import attrs
@@ -56,9 +54,14 @@ class CourierPool:
     def __attrs_post_init__(self) -> None:
         self._limiter = trio.CapacityLimiter(self.size)
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    def slot(self) -> _Slot:
+        """`async with pool.slot():` holds one courier for the body."""
+        return _Slot(self)
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting in line if need be; raise `PoolFull` if the line is full."""
         limiter = self._limiter
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
             # Only an order that really has to wait counts against the queue limit.
             limiter.acquire_nowait()
@@ -75,12 +78,11 @@ class CourierPool:
                 self.observer.pool_changed(self.in_use, self._waiting)
         else:
             self.observer.pool_changed(self.in_use, self._waiting)
-        try:
-            await trio.lowlevel.checkpoint()
-            yield
-        finally:
-            limiter.release()
-            self.observer.pool_changed(self.in_use, self._waiting)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def release(self) -> None:
+        self._limiter.release()
+        self.observer.pool_changed(self.in_use, self._waiting)
 
     @property
     def in_use(self) -> int:
@@ -89,3 +91,16 @@ class CourierPool:
     @property
     def waiting(self) -> int:
         return self._waiting
+
+
+@attrs.frozen
+class _Slot:
+    """One slot as an async context manager: a class, not a generator, on every order's path."""
+
+    pool: CourierPool
+
+    async def __aenter__(self) -> None:
+        await self.pool.acquire()
+
+    async def __aexit__(self, *_: object) -> None:
+        self.pool.release()

@@ -1,0 +1,222 @@
+"""The load benchmark: the service against its two floors, with wrk, in one run.
+
+Usage: python benchmarks/loadtest.py [--duration 10] [--out benchmarks/results]
+Starts, one after another on 127.0.0.1 with the same hypercorn settings, the
+bare-ASGI floor, the Quart-Trio floor and the service; drives each with wrk
+and benchmarks/order.lua; then runs benchmarks/inflight.py. Writes
+docs/loadtest.json, rewrites the results section of docs/performance.md and draws
+docs/latency.svg. Ratios are what to read: every figure comes from the same
+run on the same machine. No test asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA = ROOT / "benchmarks" / "order.lua"
+DOC = ROOT / "docs" / "performance.md"
+SVG = ROOT / "docs" / "latency.svg"
+BEGIN, END = "<!-- loadtest:begin -->", "<!-- loadtest:end -->"
+
+S1_FLAGS = ["--payment-delay-ms", "1", "--vendor-delay-ms", "1", "--courier-delay-ms", "1",
+            "--courier-pool-size", "128"]  # fmt: skip
+DEFAULT_FLAGS = ["--courier-pool-size", "128"]
+COMMON = ["--no-access-log"]  # the one log line per order stays: it is part of the service
+
+
+def start(argv: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    log = Path(tempfile.mkstemp(prefix="loadtest-", suffix=".log")[1])
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=out, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not (found := re.search(r"Running on (http://127\.0\.0\.1:\d+)", log.read_text())):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit(f"{argv} did not start:\n{log.read_text()}")
+        time.sleep(0.05)
+    return process, found.group(1)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def wrk(url: str, connections: int, duration: int, fail_fraction: float = 0.0) -> dict[str, Any]:
+    env = {**os.environ, "FAIL_FRACTION": str(fail_fraction)}
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "30s", "-s", str(LUA),
+         url],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout  # fmt: skip
+    return json.loads(out.split("WRK_JSON ", 1)[1].splitlines()[0])
+
+
+def measure(argv: list[str], connections: int, duration: int, fail: float = 0.0) -> dict[str, Any]:
+    process, url = start(argv)
+    try:
+        wrk(url, connections, 2)  # warm up: imports, caches, first connections
+        return wrk(url, connections, duration, fail)
+    finally:
+        stop(process)
+
+
+def service(*flags: str) -> list[str]:
+    return [sys.executable, "-m", "order_pipeline", "serve", "--port", "0", *COMMON, *flags]
+
+
+def floor(name: str) -> list[str]:
+    return [sys.executable, str(ROOT / "benchmarks" / "floors.py"), name]
+
+
+def run(duration: int) -> dict[str, Any]:
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    results: dict[str, Any] = {"machine": machine, "duration_s": duration}
+    runs = results["runs"] = {}
+    runs["floor_server_S1"] = measure(floor("bare"), 64, duration)
+    runs["floor_framework_S1"] = measure(floor("quart"), 64, duration)
+    runs["S1"] = measure(service(*S1_FLAGS), 64, duration)
+    runs["S2"] = measure(service(*DEFAULT_FLAGS), 100, duration)
+    runs["S3"] = measure(service("--courier-pool-size", "5"), 100, duration)
+    runs["S4"] = measure(service(*DEFAULT_FLAGS), 100, duration, fail=1 / 3)
+    runs["S5_2_workers"] = measure(service(*S1_FLAGS, "--workers", "2"), 64, duration)
+    inflight = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "inflight.py")],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    results["in_process_20000"] = json.loads(inflight.stdout)
+    s1, s2, s3 = runs["S1"]["rps"], runs["S2"], runs["S3"]
+    results["ratios"] = {
+        "S1 / framework floor": s1 / runs["floor_framework_S1"]["rps"],
+        "S1 / server floor": s1 / runs["floor_server_S1"]["rps"],
+        "S2 / closed-loop bound (500/s)": s2["rps"] / 500,
+        "S3 / closed-loop bound (50/s)": s3["rps"] / 50,
+        "S5: 2 workers / 1 worker": runs["S5_2_workers"]["rps"] / s1,
+    }
+    results["S2_latency_above_200ms"] = {"p50_ms": s2["p50_ms"] - 200, "p99_ms": s2["p99_ms"] - 200}
+    return results
+
+
+TARGETS = {
+    "S1 / framework floor": ("≥ 0.85", lambda v: v >= 0.85),
+    "S1 / server floor": ("≥ 0.65", lambda v: v >= 0.65),
+    "S2 / closed-loop bound (500/s)": ("≥ 0.97", lambda v: v >= 0.97),
+    "S3 / closed-loop bound (50/s)": ("≥ 0.97", lambda v: v >= 0.97),
+    "S5: 2 workers / 1 worker": ("≥ 1.5", lambda v: v >= 1.5),
+}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"Run on {results['machine']}, {results['duration_s']} s per scenario.",
+        "",
+        "| run | req/s | p50 ms | p90 ms | p99 ms | non-2xx | socket errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["runs"].items():
+        errors = r["errors_connect"] + r["errors_read"] + r["errors_write"] + r["errors_timeout"]
+        lines.append(
+            f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {r['errors_status']} | {errors} |"
+        )
+    lines += ["", "| figure | measured | target | met |", "|---|---|---|---|"]
+
+    def row(name: str, shown: str, target: str, met: bool) -> None:
+        lines.append(f"| {name} | {shown} | {target} | {'yes' if met else 'no'} |")
+
+    for name, value in results["ratios"].items():
+        target, ok = TARGETS[name]
+        row(name, f"{value:.2f}", target, ok(value))
+    above = results["S2_latency_above_200ms"]
+    row("S2 latency above 200 ms, p50", f"{above['p50_ms']:.1f} ms", "≤ 2 ms", above["p50_ms"] <= 2)
+    row(
+        "S2 latency above 200 ms, p99",
+        f"{above['p99_ms']:.1f} ms",
+        "≤ 10 ms",
+        above["p99_ms"] <= 10,
+    )
+    cpu = results["in_process_20000"]["cpu_us_per_order"]
+    memory = results["in_process_20000"]["kb_per_in_flight_order"]
+    row("20,000 in flight: CPU per order", f"{cpu:.0f} µs", "≤ 100 µs", cpu <= 100)
+    row("20,000 in flight: memory per order", f"{memory:.1f} KB", "≤ 12 KB", memory <= 12)
+    return "\n".join(lines)
+
+
+def svg(results: dict[str, Any]) -> str:
+    """p50/p90/p99 of every run as grouped bars, log scale: a plot with no plotting library."""
+    runs = results["runs"]
+    width, height, left, bottom = 760, 360, 70, 60
+    low, high = math.log10(0.1), math.log10(max(max(r["p99_ms"] for r in runs.values()), 1) * 1.2)
+
+    def y(ms: float) -> float:
+        return (
+            height
+            - bottom
+            - (math.log10(max(ms, 0.1)) - low) / (high - low) * (height - bottom - 20)
+        )
+
+    group = (width - left - 10) / len(runs)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<text x="{width / 2}" y="14" text-anchor="middle">'
+        "latency by run (ms, log scale): p50, p90, p99</text>",
+    ]
+    parts += [
+        f'<line x1="{left}" x2="{width - 10}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" '
+        f'stroke="#ddd"/><text x="{left - 6}" y="{y(tick) + 4:.1f}" '
+        f'text-anchor="end">{tick:g}</text>'
+        for tick in (0.1, 1, 10, 100, 1000, 10000)
+        if math.log10(tick) <= high
+    ]
+    colours = ("#4c72b0", "#dd8452", "#c44e52")
+    for i, (name, r) in enumerate(runs.items()):
+        x0 = left + i * group + group * 0.15
+        for j, key in enumerate(("p50_ms", "p90_ms", "p99_ms")):
+            top = y(r[key])
+            parts.append(
+                f'<rect x="{x0 + j * group * 0.23:.1f}" y="{top:.1f}" width="{group * 0.2:.1f}" '
+                f'height="{height - bottom - top:.1f}" fill="{colours[j]}"/>'
+            )
+        parts.append(
+            f'<text x="{x0 + group * 0.33:.1f}" y="{height - bottom + 14}" '
+            f'text-anchor="middle" font-size="9">{name.replace("_", " ")}</text>'
+        )
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = parser.parse_args()
+    results = run(args.duration)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "loadtest.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    print(table)
+    text = DOC.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    DOC.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+    SVG.write_text(svg(results))
+
+
+if __name__ == "__main__":
+    main()
