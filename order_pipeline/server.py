@@ -46,14 +46,12 @@ HEADER_AND_IDLE_TIMEOUT_S: Final = 3.0
 class Readiness:
     """Whether the server takes new orders; false from the moment it starts draining."""
 
-    draining: bool = False
     drain_started: trio.Event = attrs.field(factory=trio.Event)
 
     def is_ready(self) -> bool:
-        return not self.draining
+        return not self.drain_started.is_set()
 
     def start_draining(self) -> None:
-        self.draining = True
         self.drain_started.set()
 
 
