@@ -67,14 +67,17 @@ class Service:
     readiness: Readiness
 
 
-def _order_fields(result: OrderResult, http_status: int) -> dict[str, Any]:
+def _order_fields(
+    order_id: str | None, kind: str | None, http_status: int, duration_ms: int, steps: Any
+) -> dict[str, Any]:
+    """The fields of an order's log line, for orders run and orders refused alike."""
     return {
-        "order_id": result.order_id,
-        "status": "ok" if result.ok else "error",
-        "kind": result.kind or "ok",
+        "order_id": order_id,
+        "status": "ok" if kind is None else "error",
+        "kind": kind or "ok",
         "http_status": http_status,
-        "duration_ms": result.duration_ms,
-        "steps": [converter.unstructure(s) for s in result.steps],
+        "duration_ms": duration_ms,
+        "steps": [converter.unstructure(s) for s in steps],
     }
 
 
@@ -94,13 +97,14 @@ def build_service(settings: Settings | None = None) -> Service:
     ]
 
     def finished(result: OrderResult) -> None:
-        status = 200 if result.ok else outcome_of(result.kind or "").status
-        log_order(_order_fields(result, status))
+        status = 200 if result.kind is None else outcome_of(result.kind).status
+        log_order(
+            _order_fields(result.order_id, result.kind, status, result.duration_ms, result.steps)
+        )
         metrics.observe_order(result, status)
 
     def rejected(kind: str, status: int, order_id: str | None) -> None:
-        fields = {"order_id": order_id, "status": "error", "kind": kind, "http_status": status}
-        log_order({**fields, "duration_ms": 0, "steps": []})
+        log_order(_order_fields(order_id, kind, status, 0, ()))
         metrics.count_order(kind, status)
 
     pipeline = Pipeline(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import signal
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import httpx
@@ -14,7 +16,6 @@ import trio
 import trio.testing
 
 from order_pipeline.logs import configure_logging
-from order_pipeline.model import OrderResult
 from order_pipeline.server import Settings, build_service, serve
 from order_pipeline.services import CourierPool
 from order_pipeline.services.pool import PoolFull
@@ -22,6 +23,22 @@ from order_pipeline.services.pool import PoolFull
 from .server_process import StartServer
 
 NO_DELAY = {"payment": 0, "vendor": 0, "courier": 0}
+
+
+@pytest.fixture(name="log_to")
+def _log_to() -> Iterator[Callable[[str], io.StringIO]]:
+    """Send logs in a format to a string for the test, then put logging back as it was."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+
+    def log_to(fmt: str) -> io.StringIO:
+        stream = io.StringIO()
+        configure_logging("info", fmt, stream)
+        return stream
+
+    yield log_to
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def metric(text: str, series: str) -> float:
@@ -75,19 +92,13 @@ async def test_drain_finishes_in_flight_orders_over_a_socket() -> None:
     assert service.tracker.in_flight == 0
 
 
-async def test_orders_past_the_grace_are_cancelled_and_compensated() -> None:
+async def test_orders_past_the_grace_are_cancelled_and_compensated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """An order still running when the grace ends is cancelled, logged canceled, and undone."""
+    caplog.set_level(logging.INFO, logger="order_pipeline.orders")
     settings = Settings(port=0, shutdown_grace=0.2)
     service = build_service(settings)
-    finished: list[OrderResult] = []
-    pipeline = service.pipeline
-    on_finish = pipeline.on_finish
-
-    def record(result: OrderResult) -> None:
-        finished.append(result)
-        on_finish(result)
-
-    object.__setattr__(pipeline, "on_finish", record)
     stop = trio.Event()
 
     async with trio.open_nursery() as nursery:
@@ -108,9 +119,11 @@ async def test_orders_past_the_grace_are_cancelled_and_compensated() -> None:
             await service.tracker.wait_for(lambda n: n == 1)
         stop.set()
 
-    (result,) = finished
-    assert result.kind == "canceled"
-    assert [(s.name, s.status, s.compensation and s.compensation.status) for s in result.steps] == [
+    (line,) = [r.fields for r in caplog.records if r.name == "order_pipeline.orders"]  # type: ignore[attr-defined]
+    assert (line["order_id"], line["kind"]) == ("late", "canceled")
+    assert [
+        (s["name"], s["status"], s.get("compensation", {}).get("status")) for s in line["steps"]
+    ] == [
         ("payment", "ok", "ok"),
         ("vendor", "canceled", None),
         ("courier", "ok", "ok"),
@@ -208,10 +221,11 @@ async def test_request_id_is_echoed_or_generated() -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", odd.headers["X-Request-ID"])
 
 
-async def test_one_json_log_line_per_order(autojump_clock: trio.abc.Clock) -> None:
+async def test_one_json_log_line_per_order(
+    log_to: Callable[[str], io.StringIO], autojump_clock: trio.abc.Clock
+) -> None:
     """Every order, run or refused, gets one JSON line with the documented fields."""
-    stream = io.StringIO()
-    configure_logging("info", "json", stream)
+    stream = log_to("json")
     client = build_service().app.test_client()
 
     await client.post(
@@ -255,10 +269,11 @@ async def test_one_json_log_line_per_order(autojump_clock: trio.abc.Clock) -> No
     assert {"time", "level", "message", "pid"} <= set(orders[0])
 
 
-async def test_text_log_format_carries_the_same_fields(autojump_clock: trio.abc.Clock) -> None:
+async def test_text_log_format_carries_the_same_fields(
+    log_to: Callable[[str], io.StringIO], autojump_clock: trio.abc.Clock
+) -> None:
     """--log-format text: one line per order, the request ID and fields as key=value."""
-    stream = io.StringIO()
-    configure_logging("info", "text", stream)
+    stream = log_to("text")
     client = build_service().app.test_client()
 
     await client.post(
@@ -271,10 +286,11 @@ async def test_text_log_format_carries_the_same_fields(autojump_clock: trio.abc.
     assert "http_status=200" in line
 
 
-async def test_internal_errors_keep_their_traceback_in_the_log_only() -> None:
+async def test_internal_errors_keep_their_traceback_in_the_log_only(
+    log_to: Callable[[str], io.StringIO],
+) -> None:
     """A crash inside the app answers a bare 500; the traceback is in the JSON log line."""
-    stream = io.StringIO()
-    configure_logging("info", "json", stream)
+    stream = log_to("json")
     service = build_service()
 
     @service.app.get("/boom")
