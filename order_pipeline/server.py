@@ -35,12 +35,6 @@ __all__ = ["Service", "Settings", "build_service", "hypercorn_config", "run_serv
 
 log = logging.getLogger(__name__)
 
-# Hypercorn has one timer for "headers not yet complete" and "idle between
-# requests" (keep_alive_timeout, started at connect). We set it to the
-# reference's 3 s header limit, so a slow-header client cannot hold a
-# connection; idle keep-alive connections are closed after 3 s too.
-HEADER_AND_IDLE_TIMEOUT_S: Final = 3.0
-
 
 @attrs.define(eq=False)
 class Readiness:
@@ -125,7 +119,9 @@ def hypercorn_config(settings: Settings) -> Config:
     # A worker of the supervisor serves the socket it inherited.
     config.bind = [f"fd://{listen_fd}"] if listen_fd else [f"{settings.host}:{settings.port}"]
     config.backlog = LISTEN_BACKLOG
-    config.keep_alive_timeout = HEADER_AND_IDLE_TIMEOUT_S
+    # Hypercorn has one timer for "headers not yet complete" and "idle between
+    # requests", started when the connection is accepted; see Settings.header_timeout.
+    config.keep_alive_timeout = settings.header_timeout
     # read_timeout would also run while an order is processed: leave it off.
     config.read_timeout = None
     config.graceful_timeout = settings.shutdown_grace

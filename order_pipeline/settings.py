@@ -95,6 +95,12 @@ class Settings:
     payment_delay_ms: int = setting(150, _int_in(0, MAX_DELAY_MS), "default payment delay")
     vendor_delay_ms: int = setting(200, _int_in(0, MAX_DELAY_MS), "default vendor delay")
     courier_delay_ms: int = setting(100, _int_in(0, MAX_DELAY_MS), "default courier delay")
+    header_timeout: float = setting(
+        3.0,
+        _seconds(zero_ok=False),
+        "a connection must send its request headers within this long of being accepted or "
+        "of its last reply, or it is closed (also the keep-alive idle limit) (s)",
+    )
     shutdown_grace: float = setting(
         15.0, _seconds(zero_ok=True), "on SIGTERM, how long in-flight orders may finish (s)"
     )

@@ -59,7 +59,8 @@ def test_cli_defaults() -> None:
     assert Settings() == Settings(
         host="127.0.0.1", port=8080, workers=1, request_timeout=10.0, compensation_timeout=5.0,
         courier_pool_size=5, courier_queue_limit=1000, payment_delay_ms=150,
-        vendor_delay_ms=200, courier_delay_ms=100, shutdown_grace=15.0, log_level="info",
+        vendor_delay_ms=200, courier_delay_ms=100, header_timeout=3.0, shutdown_grace=15.0,
+        log_level="info",
         log_format="json", access_log=True,
     )  # fmt: skip
 
@@ -68,12 +69,14 @@ FLAGS = [
     "--host", "0.0.0.0", "--port", "0", "--workers", "3", "--request-timeout", "2.5",
     "--compensation-timeout", "1", "--courier-pool-size", "9", "--courier-queue-limit", "7",
     "--payment-delay-ms", "1", "--vendor-delay-ms", "2", "--courier-delay-ms", "3",
-    "--shutdown-grace", "0", "--log-level", "WARNING", "--log-format", "text", "--no-access-log",
+    "--header-timeout", "4.5", "--shutdown-grace", "0", "--log-level", "WARNING",
+    "--log-format", "text", "--no-access-log",
 ]  # fmt: skip
 FROM_FLAGS = Settings(
     host="0.0.0.0", port=0, workers=3, request_timeout=2.5, compensation_timeout=1.0,
     courier_pool_size=9, courier_queue_limit=7, payment_delay_ms=1, vendor_delay_ms=2,
-    courier_delay_ms=3, shutdown_grace=0.0, log_level="warning", log_format="text",
+    courier_delay_ms=3, header_timeout=4.5, shutdown_grace=0.0, log_level="warning",
+    log_format="text",
     access_log=False,
 )  # fmt: skip
 
