@@ -73,12 +73,13 @@ class _OrderRun:
     order: OrderRequest
     steps: Sequence[Step]
     started: float = attrs.field(factory=trio.current_time)
-    results: list[StepResult] = attrs.field(factory=list)
+    results: list[StepResult] = attrs.field(init=False)
     failure: str | None = None
 
-    def __attrs_post_init__(self) -> None:
+    @results.default
+    def _placeholders(self) -> list[StepResult]:
         # Placeholders keep registration order; every task overwrites its own.
-        self.results = [StepResult(s.name, StepStatus.CANCELED, 0) for s in self.steps]
+        return [StepResult(s.name, StepStatus.CANCELED, 0) for s in self.steps]
 
     async def run_step(self, index: int, nursery: trio.Nursery) -> None:
         step = self.steps[index]

@@ -17,19 +17,23 @@ class StepTracker:
 
     in_flight: int = 0
     on_change: Callable[[int], None] = lambda _: None
-    _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
+    # Made only while someone waits, so counting costs no allocation on every step.
+    _changed: trio.Event | None = attrs.field(default=None, init=False)
 
     async def wait_for(self, condition: Callable[[int], bool]) -> None:
         """Return as soon as `condition(in_flight)` holds: an event, not a polling loop."""
         while not condition(self.in_flight):
+            if self._changed is None:
+                self._changed = trio.Event()
             await self._changed.wait()
         await trio.lowlevel.checkpoint()
 
     def _set(self, in_flight: int) -> None:
         self.in_flight = in_flight
         self.on_change(in_flight)
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     def track(self, step: Step) -> Step:
         compensate = None if step.compensate is None else self._counted(step.compensate)
