@@ -1,16 +1,25 @@
 """Prometheus metrics of the service, in one place.
 
+The three gauges (steps in flight, courier slots in use, orders waiting for a
+courier) are read from the tracker and the pool when scraped, not written on
+every change: a gauge write takes a lock, and twelve of them per order were 5 %
+of an order's instructions (docs/performance.md).
+
 With several workers, `PROMETHEUS_MULTIPROC_DIR` is set (by the supervisor)
 before prometheus-client is imported: every worker then writes its figures to
 files there and any worker's `/metrics` reports the sum over all of them. The
-gauges use `livesum`, so a worker that has exited stops counting.
+gauges use `livesum`, so a worker that has exited stops counting; each worker
+writes its own gauges every `LIVE_REFRESH_S` (`refresh_live_forever`), so another
+worker's share in a scrape is at most that old.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, Final
 
+import trio
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -26,6 +35,7 @@ from .model import OrderResult
 __all__ = ["Metrics"]
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+LIVE_REFRESH_S: Final = 1.0
 LATENCY_BUCKETS: Final = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 1, 2.5, 5, 10, 30,
 )  # fmt: skip
@@ -37,6 +47,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._live: list[tuple[Gauge, Callable[[], int]]] = []
         r = self.registry
         self.orders = Counter(
             "order_pipeline_orders", "Orders answered, by outcome kind and HTTP status.",
@@ -99,18 +110,39 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def pool_changed(self, in_use: int, waiting: int) -> None:
-        self.courier_slots_in_use.set(in_use)
-        self.courier_waiting.set(waiting)
-
     def pool_shed(self) -> None:
         self.shed.inc()
 
-    def steps_changed(self, in_flight: int) -> None:
-        self.steps_in_flight.set(in_flight)
+    def read_live(
+        self,
+        steps_in_flight: Callable[[], int],
+        courier_slots_in_use: Callable[[], int],
+        courier_waiting: Callable[[], int],
+    ) -> None:
+        """Where the gauges' figures come from; they are read at scrape time."""
+        self._live = [
+            (self.steps_in_flight, steps_in_flight),
+            (self.courier_slots_in_use, courier_slots_in_use),
+            (self.courier_waiting, courier_waiting),
+        ]
+
+    def refresh_live(self) -> None:
+        for gauge, read in self._live:
+            gauge.set(read())
+
+    @property
+    def multiprocess(self) -> bool:
+        return bool(os.environ.get(MULTIPROC_ENV))
+
+    async def refresh_live_forever(self) -> None:
+        """Keep this worker's gauge files fresh for scrapes answered by other workers."""
+        while True:
+            self.refresh_live()
+            await trio.sleep(LIVE_REFRESH_S)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format: this process's figures, or every worker's in multiprocess mode."""
+        self.refresh_live()
         path = os.environ.get(MULTIPROC_ENV)
         if not path:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST

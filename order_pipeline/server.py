@@ -80,7 +80,8 @@ def build_service(settings: Settings | None = None) -> Service:
     metrics = Metrics()
     readiness = Readiness()
     pool = CourierPool(settings.courier_pool_size, settings.courier_queue_limit, metrics)
-    tracker = StepTracker(on_change=metrics.steps_changed)
+    tracker = StepTracker()
+    metrics.read_live(lambda: tracker.in_flight, lambda: pool.in_use, lambda: pool.waiting)
     payment = PaymentService(settings.payment_delay_ms)
     vendor = VendorService(settings.vendor_delay_ms)
     courier = CourierService(pool, settings.courier_delay_ms)
@@ -193,5 +194,7 @@ async def run_server(settings: Settings) -> None:
             os._exit(1)
 
         nursery.start_soon(exit_at_hard_deadline)
+        if service.metrics.multiprocess:
+            nursery.start_soon(service.metrics.refresh_live_forever)
         await serve(service, settings)
         nursery.cancel_scope.cancel()

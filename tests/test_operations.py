@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from order_pipeline.logs import configure_logging
+from order_pipeline.metrics import LIVE_REFRESH_S, Metrics
 from order_pipeline.server import Settings, build_service, serve
 from order_pipeline.services import CourierPool
 from order_pipeline.services.pool import PoolFull
@@ -208,15 +209,39 @@ async def test_gauges_show_work_in_flight(autojump_clock: trio.abc.Clock) -> Non
         assert metric(text, "order_pipeline_courier_waiting") == 1
 
 
+async def test_live_gauges_are_rewritten_every_second_unscraped(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """With several workers, each keeps its gauge files fresh even when no scrape reaches it."""
+    metrics = Metrics()
+    in_flight = 0
+    metrics.read_live(lambda: in_flight, lambda: 0, lambda: 0)
+
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value("order_pipeline_steps_in_flight")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(metrics.refresh_live_forever)
+        await trio.testing.wait_all_tasks_blocked()
+        in_flight = 3
+        assert gauge() == 0
+        await trio.sleep(LIVE_REFRESH_S)
+        await trio.testing.wait_all_tasks_blocked()  # the refresher woke at the same instant
+        assert gauge() == 3
+        nursery.cancel_scope.cancel()
+
+
 async def test_request_id_is_echoed_or_generated() -> None:
-    """A plain X-Request-ID is echoed; a missing or odd one is replaced by a fresh one."""
+    """A plain X-Request-ID is echoed, on errors too; a missing or odd one is replaced."""
     client = build_service().app.test_client()
 
     given = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
     missing = await client.get("/healthz")
     odd = await client.get("/healthz", headers={"X-Request-ID": "x" * 200})
+    not_found = await client.post("/nowhere", headers={"X-Request-ID": "e-404"})
 
     assert given.headers["X-Request-ID"] == "abc-123"
+    assert (not_found.status_code, not_found.headers["X-Request-ID"]) == (404, "e-404")
     assert re.fullmatch(r"[0-9a-f]{32}", missing.headers["X-Request-ID"])
     assert re.fullmatch(r"[0-9a-f]{32}", odd.headers["X-Request-ID"])
 
@@ -373,3 +398,29 @@ async def test_workers_share_the_socket_and_sum_their_metrics(start_server: Star
         async with httpx.AsyncClient(base_url=server.url) as client:
             text = (await client.get("/metrics")).text
         assert metric(text, 'order_pipeline_orders_total{http_status="200",kind="ok"}') == 60
+
+
+async def test_workers_gauges_count_every_workers_steps(start_server: StartServer) -> None:
+    """--workers 2: a scrape's in-flight gauge is the sum over both workers' steps."""
+    server = await start_server("--workers", "2", "--no-access-log", "--courier-pool-size", "128")
+    orders = 60
+
+    async def order(n: int) -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            body = {"order_id": f"g{n}", "amount": 1, "delay_ms": {"vendor": 5000}}
+            assert (await client.post("/order", json=body)).status_code == 200
+
+    async with trio.open_nursery() as nursery:
+        for n in range(orders):
+            nursery.start_soon(order, n)
+        with trio.fail_after(4.5):
+            while True:  # a fresh connection each time: either worker may answer
+                async with httpx.AsyncClient(base_url=server.url) as scraper:
+                    text = (await scraper.get("/metrics")).text
+                # Payments and couriers done, every vendor step still running:
+                if metric(text, "order_pipeline_steps_in_flight") == orders:
+                    break
+                await trio.sleep(0.05)
+
+    pids = {line["pid"] for line in server.log_lines() if line["logger"] == "order_pipeline.orders"}
+    assert len(pids) == 2  # the orders really were shared between the workers

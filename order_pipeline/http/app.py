@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
-import re
-import uuid
 from collections.abc import Callable
 from typing import Final, Protocol
 
@@ -18,18 +16,15 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ..logs import request_id
 from ..model import INTERNAL, ErrorInfo, OrderRequest, OrderResult, Reply
 from ..serialization import InvalidOrder, dump_reply, parse_order
+from .asgi import with_request_ids
 from .errors import KIND_BY_HTTP_STATUS, OUTCOMES, outcome_of
 
 __all__ = ["MAX_BODY_BYTES", "OrderProcessor", "create_app"]
 
 MAX_BODY_BYTES: Final = 64 * 1024
 BODY_TIMEOUT_S: Final = 10
-REQUEST_ID_HEADER: Final = "X-Request-ID"
-# A client's request ID is echoed only if it is short and plain; otherwise we make one.
-_VALID_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +87,9 @@ def create_app(
     app = QuartTrio(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_S
+    # Quart's documented way to add ASGI middleware; its test client goes through it too.
+    app.asgi_app = with_request_ids(app.asgi_app)  # type: ignore[method-assign]
     openapi = _openapi_document()
-
-    @app.before_request
-    async def assign_request_id() -> None:
-        given = request.headers.get(REQUEST_ID_HEADER, "")
-        request_id.set(given if _VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex)
-
-    @app.after_request
-    async def echo_request_id(response: Response) -> Response:
-        response.headers[REQUEST_ID_HEADER] = request_id.get() or ""
-        return response
 
     @app.post("/order", provide_automatic_options=False)
     async def order() -> Response:

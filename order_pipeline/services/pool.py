@@ -20,17 +20,13 @@ class PoolFull(Exception):
 
 
 class PoolObserver(Protocol):
-    """Hears the pool's figures change, and each order it sheds (metrics implement it)."""
-
-    def pool_changed(self, in_use: int, waiting: int) -> None: ...
+    """Hears each order the pool sheds (metrics implement it; they read `in_use` and
+    `waiting` themselves, at scrape time)."""
 
     def pool_shed(self) -> None: ...
 
 
 class _Unobserved:
-    def pool_changed(self, in_use: int, waiting: int) -> None:
-        pass
-
     def pool_shed(self) -> None:
         pass
 
@@ -70,19 +66,15 @@ class CourierPool:
                 self.observer.pool_shed()
                 raise PoolFull from None
             self._waiting += 1
-            self.observer.pool_changed(self.in_use, self._waiting)
             try:
                 await limiter.acquire()
             finally:
                 self._waiting -= 1
-                self.observer.pool_changed(self.in_use, self._waiting)
         else:
-            self.observer.pool_changed(self.in_use, self._waiting)
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     def release(self) -> None:
         self._limiter.release()
-        self.observer.pool_changed(self.in_use, self._waiting)
 
     @property
     def in_use(self) -> int:

@@ -16,7 +16,6 @@ class StepTracker:
     """Wraps steps so that `in_flight` counts the actions (and compensations) running now."""
 
     in_flight: int = 0
-    on_change: Callable[[int], None] = lambda _: None
     # Made only while someone waits, so counting costs no allocation on every step.
     _changed: trio.Event | None = attrs.field(default=None, init=False)
 
@@ -30,7 +29,6 @@ class StepTracker:
 
     def _set(self, in_flight: int) -> None:
         self.in_flight = in_flight
-        self.on_change(in_flight)
         if self._changed is not None:
             self._changed.set()
             self._changed = None
