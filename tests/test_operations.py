@@ -9,6 +9,7 @@ import re
 import signal
 from collections.abc import Callable, Iterator
 from functools import partial
+from typing import Any
 
 import httpx
 import pytest
@@ -407,20 +408,32 @@ async def test_workers_gauges_count_every_workers_steps(start_server: StartServe
 
     async def order(n: int) -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-            body = {"order_id": f"g{n}", "amount": 1, "delay_ms": {"vendor": 5000}}
-            assert (await client.post("/order", json=body)).status_code == 200
+            body = {"order_id": f"g{n}", "amount": 1, "delay_ms": {"vendor": 20_000}}
+            await client.post("/order", json=body)
+
+    async def in_flight() -> float:
+        # A fresh connection each time: either worker may answer.
+        async with httpx.AsyncClient(base_url=server.url) as scraper:
+            return metric((await scraper.get("/metrics")).text, "order_pipeline_steps_in_flight")
 
     async with trio.open_nursery() as nursery:
         for n in range(orders):
             nursery.start_soon(order, n)
-        with trio.fail_after(4.5):
-            while True:  # a fresh connection each time: either worker may answer
-                async with httpx.AsyncClient(base_url=server.url) as scraper:
-                    text = (await scraper.get("/metrics")).text
-                # Payments and couriers done, every vendor step still running:
-                if metric(text, "order_pipeline_steps_in_flight") == orders:
+        with trio.fail_after(15):  # polling another process: no event to wait on
+            # Payments and couriers done, every vendor step still running:
+            while True:
+                if await in_flight() == orders:
                     break
                 await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()  # the clients leave; the server cancels their orders
 
-    pids = {line["pid"] for line in server.log_lines() if line["logger"] == "order_pipeline.orders"}
-    assert len(pids) == 2  # the orders really were shared between the workers
+    def order_lines() -> list[dict[str, Any]]:
+        return [line for line in server.log_lines() if line["logger"] == "order_pipeline.orders"]
+
+    with trio.fail_after(15):
+        while True:
+            if len(order_lines()) == orders and await in_flight() == 0:
+                break
+            await trio.sleep(0.05)
+    assert {line["kind"] for line in order_lines()} == {"canceled"}
+    assert len({line["pid"] for line in order_lines()}) == 2  # both workers had orders
