@@ -163,22 +163,28 @@ def overload(session: nox.Session) -> None:
         _stop_server(session, server, log)
 
 
-def _ensure_wrk(session: nox.Session) -> None:
-    """wrk is an OS package: install it where we can (root with apt), else say how."""
-    if shutil.which("wrk"):
+def _ensure_os_package(session: nox.Session, program: str, elsewhere: str) -> None:
+    """`program` comes from an OS package: install it where we can (root with apt), else say how."""
+    if shutil.which(program):
         return
     if shutil.which("apt-get") and os.geteuid() == 0:
         session.run("apt-get", "update", "-qq", external=True)
-        session.run("apt-get", "install", "-y", "-qq", "wrk", external=True)
+        session.run("apt-get", "install", "-y", "-qq", program, external=True)
         return
-    session.error(
-        "wrk is not installed: `sudo apt-get install wrk` (Debian/Ubuntu), `brew install wrk`"
-    )
+    session.error(f"{program} is not installed: `sudo apt-get install {program}`, {elsewhere}")
 
 
 @nox.session
 def loadtest(session: nox.Session) -> None:
     """wrk against the server floor, the framework floor and the service (docs/performance.md)."""
-    _ensure_wrk(session)
+    _ensure_os_package(session, "wrk", "`brew install wrk`")
     session.install("-e", ".")
     session.run("python", "benchmarks/loadtest.py", *session.posargs)
+
+
+@nox.session
+def instructions(session: nox.Session) -> None:
+    """Instructions per order under valgrind: the figure a noisy machine cannot move."""
+    _ensure_os_package(session, "valgrind", "or your system's valgrind package")
+    session.install("-e", ".")
+    session.run("python", "benchmarks/instructions.py", *session.posargs)

@@ -5,14 +5,19 @@
 - `quart`: a Quart-Trio endpoint that reads and parses the request like the service,
   then returns the same fixed body (the framework's floor).
 
-Usage: python benchmarks/floors.py bare|quart [--port 0]. Prints hypercorn's
-"Running on ..." line like the service does.
+`--sleep-ms 200` makes either wait that long before answering, as an order's
+critical path does in S2: the floors' own latency above 200 ms under S2's load
+is what the stack costs there, before any orchestration.
+
+Usage: python benchmarks/floors.py bare|quart [--port 0] [--sleep-ms 0]. Prints
+hypercorn's "Running on ..." line like the service does.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -33,26 +38,36 @@ ANSWER = (
 HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]
 
 
-async def bare(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    more = True
-    while more:  # read the whole body, as any server must
-        message = await receive()
-        more = message.get("more_body", False)
-    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-    await send({"type": "http.response.body", "body": ANSWER})
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
-def quart_app() -> QuartTrio:
+def bare_app(sleep_s: float = 0) -> ASGIApp:
+    async def bare(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        more = True
+        while more:  # read the whole body, as any server must
+            message = await receive()
+            more = message.get("more_body", False)
+        if sleep_s:
+            await trio.sleep(sleep_s)
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        await send({"type": "http.response.body", "body": ANSWER})
+
+    return bare
+
+
+def quart_app(sleep_s: float = 0) -> QuartTrio:
     app = QuartTrio(__name__, static_folder=None)
 
     @app.post("/order", provide_automatic_options=False)
     async def order() -> Response:
         orjson.loads(await request.get_data(cache=False, as_text=False, parse_form_data=False))
+        if sleep_s:
+            await trio.sleep(sleep_s)
         return Response(ANSWER, 200, content_type="application/json")
 
     return app
@@ -62,10 +77,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("floor", choices=["bare", "quart"])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--sleep-ms", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = hypercorn_config(Settings(port=args.port, access_log=False))
-    app = bare if args.floor == "bare" else finish_responses_shielded(quart_app())
+    sleep_s = args.sleep_ms / 1000
+    if args.floor == "bare":
+        app = bare_app(sleep_s)
+    else:
+        app = finish_responses_shielded(quart_app(sleep_s))
     from hypercorn.trio import serve
 
     trio.run(lambda: serve(app, config, shutdown_trigger=wait_for_signal))

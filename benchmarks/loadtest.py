@@ -1,6 +1,6 @@
 """The load benchmark: the service against its two floors, with wrk, in one run.
 
-Usage: python benchmarks/loadtest.py [--duration 10] [--rounds 3] [--out docs]
+Usage: python benchmarks/loadtest.py [--duration 15] [--rounds 3] [--out docs]
 Starts, one after another on 127.0.0.1 with the same hypercorn settings, the
 bare-ASGI floor, the Quart-Trio floor and the service; drives each with wrk
 and benchmarks/order.lua; then runs benchmarks/inflight.py (the service and the
@@ -85,8 +85,8 @@ def service(*flags: str) -> list[str]:
     return [sys.executable, "-m", "order_pipeline", "serve", "--port", "0", *COMMON, *flags]
 
 
-def floor(name: str) -> list[str]:
-    return [sys.executable, str(ROOT / "benchmarks" / "floors.py"), name]
+def floor(name: str, *flags: str) -> list[str]:
+    return [sys.executable, str(ROOT / "benchmarks" / "floors.py"), name, *flags]
 
 
 # name: (server command, wrk connections, share of orders made to fail)
@@ -94,6 +94,9 @@ SCENARIOS: dict[str, tuple[list[str], int, float]] = {
     "floor_server_S1": (floor("bare"), 64, 0.0),
     "floor_framework_S1": (floor("quart"), 64, 0.0),
     "S1": (service(*S1_FLAGS), 64, 0.0),
+    # The floors again under S2's load, each waiting 200 ms (S2's critical path) per request.
+    "floor_server_S2": (floor("bare", "--sleep-ms", "200"), 100, 0.0),
+    "floor_framework_S2": (floor("quart", "--sleep-ms", "200"), 100, 0.0),
     "S2": (service(*DEFAULT_FLAGS), 100, 0.0),
     "S3": (service("--courier-pool-size", "5"), 100, 0.0),
     "S4": (service(*DEFAULT_FLAGS), 100, 1 / 3),
@@ -124,6 +127,18 @@ def ratios(runs: dict[str, Any], inflight: dict[str, Any]) -> dict[str, float]:
         "S5: 2 workers / 1 worker": runs["S5_2_workers"]["rps"] / s1,
         "S2 p50 above 200 ms (ms)": s2["p50_ms"] - 200,
         "S2 p99 above 200 ms (ms)": s2["p99_ms"] - 200,
+        "S2 / framework floor under S2's load": s2["rps"] / runs["floor_framework_S2"]["rps"],
+        "framework floor under S2's load / bound": runs["floor_framework_S2"]["rps"] / 500,
+        "framework floor under S2's load: p50 above 200 ms (ms)": (
+            runs["floor_framework_S2"]["p50_ms"] - 200
+        ),
+        "framework floor under S2's load: p99 above 200 ms (ms)": (
+            runs["floor_framework_S2"]["p99_ms"] - 200
+        ),
+        "server floor under S2's load / bound": runs["floor_server_S2"]["rps"] / 500,
+        "server floor under S2's load: p50 above 200 ms (ms)": (
+            runs["floor_server_S2"]["p50_ms"] - 200
+        ),
         "S2, 2 workers / closed-loop bound": runs["S2_2_workers"]["rps"] / 500,
         "S2, 2 workers: p50 above 200 ms (ms)": runs["S2_2_workers"]["p50_ms"] - 200,
         "S2, 2 workers: p99 above 200 ms (ms)": runs["S2_2_workers"]["p99_ms"] - 200,
@@ -269,7 +284,7 @@ def svg(results: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--duration", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
