@@ -107,11 +107,14 @@ SCENARIOS: dict[str, tuple[list[str], int, float]] = {
 
 
 def in_process(what: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "inflight.py"), what],
-        capture_output=True, text=True, check=True, cwd=ROOT,
-    )  # fmt: skip
-    figures: dict[str, Any] = json.loads(done.stdout)
+    """CPU per order (2 s steps) and memory per in-flight order, each in a fresh process."""
+    figures: dict[str, Any] = {}
+    for mode in ([], ["--memory"]):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "inflight.py"), what, *mode],
+            capture_output=True, text=True, check=True, cwd=ROOT,
+        )  # fmt: skip
+        figures.update(json.loads(done.stdout))
     return figures
 
 
