@@ -277,10 +277,12 @@ def svg(results: dict[str, Any]) -> str:
                 f'<rect x="{x0 + j * group * 0.23:.1f}" y="{top:.1f}" width="{group * 0.2:.1f}" '
                 f'height="{height - bottom - top:.1f}" fill="{colours[j]}"/>'
             )
-        parts.append(
-            f'<text x="{x0 + group * 0.33:.1f}" y="{height - bottom + 14}" '
-            f'text-anchor="middle" font-size="9">{name.replace("_", " ")}</text>'
-        )
+        # Two lines (all words but the last, then the last), so ten labels fit side by side.
+        for line, words in enumerate(name.replace("_", " ").rsplit(" ", 1)):
+            parts.append(
+                f'<text x="{x0 + group * 0.33:.1f}" y="{height - bottom + 14 + 11 * line}" '
+                f'text-anchor="middle" font-size="9">{words}</text>'
+            )
     parts.append("</svg>")
     return "\n".join(parts)
 
