@@ -2,18 +2,18 @@
 
 `with_request_ids` gives every request an ID (the client's plain `X-Request-ID`,
 or a fresh one), puts it in the `request_id` context variable for the logs, and
-echoes it on every response. It is middleware, not Quart `before_request` /
-`after_request` hooks, because the hooks cost a few per cent of each request's
-CPU (docs/performance.md) and errors answered by Quart itself skip nothing here.
+echoes it on every response, errors Quart answers itself included. It replaced
+Quart `before_request` / `after_request` hooks, which cost more per request
+(docs/performance.md).
 
-`finish_responses_shielded`: hypercorn runs its end-of-response bookkeeping (close the connection on
-`Connection: close`, or start the keep-alive idle timer) inside the app's
-final `send`. Quart-Trio cancels its request nursery as soon as hypercorn
-reports the stream closed, which happens during that same `send`, so the
-bookkeeping was cut short: connections were never closed and never timed out
-(found by tests/test_connections.py). Shielding the final `send` lets it
-complete; hypercorn already shields its socket writes, so this adds no new way
-to block.
+`finish_responses_shielded`: hypercorn runs its end-of-response bookkeeping
+(close the connection on `Connection: close`, or start the keep-alive idle
+timer) inside the app's final `send`. Quart-Trio cancels its request nursery as
+soon as hypercorn reports the stream closed, which happens during that same
+`send`, so the bookkeeping was cut short: connections were never closed and
+never timed out (found by tests/test_connections.py). Shielding the final `send`
+lets it complete; hypercorn already shields its socket writes, so this adds no
+new way to block.
 """
 
 from __future__ import annotations

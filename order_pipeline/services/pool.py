@@ -20,8 +20,11 @@ class PoolFull(Exception):
 
 
 class PoolObserver(Protocol):
-    """Hears each order the pool sheds (metrics implement it; they read `in_use` and
-    `waiting` themselves, at scrape time)."""
+    """Hears each order the pool sheds (metrics implement it).
+
+    The figures that change on every order, `in_use` and `waiting`, are read by
+    whoever needs them, when they need them: no call per change.
+    """
 
     def pool_shed(self) -> None: ...
 
