@@ -37,7 +37,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--courier-pool-size); a flag wins over the environment.",
     )
     for field in attrs.fields(Settings):
-        flag = "--" + field.name.replace("_", "-")
+        flag = Settings.flag_name(field.name)
         env = Settings.env_name(field.name)
         help_text = f"{field.metadata['help']} [env {env}; default {field.default}]"
         if field.type in (bool, "bool"):
@@ -59,7 +59,7 @@ def parse_args(
         given = getattr(args, field.name)
         env = Settings.env_name(field.name)
         if given is not None:
-            source, text = "--" + field.name.replace("_", "-"), given
+            source, text = Settings.flag_name(field.name), given
         elif env in environ:
             source, text = env, environ[env]
         else:

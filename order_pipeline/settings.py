@@ -111,3 +111,7 @@ class Settings:
     @staticmethod
     def env_name(field: str) -> str:
         return ENV_PREFIX + field.upper()
+
+    @staticmethod
+    def flag_name(field: str) -> str:
+        return "--" + field.replace("_", "-")
