@@ -29,9 +29,10 @@ from collections.abc import Awaitable, Callable
 import trio
 import trio.testing
 
+from order_pipeline.main import tune_garbage_collector
 from order_pipeline.model import OrderRequest
 from order_pipeline.serialization import converter
-from order_pipeline.server import build_service, tune_garbage_collector
+from order_pipeline.server import assemble
 from order_pipeline.settings import Settings
 
 SLOW_S = 2.0
@@ -47,7 +48,7 @@ def rss_kb() -> int:
 
 
 def service_process(orders: int, slow_s: float) -> Callable[[OrderRequest], Awaitable[object]]:
-    service = build_service(Settings(courier_pool_size=128, courier_queue_limit=orders))
+    service = assemble(Settings(courier_pool_size=128, courier_queue_limit=orders))
     # No log line per order: measure the orchestration, not the logging.
     pipeline = service.pipeline.__class__(
         service.pipeline.steps, timeout=slow_s + 30, on_finish=lambda _: None

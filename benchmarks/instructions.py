@@ -60,13 +60,14 @@ def app_of(subject: str) -> Any:
 
     from order_pipeline.http.asgi import finish_responses_shielded
     from order_pipeline.logs import configure_logging
-    from order_pipeline.server import build_service, tune_garbage_collector
+    from order_pipeline.main import tune_garbage_collector
+    from order_pipeline.server import assemble
 
     if subject == "app_service":
         configure_logging("info", "json", open(os.devnull, "w"))  # noqa: SIM115
-        app = build_service().app
+        app = assemble().app
         tune_garbage_collector()
-        return finish_responses_shielded(app)
+        return app
     if subject == "app_framework_floor":
         return finish_responses_shielded(floors.quart_app())
     return floors.bare_app()

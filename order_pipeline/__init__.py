@@ -6,18 +6,18 @@ failure, the deadline or the client going away cancels the rest.
 
 from .model import OrderRequest, OrderResult, StepError, StepResult, StepStatus
 from .orchestrator import Pipeline, Step
-from .server import Service, Settings, build_service, serve
+from .server import Assembly, Settings, assemble, serve
 
 __all__ = [
+    "Assembly",
     "OrderRequest",
     "OrderResult",
     "Pipeline",
-    "Service",
     "Settings",
     "Step",
     "StepError",
     "StepResult",
     "StepStatus",
-    "build_service",
+    "assemble",
     "serve",
 ]

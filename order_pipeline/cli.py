@@ -1,4 +1,4 @@
-"""`order-pipeline serve`: settings from flags and environment, logging, then serve.
+"""`order-pipeline serve`'s command line: settings from flags and environment.
 
 Precedence is flag, then environment variable, then default; a bad value from
 either source exits with status 2 and names the setting.
@@ -7,19 +7,15 @@ either source exits with status 2 and names the setting.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
-import trio
 
-from .logs import configure_logging
-from .server import run_server
 from .settings import Settings
 
-__all__ = ["main", "parse_args"]
+__all__ = ["parse_args"]
 
 
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -72,11 +68,3 @@ def parse_args(
         except ValueError as exc:
             serve.error(f"{source}: {exc}")
     return Settings(**values)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    settings = parse_args(argv)
-    configure_logging(settings.log_level, settings.log_format)
-    # A second Ctrl-C while draining interrupts the drain: exit quietly.
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run_server, settings)

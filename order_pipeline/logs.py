@@ -12,16 +12,13 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import IO, Any, Final
+from typing import IO, Any
 
 import orjson
 
-__all__ = ["ORDERS_LOGGER", "JsonFormatter", "configure_logging", "log_order", "request_id"]
+__all__ = ["JsonFormatter", "configure_logging", "request_id"]
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
-
-ORDERS_LOGGER: Final = "order_pipeline.orders"
-_orders = logging.getLogger(ORDERS_LOGGER)
 
 
 class _RequestIdFilter(logging.Filter):
@@ -80,10 +77,3 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-
-
-def log_order(fields: dict[str, Any]) -> None:
-    """The one line each order gets: `fields` holds order_id, status, kind, http_status, ..."""
-    _orders.info(
-        "order %s %s", fields.get("order_id"), fields.get("kind") or "ok", extra={"fields": fields}
-    )

@@ -5,17 +5,17 @@ courier) are read from the tracker and the pool when scraped, not written on
 every change: a gauge write takes a lock, and twelve of them per order were 5 %
 of an order's instructions (docs/performance.md).
 
-With several workers, `PROMETHEUS_MULTIPROC_DIR` is set (by the supervisor)
-before prometheus-client is imported: every worker then writes its figures to
-files there and any worker's `/metrics` reports the sum over all of them. The
-gauges use `livesum`, so a worker that has exited stops counting; each worker
-writes its own gauges every `LIVE_REFRESH_S` (`refresh_live_forever`), so another
+With several workers, the supervisor sets `PROMETHEUS_MULTIPROC_DIR` before a
+worker imports prometheus-client, and the worker's entry point hands the same
+directory to `Metrics`: every worker writes its figures to files there, and
+any worker's `/metrics` reports the sum over all of them. The gauges use
+`livesum`, so a worker that has exited stops counting; each worker writes its
+own gauges every `LIVE_REFRESH_S` (`refresh_live_forever`), so another
 worker's share in a scrape is at most that old.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -30,11 +30,12 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from .handoff import MULTIPROC_ENV  # noqa: F401 # TEMP until supervisor uses handoff
+from .kinds import CANCELED
 from .model import OrderResult
 
 __all__ = ["Metrics"]
 
-MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 LIVE_REFRESH_S: Final = 1.0
 LATENCY_BUCKETS: Final = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 1, 2.5, 5, 10, 30,
@@ -44,7 +45,8 @@ LATENCY_BUCKETS: Final = (
 class Metrics:
     """The service's metrics, registered in a registry of their own (so tests can build many)."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._live: list[tuple[Gauge, Callable[[], int]]] = []
@@ -88,11 +90,11 @@ class Metrics:
             multiprocess_mode="livesum", registry=r,
         )  # fmt: skip
 
-    def observe_order(self, result: OrderResult, http_status: int) -> None:
-        kind = result.kind or "ok"
+    def observe_order(self, result: OrderResult, kind: str, http_status: int) -> None:
+        """An order that ran; `kind` is its label ("ok" for success)."""
         self.count_order(kind, http_status)
         self._child(self.order_seconds, kind).observe(result.duration_ms / 1000)
-        if kind == "canceled":
+        if kind == CANCELED:
             self.canceled.inc()
         for step in result.steps:
             self._child(self.step_seconds, step.name, step.status).observe(step.duration_ms / 1000)
@@ -130,10 +132,6 @@ class Metrics:
         for gauge, read in self._live:
             gauge.set(read())
 
-    @property
-    def multiprocess(self) -> bool:
-        return bool(os.environ.get(MULTIPROC_ENV))
-
     async def refresh_live_forever(self) -> None:
         """Keep this worker's gauge files fresh for scrapes answered by other workers."""
         while True:
@@ -143,9 +141,8 @@ class Metrics:
     def exposition(self) -> tuple[bytes, str]:
         """The text format: this process's figures, or every worker's in multiprocess mode."""
         self.refresh_live()
-        path = os.environ.get(MULTIPROC_ENV)
-        if not path:
+        if self.multiprocess_dir is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]  # untyped upstream
+        MultiProcessCollector(registry, self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped upstream
         return generate_latest(registry), CONTENT_TYPE_LATEST

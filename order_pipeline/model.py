@@ -128,11 +128,3 @@ class Reply:
     order_id: str | None = None
     steps: tuple[StepResult, ...] | None = None
     error: ErrorInfo | None = None
-
-
-# Kinds the orchestrator itself decides; services bring their own.
-TIMEOUT: Final = "timeout"
-CANCELED: Final = "canceled"
-INTERNAL: Final = "internal"
-COMPENSATION_FAILED: Final = "compensation_failed"
-BAD_REQUEST: Final = "bad_request"

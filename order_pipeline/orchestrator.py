@@ -1,33 +1,30 @@
 """Run an order's steps concurrently; the first failure cancels the rest.
 
 The Trio counterpart of Go's `errgroup.WithContext`, plus compensation (the saga
-pattern). The cancel-scope tree of one order is::
+pattern). The cancel-scope tree of one order, as `Pipeline.process` builds it::
 
     caller's scope (the HTTP request: cancelled on disconnect or shutdown)
-      ├─ deadline scope: trio.move_on_after(timeout)       -> kind "timeout"
-      │    └─ nursery: cancelled by the first failing step -> that step's kind
-      │         └─ one task per step
-      └─ (order failed) shielded scope: CancelScope(shield=True)
-           └─ compensation deadline: move_on_after(compensation_timeout)
-                └─ nursery: one task per step that succeeded, undoing it
+      ├─ deadline scope: trio.move_on_after(timeout)         -> kind "timeout"
+      │    └─ nursery: cancelled by the first failing step   -> that step's kind
+      │         └─ one task per step, named after it
+      └─ (order failed) trio.move_on_after(compensation_timeout, shield=True)
+           └─ nursery: one task per step that succeeded, undoing it
 
 This module knows steps only as names and async callables; it imports no
-service, and reads a failure's kind structurally (`model.Classified`).
+service and no store, and reads a failure's kind structurally (`model.Classified`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
 
+from .kinds import CANCELED, COMPENSATION_FAILED, INTERNAL, TIMEOUT
 from .model import (
-    CANCELED,
-    COMPENSATION_FAILED,
-    INTERNAL,
-    TIMEOUT,
     Classified,
     Compensation,
     CompensationStatus,
@@ -37,11 +34,12 @@ from .model import (
     StepStatus,
 )
 
-__all__ = ["Pipeline", "Step", "StepAction", "log_result"]
+__all__ = ["OnFinish", "Pipeline", "Step", "StepAction"]
 
 log = logging.getLogger(__name__)
 
 StepAction = Callable[[OrderRequest], Awaitable[None]]
+OnFinish = Callable[[OrderResult], None]
 
 
 @attrs.frozen
@@ -66,6 +64,11 @@ def _kind_of(exc: Exception) -> str:
     return kind if isinstance(kind, str) else INTERNAL
 
 
+def _caller_cancelled() -> bool:
+    """Whether a scope around us was cancelled: its deadline is then minus infinity."""
+    return trio.current_effective_deadline() == -math.inf
+
+
 @attrs.define(eq=False)
 class _OrderRun:
     """The mutable record of one order while its steps (and compensations) run."""
@@ -81,7 +84,8 @@ class _OrderRun:
         # Placeholders keep registration order; every task overwrites its own.
         return [StepResult(s.name, StepStatus.CANCELED, 0) for s in self.steps]
 
-    async def run_step(self, index: int, nursery: trio.Nursery) -> None:
+    async def run_step(self, index: int, order_scope: trio.CancelScope) -> None:
+        """Run one step; the first step to fail records its kind and cancels `order_scope`."""
         step = self.steps[index]
         started = trio.current_time()
         # Anything but a return or an Exception (that is, trio.Cancelled) leaves it canceled.
@@ -95,48 +99,34 @@ class _OrderRun:
                 log.error("order %r: step %s raised", self.order.order_id, step.name, exc_info=exc)
             if self.failure is None:
                 self.failure = detail
-                nursery.cancel_scope.cancel()
+                order_scope.cancel()
         finally:
             duration = _ms(trio.current_time() - started)
             self.results[index] = StepResult(step.name, status, duration, detail)
 
-    # The deadline must sit inside the shield, where a caller's scope cannot reach.
-    async def compensate(self, timeout: float) -> bool:  # noqa: ASYNC109
-        """Undo every step that succeeded, concurrently; True if all were undone.
-
-        Shielded, so the cancellation that ended the order cannot skip it, and
-        bounded by `timeout`, so a stuck compensation cannot hold the order.
-        """
-        undo = [
-            (index, step.compensate)
+    def succeeded(self) -> list[int]:
+        """The steps that ran to success and can be undone."""
+        return [
+            index
             for index, (step, result) in enumerate(zip(self.steps, self.results, strict=True))
             if result.status is StepStatus.OK and step.compensate is not None
         ]
-        if not undo:
-            return True
-        with trio.CancelScope(shield=True), trio.move_on_after(timeout):
-            async with trio.open_nursery() as nursery:
-                for index, action in undo:
-                    nursery.start_soon(self._compensate_step, index, action)
-        return all(self._undone(index) for index, _ in undo)
 
-    def _undone(self, index: int) -> bool:
-        compensation = self.results[index].compensation
-        return compensation is not None and compensation.status is CompensationStatus.OK
-
-    async def _compensate_step(self, index: int, action: StepAction) -> None:
-        name = self.steps[index].name
+    async def undo_step(self, index: int) -> None:
+        """Run one step's compensation and record how it ended."""
+        step = self.steps[index]
+        assert step.compensate is not None
         started = trio.current_time()
         # Only the compensation deadline can cancel this task: that is a timeout.
         status, why = CompensationStatus.TIMEOUT, "its deadline passed"
         try:
-            await action(self.order)
+            await step.compensate(self.order)
             status = CompensationStatus.OK
         except Exception as exc:
             status, why = CompensationStatus.ERROR, _kind_of(exc)
             if why == INTERNAL:
                 log.error(
-                    "order %r: compensating %s raised", self.order.order_id, name, exc_info=exc
+                    "order %r: compensating %s raised", self.order.order_id, step.name, exc_info=exc
                 )
         finally:
             compensation = Compensation(status, _ms(trio.current_time() - started))
@@ -144,29 +134,21 @@ class _OrderRun:
             if status is not CompensationStatus.OK:
                 log.error(
                     "order %r: compensation of %s ended %s (%s); it needs manual attention",
-                    self.order.order_id, name, status, why,
-                )  # fmt: skip
+                    self.order.order_id,
+                    step.name,
+                    status,
+                    why,
+                )  # fmt: skip # the arguments on one line read as the sentence
+
+    def all_undone(self, indexes: list[int]) -> bool:
+        return all(
+            (c := self.results[i].compensation) is not None and c.status is CompensationStatus.OK
+            for i in indexes
+        )
 
     def result(self, kind: str | None) -> OrderResult:
         duration = _ms(trio.current_time() - self.started)
         return OrderResult(self.order.order_id, tuple(self.results), kind, duration)
-
-
-def log_result(result: OrderResult) -> None:
-    """The default `on_finish`: one log line per order, whatever its outcome."""
-    steps = " ".join(
-        f"{s.name}={s.status}/{s.duration_ms}ms"
-        + (
-            f"(compensation={s.compensation.status}/{s.compensation.duration_ms}ms)"
-            if s.compensation
-            else ""
-        )
-        for s in result.steps
-    )
-    log.info(
-        "order %r finished kind=%s duration_ms=%d %s",
-        result.order_id, result.kind or "ok", result.duration_ms, steps,
-    )  # fmt: skip
 
 
 @attrs.frozen
@@ -174,33 +156,56 @@ class Pipeline:
     """Runs every order through `steps`, each order bounded by `timeout` seconds.
 
     When an order fails for any reason, including cancellation from outside,
-    the steps that had succeeded are compensated before `process` ends.
-    `on_finish` sees every order's result exactly once, including orders
-    cancelled from outside (which then re-raise `trio.Cancelled`).
+    the steps that had succeeded are compensated, concurrently and within
+    `compensation_timeout` seconds, before `process` ends. `on_finish` hears
+    every order's result exactly once, including orders cancelled from outside
+    (which then re-raise `trio.Cancelled`); an error it raises is logged and
+    changes nothing about the order.
     """
 
     steps: Sequence[Step]
     timeout: float = attrs.field(default=10.0, kw_only=True)
     compensation_timeout: float = attrs.field(default=5.0, kw_only=True)
-    on_finish: Callable[[OrderResult], None] = attrs.field(default=log_result, kw_only=True)
+    on_finish: OnFinish = attrs.field(default=lambda _: None, kw_only=True)
 
     async def process(self, order: OrderRequest) -> OrderResult:
         run = _OrderRun(order, self.steps)
         deadline = trio.move_on_after(self.timeout)
-        finished = False
         try:
             with deadline:
                 async with trio.open_nursery() as nursery:
-                    for index in range(len(self.steps)):
-                        nursery.start_soon(run.run_step, index, nursery)
-            finished = True
+                    for index, step in enumerate(self.steps):
+                        nursery.start_soon(
+                            run.run_step, index, nursery.cancel_scope, name=step.name
+                        )
         finally:
-            if not finished:
+            if _caller_cancelled():
                 kind: str | None = CANCELED
             else:
                 kind = run.failure or (TIMEOUT if deadline.cancelled_caught else None)
-            if kind is not None and not await run.compensate(self.compensation_timeout):
+            if kind is not None and not await self._compensate(run):
                 kind = COMPENSATION_FAILED
             result = run.result(kind)
-            self.on_finish(result)
+            self._report(result)
         return result
+
+    async def _compensate(self, run: _OrderRun) -> bool:
+        """Undo every step that succeeded; True if all were undone.
+
+        Shielded, so the cancellation that ended the order cannot skip it, and
+        bounded, so a stuck compensation cannot hold the order.
+        """
+        undo = run.succeeded()
+        if not undo:
+            return True
+        with trio.move_on_after(self.compensation_timeout, shield=True):
+            async with trio.open_nursery() as nursery:
+                for index in undo:
+                    nursery.start_soon(run.undo_step, index, name=f"undo {run.steps[index].name}")
+        return run.all_undone(undo)
+
+    def _report(self, result: OrderResult) -> None:
+        try:
+            self.on_finish(result)
+        except Exception:
+            log.exception("order %r: reporting its result failed", result.order_id)

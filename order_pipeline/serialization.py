@@ -16,8 +16,8 @@ from cattrs.gen import make_dict_unstructure_fn, override
 from cattrs.preconf.orjson import OrjsonConverter
 from cattrs.preconf.orjson import configure_converter as configure_orjson
 
+from .kinds import BAD_REQUEST
 from .model import (
-    BAD_REQUEST,
     INT64_MAX,
     INT64_MIN,
     MAX_DELAY_MS,

@@ -1,17 +1,17 @@
 """The composition root: build the services, the pipeline and the app, and serve them.
 
-`serve` has hypercorn's shape: start it with `await nursery.start(serve, ...)`
-and it hands back the addresses it really bound (port 0 becomes a real port).
+`assemble` is the only place where concrete services meet the orchestrator and
+the app. `serve` has hypercorn's shape: start it with
+`await nursery.start(serve, ...)` and it hands back the addresses it really
+bound (port 0 becomes a real port).
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-import os
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Final
 
 import attrs
 import trio
@@ -20,20 +20,19 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 
 from .http import create_app
-from .http.asgi import finish_responses_shielded
-from .http.errors import outcome_of
-from .logs import log_order
 from .metrics import Metrics
-from .model import OrderResult
 from .orchestrator import Pipeline, Step
-from .serialization import converter
+from .reporting import OrderReporter
 from .services import CourierPool, CourierService, PaymentService, StepTracker, VendorService
 from .settings import Settings
-from .supervisor import LISTEN_BACKLOG, LISTEN_FD_ENV, hard_deadline, supervise
 
-__all__ = ["Service", "Settings", "build_service", "hypercorn_config", "run_server", "serve"]
+__all__ = ["Assembly", "Readiness", "Settings", "assemble", "hypercorn_config", "serve"]
 
 log = logging.getLogger(__name__)
+
+# Connections the kernel may queue before they are accepted; hypercorn's default
+# of 100 resets clients in a burst (2,000 at once did). The kernel caps it at somaxconn.
+LISTEN_BACKLOG: Final = 4096
 
 
 @attrs.define(eq=False)
@@ -50,7 +49,7 @@ class Readiness:
 
 
 @attrs.frozen
-class Service:
+class Assembly:
     """The assembled service: the app, plus the parts tests and operators observe."""
 
     app: QuartTrio
@@ -61,23 +60,11 @@ class Service:
     readiness: Readiness
 
 
-def _order_fields(
-    order_id: str | None, kind: str | None, http_status: int, duration_ms: int, steps: Any
-) -> dict[str, Any]:
-    """The fields of an order's log line, for orders run and orders refused alike."""
-    return {
-        "order_id": order_id,
-        "status": "ok" if kind is None else "error",
-        "kind": kind or "ok",
-        "http_status": http_status,
-        "duration_ms": duration_ms,
-        "steps": [converter.unstructure(s) for s in steps],
-    }
-
-
-def build_service(settings: Settings | None = None) -> Service:
+def assemble(settings: Settings | None = None, *, metrics: Metrics | None = None) -> Assembly:
+    """Build every part from `settings`; `metrics` is given by a worker that shares its figures."""
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = metrics or Metrics()
+    reporter = OrderReporter(metrics)
     readiness = Readiness()
     pool = CourierPool(settings.courier_pool_size, settings.courier_queue_limit, metrics)
     tracker = StepTracker()
@@ -88,37 +75,29 @@ def build_service(settings: Settings | None = None) -> Service:
     steps = [
         Step("payment", payment.charge, payment.refund),
         Step("vendor", vendor.notify, vendor.cancel),
-        Step("courier", courier.assign, courier.release),
+        Step("courier", courier.assign, courier.unassign),
     ]
-
-    def finished(result: OrderResult) -> None:
-        status = 200 if result.kind is None else outcome_of(result.kind).status
-        log_order(
-            _order_fields(result.order_id, result.kind, status, result.duration_ms, result.steps)
-        )
-        metrics.observe_order(result, status)
-
-    def rejected(kind: str, status: int, order_id: str | None) -> None:
-        log_order(_order_fields(order_id, kind, status, 0, ()))
-        metrics.count_order(kind, status)
-
     pipeline = Pipeline(
         [tracker.track(s) for s in steps],
         timeout=settings.request_timeout,
         compensation_timeout=settings.compensation_timeout,
-        on_finish=finished,
+        on_finish=reporter.finished,
     )
     app = create_app(
-        pipeline, is_ready=readiness.is_ready, metrics=metrics.exposition, on_rejected=rejected
+        pipeline,
+        is_ready=readiness.is_ready,
+        metrics=metrics.exposition,
+        on_refused=reporter.refused,
     )
-    return Service(app, pipeline, pool, tracker, metrics, readiness)
+    return Assembly(app, pipeline, pool, tracker, metrics, readiness)
 
 
-def hypercorn_config(settings: Settings) -> Config:
+def hypercorn_config(settings: Settings, listen_fd: int | None = None) -> Config:
+    """Hypercorn's settings; `listen_fd` is a socket inherited from the supervisor."""
     config = Config()
-    listen_fd = os.environ.get(LISTEN_FD_ENV)
-    # A worker of the supervisor serves the socket it inherited.
-    config.bind = [f"fd://{listen_fd}"] if listen_fd else [f"{settings.host}:{settings.port}"]
+    config.bind = (
+        [f"fd://{listen_fd}"] if listen_fd is not None else [f"{settings.host}:{settings.port}"]
+    )
     config.backlog = LISTEN_BACKLOG
     # Hypercorn has one timer for "headers not yet complete" and "idle between
     # requests", started when the connection is accepted; see Settings.header_timeout.
@@ -140,13 +119,14 @@ async def wait_for_signal() -> None:
 
 
 async def serve(
-    service: Service,
+    assembly: Assembly,
     settings: Settings,
     *,
+    listen_fd: int | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `service` until `shutdown_trigger` returns (default: SIGTERM or SIGINT), then drain.
+    """Serve `assembly` until `shutdown_trigger` returns (default: SIGTERM or SIGINT), then drain.
 
     Draining: no new connections are accepted, `/readyz` answers 503, and
     orders in flight get `settings.shutdown_grace` seconds to finish (and
@@ -156,45 +136,11 @@ async def serve(
 
     async def trigger() -> None:
         await (shutdown_trigger or wait_for_signal)()
-        service.readiness.start_draining()
+        assembly.readiness.start_draining()
 
     await hypercorn_serve(
-        finish_responses_shielded(service.app),
-        hypercorn_config(settings),
+        assembly.app,
+        hypercorn_config(settings, listen_fd),
         shutdown_trigger=trigger,
         task_status=task_status,
     )
-
-
-# Young-generation collections per allocation: CPython's default (700) makes the
-# collector run every few requests; see docs/performance.md for what this bought.
-GC_THRESHOLDS: Final = (50_000, 20, 100)
-
-
-def tune_garbage_collector() -> None:
-    """Freeze what start-up built (modules, the app) out of the collector's way; collect less."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
-async def run_server(settings: Settings) -> None:
-    """The process's main: supervise workers, or serve here and exit at a hard deadline."""
-    if settings.workers > 1:
-        await supervise(settings)
-        return
-    service = build_service(settings)
-    tune_garbage_collector()
-    async with trio.open_nursery() as nursery:
-
-        async def exit_at_hard_deadline() -> None:
-            await service.readiness.drain_started.wait()
-            await trio.sleep(hard_deadline(settings))
-            log.error("drain did not finish by its hard deadline: exiting")
-            os._exit(1)
-
-        nursery.start_soon(exit_at_hard_deadline)
-        if service.metrics.multiprocess:
-            nursery.start_soon(service.metrics.refresh_live_forever)
-        await serve(service, settings)
-        nursery.cancel_scope.cancel()

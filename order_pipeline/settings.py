@@ -16,6 +16,9 @@ import attrs
 from .model import MAX_DELAY_MS
 
 ENV_PREFIX: Final = "ORDER_PIPELINE_"
+# Past the drain, only a client that never reads its reply can hold a process
+# (hypercorn sends shielded); this much later the process is ended anyway.
+HARD_EXIT_MARGIN_S: Final = 5.0
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("json", "text")
 
@@ -107,6 +110,11 @@ class Settings:
     log_level: str = setting("info", _choice(*LOG_LEVELS), "lowest level logged")
     log_format: str = setting("json", _choice(*LOG_FORMATS), "one JSON object a line, or text")
     access_log: bool = setting(True, _flag, "log every HTTP request (hypercorn's access log)")
+
+    @property
+    def hard_exit_delay(self) -> float:
+        """Seconds from SIGTERM after which a process still draining is ended."""
+        return self.shutdown_grace + self.compensation_timeout + HARD_EXIT_MARGIN_S
 
     @staticmethod
     def env_name(field: str) -> str:

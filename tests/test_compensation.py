@@ -21,7 +21,7 @@ from order_pipeline.model import (
     StepStatus,
 )
 from order_pipeline.orchestrator import Pipeline, Step
-from order_pipeline.server import Settings, build_service
+from order_pipeline.server import Settings, assemble
 
 from .conftest import make_order
 
@@ -44,7 +44,7 @@ class Recorder:
     calls: Counter[str] = attrs.Factory(Counter)
 
     def pipeline(self, settings: Settings | None = None) -> Pipeline:
-        real = build_service(settings or Settings()).pipeline
+        real = assemble(settings or Settings()).pipeline
 
         def counted(step: Step) -> Step:
             assert step.compensate is not None
@@ -146,7 +146,7 @@ async def test_stuck_compensation_times_out(autojump_clock: trio.abc.Clock) -> N
 async def test_outer_cancellation_still_compensates(autojump_clock: trio.abc.Clock) -> None:
     """A client disconnect (outer cancel) cannot skip the compensations: they run to the end."""
     recorder = Recorder()
-    tracker = build_service(Settings()).tracker
+    tracker = assemble(Settings()).tracker
     pipeline = recorder.pipeline()
     pipeline = attrs.evolve(pipeline, steps=[tracker.track(s) for s in pipeline.steps])
 
@@ -174,7 +174,7 @@ async def test_success_runs_no_compensation(autojump_clock: trio.abc.Clock) -> N
 
 async def test_compensation_through_http(autojump_clock: trio.abc.Clock) -> None:
     """Over HTTP a failed compensation answers 500 compensation_failed with the records."""
-    app = build_service(Settings()).app
+    app = assemble(Settings()).app
     order = {"order_id": "o", "amount": 5, "fail_step": "courier", "fail_compensation": "vendor"}
     order["delay_ms"] = {"courier": 300}
     order["compensation_delay_ms"] = {"payment": 10}

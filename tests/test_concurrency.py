@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from order_pipeline.model import StepStatus
-from order_pipeline.server import Settings, build_service
+from order_pipeline.server import Settings, assemble
 
 from .conftest import make_order
 from .rawhttp import address, parse, read_all, request
@@ -26,7 +26,7 @@ CONNECTIONS = 5_000
 
 async def test_twenty_thousand_orders_in_flight_at_once(autojump_clock: trio.abc.Clock) -> None:
     """20,000 orders run at the same moment through the real services; every result checked."""
-    service = build_service(Settings(courier_pool_size=128, courier_queue_limit=IN_FLIGHT))
+    service = assemble(Settings(courier_pool_size=128, courier_queue_limit=IN_FLIGHT))
     delays = {"payment": 2000, "vendor": 2000, "courier": 0}
     orders = [
         make_order(f"o{n}", amount=1, delay_ms=delays, fail_step="vendor" if n % 4 == 0 else None)

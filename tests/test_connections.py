@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 import trio
 
-from order_pipeline.server import Settings, build_service, serve
+from order_pipeline.server import Settings, assemble, serve
 
 HEADER_TIMEOUT_S = Settings().header_timeout
 
@@ -19,7 +19,7 @@ async def _address() -> AsyncIterator[tuple[str, int]]:
     settings = Settings(port=0, access_log=False)
     async with trio.open_nursery() as nursery:
         (url,) = await nursery.start(
-            partial(serve, build_service(settings), settings, shutdown_trigger=trio.sleep_forever)
+            partial(serve, assemble(settings), settings, shutdown_trigger=trio.sleep_forever)
         )
         host, port = url.removeprefix("http://").rsplit(":", 1)
         yield host, int(port)

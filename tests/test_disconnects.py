@@ -10,7 +10,7 @@ from functools import partial
 import pytest
 import trio
 
-from order_pipeline.server import Service, Settings, build_service, serve
+from order_pipeline.server import Assembly, Settings, assemble, serve
 
 from .rawhttp import exchange, parse, read_all, request
 
@@ -18,10 +18,10 @@ LONG = {"payment": 5_000, "vendor": 5_000, "courier": 5_000}
 
 
 @pytest.fixture(name="served")
-async def _served() -> AsyncIterator[tuple[Service, str]]:
+async def _served() -> AsyncIterator[tuple[Assembly, str]]:
     """The real server in this test's nursery, on 127.0.0.1, with its service to observe."""
     settings = Settings(port=0, access_log=False, courier_pool_size=128, courier_queue_limit=10_000)
-    service = build_service(settings)
+    service = assemble(settings)
     async with trio.open_nursery() as nursery:
         (url,) = await nursery.start(
             partial(serve, service, settings, shutdown_trigger=trio.sleep_forever)
@@ -30,7 +30,7 @@ async def _served() -> AsyncIterator[tuple[Service, str]]:
         nursery.cancel_scope.cancel()
 
 
-async def test_disconnect_cancels_the_order_within_50_ms(served: tuple[Service, str]) -> None:
+async def test_disconnect_cancels_the_order_within_50_ms(served: tuple[Assembly, str]) -> None:
     """Closing the connection mid-order cancels its in-flight steps within 50 ms."""
     service, url = served
     body = json.dumps({"order_id": "gone", "amount": 1, "delay_ms": LONG}).encode()
@@ -49,7 +49,7 @@ async def test_disconnect_cancels_the_order_within_50_ms(served: tuple[Service, 
     assert service.pool.in_use == 0
 
 
-async def test_a_thousand_orders_half_of_them_abandoned(served: tuple[Service, str]) -> None:
+async def test_a_thousand_orders_half_of_them_abandoned(served: tuple[Assembly, str]) -> None:
     """1,000 concurrent orders, a random half of whose clients leave: the rest are answered."""
     service, url = served
     host, port = url.removeprefix("http://").rsplit(":", 1)
@@ -79,7 +79,7 @@ async def test_a_thousand_orders_half_of_them_abandoned(served: tuple[Service, s
     assert after.status == 200
 
 
-async def test_reading_nothing_back_is_a_disconnect_too(served: tuple[Service, str]) -> None:
+async def test_reading_nothing_back_is_a_disconnect_too(served: tuple[Assembly, str]) -> None:
     """A client that half-closes and never reads still gets its order finished or cancelled."""
     service, url = served
     host, port = url.removeprefix("http://").rsplit(":", 1)

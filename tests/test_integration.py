@@ -9,15 +9,15 @@ import pytest
 import trio
 import trio.testing
 
-from order_pipeline.server import Service, Settings, build_service
+from order_pipeline.server import Assembly, Settings, assemble
 
 
 @pytest.fixture(name="service")
-def _service() -> Service:
-    return build_service(Settings())
+def _service() -> Assembly:
+    return assemble(Settings())
 
 
-async def post(service: Service, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+async def post(service: Assembly, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     response = await service.app.test_client().post("/order", json=body)
     return response.status_code, json.loads(await response.get_data())
 
@@ -98,7 +98,7 @@ README_EXAMPLES = [
 
 @pytest.mark.parametrize(("request_body", "status", "reply"), README_EXAMPLES)
 async def test_readme_examples(
-    service: Service,
+    service: Assembly,
     autojump_clock: trio.abc.Clock,
     request_body: dict[str, Any],
     status: int,
@@ -110,7 +110,7 @@ async def test_readme_examples(
 
 
 async def test_payment_failure_cancels_vendor_and_courier(
-    service: Service, autojump_clock: trio.abc.Clock
+    service: Assembly, autojump_clock: trio.abc.Clock
 ) -> None:
     """Through the real services, a declined payment cancels vendor and courier."""
     status, body = await post(service, {"order_id": "o", "amount": 0, "delay_ms": {"courier": 500}})
@@ -127,7 +127,7 @@ async def test_payment_failure_cancels_vendor_and_courier(
 
 async def test_pool_wait_counts_in_courier_duration(autojump_clock: trio.abc.Clock) -> None:
     """With one courier, the second order's courier step includes its wait for the slot."""
-    service = build_service(Settings(courier_pool_size=1))
+    service = assemble(Settings(courier_pool_size=1))
     replies: list[dict[str, Any]] = []
 
     async def order(order_id: str) -> None:

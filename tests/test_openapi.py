@@ -11,7 +11,7 @@ import pytest
 import trio
 from quart.typing import TestClientProtocol as Client
 
-from order_pipeline.server import Settings, build_service
+from order_pipeline.server import Settings, assemble
 
 DOC_PATH = Path(__file__).parent.parent / "docs" / "openapi.json"
 DOC: dict[str, Any] = json.loads(DOC_PATH.read_text())
@@ -31,7 +31,7 @@ def check(method: str, path: str, status: int, body: bytes, content_type: str) -
 
 async def test_document_is_served_and_matches_docs() -> None:
     """GET /openapi.json serves exactly docs/openapi.json, a valid OpenAPI 3.1 document."""
-    response = await build_service().app.test_client().get("/openapi.json")
+    response = await assemble().app.test_client().get("/openapi.json")
 
     assert response.status_code == 200
     assert json.loads(await response.get_data()) == DOC
@@ -54,7 +54,7 @@ ORDERS = [
 
 @pytest.fixture(name="client")
 def _client() -> Client:
-    return build_service(Settings(request_timeout=1)).app.test_client()
+    return assemble(Settings(request_timeout=1)).app.test_client()
 
 
 @pytest.mark.parametrize("body", ORDERS)

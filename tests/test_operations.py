@@ -18,7 +18,7 @@ import trio.testing
 
 from order_pipeline.logs import configure_logging
 from order_pipeline.metrics import LIVE_REFRESH_S, Metrics
-from order_pipeline.server import Settings, build_service, serve
+from order_pipeline.server import Settings, assemble, serve
 from order_pipeline.services import CourierPool
 from order_pipeline.services.pool import PoolFull
 
@@ -52,7 +52,7 @@ def metric(text: str, series: str) -> float:
 
 async def test_health_and_readiness_flip_when_draining() -> None:
     """/healthz stays 200; /readyz is 200 until the drain starts, then 503."""
-    service = build_service()
+    service = assemble()
     client = service.app.test_client()
 
     assert (await client.get("/healthz")).status_code == 200
@@ -70,7 +70,7 @@ async def test_health_and_readiness_flip_when_draining() -> None:
 async def test_drain_finishes_in_flight_orders_over_a_socket() -> None:
     """After the trigger, an order already in flight still gets its 200, and serve() returns."""
     settings = Settings(port=0)
-    service = build_service(settings)
+    service = assemble(settings)
     stop = trio.Event()
     replies: list[httpx.Response] = []
 
@@ -100,7 +100,7 @@ async def test_orders_past_the_grace_are_cancelled_and_compensated(
     """An order still running when the grace ends is cancelled, logged canceled, and undone."""
     caplog.set_level(logging.INFO, logger="order_pipeline.orders")
     settings = Settings(port=0, shutdown_grace=0.2)
-    service = build_service(settings)
+    service = assemble(settings)
     stop = trio.Event()
 
     async with trio.open_nursery() as nursery:
@@ -167,7 +167,7 @@ async def test_sigterm_with_100_orders_in_flight(start_server: StartServer) -> N
 
 async def test_metrics_cover_orders_steps_pool_and_sheds(autojump_clock: trio.abc.Clock) -> None:
     """/metrics counts orders by kind and status, step latencies, compensations and sheds."""
-    service = build_service(Settings(courier_pool_size=1, courier_queue_limit=0))
+    service = assemble(Settings(courier_pool_size=1, courier_queue_limit=0))
     client = service.app.test_client()
 
     async with trio.open_nursery() as nursery:
@@ -198,7 +198,7 @@ async def test_metrics_cover_orders_steps_pool_and_sheds(autojump_clock: trio.ab
 
 async def test_gauges_show_work_in_flight(autojump_clock: trio.abc.Clock) -> None:
     """While orders run, the gauges show steps in flight, slots in use and orders waiting."""
-    service = build_service(Settings(courier_pool_size=1))
+    service = assemble(Settings(courier_pool_size=1))
     client = service.app.test_client()
     async with trio.open_nursery() as nursery:
         for name in ("a", "b"):
@@ -234,7 +234,7 @@ async def test_live_gauges_are_rewritten_every_second_unscraped(
 
 async def test_request_id_is_echoed_or_generated() -> None:
     """A plain X-Request-ID is echoed, on errors too; a missing or odd one is replaced."""
-    client = build_service().app.test_client()
+    client = assemble().app.test_client()
 
     given = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
     missing = await client.get("/healthz")
@@ -252,7 +252,7 @@ async def test_one_json_log_line_per_order(
 ) -> None:
     """Every order, run or refused, gets one JSON line with the documented fields."""
     stream = log_to("json")
-    client = build_service().app.test_client()
+    client = assemble().app.test_client()
 
     await client.post(
         "/order",
@@ -300,7 +300,7 @@ async def test_text_log_format_carries_the_same_fields(
 ) -> None:
     """--log-format text: one line per order, the request ID and fields as key=value."""
     stream = log_to("text")
-    client = build_service().app.test_client()
+    client = assemble().app.test_client()
 
     await client.post(
         "/order", json={"order_id": "t-1", "amount": 1}, headers={"X-Request-ID": "r-9"}
@@ -317,7 +317,7 @@ async def test_internal_errors_keep_their_traceback_in_the_log_only(
 ) -> None:
     """A crash inside the app answers a bare 500; the traceback is in the JSON log line."""
     stream = log_to("json")
-    service = build_service()
+    service = assemble()
 
     @service.app.get("/boom")
     async def boom() -> str:
@@ -354,9 +354,7 @@ async def test_pool_sheds_past_its_queue_limit(autojump_clock: trio.abc.Clock) -
 
 async def test_overload_sheds_the_excess_promptly(autojump_clock: trio.abc.Clock) -> None:
     """2,000 orders at once, pool 5, queue 1,000: 995 get 503 at once, 1,005 admitted succeed."""
-    service = build_service(
-        Settings(courier_pool_size=5, courier_queue_limit=1000, request_timeout=30)
-    )
+    service = assemble(Settings(courier_pool_size=5, courier_queue_limit=1000, request_timeout=30))
     client = service.app.test_client()
     answered: list[tuple[int, float, str | None]] = []
 

@@ -206,3 +206,71 @@ async def test_no_task_outlives_its_order(
 
     assert result.kind == kind
     assert tracker.in_flight == 0
+
+
+def raises_when_reporting(_: OrderResult) -> None:
+    raise RuntimeError("the metrics backend is down")
+
+
+async def test_a_failing_report_does_not_turn_a_cancellation_into_an_error(
+    order: OrderRequest, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If reporting raises while the caller cancels the order, Cancelled still propagates."""
+    pipe = Pipeline([Step("a", sleeps(1))], on_finish=raises_when_reporting)
+
+    with trio.move_on_after(0.25) as outer:
+        await pipe.process(order)
+
+    assert outer.cancelled_caught
+    assert "reporting its result failed" in caplog.text
+
+
+async def test_a_failing_report_does_not_change_a_compensated_order(
+    order: OrderRequest, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed, compensated order is returned as it ended, even if reporting it raises."""
+    undone: list[str] = []
+
+    async def undo(_: OrderRequest) -> None:
+        undone.append("a")
+
+    pipe = Pipeline(
+        [Step("a", sleeps(0.1), undo), Step("b", sleeps(0.2, StepError("b_failed")))],
+        on_finish=raises_when_reporting,
+    )
+
+    result = await pipe.process(order)
+
+    assert result.kind == "b_failed"
+    assert undone == ["a"]
+    assert any(r.exc_info and r.exc_info[0] is RuntimeError for r in caplog.records)
+
+
+async def test_durations_count_from_each_order_start(
+    order: OrderRequest, autojump_clock: trio.abc.Clock
+) -> None:
+    """An order that starts late on the clock still reports its own durations, not the clock's."""
+    pipe, finished = pipeline(("a", sleeps(0.1)), ("b", sleeps(0.3, StepError("x"))))
+    await trio.sleep(7)
+
+    result = await pipe.process(order)
+
+    assert result.steps == (StepResult("a", OK, 100), StepResult("b", ERROR, 300, "x"))
+    assert result.duration_ms == 300
+    assert finished == [result]
+
+
+async def test_step_tasks_are_named_after_their_steps(
+    order: OrderRequest, autojump_clock: trio.abc.Clock
+) -> None:
+    """Each step runs in a task of its own, named after the step (as a debugger shows it)."""
+    names: list[str] = []
+
+    async def record(_: OrderRequest) -> None:
+        names.append(trio.lowlevel.current_task().name)
+
+    pipe, _ = pipeline(("payment", record), ("vendor", record))
+
+    await pipe.process(order)
+
+    assert sorted(names) == ["payment", "vendor"]

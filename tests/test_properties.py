@@ -13,8 +13,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from order_pipeline.http.errors import outcome_of
-from order_pipeline.server import Settings, build_service
+from order_pipeline.kinds import lookup
+from order_pipeline.server import Settings, assemble
 from order_pipeline.services import CourierPool
 
 
@@ -162,7 +162,7 @@ def model(order: dict[str, Any]) -> Expected:
             steps.append({"name": s, "status": "canceled", "duration_ms": end})
     if undo_failed:
         kind = "compensation_failed"
-    return Expected(200 if kind is None else outcome_of(kind).status, kind, steps)
+    return Expected(lookup(kind).status, kind, steps)
 
 
 delays = st.dictionaries(st.sampled_from(STEPS), st.integers(0, 300).map(lambda n: n * 10))
@@ -186,7 +186,7 @@ def test_orders_match_the_model(order: dict[str, Any]) -> None:
     times = [order["delay_ms"].get(s, DEFAULT_MS[s]) for s in STEPS] + [TIMEOUT_MS]
     assume(len(set(times)) == len(times))  # ties between steps are a coin toss in any scheduler
     assume(UNDO_TIMEOUT_MS not in order["compensation_delay_ms"].values())
-    service = build_service(
+    service = assemble(
         Settings(
             request_timeout=TIMEOUT_MS / 1000,
             compensation_timeout=UNDO_TIMEOUT_MS / 1000,

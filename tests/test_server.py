@@ -8,13 +8,13 @@ import pytest
 import trio
 
 from order_pipeline.cli import parse_args
-from order_pipeline.server import Settings, build_service, hypercorn_config, serve
+from order_pipeline.server import Settings, assemble, hypercorn_config, serve
 
 
 async def test_serve_answers_over_a_real_socket_and_stops_on_trigger() -> None:
     """serve() binds port 0, reports the real address, answers, and stops when triggered."""
     settings = Settings(port=0)
-    service = build_service(settings)
+    service = assemble(settings)
     stop = trio.Event()
 
     async with trio.open_nursery() as nursery:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import trio
 
-from order_pipeline.server import Settings, build_service
+from order_pipeline.server import Settings, assemble
 
 CLIENTS = 100
 REQUESTS_PER_CLIENT = 200
@@ -130,7 +130,7 @@ MIX: list[tuple[dict[str, Any], int, dict[str, Any]]] = [
 @pytest.mark.stress
 async def test_twenty_thousand_mixed_requests(autojump_clock: trio.abc.Clock) -> None:
     """100 clients x 200 requests with every outcome: each reply exact, nothing left running."""
-    service = build_service(Settings(request_timeout=1.0, courier_pool_size=128))
+    service = assemble(Settings(request_timeout=1.0, courier_pool_size=128))
     client = service.app.test_client()
     statuses: dict[int, int] = {}
     checked = 0

@@ -16,10 +16,10 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ..model import INTERNAL, ErrorInfo, OrderRequest, OrderResult, Reply
+from ..kinds import HTTP_ERROR, INTERNAL, NOT_FOUND, kind_of_status, lookup
+from ..model import ErrorInfo, OrderRequest, OrderResult, Reply
 from ..serialization import InvalidOrder, dump_reply, parse_order
-from .asgi import with_request_ids
-from .errors import KIND_BY_HTTP_STATUS, OUTCOMES, outcome_of
+from .asgi import finish_responses_shielded, with_request_ids
 
 __all__ = ["MAX_BODY_BYTES", "OrderProcessor", "create_app"]
 
@@ -28,7 +28,7 @@ BODY_TIMEOUT_S: Final = 10
 
 log = logging.getLogger(__name__)
 
-OnRejected = Callable[[str, int, "str | None"], None]
+OnRefused = Callable[[str, int, "str | None"], None]
 """Hears an order refused before it ran: (kind, HTTP status, order_id if readable)."""
 
 
@@ -42,33 +42,40 @@ def _json(body: bytes, status: int, headers: dict[str, str] | None = None) -> Re
     return Response(body, status, headers, content_type="application/json")
 
 
-def _reply(reply: Reply, status: int, headers: dict[str, str] | None = None) -> Response:
-    if status == 503:
-        headers = {**(headers or {}), "Retry-After": "1"}
+RETRY_AFTER: Final = {"Retry-After": "1"}
+
+
+def _reply(
+    reply: Reply, status: int, *, retry_after: bool = False, headers: dict[str, str] | None = None
+) -> Response:
+    if retry_after:
+        headers = {**(headers or {}), **RETRY_AFTER}
     return _json(dump_reply(reply), status, headers)
 
 
 def error_response(
     kind: str, message: str | None = None, *, order_id: str | None = None
 ) -> Response:
-    outcome = outcome_of(kind)
-    error = ErrorInfo(kind, message or outcome.message)
-    return _reply(Reply("error", order_id, error=error), outcome.status)
+    entry = lookup(kind)
+    error = ErrorInfo(kind, message or entry.message)
+    return _reply(
+        Reply("error", order_id, error=error), entry.status, retry_after=entry.retry_after
+    )
 
 
 def result_response(result: OrderResult) -> Response:
     if result.kind is None:
         return _reply(Reply("ok", result.order_id, result.steps), 200)
-    outcome = outcome_of(result.kind)
-    error = ErrorInfo(result.kind, outcome.message)
-    return _reply(Reply("error", result.order_id, result.steps, error), outcome.status)
+    entry = lookup(result.kind)
+    reply = Reply("error", result.order_id, result.steps, ErrorInfo(result.kind, entry.message))
+    return _reply(reply, entry.status, retry_after=entry.retry_after)
 
 
 def _openapi_document() -> bytes:
     return importlib.resources.files(__package__).joinpath("openapi.json").read_bytes()
 
 
-def _no_rejections(kind: str, status: int, order_id: str | None) -> None:
+def _no_refusals(kind: str, status: int, order_id: str | None) -> None:
     pass
 
 
@@ -77,18 +84,22 @@ def create_app(
     *,
     is_ready: Callable[[], bool] = lambda: True,
     metrics: Callable[[], tuple[bytes, str]] | None = None,
-    on_rejected: OnRejected = _no_rejections,
+    on_refused: OnRefused = _no_refusals,
 ) -> QuartTrio:
     """Build the app around `processor`; the app itself holds no order state.
 
     `is_ready` answers `/readyz` (False while draining); `metrics` renders
-    `/metrics`; `on_rejected` hears each order refused before it ran.
+    `/metrics`; `on_refused` hears each order refused before it ran. The app
+    is complete as returned: the ASGI middleware is installed, so tests
+    exercise exactly what hypercorn serves.
     """
     app = QuartTrio(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_S
     # Quart's documented way to add ASGI middleware; its test client goes through it too.
-    app.asgi_app = with_request_ids(app.asgi_app)  # type: ignore[method-assign]
+    app.asgi_app = finish_responses_shielded(  # type: ignore[method-assign] # Quart types it as a method
+        with_request_ids(app.asgi_app)
+    )
     openapi = _openapi_document()
 
     @app.post("/order", provide_automatic_options=False)
@@ -97,7 +108,7 @@ def create_app(
         try:
             parsed = parse_order(body)
         except InvalidOrder as exc:
-            on_rejected(exc.kind, outcome_of(exc.kind).status, exc.order_id)
+            on_refused(exc.kind, lookup(exc.kind).status, exc.order_id)
             return error_response(exc.kind, exc.message, order_id=exc.order_id)
         return result_response(await processor.process(parsed))
 
@@ -109,12 +120,12 @@ def create_app(
     async def readyz() -> Response:
         if is_ready():
             return _json(b'{"status":"ready"}', 200)
-        return _json(b'{"status":"draining"}', 503, {"Retry-After": "1"})
+        return _json(b'{"status":"draining"}', 503, RETRY_AFTER)
 
     @app.get("/metrics", provide_automatic_options=False)
     async def metrics_text() -> Response:
         if metrics is None:
-            return error_response("not_found")
+            return error_response(NOT_FOUND)
         body, content_type = metrics()
         return Response(body, 200, content_type=content_type)
 
@@ -125,13 +136,13 @@ def create_app(
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        kind = KIND_BY_HTTP_STATUS.get(status, "http_error")
-        message = outcome_of(kind).message if kind in OUTCOMES else exc.name.lower()
+        kind = kind_of_status(status)
+        message = exc.name.lower() if kind == HTTP_ERROR else lookup(kind).message
         if request.path == "/order" and request.method == "POST":
-            on_rejected(kind, status, None)
+            on_refused(kind, status, None)
         # Keep Werkzeug's headers (Allow on a 405) but not its HTML content type.
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
-        return _reply(Reply("error", error=ErrorInfo(kind, message)), status, headers)
+        return _reply(Reply("error", error=ErrorInfo(kind, message)), status, headers=headers)
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:

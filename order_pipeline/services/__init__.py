@@ -3,16 +3,13 @@
 Nothing here knows about HTTP; each step is an async callable taking an order.
 """
 
-from .courier import NO_COURIER, CourierService
-from .payment import PAYMENT_DECLINED, PaymentService
+from .courier import CourierService
+from .payment import PaymentService
 from .pool import CourierPool
 from .tracker import StepTracker
-from .vendor import VENDOR_UNAVAILABLE, VendorService
+from .vendor import VendorService
 
 __all__ = [
-    "NO_COURIER",
-    "PAYMENT_DECLINED",
-    "VENDOR_UNAVAILABLE",
     "CourierPool",
     "CourierService",
     "PaymentService",

@@ -7,10 +7,10 @@ from typing import Final
 import attrs
 import trio
 
+from ..kinds import NO_COURIER
 from ..model import OrderRequest, StepError
 from .pool import CourierPool, PoolFull
 
-NO_COURIER: Final = "no_courier"
 COURIER_RELEASE_FAILED: Final = "courier_release_failed"
 
 
@@ -31,7 +31,7 @@ class CourierService:
         if order.fail_step == "courier":
             raise StepError(NO_COURIER)
 
-    async def release(self, order: OrderRequest) -> None:
+    async def unassign(self, order: OrderRequest) -> None:
         """Tell the assigned courier the order is off (no pool slot is needed for that)."""
         await trio.sleep(order.compensation_delay_ms.get("courier", self.release_delay_ms) / 1000)
         if order.fail_compensation == "courier":

@@ -7,9 +7,9 @@ from typing import Final
 import attrs
 import trio
 
+from ..kinds import PAYMENT_DECLINED
 from ..model import OrderRequest, StepError
 
-PAYMENT_DECLINED: Final = "payment_declined"
 REFUND_FAILED: Final = "refund_failed"
 
 

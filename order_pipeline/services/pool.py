@@ -48,7 +48,6 @@ class CourierPool:
     queue_limit: int | None = None
     observer: PoolObserver = attrs.field(factory=_Unobserved)
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
-    _waiting: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         self._limiter = trio.CapacityLimiter(self.size)
@@ -65,14 +64,10 @@ class CourierPool:
             # Only an order that really has to wait counts against the queue limit.
             limiter.acquire_nowait()
         except trio.WouldBlock:
-            if self.queue_limit is not None and self._waiting >= self.queue_limit:
+            if self.queue_limit is not None and self.waiting >= self.queue_limit:
                 self.observer.pool_shed()
                 raise PoolFull from None
-            self._waiting += 1
-            try:
-                await limiter.acquire()
-            finally:
-                self._waiting -= 1
+            await limiter.acquire()
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -85,7 +80,7 @@ class CourierPool:
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return self._limiter.statistics().tasks_waiting
 
 
 @attrs.frozen

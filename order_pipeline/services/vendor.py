@@ -7,9 +7,9 @@ from typing import Final
 import attrs
 import trio
 
+from ..kinds import VENDOR_UNAVAILABLE
 from ..model import OrderRequest, StepError
 
-VENDOR_UNAVAILABLE: Final = "vendor_unavailable"
 VENDOR_CANCEL_FAILED: Final = "vendor_cancel_failed"
 
 

@@ -1,0 +1,51 @@
+"""What a worker inherits from its supervisor: the listening socket, the metrics directory
+and every setting, all through the environment.
+
+The supervisor writes it (`Handoff.environ`) and the worker's entry point reads
+it, once (`Handoff.from_environ`); nothing else reads these variables. The
+settings travel as their own `ORDER_PIPELINE_*` variables, which the worker's
+command line parses like any other environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+import attrs
+
+from .settings import Settings
+
+__all__ = ["LISTEN_FD_ENV", "MULTIPROC_ENV", "Handoff"]
+
+# A worker serves the listening socket it inherited as this file descriptor.
+LISTEN_FD_ENV: Final = "ORDER_PIPELINE_LISTEN_FD"
+# prometheus-client reads this one itself, when it is imported: it must be in the
+# worker's environment before then, not only handed to `Metrics`.
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@attrs.frozen
+class Handoff:
+    listen_fd: int
+    metrics_dir: str
+
+    def environ(self, settings: Settings, base: Mapping[str, str]) -> dict[str, str]:
+        """`base` plus every setting as its variable, for one worker serving `listen_fd`."""
+        env = dict(base)
+        for field in attrs.fields(Settings):
+            value = getattr(settings, field.name)
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            env[Settings.env_name(field.name)] = text
+        env[Settings.env_name("workers")] = "1"
+        env[LISTEN_FD_ENV] = str(self.listen_fd)
+        env[MULTIPROC_ENV] = self.metrics_dir
+        return env
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Handoff | None:
+        """What this process inherited, or None if no supervisor started it."""
+        listen_fd = environ.get(LISTEN_FD_ENV)
+        if listen_fd is None:
+            return None
+        return cls(int(listen_fd), environ[MULTIPROC_ENV])
