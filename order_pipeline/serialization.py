@@ -1,7 +1,10 @@
 """The one cattrs converter: strict structuring of requests, compact replies.
 
 Set up as `configure_converter` + `make_converter`, the shape of cattrs' own
-preconfigured converters, with one module-level instance built from them.
+preconfigured converters: cattrs' orjson converter, strict about unknown keys,
+plus our hooks. The module-level instance is built from them at import; tests
+build fresh ones too, so what `configure_converter` registers is tested where a
+mutation tester can change it.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import attrs
 import cattrs
 import orjson
 from cattrs.gen import make_dict_unstructure_fn, override
+from cattrs.preconf import orjson as orjson_preconf
 from cattrs.preconf.orjson import OrjsonConverter
-from cattrs.preconf.orjson import configure_converter as configure_orjson
 
 from .kinds import BAD_REQUEST
 from .model import (
@@ -32,7 +35,14 @@ from .model import (
     StepResult,
 )
 
-__all__ = ["InvalidOrder", "converter", "dump_reply", "parse_order"]
+__all__ = [
+    "InvalidOrder",
+    "configure_converter",
+    "converter",
+    "dump_reply",
+    "make_converter",
+    "parse_order",
+]
 
 
 class InvalidOrder(ValueError):
@@ -71,8 +81,6 @@ def _step_name(value: Any, _: type) -> StepName:
 
 def configure_converter(converter: cattrs.Converter) -> None:
     """Make `converter` strict on input and terse on output."""
-    configure_orjson(converter)
-    converter.forbid_extra_keys = True
     converter.register_structure_hook(OrderId, _order_id)
     converter.register_structure_hook(Int64, lambda v, _: _integer(v, INT64_MIN, INT64_MAX))
     converter.register_structure_hook(DelayMs, lambda v, _: _integer(v, 0, MAX_DELAY_MS))
@@ -94,7 +102,7 @@ def configure_converter(converter: cattrs.Converter) -> None:
 
 
 def make_converter() -> OrjsonConverter:
-    converter = OrjsonConverter(forbid_extra_keys=True)
+    converter = orjson_preconf.make_converter(forbid_extra_keys=True)
     configure_converter(converter)
     return converter
 
@@ -119,11 +127,11 @@ def _readable_order_id(document: dict[str, Any]) -> str | None:
         return None
 
 
-def parse_order(body: bytes) -> OrderRequest:
+def parse_order(body: bytes, using: cattrs.Converter = converter) -> OrderRequest:
     """Turn a request body into a valid order, or raise `InvalidOrder`.
 
     Exactly one JSON object is accepted. A `null` optional field counts as
-    absent.
+    absent. `using` is the converter (tests pass a fresh one).
     """
     try:
         document = orjson.loads(body)
@@ -133,11 +141,11 @@ def parse_order(body: bytes) -> OrderRequest:
         raise InvalidOrder("body must be a JSON object")
     present = {key: value for key, value in document.items() if value is not None}
     try:
-        return converter.structure(present, OrderRequest)
+        return using.structure(present, OrderRequest)
     except Exception as exc:  # cattrs raises a group, or a plain error for some hooks
         messages = cattrs.transform_error(exc, path="$", format_exception=_describe)
         raise InvalidOrder("; ".join(messages), _readable_order_id(document)) from None
 
 
-def dump_reply(reply: Reply) -> bytes:
-    return converter.dumps(reply)
+def dump_reply(reply: Reply, using: OrjsonConverter = converter) -> bytes:
+    return using.dumps(reply)
