@@ -30,7 +30,6 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .handoff import MULTIPROC_ENV  # noqa: F401 # TEMP until supervisor uses handoff
 from .kinds import CANCELED
 from .model import OrderResult
 

@@ -3,7 +3,9 @@
 Hypercorn's own multi-process mode is not graceful (the first worker to exit
 makes the parent terminate the others). This supervisor forwards SIGTERM or
 SIGINT to every worker, lets each drain on its own, waits for them with a hard
-deadline, and restarts a worker that dies while serving. The workers share one
+deadline, and restarts a worker that dies while serving. A worker that keeps
+dying (`RESTART_LIMIT` deaths within `RESTART_WINDOW_S`) is not restarted again:
+the supervisor drains the others and exits with status 1. The workers share one
 prometheus-client multiprocess directory, so `/metrics` sums all of them.
 """
 
@@ -16,12 +18,13 @@ import signal
 import socket
 import sys
 import tempfile
+from collections import deque
 from typing import Final
 
-import attrs
 import trio
 
-from .metrics import MULTIPROC_ENV
+from .handoff import Handoff
+from .server import LISTEN_BACKLOG
 from .settings import Settings
 
 __all__ = ["supervise"]
@@ -29,19 +32,9 @@ __all__ = ["supervise"]
 log = logging.getLogger(__name__)
 
 RESTART_PAUSE_S: Final = 1.0
-# Connections the kernel may queue before they are accepted; hypercorn's default
-# of 100 resets clients in a burst (2,000 at once did). The kernel caps it at somaxconn.
-LISTEN_BACKLOG: Final = 4096
-# A worker serves the listening socket it inherited as this file descriptor.
-LISTEN_FD_ENV: Final = "ORDER_PIPELINE_LISTEN_FD"
-# Past the drain, only a client that never reads its reply can hold a worker
-# (hypercorn sends shielded); this much later the worker is ended anyway.
-HARD_EXIT_MARGIN_S: Final = 5.0
-
-
-def hard_deadline(settings: Settings) -> float:
-    """Seconds from SIGTERM after which a process still draining is ended."""
-    return settings.shutdown_grace + settings.compensation_timeout + HARD_EXIT_MARGIN_S
+# A worker that dies this many times within this many seconds is given up on.
+RESTART_LIMIT: Final = 5
+RESTART_WINDOW_S: Final = 60.0
 
 
 def _bind(settings: Settings) -> socket.socket:
@@ -53,35 +46,45 @@ def _bind(settings: Settings) -> socket.socket:
     return sock
 
 
-def _worker_env(settings: Settings, listen_fd: int, metrics_dir: str) -> dict[str, str]:
-    """Every setting as its environment variable, so a worker needs no flags."""
-    env = dict(os.environ)
-    for field in attrs.fields(Settings):
-        value = getattr(settings, field.name)
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        env[Settings.env_name(field.name)] = text
-    env[Settings.env_name("workers")] = "1"
-    env[LISTEN_FD_ENV] = str(listen_fd)
-    env[MULTIPROC_ENV] = metrics_dir
-    return env
-
-
 async def supervise(settings: Settings) -> None:
+    """Serve with `settings.workers` processes until SIGTERM or SIGINT, then drain them.
+
+    Raises SystemExit(1), once the others have drained, if a worker was given up on.
+    """
     from prometheus_client.multiprocess import mark_process_dead
 
     sock = _bind(settings)
     metrics_dir = tempfile.mkdtemp(prefix="order-pipeline-metrics-")
-    env = _worker_env(settings, sock.fileno(), metrics_dir)
+    env = Handoff(sock.fileno(), metrics_dir).environ(settings, os.environ)
     argv = [sys.executable, "-m", "order_pipeline", "serve"]
     host, port = sock.getsockname()[:2]
     stopping = False
+    gave_up = False
     running: set[trio.Process] = set()
+    # Held while a worker is started and while the drain closes the socket: a start
+    # never passes a closed socket, and every process started before the drain gets
+    # its SIGTERM (open_process lets other tasks run while it forks).
+    spawning = trio.Lock()
+    # The wait for a signal; a worker given up on cancels it to start the drain.
+    waiting = trio.CancelScope()
 
-    async def worker(number: int) -> None:
-        while True:
+    async def start(number: int) -> trio.Process | None:
+        """A new process for worker `number`, or None once the drain has begun."""
+        async with spawning:
+            if stopping:  # the socket is closed
+                return None
             process = await trio.lowlevel.open_process(argv, env=env, pass_fds=(sock.fileno(),))
             running.add(process)
-            log.info("worker %d started (pid %d)", number, process.pid)
+        log.info("worker %d started (pid %d)", number, process.pid)
+        return process
+
+    async def worker(number: int) -> None:
+        nonlocal gave_up
+        deaths: deque[float] = deque(maxlen=RESTART_LIMIT)
+        while True:
+            process = await start(number)
+            if process is None:  # the drain began during the restart pause
+                return
             try:
                 code = await process.wait()
             finally:
@@ -91,9 +94,23 @@ async def supervise(settings: Settings) -> None:
                     with trio.CancelScope(shield=True):
                         code = await process.wait()
                 running.discard(process)
-                mark_process_dead(process.pid, metrics_dir)  # type: ignore[no-untyped-call]
+                mark_process_dead(process.pid, metrics_dir)  # type: ignore[no-untyped-call] # untyped upstream
             if stopping:
                 log.info("worker %d (pid %d) exited with %d", number, process.pid, code)
+                return
+            deaths.append(trio.current_time())
+            if len(deaths) == RESTART_LIMIT and deaths[-1] - deaths[0] <= RESTART_WINDOW_S:
+                log.error(
+                    "worker %d died %d times within %g s (the last, pid %d, with %d): "
+                    "giving up, draining the others",
+                    number,
+                    RESTART_LIMIT,
+                    RESTART_WINDOW_S,
+                    process.pid,
+                    code,
+                )
+                gave_up = True
+                waiting.cancel()
                 return
             log.error("worker %d (pid %d) died with %d: restarting", number, process.pid, code)
             await trio.sleep(RESTART_PAUSE_S)
@@ -104,14 +121,18 @@ async def supervise(settings: Settings) -> None:
                 for number in range(settings.workers):
                     nursery.start_soon(worker, number)
                 log.info("Running on http://%s:%d with %d workers", host, port, settings.workers)
-                async for signum in signals:
-                    log.info("received %s: draining the workers", signal.Signals(signum).name)
-                    break
+                with waiting:
+                    async for signum in signals:
+                        log.info("received %s: draining the workers", signal.Signals(signum).name)
+                        break
                 stopping = True
-                sock.close()
+                async with spawning:
+                    sock.close()
                 for process in running:
                     process.send_signal(signal.SIGTERM)
-                nursery.cancel_scope.deadline = trio.current_time() + hard_deadline(settings)
+                nursery.cancel_scope.deadline = trio.current_time() + settings.hard_exit_delay
     finally:
         sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    if gave_up:
+        raise SystemExit(1)
