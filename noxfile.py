@@ -7,18 +7,21 @@ needs no particular minor version installed.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import nox
 
+# nox does not put this file's directory on sys.path; tests/launch.py is shared with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tests import launch  # after the line above, which makes it importable
+
 nox.options.sessions = ["tests", "lint", "typecheck"]
-UNIT = "not bench and not stress"
+UNIT = "not bench and not stress and not chaos"
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
@@ -40,6 +43,16 @@ def stress(session: nox.Session) -> None:
 
 
 @nox.session
+def chaos(session: nox.Session) -> None:
+    """SIGKILL a real server at random while clients retry: no order lost, no money taken twice.
+
+    CHAOS_ORDERS (500) orders and CHAOS_KILLS (5) kills; CHAOS_SEED repeats a run.
+    """
+    session.install("-e", *TEST_DEPS)
+    session.run("pytest", "-m", "chaos", "-s", *session.posargs)
+
+
+@nox.session
 def race(session: nox.Session) -> None:
     """The whole suite under `python -X dev -W error` (cf. Go's -race): warnings fail it.
 
@@ -49,7 +62,16 @@ def race(session: nox.Session) -> None:
     """
     session.install("-e", *TEST_DEPS)
     session.run(
-        "python", "-X", "dev", "-W", "error", "-m", "pytest", "-m", "not bench", *session.posargs
+        "python",
+        "-X",
+        "dev",
+        "-W",
+        "error",
+        "-m",
+        "pytest",
+        "-m",
+        "not bench and not chaos",
+        *session.posargs,
     )
 
 
@@ -106,17 +128,11 @@ def _start_server(session: nox.Session, *flags: str) -> tuple[subprocess.Popen[b
     """Start `order-pipeline serve` from the session's venv on a free port; return its URL."""
     log = Path(tempfile.mkstemp(prefix="order-pipeline-", suffix=".log")[1])
     python = str(Path(session.bin) / "python")
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            [python, "-m", "order_pipeline", "serve", "--port", "0", *flags], stdout=out, stderr=out
-        )
-    deadline = time.monotonic() + 30
-    while not (found := re.search(r"Running on (http://127\.0\.0\.1:\d+)", log.read_text())):
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            session.error(f"the server did not start:\n{log.read_text()}")
-        time.sleep(0.05)
-    return server, found.group(1), log
+    try:
+        server, url = launch.start(launch.serve_argv(python, *flags), log)
+    except launch.NotStarted as error:
+        session.error(f"the server did not start: {error}")
+    return server, url, log
 
 
 def _stop_server(session: nox.Session, server: subprocess.Popen[bytes], log: Path) -> None:
@@ -127,7 +143,7 @@ def _stop_server(session: nox.Session, server: subprocess.Popen[bytes], log: Pat
 
 @nox.session
 def api(session: nox.Session) -> None:
-    """schemathesis against a live server: every response must fit docs/openapi.json."""
+    """schemathesis against a live server: every response must fit its /openapi.json."""
     session.install("-e", ".", "schemathesis>=4")
     server, url, log = _start_server(
         session, "--request-timeout", "1", "--compensation-timeout", "0.5", "--no-access-log"
@@ -141,7 +157,7 @@ def api(session: nox.Session) -> None:
             "--exclude-checks", "not_a_server_error,positive_data_acceptance",
             "--max-examples", session.posargs[0] if session.posargs else "200",
             env={"SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": "tests"},
-        )  # fmt: skip
+        )  # fmt: skip # an option and its value per line, as on a command line
     finally:
         _stop_server(session, server, log)
     unhandled = [line for line in log.read_text().splitlines() if "unhandled error" in line]
@@ -156,7 +172,7 @@ def overload(session: nox.Session) -> None:
     server, url, log = _start_server(
         session, "--courier-pool-size", "5", "--courier-delay-ms", "100",
         "--courier-queue-limit", "1000", "--request-timeout", "30", "--no-access-log",
-    )  # fmt: skip
+    )  # fmt: skip # flags and their values in pairs, as on a command line
     try:
         session.run("python", "benchmarks/overload.py", url, *session.posargs)
     finally:

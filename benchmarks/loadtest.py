@@ -18,12 +18,10 @@ import json
 import math
 import os
 import platform
-import re
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,16 +39,16 @@ COMMON = ["--no-access-log"]  # the one log line per order stays: it is part of 
 
 
 def start(argv: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a server (the service or a floor); return it once its log says where it listens."""
+    if str(ROOT) not in sys.path:  # for tests/launch.py: the start-up the tests and nox use too
+        sys.path.insert(0, str(ROOT))
+    from tests import launch
+
     log = Path(tempfile.mkstemp(prefix="loadtest-", suffix=".log")[1])
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=out, cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while not (found := re.search(r"Running on (http://127\.0\.0\.1:\d+)", log.read_text())):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise SystemExit(f"{argv} did not start:\n{log.read_text()}")
-        time.sleep(0.05)
-    return process, found.group(1)
+    try:
+        return launch.start(argv, log, cwd=ROOT)
+    except launch.NotStarted as error:
+        raise SystemExit(f"{argv} did not start: {error}") from None
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

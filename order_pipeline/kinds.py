@@ -19,15 +19,19 @@ __all__ = [
     "CANCELED",
     "COMPENSATION_FAILED",
     "HTTP_ERROR",
+    "IDEMPOTENCY_KEY_REUSED",
     "INTERNAL",
+    "INTERRUPTED",
     "KINDS",
     "METHOD_NOT_ALLOWED",
     "NOT_FOUND",
     "NO_COURIER",
     "OK",
+    "ORDER_IN_PROGRESS",
     "PAYLOAD_TOO_LARGE",
     "PAYMENT_DECLINED",
     "REQUEST_TIMEOUT",
+    "STORE_UNAVAILABLE",
     "TIMEOUT",
     "VENDOR_UNAVAILABLE",
     "Kind",
@@ -64,6 +68,12 @@ REQUEST_TIMEOUT: Final = "request_timeout"
 PAYLOAD_TOO_LARGE: Final = "payload_too_large"
 HTTP_ERROR: Final = "http_error"
 """Any other status the framework answers by itself; the reply keeps that status."""
+# Decided by the order desk and its store.
+ORDER_IN_PROGRESS: Final = "order_in_progress"
+IDEMPOTENCY_KEY_REUSED: Final = "idempotency_key_reused"
+STORE_UNAVAILABLE: Final = "store_unavailable"
+INTERRUPTED: Final = "interrupted"
+"""Its process died mid-order; another undid what it had done."""
 
 ORDER_FAILED: Final = "order failed"
 
@@ -81,6 +91,10 @@ KINDS: Final[Mapping[str, Kind]] = {
     REQUEST_TIMEOUT: Kind(408, "request body not received in time"),
     PAYLOAD_TOO_LARGE: Kind(413, "request body too large"),
     HTTP_ERROR: Kind(500, "http error"),
+    ORDER_IN_PROGRESS: Kind(409, "an order with this key is still running", retry_after=True),
+    IDEMPOTENCY_KEY_REUSED: Kind(422, "this key was used for a different order"),
+    STORE_UNAVAILABLE: Kind(503, "orders cannot be recorded now", retry_after=True),
+    INTERRUPTED: Kind(503, "the order was interrupted and undone; send it again"),
 }
 
 _SUCCESS: Final = Kind(200, OK)

@@ -2,6 +2,7 @@
 
 Everything that concerns the process rather than the service lives here: the
 command line and the supervisor's handoff are read once, logging is set up, the
+store is opened (a store that cannot be opened exits 2 with one line), the
 garbage collector is tuned, and a draining process that outlives its hard
 deadline is ended.
 """
@@ -12,17 +13,20 @@ import contextlib
 import gc
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from typing import Final
 
 import trio
 
-from .cli import parse_args
+from .cli import ListOrders, parse_command
 from .handoff import Handoff
+from .listing import list_orders
 from .logs import configure_logging
 from .metrics import Metrics
 from .server import Readiness, assemble, serve
 from .settings import Settings
+from .store import StoreError, open_store
 from .supervisor import supervise
 
 __all__ = ["main", "run"]
@@ -52,23 +56,42 @@ async def exit_at_hard_deadline(readiness: Readiness, settings: Settings) -> Non
 async def run(settings: Settings, handoff: Handoff | None = None) -> None:
     """Supervise workers, or serve here (as a worker if `handoff` is given)."""
     if settings.workers > 1:
+        async with open_store(settings.store):  # create or upgrade it once, before the workers
+            pass
         await supervise(settings)
         return
     metrics = Metrics(handoff.metrics_dir if handoff else None)
-    assembly = assemble(settings, metrics=metrics)
-    tune_garbage_collector()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(exit_at_hard_deadline, assembly.readiness, settings)
-        if handoff:
-            nursery.start_soon(metrics.refresh_live_forever)
-        await serve(assembly, settings, listen_fd=handoff.listen_fd if handoff else None)
-        nursery.cancel_scope.cancel()
+    async with open_store(settings.store) as store:
+        assembly = assemble(settings, store=store, metrics=metrics)
+        tune_garbage_collector()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(exit_at_hard_deadline, assembly.readiness, settings)
+            if handoff:
+                nursery.start_soon(metrics.refresh_live_forever)
+            await nursery.start(assembly.desk.maintain)
+            await serve(assembly, settings, listen_fd=handoff.listen_fd if handoff else None)
+            nursery.cancel_scope.cancel()
+        await assembly.desk.release()
+
+
+async def show_orders(query: ListOrders) -> None:
+    async with open_store(query.store) as store:
+        await list_orders(
+            store, needs_attention=query.needs_attention, as_json=query.json, write=print
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    settings = parse_args(argv)
-    handoff = Handoff.from_environ(os.environ)
-    configure_logging(settings.log_level, settings.log_format)
-    # A second Ctrl-C while draining interrupts the drain: exit quietly.
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run, settings, handoff)
+    command = parse_command(argv)
+    try:
+        if isinstance(command, ListOrders):
+            trio.run(show_orders, command)
+            return
+        handoff = Handoff.from_environ(os.environ)
+        configure_logging(command.log_level, command.log_format)
+        # A second Ctrl-C while draining interrupts the drain: exit quietly.
+        with contextlib.suppress(KeyboardInterrupt):
+            trio.run(run, command, handoff)
+    except StoreError as exc:
+        print(f"order-pipeline: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -7,6 +7,7 @@ constrained types, and enforced where input enters, by the converter in
 
 from __future__ import annotations
 
+import contextvars
 import enum
 from collections.abc import Mapping
 from typing import Final, Literal, NewType, Protocol, get_args, runtime_checkable
@@ -124,7 +125,27 @@ class Reply:
     a success has no `error`.
     """
 
-    status: Literal["ok", "error"]
+    status: Literal["ok", "error", "running"]
     order_id: str | None = None
     steps: tuple[StepResult, ...] | None = None
     error: ErrorInfo | None = None
+
+
+@attrs.frozen
+class Attempt:
+    """One stored run of an order: its idempotency key, an id unique to this run, its owner.
+
+    The payment ledger charges under the attempt's id, and the store files each
+    step's outcome under it; the owner is the serving process that runs it.
+    """
+
+    key: str
+    id: str
+    owner: str
+
+
+current_attempt: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
+    "current_attempt", default=None
+)
+"""The attempt the current task works for. Set once per order, like the request ID: Trio
+copies it into every step and compensation task, so the step signature stays the order alone."""

@@ -34,12 +34,13 @@ from .model import (
     StepStatus,
 )
 
-__all__ = ["OnFinish", "Pipeline", "Step", "StepAction"]
+__all__ = ["OnFinish", "OnStep", "Pipeline", "Step", "StepAction"]
 
 log = logging.getLogger(__name__)
 
 StepAction = Callable[[OrderRequest], Awaitable[None]]
 OnFinish = Callable[[OrderResult], None]
+OnStep = Callable[[StepResult], None]
 
 
 @attrs.frozen
@@ -75,6 +76,7 @@ class _OrderRun:
 
     order: OrderRequest
     steps: Sequence[Step]
+    on_step: OnStep
     started: float = attrs.field(factory=trio.current_time)
     results: list[StepResult] = attrs.field(init=False)
     failure: str | None = None
@@ -102,14 +104,23 @@ class _OrderRun:
                 order_scope.cancel()
         finally:
             duration = _ms(trio.current_time() - started)
-            self.results[index] = StepResult(step.name, status, duration, detail)
+            self.ended(index, StepResult(step.name, status, duration, detail))
+
+    def ended(self, index: int, result: StepResult) -> None:
+        self.results[index] = result
+        try:
+            self.on_step(result)
+        except Exception:
+            log.exception("order %r: reporting step %s failed", self.order.order_id, result.name)
 
     def succeeded(self) -> list[int]:
         """The steps that ran to success and can be undone."""
         return [
             index
             for index, (step, result) in enumerate(zip(self.steps, self.results, strict=True))
-            if result.status is StepStatus.OK and step.compensate is not None
+            if result.status is StepStatus.OK
+            and result.compensation is None
+            and step.compensate is not None
         ]
 
     async def undo_step(self, index: int) -> None:
@@ -130,7 +141,7 @@ class _OrderRun:
                 )
         finally:
             compensation = Compensation(status, _ms(trio.current_time() - started))
-            self.results[index] = attrs.evolve(self.results[index], compensation=compensation)
+            self.ended(index, attrs.evolve(self.results[index], compensation=compensation))
             if status is not CompensationStatus.OK:
                 log.error(
                     "order %r: compensation of %s ended %s (%s); it needs manual attention",
@@ -160,16 +171,18 @@ class Pipeline:
     `compensation_timeout` seconds, before `process` ends. `on_finish` hears
     every order's result exactly once, including orders cancelled from outside
     (which then re-raise `trio.Cancelled`); an error it raises is logged and
-    changes nothing about the order.
+    changes nothing about the order. `on_step` hears each step's and each
+    compensation's outcome as it ends, under the same rule.
     """
 
     steps: Sequence[Step]
     timeout: float = attrs.field(default=10.0, kw_only=True)
     compensation_timeout: float = attrs.field(default=5.0, kw_only=True)
     on_finish: OnFinish = attrs.field(default=lambda _: None, kw_only=True)
+    on_step: OnStep = attrs.field(default=lambda _: None, kw_only=True)
 
     async def process(self, order: OrderRequest) -> OrderResult:
-        run = _OrderRun(order, self.steps)
+        run = _OrderRun(order, self.steps, self.on_step)
         deadline = trio.move_on_after(self.timeout)
         try:
             with deadline:
@@ -187,6 +200,23 @@ class Pipeline:
                 kind = COMPENSATION_FAILED
             result = run.result(kind)
             self._report(result)
+        return result
+
+    async def undo(
+        self, order: OrderRequest, known: Sequence[StepResult], kind: str
+    ) -> OrderResult:
+        """Compensate an order whose run was interrupted elsewhere (recovery); report it as `kind`.
+
+        `known` is what was recorded of each step, in step order. Each step
+        given as ok and not yet compensated is undone: give a step whose
+        outcome nobody recorded as ok, since it may have taken effect.
+        """
+        run = _OrderRun(order, self.steps, self.on_step)
+        run.results[:] = known
+        if not await self._compensate(run):
+            kind = COMPENSATION_FAILED
+        result = run.result(kind)
+        self._report(result)
         return result
 
     async def _compensate(self, run: _OrderRun) -> bool:

@@ -1,9 +1,13 @@
 """The one owner of order outcomes: every finished, cancelled or refused order, reported once.
 
-The pipeline hands it each result (`finished`, cancelled orders included) and the
-transport each order refused before it ran (`refused`). Each becomes one log
-line on the `order_pipeline.orders` logger and the matching metrics. Nothing
-else logs or counts orders.
+The pipeline hands it each step's outcome as it ends (`step_ended`) and each
+order's result (`finished`, cancelled and recovered orders included); the
+transport hands it each order refused before it ran (`refused`). An order's
+result becomes one log line on the `order_pipeline.orders` logger, the matching
+metrics and, for an order the store knows, its final record; a step's outcome
+becomes a record in the store. Nothing else logs, counts or records outcomes.
+Records are queued: they ride on the store's next group commit, which the
+order desk awaits before it replies.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import attrs
 
 from .kinds import label, lookup
 from .metrics import Metrics
-from .model import OrderResult, StepResult
-from .serialization import converter
+from .model import OrderResult, StepResult, current_attempt
+from .serialization import converter, encode_result
+from .store import OrderStore, StepRecord
 
 __all__ = ["ORDERS_LOGGER", "OrderReporter"]
 
@@ -43,17 +48,42 @@ def _log_order(
     _orders.info("order %s %s", order_id, fields["kind"], extra={"fields": fields})
 
 
+def step_record(step: StepResult) -> StepRecord:
+    compensation = step.compensation
+    return StepRecord(
+        step.name,
+        step.status,
+        step.detail,
+        step.duration_ms,
+        None if compensation is None else compensation.status,
+        None if compensation is None else compensation.duration_ms,
+    )
+
+
 @attrs.frozen
 class OrderReporter:
-    """Turns each order's outcome into its log line and its metrics."""
+    """Turns each order's outcome into its log line, its metrics and its stored record."""
 
     metrics: Metrics
+    store: OrderStore
+
+    def step_ended(self, step: StepResult) -> None:
+        """A step or a compensation ended: record it under the order's attempt."""
+        attempt = current_attempt.get()
+        if attempt is not None:
+            self.store.record_step(attempt.key, attempt.id, step_record(step))
 
     def finished(self, result: OrderResult) -> None:
-        """An order that ran: succeeded, failed, timed out or was cancelled."""
+        """An order that ran: succeeded, failed, timed out, was cancelled or was recovered."""
         status = lookup(result.kind).status
         _log_order(result.order_id, result.kind, status, result.duration_ms, result.steps)
         self.metrics.observe_order(result, label(result.kind), status)
+        attempt = current_attempt.get()
+        if attempt is not None:
+            status, reply = encode_result(result)
+            self.store.finish_soon(
+                attempt.key, attempt.id, status, reply, result.kind, owner=attempt.owner
+            )
 
     def refused(self, kind: str, http_status: int, order_id: str | None) -> None:
         """An order refused before any step ran (a bad body, too large, too slow to arrive)."""

@@ -19,7 +19,7 @@ from cattrs.gen import make_dict_unstructure_fn, override
 from cattrs.preconf import orjson as orjson_preconf
 from cattrs.preconf.orjson import OrjsonConverter
 
-from .kinds import BAD_REQUEST
+from .kinds import BAD_REQUEST, lookup
 from .model import (
     INT64_MAX,
     INT64_MIN,
@@ -27,9 +27,11 @@ from .model import (
     ORDER_ID_MAX_CHARS,
     STEP_NAMES,
     DelayMs,
+    ErrorInfo,
     Int64,
     OrderId,
     OrderRequest,
+    OrderResult,
     Reply,
     StepName,
     StepResult,
@@ -40,6 +42,7 @@ __all__ = [
     "configure_converter",
     "converter",
     "dump_reply",
+    "encode_result",
     "make_converter",
     "parse_order",
 ]
@@ -149,3 +152,13 @@ def parse_order(body: bytes, using: cattrs.Converter = converter) -> OrderReques
 
 def dump_reply(reply: Reply, using: OrjsonConverter = converter) -> bytes:
     return using.dumps(reply)
+
+
+def encode_result(result: OrderResult) -> tuple[int, bytes]:
+    """An order's reply as it is sent and stored: HTTP status and body."""
+    if result.kind is None:
+        return 200, dump_reply(Reply("ok", result.order_id, result.steps))
+    error = ErrorInfo(result.kind, lookup(result.kind).message)
+    return lookup(result.kind).status, dump_reply(
+        Reply("error", result.order_id, result.steps, error)
+    )

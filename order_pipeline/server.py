@@ -22,9 +22,11 @@ from quart_trio import QuartTrio
 from .http import create_app
 from .metrics import Metrics
 from .orchestrator import Pipeline, Step
+from .orders import OrderDesk
 from .reporting import OrderReporter
 from .services import CourierPool, CourierService, PaymentService, StepTracker, VendorService
 from .settings import Settings
+from .store import MemoryStore, OrderStore
 
 __all__ = ["Assembly", "Readiness", "Settings", "assemble", "hypercorn_config", "serve"]
 
@@ -54,22 +56,33 @@ class Assembly:
 
     app: QuartTrio
     pipeline: Pipeline
+    desk: OrderDesk
+    store: OrderStore
     pool: CourierPool
     tracker: StepTracker
     metrics: Metrics
     readiness: Readiness
 
 
-def assemble(settings: Settings | None = None, *, metrics: Metrics | None = None) -> Assembly:
-    """Build every part from `settings`; `metrics` is given by a worker that shares its figures."""
+def assemble(
+    settings: Settings | None = None,
+    *,
+    store: OrderStore | None = None,
+    metrics: Metrics | None = None,
+) -> Assembly:
+    """Build every part from `settings`, around an open `store` (by default one in memory).
+
+    `metrics` is given by a worker that shares its figures with the others.
+    """
     settings = settings or Settings()
+    store = store or MemoryStore()
     metrics = metrics or Metrics()
-    reporter = OrderReporter(metrics)
+    reporter = OrderReporter(metrics, store)
     readiness = Readiness()
     pool = CourierPool(settings.courier_pool_size, settings.courier_queue_limit, metrics)
     tracker = StepTracker()
     metrics.read_live(lambda: tracker.in_flight, lambda: pool.in_use, lambda: pool.waiting)
-    payment = PaymentService(settings.payment_delay_ms)
+    payment = PaymentService(settings.payment_delay_ms, ledger=store)
     vendor = VendorService(settings.vendor_delay_ms)
     courier = CourierService(pool, settings.courier_delay_ms)
     steps = [
@@ -82,14 +95,18 @@ def assemble(settings: Settings | None = None, *, metrics: Metrics | None = None
         timeout=settings.request_timeout,
         compensation_timeout=settings.compensation_timeout,
         on_finish=reporter.finished,
+        on_step=reporter.step_ended,
+    )
+    desk = OrderDesk(
+        pipeline, store, lease_timeout=settings.lease_timeout, retention=settings.retention
     )
     app = create_app(
-        pipeline,
+        desk,
         is_ready=readiness.is_ready,
         metrics=metrics.exposition,
         on_refused=reporter.refused,
     )
-    return Assembly(app, pipeline, pool, tracker, metrics, readiness)
+    return Assembly(app, pipeline, desk, store, pool, tracker, metrics, readiness)
 
 
 def hypercorn_config(settings: Settings, listen_fd: int | None = None) -> Config:

@@ -14,6 +14,7 @@ from typing import Any, Final
 import attrs
 
 from .model import MAX_DELAY_MS
+from .store import StoreError, parse_store_url
 
 ENV_PREFIX: Final = "ORDER_PIPELINE_"
 # Past the drain, only a client that never reads its reply can hold a process
@@ -74,6 +75,14 @@ def _host(text: str) -> str:
     return text
 
 
+def _store_url(text: str) -> str:
+    try:
+        parse_store_url(text)
+    except StoreError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
 def setting(default: Any, parse: Callable[[str], Any], help: str) -> Any:
     return attrs.field(default=default, metadata={"parse": parse, "help": help})
 
@@ -110,6 +119,20 @@ class Settings:
     log_level: str = setting("info", _choice(*LOG_LEVELS), "lowest level logged")
     log_format: str = setting("json", _choice(*LOG_FORMATS), "one JSON object a line, or text")
     access_log: bool = setting(True, _flag, "log every HTTP request (hypercorn's access log)")
+    store: str = setting(
+        "sqlite:///order-pipeline.db",
+        _store_url,
+        "where orders are kept: sqlite:///PATH (a file, relative to the working directory; "
+        "sqlite:////abs/path for an absolute one), or memory (nothing durable)",
+    )
+    lease_timeout: float = setting(
+        5.0,
+        _seconds(zero_ok=False),
+        "a process whose lease is this old is dead: its running orders are undone (s)",
+    )
+    retention: float = setting(
+        86_400.0, _seconds(zero_ok=False), "finished orders are kept this long, then forgotten (s)"
+    )
 
     @property
     def hard_exit_delay(self) -> float:

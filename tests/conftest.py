@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -15,6 +17,7 @@ from hypothesis import HealthCheck, settings
 
 from order_pipeline.model import OrderRequest
 from order_pipeline.serialization import converter
+from order_pipeline.server import Assembly, Settings, assemble, serve
 
 from .server_process import StartServer, server_factory
 
@@ -32,7 +35,31 @@ def make_order(order_id: str = "o-1", **fields: Any) -> OrderRequest:
 
 @pytest.fixture(name="order")
 def _order() -> OrderRequest:
+    """A valid order, o-1 for 100."""
     return make_order(amount=100)
+
+
+@asynccontextmanager
+async def serving(
+    settings: Settings | None = None,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncIterator[tuple[Assembly, str]]:
+    """The real server in a nursery of the caller's, on 127.0.0.1 port 0: its assembly and URL.
+
+    Without `shutdown_trigger` the server is cancelled when the block ends; with
+    one, the end of the block waits for the trigger and for the drain after it.
+    """
+    settings = attrs.evolve(settings or Settings(), port=0)
+    assembly = assemble(settings)
+    trigger = shutdown_trigger or trio.sleep_forever
+    async with trio.open_nursery() as nursery:
+        (url,) = await nursery.start(
+            functools.partial(serve, assembly, settings, shutdown_trigger=trigger)
+        )
+        yield assembly, url
+        if shutdown_trigger is None:
+            nursery.cancel_scope.cancel()
 
 
 @pytest.fixture(name="start_server")
@@ -77,4 +104,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         test = getattr(item, "obj", None)
         if inspect.iscoroutinefunction(test) and not hasattr(test, "hypothesis"):
-            item.obj = _no_task_left_running(test)  # type: ignore[attr-defined]
+            item.obj = _no_task_left_running(test)  # type: ignore[attr-defined]  # Item has no obj; this one is a Function

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -16,7 +15,9 @@ from typing import Any
 import attrs
 import trio
 
-RUNNING = re.compile(r"Running on (http://127\.0\.0\.1:\d+)")
+from .launch import POLL_S, serve_argv, started_url
+from .launch import RUNNING as RUNNING  # re-exported: tests/test_supervisor.py reads it here
+
 START_TIMEOUT_S = 20
 STOP_TIMEOUT_S = 40
 
@@ -47,34 +48,64 @@ class ServerProcess:
 StartServer = Callable[..., Awaitable[ServerProcess]]
 
 
+async def wait_for_url(process: trio.Process, log: trio.Path) -> str:
+    """Read the log until the server says where it listens (the only signal a process gives)."""
+    with trio.fail_after(START_TIMEOUT_S):
+        while True:
+            if url := started_url(await log.read_text(errors="replace"), process.poll()):
+                return url
+            await trio.sleep(POLL_S)
+
+
+async def start_process(tmp_path: Path, *flags: str) -> ServerProcess:
+    """The real server with extra flags, logging to a file in `tmp_path`, once it listens.
+
+    Unless `flags` name a store, it keeps its orders in a new SQLite file in
+    `tmp_path`. The caller stops it; one that never listens is killed here and
+    the error raised.
+    """
+    fd, name = tempfile.mkstemp(dir=tmp_path, suffix=".log")
+    if "--store" not in flags:
+        flags = (*flags, "--store", f"sqlite:///{name.removesuffix('.log')}.db")
+    try:
+        process = await trio.lowlevel.open_process(
+            serve_argv(sys.executable, *flags), stdout=fd, stderr=fd
+        )
+    finally:
+        os.close(fd)
+    try:
+        url = await wait_for_url(process, trio.Path(name))
+    except BaseException:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+        raise
+    return ServerProcess(process, url, Path(name))
+
+
 @asynccontextmanager
 async def server_factory(tmp_path: Path) -> AsyncIterator[StartServer]:
-    """Start servers with extra flags; at the end stop each, and fail on an unhandled error."""
-    started: list[tuple[ServerProcess, bool]] = []
+    """Start servers with extra flags; at the end stop each, and fail on an unhandled error.
 
-    async def start(*flags: str, expect_errors: bool = False) -> ServerProcess:
-        fd, name = tempfile.mkstemp(dir=tmp_path, suffix=".log")
-        log_path = trio.Path(name)
-        argv = [sys.executable, "-m", "order_pipeline", "serve", "--port", "0", *flags]
-        try:
-            process = await trio.lowlevel.open_process(argv, stdout=fd, stderr=fd)
-        finally:
-            os.close(fd)
-        server = ServerProcess(process, "", Path(name))
-        started.append((server, expect_errors))
-        # The log is the only signal a subprocess gives: read it until it says where it listens.
-        with trio.fail_after(START_TIMEOUT_S):
-            while not (found := RUNNING.search(await log_path.read_text(errors="replace"))):
-                assert process.poll() is None, await log_path.read_text()
-                await trio.sleep(0.02)
-        server.url = found.group(1)
+    A server whose exit status the test checks itself (or that it kills) is started
+    with `check_exit=False`.
+    """
+    started: list[tuple[ServerProcess, bool, bool]] = []
+
+    async def start(
+        *flags: str, expect_errors: bool = False, check_exit: bool = True
+    ) -> ServerProcess:
+        server = await start_process(tmp_path, *flags)
+        started.append((server, expect_errors, check_exit))
         return server
 
     try:
         yield start
     finally:
-        for server, expect_errors in started:
+        for server, expect_errors, check_exit in started:
             code = await server.stop()
+            if not check_exit:
+                continue
             assert code == 0, server.log_path.read_text()[-3000:]
             if not expect_errors:
                 assert server.errors() == [], server.errors()

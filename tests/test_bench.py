@@ -9,11 +9,11 @@ import pytest
 import trio
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from order_pipeline.model import OrderRequest
 from order_pipeline.orchestrator import Pipeline, Step
 from order_pipeline.services import CourierPool
 
 from .conftest import make_order
+from .fakes import Instant
 
 pytestmark = pytest.mark.bench
 
@@ -44,15 +44,11 @@ def test_pool_throughput(benchmark: BenchmarkFixture, capacity: int) -> None:
     assert benchmark(trio.run, run) == TASKS
 
 
-async def _instant(_: OrderRequest) -> None:
-    pass
-
-
 def test_orchestrator_overhead(benchmark: BenchmarkFixture) -> None:
     """1,000 orders of three zero-delay steps, one after another: divide by 1,000 per order."""
     benchmark.group = "orchestrator: 1,000 orders, zero delays"
     pipeline = Pipeline(
-        [Step(n, _instant) for n in ("payment", "vendor", "courier")], on_finish=lambda _: None
+        [Step(n, Instant()) for n in ("payment", "vendor", "courier")], on_finish=lambda _: None
     )
     order = make_order(amount=1)
 

@@ -24,41 +24,14 @@ from order_pipeline.orchestrator import Pipeline, Step
 from order_pipeline.server import Settings, assemble
 
 from .conftest import make_order
+from .fakes import Instant, Recorder, Sleeps
+from .timings import DELAY_MS, UNDO_MS, seconds
 
-UNDONE = {
-    "payment": Compensation(CompensationStatus.OK, 80),
-    "vendor": Compensation(CompensationStatus.OK, 50),
-    "courier": Compensation(CompensationStatus.OK, 30),
-}
+UNDONE = {name: Compensation(CompensationStatus.OK, ms) for name, ms in UNDO_MS.items()}
 
 
 def compensations(result: OrderResult) -> dict[str, Compensation | None]:
     return {s.name: s.compensation for s in result.steps}
-
-
-@attrs.define
-class Recorder:
-    """Collects every finished order and counts every compensation call."""
-
-    finished: list[OrderResult] = attrs.Factory(list)
-    calls: Counter[str] = attrs.Factory(Counter)
-
-    def pipeline(self, settings: Settings | None = None) -> Pipeline:
-        real = assemble(settings or Settings()).pipeline
-
-        def counted(step: Step) -> Step:
-            assert step.compensate is not None
-            undo = step.compensate
-
-            async def compensate(order: OrderRequest) -> None:
-                self.calls[step.name] += 1
-                await undo(order)
-
-            return Step(step.name, step.run, compensate)
-
-        return attrs.evolve(
-            real, steps=[counted(s) for s in real.steps], on_finish=self.finished.append
-        )
 
 
 async def test_late_failure_undoes_the_completed_steps(autojump_clock: trio.abc.Clock) -> None:
@@ -75,9 +48,10 @@ async def test_late_failure_undoes_the_completed_steps(autojump_clock: trio.abc.
         "courier": None,
     }
     assert recorder.calls == Counter(payment=1, vendor=1)
-    # The compensations run concurrently: the longest (80 ms) ends the order.
-    assert trio.current_time() == 0.38
-    assert result.duration_ms == 380
+    # The compensations run concurrently: the longest ends the order.
+    longest = max(UNDO_MS["payment"], UNDO_MS["vendor"])
+    assert trio.current_time() == seconds(300, longest)
+    assert result.duration_ms == 300 + longest
 
 
 async def test_failure_before_any_success_undoes_nothing(autojump_clock: trio.abc.Clock) -> None:
@@ -90,7 +64,7 @@ async def test_failure_before_any_success_undoes_nothing(autojump_clock: trio.ab
     assert result.kind == "payment_declined"
     assert set(compensations(result).values()) == {None}
     assert recorder.calls == Counter()
-    assert trio.current_time() == 0.15
+    assert trio.current_time() == seconds(DELAY_MS["payment"])
 
 
 async def test_timeout_undoes_the_payment(autojump_clock: trio.abc.Clock) -> None:
@@ -102,7 +76,7 @@ async def test_timeout_undoes_the_payment(autojump_clock: trio.abc.Clock) -> Non
 
     assert result.kind == "timeout"
     assert compensations(result) == {"payment": UNDONE["payment"], "vendor": None, "courier": None}
-    assert trio.current_time() == 1.08
+    assert trio.current_time() == seconds(1000, UNDO_MS["payment"])
 
 
 async def test_failed_compensation_is_compensation_failed(
@@ -117,7 +91,7 @@ async def test_failed_compensation_is_compensation_failed(
 
     assert result.kind == "compensation_failed"
     assert compensations(result) == {
-        "payment": Compensation(CompensationStatus.ERROR, 80),
+        "payment": Compensation(CompensationStatus.ERROR, UNDO_MS["payment"]),
         "vendor": None,
         "courier": UNDONE["courier"],
     }
@@ -140,7 +114,7 @@ async def test_stuck_compensation_times_out(autojump_clock: trio.abc.Clock) -> N
         "vendor": None,
         "courier": Compensation(CompensationStatus.TIMEOUT, 5000),
     }
-    assert trio.current_time() == 5.2
+    assert trio.current_time() == seconds(DELAY_MS["vendor"], 5000)
 
 
 async def test_outer_cancellation_still_compensates(autojump_clock: trio.abc.Clock) -> None:
@@ -154,7 +128,7 @@ async def test_outer_cancellation_still_compensates(autojump_clock: trio.abc.Clo
         await pipeline.process(make_order(amount=5, delay_ms={"vendor": 1000, "courier": 1000}))
 
     assert disconnect.cancelled_caught
-    assert trio.current_time() == 0.33
+    assert trio.current_time() == seconds(250, UNDO_MS["payment"])
     (result,) = recorder.finished
     assert result.kind == "canceled"
     assert compensations(result) == {"payment": UNDONE["payment"], "vendor": None, "courier": None}
@@ -169,7 +143,7 @@ async def test_success_runs_no_compensation(autojump_clock: trio.abc.Clock) -> N
 
     assert result.ok
     assert recorder.calls == Counter()
-    assert trio.current_time() == 0.2
+    assert trio.current_time() == seconds(max(DELAY_MS.values()))
 
 
 async def test_compensation_through_http(autojump_clock: trio.abc.Clock) -> None:
@@ -189,14 +163,14 @@ async def test_compensation_through_http(autojump_clock: trio.abc.Clock) -> None
             {
                 "name": "payment",
                 "status": "ok",
-                "duration_ms": 150,
+                "duration_ms": DELAY_MS["payment"],
                 "compensation": {"status": "ok", "duration_ms": 10},
             },
             {
                 "name": "vendor",
                 "status": "ok",
-                "duration_ms": 200,
-                "compensation": {"status": "error", "duration_ms": 50},
+                "duration_ms": DELAY_MS["vendor"],
+                "compensation": {"status": "error", "duration_ms": UNDO_MS["vendor"]},
             },
             {"name": "courier", "status": "error", "duration_ms": 300, "detail": "no_courier"},
         ],
@@ -253,18 +227,11 @@ async def test_unexpected_compensation_error_is_logged_with_traceback(
     order: OrderRequest, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A compensation that raises an unclassified exception is an error, traceback in the log."""
+    broken_undo = Instant(RuntimeError("undo exploded"))
+    pipeline = Pipeline(
+        [Step("a", Instant(), broken_undo), Step("b", Sleeps(0.1, RuntimeError("fail")))]
+    )
 
-    async def ok(_: OrderRequest) -> None:
-        pass
-
-    async def fail(_: OrderRequest) -> None:
-        await trio.sleep(0.1)
-        raise RuntimeError("fail")
-
-    async def broken_undo(_: OrderRequest) -> None:
-        raise RuntimeError("undo exploded")
-
-    pipeline = Pipeline([Step("a", ok, broken_undo), Step("b", fail)])
     with caplog.at_level(logging.ERROR):
         result = await pipeline.process(order)
 

@@ -79,7 +79,7 @@ async def test_five_thousand_simultaneous_connections(start_server: StartServer)
         # One process on two cores takes several seconds to reach the headers of the
         # last of 5,000 connections accepted at once; the 3 s default would close them.
         "--header-timeout", "60",
-    )  # fmt: skip
+    )  # fmt: skip # flags and their values in pairs, as on a command line
     host, port = address(server.url)
     open_now = peak = answered = 0
     wrong: list[str] = []

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from functools import partial
 
 import pytest
 import trio
 
-from order_pipeline.server import Settings, assemble, serve
+from order_pipeline.server import Settings
+
+from .conftest import serving
+from .rawhttp import address
 
 HEADER_TIMEOUT_S = Settings().header_timeout
 
@@ -16,14 +18,8 @@ HEADER_TIMEOUT_S = Settings().header_timeout
 @pytest.fixture(name="address")
 async def _address() -> AsyncIterator[tuple[str, int]]:
     """A real server on 127.0.0.1 (port 0) in this test's nursery."""
-    settings = Settings(port=0, access_log=False)
-    async with trio.open_nursery() as nursery:
-        (url,) = await nursery.start(
-            partial(serve, assemble(settings), settings, shutdown_trigger=trio.sleep_forever)
-        )
-        host, port = url.removeprefix("http://").rsplit(":", 1)
-        yield host, int(port)
-        nursery.cancel_scope.cancel()
+    async with serving(Settings(access_log=False)) as (_, url):
+        yield address(url)
 
 
 async def read_until_closed(stream: trio.SocketStream) -> bytes:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import AsyncIterator
-from functools import partial
 
 import pytest
 import trio
 
-from order_pipeline.server import Assembly, Settings, assemble, serve
+from order_pipeline.server import Assembly, Settings
 
-from .rawhttp import exchange, parse, read_all, request
+from .conftest import serving
+from .rawhttp import address, exchange, parse, read_all, request
 
 LONG = {"payment": 5_000, "vendor": 5_000, "courier": 5_000}
 
@@ -20,22 +20,16 @@ LONG = {"payment": 5_000, "vendor": 5_000, "courier": 5_000}
 @pytest.fixture(name="served")
 async def _served() -> AsyncIterator[tuple[Assembly, str]]:
     """The real server in this test's nursery, on 127.0.0.1, with its service to observe."""
-    settings = Settings(port=0, access_log=False, courier_pool_size=128, courier_queue_limit=10_000)
-    service = assemble(settings)
-    async with trio.open_nursery() as nursery:
-        (url,) = await nursery.start(
-            partial(serve, service, settings, shutdown_trigger=trio.sleep_forever)
-        )
-        yield service, url
-        nursery.cancel_scope.cancel()
+    settings = Settings(access_log=False, courier_pool_size=128, courier_queue_limit=10_000)
+    async with serving(settings) as served:
+        yield served
 
 
 async def test_disconnect_cancels_the_order_within_50_ms(served: tuple[Assembly, str]) -> None:
     """Closing the connection mid-order cancels its in-flight steps within 50 ms."""
     service, url = served
     body = json.dumps({"order_id": "gone", "amount": 1, "delay_ms": LONG}).encode()
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    stream = await trio.open_tcp_stream(host, int(port))
+    stream = await trio.open_tcp_stream(*address(url))
     await stream.send_all(request(body, close=False))
     with trio.fail_after(5):
         await service.tracker.wait_for(lambda n: n == 3)
@@ -52,7 +46,7 @@ async def test_disconnect_cancels_the_order_within_50_ms(served: tuple[Assembly,
 async def test_a_thousand_orders_half_of_them_abandoned(served: tuple[Assembly, str]) -> None:
     """1,000 concurrent orders, a random half of whose clients leave: the rest are answered."""
     service, url = served
-    host, port = url.removeprefix("http://").rsplit(":", 1)
+    host, port = address(url)
     rng = random.Random(1234)
     leave = set(rng.sample(range(1000), 500))
     statuses: list[int] = []
@@ -61,7 +55,7 @@ async def test_a_thousand_orders_half_of_them_abandoned(served: tuple[Assembly, 
         delays = {"payment": rng.randrange(0, 300), "vendor": rng.randrange(0, 300), "courier": 50}
         body = json.dumps({"order_id": f"o{n}", "amount": 1, "delay_ms": delays}).encode()
         if n in leave:
-            async with await trio.open_tcp_stream(host, int(port)) as stream:
+            async with await trio.open_tcp_stream(host, port) as stream:
                 await stream.send_all(request(body))
                 await trio.sleep(rng.uniform(0, 0.2))
             return
@@ -82,9 +76,9 @@ async def test_a_thousand_orders_half_of_them_abandoned(served: tuple[Assembly, 
 async def test_reading_nothing_back_is_a_disconnect_too(served: tuple[Assembly, str]) -> None:
     """A client that half-closes and never reads still gets its order finished or cancelled."""
     service, url = served
-    host, port = url.removeprefix("http://").rsplit(":", 1)
+    host, port = address(url)
     body = json.dumps({"order_id": "mute", "amount": 1, "delay_ms": {"vendor": 100}}).encode()
-    async with await trio.open_tcp_stream(host, int(port)) as stream:
+    async with await trio.open_tcp_stream(host, port) as stream:
         await stream.send_all(request(body))
         await stream.send_eof()
         with trio.fail_after(5):

@@ -13,7 +13,7 @@ from order_pipeline.http import create_app
 from order_pipeline.model import OrderRequest
 from order_pipeline.serialization import converter
 
-from .test_http import StubProcessor
+from .fakes import StubProcessor
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

@@ -11,8 +11,9 @@ import trio
 
 from .rawhttp import address, exchange, parse, post, read_all, request
 from .server_process import StartServer
+from .timings import NO_DELAY
 
-NORMAL = {"order_id": "normal", "amount": 1, "delay_ms": {"payment": 0, "vendor": 0, "courier": 0}}
+NORMAL = {"order_id": "normal", "amount": 1, "delay_ms": NO_DELAY}
 CHUNK = b"%x\r\n%s\r\n"
 
 CASES: dict[str, bytes] = {

@@ -5,39 +5,24 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import attrs
 import pytest
 from quart_trio import QuartTrio
 
 from order_pipeline.http import create_app
 from order_pipeline.http.app import MAX_BODY_BYTES
-from order_pipeline.model import OrderRequest, OrderResult, StepResult, StepStatus
 
-OK_STEPS = (StepResult("payment", StepStatus.OK, 150), StepResult("vendor", StepStatus.OK, 200))
-
-
-@attrs.define
-class StubProcessor:
-    """Records the orders it sees and answers each with `kind` (None: success)."""
-
-    kind: str | None = None
-    raises: Exception | None = None
-    seen: list[OrderRequest] = attrs.Factory(list)
-
-    async def process(self, order: OrderRequest) -> OrderResult:
-        self.seen.append(order)
-        if self.raises is not None:
-            raise self.raises
-        return OrderResult(order.order_id, OK_STEPS, self.kind)
+from .fakes import StubProcessor
 
 
 @pytest.fixture(name="processor")
 def _processor() -> StubProcessor:
+    """A stub processor that answers every order with success."""
     return StubProcessor()
 
 
 @pytest.fixture(name="app")
 def _app(processor: StubProcessor) -> QuartTrio:
+    """The app in front of the stub processor."""
     return create_app(processor)
 
 
@@ -184,8 +169,9 @@ async def test_body_over_64_kib_is_413(app: QuartTrio, processor: StubProcessor)
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS"])
 async def test_other_methods_are_405_with_allow(app: QuartTrio, method: str) -> None:
     """Any method but POST on /order is 405 method_not_allowed with Allow: POST."""
-    # Quart's TestClientProtocol omits the default of `json`; the client has one.
-    response = await app.test_client().open("/order", method=method)  # type: ignore[call-arg]
+    response = await app.test_client().open(  # type: ignore[call-arg]  # Quart's protocol lacks json's default
+        "/order", method=method
+    )
 
     assert response.status_code == 405
     assert response.headers["Allow"] == "POST"
@@ -203,7 +189,7 @@ async def test_head_is_405_without_body(app: QuartTrio) -> None:
     assert response.headers["Allow"] == "POST"
 
 
-@pytest.mark.parametrize("path", ["/", "/orders", "/order/1", "/static/x"])
+@pytest.mark.parametrize("path", ["/", "/orders", "/order/1/steps", "/static/x"])
 async def test_unknown_path_is_404(app: QuartTrio, path: str) -> None:
     """An unknown path is 404 not_found, as JSON."""
     response = await app.test_client().post(path, data=b"{}")

@@ -11,9 +11,14 @@ import trio.testing
 
 from order_pipeline.server import Assembly, Settings, assemble
 
+from .timings import DEADLINE_MS, DELAY_MS, UNDO_MS, seconds
+
+PAYMENT, VENDOR, COURIER = DELAY_MS["payment"], DELAY_MS["vendor"], DELAY_MS["courier"]
+
 
 @pytest.fixture(name="service")
 def _service() -> Assembly:
+    """The real services behind the real app, with the default settings."""
     return assemble(Settings())
 
 
@@ -22,8 +27,8 @@ async def post(service: Assembly, body: dict[str, Any]) -> tuple[int, dict[str, 
     return response.status_code, json.loads(await response.get_data())
 
 
-REFUNDED = {"status": "ok", "duration_ms": 80}
-RELEASED = {"status": "ok", "duration_ms": 30}
+REFUNDED = {"status": "ok", "duration_ms": UNDO_MS["payment"]}
+RELEASED = {"status": "ok", "duration_ms": UNDO_MS["courier"]}
 
 # The README's four curl examples, with the bodies they give on the virtual clock
 # (a real server adds a millisecond or so to each duration).
@@ -35,9 +40,9 @@ README_EXAMPLES = [
             "status": "ok",
             "order_id": "o-1",
             "steps": [
-                {"name": "payment", "status": "ok", "duration_ms": 150},
-                {"name": "vendor", "status": "ok", "duration_ms": 200},
-                {"name": "courier", "status": "ok", "duration_ms": 100},
+                {"name": "payment", "status": "ok", "duration_ms": PAYMENT},
+                {"name": "vendor", "status": "ok", "duration_ms": VENDOR},
+                {"name": "courier", "status": "ok", "duration_ms": COURIER},
             ],
         },
     ),
@@ -51,11 +56,11 @@ README_EXAMPLES = [
                 {
                     "name": "payment",
                     "status": "error",
-                    "duration_ms": 150,
+                    "duration_ms": PAYMENT,
                     "detail": "payment_declined",
                 },
-                {"name": "vendor", "status": "canceled", "duration_ms": 150},
-                {"name": "courier", "status": "canceled", "duration_ms": 150},
+                {"name": "vendor", "status": "canceled", "duration_ms": PAYMENT},
+                {"name": "courier", "status": "canceled", "duration_ms": PAYMENT},
             ],
             "error": {"kind": "payment_declined", "message": "order failed"},
         },
@@ -67,14 +72,24 @@ README_EXAMPLES = [
             "status": "error",
             "order_id": "o-3",
             "steps": [
-                {"name": "payment", "status": "ok", "duration_ms": 150, "compensation": REFUNDED},
+                {
+                    "name": "payment",
+                    "status": "ok",
+                    "duration_ms": PAYMENT,
+                    "compensation": REFUNDED,
+                },
                 {
                     "name": "vendor",
                     "status": "error",
-                    "duration_ms": 200,
+                    "duration_ms": VENDOR,
                     "detail": "vendor_unavailable",
                 },
-                {"name": "courier", "status": "ok", "duration_ms": 100, "compensation": RELEASED},
+                {
+                    "name": "courier",
+                    "status": "ok",
+                    "duration_ms": COURIER,
+                    "compensation": RELEASED,
+                },
             ],
             "error": {"kind": "vendor_unavailable", "message": "order failed"},
         },
@@ -86,9 +101,19 @@ README_EXAMPLES = [
             "status": "error",
             "order_id": "o-4",
             "steps": [
-                {"name": "payment", "status": "ok", "duration_ms": 150, "compensation": REFUNDED},
-                {"name": "vendor", "status": "canceled", "duration_ms": 10000},
-                {"name": "courier", "status": "ok", "duration_ms": 100, "compensation": RELEASED},
+                {
+                    "name": "payment",
+                    "status": "ok",
+                    "duration_ms": PAYMENT,
+                    "compensation": REFUNDED,
+                },
+                {"name": "vendor", "status": "canceled", "duration_ms": DEADLINE_MS},
+                {
+                    "name": "courier",
+                    "status": "ok",
+                    "duration_ms": COURIER,
+                    "compensation": RELEASED,
+                },
             ],
             "error": {"kind": "timeout", "message": "order did not complete before its deadline"},
         },
@@ -121,7 +146,7 @@ async def test_payment_failure_cancels_vendor_and_courier(
         ("vendor", "canceled"),
         ("courier", "canceled"),
     ]
-    assert trio.current_time() == 0.15
+    assert trio.current_time() == seconds(PAYMENT)
     assert (service.tracker.in_flight, service.pool.in_use) == (0, 0)
 
 
@@ -139,4 +164,4 @@ async def test_pool_wait_counts_in_courier_duration(autojump_clock: trio.abc.Clo
         nursery.start_soon(order, "second")
 
     couriers = {r["order_id"]: r["steps"][2]["duration_ms"] for r in replies}
-    assert couriers == {"first": 100, "second": 200}
+    assert couriers == {"first": COURIER, "second": 2 * COURIER}

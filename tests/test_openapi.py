@@ -1,9 +1,9 @@
-"""The OpenAPI document: served, kept in docs/, and true of live responses."""
+"""The OpenAPI document: served from the package, true of live responses, naming every kind."""
 
 from __future__ import annotations
 
+import importlib.resources
 import json
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -11,10 +11,13 @@ import pytest
 import trio
 from quart.typing import TestClientProtocol as Client
 
+from order_pipeline import kinds
 from order_pipeline.server import Settings, assemble
 
-DOC_PATH = Path(__file__).parent.parent / "docs" / "openapi.json"
-DOC: dict[str, Any] = json.loads(DOC_PATH.read_text())
+# The one copy of the document: the package's, which the app serves.
+DOC: dict[str, Any] = json.loads(
+    importlib.resources.files("order_pipeline.http").joinpath("openapi.json").read_text()
+)
 
 
 def check(method: str, path: str, status: int, body: bytes, content_type: str) -> None:
@@ -29,8 +32,8 @@ def check(method: str, path: str, status: int, body: bytes, content_type: str) -
         jsonschema.validate(json.loads(body), schema, cls=jsonschema.Draft202012Validator)
 
 
-async def test_document_is_served_and_matches_docs() -> None:
-    """GET /openapi.json serves exactly docs/openapi.json, a valid OpenAPI 3.1 document."""
+async def test_document_is_served_from_the_package() -> None:
+    """GET /openapi.json serves exactly the package's openapi.json, a valid OpenAPI 3.1 document."""
     response = await assemble().app.test_client().get("/openapi.json")
 
     assert response.status_code == 200
@@ -54,6 +57,7 @@ ORDERS = [
 
 @pytest.fixture(name="client")
 def _client() -> Client:
+    """A test client of the real app, with a 1 s deadline."""
     return assemble(Settings(request_timeout=1)).app.test_client()
 
 
@@ -85,3 +89,15 @@ async def test_other_answers_fit_the_document(client: Client) -> None:
             await response.get_data(as_text=False),
             response.content_type,
         )
+
+
+def test_the_kinds_defined_mapped_and_documented_are_the_same() -> None:
+    """The kinds kinds.py defines, the rows of KINDS and the document's error kinds are one set."""
+    defined = {
+        value for name, value in vars(kinds).items() if name.isupper() and isinstance(value, str)
+    } - {kinds.OK, kinds.ORDER_FAILED}  # the label of success, and a message: not kinds
+    documented = DOC["components"]["schemas"]["Error"]["properties"]["kind"]["enum"]
+
+    assert len(documented) == len(set(documented))
+    assert set(kinds.KINDS) == defined
+    assert set(documented) == defined

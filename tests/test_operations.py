@@ -18,13 +18,13 @@ import trio.testing
 
 from order_pipeline.logs import configure_logging
 from order_pipeline.metrics import LIVE_REFRESH_S, Metrics
-from order_pipeline.server import Settings, assemble, serve
+from order_pipeline.server import Settings, assemble
 from order_pipeline.services import CourierPool
 from order_pipeline.services.pool import PoolFull
 
+from .conftest import serving
 from .server_process import StartServer
-
-NO_DELAY = {"payment": 0, "vendor": 0, "courier": 0}
+from .timings import DELAY_MS, NO_DELAY
 
 
 @pytest.fixture(name="log_to")
@@ -69,13 +69,13 @@ async def test_health_and_readiness_flip_when_draining() -> None:
 
 async def test_drain_finishes_in_flight_orders_over_a_socket() -> None:
     """After the trigger, an order already in flight still gets its 200, and serve() returns."""
-    settings = Settings(port=0)
-    service = assemble(settings)
     stop = trio.Event()
     replies: list[httpx.Response] = []
 
-    async with trio.open_nursery() as nursery:
-        (url,) = await nursery.start(partial(serve, service, settings, shutdown_trigger=stop.wait))
+    async with (
+        serving(shutdown_trigger=stop.wait) as (service, url),
+        trio.open_nursery() as nursery,
+    ):
 
         async def order() -> None:
             async with httpx.AsyncClient(base_url=url, timeout=10) as client:
@@ -99,12 +99,12 @@ async def test_orders_past_the_grace_are_cancelled_and_compensated(
 ) -> None:
     """An order still running when the grace ends is cancelled, logged canceled, and undone."""
     caplog.set_level(logging.INFO, logger="order_pipeline.orders")
-    settings = Settings(port=0, shutdown_grace=0.2)
-    service = assemble(settings)
     stop = trio.Event()
 
-    async with trio.open_nursery() as nursery:
-        (url,) = await nursery.start(partial(serve, service, settings, shutdown_trigger=stop.wait))
+    async with (
+        serving(Settings(shutdown_grace=0.2), shutdown_trigger=stop.wait) as (service, url),
+        trio.open_nursery() as nursery,
+    ):
 
         async def order() -> None:
             async with httpx.AsyncClient(base_url=url, timeout=10) as client:
@@ -117,11 +117,12 @@ async def test_orders_past_the_grace_are_cancelled_and_compensated(
         nursery.start_soon(order)
         with trio.fail_after(5):
             await service.tracker.wait_for(lambda n: n == 3)
-            # Payment (150 ms) and courier (100 ms) done; the vendor runs on.
+            # Payment and courier done (their default delays); the vendor runs on.
             await service.tracker.wait_for(lambda n: n == 1)
         stop.set()
 
-    (line,) = [r.fields for r in caplog.records if r.name == "order_pipeline.orders"]  # type: ignore[attr-defined]
+    orders = [r for r in caplog.records if r.name == "order_pipeline.orders"]
+    (line,) = [r.fields for r in orders]  # type: ignore[attr-defined]  # set by `extra={"fields": ...}`
     assert (line["order_id"], line["kind"]) == ("late", "canceled")
     assert [
         (s["name"], s["status"], s.get("compensation", {}).get("status")) for s in line["steps"]
@@ -372,8 +373,8 @@ async def test_overload_sheds_the_excess_promptly(autojump_clock: trio.abc.Clock
     served = [a for a in answered if a[0] == 200]
     assert (len(served), len(shed)) == (1005, 995)
     assert {(when, retry) for _, when, retry in shed} == {(0, "1")}
-    # The admitted ones are served five at a time, 100 ms each: the last at 201 x 0.1 s.
-    assert max(when for _, when, _ in served) == pytest.approx(20.1)
+    # The admitted ones are served five at a time, a courier's delay each: the last in round 201.
+    assert max(when for _, when, _ in served) == pytest.approx(201 * DELAY_MS["courier"] / 1000)
 
 
 async def test_workers_share_the_socket_and_sum_their_metrics(start_server: StartServer) -> None:

@@ -11,18 +11,9 @@ from order_pipeline.model import OrderRequest, OrderResult, StepError, StepResul
 from order_pipeline.orchestrator import Pipeline, Step, StepAction
 from order_pipeline.services import StepTracker
 
+from .fakes import FailingReport, Hangs, Sleeps
+
 OK, ERROR, CANCELED = StepStatus.OK, StepStatus.ERROR, StepStatus.CANCELED
-
-
-def sleeps(seconds: float, fails_with: Exception | None = None) -> StepAction:
-    """A step that takes `seconds` of virtual time, then succeeds or raises."""
-
-    async def run(_: OrderRequest) -> None:
-        await trio.sleep(seconds)
-        if fails_with is not None:
-            raise fails_with
-
-    return run
 
 
 def pipeline(
@@ -36,7 +27,7 @@ def pipeline(
 
 async def test_all_steps_succeed(order: OrderRequest, autojump_clock: trio.abc.Clock) -> None:
     """Every step runs concurrently; the order takes as long as its slowest step."""
-    pipe, finished = pipeline(("a", sleeps(0.15)), ("b", sleeps(0.2)), ("c", sleeps(0.1)))
+    pipe, finished = pipeline(("a", Sleeps(0.15)), ("b", Sleeps(0.2)), ("c", Sleeps(0.1)))
 
     result = await pipe.process(order)
 
@@ -56,9 +47,9 @@ async def test_failure_cancels_siblings_at_once(
 ) -> None:
     """A failing step cancels the steps still running, at the moment it fails."""
     pipe, _ = pipeline(
-        ("payment", sleeps(0.15, StepError("payment_declined"))),
-        ("vendor", sleeps(0.2)),
-        ("courier", sleeps(0.3)),
+        ("payment", Sleeps(0.15, StepError("payment_declined"))),
+        ("vendor", Sleeps(0.2)),
+        ("courier", Sleeps(0.3)),
     )
 
     result = await pipe.process(order)
@@ -77,8 +68,8 @@ async def test_first_failure_in_time_wins(
 ) -> None:
     """Of two failing steps, the earlier failure decides the kind; the later one is cancelled."""
     pipe, _ = pipeline(
-        ("late", sleeps(0.2, StepError("late_kind"))),
-        ("early", sleeps(0.1, StepError("early_kind"))),
+        ("late", Sleeps(0.2, StepError("late_kind"))),
+        ("early", Sleeps(0.1, StepError("early_kind"))),
     )
 
     result = await pipe.process(order)
@@ -94,7 +85,7 @@ async def test_deadline_cancels_running_steps(
     order: OrderRequest, autojump_clock: trio.abc.Clock
 ) -> None:
     """At the deadline every step still running is cancelled and the kind is timeout."""
-    pipe, _ = pipeline(("fast", sleeps(0.1)), ("slow", sleeps(5)), timeout=1.0)
+    pipe, _ = pipeline(("fast", Sleeps(0.1)), ("slow", Sleeps(5)), timeout=1.0)
 
     result = await pipe.process(order)
 
@@ -108,7 +99,7 @@ async def test_outer_cancellation_cancels_steps_and_reports_canceled(
     order: OrderRequest, autojump_clock: trio.abc.Clock
 ) -> None:
     """A caller's cancellation (client gone) stops the steps at once and still reports the order."""
-    pipe, finished = pipeline(("a", sleeps(1)), ("b", sleeps(2)))
+    pipe, finished = pipeline(("a", Sleeps(1)), ("b", Sleeps(2)))
 
     with trio.move_on_after(0.25) as outer:
         await pipe.process(order)
@@ -126,7 +117,7 @@ async def test_exception_without_kind_is_internal(
     order: OrderRequest, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An unexpected exception is kind internal, cancels siblings, and its traceback is logged."""
-    pipe, _ = pipeline(("broken", sleeps(0.05, ZeroDivisionError("boom"))), ("other", sleeps(1)))
+    pipe, _ = pipeline(("broken", Sleeps(0.05, ZeroDivisionError("boom"))), ("other", Sleeps(1)))
 
     with caplog.at_level(logging.ERROR):
         result = await pipe.process(order)
@@ -150,8 +141,8 @@ async def test_kind_is_read_structurally(
     class BadKind(Exception):
         kind = 42
 
-    custom, _ = pipeline(("a", sleeps(0, CustomError())))
-    bad, _ = pipeline(("a", sleeps(0, BadKind())))
+    custom, _ = pipeline(("a", Sleeps(0, CustomError())))
+    bad, _ = pipeline(("a", Sleeps(0, BadKind())))
 
     assert (await custom.process(order)).kind == "custom_kind"
     assert (await bad.process(order)).kind == "internal"
@@ -161,7 +152,7 @@ async def test_results_keep_registration_order(
     order: OrderRequest, autojump_clock: trio.abc.Clock
 ) -> None:
     """Results come back in the order steps were registered, not the order they finished."""
-    pipe, _ = pipeline(("first", sleeps(0.3)), ("second", sleeps(0.2)), ("third", sleeps(0.1)))
+    pipe, _ = pipeline(("first", Sleeps(0.3)), ("second", Sleeps(0.2)), ("third", Sleeps(0.1)))
 
     result = await pipe.process(order)
 
@@ -173,29 +164,25 @@ async def test_zero_delay_steps_finish_without_virtual_time(
     order: OrderRequest, autojump_clock: trio.abc.Clock
 ) -> None:
     """Steps that do not wait finish at time zero with duration 0."""
-    pipe, _ = pipeline(("a", sleeps(0)), ("b", sleeps(0)))
+    pipe, _ = pipeline(("a", Sleeps(0)), ("b", Sleeps(0)))
 
     result = await pipe.process(order)
 
     assert result == OrderResult("o-1", (StepResult("a", OK, 0), StepResult("b", OK, 0)), None, 0)
 
 
-async def hangs(_: OrderRequest) -> None:
-    await trio.sleep_forever()
-
-
 @pytest.mark.parametrize(
     ("steps", "timeout", "kind"),
     [
-        ([("fail", sleeps(0.1, StepError("x"))), ("hang", hangs)], 10.0, "x"),
-        ([("hang", hangs), ("ok", sleeps(0.1))], 1.0, "timeout"),
+        ([("fail", Sleeps(0.1, StepError("x"))), ("hang", Hangs())], 10.0, "x"),
+        ([("hang", Hangs()), ("ok", Sleeps(0.1))], 1.0, "timeout"),
     ],
 )
 async def test_no_task_outlives_its_order(
     order: OrderRequest,
     autojump_clock: trio.abc.Clock,
     steps: list[tuple[str, StepAction]],
-    timeout: float,  # noqa: ASYNC109 (a test parameter, not an API that should take a scope)
+    timeout: float,  # noqa: ASYNC109  # a test parameter, not an API that should take a scope
     kind: str,
 ) -> None:
     """Even a step that would never end is gone when process() returns."""
@@ -208,15 +195,11 @@ async def test_no_task_outlives_its_order(
     assert tracker.in_flight == 0
 
 
-def raises_when_reporting(_: OrderResult) -> None:
-    raise RuntimeError("the metrics backend is down")
-
-
 async def test_a_failing_report_does_not_turn_a_cancellation_into_an_error(
     order: OrderRequest, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """If reporting raises while the caller cancels the order, Cancelled still propagates."""
-    pipe = Pipeline([Step("a", sleeps(1))], on_finish=raises_when_reporting)
+    pipe = Pipeline([Step("a", Sleeps(1))], on_finish=FailingReport())
 
     with trio.move_on_after(0.25) as outer:
         await pipe.process(order)
@@ -235,8 +218,8 @@ async def test_a_failing_report_does_not_change_a_compensated_order(
         undone.append("a")
 
     pipe = Pipeline(
-        [Step("a", sleeps(0.1), undo), Step("b", sleeps(0.2, StepError("b_failed")))],
-        on_finish=raises_when_reporting,
+        [Step("a", Sleeps(0.1), undo), Step("b", Sleeps(0.2, StepError("b_failed")))],
+        on_finish=FailingReport(),
     )
 
     result = await pipe.process(order)
@@ -250,7 +233,7 @@ async def test_durations_count_from_each_order_start(
     order: OrderRequest, autojump_clock: trio.abc.Clock
 ) -> None:
     """An order that starts late on the clock still reports its own durations, not the clock's."""
-    pipe, finished = pipeline(("a", sleeps(0.1)), ("b", sleeps(0.3, StepError("x"))))
+    pipe, finished = pipeline(("a", Sleeps(0.1)), ("b", Sleeps(0.3, StepError("x"))))
     await trio.sleep(7)
 
     result = await pipe.process(order)

@@ -17,6 +17,8 @@ from order_pipeline.kinds import lookup
 from order_pipeline.server import Settings, assemble
 from order_pipeline.services import CourierPool
 
+from .timings import DELAY_MS, UNDO_MS
+
 
 class CourierPoolMachine(RuleBasedStateMachine):
     """Acquire, release and cancel-while-waiting against a model of a FIFO pool.
@@ -112,8 +114,6 @@ TestCourierPool.settings = settings(max_examples=60, stateful_step_count=30, dea
 
 # --- orders against a model ------------------------------------------------------
 
-DEFAULT_MS = {"payment": 150, "vendor": 200, "courier": 100}
-UNDO_MS = {"payment": 80, "vendor": 50, "courier": 30}
 TIMEOUT_MS = 2000
 UNDO_TIMEOUT_MS = 1000
 STEPS = ("payment", "vendor", "courier")
@@ -129,7 +129,7 @@ class Expected:
 
 def model(order: dict[str, Any]) -> Expected:
     """What the service must answer, worked out without Trio: times are exact and distinct."""
-    delay = {s: order["delay_ms"].get(s, DEFAULT_MS[s]) for s in STEPS}
+    delay = {s: order["delay_ms"].get(s, DELAY_MS[s]) for s in STEPS}
     fails = {s for s in STEPS if order.get("fail_step") == s}
     if order["amount"] <= 0:
         fails.add("payment")
@@ -183,7 +183,7 @@ orders = st.fixed_dictionaries(
 @given(order=orders)
 def test_orders_match_the_model(order: dict[str, Any]) -> None:
     """Random valid orders: status, step statuses, durations, compensations, order of results."""
-    times = [order["delay_ms"].get(s, DEFAULT_MS[s]) for s in STEPS] + [TIMEOUT_MS]
+    times = [order["delay_ms"].get(s, DELAY_MS[s]) for s in STEPS] + [TIMEOUT_MS]
     assume(len(set(times)) == len(times))  # ties between steps are a coin toss in any scheduler
     assume(UNDO_TIMEOUT_MS not in order["compensation_delay_ms"].values())
     service = assemble(

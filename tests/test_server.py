@@ -8,32 +8,22 @@ import pytest
 import trio
 
 from order_pipeline.cli import parse_args
-from order_pipeline.server import Settings, assemble, hypercorn_config, serve
+from order_pipeline.server import Settings, hypercorn_config
+
+from .conftest import serving
+from .timings import NO_DELAY
 
 
 async def test_serve_answers_over_a_real_socket_and_stops_on_trigger() -> None:
     """serve() binds port 0, reports the real address, answers, and stops when triggered."""
-    settings = Settings(port=0)
-    service = assemble(settings)
     stop = trio.Event()
 
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            lambda task_status: serve(
-                service, settings, shutdown_trigger=stop.wait, task_status=task_status
-            )
-        )
-        (url,) = binds
+    async with serving(shutdown_trigger=stop.wait) as (service, url):
         assert url.startswith("http://127.0.0.1:")
         assert not url.endswith(":0")
         async with httpx.AsyncClient(base_url=url) as client:
             response = await client.post(
-                "/order",
-                json={
-                    "order_id": "real",
-                    "amount": 1,
-                    "delay_ms": {"payment": 0, "vendor": 0, "courier": 0},
-                },
+                "/order", json={"order_id": "real", "amount": 1, "delay_ms": NO_DELAY}
             )
         stop.set()
 
@@ -62,7 +52,7 @@ def test_cli_defaults() -> None:
         vendor_delay_ms=200, courier_delay_ms=100, header_timeout=3.0, shutdown_grace=15.0,
         log_level="info",
         log_format="json", access_log=True,
-    )  # fmt: skip
+    )  # fmt: skip # a few settings a line, not one a line
 
 
 FLAGS = [
@@ -71,14 +61,14 @@ FLAGS = [
     "--payment-delay-ms", "1", "--vendor-delay-ms", "2", "--courier-delay-ms", "3",
     "--header-timeout", "4.5", "--shutdown-grace", "0", "--log-level", "WARNING",
     "--log-format", "text", "--no-access-log",
-]  # fmt: skip
+]  # fmt: skip # flags and their values in pairs, as on a command line
 FROM_FLAGS = Settings(
     host="0.0.0.0", port=0, workers=3, request_timeout=2.5, compensation_timeout=1.0,
     courier_pool_size=9, courier_queue_limit=7, payment_delay_ms=1, vendor_delay_ms=2,
     courier_delay_ms=3, header_timeout=4.5, shutdown_grace=0.0, log_level="warning",
     log_format="text",
     access_log=False,
-)  # fmt: skip
+)  # fmt: skip # a few settings a line, as FLAGS has them
 
 
 def test_every_flag_lands_in_the_settings() -> None:

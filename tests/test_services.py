@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from order_pipeline.model import OrderRequest, StepError
-from order_pipeline.orchestrator import Step
+from order_pipeline.orchestrator import Step, StepAction
 from order_pipeline.services import (
     CourierPool,
     CourierService,
@@ -19,12 +19,13 @@ from order_pipeline.services import (
 )
 
 from .conftest import make_order
+from .timings import DELAY_MS, seconds
 
 
 async def test_payment_charges_after_its_delay(autojump_clock: trio.abc.Clock) -> None:
-    """A positive amount is charged after the default 150 ms."""
+    """A positive amount is charged after the default delay."""
     await PaymentService().charge(make_order(amount=1))
-    assert trio.current_time() == 0.15
+    assert trio.current_time() == seconds(DELAY_MS["payment"])
 
 
 @pytest.mark.parametrize(
@@ -38,13 +39,13 @@ async def test_payment_declines_after_its_delay(
     with pytest.raises(StepError) as caught:
         await PaymentService().charge(order)
     assert caught.value.kind == "payment_declined"
-    assert trio.current_time() == 0.15
+    assert trio.current_time() == seconds(DELAY_MS["payment"])
 
 
 async def test_vendor_notifies_after_its_delay(autojump_clock: trio.abc.Clock) -> None:
-    """The vendor answers after the default 200 ms."""
+    """The vendor answers after the default delay."""
     await VendorService().notify(make_order())
-    assert trio.current_time() == 0.2
+    assert trio.current_time() == seconds(DELAY_MS["vendor"])
 
 
 async def test_vendor_unavailable(autojump_clock: trio.abc.Clock) -> None:
@@ -70,22 +71,22 @@ async def test_delay_override_and_zero(autojump_clock: trio.abc.Clock) -> None:
         CourierService(CourierPool(1)).assign,
     ],
 )
-async def test_cancelled_while_delayed(step: Step, autojump_clock: trio.abc.Clock) -> None:
+async def test_cancelled_while_delayed(step: StepAction, autojump_clock: trio.abc.Clock) -> None:
     """Every service stops at once when cancelled during its delay."""
     with trio.move_on_after(0.05) as scope:
-        await step(make_order(amount=1))  # type: ignore[operator]
+        await step(make_order(amount=1))
     assert scope.cancelled_caught
     assert trio.current_time() == 0.05
 
 
 async def test_courier_assigns_holding_a_slot(autojump_clock: trio.abc.Clock) -> None:
-    """The courier holds one pool slot for its 100 ms and gives it back."""
+    """The courier holds one pool slot for its default delay and gives it back."""
     pool = CourierPool(2)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(CourierService(pool).assign, make_order())
         await trio.testing.wait_all_tasks_blocked()
         assert pool.in_use == 1
-    assert trio.current_time() == 0.1
+    assert trio.current_time() == seconds(DELAY_MS["courier"])
     assert pool.in_use == 0
 
 
@@ -113,7 +114,7 @@ async def test_courier_waits_for_a_slot_and_counts_the_wait(autojump_clock: trio
         nursery.start_soon(assign)
         await trio.testing.wait_all_tasks_blocked()
         assert (pool.in_use, pool.waiting) == (1, 1)
-    assert done == [0.1, 0.2]
+    assert done == [seconds(DELAY_MS["courier"]), seconds(DELAY_MS["courier"], DELAY_MS["courier"])]
 
 
 async def test_courier_cancelled_while_waiting_for_a_slot(autojump_clock: trio.abc.Clock) -> None:

@@ -11,11 +11,11 @@ import trio
 
 from order_pipeline.server import Settings, assemble
 
+from .timings import DELAY_MS, UNDO_MS
+
 CLIENTS = 100
 REQUESTS_PER_CLIENT = 200
-
-
-UNDO_MS = {"payment": 80, "vendor": 50, "courier": 30}
+PAYMENT, VENDOR, COURIER = DELAY_MS["payment"], DELAY_MS["vendor"], DELAY_MS["courier"]
 
 
 def steps(
@@ -46,7 +46,10 @@ MIX: list[tuple[dict[str, Any], int, dict[str, Any]]] = [
         {
             "status": "ok",
             "steps": steps(
-                ("payment", "ok", 150), ("vendor", "ok", 200), ("courier", "ok", 100), undone=False
+                ("payment", "ok", PAYMENT),
+                ("vendor", "ok", VENDOR),
+                ("courier", "ok", COURIER),
+                undone=False,
             ),
         },
     ),
@@ -56,9 +59,9 @@ MIX: list[tuple[dict[str, Any], int, dict[str, Any]]] = [
         {
             "status": "error",
             "steps": steps(
-                ("payment", "error", 150, "payment_declined"),
-                ("vendor", "canceled", 150),
-                ("courier", "canceled", 150),
+                ("payment", "error", PAYMENT, "payment_declined"),
+                ("vendor", "canceled", PAYMENT),
+                ("courier", "canceled", PAYMENT),
             ),
             "error": failed("payment_declined"),
         },
@@ -69,9 +72,9 @@ MIX: list[tuple[dict[str, Any], int, dict[str, Any]]] = [
         {
             "status": "error",
             "steps": steps(
-                ("payment", "error", 150, "payment_declined"),
-                ("vendor", "canceled", 150),
-                ("courier", "ok", 100),
+                ("payment", "error", PAYMENT, "payment_declined"),
+                ("vendor", "canceled", PAYMENT),
+                ("courier", "ok", COURIER),
             ),
             "error": failed("payment_declined"),
         },
@@ -82,9 +85,9 @@ MIX: list[tuple[dict[str, Any], int, dict[str, Any]]] = [
         {
             "status": "error",
             "steps": steps(
-                ("payment", "ok", 150),
-                ("vendor", "error", 200, "vendor_unavailable"),
-                ("courier", "ok", 100),
+                ("payment", "ok", PAYMENT),
+                ("vendor", "error", VENDOR, "vendor_unavailable"),
+                ("courier", "ok", COURIER),
             ),
             "error": failed("vendor_unavailable"),
         },
@@ -95,8 +98,8 @@ MIX: list[tuple[dict[str, Any], int, dict[str, Any]]] = [
         {
             "status": "error",
             "steps": steps(
-                ("payment", "ok", 150),
-                ("vendor", "ok", 200),
+                ("payment", "ok", PAYMENT),
+                ("vendor", "ok", VENDOR),
                 ("courier", "error", 250, "no_courier"),
             ),
             "error": failed("no_courier"),
@@ -108,7 +111,7 @@ MIX: list[tuple[dict[str, Any], int, dict[str, Any]]] = [
         {
             "status": "error",
             "steps": steps(
-                ("payment", "ok", 0), ("vendor", "canceled", 1000), ("courier", "ok", 100)
+                ("payment", "ok", 0), ("vendor", "canceled", 1000), ("courier", "ok", COURIER)
             ),
             "error": failed("timeout", "order did not complete before its deadline"),
         },

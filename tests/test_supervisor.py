@@ -11,18 +11,14 @@ import json
 import os
 import re
 import signal
-import sys
-import tempfile
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import trio
 
 from order_pipeline.supervisor import RESTART_LIMIT, RESTART_WINDOW_S
 
-from .server_process import RUNNING, START_TIMEOUT_S, ServerProcess, StartServer
+from .server_process import ServerProcess, StartServer
 
 STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
 IN_FLIGHT = re.compile(r"^order_pipeline_steps_in_flight (\S+)$", re.MULTILINE)
@@ -82,30 +78,6 @@ async def order(server: ServerProcess, order_id: str, outcomes: list[int | str])
         outcomes.append(type(exc).__name__)
 
 
-@asynccontextmanager
-async def failing_server(tmp_path: Path, *flags: str) -> AsyncIterator[ServerProcess]:
-    """The real server, started as by the start_server fixture; the test checks its exit status.
-
-    (The fixture's teardown requires status 0.)
-    """
-    fd, name = tempfile.mkstemp(dir=tmp_path, suffix=".log")
-    argv = [sys.executable, "-m", "order_pipeline", "serve", "--port", "0", *flags]
-    try:
-        process = await trio.lowlevel.open_process(argv, stdout=fd, stderr=fd)
-    finally:
-        os.close(fd)
-    server = ServerProcess(process, "", Path(name))
-    try:
-        with trio.fail_after(START_TIMEOUT_S):
-            while not (found := RUNNING.search(await trio.Path(name).read_text(errors="replace"))):
-                assert process.poll() is None, server.log_path.read_text()
-                await trio.sleep(0.02)
-        server.url = found.group(1)
-        yield server
-    finally:
-        await server.stop()
-
-
 async def test_sigterm_in_a_restart_pause_lets_the_other_worker_drain(
     start_server: StartServer,
 ) -> None:
@@ -128,31 +100,32 @@ async def test_sigterm_in_a_restart_pause_lets_the_other_worker_drain(
     assert [(line["level"], line["message"]) for line in server.errors()] == [died]
 
 
-async def test_a_worker_that_keeps_dying_is_given_up_on(tmp_path: Path) -> None:
+async def test_a_worker_that_keeps_dying_is_given_up_on(start_server: StartServer) -> None:
     """A worker dead RESTART_LIMIT times is not restarted: the other drains its order, exit 1."""
-    async with failing_server(tmp_path, "--workers", "2", "--no-access-log") as server:
-        outcomes: list[int | str] = []
-        async with trio.open_nursery() as nursery:
-            for death in range(1, RESTART_LIMIT + 1):
-                pid = await pid_of_start(server, 0, death)
-                if death == RESTART_LIMIT:  # the last death comes with an order on worker 1
-                    os.kill(pid, signal.SIGSTOP)
-                    nursery.start_soon(order, server, "given-up", outcomes)
-                    await wait_for_steps_in_flight(server, 3)
-                os.kill(pid, signal.SIGKILL)
-            # Until the supervisor exits, or starts worker 0 once more:
-            await poll(
-                lambda: (
-                    server.process.poll() is not None
-                    or len(started_pids(server, 0)) > RESTART_LIMIT
-                )
+    server = await start_server(
+        "--workers", "2", "--no-access-log", expect_errors=True, check_exit=False
+    )
+    outcomes: list[int | str] = []
+    async with trio.open_nursery() as nursery:
+        for death in range(1, RESTART_LIMIT + 1):
+            pid = await pid_of_start(server, 0, death)
+            if death == RESTART_LIMIT:  # the last death comes with an order on worker 1
+                os.kill(pid, signal.SIGSTOP)
+                nursery.start_soon(order, server, "given-up", outcomes)
+                await wait_for_steps_in_flight(server, 3)
+            os.kill(pid, signal.SIGKILL)
+        # Until the supervisor exits, or starts worker 0 once more:
+        await poll(
+            lambda: (
+                server.process.poll() is not None or len(started_pids(server, 0)) > RESTART_LIMIT
             )
-        pids = started_pids(server, 0)
-        assert len(pids) == RESTART_LIMIT, "worker 0 was restarted after its last death"
-        assert (outcomes, server.process.poll()) == ([200], 1)
-        gave_up = (
-            f"worker 0 died {RESTART_LIMIT} times within {RESTART_WINDOW_S:g} s "
-            f"(the last, pid {pids[-1]}, with -9): giving up, draining the others"
         )
-        restarted = [f"worker 0 (pid {pid}) died with -9: restarting" for pid in pids[:-1]]
-        assert [line["message"] for line in server.errors()] == [*restarted, gave_up]
+    pids = started_pids(server, 0)
+    assert len(pids) == RESTART_LIMIT, "worker 0 was restarted after its last death"
+    assert (outcomes, server.process.poll()) == ([200], 1)
+    gave_up = (
+        f"worker 0 died {RESTART_LIMIT} times within {RESTART_WINDOW_S:g} s "
+        f"(the last, pid {pids[-1]}, with -9): giving up, draining the others"
+    )
+    restarted = [f"worker 0 (pid {pid}) died with -9: restarting" for pid in pids[:-1]]
+    assert [line["message"] for line in server.errors()] == [*restarted, gave_up]

@@ -1,5 +1,5 @@
-"""HTTP transport: the Quart-Trio app, which depends only on an `OrderProcessor`."""
+"""HTTP transport: the Quart-Trio app, which depends only on an `OrderDesk`."""
 
-from .app import OrderProcessor, create_app
+from .app import OrderDesk, create_app
 
-__all__ = ["OrderProcessor", "create_app"]
+__all__ = ["OrderDesk", "create_app"]

@@ -1,4 +1,5 @@
-"""The Quart-Trio app: `POST /order`, health, readiness, metrics, OpenAPI, and JSON for every error.
+"""The Quart-Trio app: `POST /order`, `GET /order/{key}`, health, readiness, metrics, OpenAPI,
+and JSON for every error.
 
 Errors are answered here, at the transport boundary, as plain responses; no
 exception group reaches Quart's error-handler lookup (which would miss it and
@@ -9,22 +10,28 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import re
 from collections.abc import Callable
 from typing import Final, Protocol
+from urllib.parse import quote
 
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ..kinds import HTTP_ERROR, INTERNAL, NOT_FOUND, kind_of_status, lookup
-from ..model import ErrorInfo, OrderRequest, OrderResult, Reply
+from ..kinds import BAD_REQUEST, HTTP_ERROR, INTERNAL, NOT_FOUND, kind_of_status, lookup
+from ..model import ErrorInfo, OrderRequest, Reply
+from ..orders import Answer
 from ..serialization import InvalidOrder, dump_reply, parse_order
 from .asgi import finish_responses_shielded, with_request_ids
 
-__all__ = ["MAX_BODY_BYTES", "OrderProcessor", "create_app"]
+__all__ = ["IDEMPOTENCY_KEY", "MAX_BODY_BYTES", "OrderDesk", "create_app"]
 
 MAX_BODY_BYTES: Final = 64 * 1024
 BODY_TIMEOUT_S: Final = 10
+IDEMPOTENCY_KEY: Final = "Idempotency-Key"
+_VALID_KEY: Final = re.compile(r"[A-Za-z0-9._~:-]{1,255}")
+BAD_KEY: Final = f"{IDEMPOTENCY_KEY} must be 1 to 255 characters of A-Z a-z 0-9 . _ ~ : -"
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +39,12 @@ OnRefused = Callable[[str, int, "str | None"], None]
 """Hears an order refused before it ran: (kind, HTTP status, order_id if readable)."""
 
 
-class OrderProcessor(Protocol):
-    """What the transport needs: something that turns an order into its result."""
+class OrderDesk(Protocol):
+    """What the transport needs: something that runs an order under a key, and looks one up."""
 
-    async def process(self, order: OrderRequest) -> OrderResult: ...
+    async def submit(self, order: OrderRequest, key: str | None) -> Answer: ...
+
+    async def look_up(self, key: str) -> Answer: ...
 
 
 def _json(body: bytes, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -63,12 +72,15 @@ def error_response(
     )
 
 
-def result_response(result: OrderResult) -> Response:
-    if result.kind is None:
-        return _reply(Reply("ok", result.order_id, result.steps), 200)
-    entry = lookup(result.kind)
-    reply = Reply("error", result.order_id, result.steps, ErrorInfo(result.kind, entry.message))
-    return _reply(reply, entry.status, retry_after=entry.retry_after)
+def answer_response(answer: Answer) -> Response:
+    headers = {}
+    if answer.retry_after:
+        headers.update(RETRY_AFTER)
+    if answer.key is not None:
+        headers["Content-Location"] = "/order/" + quote(answer.key, safe="")
+    if answer.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return _json(answer.body, answer.status, headers)
 
 
 def _openapi_document() -> bytes:
@@ -80,13 +92,13 @@ def _no_refusals(kind: str, status: int, order_id: str | None) -> None:
 
 
 def create_app(
-    processor: OrderProcessor,
+    desk: OrderDesk,
     *,
     is_ready: Callable[[], bool] = lambda: True,
     metrics: Callable[[], tuple[bytes, str]] | None = None,
     on_refused: OnRefused = _no_refusals,
 ) -> QuartTrio:
-    """Build the app around `processor`; the app itself holds no order state.
+    """Build the app around `desk`; the app itself holds no order state.
 
     `is_ready` answers `/readyz` (False while draining); `metrics` renders
     `/metrics`; `on_refused` hears each order refused before it ran. The app
@@ -105,12 +117,20 @@ def create_app(
     @app.post("/order", provide_automatic_options=False)
     async def order() -> Response:
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        key = request.headers.get(IDEMPOTENCY_KEY)
+        if key is not None and not _VALID_KEY.fullmatch(key):
+            on_refused(BAD_REQUEST, lookup(BAD_REQUEST).status, None)
+            return error_response(BAD_REQUEST, BAD_KEY)
         try:
             parsed = parse_order(body)
         except InvalidOrder as exc:
             on_refused(exc.kind, lookup(exc.kind).status, exc.order_id)
             return error_response(exc.kind, exc.message, order_id=exc.order_id)
-        return result_response(await processor.process(parsed))
+        return answer_response(await desk.submit(parsed, key))
+
+    @app.get("/order/<key>", provide_automatic_options=False)
+    async def order_status(key: str) -> Response:
+        return answer_response(await desk.look_up(key))
 
     @app.get("/healthz", provide_automatic_options=False)
     async def healthz() -> Response:

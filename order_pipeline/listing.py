@@ -1,0 +1,60 @@
+"""`order-pipeline orders`: the stored orders as an operator reads them, as text or JSON lines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from .kinds import label
+from .store import RUNNING, OrderStore, StoredOrder
+
+__all__ = ["list_orders", "order_summary"]
+
+
+def _time(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+
+
+def order_summary(order: StoredOrder, net_charge: int) -> dict[str, Any]:
+    """One order's line: what it is, how it ended, what was undone, what the ledger holds."""
+    finished = order.state != RUNNING
+    status = ("ok" if order.kind is None else "error") if finished else RUNNING
+    return {
+        "key": order.key,
+        "order_id": order.order_id,
+        "status": status,
+        "kind": label(order.kind) if finished else None,
+        "attempt": order.attempt,
+        "started": _time(order.started_at),
+        "finished": _time(order.finished_at),
+        "compensations": {s.step: s.compensation for s in order.steps if s.compensation},
+        "net_charge": net_charge,
+        "needs_attention": order.needs_attention,
+    }
+
+
+def _text(line: dict[str, Any]) -> str:
+    undone = ",".join(f"{step}={status}" for step, status in line["compensations"].items())
+    return (
+        f"{line['key']}  order={line['order_id']}  {line['status']}"
+        f"  kind={line['kind'] or '-'}  attempt={line['attempt']}"
+        f"  started={line['started']}  finished={line['finished'] or '-'}"
+        f"  compensations={undone or '-'}  net_charge={line['net_charge']}"
+        + ("  NEEDS ATTENTION" if line["needs_attention"] else "")
+    )
+
+
+async def list_orders(
+    store: OrderStore, *, needs_attention: bool, as_json: bool, write: Callable[[str], Any]
+) -> int:
+    """Write one line per stored order (or per order needing attention); return the count."""
+    orders = await store.list_orders(needs_attention=needs_attention)
+    for order, net_charge in orders:
+        line = order_summary(order, net_charge)
+        write(orjson.dumps(line).decode() if as_json else _text(line))
+    return len(orders)

@@ -1,0 +1,270 @@
+"""The order desk: each order's idempotency key, its stored record, its run and its reply.
+
+An order is committed to the store before any step starts, and its final reply
+before the reply is sent; so a client that retries with the same key gets the
+first reply (or 409 while it runs, 422 for a different order under the key),
+and an order whose process died is found by another and undone. The anchors
+are Stripe's idempotency keys, the IETF draft "The Idempotency-Key HTTP Header
+Field", and the journals of Temporal and DBOS.
+
+Each serving process holds a lease in the store (`maintain`). An order whose
+owner's lease expired was interrupted: a live process claims it, undoes every
+step that succeeded or whose outcome was never recorded, and records it
+`interrupted` (or `compensation_failed`). Sending that key again runs the
+order again, as a new attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from typing import Final
+
+import attrs
+import orjson
+import trio
+
+from .kinds import (
+    IDEMPOTENCY_KEY_REUSED,
+    INTERRUPTED,
+    NOT_FOUND,
+    ORDER_IN_PROGRESS,
+    STORE_UNAVAILABLE,
+    lookup,
+)
+from .model import (
+    STEP_NAMES,
+    Attempt,
+    Compensation,
+    CompensationStatus,
+    ErrorInfo,
+    OrderRequest,
+    Reply,
+    StepResult,
+    StepStatus,
+    current_attempt,
+)
+from .orchestrator import Pipeline
+from .serialization import converter, dump_reply, encode_result, parse_order
+from .store import RUNNING, Begun, OrderStore, StoredOrder, StoreUnavailable
+
+__all__ = ["Answer", "OrderDesk", "canonical"]
+
+log = logging.getLogger(__name__)
+
+LEASE_RENEW_S: Final = 1.0
+# Interrupted orders claimed at a time; claimed again at once while a batch comes back full.
+RECOVERY_BATCH: Final = 1000
+# A key that comes back interrupted is restarted by one caller; the others re-read it.
+RESTART_TRIES: Final = 3
+
+
+@attrs.frozen
+class Answer:
+    """A reply to an order, as the transport sends it."""
+
+    status: int
+    body: bytes
+    key: str | None = None
+    retry_after: bool = False
+    replayed: bool = False
+
+
+def canonical(order: OrderRequest) -> bytes:
+    """The order as it is stored and compared: parsed, so spacing and key order do not count."""
+    return orjson.dumps(converter.unstructure(order), option=orjson.OPT_SORT_KEYS)
+
+
+def _error(kind: str, message: str | None = None, *, key: str | None = None) -> Answer:
+    entry = lookup(kind)
+    body = dump_reply(Reply("error", error=ErrorInfo(kind, message or entry.message)))
+    return Answer(entry.status, body, key, entry.retry_after)
+
+
+def _known_steps(stored: StoredOrder) -> list[StepResult]:
+    """What was recorded of each step; a step with no record may have run, so it counts as ok."""
+    records = {record.step: record for record in stored.steps}
+    known = []
+    for name in STEP_NAMES:
+        record = records.get(name)
+        if record is None:
+            known.append(StepResult(name, StepStatus.OK, 0))
+            continue
+        compensation = (
+            None
+            if record.compensation is None
+            else Compensation(CompensationStatus(record.compensation), record.compensation_ms or 0)
+        )
+        known.append(
+            StepResult(
+                name, StepStatus(record.status), record.duration_ms, record.detail, compensation
+            )
+        )
+    return known
+
+
+def _running_reply(stored: StoredOrder) -> bytes:
+    records = {record.step: record for record in stored.steps}
+    steps = tuple(
+        StepResult(r.step, StepStatus(r.status), r.duration_ms, r.detail)
+        for name in STEP_NAMES
+        if (r := records.get(name)) is not None
+    )
+    return dump_reply(Reply("running", stored.order_id, steps or None))
+
+
+@attrs.define(eq=False)
+class OrderDesk:
+    """Runs each order once per key, durably, and recovers the orders of dead processes."""
+
+    pipeline: Pipeline
+    store: OrderStore
+    lease_timeout: float = 5.0
+    retention: float = 86_400.0
+    owner: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+    # Replies that were sent as 503 because their record could not be committed; retried.
+    _unrecorded: list[tuple[Attempt, int, bytes, str | None]] = attrs.field(factory=list)
+
+    async def submit(self, order: OrderRequest, key: str | None = None) -> Answer:
+        """Run `order` under `key` (a fresh one if None), or answer from what the key holds."""
+        key = key or uuid.uuid4().hex
+        body = canonical(order)
+        request_hash = hashlib.sha256(body).hexdigest()
+        try:
+            begun = await self.store.begin(key, order.order_id, request_hash, body, self.owner)
+            for _ in range(RESTART_TRIES):
+                if isinstance(begun, Begun):
+                    return await self._run(order, key, begun.order)
+                stored = begun.order
+                if stored.request_hash != request_hash:
+                    return _error(IDEMPOTENCY_KEY_REUSED)
+                if stored.state == RUNNING:
+                    return _error(ORDER_IN_PROGRESS, key=key)
+                if stored.kind != INTERRUPTED:
+                    assert stored.http_status is not None
+                    assert stored.reply is not None
+                    return Answer(stored.http_status, stored.reply, key, replayed=True)
+                restarted = await self.store.restart(key, self.owner, stored.attempt)
+                if restarted is not None:
+                    return await self._run(order, key, restarted)
+                again = await self.store.get(key)
+                if again is None:  # purged meanwhile: a new key after all
+                    begun = await self.store.begin(
+                        key, order.order_id, request_hash, body, self.owner
+                    )
+                else:
+                    begun = again  # type: ignore[assignment] # an Existing in all but name
+            return _error(ORDER_IN_PROGRESS, key=key)
+        except StoreUnavailable as exc:
+            log.warning("order %r refused: the store is unavailable (%s)", order.order_id, exc)
+            return _error(STORE_UNAVAILABLE)
+
+    async def _run(self, order: OrderRequest, key: str, stored: StoredOrder) -> Answer:
+        attempt = Attempt(key, stored.attempt_id, self.owner)
+        current_attempt.set(attempt)
+        # The reporter queues the final record as the pipeline reports the result
+        # (cancelled orders included); reading the order back waits for that commit.
+        result = await self.pipeline.process(order)
+        try:
+            final = await self.store.get(key)
+        except StoreUnavailable:
+            status, body = encode_result(result)
+            self._unrecorded.append((attempt, status, body, result.kind))
+            log.warning("order %r: its result could not be recorded yet", order.order_id)
+            return _error(STORE_UNAVAILABLE, key=key)
+        if final is None or final.attempt_id != attempt.id or final.state == RUNNING:
+            # Our lease lapsed and another process claimed the order to undo it.
+            return _error(ORDER_IN_PROGRESS, key=key)
+        assert final.http_status is not None
+        assert final.reply is not None
+        return Answer(final.http_status, final.reply, key, lookup(final.kind).retry_after)
+
+    async def look_up(self, key: str) -> Answer:
+        """What the key holds: the stored reply, or the steps recorded so far while it runs."""
+        try:
+            stored = await self.store.get(key)
+        except StoreUnavailable:
+            return _error(STORE_UNAVAILABLE)
+        if stored is None:
+            return _error(NOT_FOUND, "no order with this key")
+        if stored.state == RUNNING:
+            return Answer(200, _running_reply(stored), key)
+        assert stored.reply is not None
+        return Answer(200, stored.reply, key)
+
+    async def maintain(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Hold this process's lease, recover interrupted orders, forget expired ones; forever.
+
+        Started with `nursery.start`: it returns once the first lease is held, so no
+        order of this process can be mistaken for an orphan.
+        """
+        async with trio.open_nursery() as nursery:
+            await self.store.renew_lease(self.owner, self.lease_timeout)
+            nursery.start_soon(self._keep_lease)
+            nursery.start_soon(self._recover_forever)
+            nursery.start_soon(self._purge_forever)
+            task_status.started()
+
+    async def release(self) -> None:
+        """Give up the lease at a clean exit, so nothing waits for it to expire."""
+        try:
+            await self.store.release_lease(self.owner)
+        except StoreUnavailable:
+            log.warning("could not release the lease of %s", self.owner)
+
+    async def _keep_lease(self) -> None:
+        while True:
+            await trio.sleep(LEASE_RENEW_S)
+            try:
+                await self.store.renew_lease(self.owner, self.lease_timeout)
+            except StoreUnavailable as exc:
+                log.warning("could not renew this process's lease: %s", exc)
+
+    async def _recover_forever(self) -> None:
+        while True:
+            try:
+                await self._record_unrecorded()
+                claimed = await self.store.claim_interrupted(self.owner, RECOVERY_BATCH)
+            except StoreUnavailable as exc:
+                log.warning("recovery paused: %s", exc)
+                claimed = []
+            if claimed:
+                log.warning("recovering %d interrupted order(s)", len(claimed))
+                async with trio.open_nursery() as nursery:
+                    for stored in claimed:
+                        nursery.start_soon(self._recover, stored)
+            if len(claimed) < RECOVERY_BATCH:
+                await trio.sleep(LEASE_RENEW_S)
+
+    async def _recover(self, stored: StoredOrder) -> None:
+        """Undo an interrupted order and record it final."""
+        current_attempt.set(Attempt(stored.key, stored.attempt_id, self.owner))
+        order = parse_order(stored.body)
+        await self.pipeline.undo(order, _known_steps(stored), INTERRUPTED)
+        try:
+            await self.store.get(stored.key)  # waits for the commit that carries the record
+        except StoreUnavailable:
+            log.warning("recovered order %r could not be recorded yet", stored.order_id)
+
+    async def _record_unrecorded(self) -> None:
+        while self._unrecorded:
+            attempt, status, body, kind = self._unrecorded[0]
+            await self.store.finish(
+                attempt.key, attempt.id, status, body, kind, owner=attempt.owner
+            )
+            self._unrecorded.pop(0)
+
+    async def _purge_forever(self) -> None:
+        while True:
+            try:
+                purged = await self.store.purge(time.time() - self.retention)
+            except StoreUnavailable as exc:
+                log.warning("could not forget expired orders: %s", exc)
+            else:
+                if purged:
+                    log.info("forgot %d order(s) finished over %g s ago", purged, self.retention)
+            await trio.sleep(min(self.retention, 60.0))

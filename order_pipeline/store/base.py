@@ -1,0 +1,167 @@
+"""What every order store records and promises, whatever keeps it (SQLite, memory, ...).
+
+An order is committed before its steps start, its steps' outcomes as they end, and its reply
+before the reply is sent; so a retry with the same key replays, and an order whose process
+died is found (its owner's lease expired) and compensated by a live process.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Protocol
+
+import attrs
+
+RUNNING: Final = "running"
+FINISHED: Final = "finished"
+INTERRUPTED: Final = "interrupted"
+COMPENSATION_FAILED: Final = "compensation_failed"
+# A compensation that ended so needs a human: the money or goods may not be back.
+FAILED_COMPENSATIONS: Final = ("error", "timeout")
+
+
+@attrs.frozen
+class StepRecord:
+    """One step's recorded outcome, and later its compensation's (which replaces it)."""
+
+    step: str
+    status: str
+    detail: str | None = None
+    duration_ms: int = 0
+    compensation: str | None = None
+    compensation_ms: int | None = None
+
+
+@attrs.frozen
+class StoredOrder:
+    """An order as committed: enough to replay its reply or to run/compensate it again."""
+
+    key: str
+    order_id: str
+    request_hash: str
+    body: bytes
+    attempt: int
+    attempt_id: str
+    owner: str
+    state: str
+    started_at: float
+    finished_at: float | None = None
+    http_status: int | None = None
+    reply: bytes | None = None
+    kind: str | None = None
+    steps: tuple[StepRecord, ...] = ()
+
+    @property
+    def needs_attention(self) -> bool:
+        """Its compensation failed, so an operator must look (money or goods may be held)."""
+        return self.kind == COMPENSATION_FAILED or any(
+            s.compensation in FAILED_COMPENSATIONS for s in self.steps
+        )
+
+
+@attrs.frozen
+class Begun:
+    """The key was new (or an interrupted order was restarted): the caller runs it."""
+
+    order: StoredOrder
+
+
+@attrs.frozen
+class Existing:
+    """The key is taken: the caller decides between replay, 409 and 422."""
+
+    order: StoredOrder
+
+
+class StoreUnavailable(Exception):
+    """The store could not commit (read-only file, disk full, locked, database down)."""
+
+
+class StoreError(Exception):
+    """The store cannot be opened: bad URL, unopenable path, or not this store's database."""
+
+
+class OrderStore(Protocol):
+    """Durable orders, their steps, the owners' leases and the payment ledger.
+
+    Every coroutine either did its work and returns, or raises before doing any: a
+    cancellation that arrives while a write is in flight waits for it (see each backend).
+    """
+
+    async def begin(
+        self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
+    ) -> Begun | Existing:
+        """Commit a new order RUNNING (attempt 1), or return the one holding the key."""
+        ...
+
+    async def restart(self, key: str, owner: str, expected_attempt: int) -> StoredOrder | None:
+        """Run an interrupted order again (attempt + 1); None if another caller did first."""
+        ...
+
+    def record_step(self, key: str, attempt_id: str, record: StepRecord) -> None:
+        """Queue a step's outcome (upsert by attempt and step); the next commit carries it."""
+        ...
+
+    async def finish(
+        self,
+        key: str,
+        attempt_id: str,
+        http_status: int,
+        reply: bytes,
+        kind: str | None,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        """Commit the reply (and every record queued before); ignored for a stale attempt,
+        and, if `owner` is given, for an order someone else has claimed."""
+        ...
+
+    def finish_soon(
+        self,
+        key: str,
+        attempt_id: str,
+        http_status: int,
+        reply: bytes,
+        kind: str | None,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        """`finish`, queued: the next commit carries it (a `get` after it waits for that)."""
+        ...
+
+    async def get(self, key: str) -> StoredOrder | None:
+        """The order holding the key, with its current attempt's steps."""
+        ...
+
+    async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
+        """Every order (or those needing attention) with the ledger's net charge of its key."""
+        ...
+
+    async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109 (a lease's length)
+        """`owner` is alive for `timeout` more seconds."""
+        ...
+
+    async def release_lease(self, owner: str) -> None:
+        """`owner` is gone (clean shutdown): its running orders may be claimed at once."""
+        ...
+
+    async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
+        """Take up to `limit` running orders whose owner's lease is gone; one claimer each.
+
+        Never `owner`'s own: a process whose lease lapsed still runs its orders."""
+        ...
+
+    async def charge(self, charge_id: str, key: str, amount: int) -> None:
+        """Record a charge once, however often it is retried with the same id."""
+        ...
+
+    async def refund(self, charge_id: str) -> None:
+        """Refund a charge once; a charge that never happened is left alone."""
+        ...
+
+    async def net_charge(self, key: str) -> int:
+        """What the key's charges hold, less what was refunded."""
+        ...
+
+    async def purge(self, finished_before: float) -> int:
+        """Forget orders finished before that unix time (steps, ledger too); their count."""
+        ...

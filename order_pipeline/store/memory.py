@@ -1,0 +1,184 @@
+"""The order store in dicts: the same contract as SQLite's, nothing durable.
+
+For benchmarks and tests that don't care about crashes. Each coroutine checkpoints first and
+then changes the dicts without awaiting, so it is atomic under Trio and a cancellation means
+it did nothing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import attrs
+import trio
+
+from .base import FINISHED, INTERRUPTED, RUNNING, Begun, Existing, StepRecord, StoredOrder
+
+
+@attrs.define
+class _Charge:
+    charge_id: str
+    key: str
+    amount: int
+    refunded: bool = False
+
+
+class MemoryStore:
+    """Orders, steps, leases and the ledger in dicts of one process."""
+
+    def __init__(self) -> None:
+        self._orders: dict[str, StoredOrder] = {}  # steps kept apart, in _steps
+        self._steps: dict[str, dict[str, StepRecord]] = {}  # attempt_id -> step -> record
+        self._leases: dict[str, float] = {}
+        self._ledger: dict[str, _Charge] = {}  # by charge id
+        self._charges_of: dict[str, list[_Charge]] = {}  # by order key
+
+    def _with_steps(self, order: StoredOrder) -> StoredOrder:
+        steps = self._steps.get(order.attempt_id)
+        return attrs.evolve(order, steps=tuple(steps.values())) if steps else order
+
+    async def begin(
+        self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
+    ) -> Begun | Existing:
+        await trio.lowlevel.checkpoint()
+        if (found := self._orders.get(key)) is not None:
+            return Existing(self._with_steps(found))
+        order = StoredOrder(
+            key, order_id, request_hash, body, 1, uuid.uuid4().hex, owner, RUNNING, time.time()
+        )
+        self._orders[key] = order
+        return Begun(order)
+
+    async def restart(self, key: str, owner: str, expected_attempt: int) -> StoredOrder | None:
+        await trio.lowlevel.checkpoint()
+        old = self._orders.get(key)
+        if old is None or old.kind != INTERRUPTED or old.state != FINISHED:
+            return None
+        if old.attempt != expected_attempt:
+            return None
+        self._steps.pop(old.attempt_id, None)
+        new = StoredOrder(
+            key,
+            old.order_id,
+            old.request_hash,
+            old.body,
+            old.attempt + 1,
+            uuid.uuid4().hex,
+            owner,
+            RUNNING,
+            time.time(),
+        )
+        self._orders[key] = new
+        return new
+
+    def record_step(self, key: str, attempt_id: str, record: StepRecord) -> None:
+        order = self._orders.get(key)
+        if order is not None and order.attempt_id == attempt_id:
+            self._steps.setdefault(attempt_id, {})[record.step] = record
+
+    async def finish(
+        self,
+        key: str,
+        attempt_id: str,
+        http_status: int,
+        reply: bytes,
+        kind: str | None,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        await trio.lowlevel.checkpoint()
+        self.finish_soon(key, attempt_id, http_status, reply, kind, owner=owner)
+
+    def finish_soon(
+        self,
+        key: str,
+        attempt_id: str,
+        http_status: int,
+        reply: bytes,
+        kind: str | None,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        order = self._orders.get(key)
+        if order is None or order.attempt_id != attempt_id or order.state != RUNNING:
+            return
+        if owner is not None and order.owner != owner:
+            return
+        self._orders[key] = attrs.evolve(
+            order,
+            state=FINISHED,
+            finished_at=time.time(),
+            http_status=http_status,
+            reply=reply,
+            kind=kind,
+        )
+
+    async def get(self, key: str) -> StoredOrder | None:
+        await trio.lowlevel.checkpoint()
+        order = self._orders.get(key)
+        return None if order is None else self._with_steps(order)
+
+    async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
+        await trio.lowlevel.checkpoint()
+        orders = [self._with_steps(o) for o in self._orders.values()]
+        orders.sort(key=lambda o: o.started_at)
+        return [
+            (o, self._net_charge(o.key)) for o in orders if o.needs_attention or not needs_attention
+        ]
+
+    async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109 (a lease's length)
+        await trio.lowlevel.checkpoint()
+        self._leases[owner] = time.time() + timeout
+
+    async def release_lease(self, owner: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self._leases.pop(owner, None)
+
+    async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
+        await trio.lowlevel.checkpoint()
+        now = time.time()
+        claimed: list[StoredOrder] = []
+        for key, order in self._orders.items():
+            if len(claimed) >= limit:
+                break
+            if (
+                order.state == RUNNING
+                and order.owner != owner
+                and self._leases.get(order.owner, now) <= now
+            ):
+                self._orders[key] = order = attrs.evolve(order, owner=owner)
+                claimed.append(self._with_steps(order))
+        return claimed
+
+    async def charge(self, charge_id: str, key: str, amount: int) -> None:
+        await trio.lowlevel.checkpoint()
+        if charge_id not in self._ledger:
+            self._ledger[charge_id] = charge = _Charge(charge_id, key, amount)
+            self._charges_of.setdefault(key, []).append(charge)
+
+    async def refund(self, charge_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        if (charge := self._ledger.get(charge_id)) is not None:
+            charge.refunded = True
+
+    async def net_charge(self, key: str) -> int:
+        await trio.lowlevel.checkpoint()
+        return self._net_charge(key)
+
+    def _net_charge(self, key: str) -> int:
+        return sum(c.amount for c in self._charges_of.get(key, ()) if not c.refunded)
+
+    async def purge(self, finished_before: float) -> int:
+        await trio.lowlevel.checkpoint()
+        gone = [
+            o
+            for o in self._orders.values()
+            if o.state == FINISHED and o.finished_at is not None and o.finished_at < finished_before
+        ]
+        for order in gone:
+            del self._orders[order.key]
+            self._steps.pop(order.attempt_id, None)
+            for charge in self._charges_of.pop(order.key, ()):
+                del self._ledger[charge.charge_id]
+        return len(gone)

@@ -1,0 +1,574 @@
+"""The order store in one SQLite file, which every worker process of a host can share.
+
+One writer thread owns the connection (sqlite3 refuses a connection across threads, and
+`trio.to_thread` may pick another thread per call). Trio puts each operation, a function of
+the connection, on a queue; the thread takes everything queued, runs it in one transaction
+(BEGIN IMMEDIATE, so the write lock is taken at once and two processes never deadlock
+upgrading a read lock), each operation inside its own SAVEPOINT so one failing operation
+leaves the others alone, commits once, and then wakes every waiting task with a single
+`run_sync_soon`. That group commit is what makes thousands of orders a second possible with
+one fsync per batch instead of one per order. If the commit fails (locked past busy_timeout,
+read-only file, disk full), every operation of the batch raises StoreUnavailable.
+
+Reads go through the same thread and transaction: they see every write queued before them.
+
+Durability: WAL with synchronous=FULL, so a commit survives a power loss, not just a crash of
+the process. Measured here, one order at a time (two commits each): 0.7 ms per order with FULL,
+0.33 ms with NORMAL; with concurrent orders one fsync covers a whole batch, so the difference
+vanishes where it would matter, and NORMAL was not worth its risk.
+
+Opening (in the thread too) reads the file's header, application_id and user_version before
+writing anything, so a file that is not ours is refused untouched; creating or migrating the
+schema runs under BEGIN IMMEDIATE, so two processes opening one new file at once are safe.
+
+Cancellation: a coroutine is cancellable until its operation is queued and not after: it
+waits (shielded) for its batch to commit, so a caller that gets Cancelled knows nothing was
+written, and a caller that gets a result knows it is durable (Trio delivers the cancellation
+at its next checkpoint). The wait is bounded by the batch ahead and its own, each at most
+busy_timeout plus one commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Generic, Self, TypeVar
+
+import trio
+
+from .base import (
+    COMPENSATION_FAILED,
+    FAILED_COMPENSATIONS,
+    FINISHED,
+    INTERRUPTED,
+    RUNNING,
+    Begun,
+    Existing,
+    StepRecord,
+    StoredOrder,
+    StoreError,
+    StoreUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+_HEADER: Final = b"SQLite format 3\x00"
+APPLICATION_ID: Final = 0x6F726470  # "ordp": tells our files from other SQLite databases
+SCHEMA_VERSION: Final = 1
+# _MIGRATIONS[v] takes a database from user_version v to v + 1, statement by statement
+# (executescript would commit the surrounding transaction).
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """CREATE TABLE orders (
+            key TEXT PRIMARY KEY,
+            order_id TEXT NOT NULL,
+            request_hash TEXT NOT NULL,
+            body BLOB NOT NULL,
+            attempt INTEGER NOT NULL,
+            attempt_id TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            state TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            finished_at REAL,
+            http_status INTEGER,
+            reply BLOB,
+            kind TEXT
+        )""",
+        "CREATE INDEX orders_state_owner ON orders (state, owner)",
+        "CREATE INDEX orders_finished_at ON orders (finished_at)",
+        """CREATE TABLE steps (
+            attempt_id TEXT NOT NULL,
+            step TEXT NOT NULL,
+            status TEXT NOT NULL,
+            detail TEXT,
+            duration_ms INTEGER NOT NULL,
+            compensation TEXT,
+            compensation_ms INTEGER,
+            PRIMARY KEY (attempt_id, step)
+        )""",
+        "CREATE TABLE leases (owner TEXT PRIMARY KEY, expires_at REAL NOT NULL)",
+        """CREATE TABLE ledger (
+            charge_id TEXT PRIMARY KEY,
+            key TEXT NOT NULL,
+            amount INTEGER NOT NULL,
+            refunded INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX ledger_key ON ledger (key)",
+    ),
+)
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+_ORDER = (
+    "key, order_id, request_hash, body, attempt, attempt_id, owner, state, started_at,"
+    " finished_at, http_status, reply, kind"
+)  # in StoredOrder's field order, so StoredOrder(*row) builds one
+_new_order: Callable[..., StoredOrder] = StoredOrder  # from a row of _ORDER's columns
+_STEP = "step, status, detail, duration_ms, compensation, compensation_ms"
+_NET_CHARGE = "SELECT coalesce(sum(amount), 0) FROM ledger WHERE key = ? AND refunded = 0"
+
+T = TypeVar("T")
+Conn = sqlite3.Connection
+
+
+class _Op(Generic[T]):
+    """One queued operation; `done` is None for fire-and-forget (record_step)."""
+
+    __slots__ = ("done", "error", "fn", "result")
+    result: T
+
+    def __init__(self, fn: Callable[[Conn], T], done: trio.Event | None) -> None:
+        self.fn = fn
+        self.done = done
+        self.error: BaseException | None = None
+
+
+class SqliteStore:
+    """Orders in one SQLite file; `async with SqliteStore(path) as store:` opens and closes it.
+
+    `busy_timeout` is how long a commit waits for another process's write lock before the
+    batch raises StoreUnavailable. `commits` counts committed batches (for tests, benchmarks).
+    """
+
+    def __init__(self, path: Path | str, *, busy_timeout: float = 5.0) -> None:
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        self.commits = 0
+        self._queue: queue.SimpleQueue[_Op[Any] | None] = queue.SimpleQueue()
+        self._closed = True
+        self._open_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._conn: Conn  # the writer thread's own, from _connect
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._token = trio.lowlevel.current_trio_token()
+        opened = trio.Event()
+        self._thread = threading.Thread(
+            target=self._serve, args=(opened,), name=f"sqlite writer {self.path}", daemon=True
+        )
+        self._thread.start()
+        with trio.CancelScope(shield=True):  # the thread opens the file whatever happens
+            await opened.wait()
+            if self._open_error is not None:
+                await trio.to_thread.run_sync(self._thread.join)
+                raise self._open_error
+        self._closed = False
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Commit what is queued, close the file and join the thread."""
+        if self._closed or self._thread is None:
+            return
+        self._closed = True
+        self._queue.put(None)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._thread.join)
+
+    # -- the writer thread ----------------------------------------------------------------
+
+    def _serve(self, opened: trio.Event) -> None:
+        try:
+            self._conn = _connect(self.path, self.busy_timeout)
+        except BaseException as exc:
+            self._open_error = exc
+            return
+        finally:
+            self._token.run_sync_soon(opened.set)
+        try:
+            get, get_nowait = self._queue.get, self._queue.get_nowait
+            while True:
+                batch = [get()]
+                with suppress(queue.Empty):
+                    while True:
+                        batch.append(get_nowait())
+                stop = batch[-1] is None
+                ops = [op for op in batch if op is not None]
+                if ops:
+                    self._run_batch(ops)
+                if stop:
+                    return
+        finally:
+            self._conn.close()
+
+    def _run_batch(self, ops: list[_Op[Any]]) -> None:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                conn.execute("SAVEPOINT op")
+                try:
+                    op.result = op.fn(conn)
+                except Exception as exc:
+                    if not conn.in_transaction:  # SQLite rolled the whole batch back
+                        raise
+                    conn.execute("ROLLBACK TO op")
+                    op.error = _unavailable(self.path, exc) if _is_outage(exc) else exc
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+            self.commits += 1
+        except Exception as exc:
+            if conn.in_transaction:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            for op in ops:
+                op.error = _unavailable(self.path, exc)
+        waiters = []
+        for op in ops:
+            if op.done is not None:
+                waiters.append(op.done)
+            elif op.error is not None:
+                logger.error("a queued record was not stored: %s", op.error)
+        if waiters:
+            with suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(_set_all, waiters)
+
+    # -- the Trio side --------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[[Conn], T]) -> T:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        done = trio.Event()
+        op = self._put(fn, done)
+        with trio.CancelScope(shield=True):  # see the module docstring
+            await done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    def _put(self, fn: Callable[[Conn], T], done: trio.Event | None) -> _Op[T]:
+        if self._closed:
+            raise StoreUnavailable(f"{self.path}: the store is closed")
+        op = _Op(fn, done)
+        self._queue.put(op)
+        return op
+
+    async def begin(
+        self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
+    ) -> Begun | Existing:
+        order = StoredOrder(
+            key, order_id, request_hash, body, 1, uuid.uuid4().hex, owner, RUNNING, time.time()
+        )
+        return await self._call(lambda conn: _begin(conn, order))
+
+    async def restart(self, key: str, owner: str, expected_attempt: int) -> StoredOrder | None:
+        attempt_id, now = uuid.uuid4().hex, time.time()
+        return await self._call(
+            lambda conn: _restart(conn, key, owner, expected_attempt, attempt_id, now)
+        )
+
+    def record_step(self, key: str, attempt_id: str, record: StepRecord) -> None:
+        self._put(lambda conn: _record_step(conn, key, attempt_id, record), None)
+
+    async def finish(
+        self,
+        key: str,
+        attempt_id: str,
+        http_status: int,
+        reply: bytes,
+        kind: str | None,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        args = (FINISHED, time.time(), http_status, reply, kind, key, attempt_id, RUNNING, owner)
+        await self._call(lambda conn: _execute(conn, _FINISH, args))
+
+    def finish_soon(
+        self,
+        key: str,
+        attempt_id: str,
+        http_status: int,
+        reply: bytes,
+        kind: str | None,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        args = (FINISHED, time.time(), http_status, reply, kind, key, attempt_id, RUNNING, owner)
+        self._put(lambda conn: _execute(conn, _FINISH, args), None)
+
+    async def get(self, key: str) -> StoredOrder | None:
+        return await self._call(lambda conn: _get(conn, key))
+
+    async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
+        return await self._call(lambda conn: _list_orders(conn, needs_attention))
+
+    async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109 (a lease's length)
+        await self._call(lambda conn: _execute(conn, _RENEW, (owner, time.time() + timeout)))
+
+    async def release_lease(self, owner: str) -> None:
+        await self._call(
+            lambda conn: _execute(conn, "DELETE FROM leases WHERE owner = ?", (owner,))
+        )
+
+    async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
+        now = time.time()
+        return await self._call(lambda conn: _claim(conn, owner, limit, now))
+
+    async def charge(self, charge_id: str, key: str, amount: int) -> None:
+        await self._call(lambda conn: _execute(conn, _CHARGE, (charge_id, key, amount)))
+
+    async def refund(self, charge_id: str) -> None:
+        await self._call(lambda conn: _execute(conn, _REFUND, (charge_id,)))
+
+    async def net_charge(self, key: str) -> int:
+        return await self._call(lambda conn: int(conn.execute(_NET_CHARGE, (key,)).fetchone()[0]))
+
+    async def purge(self, finished_before: float) -> int:
+        return await self._call(lambda conn: _purge(conn, finished_before))
+
+
+# -- opening ------------------------------------------------------------------------------
+
+
+def _connect(path: Path, busy_timeout: float) -> Conn:
+    """Open and check the file, then create or migrate the schema; StoreError if we can't.
+
+    Nothing is written before the checks pass, so a file that is not ours stays untouched.
+    """
+    if not path.parent.is_dir():
+        raise StoreError(f"{path}: cannot open the store: directory {path.parent} does not exist")
+    try:
+        with path.open("rb") as file:
+            head = file.read(len(_HEADER))
+    except FileNotFoundError:
+        head = b""
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot open the store: {exc.strerror}") from exc
+    if head and head != _HEADER:  # SQLite would take a short file for an empty database
+        raise StoreError(f"{path}: cannot open the store: file is not a database")
+    try:
+        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open the store: {exc}") from exc
+    try:
+        with _transaction(conn, "BEGIN"):  # one snapshot for the reads
+            _schema_version(conn, path)
+        _retry_busy(conn, "PRAGMA journal_mode = WAL", time.monotonic() + busy_timeout)
+        conn.execute("PRAGMA synchronous = FULL")
+        with _transaction(conn, "BEGIN IMMEDIATE"):  # another process may be migrating it
+            version = _schema_version(conn, path)
+            for migration in _MIGRATIONS[version:]:
+                for statement in migration:
+                    conn.execute(statement)
+            if version < SCHEMA_VERSION:
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StoreError(f"{path}: cannot open the store: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextmanager
+def _transaction(conn: Conn, begin: str) -> Iterator[None]:
+    conn.execute(begin)
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _retry_busy(conn: Conn, sql: str, deadline: float) -> None:
+    """Run `sql`, retrying while locked: switching to WAL fails at once, not after busy_timeout,
+    while another process opening the same file holds a lock."""
+    while True:
+        try:
+            conn.execute(sql)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+        else:
+            return
+
+
+def _schema_version(conn: Conn, path: Path) -> int:
+    """The file's schema version, 0 for a new file; StoreError if it is not ours to use."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    if app_id == 0:
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise StoreError(f"{path}: not an order store: a SQLite database of something else")
+        return 0
+    if app_id != APPLICATION_ID:
+        raise StoreError(f"{path}: not an order store: SQLite application_id {app_id:#x}")
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: the store's schema version {version} is newer than this program's"
+            f" {SCHEMA_VERSION}: upgrade order-pipeline"
+        )
+    return version
+
+
+def _is_outage(exc: Exception) -> bool:
+    """An error of the database or the disk, not of our SQL."""
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+
+
+def _unavailable(path: Path, exc: Exception) -> StoreUnavailable:
+    error = StoreUnavailable(f"{path}: could not commit: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _set_all(events: list[trio.Event]) -> None:
+    for event in events:
+        event.set()
+
+
+# -- operations, run by the writer thread -------------------------------------------------
+
+_FINISH = (
+    "UPDATE orders SET state = ?, finished_at = ?, http_status = ?, reply = ?, kind = ?"
+    " WHERE key = ? AND attempt_id = ? AND state = ? AND owner = coalesce(?, owner)"
+)
+_RENEW = (
+    "INSERT INTO leases (owner, expires_at) VALUES (?, ?)"
+    " ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at"
+)
+_CHARGE = "INSERT INTO ledger (charge_id, key, amount) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+_REFUND = "UPDATE ledger SET refunded = 1 WHERE charge_id = ?"
+# WHERE EXISTS: a stale attempt's record is dropped (and it also parses the upsert right).
+_RECORD_STEP = f"""
+    INSERT INTO steps (attempt_id, {_STEP}) SELECT ?, ?, ?, ?, ?, ?, ?
+    WHERE EXISTS (SELECT 1 FROM orders WHERE key = ? AND attempt_id = ?)
+    ON CONFLICT (attempt_id, step) DO UPDATE SET
+        status = excluded.status, detail = excluded.detail, duration_ms = excluded.duration_ms,
+        compensation = excluded.compensation, compensation_ms = excluded.compensation_ms
+"""
+_INTERRUPTED = "WHERE key = ? AND state = ? AND kind = ? AND attempt = ?"
+
+
+def _execute(conn: Conn, sql: str, args: tuple[Any, ...]) -> None:
+    conn.execute(sql, args)
+
+
+def _steps(conn: Conn, attempt_id: str) -> tuple[StepRecord, ...]:
+    rows = conn.execute(
+        f"SELECT {_STEP} FROM steps WHERE attempt_id = ? ORDER BY rowid", (attempt_id,)
+    )
+    return tuple(StepRecord(*row) for row in rows)
+
+
+def _order(conn: Conn, row: tuple[Any, ...]) -> StoredOrder:
+    return _new_order(*row, steps=_steps(conn, row[5]))
+
+
+def _get(conn: Conn, key: str) -> StoredOrder | None:
+    row = conn.execute(f"SELECT {_ORDER} FROM orders WHERE key = ?", (key,)).fetchone()
+    return None if row is None else _order(conn, row)
+
+
+def _begin(conn: Conn, o: StoredOrder) -> Begun | Existing:
+    inserted = conn.execute(
+        f"INSERT INTO orders ({_ORDER}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL)"
+        " ON CONFLICT (key) DO NOTHING",
+        (
+            o.key,
+            o.order_id,
+            o.request_hash,
+            o.body,
+            o.attempt,
+            o.attempt_id,
+            o.owner,
+            o.state,
+            o.started_at,
+        ),
+    ).rowcount
+    if inserted:
+        return Begun(o)
+    existing = _get(conn, o.key)
+    assert existing is not None  # the row that won the key; nothing deletes it in between
+    return Existing(existing)
+
+
+def _restart(
+    conn: Conn, key: str, owner: str, expected_attempt: int, attempt_id: str, now: float
+) -> StoredOrder | None:
+    where = (key, FINISHED, INTERRUPTED, expected_attempt)
+    conn.execute(
+        f"DELETE FROM steps WHERE attempt_id = (SELECT attempt_id FROM orders {_INTERRUPTED})",
+        where,
+    )
+    rows = conn.execute(
+        "UPDATE orders SET attempt = attempt + 1, attempt_id = ?, owner = ?, state = ?,"
+        " started_at = ?, finished_at = NULL, http_status = NULL, reply = NULL, kind = NULL"
+        f" {_INTERRUPTED} RETURNING {_ORDER}",
+        (attempt_id, owner, RUNNING, now, *where),
+    ).fetchall()
+    return _new_order(*rows[0]) if rows else None
+
+
+def _record_step(conn: Conn, key: str, attempt_id: str, r: StepRecord) -> None:
+    conn.execute(
+        _RECORD_STEP,
+        (
+            attempt_id,
+            r.step,
+            r.status,
+            r.detail,
+            r.duration_ms,
+            r.compensation,
+            r.compensation_ms,
+            key,
+            attempt_id,
+        ),
+    )
+
+
+def _list_orders(conn: Conn, needs_attention: bool) -> list[tuple[StoredOrder, int]]:
+    args: tuple[str, ...]
+    where, args = "", ()
+    if needs_attention:
+        where = (
+            "WHERE kind = ? OR EXISTS (SELECT 1 FROM steps"
+            " WHERE steps.attempt_id = orders.attempt_id AND compensation IN (?, ?))"
+        )
+        args = (COMPENSATION_FAILED, *FAILED_COMPENSATIONS)
+    rows = conn.execute(
+        f"SELECT {_ORDER}, (SELECT coalesce(sum(amount), 0) FROM ledger"
+        f" WHERE ledger.key = orders.key AND refunded = 0) FROM orders {where} ORDER BY started_at",
+        args,
+    ).fetchall()
+    return [(_order(conn, row[:-1]), row[-1]) for row in rows]
+
+
+def _claim(conn: Conn, owner: str, limit: int, now: float) -> list[StoredOrder]:
+    rows = conn.execute(
+        f"UPDATE orders SET owner = ?1 WHERE key IN (SELECT key FROM orders WHERE state = ?2"
+        " AND owner != ?1 AND owner NOT IN (SELECT owner FROM leases WHERE expires_at > ?3)"
+        f" LIMIT ?4) RETURNING {_ORDER}",
+        (owner, RUNNING, now, limit),
+    ).fetchall()
+    return [_order(conn, row) for row in rows]
+
+
+def _purge(conn: Conn, finished_before: float) -> int:
+    gone = conn.execute(
+        "DELETE FROM orders WHERE state = ? AND finished_at < ? RETURNING key, attempt_id",
+        (FINISHED, finished_before),
+    ).fetchall()
+    conn.executemany("DELETE FROM steps WHERE attempt_id = ?", [(a,) for _, a in gone])
+    conn.executemany("DELETE FROM ledger WHERE key = ?", [(k,) for k, _ in gone])
+    return len(gone)

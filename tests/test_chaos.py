@@ -1,0 +1,181 @@
+"""Chaos, in the spirit of Jepsen's bank test: SIGKILL the server at random while clients retry.
+
+Concurrent clients send orders with random keys, amounts, failures and delays;
+the server (a real subprocess on one SQLite file) is killed with SIGKILL at
+random moments and started again; every client retries its order, with the
+same key, until it gets a final reply. Then, for every key: exactly one final
+result, and the one the client got; the ledger's net charge is the order's
+amount if it ended ok and 0 otherwise (unless its refund was made to fail);
+nothing left running; nothing needs attention unless a compensation was made
+to fail. `nox -s chaos` runs it; CHAOS_ORDERS and CHAOS_KILLS set its size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+
+from order_pipeline.model import STEP_NAMES
+from order_pipeline.store import FINISHED, RUNNING, SqliteStore
+
+from .server_process import wait_for_url
+
+pytestmark = pytest.mark.chaos
+
+ORDERS = int(os.environ.get("CHAOS_ORDERS", "500"))
+KILLS = int(os.environ.get("CHAOS_KILLS", "5"))
+CLIENTS = 50
+LEASE_S = 2.0
+SEED = int(os.environ.get("CHAOS_SEED", "0")) or random.randrange(1, 2**32)
+# Replies that say "not yet": the client tries again with the same key.
+NOT_FINAL = {"order_in_progress", "store_unavailable"}
+
+
+@attrs.define
+class Server:
+    """The one server process of the moment, started again after each kill."""
+
+    store_url: str
+    log_dir: Path
+    process: trio.Process | None = None
+    url: str = ""
+    up: trio.Event = attrs.Factory(trio.Event)
+    starts: int = 0
+
+    async def start(self) -> None:
+        self.starts += 1
+        log = self.log_dir / f"server-{self.starts}.log"
+        with log.open("wb") as out:
+            self.process = await trio.lowlevel.open_process(
+                [
+                    sys.executable, "-m", "order_pipeline", "serve", "--port", "0",
+                    "--store", self.store_url, "--lease-timeout", str(LEASE_S),
+                    "--no-access-log", "--courier-pool-size", "128",
+                ],
+                stdout=out, stderr=out,
+            )  # fmt: skip # one flag and its value a pair
+        self.url = await wait_for_url(self.process, trio.Path(log))
+        self.up.set()
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.up = trio.Event()
+        self.process.kill()
+        await self.process.wait()
+
+    async def stop(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(60):
+            return await self.process.wait()
+
+
+def random_order(rng: random.Random, n: int) -> dict[str, Any]:
+    order: dict[str, Any] = {
+        "order_id": f"chaos-{n}",
+        "amount": rng.choice([0, *range(1, 1000)]),
+        "delay_ms": {s: rng.randrange(0, 400) for s in STEP_NAMES},
+    }
+    if rng.random() < 0.15:
+        order["fail_step"] = rng.choice(STEP_NAMES)
+    if rng.random() < 0.05:
+        order["fail_compensation"] = rng.choice(STEP_NAMES)
+    return order
+
+
+Orders = trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]]
+
+
+async def client(server: Server, orders: Orders, got: dict[str, tuple[int, bytes]]) -> None:
+    """Send each order until a final reply comes back, with the same key each time."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        async for key, order in orders:
+            while True:
+                await server.up.wait()
+                try:
+                    response = await http.post(
+                        f"{server.url}/order", json=order, headers={"Idempotency-Key": key}
+                    )
+                except httpx.HTTPError:
+                    await trio.sleep(0.05)
+                    continue
+                body = response.json()
+                if body.get("error", {}).get("kind") in NOT_FINAL:
+                    await trio.sleep(0.05)
+                    continue
+                got[key] = (response.status_code, response.content)
+                break
+
+
+@pytest.mark.skipif(ORDERS < 1, reason="CHAOS_ORDERS is 0")
+async def test_kills_at_random_lose_no_order_and_no_money(tmp_path: Path) -> None:
+    """N orders, K SIGKILLs: one final result per key, the ledger matches, nothing left over."""
+    rng = random.Random(SEED)
+    print(f"chaos: {ORDERS} orders, {KILLS} kills, seed {SEED}")
+    db = tmp_path / "orders.db"
+    server = Server(f"sqlite:///{db}", tmp_path)
+    orders = {f"key-{n}-{rng.randrange(10**9)}": random_order(rng, n) for n in range(ORDERS)}
+    got: dict[str, tuple[int, bytes]] = {}
+    await server.start()
+
+    async def killer() -> None:
+        for _ in range(KILLS):
+            await trio.sleep(rng.uniform(0.3, 1.5))
+            await server.kill()
+            await server.start()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(killer)
+        send, receive = trio.open_memory_channel[tuple[str, dict[str, Any]]](0)
+        async with receive:
+            for _ in range(CLIENTS):
+                nursery.start_soon(client, server, receive.clone(), got)
+        # Orders keep arriving over the time the kills take (about 2 s each).
+        gap = KILLS * 2.0 / ORDERS
+        async with send:
+            for item in orders.items():
+                await send.send(item)
+                await trio.sleep(gap)
+
+    # The last run of the server recovers what the last kill left.
+    async with SqliteStore(db) as store:
+        with trio.fail_after(LEASE_S + 10):
+            # Another process's file: there is no event to wait on, so poll it.
+            while any(o.state == RUNNING for o, _ in await store.list_orders()):  # noqa: ASYNC110
+                await trio.sleep(0.2)
+        assert await server.stop() == 0
+        stored = {o.key: (o, net) for o, net in await store.list_orders()}
+
+    assert set(got) == set(orders)
+    assert set(stored) == set(orders)
+    attention = []
+    for key, order in orders.items():
+        record, net = stored[key]
+        assert record.state == FINISHED, key
+        assert (record.http_status, record.reply) == got[key], key
+        reply = json.loads(got[key][1])
+        refund_failed = any(
+            s.step == "payment" and s.compensation in ("error", "timeout") for s in record.steps
+        )
+        if reply["status"] == "ok" or refund_failed:
+            assert net == order["amount"], key
+        else:
+            assert net == 0, key
+        if record.needs_attention:
+            attention.append(key)
+            assert "fail_compensation" in order, key
+    print(
+        f"chaos: {len(got)} orders, {server.starts - 1} kills, "
+        f"{sum(1 for o, _ in stored.values() if o.attempt > 1)} run again after an interruption, "
+        f"{len(attention)} need attention (each with a compensation made to fail)"
+    )

@@ -1,0 +1,274 @@
+"""Orders that survive a retry and a crash: Idempotency-Key, lookup, recovery, an unwritable store.
+
+In process, through the app's test client, on real SQLite files in tmp_path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from werkzeug.datastructures import Headers
+
+from order_pipeline.model import STEP_NAMES
+from order_pipeline.orders import canonical
+from order_pipeline.server import Assembly, Settings, assemble
+from order_pipeline.store import FINISHED, RUNNING, Begun, SqliteStore, StepRecord
+
+from .conftest import make_order
+
+ORDER: dict[str, Any] = {"order_id": "o-1", "amount": 250}
+SLOW = {"payment": 1000, "vendor": 1000, "courier": 1000}
+
+
+@pytest.fixture(name="store")
+async def _store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    async with SqliteStore(tmp_path / "orders.db", busy_timeout=0.2) as store:
+        yield store
+
+
+@pytest.fixture(name="assembly")
+def _assembly(store: SqliteStore) -> Assembly:
+    return assemble(Settings(lease_timeout=2.0), store=store)
+
+
+async def post(assembly: Assembly, body: Any, key: str | None = None) -> tuple[int, bytes, Headers]:
+    headers = {} if key is None else {"Idempotency-Key": key}
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = await assembly.app.test_client().post("/order", data=data, headers=headers)
+    return response.status_code, await response.get_data(as_text=False), response.headers
+
+
+async def get(assembly: Assembly, path: str) -> tuple[int, dict[str, Any]]:
+    response = await assembly.app.test_client().get(path)
+    return response.status_code, json.loads(await response.get_data())
+
+
+async def test_a_retry_gets_the_first_reply_and_runs_nothing(
+    assembly: Assembly, store: SqliteStore, autojump_clock: trio.abc.Clock
+) -> None:
+    """The same key and order again: byte for byte the first reply, marked replayed, no step run."""
+    status, body, headers = await post(assembly, ORDER, key="k-1")
+    ran_until = trio.current_time()
+    # The same order, spelled differently: other key order, other spacing.
+    again = b'{ "amount": 250,   "order_id": "o-1" }'
+
+    replay_status, replay_body, replay_headers = await post(assembly, again, key="k-1")
+
+    assert (status, replay_status) == (200, 200)
+    assert replay_body == body
+    assert replay_headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in headers
+    assert headers["Content-Location"] == replay_headers["Content-Location"] == "/order/k-1"
+    assert trio.current_time() == ran_until  # no step slept
+    assert await store.net_charge("k-1") == 250  # charged once
+
+
+async def test_a_failure_is_replayed_too(
+    assembly: Assembly, store: SqliteStore, autojump_clock: trio.abc.Clock
+) -> None:
+    """A declined order's retry is the same 400, not a second attempt (Stripe's rule)."""
+    declined = {"order_id": "o-2", "amount": 0}
+    first = await post(assembly, declined, key="k-2")
+    second = await post(assembly, declined, key="k-2")
+
+    assert first[:2] == second[:2]
+    assert first[0] == 400
+    assert second[2]["Idempotent-Replayed"] == "true"
+    assert await store.net_charge("k-2") == 0
+
+
+async def test_the_same_key_while_running_is_409(assembly: Assembly) -> None:
+    """While the first order runs, its key answers 409 order_in_progress with Retry-After."""
+    slow = {**ORDER, "delay_ms": SLOW}
+    # Real time: the store's thread would let an autojump clock skip the first order's steps.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(post, assembly, slow, "k-3")
+        await assembly.tracker.wait_for(lambda n: n == 3)
+
+        status, body, headers = await post(assembly, slow, key="k-3")
+
+        assert status == 409
+        assert json.loads(body)["error"]["kind"] == "order_in_progress"
+        assert headers["Retry-After"] == "1"
+        assert headers["Content-Location"] == "/order/k-3"
+        assert assembly.tracker.in_flight == 3  # nothing more started
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_same_key_for_another_order_is_422(
+    assembly: Assembly, store: SqliteStore, autojump_clock: trio.abc.Clock
+) -> None:
+    """A key sent again with a different order is 422 idempotency_key_reused; nothing runs."""
+    await post(assembly, ORDER, key="k-4")
+    ran_until = trio.current_time()
+
+    status, body, _ = await post(assembly, {**ORDER, "amount": 251}, key="k-4")
+
+    assert status == 422
+    assert json.loads(body)["error"]["kind"] == "idempotency_key_reused"
+    assert trio.current_time() == ran_until
+    assert await store.net_charge("k-4") == 250
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "a b", "ключ", "a/b", "a?b"])
+async def test_a_malformed_key_is_400_naming_the_header(
+    assembly: Assembly, store: SqliteStore, key: str
+) -> None:
+    """A key outside 1-255 characters of A-Za-z0-9._~:- is refused before anything is stored."""
+    response = await assembly.app.test_client().post(
+        "/order", json=ORDER, headers={"Idempotency-Key": key}
+    )
+    body = await response.get_json()
+
+    assert response.status_code == 400
+    assert body["error"]["kind"] == "bad_request"
+    assert "Idempotency-Key" in body["error"]["message"]
+    assert await store.list_orders() == []
+
+
+async def test_without_a_key_the_server_makes_one(
+    assembly: Assembly, autojump_clock: trio.abc.Clock
+) -> None:
+    """An order without a key gets a fresh one, not its request ID, and can be looked up by it."""
+    response = await assembly.app.test_client().post(
+        "/order", json=ORDER, headers={"X-Request-ID": "trace-1"}
+    )
+    location = response.headers["Content-Location"]
+
+    assert response.status_code == 200
+    assert location.startswith("/order/")
+    assert "trace-1" not in location
+    assert await get(assembly, location) == (200, await response.get_json())
+
+
+@pytest.mark.parametrize("key", ["a:b~c", "A.b_c-d", "1" * 255])
+async def test_content_location_names_the_key(
+    assembly: Assembly, autojump_clock: trio.abc.Clock, key: str
+) -> None:
+    """Every accepted order's reply says where to look it up, and the lookup finds it."""
+    status, body, headers = await post(assembly, ORDER, key=key)
+
+    assert status == 200
+    assert await get(assembly, headers["Content-Location"]) == (200, json.loads(body))
+
+
+async def test_lookup_shows_a_running_order_its_steps_so_far(assembly: Assembly) -> None:
+    """While an order runs, GET /order/{key} says running, with each step recorded so far."""
+    order = {**ORDER, "delay_ms": {"payment": 0, "vendor": 60_000, "courier": 60_000}}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(post, assembly, order, "k-5")
+        await assembly.tracker.wait_for(lambda n: n == 3)
+        await assembly.tracker.wait_for(lambda n: n == 2)  # the payment has ended
+
+        status, body = await get(assembly, "/order/k-5")
+
+        assert status == 200
+        assert body["status"] == "running"
+        assert body["order_id"] == "o-1"
+        assert [(s["name"], s["status"]) for s in body["steps"]] == [("payment", "ok")]
+        nursery.cancel_scope.cancel()
+    status, body = await get(assembly, "/order/k-5")
+    assert (status, body["status"], body["error"]["kind"]) == (200, "error", "canceled")
+
+
+async def test_lookup_of_an_unknown_key_is_404(assembly: Assembly) -> None:
+    """An unknown key is 404 not_found."""
+    status, body = await get(assembly, "/order/nobody")
+
+    assert status == 404
+    assert body["error"] == {"kind": "not_found", "message": "no order with this key"}
+
+
+async def orphan(store: SqliteStore, key: str, charged: bool) -> str:
+    """An order left running by a process that died after its payment (or before any step)."""
+    order = make_order("o-orphan", amount=70)
+    body = canonical(order)
+    request_hash = hashlib.sha256(body).hexdigest()
+    begun = await store.begin(key, order.order_id, request_hash, body, "dead-process")
+    assert isinstance(begun, Begun)
+    if charged:
+        await store.charge(begun.order.attempt_id, key, 70)
+        store.record_step(key, begun.order.attempt_id, StepRecord("payment", "ok", None, 150))
+    return begun.order.attempt_id
+
+
+@pytest.mark.parametrize("charged", [True, False])
+async def test_an_orphaned_order_is_undone_within_the_lease_and_can_be_sent_again(
+    assembly: Assembly, store: SqliteStore, autojump_clock: trio.abc.Clock, charged: bool
+) -> None:
+    """A dead process's order is claimed, refunded and recorded interrupted; a retry runs it."""
+    await orphan(store, "k-6", charged)
+    assert await store.net_charge("k-6") == (70 if charged else 0)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(assembly.desk.maintain)
+        await trio.sleep(2)  # its owner never held a lease: the first round claims it
+        nursery.cancel_scope.cancel()
+    stored = await store.get("k-6")
+
+    assert stored is not None
+    assert (stored.state, stored.kind, stored.http_status) == (FINISHED, "interrupted", 503)
+    assert await store.net_charge("k-6") == 0
+    # Every step is undone: a step with no record may have taken effect.
+    assert {s.step: s.compensation for s in stored.steps} == dict.fromkeys(STEP_NAMES, "ok")
+
+    status, body, headers = await post(assembly, make_order_body(), key="k-6")
+
+    assert status == 200
+    assert "Idempotent-Replayed" not in headers
+    assert json.loads(body)["status"] == "ok"
+    assert await store.net_charge("k-6") == 70
+    assert (await store.get("k-6")).attempt == 2  # type: ignore[union-attr] # it exists
+
+
+def make_order_body() -> bytes:
+    return canonical(make_order("o-orphan", amount=70))
+
+
+async def test_a_live_process_s_orders_are_not_claimed(
+    assembly: Assembly, store: SqliteStore, autojump_clock: trio.abc.Clock
+) -> None:
+    """A running order whose owner renews its lease is left alone by other processes."""
+    await orphan(store, "k-7", charged=True)
+    await store.renew_lease("dead-process", 3600)  # not dead after all
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(assembly.desk.maintain)
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+
+    stored = await store.get("k-7")
+    assert stored is not None
+    assert (stored.state, stored.owner) == (RUNNING, "dead-process")
+    assert await store.net_charge("k-7") == 70
+
+
+async def test_an_unwritable_store_refuses_new_orders_and_recovers(
+    assembly: Assembly, store: SqliteStore, tmp_path: Path
+) -> None:
+    """While another writer holds the file, new orders get 503 store_unavailable; then they run."""
+    fast = {**ORDER, "delay_ms": dict.fromkeys(STEP_NAMES, 0)}
+    blocker = sqlite3.connect(tmp_path / "orders.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        status, body, headers = await post(assembly, fast, key="k-8")
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
+
+    assert status == 503
+    assert json.loads(body)["error"]["kind"] == "store_unavailable"
+    assert headers["Retry-After"] == "1"
+
+    status, body, _ = await post(assembly, fast, key="k-8")
+
+    assert status == 200
+    assert await store.net_charge("k-8") == 250

@@ -1,0 +1,626 @@
+"""The order store: one contract suite run on every backend, then what only a SQLite file does.
+
+Real SQLite files in tmp_path, never a mock. A new backend joins the contract suite by adding
+its URL to BACKENDS.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from order_pipeline.store import (
+    FINISHED,
+    RUNNING,
+    Begun,
+    Existing,
+    MemoryStore,
+    OrderStore,
+    SqliteStore,
+    StepRecord,
+    StoredOrder,
+    StoreError,
+    StoreUnavailable,
+    StoreURL,
+    open_store,
+    parse_store_url,
+)
+from order_pipeline.store.sqlite import APPLICATION_ID, SCHEMA_VERSION
+
+BACKENDS: dict[str, Callable[[Path], str]] = {
+    "sqlite": lambda tmp: f"sqlite:///{tmp / 'orders.db'}",
+    "memory": lambda tmp: "memory",
+}
+BODY = b'{"amount":100,"order_id":"o-1"}'
+
+
+@pytest.fixture(name="store", params=list(BACKENDS))
+async def _store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OrderStore]:
+    async with open_store(BACKENDS[request.param](tmp_path)) as store:
+        yield store
+
+
+async def begun(store: OrderStore, key: str = "k-1", owner: str = "w-1") -> StoredOrder:
+    """Begin a new order under `key` and return it (failing if the key was taken)."""
+    result = await store.begin(key, "o-1", "hash-1", BODY, owner)
+    assert isinstance(result, Begun)
+    return result.order
+
+
+async def interrupted(store: OrderStore, key: str = "k-1") -> StoredOrder:
+    """An order whose first attempt ended interrupted (as recovery records it)."""
+    order = await begun(store, key)
+    store.record_step(key, order.attempt_id, StepRecord("payment", "ok", duration_ms=5))
+    await store.finish(key, order.attempt_id, 503, b"{}", "interrupted")
+    return order
+
+
+# -- the contract, on every backend -------------------------------------------------------
+
+
+async def test_begin_of_a_new_key_starts_attempt_one(store: OrderStore) -> None:
+    """A new key is committed RUNNING as attempt 1, with a fresh attempt id, and can be read."""
+    before = time.time()
+    order = await begun(store)
+    assert (order.key, order.order_id, order.request_hash, order.body) == (
+        "k-1",
+        "o-1",
+        "hash-1",
+        BODY,
+    )
+    assert (order.attempt, order.owner, order.state, order.steps) == (1, "w-1", RUNNING, ())
+    assert len(order.attempt_id) == 32
+    assert before <= order.started_at <= time.time()
+    assert (order.finished_at, order.http_status, order.reply, order.kind) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    assert await store.get("k-1") == order
+    assert await store.get("k-2") is None
+
+
+async def test_begin_of_a_taken_key_returns_the_stored_order(store: OrderStore) -> None:
+    """A second begin with the key gets the first request's order, steps included, unchanged."""
+    first = await begun(store)
+    store.record_step("k-1", first.attempt_id, StepRecord("vendor", "ok", duration_ms=3))
+    again = await store.begin("k-1", "o-2", "hash-2", b"{}", "w-2")
+    assert isinstance(again, Existing)
+    assert again.order.request_hash == "hash-1"
+    assert again.order.body == BODY
+    assert again.order.attempt_id == first.attempt_id
+    assert again.order.steps == (StepRecord("vendor", "ok", duration_ms=3),)
+
+
+async def test_concurrent_begins_of_one_key_start_it_once(store: OrderStore) -> None:
+    """Of 50 tasks beginning the same key at once, exactly one runs it; all see that one."""
+    results: list[Begun | Existing] = []
+
+    async def begin(owner: str) -> None:
+        results.append(await store.begin("k-1", "o-1", "hash-1", BODY, owner))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(begin, f"w-{i}")
+    winners = [r for r in results if isinstance(r, Begun)]
+    assert len(winners) == 1
+    assert {r.order.attempt_id for r in results} == {winners[0].order.attempt_id}
+
+
+async def test_steps_and_reply_are_recorded(store: OrderStore) -> None:
+    """Steps show in get as recorded, a compensation replaces its step's record, finish the rest."""
+    order = await begun(store)
+    payment = StepRecord("payment", "ok", duration_ms=150)
+    vendor = StepRecord("vendor", "error", detail="vendor_unavailable", duration_ms=200)
+    store.record_step("k-1", order.attempt_id, payment)
+    store.record_step("k-1", order.attempt_id, vendor)
+    refunded = StepRecord("payment", "ok", duration_ms=150, compensation="ok", compensation_ms=80)
+    store.record_step("k-1", order.attempt_id, refunded)
+    await store.finish("k-1", order.attempt_id, 502, b'{"error":"vendor"}', "step_failed")
+    done = await store.get("k-1")
+    assert done is not None
+    assert done.steps == (refunded, vendor)
+    assert (done.state, done.http_status, done.reply, done.kind) == (
+        FINISHED,
+        502,
+        b'{"error":"vendor"}',
+        "step_failed",
+    )
+    assert done.finished_at is not None
+    assert done.finished_at >= done.started_at
+
+
+async def test_finish_of_a_stale_attempt_changes_nothing(store: OrderStore) -> None:
+    """A finish with another attempt id, or after the order finished, leaves the row alone."""
+    order = await begun(store)
+    await store.finish("k-1", "not-this-attempt", 500, b"stale", "interrupted")
+    running = await store.get("k-1")
+    assert running is not None
+    assert running.state == RUNNING
+    await store.finish("k-1", order.attempt_id, 200, b"first", None)
+    await store.finish("k-1", order.attempt_id, 500, b"second", "interrupted")
+    done = await store.get("k-1")
+    assert done is not None
+    assert (done.http_status, done.reply, done.kind) == (200, b"first", None)
+
+
+async def test_record_step_of_a_stale_attempt_is_dropped(store: OrderStore) -> None:
+    """A step recorded under an attempt id that is not the order's current one is not shown."""
+    order = await begun(store)
+    store.record_step("k-1", "not-this-attempt", StepRecord("payment", "ok"))
+    await store.finish("k-1", order.attempt_id, 200, b"{}", None)
+    done = await store.get("k-1")
+    assert done is not None
+    assert done.steps == ()
+
+
+async def test_restart_only_from_interrupted_and_the_expected_attempt(store: OrderStore) -> None:
+    """Only an interrupted order at the expected attempt restarts, with a clean new attempt."""
+    running = await begun(store, "k-run")
+    assert await store.restart("k-run", "w-2", 1) is None
+    await store.finish("k-run", running.attempt_id, 200, b"{}", None)
+    assert await store.restart("k-run", "w-2", 1) is None  # finished ok: nothing to resume
+    assert await store.restart("k-none", "w-2", 1) is None
+    first = await interrupted(store)
+    assert await store.restart("k-1", "w-2", 2) is None
+    again = await store.restart("k-1", "w-2", 1)
+    assert again is not None
+    assert (again.attempt, again.owner, again.state, again.steps) == (2, "w-2", RUNNING, ())
+    assert again.attempt_id != first.attempt_id
+    assert again.started_at >= first.started_at
+    assert (again.request_hash, again.body) == (first.request_hash, first.body)
+    assert (again.finished_at, again.http_status, again.reply, again.kind) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    assert await store.get("k-1") == again
+
+
+async def test_one_of_two_concurrent_restarts_wins(store: OrderStore) -> None:
+    """Two processes restarting the same interrupted order: one gets it, the other None."""
+    await interrupted(store)
+    results: list[StoredOrder | None] = []
+
+    async def restart(owner: str) -> None:
+        results.append(await store.restart("k-1", owner, 1))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(restart, "w-2")
+        nursery.start_soon(restart, "w-3")
+    (winner,) = [r for r in results if r is not None]
+    assert len(results) == 2
+    assert await store.get("k-1") == winner
+
+
+async def test_claim_takes_orders_of_expired_or_missing_leases_only(store: OrderStore) -> None:
+    """Orders of a dead owner (lease expired or never taken) are claimed; a live owner's aren't."""
+    await store.renew_lease("dead", -1.0)
+    await store.renew_lease("live", 60.0)
+    await store.renew_lease("me", 60.0)
+    dead = await begun(store, "k-dead", owner="dead")
+    store.record_step("k-dead", dead.attempt_id, StepRecord("payment", "ok", duration_ms=7))
+    await begun(store, "k-gone", owner="gone")
+    await begun(store, "k-live", owner="live")
+    finished = await begun(store, "k-done", owner="dead")
+    await store.finish("k-done", finished.attempt_id, 200, b"{}", None)
+
+    claimed = {o.key: o for o in await store.claim_interrupted("me", 10)}
+    assert set(claimed) == {"k-dead", "k-gone"}
+    assert claimed["k-dead"].steps == (StepRecord("payment", "ok", duration_ms=7),)
+    assert claimed["k-dead"].attempt_id == dead.attempt_id
+    assert {o.owner for o in claimed.values()} == {"me"}
+    assert await store.claim_interrupted("other", 10) == []  # "me" is alive and holds them
+    live = await store.get("k-live")
+    assert live is not None
+    assert live.owner == "live"
+
+
+async def test_release_lease_lets_others_claim_at_once(store: OrderStore) -> None:
+    """An owner that released its lease (clean shutdown) has its running orders claimable."""
+    await store.renew_lease("w-1", 60.0)
+    await begun(store, owner="w-1")
+    assert await store.claim_interrupted("me", 10) == []
+    await store.release_lease("w-1")
+    assert [o.key for o in await store.claim_interrupted("me", 10)] == ["k-1"]
+
+
+async def test_concurrent_claimers_get_disjoint_orders(store: OrderStore) -> None:
+    """Two live processes claiming at once never both take one order, and leave none behind."""
+    keys = {f"k-{i}" for i in range(20)}
+    for key in keys:
+        await begun(store, key, owner="dead")
+    claims: dict[str, list[StoredOrder]] = {}
+
+    async def claim(owner: str) -> None:
+        await store.renew_lease(owner, 60.0)
+        claims[owner] = await store.claim_interrupted(owner, 15)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(claim, "a")
+        nursery.start_soon(claim, "b")
+    a, b = ({o.key for o in claims[owner]} for owner in "ab")
+    assert not a & b
+    assert a | b == keys
+    for owner, orders in claims.items():
+        for order in orders:
+            stored = await store.get(order.key)
+            assert stored is not None
+            assert stored.owner == owner
+
+
+async def test_charge_is_idempotent_on_its_id(store: OrderStore) -> None:
+    """A charge retried with the same id counts once; net_charge sums a key's own charges."""
+    await store.charge("c-1", "k-1", 100)
+    await store.charge("c-1", "k-1", 100)
+    await store.charge("c-2", "k-1", 30)
+    await store.charge("c-3", "k-2", 7)
+    assert await store.net_charge("k-1") == 130
+    assert await store.net_charge("k-2") == 7
+    assert await store.net_charge("k-3") == 0
+
+
+async def test_refund_is_idempotent_and_ignores_unknown_charges(store: OrderStore) -> None:
+    """A refund takes its charge back once; refunding a charge that never happened does nothing."""
+    await store.refund("c-never")
+    await store.charge("c-1", "k-1", 100)
+    await store.charge("c-2", "k-1", 30)
+    await store.refund("c-1")
+    await store.refund("c-1")
+    assert await store.net_charge("k-1") == 30
+    await store.charge("c-1", "k-1", 100)  # a retried charge does not undo its refund
+    assert await store.net_charge("k-1") == 30
+    await store.charge("c-never", "k-2", 5)
+    assert await store.net_charge("k-2") == 5
+
+
+async def test_list_orders_with_ledger_and_needs_attention(store: OrderStore) -> None:
+    """list_orders gives each order with its net charge; needs_attention only failed undos."""
+    ok = await begun(store, "k-ok")
+    await store.charge(ok.attempt_id, "k-ok", 100)
+    await store.finish("k-ok", ok.attempt_id, 200, b"{}", None)
+    stuck = await begun(store, "k-stuck")
+    await store.charge(stuck.attempt_id, "k-stuck", 40)
+    store.record_step(
+        "k-stuck", stuck.attempt_id, StepRecord("payment", "ok", compensation="error")
+    )
+    await store.finish("k-stuck", stuck.attempt_id, 500, b"{}", "compensation_failed")
+    slow = await begun(store, "k-slow")
+    cancel_timed_out = StepRecord("vendor", "ok", compensation="timeout")
+    store.record_step("k-slow", slow.attempt_id, cancel_timed_out)
+    await store.finish("k-slow", slow.attempt_id, 502, b"{}", "step_failed")
+    undone = await begun(store, "k-undone")
+    cancelled = StepRecord("vendor", "ok", compensation="ok")
+    store.record_step("k-undone", undone.attempt_id, cancelled)
+    await store.finish("k-undone", undone.attempt_id, 502, b"{}", "step_failed")
+
+    everything = {o.key: net for o, net in await store.list_orders()}
+    assert everything == {"k-ok": 100, "k-stuck": 40, "k-slow": 0, "k-undone": 0}
+    attention = await store.list_orders(needs_attention=True)
+    assert {o.key: net for o, net in attention} == {"k-stuck": 40, "k-slow": 0}
+    assert all(o.needs_attention for o, _ in attention)
+    assert [o.steps[0].compensation for o, _ in attention if o.key == "k-slow"] == ["timeout"]
+
+
+async def test_purge_forgets_old_finished_orders_only(store: OrderStore) -> None:
+    """Purge removes finished orders older than the cutoff with their steps and ledger rows."""
+    old = await begun(store, "k-old")
+    store.record_step("k-old", old.attempt_id, StepRecord("payment", "ok"))
+    await store.charge(old.attempt_id, "k-old", 100)
+    await store.finish("k-old", old.attempt_id, 200, b"{}", None)
+    await begun(store, "k-running")
+    cutoff = time.time()
+    await trio.sleep(0.01)
+    new = await begun(store, "k-new")
+    await store.finish("k-new", new.attempt_id, 200, b"{}", None)
+
+    assert await store.purge(cutoff) == 1
+    assert await store.get("k-old") is None
+    assert await store.net_charge("k-old") == 0
+    assert {o.key for o, _ in await store.list_orders()} == {"k-running", "k-new"}
+    again = await begun(store, "k-old")  # the key is free again
+    assert (again.attempt, again.steps) == (1, ())
+    assert await store.purge(cutoff) == 0
+
+
+async def test_a_cancelled_begin_did_all_or_nothing(store: OrderStore) -> None:
+    """Cancelled before it starts, a begin writes nothing; cancelled in flight, it still returns."""
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await store.begin("k-early", "o-1", "hash-1", BODY, "w-1")
+    assert await store.get("k-early") is None
+
+    returned: list[Begun | Existing] = []
+
+    async def begin() -> None:
+        returned.append(await store.begin("k-1", "o-1", "hash-1", BODY, "w-1"))
+        await trio.sleep_forever()  # where the cancellation lands
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(begin)
+        await trio.testing.wait_all_tasks_blocked()  # the begin is queued (SQLite) or done
+        nursery.cancel_scope.cancel()
+    assert [type(r) for r in returned] == [Begun]
+    assert await store.get("k-1") == returned[0].order
+
+
+# (charge, charge id, key, amount) or (refund, charge id, "", 0)
+LedgerOp = tuple[str, str, str, int]
+charge_ids = st.sampled_from(["c-1", "c-2", "c-3", "c-4"])
+ledger_ops = st.lists(
+    st.tuples(st.just("charge"), charge_ids, st.sampled_from("xy"), st.integers(0, 10**9))
+    | st.tuples(st.just("refund"), charge_ids, st.just(""), st.just(0)),
+    max_size=12,
+)
+
+
+@given(ops=ledger_ops)
+def test_ledger_matches_a_model(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[LedgerOp]
+) -> None:
+    """For random charges and refunds, every backend's net charges are a simple model's."""
+    charges: dict[str, tuple[str, int]] = {}
+    refunded: set[str] = set()
+    for action, charge_id, key, amount in ops:
+        if action == "charge":
+            charges.setdefault(charge_id, (key, amount))
+        elif charge_id in charges:
+            refunded.add(charge_id)
+    expected = {"x": 0, "y": 0}
+    for charge_id, (key, amount) in charges.items():
+        expected[key] += 0 if charge_id in refunded else amount
+
+    async def main(url: str) -> dict[str, int]:
+        async with open_store(url) as store:
+            for action, charge_id, key, amount in ops:
+                if action == "charge":
+                    await store.charge(charge_id, key, amount)
+                else:
+                    await store.refund(charge_id)
+            return {k: await store.net_charge(k) for k in expected}
+
+    for backend, url in BACKENDS.items():
+        assert trio.run(main, url(tmp_path_factory.mktemp("ledger"))) == expected, backend
+
+
+# -- URLs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "parsed"),
+    [
+        ("memory", StoreURL("memory")),
+        ("sqlite:///orders.db", StoreURL("sqlite", Path("orders.db"))),
+        ("sqlite:///data/orders.db", StoreURL("sqlite", Path("data/orders.db"))),
+        ("sqlite:////var/lib/orders.db", StoreURL("sqlite", Path("/var/lib/orders.db"))),
+    ],
+)
+def test_store_urls_parse(url: str, parsed: StoreURL) -> None:
+    """memory and sqlite:///PATH (relative) or sqlite:////PATH (absolute) are understood."""
+    assert parse_store_url(url) == parsed
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["", "sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite://host/x.db", "mem", "pg://x"],
+)
+async def test_other_store_urls_are_refused(url: str) -> None:
+    """Anything else is a one-line StoreError naming the URL and what would do, even to open."""
+    with pytest.raises(StoreError, match="unsupported store URL") as raised:
+        parse_store_url(url)
+    assert repr(url) in str(raised.value)
+    assert "sqlite:///PATH or memory" in str(raised.value)
+    with pytest.raises(StoreError):
+        async with open_store(url):
+            pass
+
+
+async def test_open_store_picks_the_backend(tmp_path: Path) -> None:
+    """open_store yields a MemoryStore for memory and a SqliteStore on the named file."""
+    async with open_store("memory") as memory:
+        assert isinstance(memory, MemoryStore)
+    async with open_store(f"sqlite:///{tmp_path / 'o.db'}") as sqlite:
+        assert isinstance(sqlite, SqliteStore)
+        assert sqlite.path == tmp_path / "o.db"
+    assert (tmp_path / "o.db").exists()
+
+
+# -- SQLite only ----------------------------------------------------------------------------
+
+
+async def test_two_stores_on_one_file_share_orders_and_one_wins_a_key(tmp_path: Path) -> None:
+    """Two processes' stores opened at once on one new file: one schema, and one begin wins."""
+    path = tmp_path / "orders.db"
+    stores = [SqliteStore(path), SqliteStore(path)]
+    async with trio.open_nursery() as nursery:
+        for store in stores:
+            nursery.start_soon(store.__aenter__)
+    try:
+        results: list[Begun | Existing] = []
+
+        async def begin(store: SqliteStore, owner: str) -> None:
+            results.append(await store.begin("k-1", "o-1", "hash-1", BODY, owner))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(begin, stores[i % 2], f"w-{i}")
+        (winner,) = [r for r in results if isinstance(r, Begun)]
+        assert {r.order.attempt_id for r in results} == {winner.order.attempt_id}
+        other = await begun(stores[1], "k-2")
+        assert await stores[0].get("k-2") == other
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+async def test_reopening_the_file_keeps_everything(tmp_path: Path) -> None:
+    """What was committed before close is there after open, byte for byte."""
+    path = tmp_path / "orders.db"
+    async with SqliteStore(path) as store:
+        order = await begun(store)
+        store.record_step("k-1", order.attempt_id, StepRecord("courier", "canceled", "x", 9))
+        await store.charge(order.attempt_id, "k-1", 100)
+        await store.renew_lease("w-1", -1.0)
+        await store.finish("k-1", order.attempt_id, 201, b'{"status":"ok"}\xff', None)
+        await begun(store, "k-2")
+        kept = await store.get("k-1")
+    async with SqliteStore(path) as store:
+        assert await store.get("k-1") == kept
+        assert await store.net_charge("k-1") == 100
+        assert [o.key for o in await store.claim_interrupted("w-2", 10)] == ["k-2"]
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA application_id").fetchone() == (APPLICATION_ID,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_an_empty_file_becomes_a_store(tmp_path: Path) -> None:
+    """A zero-byte file (say, made by touch) is taken as a new store, not refused."""
+    path = tmp_path / "orders.db"
+    path.write_bytes(b"")
+    async with SqliteStore(path) as store:
+        order = await begun(store)
+        assert await store.get("k-1") == order
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def _foreign_tables(path: Path) -> None:
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY)")
+        conn.commit()
+
+
+def _foreign_application_id(path: Path) -> None:
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA application_id = 1234")
+        conn.commit()
+
+
+def _newer_schema(path: Path) -> None:
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        conn.execute("CREATE TABLE orders (key TEXT PRIMARY KEY, shape TEXT)")
+        conn.commit()
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda p: p.write_bytes(b"not a database, just garbage bytes\n" * 50), "not a database"),
+        (lambda p: p.write_bytes(b"x"), "not a database"),
+        (_foreign_tables, "not an order store"),
+        (_foreign_application_id, "not an order store"),
+        (_newer_schema, "newer than this program"),
+    ],
+    ids=["garbage", "one-byte", "other-tables", "other-application-id", "newer-schema"],
+)
+async def test_a_file_that_is_not_ours_is_refused_untouched(
+    tmp_path: Path, make: Callable[[Path], object], reason: str
+) -> None:
+    """A file that is not this store's database is a one-line StoreError; its bytes stay as is."""
+    path = tmp_path / "orders.db"
+    make(path)
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match=reason) as raised:
+        async with SqliteStore(path):
+            pass
+    assert str(path) in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert path.read_bytes() == before
+    assert _names(tmp_path) == ["orders.db"]  # no -wal or -journal file either
+
+
+@pytest.mark.parametrize("where", ["missing/dir/orders.db", "."], ids=["missing-dir", "a-dir"])
+async def test_an_unopenable_path_is_refused(tmp_path: Path, where: str) -> None:
+    """A path in a missing directory, or a directory, is a one-line StoreError naming it."""
+    path = tmp_path / where
+    with pytest.raises(StoreError) as raised:
+        async with open_store(f"sqlite:///{path}"):
+            pass
+    assert str(path) in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "missing").exists()
+
+
+async def test_a_locked_file_is_unavailable_then_recovers(tmp_path: Path) -> None:
+    """While another process holds the write lock a commit raises StoreUnavailable; then works."""
+    path = tmp_path / "orders.db"
+    async with SqliteStore(path, busy_timeout=0.1) as store:
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            failed: list[BaseException] = []
+
+            async def begin(key: str) -> None:
+                try:
+                    await store.begin(key, "o-1", "hash-1", BODY, "w-1")
+                except StoreUnavailable as exc:
+                    failed.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(begin, "k-1")
+                nursery.start_soon(begin, "k-2")
+            assert len(failed) == 2
+            assert all("locked" in str(exc) for exc in failed)
+            other.execute("ROLLBACK")
+        order = await begun(store)  # nothing of the failed batch was committed
+        assert await store.get("k-1") == order
+        assert await store.get("k-2") is None
+
+
+async def test_concurrent_finishes_share_commits(tmp_path: Path) -> None:
+    """20 orders finishing at once are committed in fewer than 20 transactions (group commit)."""
+    async with SqliteStore(tmp_path / "orders.db") as store:
+        orders = [await begun(store, f"k-{i}") for i in range(20)]
+        before = store.commits
+        async with trio.open_nursery() as nursery:
+            for order in orders:
+                nursery.start_soon(store.finish, order.key, order.attempt_id, 200, b"{}", None)
+        assert store.commits - before < 20
+        assert all(o.state == FINISHED for o, _ in await store.list_orders())
+
+
+async def test_many_orders_flow_through_the_writer(tmp_path: Path) -> None:
+    """A thousand concurrent orders (begin, three steps, finish) all land, in batched commits."""
+    async with SqliteStore(tmp_path / "orders.db") as store:
+
+        async def run(key: str) -> None:
+            order = await begun(store, key)
+            for step in ("payment", "vendor", "courier"):
+                store.record_step(key, order.attempt_id, StepRecord(step, "ok", duration_ms=1))
+            await store.finish(key, order.attempt_id, 200, b"{}", None)
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for i in range(1000):
+                nursery.start_soon(run, f"k-{i}")
+        elapsed = time.perf_counter() - started
+        print(f"{1000 / elapsed:.0f} orders/s in {store.commits} commits")  # -s shows it
+        listed = await store.list_orders()
+        assert len(listed) == 1000
+        assert all(o.state == FINISHED and len(o.steps) == 3 for o, _ in listed)
+        assert store.commits < 1000
+
+
+async def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
+    """After close, calls raise StoreUnavailable instead of hanging on a stopped thread."""
+    async with SqliteStore(tmp_path / "orders.db") as store:
+        pass
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.get("k-1")
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.record_step("k-1", "a", StepRecord("payment", "ok"))
