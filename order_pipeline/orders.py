@@ -20,6 +20,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -70,6 +71,8 @@ class Answer:
     key: str | None = None
     retry_after: bool = False
     replayed: bool = False
+    refused: str | None = None
+    """The kind, for an order answered without running."""
 
 
 def canonical(order: OrderRequest) -> bytes:
@@ -80,7 +83,7 @@ def canonical(order: OrderRequest) -> bytes:
 def _error(kind: str, message: str | None = None, *, key: str | None = None) -> Answer:
     entry = lookup(kind)
     body = dump_reply(Reply("error", error=ErrorInfo(kind, message or entry.message)))
-    return Answer(entry.status, body, key, entry.retry_after)
+    return Answer(entry.status, body, key, entry.retry_after, refused=kind)
 
 
 def _known_steps(stored: StoredOrder) -> list[StepResult]:
@@ -123,13 +126,23 @@ class OrderDesk:
     store: OrderStore
     lease_timeout: float = 5.0
     retention: float = 86_400.0
+    on_refused: Callable[[str, int, str | None], None] = lambda kind, status, order_id: None
     owner: str = attrs.field(factory=lambda: uuid.uuid4().hex)
     # Replies that were sent as 503 because their record could not be committed; retried.
     _unrecorded: list[tuple[Attempt, int, bytes, str | None]] = attrs.field(factory=list)
 
     async def submit(self, order: OrderRequest, key: str | None = None) -> Answer:
-        """Run `order` under `key` (a fresh one if None), or answer from what the key holds."""
-        key = key or uuid.uuid4().hex
+        """Run `order` under `key` (a fresh one if None), or answer from what the key holds.
+
+        An order answered without running (409, 422, 503 store_unavailable) is
+        reported to `on_refused`; a replay is not an order of its own.
+        """
+        answer = await self._submit(order, key or uuid.uuid4().hex)
+        if answer.refused is not None:
+            self.on_refused(answer.refused, answer.status, order.order_id)
+        return answer
+
+    async def _submit(self, order: OrderRequest, key: str) -> Answer:
         body = canonical(order)
         request_hash = hashlib.sha256(body).hexdigest()
         try:
@@ -217,8 +230,10 @@ class OrderDesk:
             log.warning("could not release the lease of %s", self.owner)
 
     async def _keep_lease(self) -> None:
+        # Renewed well within its length, so a slow renewal cannot let it lapse.
+        every = min(LEASE_RENEW_S, self.lease_timeout / 3)
         while True:
-            await trio.sleep(LEASE_RENEW_S)
+            await trio.sleep(every)
             try:
                 await self.store.renew_lease(self.owner, self.lease_timeout)
             except StoreUnavailable as exc:

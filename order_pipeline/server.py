@@ -98,7 +98,11 @@ def assemble(
         on_step=reporter.step_ended,
     )
     desk = OrderDesk(
-        pipeline, store, lease_timeout=settings.lease_timeout, retention=settings.retention
+        pipeline,
+        store,
+        lease_timeout=settings.lease_timeout,
+        retention=settings.retention,
+        on_refused=reporter.refused,
     )
     app = create_app(
         desk,

@@ -116,6 +116,8 @@ async def test_the_same_key_for_another_order_is_422(
     assert json.loads(body)["error"]["kind"] == "idempotency_key_reused"
     assert trio.current_time() == ran_until
     assert await store.net_charge("k-4") == 250
+    metrics = assembly.metrics.exposition()[0].decode()
+    assert 'orders_total{http_status="422",kind="idempotency_key_reused"} 1.0' in metrics
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "a b", "ключ", "a/b", "a?b"])
