@@ -92,7 +92,11 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def fuzz(session: nox.Session) -> None:
-    """The hypothesis tests with many more examples."""
+    """The property tests marked `fuzz`, with FUZZ_EXAMPLES (5,000) examples each.
+
+    The pool's state machine, orders against a model, compensations exactly once,
+    the converter round trip, arbitrary bodies, the store's ledger against a model.
+    """
     session.install("-e", *TEST_DEPS)
     session.run(
         "pytest",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,11 +22,22 @@ from order_pipeline.server import Assembly, Settings, assemble, serve
 
 from .server_process import StartServer, server_factory
 
+# `nox -s fuzz` loads the fuzz profile: FUZZ_EXAMPLES (5,000) examples for every test
+# marked `fuzz`, whatever number the test asks for in an ordinary run (`examples`).
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "5000"))
 settings.register_profile("default", deadline=None)
 settings.register_profile(
-    "fuzz", deadline=None, max_examples=5_000, suppress_health_check=[HealthCheck.too_slow]
+    "fuzz",
+    deadline=None,
+    max_examples=FUZZ_EXAMPLES,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 settings.load_profile("default")
+
+
+def examples(usual: int) -> int:
+    """`usual` examples in an ordinary run; the fuzz profile's number under `nox -s fuzz`."""
+    return FUZZ_EXAMPLES if settings().max_examples == FUZZ_EXAMPLES else usual
 
 
 def make_order(order_id: str = "o-1", **fields: Any) -> OrderRequest:

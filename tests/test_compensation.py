@@ -185,6 +185,7 @@ step_names = st.sampled_from(["payment", "vendor", "courier"])
 delays = st.dictionaries(step_names, st.integers(0, 3_000))
 
 
+@pytest.mark.fuzz
 @given(
     fields=st.fixed_dictionaries(
         {

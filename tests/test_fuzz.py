@@ -85,6 +85,7 @@ valid_orders: st.SearchStrategy[dict[str, Any]] = st.builds(
 )
 
 
+@pytest.mark.fuzz
 @given(document=valid_orders)
 def test_orders_round_trip(document: dict[str, Any]) -> None:
     """Every valid order survives structure(unstructure(order)) unchanged."""

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import pytest
 import trio
 import trio.testing
 from hypothesis import assume, given, settings
@@ -17,6 +18,7 @@ from order_pipeline.kinds import lookup
 from order_pipeline.server import Settings, assemble
 from order_pipeline.services import CourierPool
 
+from .conftest import examples
 from .timings import DELAY_MS, UNDO_MS
 
 
@@ -108,8 +110,10 @@ class CourierPoolMachine(RuleBasedStateMachine):
         self.thread.join(timeout=10)
 
 
-TestCourierPool = CourierPoolMachine.TestCase
-TestCourierPool.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+TestCourierPool = pytest.mark.fuzz(CourierPoolMachine.TestCase)
+TestCourierPool.settings = settings(
+    max_examples=examples(60), stateful_step_count=30, deadline=None
+)
 
 
 # --- orders against a model ------------------------------------------------------
@@ -179,7 +183,8 @@ orders = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@pytest.mark.fuzz
+@settings(max_examples=examples(150), deadline=None)
 @given(order=orders)
 def test_orders_match_the_model(order: dict[str, Any]) -> None:
     """Random valid orders: status, step statuses, durations, compensations, order of results."""

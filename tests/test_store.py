@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from order_pipeline.store import (
@@ -35,6 +35,8 @@ from order_pipeline.store import (
     parse_store_url,
 )
 from order_pipeline.store.sqlite import APPLICATION_ID, SCHEMA_VERSION
+
+from .conftest import examples
 
 BACKENDS: dict[str, Callable[[Path], str]] = {
     "sqlite": lambda tmp: f"sqlite:///{tmp / 'orders.db'}",
@@ -365,6 +367,8 @@ ledger_ops = st.lists(
 )
 
 
+@pytest.mark.fuzz
+@settings(max_examples=examples(100))
 @given(ops=ledger_ops)
 def test_ledger_matches_a_model(
     tmp_path_factory: pytest.TempPathFactory, ops: list[LedgerOp]
