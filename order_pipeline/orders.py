@@ -252,18 +252,18 @@ class OrderDesk:
                 async with trio.open_nursery() as nursery:
                     for stored in claimed:
                         nursery.start_soon(self._recover, stored)
+                try:  # reading one back waits for the commit that carries every record
+                    await self.store.get(claimed[-1].key)
+                except StoreUnavailable:
+                    log.warning("recovered orders could not be recorded yet")
             if len(claimed) < RECOVERY_BATCH:
                 await trio.sleep(LEASE_RENEW_S)
 
     async def _recover(self, stored: StoredOrder) -> None:
-        """Undo an interrupted order and record it final."""
+        """Undo an interrupted order; the reporter queues its final record."""
         current_attempt.set(Attempt(stored.key, stored.attempt_id, self.owner))
         order = parse_order(stored.body)
         await self.pipeline.undo(order, _known_steps(stored), INTERRUPTED)
-        try:
-            await self.store.get(stored.key)  # waits for the commit that carries the record
-        except StoreUnavailable:
-            log.warning("recovered order %r could not be recorded yet", stored.order_id)
 
     async def _record_unrecorded(self) -> None:
         while self._unrecorded:
