@@ -274,3 +274,22 @@ async def test_an_unwritable_store_refuses_new_orders_and_recovers(
 
     assert status == 200
     assert await store.net_charge("k-8") == 250
+
+
+async def test_finished_orders_are_forgotten_after_the_retention(store: SqliteStore) -> None:
+    """Past `--retention`, a finished order is deleted and its key runs a new order."""
+    assembly = assemble(Settings(retention=0.05), store=store)
+    fast = {**ORDER, "delay_ms": dict.fromkeys(STEP_NAMES, 0)}
+    assert (await post(assembly, fast, key="k-9"))[0] == 200
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(assembly.desk.maintain)
+        with trio.fail_after(5):
+            while await store.get("k-9") is not None:  # noqa: ASYNC110 # the purge is a loop of its own
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+    status, _, headers = await post(assembly, {**fast, "amount": 9}, key="k-9")
+    assert status == 200
+    assert "Idempotent-Replayed" not in headers
+    assert await store.net_charge("k-9") == 9
