@@ -105,8 +105,9 @@ async def recovery(orders: int) -> dict[str, Any]:
         started = time.monotonic()
         async with trio.open_nursery() as nursery:
             await nursery.start(assembly.desk.maintain)
+            # The store is polled, as an operator would poll it: there is no event to wait on.
             while any(o.state == RUNNING for o, _ in await store.list_orders()):  # noqa: ASYNC110
-                await trio.sleep(0.5)  # (polling the store is what an operator would do)
+                await trio.sleep(0.5)
             elapsed = time.monotonic() - started
             nursery.cancel_scope.cancel()
         listed = await store.list_orders()

@@ -33,7 +33,7 @@ SVG = ROOT / "docs" / "latency.svg"
 BEGIN, END = "<!-- loadtest:begin -->", "<!-- loadtest:end -->"
 
 S1_FLAGS = ["--payment-delay-ms", "1", "--vendor-delay-ms", "1", "--courier-delay-ms", "1",
-            "--courier-pool-size", "128"]  # fmt: skip
+            "--courier-pool-size", "128"]  # fmt: skip # flags and values in pairs
 DEFAULT_FLAGS = ["--courier-pool-size", "128"]
 COMMON = ["--no-access-log"]  # the one log line per order stays: it is part of the service
 
@@ -65,7 +65,7 @@ def wrk(url: str, connections: int, duration: int, fail_fraction: float = 0.0) -
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "30s", "-s", str(LUA),
          url],
         capture_output=True, text=True, env=env, check=True,
-    ).stdout  # fmt: skip
+    ).stdout  # fmt: skip # the wrk command on one line, as it would be typed
     summary: dict[str, Any] = json.loads(out.split("WRK_JSON ", 1)[1].splitlines()[0])
     return summary
 
@@ -121,7 +121,7 @@ def in_process(what: str) -> dict[str, Any]:
         done = subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / "inflight.py"), what, *mode],
             capture_output=True, text=True, check=True, cwd=ROOT,
-        )  # fmt: skip
+        )  # fmt: skip # one call, its options on one line
         figures.update(json.loads(done.stdout))
     return figures
 

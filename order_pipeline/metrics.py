@@ -38,7 +38,7 @@ __all__ = ["Metrics"]
 LIVE_REFRESH_S: Final = 1.0
 LATENCY_BUCKETS: Final = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 1, 2.5, 5, 10, 30,
-)  # fmt: skip
+)  # fmt: skip # the buckets on one line
 
 
 class Metrics:
@@ -53,19 +53,19 @@ class Metrics:
         self.orders = Counter(
             "order_pipeline_orders", "Orders answered, by outcome kind and HTTP status.",
             ["kind", "http_status"], registry=r,
-        )  # fmt: skip
+        )  # fmt: skip # name, help, labels and options read as one declaration
         self.order_seconds = Histogram(
             "order_pipeline_order_duration_seconds", "Order latency, compensations included.",
             ["kind"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+        )  # fmt: skip # name, help, labels and options read as one declaration
         self.step_seconds = Histogram(
             "order_pipeline_step_duration_seconds", "Step latency, by step and status.",
             ["step", "status"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+        )  # fmt: skip # name, help, labels and options read as one declaration
         self.compensations = Counter(
             "order_pipeline_compensations", "Compensations run, by step and outcome.",
             ["step", "status"], registry=r,
-        )  # fmt: skip
+        )  # fmt: skip # name, help, labels and options read as one declaration
         self.shed = Counter(
             "order_pipeline_orders_shed",
             "Courier steps refused at once because too many orders waited for a courier.",
@@ -79,15 +79,15 @@ class Metrics:
         self.steps_in_flight = Gauge(
             "order_pipeline_steps_in_flight", "Steps and compensations running now.",
             multiprocess_mode="livesum", registry=r,
-        )  # fmt: skip
+        )  # fmt: skip # name, help, labels and options read as one declaration
         self.courier_slots_in_use = Gauge(
             "order_pipeline_courier_slots_in_use", "Courier pool slots held now.",
             multiprocess_mode="livesum", registry=r,
-        )  # fmt: skip
+        )  # fmt: skip # name, help, labels and options read as one declaration
         self.courier_waiting = Gauge(
             "order_pipeline_courier_waiting", "Orders waiting for a courier slot now.",
             multiprocess_mode="livesum", registry=r,
-        )  # fmt: skip
+        )  # fmt: skip # name, help, labels and options read as one declaration
 
     def observe_order(self, result: OrderResult, kind: str, http_status: int) -> None:
         """An order that ran; `kind` is its label ("ok" for success)."""

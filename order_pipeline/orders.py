@@ -49,7 +49,7 @@ from .model import (
 )
 from .orchestrator import Pipeline
 from .serialization import converter, dump_reply, encode_result, parse_order
-from .store import RUNNING, Begun, OrderStore, StoredOrder, StoreUnavailable
+from .store import RUNNING, Begun, Existing, OrderStore, StoredOrder, StoreUnavailable
 
 __all__ = ["Answer", "OrderDesk", "canonical"]
 
@@ -168,7 +168,7 @@ class OrderDesk:
                         key, order.order_id, request_hash, body, self.owner
                     )
                 else:
-                    begun = again  # type: ignore[assignment] # an Existing in all but name
+                    begun = Existing(again)
             return _error(ORDER_IN_PROGRESS, key=key)
         except StoreUnavailable as exc:
             log.warning("order %r refused: the store is unavailable (%s)", order.order_id, exc)

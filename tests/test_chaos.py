@@ -151,7 +151,7 @@ async def test_kills_at_random_lose_no_order_and_no_money(tmp_path: Path) -> Non
     async with SqliteStore(db) as store:
         with trio.fail_after(LEASE_S + 10):
             # Another process's file: there is no event to wait on, so poll it.
-            while any(o.state == RUNNING for o, _ in await store.list_orders()):  # noqa: ASYNC110
+            while any(o.state == RUNNING for o, _ in await store.list_orders()):  # noqa: ASYNC110 # see above
                 await trio.sleep(0.2)
         assert await server.stop() == 0
         stored = {o.key: (o, net) for o, net in await store.list_orders()}

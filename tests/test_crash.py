@@ -94,7 +94,7 @@ async def test_sigkill_with_200_orders_in_flight_then_a_restart_undoes_them(
                 nursery.start_soon(send, http, key)
             # Another process's file: there is no event to wait on, so poll it.
             with trio.fail_after(20):  # until every payment is charged in the ledger
-                while sum([await store.net_charge(k) for k in orders]) < total:  # noqa: ASYNC110
+                while sum([await store.net_charge(k) for k in orders]) < total:  # noqa: ASYNC110 # poll
                     await trio.sleep(0.1)
             first.process.kill()
         assert await first.process.wait() == -9
@@ -102,7 +102,7 @@ async def test_sigkill_with_200_orders_in_flight_then_a_restart_undoes_them(
         second = await start_server(*flags)
         started = trio.current_time()
         with trio.fail_after(LEASE_S + 2):
-            while any(o.state == RUNNING for o, _ in await store.list_orders()):  # noqa: ASYNC110
+            while any(o.state == RUNNING for o, _ in await store.list_orders()):  # noqa: ASYNC110 # poll
                 await trio.sleep(0.1)
         recovered_in = trio.current_time() - started
 
