@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import logging
 
+import attrs
 import pytest
 import trio
 
-from order_pipeline.model import OrderRequest, OrderResult, StepError, StepResult, StepStatus
+from order_pipeline.model import (
+    Compensation,
+    CompensationStatus,
+    OrderRequest,
+    OrderResult,
+    StepError,
+    StepResult,
+    StepStatus,
+)
 from order_pipeline.orchestrator import Pipeline, Step, StepAction
 from order_pipeline.services import StepTracker
 
-from .fakes import FailingReport, Hangs, Sleeps
+from .fakes import FailingReport, Hangs, Instant, Sleeps
 
 OK, ERROR, CANCELED = StepStatus.OK, StepStatus.ERROR, StepStatus.CANCELED
 
@@ -257,3 +266,151 @@ async def test_step_tasks_are_named_after_their_steps(
     await pipe.process(order)
 
     assert sorted(names) == ["payment", "vendor"]
+
+
+LOGGER = "order_pipeline.orchestrator"
+
+
+def logged(caplog: pytest.LogCaptureFixture) -> list[tuple[str, type[BaseException] | None]]:
+    """The orchestrator's log records: each message as formatted, and its traceback's type."""
+    return [
+        (r.getMessage(), r.exc_info[0] if r.exc_info else None)
+        for r in caplog.records
+        if r.name == LOGGER
+    ]
+
+
+async def test_an_internal_step_error_is_logged_naming_the_order_and_the_step(
+    order: OrderRequest, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step that raised unexpectedly is logged naming order and step, with its traceback."""
+    pipe, _ = pipeline(("broken", Sleeps(0.05, ZeroDivisionError("boom"))), ("other", Sleeps(1)))
+
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        await pipe.process(order)
+
+    assert logged(caplog) == [("order 'o-1': step broken raised", ZeroDivisionError)]
+
+
+async def test_a_failing_step_report_is_logged_and_changes_nothing(
+    order: OrderRequest, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An `on_step` that raises is logged, naming order and step, and the order ends as it would."""
+
+    def broken(_: StepResult) -> None:
+        raise RuntimeError("the store is down")
+
+    finished: list[OrderResult] = []
+    pipe = Pipeline(
+        [Step("a", Sleeps(0.1)), Step("b", Sleeps(0.2))], on_step=broken, on_finish=finished.append
+    )
+
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        result = await pipe.process(order)
+
+    assert result == OrderResult(
+        "o-1", (StepResult("a", OK, 100), StepResult("b", OK, 200)), None, 200
+    )
+    assert finished == [result]
+    assert logged(caplog) == [
+        ("order 'o-1': reporting step a failed", RuntimeError),
+        ("order 'o-1': reporting step b failed", RuntimeError),
+    ]
+
+
+async def test_a_failing_result_report_is_logged_naming_the_order(
+    order: OrderRequest, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An `on_finish` that raises is logged with its traceback, naming the order."""
+    pipe = Pipeline([Step("a", Sleeps(0.1))], on_finish=FailingReport())
+
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        result = await pipe.process(order)
+
+    assert result.ok
+    assert logged(caplog) == [("order 'o-1': reporting its result failed", RuntimeError)]
+
+
+async def test_failed_compensations_are_logged_naming_the_order_the_step_and_why(
+    order: OrderRequest, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each compensation that raises or overruns is logged for an operator: order, step and why."""
+    pipe = Pipeline(
+        [
+            Step("refund", Instant(), Instant(RuntimeError("undo exploded"))),
+            Step("release", Instant(), Hangs()),
+            Step("ship", Sleeps(0.1, StepError("no_courier"))),
+        ],
+        compensation_timeout=1.0,
+    )
+
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        result = await pipe.process(order)
+
+    assert result.kind == "compensation_failed"
+    assert logged(caplog) == [
+        ("order 'o-1': compensating refund raised", RuntimeError),
+        (
+            "order 'o-1': compensation of refund ended error (internal); it needs manual attention",
+            None,
+        ),
+        (
+            "order 'o-1': compensation of release ended timeout (its deadline passed);"
+            " it needs manual attention",
+            None,
+        ),
+    ]
+
+
+async def test_compensation_tasks_are_named_after_their_steps(
+    order: OrderRequest, autojump_clock: trio.abc.Clock
+) -> None:
+    """Each compensation runs in a task of its own, named "undo <step>" (as a debugger shows it)."""
+    names: list[str] = []
+
+    async def record(_: OrderRequest) -> None:
+        names.append(trio.lowlevel.current_task().name)
+
+    pipe = Pipeline(
+        [
+            Step("payment", Sleeps(0.1), record),
+            Step("vendor", Sleeps(0.1), record),
+            Step("courier", Sleeps(0.2, StepError("no_courier")), record),
+        ]
+    )
+
+    await pipe.process(order)
+
+    assert sorted(names) == ["undo payment", "undo vendor"]
+
+
+async def test_undo_reports_its_kind_or_compensation_failed(
+    order: OrderRequest, autojump_clock: trio.abc.Clock
+) -> None:
+    """`undo` reports the order as the kind it is given, or compensation_failed if an undo fails."""
+
+    async def refund(_: OrderRequest) -> None:
+        pass
+
+    async def release(_: OrderRequest) -> None:
+        raise StepError("release_failed")
+
+    finished: list[OrderResult] = []
+    paid = StepResult("payment", OK, 150)
+    refunding = Pipeline([Step("payment", Hangs(), refund)], on_finish=finished.append)
+    both = Pipeline(
+        [Step("payment", Hangs(), refund), Step("courier", Hangs(), release)],
+        on_finish=finished.append,
+    )
+
+    undone = await refunding.undo(order, [paid], "interrupted")
+    not_undone = await both.undo(order, [paid, StepResult("courier", OK, 100)], "interrupted")
+
+    refunded = Compensation(CompensationStatus.OK, 0)
+    assert undone == OrderResult("o-1", (attrs.evolve(paid, compensation=refunded),), "interrupted")
+    assert not_undone.kind == "compensation_failed"
+    assert [s.compensation for s in not_undone.steps] == [
+        refunded,
+        Compensation(CompensationStatus.ERROR, 0),
+    ]
+    assert finished == [undone, not_undone]

@@ -12,9 +12,13 @@ from typing import Any
 import pytest
 
 from order_pipeline.model import (
+    INT64_MAX,
+    INT64_MIN,
+    ORDER_ID_MAX_CHARS,
     Compensation,
     CompensationStatus,
     ErrorInfo,
+    OrderId,
     Reply,
     StepResult,
     StepStatus,
@@ -99,3 +103,62 @@ def test_replies_omit_what_is_absent() -> None:
             {"name": "courier", "status": "canceled", "duration_ms": 7},
         ],
     }
+
+
+def test_an_order_id_may_have_exactly_the_maximum_length() -> None:
+    """An order id of exactly ORDER_ID_MAX_CHARS characters is accepted; one more is refused."""
+    converter = make_converter()
+    longest = "x" * ORDER_ID_MAX_CHARS
+
+    assert parse_order(converter.dumps({"order_id": longest}), converter).order_id == longest
+    with pytest.raises(InvalidOrder):
+        parse_order(converter.dumps({"order_id": longest + "x"}), converter)
+
+
+def test_order_id_rules_apply_to_order_ids_only() -> None:
+    """The order id's rules (not blank, at most 128 characters) are not applied to every string."""
+    converter = make_converter()
+
+    assert converter.structure("", str) == ""
+    assert converter.structure("x" * 200, str) == "x" * 200
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ([], "body must be a JSON object"),
+        ({"order_id": "o", "zz": 1, "aa": 2}, "unknown field(s): 'aa', 'zz' @ $"),
+        (
+            {"order_id": " ", "amount": "12"},
+            "must not be blank @ $.order_id; "
+            f"must be an integer from {INT64_MIN} to {INT64_MAX} @ $.amount",
+        ),
+    ],
+)
+def test_a_refusal_names_every_fault_exactly(document: object, message: str) -> None:
+    """The message is exactly the faults found, each with its path, joined by "; "; it is the
+    exception's text too."""
+    converter = make_converter()
+
+    with pytest.raises(InvalidOrder) as refused:
+        parse_order(converter.dumps(document), converter)
+
+    assert refused.value.message == message
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("error", [RuntimeError("secret internals"), ValueError()])
+def test_an_unexpected_fault_reads_invalid_value(error: Exception) -> None:
+    """A hook failing with an error that is not one of ours, or has no text, reads "invalid value"
+    (its own text is kept from the client)."""
+    converter = make_converter()
+
+    def broken(_: object, __: type) -> str:
+        raise error
+
+    converter.register_structure_hook(OrderId, broken)
+
+    with pytest.raises(InvalidOrder) as refused:
+        parse_order(b'{"order_id": "o"}', converter)
+
+    assert refused.value.message == "invalid value @ $.order_id"
