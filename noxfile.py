@@ -25,7 +25,7 @@ UNIT = "not bench and not stress and not chaos"
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
-TEST_DEPS = [".[test]"]
+TEST_DEPS = [".[test,postgres]"]
 
 
 @nox.session
@@ -40,6 +40,20 @@ def stress(session: nox.Session) -> None:
     """The heaviest load tests: 20,000 requests, 20,000 orders in flight, 5,000 connections."""
     session.install("-e", *TEST_DEPS)
     session.run("pytest", "-m", "stress", "--durations=0", *session.posargs)
+
+
+@nox.session
+def postgres(session: nox.Session) -> None:
+    """The store's tests on a real PostgreSQL server: the contract suite and what only it does.
+
+    The server is ORDER_PIPELINE_TEST_POSTGRES (default postgresql://postgres@127.0.0.1:5432/test);
+    each test works in a schema of its own. No server fails the session rather than skipping.
+    """
+    session.install("-e", *TEST_DEPS)
+    session.run(
+        "pytest", "-m", "postgres", "--durations=10", *session.posargs,
+        env={"ORDER_PIPELINE_REQUIRE_POSTGRES": "1"},
+    )  # fmt: skip # the command, then what it needs
 
 
 @nox.session

@@ -1,16 +1,27 @@
-"""The order store: one contract suite run on every backend, then what only a SQLite file does.
+"""The order store: one contract suite run on every backend, then what only a SQLite file does,
+then what only PostgreSQL does.
 
-Real SQLite files in tmp_path, never a mock. A new backend joins the contract suite by adding
-its URL to BACKENDS.
+Real SQLite files in tmp_path and a real PostgreSQL server, never a mock. A new backend joins
+the contract suite by adding its URL to BACKENDS.
+
+PostgreSQL: the server at ORDER_PIPELINE_TEST_POSTGRES (default
+postgresql://postgres@127.0.0.1:5432/test), each test in schemas of its own, created before it
+and dropped after it. Without a server those tests skip, unless ORDER_PIPELINE_REQUIRE_POSTGRES=1
+(CI, `nox -s postgres`) makes them fail.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import closing
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import pytest
 import trio
@@ -38,16 +49,125 @@ from order_pipeline.store.sqlite import APPLICATION_ID, SCHEMA_VERSION
 
 from .conftest import examples
 
+if TYPE_CHECKING:
+    import psycopg
+
+    from order_pipeline.store.postgres import PostgresStore
+
+POSTGRES_URL = os.environ.get(
+    "ORDER_PIPELINE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_POSTGRES = os.environ.get("ORDER_PIPELINE_REQUIRE_POSTGRES") == "1"
+_schemas: list[str] = []  # made by new_schema, dropped after the test (by _drop_schemas)
+
+
+@functools.cache
+def _postgres_missing() -> str | None:
+    """Why the tests cannot use a PostgreSQL server, or None if they can (asked once)."""
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed (pip install -e '.[test,postgres]')"
+    try:
+        with psycopg.connect(POSTGRES_URL, connect_timeout=3):
+            pass
+    except psycopg.Error as exc:
+        return f"no PostgreSQL server answers at {POSTGRES_URL}: {' '.join(str(exc).split())}"
+    return None
+
+
+def need_postgres() -> None:
+    """Skip the test without a server, or fail it if ORDER_PIPELINE_REQUIRE_POSTGRES=1."""
+    why = _postgres_missing()
+    if why is None:
+        return
+    if REQUIRE_POSTGRES:
+        pytest.fail(f"{why} (and ORDER_PIPELINE_REQUIRE_POSTGRES=1)", pytrace=False)
+    pytest.skip(f"{why}: set ORDER_PIPELINE_TEST_POSTGRES=postgresql://USER@HOST:PORT/DBNAME")
+
+
+def admin() -> psycopg.Connection[tuple[Any, ...]]:
+    """A connection of the test's own (autocommit) to the test server."""
+    import psycopg
+
+    return psycopg.connect(POSTGRES_URL, autocommit=True)
+
+
+def with_params(url: str, **params: str) -> str:
+    """`url` with libpq query parameters added (`options` appended to any already there)."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    if "options" in params and "options" in query:
+        params["options"] = f"{query['options']} {params['options']}"
+    return parts._replace(query=urlencode({**query, **params}, quote_via=quote)).geturl()
+
+
+def new_schema() -> str:
+    """A new, empty schema on the test server, dropped after the test (by _drop_schemas)."""
+    need_postgres()
+    schema = f"order_store_test_{uuid.uuid4().hex[:16]}"
+    with admin() as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    _schemas.append(schema)
+    return schema
+
+
+def postgres_url(_: Path | None = None, *, schema: str | None = None) -> str:
+    """A URL of the test server on `schema`, by default a new one of the test's own.
+
+    The schema is the first of the search_path (libpq's ?options=-csearch_path%3D...), which
+    is where the store creates its tables: each test has its own, dropped after it.
+    """
+    return with_params(POSTGRES_URL, options=f"-csearch_path={schema or new_schema()}")
+
+
+@pytest.fixture(name="postgres")
+def _postgres() -> None:
+    """The test server is there (else skip, or fail under ORDER_PIPELINE_REQUIRE_POSTGRES=1).
+
+    A sync fixture: a skip raised in a Trio test loses its reason (pytest-trio re-raises
+    a bare skip), a skip here keeps it.
+    """
+    need_postgres()
+
+
+@pytest.fixture(name="schema")
+def _schema() -> str:
+    """A new schema of the test's own on the test server, dropped after the test."""
+    return new_schema()
+
+
+@pytest.fixture(autouse=True)
+def _drop_schemas() -> Iterator[None]:
+    """Drop the schemas the test made (after its stores closed: this fixture ends last)."""
+    yield
+    if _schemas:
+        with admin() as conn:
+            while _schemas:
+                conn.execute(f"DROP SCHEMA IF EXISTS {_schemas.pop()} CASCADE")
+
+
 BACKENDS: dict[str, Callable[[Path], str]] = {
     "sqlite": lambda tmp: f"sqlite:///{tmp / 'orders.db'}",
     "memory": lambda tmp: "memory",
+    "postgresql": postgres_url,
 }
+BACKEND_PARAMS = [
+    pytest.param(name, marks=pytest.mark.postgres) if name == "postgresql" else name
+    for name in BACKENDS
+]
 BODY = b'{"amount":100,"order_id":"o-1"}'
 
 
-@pytest.fixture(name="store", params=list(BACKENDS))
-async def _store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OrderStore]:
-    async with open_store(BACKENDS[request.param](tmp_path)) as store:
+@pytest.fixture(name="store_url", params=BACKEND_PARAMS)
+def _store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each backend's URL (sync too: PostgreSQL's skip keeps its reason)."""
+    return BACKENDS[request.param](tmp_path)
+
+
+@pytest.fixture(name="store")
+async def _store(store_url: str) -> AsyncIterator[OrderStore]:
+    async with open_store(store_url) as store:
         yield store
 
 
@@ -369,9 +489,10 @@ ledger_ops = st.lists(
 
 @pytest.mark.fuzz
 @settings(max_examples=examples(100))
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @given(ops=ledger_ops)
 def test_ledger_matches_a_model(
-    tmp_path_factory: pytest.TempPathFactory, ops: list[LedgerOp]
+    tmp_path_factory: pytest.TempPathFactory, backend: str, ops: list[LedgerOp]
 ) -> None:
     """For random charges and refunds, every backend's net charges are a simple model's."""
     charges: dict[str, tuple[str, int]] = {}
@@ -394,8 +515,8 @@ def test_ledger_matches_a_model(
                     await store.refund(charge_id)
             return {k: await store.net_charge(k) for k in expected}
 
-    for backend, url in BACKENDS.items():
-        assert trio.run(main, url(tmp_path_factory.mktemp("ledger"))) == expected, backend
+    url = BACKENDS[backend](tmp_path_factory.mktemp("ledger"))
+    assert trio.run(main, url) == expected, backend
 
 
 # -- URLs ---------------------------------------------------------------------------------
@@ -425,6 +546,38 @@ async def test_other_store_urls_are_refused(url: str) -> None:
         parse_store_url(url)
     assert repr(url) in str(raised.value)
     assert "sqlite:///PATH or memory" in str(raised.value)
+    with pytest.raises(StoreError):
+        async with open_store(url):
+            pass
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://orders:s3cret@db.example:5433/orders",
+        "postgres://orders@db.example/orders",
+        "postgresql://orders@db.example/orders?options=-csearch_path%3Dshop&sslmode=require",
+    ],
+)
+def test_postgresql_urls_parse(url: str) -> None:
+    """postgresql:// and postgres:// URLs are kept whole; their repr shows no password."""
+    pytest.importorskip("psycopg")
+    parsed = parse_store_url(url)
+    assert parsed == StoreURL("postgresql", url=url)
+    assert "s3cret" not in repr(parsed)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://orders:s3cret@db.example/orders?nonsense=1", "postgres://u:s3cret@[::1/x"],
+)
+async def test_a_bad_postgresql_url_is_refused_without_its_password(url: str) -> None:
+    """libpq's parsing refuses it at once, in a one-line StoreError without the password."""
+    pytest.importorskip("psycopg")
+    with pytest.raises(StoreError, match="not a valid PostgreSQL URL") as raised:
+        parse_store_url(url)
+    assert "s3cret" not in str(raised.value)
+    assert "\n" not in str(raised.value)
     with pytest.raises(StoreError):
         async with open_store(url):
             pass
@@ -623,6 +776,553 @@ async def test_many_orders_flow_through_the_writer(tmp_path: Path) -> None:
 async def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
     """After close, calls raise StoreUnavailable instead of hanging on a stopped thread."""
     async with SqliteStore(tmp_path / "orders.db") as store:
+        pass
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.get("k-1")
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.record_step("k-1", "a", StepRecord("payment", "ok"))
+
+
+# -- PostgreSQL only ------------------------------------------------------------------------
+
+
+def postgres_store(url: str, **options: Any) -> PostgresStore:
+    """A PostgresStore, imported here: without psycopg the tests above still run."""
+    from order_pipeline.store.postgres import PostgresStore
+
+    return PostgresStore(url, **options)
+
+
+@asynccontextmanager
+async def postgres_stores(
+    url: str, count: int, **options: Any
+) -> AsyncIterator[list[PostgresStore]]:
+    """`count` stores on `url` (as on so many hosts), opened at once, closed after the block."""
+    stores = [postgres_store(url, **options) for _ in range(count)]
+    try:
+        async with trio.open_nursery() as nursery:
+            for store in stores:
+                nursery.start_soon(store.__aenter__)
+        yield stores
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+async def sql(query: str, *args: Any, schema: str | None = None) -> list[tuple[Any, ...]]:
+    """Run one statement (in `schema`) on a connection of the test's own, in a thread."""
+
+    def run() -> list[tuple[Any, ...]]:
+        with admin() as conn:
+            if schema is not None:
+                conn.execute(f"SET search_path TO {schema}")
+            cursor = conn.execute(query, args)
+            return cursor.fetchall() if cursor.description else []
+
+    return await trio.to_thread.run_sync(run)
+
+
+async def backends(application: str, *, waiting: bool = False) -> list[int]:
+    """The pids of the server processes serving `application` (only those waiting on a lock)."""
+    rows = await sql(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+        " AND (NOT %s OR wait_event_type = 'Lock')",
+        application,
+        waiting,
+    )
+    return [pid for (pid,) in rows]
+
+
+async def wait_for(condition: Callable[[], Awaitable[object]], what: str) -> None:
+    """Poll `condition` until it holds; fail, saying `what`, after 10 s."""
+    with trio.move_on_after(10.0):
+        while not await condition():  # noqa: ASYNC110  # the server's state: no Event tells it
+            await trio.sleep(0.02)
+        return
+    pytest.fail(f"gave up waiting for {what}")
+
+
+async def terminate(application: str) -> list[int]:
+    """End the server processes serving `application` (their connections are lost)."""
+    pids = await backends(application)
+    for pid in pids:
+        await sql("SELECT pg_terminate_backend(%s)", pid)
+
+    async def gone() -> bool:
+        return not set(pids) & set(await backends(application))
+
+    await wait_for(gone, f"backends {pids} to end")
+    return pids
+
+
+def application() -> str:
+    """An application_name of the test's own, to find its store's connections by."""
+    return f"order-store-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.mark.postgres
+async def test_two_hosts_begin_one_key_once(schema: str) -> None:
+    """Two stores on one schema, 50 begins of one key from each at once: exactly one Begun."""
+    async with postgres_stores(postgres_url(schema=schema), 2) as stores:
+        results: list[Begun | Existing] = []
+
+        async def begin(store: OrderStore, owner: str) -> None:
+            results.append(await store.begin("k-1", "o-1", "hash-1", BODY, owner))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(100):
+                nursery.start_soon(begin, stores[i % 2], f"w-{i}")
+        (winner,) = [r for r in results if isinstance(r, Begun)]
+        assert len(results) == 100
+        assert {r.order.attempt_id for r in results} == {winner.order.attempt_id}
+        assert await stores[0].get("k-1") == await stores[1].get("k-1") == winner.order
+
+
+@pytest.mark.postgres
+async def test_two_hosts_beginning_keys_in_opposite_orders_all_get_answers(schema: str) -> None:
+    """Two hosts' batches taking keys in opposite orders may deadlock; the victim runs again."""
+    async with postgres_stores(postgres_url(schema=schema), 2) as (a, b):
+        results: dict[str, list[Begun | Existing]] = {}
+
+        async def begin(store: OrderStore, key: str, owner: str) -> None:
+            results.setdefault(key, []).append(await store.begin(key, "o-1", "h", BODY, owner))
+
+        keys = [f"k-{i}" for i in range(40)]
+        async with trio.open_nursery() as nursery:
+            for key_a, key_b in zip(keys, reversed(keys), strict=True):
+                nursery.start_soon(begin, a, key_a, "a")
+                nursery.start_soon(begin, b, key_b, "b")
+        assert set(results) == set(keys)
+        for got in results.values():
+            (winner,) = [r for r in got if isinstance(r, Begun)]
+            assert {r.order.attempt_id for r in got} == {winner.order.attempt_id}
+
+
+@pytest.mark.postgres
+async def test_two_hosts_claiming_at_once_take_disjoint_orders_covering_all(schema: str) -> None:
+    """Two stores claiming a dead owner's orders at once: no order twice, none left behind."""
+    async with postgres_stores(postgres_url(schema=schema), 2) as (a, b):
+        keys = {f"k-{i}" for i in range(60)}
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(begun, a, key, "dead")
+        claims: dict[str, list[StoredOrder]] = {"a": [], "b": []}
+
+        async def claim(store: OrderStore, owner: str) -> None:
+            await store.renew_lease(owner, 60.0)
+            while batch := await store.claim_interrupted(owner, 7):
+                claims[owner] += batch
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(claim, a, "a")
+            nursery.start_soon(claim, b, "b")
+        claimed_a, claimed_b = ([o.key for o in claims[owner]] for owner in "ab")
+        assert not set(claimed_a) & set(claimed_b)
+        assert sorted(claimed_a + claimed_b) == sorted(keys)
+        for owner, orders in claims.items():
+            for order in orders:
+                stored = await b.get(order.key)
+                assert stored is not None
+                assert order.owner == stored.owner == owner
+
+
+@pytest.mark.postgres
+async def test_leases_and_times_are_the_database_clocks(
+    monkeypatch: pytest.MonkeyPatch, schema: str
+) -> None:
+    """A host whose clock is an hour slow neither loses its lease nor dates orders by it."""
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() - 3600.0)
+    async with postgres_stores(postgres_url(schema=schema), 2) as (slow, other):
+        await slow.renew_lease("slow", 60.0)
+        ((left,),) = await sql(
+            "SELECT extract(epoch FROM expires_at - now())::float8 FROM leases", schema=schema
+        )
+        assert 50.0 < left <= 60.0
+        order = await begun(slow, owner="slow")
+        assert abs(order.started_at - real_time()) < 60.0
+        assert await other.claim_interrupted("other", 10) == []  # alive, by the database
+        await slow.renew_lease("slow", 0.3)
+        assert await other.claim_interrupted("other", 10) == []
+        await trio.sleep(0.5)
+        assert [o.key for o in await other.claim_interrupted("other", 10)] == ["k-1"]
+
+
+@pytest.mark.postgres
+async def test_stores_opening_one_new_schema_at_once_migrate_it_once(schema: str) -> None:
+    """Four stores (as four hosts starting) on one empty schema: all open, one schema made."""
+    from order_pipeline.store.postgres import SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION
+    from order_pipeline.store.postgres import VERSION_TABLE
+
+    async with postgres_stores(postgres_url(schema=schema), 4) as stores:
+        order = await begun(stores[0])
+        assert await stores[3].get("k-1") == order
+    assert await sql(f"SELECT version FROM {VERSION_TABLE}", schema=schema) == [
+        (POSTGRES_SCHEMA_VERSION,)
+    ]
+    async with postgres_stores(postgres_url(schema=schema), 1) as (again,):
+        assert await again.get("k-1") == order  # opened again: kept, not migrated again
+
+
+async def _tables(schema: str) -> list[str]:
+    rows = await sql(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = %s",
+        schema,
+    )
+    return sorted(name for (name,) in rows)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("what", ["foreign-table", "newer-schema"])
+async def test_a_schema_that_is_not_ours_is_refused_untouched(what: str, schema: str) -> None:
+    """Tables of our names without our version table, or a newer version: StoreError."""
+    from order_pipeline.store.postgres import SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION
+    from order_pipeline.store.postgres import VERSION_TABLE
+
+    url = postgres_url(schema=schema)
+    if what == "foreign-table":
+        await sql("CREATE TABLE orders (id integer PRIMARY KEY)", schema=schema)
+        reason = "not an order store"
+    else:
+        async with open_store(url):
+            pass
+        newer = POSTGRES_SCHEMA_VERSION + 1
+        await sql(f"UPDATE {VERSION_TABLE} SET version = %s", newer, schema=schema)
+        reason = "newer than this program"
+    before = await _tables(schema)
+    with pytest.raises(StoreError, match=reason) as raised:
+        async with open_store(url):
+            pass
+    assert schema in str(raised.value) or "127.0.0.1" in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert await _tables(schema) == before
+    if what == "newer-schema":
+        assert await sql(f"SELECT version FROM {VERSION_TABLE}", schema=schema) == [(newer,)]
+
+
+@pytest.mark.usefixtures("postgres")
+@pytest.mark.postgres
+async def test_a_search_path_without_a_schema_is_refused() -> None:
+    """A search_path naming no existing schema leaves nowhere to create the tables."""
+    url = with_params(POSTGRES_URL, options=f"-csearch_path=missing_{uuid.uuid4().hex}")
+    with pytest.raises(StoreError, match="no schema of the search_path exists"):
+        async with open_store(url):
+            pass
+
+
+def _other_credentials(url: str, what: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    port = parts.port or 5432
+    user = parts.username or "postgres"
+    if what == "port":  # nothing listens on port 1
+        return parts._replace(netloc=f"{user}@{host}:1").geturl()
+    if what == "user":
+        return parts._replace(netloc=f"no_such_role_{uuid.uuid4().hex[:8]}@{host}:{port}").geturl()
+    assert what == "database"
+    return parts._replace(path=f"/no_such_database_{uuid.uuid4().hex[:8]}").geturl()
+
+
+@pytest.mark.usefixtures("postgres")
+@pytest.mark.postgres
+@pytest.mark.parametrize("what", ["port", "user", "database"])
+async def test_an_unreachable_or_refusing_server_is_a_store_error(what: str) -> None:
+    """No server on the port, an unknown role or database: a one-line StoreError naming the
+    host and the cause, within the store's timeout."""
+    url = _other_credentials(POSTGRES_URL, what)
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="cannot open the store") as raised:
+        async with open_store(url):
+            pass
+    message = str(raised.value)
+    assert f"@{urlsplit(url).hostname}:" in message
+    assert {"port": "refused", "user": "role", "database": "database"}[what] in message
+    assert "\n" not in message
+    assert time.monotonic() - started < 10.0
+
+
+@pytest.fixture(name="wrong_password_url")
+def _wrong_password_url(postgres: None) -> Iterator[str]:
+    """The URL of a role of the test's own with a wrong password (skips if the server does not
+    check passwords: pg_hba.conf's trust, as on many a developer's machine)."""
+    import psycopg
+
+    role = f"order_store_test_{uuid.uuid4().hex[:12]}"
+    parts = urlsplit(POSTGRES_URL)
+    netloc = f"{role}:wrong-password@{parts.hostname}:{parts.port or 5432}"
+    url = parts._replace(netloc=netloc).geturl()
+    with admin() as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'right-password'")
+    try:
+        try:
+            psycopg.connect(url).close()
+        except psycopg.OperationalError:
+            yield url
+        else:
+            pytest.skip("the server does not check passwords here (pg_hba.conf: trust)")
+    finally:
+        with admin() as conn:
+            conn.execute(f"DROP ROLE {role}")
+
+
+@pytest.mark.postgres
+async def test_a_wrong_password_is_a_store_error_without_the_password(
+    wrong_password_url: str,
+) -> None:
+    """A role's wrong password: StoreError naming the host and the cause, not the password."""
+    with pytest.raises(StoreError, match="password") as raised:
+        async with open_store(wrong_password_url):
+            pass
+    assert f"@{urlsplit(wrong_password_url).hostname}:" in str(raised.value)
+    assert "wrong-password" not in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_the_cli_exits_2_with_one_line_when_the_server_is_unreachable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`order-pipeline orders --store postgresql://...` with nothing there: exit 2, one line."""
+    pytest.importorskip("psycopg")
+    from order_pipeline.main import main
+
+    url = "postgresql://postgres@127.0.0.1:1/test"
+    with pytest.raises(SystemExit) as exited:
+        main(["orders", "--store", url])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "127.0.0.1:1" in err
+    assert "refused" in err
+
+
+@pytest.mark.postgres
+async def test_a_lost_idle_connection_is_replaced_unseen(schema: str) -> None:
+    """The server ends the store's idle connection: the next batch, lost, runs again anew."""
+    app = application()
+    async with postgres_stores(
+        with_params(postgres_url(schema=schema), application_name=app), 1
+    ) as (store,):
+        order = await begun(store)
+        for key in ("k-2", "k-3"):
+            assert len(await terminate(app)) == 1
+            assert await store.get("k-1") == order
+            await begun(store, key)
+
+
+@asynccontextmanager
+async def row_locked(schema: str, key: str) -> AsyncIterator[None]:
+    """Hold the lock of the order `key` (as another host's long transaction would)."""
+    locker = await trio.to_thread.run_sync(admin)
+    try:
+        await trio.to_thread.run_sync(locker.execute, f"SET search_path TO {schema}")
+        await trio.to_thread.run_sync(locker.execute, "BEGIN")
+        await trio.to_thread.run_sync(
+            locker.execute, "SELECT 1 FROM orders WHERE key = %s FOR UPDATE", (key,)
+        )
+        yield
+        await trio.to_thread.run_sync(locker.execute, "ROLLBACK")
+    finally:
+        await trio.to_thread.run_sync(locker.close)
+
+
+@pytest.mark.postgres
+async def test_a_connection_lost_mid_batch_runs_the_batch_again(schema: str) -> None:
+    """The store's connection ends while its batch waits on a lock: nothing of it was
+    committed, so it runs again on a new connection, and its callers never know."""
+    app = application()
+    url = with_params(postgres_url(schema=schema), application_name=app)
+    async with postgres_stores(url, 1) as (store,):
+        order = await begun(store)
+        async with trio.open_nursery() as nursery, row_locked(schema, "k-1"):
+            nursery.start_soon(store.finish, "k-1", order.attempt_id, 200, b"{}", None)
+            nursery.start_soon(begun, store, "k-2")  # in the same batch, or the next
+            await wait_for(lambda: backends(app, waiting=True), "the batch to wait")
+            (lost,) = await terminate(app)
+            await wait_for(lambda: backends(app, waiting=True), "the batch to run again")
+            assert lost not in await backends(app)
+        done = await store.get("k-1")
+        assert done is not None
+        assert (done.state, done.http_status) == (FINISHED, 200)
+        assert await store.get("k-2") is not None
+
+
+@pytest.mark.postgres
+async def test_a_lock_held_past_the_timeout_makes_the_batch_unavailable(schema: str) -> None:
+    """A row locked by someone else past `timeout` (lock_timeout): the batch raises
+    StoreUnavailable, nothing of it is written; once the lock is gone, all works again."""
+    async with postgres_stores(postgres_url(schema=schema), 1, timeout=0.3) as (store,):
+        order = await begun(store)
+        async with row_locked(schema, "k-1"):
+            failed: list[StoreUnavailable] = []
+
+            async def call(fn: Callable[[], Awaitable[object]]) -> None:
+                try:
+                    await fn()
+                except StoreUnavailable as exc:
+                    failed.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    call, lambda: store.finish("k-1", order.attempt_id, 200, b"", None)
+                )
+                nursery.start_soon(call, lambda: store.begin("k-2", "o-2", "h", BODY, "w-1"))
+            assert failed
+            assert all("lock timeout" in str(exc) for exc in failed)
+        if len(failed) == 2:  # in one batch: the begin was rolled back with the finish
+            assert await store.get("k-2") is None
+        await store.finish("k-1", order.attempt_id, 200, b"{}", None)
+        done = await store.get("k-1")
+        assert done is not None
+        assert done.state == FINISHED
+
+
+@pytest.mark.postgres
+async def test_an_operation_failing_alone_leaves_its_batch_alone(schema: str) -> None:
+    """In one batch, a charge the database refuses (out of bigint's range) raises its own
+    error; the begins around it are committed all the same."""
+    import psycopg
+
+    app = application()
+    async with postgres_stores(
+        with_params(postgres_url(schema=schema), application_name=app), 1
+    ) as (store,):
+        first = await begun(store, "k-0")
+        results: dict[str, object] = {}
+
+        async def call(name: str, fn: Callable[[], Awaitable[object]]) -> None:
+            try:
+                results[name] = await fn()
+            except psycopg.Error as exc:
+                results[name] = exc
+
+        async with trio.open_nursery() as nursery, row_locked(schema, "k-0"):
+            # The writer waits on the lock with this finish; the rest queue behind it.
+            nursery.start_soon(
+                call, "finish", lambda: store.finish("k-0", first.attempt_id, 200, b"", None)
+            )
+            await wait_for(lambda: backends(app, waiting=True), "the finish to wait")
+            nursery.start_soon(call, "k-1", lambda: store.begin("k-1", "o-1", "h", BODY, "w-1"))
+            nursery.start_soon(call, "charge", lambda: store.charge("c-1", "k-1", 2**70))
+            nursery.start_soon(call, "k-2", lambda: store.begin("k-2", "o-2", "h", BODY, "w-1"))
+            await trio.testing.wait_all_tasks_blocked()
+            # Leaving the block releases the lock first, then waits for the calls.
+        assert isinstance(results["charge"], psycopg.errors.NumericValueOutOfRange)
+        assert isinstance(results["k-1"], Begun)
+        assert isinstance(results["k-2"], Begun)
+        assert await store.get("k-2") == results["k-2"].order
+        assert await store.net_charge("k-1") == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "not-committed"])
+async def test_a_commit_whose_answer_is_lost_is_looked_up(committed: bool, schema: str) -> None:
+    """The connection is lost while committing: the store asks the database whether the
+    transaction committed, and keeps its results (Begun, not its own Existing) or runs it again.
+    """
+    import psycopg
+
+    from order_pipeline.store.postgres import PostgresStore
+
+    class LosesOneCommit(PostgresStore):
+        lost = 0
+
+        def _commit(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+            if self.lost:
+                super()._commit(conn)
+                return
+            self.lost += 1
+            if committed:
+                super()._commit(conn)
+            conn.close()
+            raise psycopg.OperationalError("the answer to COMMIT was lost (a test's)")
+
+    async with LosesOneCommit(postgres_url(schema=schema)) as store:
+        result = await store.begin("k-1", "o-1", "hash-1", BODY, "w-1")
+        assert isinstance(result, Begun)
+        assert store.lost == 1
+        assert await store.get("k-1") == result.order
+        assert store.commits == 2  # the begin's batch (counted once) and the get's
+
+
+@pytest.mark.postgres
+async def test_while_the_database_refuses_us_the_store_is_unavailable_then_recovers(
+    schema: str,
+) -> None:
+    """The store's role may not log in for a while and its connection is ended: operations
+    raise StoreUnavailable (orders get 503); once it may again, the pool reconnects."""
+    role = f"order_store_test_{uuid.uuid4().hex[:12]}"
+    await sql(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    try:
+        await sql(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}")
+        parts = urlsplit(postgres_url(schema=schema))
+        netloc = f"{role}:pw@{parts.hostname}:{parts.port or 5432}"
+        app = application()
+        url = with_params(parts._replace(netloc=netloc).geturl(), application_name=app)
+        async with postgres_stores(url, 1, timeout=0.5) as (store,):
+            await begun(store)
+            await sql(f"ALTER ROLE {role} NOLOGIN")
+            await terminate(app)
+            with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1|@"):
+                await store.begin("k-2", "o-1", "hash-1", BODY, "w-1")
+            with pytest.raises(StoreUnavailable):
+                await store.get("k-1")
+            await sql(f"ALTER ROLE {role} LOGIN")
+
+            async def works() -> bool:
+                try:
+                    await store.get("k-1")
+                except StoreUnavailable:
+                    return False
+                return True
+
+            await wait_for(works, "the store to reconnect")
+            await begun(store, "k-2")  # the failed begin wrote nothing
+    finally:
+        await sql(f"DROP SCHEMA {schema} CASCADE")
+        _schemas.remove(schema)
+        await sql(f"DROP ROLE {role}")
+
+
+@pytest.mark.postgres
+async def test_concurrent_finishes_share_commits_on_postgresql(schema: str) -> None:
+    """20 orders finishing at once are committed in fewer than 20 transactions."""
+    async with postgres_stores(postgres_url(schema=schema), 1) as (store,):
+        orders = [await begun(store, f"k-{i}") for i in range(20)]
+        before = store.commits
+        async with trio.open_nursery() as nursery:
+            for order in orders:
+                nursery.start_soon(store.finish, order.key, order.attempt_id, 200, b"{}", None)
+        assert store.commits - before < 20
+        assert all(o.state == FINISHED for o, _ in await store.list_orders())
+
+
+@pytest.mark.postgres
+async def test_many_orders_flow_through_the_postgresql_writer(schema: str) -> None:
+    """A thousand concurrent orders (begin, three steps, finish) all land, in batched commits."""
+    async with postgres_stores(postgres_url(schema=schema), 1) as (store,):
+
+        async def run(key: str) -> None:
+            order = await begun(store, key)
+            for step in ("payment", "vendor", "courier"):
+                store.record_step(key, order.attempt_id, StepRecord(step, "ok", duration_ms=1))
+            await store.finish(key, order.attempt_id, 200, b"{}", None)
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for i in range(1000):
+                nursery.start_soon(run, f"k-{i}")
+        elapsed = time.perf_counter() - started
+        print(f"{1000 / elapsed:.0f} orders/s in {store.commits} commits")  # -s shows it
+        listed = await store.list_orders()
+        assert len(listed) == 1000
+        assert all(o.state == FINISHED and len(o.steps) == 3 for o, _ in listed)
+        assert store.commits < 1000
+
+
+@pytest.mark.postgres
+async def test_a_closed_postgresql_store_refuses_work(schema: str) -> None:
+    """After close, calls raise StoreUnavailable instead of hanging on a stopped thread."""
+    async with postgres_stores(postgres_url(schema=schema), 1) as (store,):
         pass
     with pytest.raises(StoreUnavailable, match="closed"):
         await store.get("k-1")

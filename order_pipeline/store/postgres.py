@@ -1,0 +1,762 @@
+"""The order store in PostgreSQL, which processes on many hosts can share.
+
+psycopg's async interface is asyncio's only (psycopg issue #29), so, as for SQLite, one writer
+thread does the talking with psycopg's blocking interface. Trio puts each operation, a function
+of a connection, on a queue; the thread takes everything queued, runs it in one transaction on
+a connection of a `psycopg_pool.ConnectionPool` (of one: one thread uses one connection at a
+time, and the pool replaces a broken one in the background, with backoff), commits once, and
+wakes every waiting task with a single `run_sync_soon`. Concurrent orders' records thus share
+transactions (group commit). Reads go through the same queue and transaction, so they see
+every write queued before them (`get` after `finish_soon`, as the contract says).
+
+A batch runs without a savepoint per operation (each would cost a round trip): if one
+operation fails by itself (a bug, bad data), the transaction is rolled back, that operation
+gets its error and the others run again in a new transaction. Whatever makes the whole batch
+fail is handled for the whole batch:
+
+* a deadlock with another host's batch (or a serialization failure): rolled back and run
+  again (PostgreSQL made us the victim, so the other batch goes on);
+* the connection lost before COMMIT was sent: nothing was committed, so the batch runs again
+  on a new connection;
+* the connection lost while committing: the transaction's id, read before COMMIT, is looked
+  up on a new connection (`pg_xact_status`): committed, the results stand; aborted, the batch
+  runs again; unknown (no connection within `timeout`), StoreUnavailable;
+* no connection within `timeout`, a lock held past `timeout` (`lock_timeout`), the database
+  refusing to commit: every operation of the batch raises StoreUnavailable.
+  A batch is run at most `_TRIES` times.
+
+Concurrency between hosts is the database's: a key's PRIMARY KEY decides who runs an order
+(INSERT ... ON CONFLICT DO NOTHING, then read the winner); interrupted orders are claimed by
+locking them with SELECT ... FOR UPDATE SKIP LOCKED and updating them with a statement of its
+own that checks the owner's lease again (see `_claim`), so each has one claimer; leases are
+measured on the database's clock: `now()` (the batch's start) for renewing and for claiming.
+Order timestamps are the database's `now()` too, returned as unix seconds.
+
+Opening (in the thread too) connects once outside the pool, so a wrong host, port, password or
+database is a one-line StoreError naming the host; then creates or migrates the schema in the
+first schema of the search_path (`?options=-csearch_path%3Dname` chooses it) under
+`pg_advisory_xact_lock`, so two hosts starting at once do not both migrate; a schema version
+newer than this program's, or tables of the same names that are not ours, are refused.
+
+Cancellation, as for SQLite: a coroutine is cancellable until its operation is queued and not
+after: it waits (shielded) for its batch to commit, so a caller that gets Cancelled knows
+nothing was written, and a caller that gets a result knows it is durable. The wait is bounded
+by the batch ahead and its own, each at most a few `timeout`s.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from contextlib import suppress
+from types import TracebackType
+from typing import Any, Final, Generic, Self, TypeVar
+
+import psycopg
+import psycopg_pool
+import trio
+from psycopg import errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from .base import (
+    COMPENSATION_FAILED,
+    FAILED_COMPENSATIONS,
+    FINISHED,
+    INTERRUPTED,
+    RUNNING,
+    Begun,
+    Existing,
+    StepRecord,
+    StoredOrder,
+    StoreError,
+    StoreUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+VERSION_TABLE: Final = "order_pipeline_schema"
+TABLES: Final = ("orders", "steps", "leases", "ledger")
+# Taken around checking and migrating the schema: "ordp" and 1, one constant for every database.
+MIGRATION_LOCK: Final = 0x6F726470_00000001
+MIGRATION_WAIT: Final = 60.0  # s, for the lock of another host's migration
+MIN_SERVER_VERSION: Final = 130000  # pg_xact_status, pg_current_xact_id_if_assigned
+_TRIES: Final = 3  # runs of one batch (deadlocks, lost connections) before StoreUnavailable
+# Errors of the batch, not of the operation that met them: the database is down, read-only,
+# out of space, or a lock was held past lock_timeout.
+_BATCH_ERRORS: Final = (psycopg.OperationalError, errors.ReadOnlySqlTransaction)
+
+# _MIGRATIONS[v] takes a schema from version v to v + 1, statement by statement.
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        f"CREATE TABLE {VERSION_TABLE} (version integer NOT NULL)",
+        f"INSERT INTO {VERSION_TABLE} (version) VALUES (0)",
+        """CREATE TABLE orders (
+            key text PRIMARY KEY,
+            order_id text NOT NULL,
+            request_hash text NOT NULL,
+            body bytea NOT NULL,
+            attempt integer NOT NULL,
+            attempt_id text NOT NULL,
+            owner text NOT NULL,
+            state text NOT NULL,
+            started_at timestamptz NOT NULL,
+            finished_at timestamptz,
+            http_status integer,
+            reply bytea,
+            kind text
+        )""",
+        "CREATE INDEX orders_state_owner ON orders (state, owner)",
+        "CREATE INDEX orders_finished_at ON orders (finished_at)",
+        """CREATE TABLE steps (
+            seq bigint GENERATED ALWAYS AS IDENTITY,
+            attempt_id text NOT NULL,
+            step text NOT NULL,
+            status text NOT NULL,
+            detail text,
+            duration_ms bigint NOT NULL,
+            compensation text,
+            compensation_ms bigint,
+            PRIMARY KEY (attempt_id, step)
+        )""",
+        "CREATE TABLE leases (owner text PRIMARY KEY, expires_at timestamptz NOT NULL)",
+        """CREATE TABLE ledger (
+            charge_id text PRIMARY KEY,
+            key text NOT NULL,
+            amount bigint NOT NULL,
+            refunded boolean NOT NULL DEFAULT false
+        )""",
+        "CREATE INDEX ledger_key ON ledger (key)",
+    ),
+)
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+# In StoredOrder's field order, so StoredOrder(*row) builds one; times as unix seconds.
+_ORDER = (
+    "orders.key, order_id, request_hash, body, attempt, orders.attempt_id, owner, state,"
+    " extract(epoch FROM started_at)::float8, extract(epoch FROM finished_at)::float8,"
+    " http_status, reply, kind"
+)
+_ORDER_FIELDS: Final = 13
+_new_order: Callable[..., StoredOrder] = StoredOrder  # from a row of _ORDER's columns
+_STEP = "step, status, detail, duration_ms, compensation, compensation_ms"
+_STEP_FIELDS: Final = 6
+
+T = TypeVar("T")
+Conn = psycopg.Connection[tuple[Any, ...]]
+Pool = psycopg_pool.ConnectionPool[Conn]
+
+
+class _Op(Generic[T]):
+    """One queued operation; `done` is None for fire-and-forget (record_step)."""
+
+    __slots__ = ("done", "error", "fn", "result")
+    result: T
+
+    def __init__(self, fn: Callable[[Conn], T], done: trio.Event | None) -> None:
+        self.fn = fn
+        self.done = done
+        self.error: BaseException | None = None
+
+
+class PostgresStore:
+    """Orders in a PostgreSQL database; `async with PostgresStore(url) as store:` opens it.
+
+    `timeout` bounds each wait of a batch: for a connection (at start too), for a row lock
+    held by someone else (lock_timeout), for the outcome of a commit whose connection was
+    lost; past it the batch raises StoreUnavailable. `commits` counts committed batches.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.commits = 0
+        try:
+            params = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            shown = _redact(url)
+            cause = _one_line(exc).replace(url, shown)  # libpq may quote the URL whole
+            raise StoreError(f"{shown}: not a valid PostgreSQL URL: {cause}") from None
+        self.where = _where(params)  # the URL without password or options, for messages
+        params.setdefault("connect_timeout", max(2, round(timeout)))
+        params.setdefault("application_name", "order-pipeline")
+        # A peer that vanishes without a word (a network partition) is noticed in seconds.
+        params.setdefault("keepalives_idle", 10)
+        params.setdefault("keepalives_interval", 5)
+        params.setdefault("keepalives_count", 3)
+        self._conninfo = make_conninfo("", **params)
+        self._queue: queue.SimpleQueue[_Op[Any] | None] = queue.SimpleQueue()
+        self._closed = True
+        self._open_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._pool: Pool  # the writer thread's, from _open
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._token = trio.lowlevel.current_trio_token()
+        opened = trio.Event()
+        self._thread = threading.Thread(
+            target=self._serve, args=(opened,), name=f"postgres writer {self.where}", daemon=True
+        )
+        self._thread.start()
+        with trio.CancelScope(shield=True):  # the thread opens the store whatever happens
+            await opened.wait()
+            if self._open_error is not None:
+                await trio.to_thread.run_sync(self._thread.join)
+                raise self._open_error
+        self._closed = False
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Commit what is queued, close the connections and join the thread."""
+        if self._closed or self._thread is None:
+            return
+        self._closed = True
+        self._queue.put(None)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._thread.join)
+
+    # -- the writer thread ----------------------------------------------------------------
+
+    def _serve(self, opened: trio.Event) -> None:
+        try:
+            self._pool = self._open()
+        except BaseException as exc:
+            self._open_error = exc
+            return
+        finally:
+            self._token.run_sync_soon(opened.set)
+        try:
+            get, get_nowait = self._queue.get, self._queue.get_nowait
+            while True:
+                batch = [get()]
+                with suppress(queue.Empty):
+                    while True:
+                        batch.append(get_nowait())
+                stop = batch[-1] is None
+                ops = [op for op in batch if op is not None]
+                if ops:
+                    self._run_batch(ops)
+                if stop:
+                    return
+        finally:
+            self._pool.close()
+
+    def _open(self) -> Pool:
+        """Connect once (for a precise error), create or migrate the schema, open the pool."""
+        try:
+            with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                if conn.info.server_version < MIN_SERVER_VERSION:
+                    raise StoreError(
+                        f"{self.where}: cannot open the store: PostgreSQL"
+                        f" {conn.info.server_version // 10000} is too old, 13 or newer needed"
+                    )
+                _migrate(conn, self.where)
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.where}: cannot open the store: {_one_line(exc)}") from None
+        pool: Pool = psycopg_pool.ConnectionPool(
+            self._conninfo,
+            kwargs={"autocommit": True},  # transactions are the batches' own BEGIN and COMMIT
+            min_size=1,
+            max_size=1,
+            open=False,
+            configure=self._configure,
+            name=f"order store {self.where}",
+            timeout=self.timeout,
+            # A lost connection is retried with doubling delays until this long, then afresh
+            # at the next batch: recovery never waits long for a stretched delay.
+            reconnect_timeout=max(10.0, 2 * self.timeout),
+            reconnect_failed=lambda _: logger.warning("%s: cannot reconnect yet", self.where),
+            num_workers=1,
+        )
+        try:
+            pool.open(wait=True, timeout=self.timeout)
+        except psycopg_pool.PoolTimeout as exc:
+            pool.close()
+            raise StoreError(f"{self.where}: cannot open the store: {exc}") from None
+        return pool
+
+    def _configure(self, conn: Conn) -> None:
+        lock_timeout = f"{max(1, round(self.timeout * 1000))}ms"
+        conn.execute("SELECT set_config('lock_timeout', %s, false)", (lock_timeout,))
+
+    def _run_batch(self, ops: list[_Op[Any]]) -> None:
+        todo, tries = ops, 0
+        while todo:
+            again, why = self._attempt(todo)
+            if why is not None:  # the whole batch again
+                tries += 1
+                if tries == _TRIES:
+                    _fail(todo, self._unavailable(why))
+                    break
+                logger.info("%s: running a batch again: %s", self.where, _one_line(why))
+            todo = again
+        waiters = []
+        for op in ops:
+            if op.done is not None:
+                waiters.append(op.done)
+            elif op.error is not None:
+                logger.error("a queued record was not stored: %s", op.error)
+        if waiters:
+            with suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(_set_all, waiters)
+
+    def _attempt(self, ops: list[_Op[Any]]) -> tuple[list[_Op[Any]], Exception | None]:
+        """Run `ops` in one transaction; return those to run again, and why if it is all of
+        them for the batch's sake (not for one operation's error); ([], None) when done."""
+        try:
+            conn = self._pool.getconn()
+        except psycopg_pool.PoolTimeout as exc:
+            _fail(ops, self._unavailable(exc, "no connection to the database"))
+            return [], None
+        pid, committing, xid = conn.info.backend_pid, False, None
+        failed: _Op[Any] | None = None
+        error: Exception | None = None
+        try:
+            conn.execute("BEGIN")
+            for op in ops:
+                op.error = None
+                try:
+                    op.result = op.fn(conn)
+                except Exception as exc:
+                    if conn.closed or isinstance(exc, _BATCH_ERRORS):
+                        raise  # the batch's trouble, not this operation's
+                    conn.execute("ROLLBACK")
+                    op.error, failed = exc, op
+                    break
+            else:
+                row = conn.execute("SELECT pg_current_xact_id_if_assigned()::text").fetchone()
+                xid = None if row is None else row[0]
+                committing = True
+                self._commit(conn)
+        except Exception as exc:
+            error = exc
+            if not conn.closed:
+                with suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
+        finally:
+            lost = conn.closed
+            self._pool.putconn(conn)  # a lost one is replaced (in the background)
+        if failed is not None:
+            return [op for op in ops if op is not failed], None
+        if error is None:
+            self.commits += 1
+            return [], None
+        if not lost:
+            if _rolled_back(error) and not committing:
+                return ops, error  # a deadlock's victim: the other batch goes on
+            _fail(ops, self._unavailable(error))
+            return [], None
+        if not committing:
+            return ops, error  # the server rolled it back
+        outcome = self._outcome(xid, pid)
+        if outcome == "aborted":
+            return ops, error
+        if outcome == "committed":
+            self.commits += 1
+            return [], None
+        _fail(ops, self._unavailable(error, f"connection lost while committing ({outcome})"))
+        return [], None
+
+    def _commit(self, conn: Conn) -> None:
+        conn.execute("COMMIT")
+
+    def _outcome(self, xid: str | None, backend_pid: int) -> str:
+        """Whether a transaction whose COMMIT's answer was lost committed, asked afresh."""
+        if xid is None:
+            return "aborted"  # it wrote nothing, so running it again is safe
+        deadline = time.monotonic() + self.timeout
+        try:
+            with self._pool.connection() as conn:
+                # Its backend may not know yet that we are gone: end it (and the transaction,
+                # if the COMMIT never arrived) rather than wait for it; the xid tells it from
+                # another backend that got its pid since.
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE pid = %s AND backend_xid = xid(%s::xid8)",
+                    (backend_pid, xid),
+                )
+                while True:
+                    row = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+                    status = "unknown" if row is None or row[0] is None else str(row[0])
+                    if status != "in progress" or time.monotonic() > deadline:
+                        return status
+                    time.sleep(0.01)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            return f"unknown: {_one_line(exc)}"
+
+    def _unavailable(self, exc: Exception, what: str = "could not commit") -> StoreUnavailable:
+        error = StoreUnavailable(f"{self.where}: {what}: {_one_line(exc)}")
+        error.__cause__ = exc
+        return error
+
+    # -- the Trio side --------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[[Conn], T]) -> T:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        done = trio.Event()
+        op = self._put(fn, done)
+        with trio.CancelScope(shield=True):  # see the module docstring
+            await done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    def _put(self, fn: Callable[[Conn], T], done: trio.Event | None) -> _Op[T]:
+        if self._closed:
+            raise StoreUnavailable(f"{self.where}: the store is closed")
+        op = _Op(fn, done)
+        self._queue.put(op)
+        return op
+
+    async def begin(
+        self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
+    ) -> Begun | Existing:
+        attempt_id = uuid.uuid4().hex
+        return await self._call(
+            lambda conn: _begin(conn, key, order_id, request_hash, body, owner, attempt_id)
+        )
+
+    async def restart(self, key: str, owner: str, expected_attempt: int) -> StoredOrder | None:
+        attempt_id = uuid.uuid4().hex
+        return await self._call(
+            lambda conn: _restart(conn, key, owner, expected_attempt, attempt_id)
+        )
+
+    def record_step(self, key: str, attempt_id: str, record: StepRecord) -> None:
+        self._put(lambda conn: _record_step(conn, key, attempt_id, record), None)
+
+    async def finish(
+        self,
+        key: str,
+        attempt_id: str,
+        http_status: int,
+        reply: bytes,
+        kind: str | None,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        args = (http_status, reply, kind, key, attempt_id, owner)
+        await self._call(lambda conn: _execute(conn, _FINISH, args))
+
+    def finish_soon(
+        self,
+        key: str,
+        attempt_id: str,
+        http_status: int,
+        reply: bytes,
+        kind: str | None,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        args = (http_status, reply, kind, key, attempt_id, owner)
+        self._put(lambda conn: _execute(conn, _FINISH, args), None)
+
+    async def get(self, key: str) -> StoredOrder | None:
+        return await self._call(lambda conn: _get(conn, key))
+
+    async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
+        return await self._call(lambda conn: _list_orders(conn, needs_attention))
+
+    async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109  # a lease's length
+        await self._call(lambda conn: _execute(conn, _RENEW, (owner, timeout)))
+
+    async def release_lease(self, owner: str) -> None:
+        await self._call(
+            lambda conn: _execute(conn, "DELETE FROM leases WHERE owner = %s", (owner,))
+        )
+
+    async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
+        return await self._call(lambda conn: _claim(conn, owner, limit))
+
+    async def charge(self, charge_id: str, key: str, amount: int) -> None:
+        await self._call(lambda conn: _execute(conn, _CHARGE, (charge_id, key, amount)))
+
+    async def refund(self, charge_id: str) -> None:
+        await self._call(lambda conn: _execute(conn, _REFUND, (charge_id,)))
+
+    async def net_charge(self, key: str) -> int:
+        return await self._call(lambda conn: _net_charge(conn, key))
+
+    async def purge(self, finished_before: float) -> int:
+        return await self._call(lambda conn: _purge(conn, finished_before))
+
+
+# -- opening ------------------------------------------------------------------------------
+
+
+def _migrate(conn: Conn, where: str) -> None:
+    """Create or upgrade the schema in the first schema of the search_path, once."""
+    # Another host's migration (or an operator's lock) is waited for, but not forever.
+    conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{MIGRATION_WAIT:g}s",))
+    with conn.transaction():
+        version = _schema_version(conn, where)
+        if version == SCHEMA_VERSION:
+            return  # the usual case: no lock taken
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        version = _schema_version(conn, where)  # another host may have done it meanwhile
+        for migration in _MIGRATIONS[version:]:
+            for statement in migration:
+                conn.execute(statement)
+        conn.execute(f"UPDATE {VERSION_TABLE} SET version = %s", (SCHEMA_VERSION,))
+
+
+def _schema_version(conn: Conn, where: str) -> int:
+    """The schema's version, 0 for an empty one; StoreError if it is not ours to use."""
+    row = conn.execute(
+        "SELECT current_schema(), array(SELECT table_name::text FROM information_schema.tables"
+        " WHERE table_schema = current_schema() AND table_name = ANY(%s))",
+        ([VERSION_TABLE, *TABLES],),
+    ).fetchone()
+    assert row is not None
+    schema, present = row
+    if schema is None:
+        raise StoreError(
+            f"{where}: cannot open the store: no schema of the search_path exists"
+            " (create it, or name another with ?options=-csearch_path%3DSCHEMA)"
+        )
+    if VERSION_TABLE not in present:
+        if present:
+            raise StoreError(
+                f"{where}: not an order store: schema {schema} has table(s)"
+                f" {', '.join(sorted(present))} of something else (choose another schema"
+                " with ?options=-csearch_path%3DSCHEMA)"
+            )
+        return 0
+    versions = conn.execute(f"SELECT version FROM {VERSION_TABLE}").fetchall()
+    if len(versions) != 1:
+        raise StoreError(f"{where}: not an order store: {schema}.{VERSION_TABLE} is damaged")
+    version: int = versions[0][0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{where}: the store's schema version {version} is newer than this program's"
+            f" {SCHEMA_VERSION}: upgrade order-pipeline"
+        )
+    return version
+
+
+def _where(params: dict[str, Any]) -> str:
+    """postgresql://USER@HOST:PORT/DBNAME of the URL's parameters, without the password."""
+    user = f"{params['user']}@" if params.get("user") else ""
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"postgresql://{user}{host}{port}/{params.get('dbname') or ''}"
+
+
+def _redact(url: str) -> str:
+    """The URL up to its host, without a password (for a URL psycopg cannot even parse)."""
+    scheme, _, rest = url.partition("://")
+    netloc = re.split("[/?#]", rest, maxsplit=1)[0]
+    return f"{scheme}://{netloc.rpartition('@')[2]}"
+
+
+def _rolled_back(exc: Exception) -> bool:
+    """A deadlock's victim or a serialization failure (SQLSTATE class 40): worth a rerun."""
+    return isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("40")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _fail(ops: Iterable[_Op[Any]], error: StoreUnavailable) -> None:
+    for op in ops:
+        op.error = error
+
+
+def _set_all(events: list[trio.Event]) -> None:
+    for event in events:
+        event.set()
+
+
+# -- operations, run by the writer thread -------------------------------------------------
+
+_FINISH = (
+    f"UPDATE orders SET state = '{FINISHED}', finished_at = now(), http_status = %s, reply = %s,"
+    f" kind = %s WHERE key = %s AND attempt_id = %s AND state = '{RUNNING}'"
+    " AND owner = coalesce(%s::text, owner)"
+)
+_RENEW = (
+    "INSERT INTO leases (owner, expires_at) VALUES (%s, now() + %s * interval '1 second')"
+    " ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at"
+)
+_CHARGE = "INSERT INTO ledger (charge_id, key, amount) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
+_REFUND = "UPDATE ledger SET refunded = true WHERE charge_id = %s"
+_NET = "SELECT coalesce(sum(amount), 0)::bigint FROM ledger WHERE key = {} AND NOT refunded"
+# WHERE EXISTS: a stale attempt's record is dropped.
+_RECORD_STEP = f"""
+    INSERT INTO steps (attempt_id, {_STEP}) SELECT %s, %s, %s, %s, %s, %s, %s
+    WHERE EXISTS (SELECT 1 FROM orders WHERE key = %s AND attempt_id = %s)
+    ON CONFLICT (attempt_id, step) DO UPDATE SET
+        status = excluded.status, detail = excluded.detail, duration_ms = excluded.duration_ms,
+        compensation = excluded.compensation, compensation_ms = excluded.compensation_ms
+"""
+# Orders with their current attempt's steps (NULLs for an order without any), in order.
+_WITH_STEPS = (
+    f"SELECT {_ORDER}, {{extra}} {_STEP} FROM orders"
+    " LEFT JOIN steps ON steps.attempt_id = orders.attempt_id"
+)
+_LIVE_LEASES = "SELECT owner FROM leases WHERE expires_at > now()"
+_DEAD_OWNER = f"state = '{RUNNING}' AND owner <> %(me)s AND owner NOT IN ({_LIVE_LEASES})"
+
+
+def _execute(conn: Conn, sql: str, args: tuple[Any, ...]) -> None:
+    conn.execute(sql, args)
+
+
+def _orders(rows: Iterable[tuple[Any, ...]], extra: int = 0) -> list[tuple[StoredOrder, Any]]:
+    """Orders (and `extra` columns) from rows of _WITH_STEPS, one per order, steps grouped."""
+    found: dict[str, tuple[tuple[Any, ...], list[StepRecord]]] = {}
+    for row in rows:
+        head, step = row[: _ORDER_FIELDS + extra], row[_ORDER_FIELDS + extra :]
+        steps = found.setdefault(head[0], (head, []))[1]
+        if step[0] is not None:
+            steps.append(StepRecord(*step))
+    return [
+        (_new_order(*head[:_ORDER_FIELDS], steps=tuple(steps)), head[_ORDER_FIELDS:])
+        for head, steps in found.values()
+    ]
+
+
+def _get(conn: Conn, key: str) -> StoredOrder | None:
+    rows = conn.execute(
+        _WITH_STEPS.format(extra="") + " WHERE orders.key = %s ORDER BY steps.seq",
+        (key,),
+    ).fetchall()
+    return _orders(rows)[0][0] if rows else None
+
+
+def _begin(
+    conn: Conn, key: str, order_id: str, request_hash: str, body: bytes, owner: str, attempt: str
+) -> Begun | Existing:
+    for _ in range(3):  # a purge by another host may free the key between INSERT and SELECT
+        row = conn.execute(
+            f"INSERT INTO orders (key, order_id, request_hash, body, attempt,"
+            f" attempt_id, owner, state, started_at) VALUES (%s, %s, %s, %s, 1, %s, %s,"
+            f" '{RUNNING}', now()) ON CONFLICT (key) DO NOTHING RETURNING {_ORDER}",
+            (key, order_id, request_hash, body, attempt, owner),
+        ).fetchone()
+        if row is not None:
+            return Begun(_new_order(*row))
+        existing = _get(conn, key)  # the winner, committed (or ours, earlier in the batch)
+        if existing is not None:
+            return Existing(existing)
+    raise StoreUnavailable(f"key {key!r} was taken and freed three times in a row")
+
+
+def _restart(
+    conn: Conn, key: str, owner: str, expected_attempt: int, attempt_id: str
+) -> StoredOrder | None:
+    old = conn.execute(
+        f"SELECT attempt_id FROM orders WHERE key = %s AND state = '{FINISHED}'"
+        f" AND kind = '{INTERRUPTED}' AND attempt = %s FOR UPDATE",
+        (key, expected_attempt),
+    ).fetchone()
+    if old is None:  # not interrupted, or another caller restarted it first (we waited)
+        return None
+    conn.execute("DELETE FROM steps WHERE attempt_id = %s", (old[0],))
+    row = conn.execute(
+        f"UPDATE orders SET attempt = attempt + 1, attempt_id = %s, owner = %s,"
+        f" state = '{RUNNING}', started_at = now(), finished_at = NULL, http_status = NULL,"
+        f" reply = NULL, kind = NULL WHERE key = %s RETURNING {_ORDER}",
+        (attempt_id, owner, key),
+    ).fetchone()
+    assert row is not None  # locked above
+    return _new_order(*row)
+
+
+def _record_step(conn: Conn, key: str, attempt_id: str, r: StepRecord) -> None:
+    conn.execute(
+        _RECORD_STEP,
+        (
+            attempt_id,
+            r.step,
+            r.status,
+            r.detail,
+            r.duration_ms,
+            r.compensation,
+            r.compensation_ms,
+            key,
+            attempt_id,
+        ),
+    )
+
+
+def _net_charge(conn: Conn, key: str) -> int:
+    row = conn.execute(_NET.format("%s"), (key,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _list_orders(conn: Conn, needs_attention: bool) -> list[tuple[StoredOrder, int]]:
+    where, args = "", {}
+    if needs_attention:
+        where = (
+            "WHERE kind = %(failed)s OR EXISTS (SELECT 1 FROM steps AS s"
+            " WHERE s.attempt_id = orders.attempt_id AND s.compensation = ANY(%(undos)s))"
+        )
+        args = {"failed": COMPENSATION_FAILED, "undos": list(FAILED_COMPENSATIONS)}
+    net = "(" + _NET.format("orders.key") + "),"
+    rows = conn.execute(
+        _WITH_STEPS.format(extra=net)
+        + f" {where} ORDER BY orders.started_at, orders.key, steps.seq",
+        args,
+    ).fetchall()
+    return [(order, int(extra[0])) for order, extra in _orders(rows, extra=1)]
+
+
+def _claim(conn: Conn, owner: str, limit: int) -> list[StoredOrder]:
+    """Take up to `limit` orders of dead owners, each for one claimer only.
+
+    First lock candidates, skipping rows another claimer holds. Then take those still
+    claimable, judged by a statement of its own: its snapshot, newer than every lock we got,
+    sees the lease of a claimer that took one of them and committed while we were locking (the
+    first statement's snapshot can predate that lease, and would let us take the order too).
+    """
+    args = {"me": owner, "limit": limit}
+    locked = conn.execute(
+        f"SELECT key FROM orders WHERE {_DEAD_OWNER} LIMIT %(limit)s FOR UPDATE SKIP LOCKED",
+        args,
+    ).fetchall()
+    if not locked:
+        return []
+    rows = conn.execute(
+        f"UPDATE orders SET owner = %(me)s WHERE key = ANY(%(keys)s) AND {_DEAD_OWNER}"
+        f" RETURNING {_ORDER}",
+        {**args, "keys": [row[0] for row in locked]},
+    ).fetchall()
+    steps: dict[str, list[StepRecord]] = {}
+    if rows:
+        for attempt_id, *step in conn.execute(
+            f"SELECT attempt_id, {_STEP} FROM steps WHERE attempt_id = ANY(%s) ORDER BY seq",
+            ([row[5] for row in rows],),
+        ):
+            steps.setdefault(attempt_id, []).append(StepRecord(*step))
+    return [_new_order(*row, steps=tuple(steps.get(row[5], ()))) for row in rows]
+
+
+def _purge(conn: Conn, finished_before: float) -> int:
+    row = conn.execute(
+        f"WITH gone AS (DELETE FROM orders WHERE state = '{FINISHED}'"
+        " AND finished_at < to_timestamp(%s) RETURNING key, attempt_id),"
+        " s AS (DELETE FROM steps WHERE attempt_id IN (SELECT attempt_id FROM gone)),"
+        " l AS (DELETE FROM ledger WHERE key IN (SELECT key FROM gone))"
+        " SELECT count(*) FROM gone",
+        (finished_before,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
