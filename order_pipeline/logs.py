@@ -48,14 +48,20 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """For people: a record's message, then its fields as key=value.
+
+    A record made with `extra={"summary": True}` (an order's line) says it all in
+    its message already, so its fields are left to the JSON format.
+    """
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        fields = getattr(record, "fields", None)
         rid = getattr(record, "request_id", None)
-        extra = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in (fields or {}).items())
+        fields = {} if getattr(record, "summary", False) else getattr(record, "fields", {})
+        extra = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in fields.items())
         return " ".join(p for p in (text, f"request_id={rid}" if rid else "", extra) if p)
 
 

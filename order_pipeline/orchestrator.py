@@ -32,6 +32,7 @@ from .model import (
     OrderResult,
     StepResult,
     StepStatus,
+    current_attempt,
 )
 
 __all__ = ["OnFinish", "OnStep", "Pipeline", "Step", "StepAction"]
@@ -65,6 +66,15 @@ def _kind_of(exc: Exception) -> str:
     return kind if isinstance(kind, str) else INTERNAL
 
 
+def _why(status: CompensationStatus, kind: str, timeout: float) -> str:
+    """A failed compensation's reason, as an operator reads it: "refund failed"."""
+    if status is CompensationStatus.TIMEOUT:
+        return f"timed out after {timeout:g} s"
+    if kind == INTERNAL:
+        return "raised an unexpected error (its traceback is logged)"
+    return kind.replace("_", " ")
+
+
 def _caller_cancelled() -> bool:
     """Whether a scope around us was cancelled: its deadline is then minus infinity."""
     return trio.current_effective_deadline() == -math.inf
@@ -90,6 +100,8 @@ class _OrderRun:
         """Run one step; the first step to fail records its kind and cancels `order_scope`."""
         step = self.steps[index]
         started = trio.current_time()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("order %r: %s started", self.order.order_id, step.name)
         # Anything but a return or an Exception (that is, trio.Cancelled) leaves it canceled.
         status, detail = StepStatus.CANCELED, None
         try:
@@ -104,6 +116,8 @@ class _OrderRun:
                 order_scope.cancel()
         finally:
             duration = _ms(trio.current_time() - started)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("order %r: %s ended %s", self.order.order_id, step.name, status)
             self.ended(index, StepResult(step.name, status, duration, detail))
 
     def ended(self, index: int, result: StepResult) -> None:
@@ -123,13 +137,14 @@ class _OrderRun:
             and step.compensate is not None
         ]
 
-    async def undo_step(self, index: int) -> None:
+    # The deadline is the caller's scope; `timeout` is only what the log line says of it.
+    async def undo_step(self, index: int, timeout: float) -> None:  # noqa: ASYNC109
         """Run one step's compensation and record how it ended."""
         step = self.steps[index]
         assert step.compensate is not None
         started = trio.current_time()
         # Only the compensation deadline can cancel this task: that is a timeout.
-        status, why = CompensationStatus.TIMEOUT, "its deadline passed"
+        status, why = CompensationStatus.TIMEOUT, ""
         try:
             await step.compensate(self.order)
             status = CompensationStatus.OK
@@ -143,12 +158,18 @@ class _OrderRun:
             compensation = Compensation(status, _ms(trio.current_time() - started))
             self.ended(index, attrs.evolve(self.results[index], compensation=compensation))
             if status is not CompensationStatus.OK:
+                attempt = current_attempt.get()
+                reason = _why(status, why, timeout)
+                fields = {
+                    "order_id": self.order.order_id,
+                    "key": None if attempt is None else attempt.key,
+                    "step": step.name,
+                    "compensation": str(status),
+                    "reason": reason,
+                }
                 log.error(
-                    "order %r: compensation of %s ended %s (%s); it needs manual attention",
-                    self.order.order_id,
-                    step.name,
-                    status,
-                    why,
+                    "order %r needs manual attention: undoing %s: %s",
+                    self.order.order_id, step.name, reason, extra={"fields": fields},
                 )  # fmt: skip # the arguments on one line read as the sentence
 
     def all_undone(self, indexes: list[int]) -> bool:
@@ -231,7 +252,8 @@ class Pipeline:
         with trio.move_on_after(self.compensation_timeout, shield=True):
             async with trio.open_nursery() as nursery:
                 for index in undo:
-                    nursery.start_soon(run.undo_step, index, name=f"undo {run.steps[index].name}")
+                    name = f"undo {run.steps[index].name}"
+                    nursery.start_soon(run.undo_step, index, self.compensation_timeout, name=name)
         return run.all_undone(undo)
 
     def _report(self, result: OrderResult) -> None:

@@ -51,7 +51,7 @@ from .orchestrator import Pipeline
 from .serialization import converter, dump_reply, encode_result, parse_order
 from .store import RUNNING, Begun, Existing, OrderStore, StoredOrder, StoreUnavailable
 
-__all__ = ["Answer", "OrderDesk", "canonical"]
+__all__ = ["Answer", "OnRefused", "OrderDesk", "canonical"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,10 @@ LEASE_RENEW_S: Final = 1.0
 RECOVERY_BATCH: Final = 1000
 # A key that comes back interrupted is restarted by one caller; the others re-read it.
 RESTART_TRIES: Final = 3
+
+
+OnRefused = Callable[[str, int, "str | None", str], None]
+"""Hears an order answered without running: (kind, HTTP status, order_id if known, reason)."""
 
 
 @attrs.frozen
@@ -73,6 +77,7 @@ class Answer:
     replayed: bool = False
     refused: str | None = None
     """The kind, for an order answered without running."""
+    reason: str = ""
 
 
 def canonical(order: OrderRequest) -> bytes:
@@ -82,8 +87,9 @@ def canonical(order: OrderRequest) -> bytes:
 
 def _error(kind: str, message: str | None = None, *, key: str | None = None) -> Answer:
     entry = lookup(kind)
-    body = dump_reply(Reply("error", error=ErrorInfo(kind, message or entry.message)))
-    return Answer(entry.status, body, key, entry.retry_after, refused=kind)
+    reason = message or entry.message
+    body = dump_reply(Reply("error", error=ErrorInfo(kind, reason)))
+    return Answer(entry.status, body, key, entry.retry_after, refused=kind, reason=reason)
 
 
 def _known_steps(stored: StoredOrder) -> list[StepResult]:
@@ -126,7 +132,7 @@ class OrderDesk:
     store: OrderStore
     lease_timeout: float = 5.0
     retention: float = 86_400.0
-    on_refused: Callable[[str, int, str | None], None] = lambda kind, status, order_id: None
+    on_refused: OnRefused = lambda kind, status, order_id, reason: None
     owner: str = attrs.field(factory=lambda: uuid.uuid4().hex)
     # Replies that were sent as 503 because their record could not be committed; retried.
     _unrecorded: list[tuple[Attempt, int, bytes, str | None]] = attrs.field(factory=list)
@@ -139,7 +145,7 @@ class OrderDesk:
         """
         answer = await self._submit(order, key or uuid.uuid4().hex)
         if answer.refused is not None:
-            self.on_refused(answer.refused, answer.status, order.order_id)
+            self.on_refused(answer.refused, answer.status, order.order_id, answer.reason)
         return answer
 
     async def _submit(self, order: OrderRequest, key: str) -> Answer:

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import attrs
 
-from .kinds import label, lookup
+from .kinds import CANCELED, label, lookup
 from .metrics import Metrics
 from .model import OrderResult, StepResult, current_attempt
 from .serialization import converter, encode_result
@@ -30,13 +30,31 @@ ORDERS_LOGGER: Final = "order_pipeline.orders"
 _orders = logging.getLogger(ORDERS_LOGGER)
 
 
+def _step_summary(step: StepResult) -> str:
+    text = f"{step.name} {step.status} {step.duration_ms} ms"
+    if step.compensation is not None:
+        text += f" (undone {step.compensation.status} {step.compensation.duration_ms} ms)"
+    return text
+
+
+def _summary(
+    order_id: str | None, kind: str | None, http_status: int | None, duration_ms: int, steps: str
+) -> str:
+    """The line as a person reads it: `order o-1 ok 200 in 202 ms: payment ok 151 ms, ...`."""
+    order = "order" if order_id is None else f"order {order_id}"
+    if http_status is None:
+        return f"{order} {label(kind)} after {duration_ms} ms, no reply sent: {steps}"
+    return f"{order} {label(kind)} {http_status} in {duration_ms} ms: {steps}"
+
+
 def _log_order(
     order_id: str | None,
     kind: str | None,
-    http_status: int,
+    http_status: int | None,
     duration_ms: int,
     steps: Iterable[StepResult],
 ) -> None:
+    """The one line of an order that ran; `http_status` None: nothing was sent."""
     fields: dict[str, Any] = {
         "order_id": order_id,
         "status": "ok" if kind is None else "error",
@@ -45,7 +63,9 @@ def _log_order(
         "duration_ms": duration_ms,
         "steps": [converter.unstructure(s) for s in steps],
     }
-    _orders.info("order %s %s", order_id, fields["kind"], extra={"fields": fields})
+    summary = ", ".join(_step_summary(s) for s in steps)
+    message = _summary(order_id, kind, http_status, duration_ms, summary)
+    _orders.info(message, extra={"fields": fields, "summary": True})
 
 
 def step_record(step: StepResult) -> StepRecord:
@@ -76,7 +96,9 @@ class OrderReporter:
     def finished(self, result: OrderResult) -> None:
         """An order that ran: succeeded, failed, timed out, was cancelled or was recovered."""
         status = lookup(result.kind).status
-        _log_order(result.order_id, result.kind, status, result.duration_ms, result.steps)
+        # A cancelled order's client is gone (or the drain gave up on it): no reply is sent.
+        sent = None if result.kind == CANCELED else status
+        _log_order(result.order_id, result.kind, sent, result.duration_ms, result.steps)
         self.metrics.observe_order(result, label(result.kind), status)
         attempt = current_attempt.get()
         if attempt is not None:
@@ -85,7 +107,19 @@ class OrderReporter:
                 attempt.key, attempt.id, status, reply, result.kind, owner=attempt.owner
             )
 
-    def refused(self, kind: str, http_status: int, order_id: str | None) -> None:
-        """An order refused before any step ran (a bad body, too large, too slow to arrive)."""
-        _log_order(order_id, kind, http_status, 0, ())
+    def refused(self, kind: str, http_status: int, order_id: str | None, reason: str) -> None:
+        """An order answered without running: a bad body, too large, too slow to arrive, its
+        key busy or taken, or the store unavailable. `reason` is what the reply says."""
+        fields: dict[str, Any] = {
+            "order_id": order_id,
+            "status": "error",
+            "kind": kind,
+            "http_status": http_status,
+            "duration_ms": 0,
+            "steps": [],
+            "reason": reason,
+        }
+        order = "order" if order_id is None else f"order {order_id}"
+        message = f"{order} refused {http_status} {kind}: {reason}"
+        _orders.info(message, extra={"fields": fields, "summary": True})
         self.metrics.count_order(kind, http_status)

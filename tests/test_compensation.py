@@ -95,10 +95,15 @@ async def test_failed_compensation_is_compensation_failed(
         "vendor": None,
         "courier": UNDONE["courier"],
     }
-    assert (
-        "compensation of payment ended error (refund_failed); it needs manual attention"
-        in caplog.text
-    )
+    assert "order 'o-1' needs manual attention: undoing payment: refund failed" in caplog.text
+    (attention,) = [r for r in caplog.records if "needs manual attention" in r.getMessage()]
+    assert attention.fields == {  # type: ignore[attr-defined] # set by `extra={"fields": ...}`
+        "order_id": "o-1",
+        "key": None,
+        "step": "payment",
+        "compensation": "error",
+        "reason": "refund failed",
+    }
 
 
 async def test_stuck_compensation_times_out(autojump_clock: trio.abc.Clock) -> None:
@@ -239,4 +244,4 @@ async def test_unexpected_compensation_error_is_logged_with_traceback(
     assert result.kind == "compensation_failed"
     assert result.steps[0].compensation == Compensation(CompensationStatus.ERROR, 0)
     assert "undo exploded" in caplog.text
-    assert "compensation of a ended error (internal); it needs manual attention" in caplog.text
+    assert "needs manual attention: undoing a: raised an unexpected error" in caplog.text

@@ -22,9 +22,9 @@ from order_pipeline.server import Settings, assemble
 from order_pipeline.services import CourierPool
 from order_pipeline.services.pool import PoolFull
 
-from .conftest import serving
+from .conftest import make_order, serving
 from .server_process import StartServer
-from .timings import DELAY_MS, NO_DELAY
+from .timings import DELAY_MS, NO_DELAY, UNDO_MS
 
 
 @pytest.fixture(name="log_to")
@@ -296,21 +296,70 @@ async def test_one_json_log_line_per_order(
     assert {"time", "level", "message", "pid"} <= set(orders[0])
 
 
-async def test_text_log_format_carries_the_same_fields(
+async def test_text_log_format_is_one_short_line_per_order(
     log_to: Callable[[str], io.StringIO], autojump_clock: trio.abc.Clock
 ) -> None:
-    """--log-format text: one line per order, the request ID and fields as key=value."""
+    """--log-format text: per order one line for people: id, kind, status, time, steps."""
     stream = log_to("text")
     client = assemble().app.test_client()
 
     await client.post(
         "/order", json={"order_id": "t-1", "amount": 1}, headers={"X-Request-ID": "r-9"}
     )
+    await client.post("/order", json={"order_id": "t-2", "amount": 1, "fail_step": "vendor"})
 
-    (line,) = [x for x in stream.getvalue().splitlines() if "order_pipeline.orders" in x]
-    assert "INFO order_pipeline.orders: order t-1 ok request_id=r-9" in line
-    assert 'order_id="t-1"' in line
-    assert "http_status=200" in line
+    ok, failed = [x for x in stream.getvalue().splitlines() if "order_pipeline.orders" in x]
+    steps = ", ".join(f"{s} ok {ms} ms" for s, ms in DELAY_MS.items())
+    assert ok.endswith(
+        f" INFO order_pipeline.orders: order t-1 ok 200 in {max(DELAY_MS.values())} ms: {steps}"
+        " request_id=r-9"
+    )
+    assert "{" not in ok  # no JSON in a line for people
+    assert "order t-2 vendor_unavailable 503 in " in failed
+    assert f"payment ok {DELAY_MS['payment']} ms (undone ok {UNDO_MS['payment']} ms)" in failed
+
+
+async def test_refused_and_cancelled_orders_say_why_and_what_was_sent(
+    log_to: Callable[[str], io.StringIO], autojump_clock: trio.abc.Clock
+) -> None:
+    """A refused order's line gives the reason, never "order None"; a cancelled one, no status."""
+    stream = log_to("json")
+    service = assemble()
+    client = service.app.test_client()
+
+    await client.post("/order", data=b"{")
+    await client.post("/order", json={"order_id": "r-2", "amount": "1"})
+    with trio.move_on_after(0.05):
+        await service.pipeline.process(make_order("c-1", amount=1))
+
+    lines = [json.loads(x) for x in stream.getvalue().splitlines()]
+    no_id, bad, canceled = [x for x in lines if x["logger"] == "order_pipeline.orders"]
+    assert no_id["message"].startswith("order refused 400 bad_request: body is not valid JSON")
+    assert "None" not in no_id["message"]
+    assert bad["message"] == "order r-2 refused 400 bad_request: must be an integer from " + (
+        "-9223372036854775808 to 9223372036854775807 @ $.amount"
+    )
+    assert bad["reason"] == bad["message"].split(": ", 1)[1]
+    assert canceled["http_status"] is None
+    assert canceled["message"].startswith("order c-1 canceled after 50 ms, no reply sent: ")
+
+
+async def test_debug_shows_steps_and_waits_for_a_courier(
+    log_to: Callable[[str], io.StringIO], autojump_clock: trio.abc.Clock
+) -> None:
+    """--log-level debug: each step's start and end, and each wait for a courier slot."""
+    stream = log_to("text")
+    logging.getLogger().setLevel(logging.DEBUG)
+    service = assemble(Settings(courier_pool_size=1))
+
+    async with trio.open_nursery() as nursery:
+        for n in (1, 2):
+            nursery.start_soon(service.pipeline.process, make_order(f"d-{n}", amount=1))
+
+    text = stream.getvalue()
+    assert "order 'd-1': payment started" in text
+    assert "order 'd-2': courier ended ok" in text
+    assert "waiting for a courier slot (0 waiting already)" in text
 
 
 async def test_internal_errors_keep_their_traceback_in_the_log_only(

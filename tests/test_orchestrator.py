@@ -351,14 +351,11 @@ async def test_failed_compensations_are_logged_naming_the_order_the_step_and_why
     assert logged(caplog) == [
         ("order 'o-1': compensating refund raised", RuntimeError),
         (
-            "order 'o-1': compensation of refund ended error (internal); it needs manual attention",
+            "order 'o-1' needs manual attention: undoing refund: raised an unexpected error"
+            " (its traceback is logged)",
             None,
         ),
-        (
-            "order 'o-1': compensation of release ended timeout (its deadline passed);"
-            " it needs manual attention",
-            None,
-        ),
+        ("order 'o-1' needs manual attention: undoing release: timed out after 1 s", None),
     ]
 
 

@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..kinds import BAD_REQUEST, HTTP_ERROR, INTERNAL, NOT_FOUND, kind_of_status, lookup
 from ..model import ErrorInfo, OrderRequest, Reply
-from ..orders import Answer
+from ..orders import Answer, OnRefused
 from ..serialization import InvalidOrder, dump_reply, parse_order
 from .asgi import finish_responses_shielded, with_request_ids
 
@@ -34,9 +34,6 @@ _VALID_KEY: Final = re.compile(r"[A-Za-z0-9._~:-]{1,255}")
 BAD_KEY: Final = f"{IDEMPOTENCY_KEY} must be 1 to 255 characters of A-Z a-z 0-9 . _ ~ : -"
 
 log = logging.getLogger(__name__)
-
-OnRefused = Callable[[str, int, "str | None"], None]
-"""Hears an order refused before it ran: (kind, HTTP status, order_id if readable)."""
 
 
 class OrderDesk(Protocol):
@@ -87,7 +84,7 @@ def _openapi_document() -> bytes:
     return importlib.resources.files(__package__).joinpath("openapi.json").read_bytes()
 
 
-def _no_refusals(kind: str, status: int, order_id: str | None) -> None:
+def _no_refusals(kind: str, status: int, order_id: str | None, reason: str) -> None:
     pass
 
 
@@ -119,12 +116,12 @@ def create_app(
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         key = request.headers.get(IDEMPOTENCY_KEY)
         if key is not None and not _VALID_KEY.fullmatch(key):
-            on_refused(BAD_REQUEST, lookup(BAD_REQUEST).status, None)
+            on_refused(BAD_REQUEST, lookup(BAD_REQUEST).status, None, BAD_KEY)
             return error_response(BAD_REQUEST, BAD_KEY)
         try:
             parsed = parse_order(body)
         except InvalidOrder as exc:
-            on_refused(exc.kind, lookup(exc.kind).status, exc.order_id)
+            on_refused(exc.kind, lookup(exc.kind).status, exc.order_id, exc.message)
             return error_response(exc.kind, exc.message, order_id=exc.order_id)
         return answer_response(await desk.submit(parsed, key))
 
@@ -159,7 +156,7 @@ def create_app(
         kind = kind_of_status(status)
         message = exc.name.lower() if kind == HTTP_ERROR else lookup(kind).message
         if request.path == "/order" and request.method == "POST":
-            on_refused(kind, status, None)
+            on_refused(kind, status, None, message)
         # Keep Werkzeug's headers (Allow on a 405) but not its HTML content type.
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
         return _reply(Reply("error", error=ErrorInfo(kind, message)), status, headers=headers)

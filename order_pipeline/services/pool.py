@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Final, Protocol
 
 import attrs
 import trio
+
+log = logging.getLogger(__name__)
 
 MIN_SIZE: Final = 1
 MAX_SIZE: Final = 128
@@ -67,6 +70,8 @@ class CourierPool:
             if self.queue_limit is not None and self.waiting >= self.queue_limit:
                 self.observer.pool_shed()
                 raise PoolFull from None
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("waiting for a courier slot (%d waiting already)", self.waiting)
             await limiter.acquire()
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
