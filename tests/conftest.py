@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from order_pipeline.model import OrderRequest
 from order_pipeline.serialization import converter
 from order_pipeline.server import Assembly, Settings, assemble, serve
 
+from . import pg
 from .server_process import StartServer, server_factory
 
 # `nox -s fuzz` loads the fuzz profile: FUZZ_EXAMPLES (5,000) examples for every test
@@ -117,3 +118,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         test = getattr(item, "obj", None)
         if inspect.iscoroutinefunction(test) and not hasattr(test, "hypothesis"):
             item.obj = _no_task_left_running(test)  # type: ignore[attr-defined]  # Item has no obj; this one is a Function
+
+
+@pytest.fixture(name="postgres")
+def _postgres() -> None:
+    """The test server is there (else skip, or fail under ORDER_PIPELINE_REQUIRE_POSTGRES=1).
+
+    A sync fixture: a skip raised in a Trio test loses its reason (pytest-trio re-raises
+    a bare skip), a skip here keeps it.
+    """
+    pg.need_postgres()
+
+
+@pytest.fixture(name="schema")
+def _schema() -> str:
+    """A new schema of the test's own on the test server, dropped after the test."""
+    return pg.new_schema()
+
+
+@pytest.fixture(autouse=True)
+def _drop_schemas() -> Iterator[None]:
+    """Drop the schemas the test made (after its stores closed: this fixture ends last)."""
+    yield
+    if pg.schemas:
+        with pg.admin() as conn:
+            while pg.schemas:
+                conn.execute(f"DROP SCHEMA IF EXISTS {pg.schemas.pop()} CASCADE")

@@ -12,8 +12,6 @@ and dropped after it. Without a server those tests skip, unless ORDER_PIPELINE_R
 
 from __future__ import annotations
 
-import functools
-import os
 import sqlite3
 import time
 import uuid
@@ -21,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 import trio
@@ -47,105 +45,14 @@ from order_pipeline.store import (
 )
 from order_pipeline.store.sqlite import APPLICATION_ID, SCHEMA_VERSION
 
+from . import pg
 from .conftest import examples
+from .pg import POSTGRES_URL, admin, postgres_url, with_params
 
 if TYPE_CHECKING:
     import psycopg
 
     from order_pipeline.store.postgres import PostgresStore
-
-POSTGRES_URL = os.environ.get(
-    "ORDER_PIPELINE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
-)
-REQUIRE_POSTGRES = os.environ.get("ORDER_PIPELINE_REQUIRE_POSTGRES") == "1"
-_schemas: list[str] = []  # made by new_schema, dropped after the test (by _drop_schemas)
-
-
-@functools.cache
-def _postgres_missing() -> str | None:
-    """Why the tests cannot use a PostgreSQL server, or None if they can (asked once)."""
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg is not installed (pip install -e '.[test,postgres]')"
-    try:
-        with psycopg.connect(POSTGRES_URL, connect_timeout=3):
-            pass
-    except psycopg.Error as exc:
-        return f"no PostgreSQL server answers at {POSTGRES_URL}: {' '.join(str(exc).split())}"
-    return None
-
-
-def need_postgres() -> None:
-    """Skip the test without a server, or fail it if ORDER_PIPELINE_REQUIRE_POSTGRES=1."""
-    why = _postgres_missing()
-    if why is None:
-        return
-    if REQUIRE_POSTGRES:
-        pytest.fail(f"{why} (and ORDER_PIPELINE_REQUIRE_POSTGRES=1)", pytrace=False)
-    pytest.skip(f"{why}: set ORDER_PIPELINE_TEST_POSTGRES=postgresql://USER@HOST:PORT/DBNAME")
-
-
-def admin() -> psycopg.Connection[tuple[Any, ...]]:
-    """A connection of the test's own (autocommit) to the test server."""
-    import psycopg
-
-    return psycopg.connect(POSTGRES_URL, autocommit=True)
-
-
-def with_params(url: str, **params: str) -> str:
-    """`url` with libpq query parameters added (`options` appended to any already there)."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    if "options" in params and "options" in query:
-        params["options"] = f"{query['options']} {params['options']}"
-    return parts._replace(query=urlencode({**query, **params}, quote_via=quote)).geturl()
-
-
-def new_schema() -> str:
-    """A new, empty schema on the test server, dropped after the test (by _drop_schemas)."""
-    need_postgres()
-    schema = f"order_store_test_{uuid.uuid4().hex[:16]}"
-    with admin() as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    _schemas.append(schema)
-    return schema
-
-
-def postgres_url(_: Path | None = None, *, schema: str | None = None) -> str:
-    """A URL of the test server on `schema`, by default a new one of the test's own.
-
-    The schema is the first of the search_path (libpq's ?options=-csearch_path%3D...), which
-    is where the store creates its tables: each test has its own, dropped after it.
-    """
-    return with_params(POSTGRES_URL, options=f"-csearch_path={schema or new_schema()}")
-
-
-@pytest.fixture(name="postgres")
-def _postgres() -> None:
-    """The test server is there (else skip, or fail under ORDER_PIPELINE_REQUIRE_POSTGRES=1).
-
-    A sync fixture: a skip raised in a Trio test loses its reason (pytest-trio re-raises
-    a bare skip), a skip here keeps it.
-    """
-    need_postgres()
-
-
-@pytest.fixture(name="schema")
-def _schema() -> str:
-    """A new schema of the test's own on the test server, dropped after the test."""
-    return new_schema()
-
-
-@pytest.fixture(autouse=True)
-def _drop_schemas() -> Iterator[None]:
-    """Drop the schemas the test made (after its stores closed: this fixture ends last)."""
-    yield
-    if _schemas:
-        with admin() as conn:
-            while _schemas:
-                conn.execute(f"DROP SCHEMA IF EXISTS {_schemas.pop()} CASCADE")
-
 
 BACKENDS: dict[str, Callable[[Path], str]] = {
     "sqlite": lambda tmp: f"sqlite:///{tmp / 'orders.db'}",
@@ -1279,7 +1186,7 @@ async def test_while_the_database_refuses_us_the_store_is_unavailable_then_recov
             await begun(store, "k-2")  # the failed begin wrote nothing
     finally:
         await sql(f"DROP SCHEMA {schema} CASCADE")
-        _schemas.remove(schema)
+        pg.schemas.remove(schema)
         await sql(f"DROP ROLE {role}")
 
 
