@@ -1,22 +1,27 @@
 """The command line: `serve`'s settings from flags and environment, and `orders`' query.
 
 Precedence is flag, then environment variable, then default; a bad value from
-either source exits with status 2 and names the setting.
+either source exits with status 2 and names the setting, even a variable that a
+flag overrides (the operator's environment is wrong either way).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
+import sys
 import textwrap
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final, NoReturn
 
 import attrs
 
-from .settings import Settings
+from .settings import Parse, Settings
 
-__all__ = ["ListOrders", "parse_args", "parse_command"]
+__all__ = ["VERSION", "ListOrders", "parse_args", "parse_command"]
+
+VERSION: Final = importlib.metadata.version("order-pipeline")
 
 
 @attrs.frozen
@@ -35,17 +40,36 @@ class _HelpFormatter(argparse.HelpFormatter):
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
-def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The program's parser, and its `serve` subparser (whose errors name `serve`)."""
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """Says what is wrong in one line and where to read more, rather than the usage first:
+    the usage of `serve` is twenty lines, and the error came last, under it."""
+
+    def __init__(self, *, more: str, **kwargs: Any) -> None:
+        super().__init__(formatter_class=_HelpFormatter, **kwargs)
+        self.more = more
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nRun '{self.prog} --help' {self.more}.\n")
+
+
+def _shown(value: object) -> str:
+    """A default as an operator would type it: `true`, not Python's `True`."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _parsers() -> tuple[_Parser, dict[str, _Parser]]:
+    """The program's parser, and each command's own (whose errors name the command)."""
+    parser = _Parser(
         prog="order-pipeline",
         description="Process delivery orders: payment, vendor and courier steps run concurrently.",
+        more="for the commands",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"order-pipeline {VERSION}")
+    commands = parser.add_subparsers(dest="command", title="commands")
     serve = commands.add_parser(
         "serve",
         help="run the HTTP server",
-        formatter_class=_HelpFormatter,
+        more="for every setting",
         description="Run the HTTP server. Every flag can also be set by the environment "
         f"variable named after it ({Settings.env_name('courier_pool_size')} for "
         "--courier-pool-size); a flag wins over the environment.",
@@ -53,15 +77,22 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     for field in attrs.fields(Settings):
         flag = Settings.flag_name(field.name)
         env = Settings.env_name(field.name)
-        help_text = f"{field.metadata['help']} [env {env}; default {field.default}]"
+        parse: Parse = field.metadata["parse"]
         if field.type in (bool, "bool"):
+            help_text = (
+                f"{field.metadata['help']} [env {env}: {parse.accepts}; "
+                f"default {_shown(field.default)}]"
+            )
             serve.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
+            help_text = (
+                f"{field.metadata['help']}: {parse.accepts} [env {env}; default {field.default}]"
+            )
             serve.add_argument(flag, metavar=field.name.upper(), help=help_text)
     orders = commands.add_parser(
         "orders",
         help="list the stored orders",
-        formatter_class=_HelpFormatter,
+        more="for its flags",
         description="List the orders in the store: key, order_id, status, kind, start and end, "
         "each compensation's outcome and the ledger's net charge for the order.",
     )
@@ -76,16 +107,26 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="only orders whose compensation failed or never finished",
     )
     orders.add_argument("--json", action="store_true", help="one JSON object a line")
-    return parser, serve
+    return parser, {"serve": serve, "orders": orders}
 
 
 def parse_command(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings | ListOrders:
-    """The command `argv` asks for: `serve`'s settings, or `orders`' query; exits 2 if bad."""
+    """The command `argv` asks for: `serve`'s settings, or `orders`' query; exits 2 if bad.
+
+    With no command, the help is the answer (on stderr, status 2: nothing was done).
+    """
     environ = os.environ if environ is None else environ
-    parser, serve = _parsers()
-    args = parser.parse_args(argv)
+    parser, commands = _parsers()
+    # argparse would report a command's unknown flag with the program's usage, not the command's.
+    args, unknown = parser.parse_known_args(argv)
+    command = commands.get(args.command, parser)
+    if unknown:
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        parser.exit(2)
     if args.command == "orders":
         store = args.store or environ.get(Settings.env_name("store"))
         if store is None:
@@ -93,8 +134,8 @@ def parse_command(
         try:
             return ListOrders(_parse_store(store), args.needs_attention, args.json)
         except ValueError as exc:
-            parser.error(f"--store: {exc}")
-    return _settings(args, environ, serve)
+            command.error(f"--store: {exc}")
+    return _settings(args, environ, command)
 
 
 def parse_args(
@@ -108,7 +149,7 @@ def parse_args(
 
 
 def _parse_store(text: str) -> str:
-    parse: Any = attrs.fields(Settings).store.metadata["parse"]
+    parse: Parse = attrs.fields(Settings).store.metadata["parse"]
     return str(parse(text))
 
 
@@ -117,19 +158,24 @@ def _settings(
 ) -> Settings:
     values: dict[str, Any] = {}
     for field in attrs.fields(Settings):
+        parse: Parse = field.metadata["parse"]
+        flag, env = Settings.flag_name(field.name), Settings.env_name(field.name)
         given = getattr(args, field.name)
-        env = Settings.env_name(field.name)
-        if given is not None:
-            source, text = Settings.flag_name(field.name), given
-        elif env in environ:
-            source, text = env, environ[env]
-        else:
-            continue
-        if isinstance(text, bool):
-            values[field.name] = text
-            continue
-        try:
-            values[field.name] = field.metadata["parse"](text)
-        except ValueError as exc:
-            serve.error(f"{source}: {exc}")
+        if env in environ:
+            try:
+                values[field.name] = parse(environ[env])
+            except ValueError as exc:
+                overridden = (
+                    f" ({flag} overrides it, but the environment is wrong: fix or unset it)"
+                    if given is not None
+                    else ""
+                )
+                serve.error(f"{env}: {exc}{overridden}")
+        if isinstance(given, bool):  # --access-log / --no-access-log
+            values[field.name] = given
+        elif given is not None:
+            try:
+                values[field.name] = parse(given)
+            except ValueError as exc:
+                serve.error(f"{flag}: {exc}")
     return Settings(**values)

@@ -1,5 +1,5 @@
-"""What a worker inherits from its supervisor: the listening socket, the metrics directory
-and every setting, all through the environment.
+"""What a worker inherits from its supervisor: the listening socket, the metrics directory,
+a pipe to say that it serves, and every setting, all through the environment.
 
 The supervisor writes it (`Handoff.environ`) and the worker's entry point reads
 it, once (`Handoff.from_environ`); nothing else reads these variables. The
@@ -9,6 +9,7 @@ command line parses like any other environment.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Final
 
@@ -16,10 +17,12 @@ import attrs
 
 from .settings import Settings
 
-__all__ = ["LISTEN_FD_ENV", "MULTIPROC_ENV", "Handoff"]
+__all__ = ["LISTEN_FD_ENV", "MULTIPROC_ENV", "READY_FD_ENV", "Handoff"]
 
 # A worker serves the listening socket it inherited as this file descriptor.
 LISTEN_FD_ENV: Final = "ORDER_PIPELINE_LISTEN_FD"
+# The write end of the pipe on which a worker says, once, that it serves.
+READY_FD_ENV: Final = "ORDER_PIPELINE_READY_FD"
 # prometheus-client reads this one itself, when it is imported: it must be in the
 # worker's environment before then, not only handed to `Metrics`.
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
@@ -29,6 +32,7 @@ MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 class Handoff:
     listen_fd: int
     metrics_dir: str
+    ready_fd: int
 
     def environ(self, settings: Settings, base: Mapping[str, str]) -> dict[str, str]:
         """`base` plus every setting as its variable, for one worker serving `listen_fd`."""
@@ -40,7 +44,13 @@ class Handoff:
         env[Settings.env_name("workers")] = "1"
         env[LISTEN_FD_ENV] = str(self.listen_fd)
         env[MULTIPROC_ENV] = self.metrics_dir
+        env[READY_FD_ENV] = str(self.ready_fd)
         return env
+
+    def say_serving(self) -> None:
+        """In the worker: tell the supervisor, once, that this process serves."""
+        os.write(self.ready_fd, b".")
+        os.close(self.ready_fd)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Handoff | None:
@@ -48,4 +58,4 @@ class Handoff:
         listen_fd = environ.get(LISTEN_FD_ENV)
         if listen_fd is None:
             return None
-        return cls(int(listen_fd), environ[MULTIPROC_ENV])
+        return cls(int(listen_fd), environ[MULTIPROC_ENV], int(environ[READY_FD_ENV]))

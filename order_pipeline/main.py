@@ -2,29 +2,37 @@
 
 Everything that concerns the process rather than the service lives here: the
 command line and the supervisor's handoff are read once, logging is set up, the
-store is opened (a store that cannot be opened exits 2 with one line), the
-garbage collector is tuned, and a draining process that outlives its hard
-deadline is ended.
+address is bound and the store opened (either failing is one line on stderr,
+not a traceback: status 1 for the address, 2 for the store), the garbage
+collector is tuned, the first and last lines are logged ("Running on ..." with
+what is in use; what the drain finished and the exit status), and a draining
+process that outlives its hard deadline is ended.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Final
 
+import attrs
 import trio
 
-from .cli import ListOrders, parse_command
+from .cli import VERSION, ListOrders, parse_command
 from .handoff import Handoff
+from .kinds import CANCELED
 from .listing import list_orders
 from .logs import configure_logging
 from .metrics import Metrics
-from .server import Readiness, assemble, serve
+from .model import OrderResult
+from .server import LISTEN_BACKLOG, Readiness, assemble, serve
+from .services.pool import MAX_SIZE, MIN_SIZE, clamp_size
 from .settings import Settings
 from .store import StoreError, open_store
 from .supervisor import supervise
@@ -36,6 +44,116 @@ log = logging.getLogger(__name__)
 # Young-generation collections per allocation: CPython's default (700) makes the
 # collector run every few requests; see docs/performance.md for what this bought.
 GC_THRESHOLDS: Final = (50_000, 20, 100)
+# Exit statuses: 1 for an address that cannot be listened on (as for a drain that
+# overran); 2 for a bad setting or store, like any usage error.
+CANNOT_LISTEN: Final = 1
+BAD_STORE: Final = 2
+
+
+class CannotListen(Exception):
+    """The address to serve cannot be bound: the operator's to fix, so one line, not a trace."""
+
+
+def listen(settings: Settings) -> socket.socket:
+    """The listening socket, bound before anything else starts (no store file is created).
+
+    Left to hypercorn, the bind fails inside its nursery and the cause arrives as a
+    45-line ExceptionGroup; bound here, it is known to be the address's.
+    """
+    host, port = settings.host, settings.port
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        return socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
+    except socket.gaierror as exc:
+        cause = f"cannot resolve the host ({_lower_first(exc.strerror)})"
+        raise CannotListen(f"cannot listen on {where}: {cause}") from None
+    except OSError as exc:
+        # os.strerror: create_server's own strerror repeats the address, as a Python tuple.
+        cause = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise CannotListen(f"cannot listen on {where}: {_lower_first(cause)}") from None
+
+
+def _lower_first(text: str | None) -> str:
+    return (text or "")[:1].lower() + (text or "")[1:]
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _shown_store(url: str) -> str:
+    """A PostgreSQL URL without its user, password and parameters, which may be secret."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0].split('?', 1)[0].rpartition('@')[2]}/..."
+
+
+def warn_if_clamped(settings: Settings) -> None:
+    """The pool size is clamped, not refused (a script may pass 0): but say so, once."""
+    used = clamp_size(settings.courier_pool_size)
+    if used != settings.courier_pool_size:
+        log.warning(
+            "courier pool size %d is outside %d..%d: using %d",
+            settings.courier_pool_size, MIN_SIZE, MAX_SIZE, used,
+        )  # fmt: skip # the message, then its arguments
+
+
+def log_running(url: str, settings: Settings) -> None:
+    """The one "Running on" line, logged once the server accepts (tools wait for it): with the
+    version, the pid and the settings in use, so a report of a problem starts from them."""
+    used = attrs.evolve(
+        settings,
+        port=int(url.rpartition(":")[2]),  # port 0 was a request for any
+        courier_pool_size=clamp_size(settings.courier_pool_size),
+    )
+    shown = attrs.asdict(attrs.evolve(used, store=_shown_store(used.store)))
+    fields = {"version": VERSION, "settings": shown}
+    if settings.workers == 1:
+        log.info(
+            "Running on %s (order-pipeline %s, pid %d)",
+            url, VERSION, os.getpid(), extra={"fields": fields},
+        )  # fmt: skip # the message, then its arguments
+        return
+    log.info(
+        "Running on %s with %d workers (order-pipeline %s, pid %d); per worker: courier pool "
+        "%d, queue limit %d; in all: %d couriers, %d waiting orders",
+        url, settings.workers, VERSION, os.getpid(), used.courier_pool_size,
+        used.courier_queue_limit, settings.workers * used.courier_pool_size,
+        settings.workers * used.courier_queue_limit, extra={"fields": fields},
+    )  # fmt: skip # the message, then its arguments
+
+
+class DrainCount(Metrics):
+    """The service's metrics, also counting the orders that end once the drain has begun:
+    the last line says how many finished and how many were cancelled."""
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        super().__init__(multiprocess_dir)
+        self.draining = False
+        self.drained = 0
+        self.canceled_in_drain = 0
+
+    def observe_order(self, result: OrderResult, kind: str, http_status: int) -> None:
+        super().observe_order(result, kind, http_status)
+        if self.draining:
+            if kind == CANCELED:
+                self.canceled_in_drain += 1
+            else:
+                self.drained += 1
+
+    def log_last_line(self, status: int) -> None:
+        """At info whatever `status`: a drain that overran has had its error line."""
+        canceled = self.canceled_in_drain
+        fields = {"drained": self.drained, "canceled": canceled, "exit_status": status}
+        log.info(
+            "drained orders: %d, cancelled: %d; exit status %d",
+            self.drained, canceled, status, extra={"fields": fields},
+        )  # fmt: skip # the message, then its arguments
 
 
 def tune_garbage_collector() -> None:
@@ -45,33 +163,68 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-async def exit_at_hard_deadline(readiness: Readiness, settings: Settings) -> None:
-    """End the process if its drain has not finished `settings.hard_exit_delay` after it began."""
+async def exit_at_hard_deadline(
+    readiness: Readiness, settings: Settings, count: DrainCount
+) -> None:
+    """From the drain on, count what ends; end the process if the drain has not finished
+    `settings.hard_exit_delay` after it began."""
     await readiness.drain_started.wait()
+    count.draining = True
     await trio.sleep(settings.hard_exit_delay)
     log.error("drain did not finish by its hard deadline: exiting")
+    count.log_last_line(1)
     os._exit(1)
 
 
-async def run(settings: Settings, handoff: Handoff | None = None) -> None:
-    """Supervise workers, or serve here (as a worker if `handoff` is given)."""
-    if settings.workers > 1:
-        async with open_store(settings.store):  # create or upgrade it once, before the workers
-            pass
-        await supervise(settings)
+async def run(settings: Settings, listening: socket.socket | Handoff) -> None:
+    """Serve on `listening`: supervising workers, or alone, or as a worker (a `Handoff`)."""
+    if isinstance(listening, Handoff):
+        await serve_here(settings, listening.listen_fd, listening)
         return
-    metrics = Metrics(handoff.metrics_dir if handoff else None)
+    warn_if_clamped(settings)
+    if settings.workers == 1:
+        await serve_here(settings, listening.detach())  # hypercorn's socket from now on
+        return
+    async with open_store(settings.store):  # create or upgrade it once, before the workers
+        pass
+    on_serving = functools.partial(log_running, _url(listening), settings)
+    status = await supervise(settings, listening, on_serving)
+    # At info: a worker given up on has had its error line.
+    log.info(
+        "workers drained (each worker logged its own counts); exit status %d", status,
+        extra={"fields": {"exit_status": status}},
+    )  # fmt: skip # the message, then its arguments
+    if status:
+        raise SystemExit(status)
+
+
+async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None = None) -> None:
+    """Serve on `listen_fd` until SIGTERM or SIGINT and the drain after it.
+
+    A worker (`handoff` given) tells its supervisor when it serves; a lone
+    server says "Running on" itself.
+    """
+    metrics_dir = handoff.metrics_dir if handoff else None
+    count = DrainCount(metrics_dir)
     async with open_store(settings.store) as store:
-        assembly = assemble(settings, store=store, metrics=metrics)
+        assembly = assemble(settings, store=store, metrics=count)
         tune_garbage_collector()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(exit_at_hard_deadline, assembly.readiness, settings)
+            nursery.start_soon(exit_at_hard_deadline, assembly.readiness, settings, count)
             if handoff:
-                nursery.start_soon(metrics.refresh_live_forever)
+                nursery.start_soon(count.refresh_live_forever)
             await nursery.start(assembly.desk.maintain)
-            await serve(assembly, settings, listen_fd=handoff.listen_fd if handoff else None)
+            async with trio.open_nursery() as serving:
+                (url, *_) = await serving.start(
+                    functools.partial(serve, assembly, settings, listen_fd=listen_fd)
+                )
+                if handoff:
+                    handoff.say_serving()
+                else:
+                    log_running(url, settings)
             nursery.cancel_scope.cancel()
         await assembly.desk.release()
+    count.log_last_line(0)
 
 
 async def show_orders(query: ListOrders) -> None:
@@ -79,6 +232,11 @@ async def show_orders(query: ListOrders) -> None:
         await list_orders(
             store, needs_attention=query.needs_attention, as_json=query.json, write=print
         )
+
+
+def _not_hypercorns_running_line(record: logging.LogRecord) -> bool:
+    """Hypercorn says "Running on" per process; ours is said once per server (`log_running`)."""
+    return not record.getMessage().startswith("Running on ")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -89,9 +247,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         handoff = Handoff.from_environ(os.environ)
         configure_logging(command.log_level, command.log_format)
+        logging.getLogger("hypercorn.error").addFilter(_not_hypercorns_running_line)
+        listening = handoff or listen(command)
         # A second Ctrl-C while draining interrupts the drain: exit quietly.
         with contextlib.suppress(KeyboardInterrupt):
-            trio.run(run, command, handoff)
+            trio.run(run, command, listening)
+    except CannotListen as exc:
+        print(f"order-pipeline: {exc}", file=sys.stderr)
+        raise SystemExit(CANNOT_LISTEN) from None
     except StoreError as exc:
         print(f"order-pipeline: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(BAD_STORE) from None

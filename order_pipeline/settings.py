@@ -14,6 +14,7 @@ from typing import Any, Final
 import attrs
 
 from .model import MAX_DELAY_MS
+from .services.pool import MAX_SIZE, MIN_SIZE
 from .store import StoreError, parse_store_url
 
 ENV_PREFIX: Final = "ORDER_PIPELINE_"
@@ -24,55 +25,61 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("json", "text")
 
 
-def _int_in(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+@attrs.frozen
+class Parse:
+    """Reads a setting from its text; `accepts` says what it takes, in `--help` and in errors.
+
+    One phrase serves both, so the help cannot promise what the parser refuses.
+    """
+
+    accepts: str
+    # The value, or None if `text` is not one; or ValueError saying more than `accepts` can.
+    read: Callable[[str], Any]
+
+    def __call__(self, text: str) -> Any:
+        value = self.read(text)
+        if value is None:
+            raise ValueError(f"must be {self.accepts}, not {text!r}")
+        return value
+
+
+def _int_in(low: int, high: int, accepts: str | None = None) -> Parse:
+    def read(text: str) -> int | None:
         try:
             value = int(text)
         except ValueError:
-            value = low - 1
-        if not low <= value <= high:
-            raise ValueError(f"must be an integer from {low} to {high}, not {text!r}")
-        return value
+            return None
+        return value if low <= value <= high else None
 
-    return parse
+    return Parse(accepts or f"an integer from {low} to {high}", read)
 
 
-def _seconds(*, zero_ok: bool) -> Callable[[str], float]:
-    def parse(text: str) -> float:
+def _seconds(*, zero_ok: bool) -> Parse:
+    def read(text: str) -> float | None:
         try:
             value = float(text)
         except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and (value > 0 or (zero_ok and value == 0))):
-            kind = "a non-negative" if zero_ok else "a positive"
-            raise ValueError(f"must be {kind} number of seconds, not {text!r}")
-        return value
+            return None
+        ok = math.isfinite(value) and (value > 0 or (zero_ok and value == 0))
+        return value if ok else None
 
-    return parse
+    return Parse(f"{'a non-negative' if zero_ok else 'a positive'} number of seconds", read)
 
 
-def _choice(*choices: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text.lower() not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, not {text!r}")
-        return text.lower()
-
-    return parse
+def _choice(*choices: str) -> Parse:
+    return Parse(
+        f"one of {', '.join(choices)}",
+        lambda text: text.lower() if text.lower() in choices else None,
+    )
 
 
-def _flag(text: str) -> bool:
+def _flag(text: str) -> bool | None:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"must be true or false, not {text!r}")
-
-
-def _host(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must not be empty")
-    return text
+    return None
 
 
 def _store_url(text: str) -> str:
@@ -83,7 +90,8 @@ def _store_url(text: str) -> str:
     return text
 
 
-def setting(default: Any, parse: Callable[[str], Any], help: str) -> Any:
+def setting(default: Any, parse: Parse, help: str) -> Any:
+    """A field with its help text and its parser, which `cli` reads."""
     return attrs.field(default=default, metadata={"parse": parse, "help": help})
 
 
@@ -91,47 +99,73 @@ def setting(default: Any, parse: Callable[[str], Any], help: str) -> Any:
 class Settings:
     """Everything an operator can set. Defaults are the documented ones."""
 
-    host: str = setting("127.0.0.1", _host, "address to listen on")
+    host: str = setting(
+        "127.0.0.1",
+        Parse("a host name or address", lambda text: text if text.strip() else None),
+        "address to listen on",
+    )
     port: int = setting(8080, _int_in(0, 65535), "port to listen on; 0 picks a free one")
     workers: int = setting(1, _int_in(1, 64), "worker processes serving the same socket")
-    request_timeout: float = setting(10.0, _seconds(zero_ok=False), "deadline of one order (s)")
+    request_timeout: float = setting(10.0, _seconds(zero_ok=False), "deadline of one order")
     compensation_timeout: float = setting(
-        5.0, _seconds(zero_ok=False), "deadline of an order's compensations (s)"
+        5.0, _seconds(zero_ok=False), "deadline of an order's compensations"
     )
     courier_pool_size: int = setting(
-        5, _int_in(-(2**31), 2**31), "couriers available at once (clamped to 1..128)"
+        5,
+        _int_in(
+            -(2**31),
+            2**31,
+            f"an integer; below {MIN_SIZE} counts as {MIN_SIZE}, above {MAX_SIZE} as {MAX_SIZE}",
+        ),
+        "couriers available at once, per worker process",
     )
     courier_queue_limit: int = setting(
-        1000, _int_in(0, 1_000_000), "orders that may wait for a courier; past it, 503 at once"
+        1000,
+        _int_in(0, 1_000_000),
+        "orders that may wait for a courier, per worker process; past it, 503 at once",
     )
-    payment_delay_ms: int = setting(150, _int_in(0, MAX_DELAY_MS), "default payment delay")
-    vendor_delay_ms: int = setting(200, _int_in(0, MAX_DELAY_MS), "default vendor delay")
-    courier_delay_ms: int = setting(100, _int_in(0, MAX_DELAY_MS), "default courier delay")
+    payment_delay_ms: int = setting(
+        150, _int_in(0, MAX_DELAY_MS), "default payment delay in milliseconds"
+    )
+    vendor_delay_ms: int = setting(
+        200, _int_in(0, MAX_DELAY_MS), "default vendor delay in milliseconds"
+    )
+    courier_delay_ms: int = setting(
+        100, _int_in(0, MAX_DELAY_MS), "default courier delay in milliseconds"
+    )
     header_timeout: float = setting(
         3.0,
         _seconds(zero_ok=False),
         "a connection must send its request headers within this long of being accepted or "
-        "of its last reply, or it is closed (also the keep-alive idle limit) (s)",
+        "of its last reply, or it is closed (also the keep-alive idle limit)",
     )
     shutdown_grace: float = setting(
-        15.0, _seconds(zero_ok=True), "on SIGTERM, how long in-flight orders may finish (s)"
+        15.0, _seconds(zero_ok=True), "on SIGTERM or SIGINT, how long in-flight orders may finish"
     )
     log_level: str = setting("info", _choice(*LOG_LEVELS), "lowest level logged")
-    log_format: str = setting("json", _choice(*LOG_FORMATS), "one JSON object a line, or text")
-    access_log: bool = setting(True, _flag, "log every HTTP request (hypercorn's access log)")
+    log_format: str = setting(
+        "json", _choice(*LOG_FORMATS), "how log lines are written (json: one object a line)"
+    )
+    access_log: bool = setting(
+        True, Parse("true or false", _flag), "log every HTTP request (hypercorn's access log)"
+    )
     store: str = setting(
         "sqlite:///order-pipeline.db",
-        _store_url,
-        "where orders are kept: sqlite:///PATH (a file, relative to the working directory; "
-        "sqlite:////abs/path for an absolute one), or memory (nothing durable)",
+        Parse(
+            "sqlite:///PATH (a file, relative to the working directory; sqlite:////abs/path "
+            "for an absolute one), or memory (nothing durable)",
+            _store_url,
+        ),
+        "where orders are kept",
     )
     lease_timeout: float = setting(
         5.0,
         _seconds(zero_ok=False),
-        "a process whose lease is this old is dead: its running orders are undone (s)",
+        "a process that has not renewed its lease for this long is taken for dead, and its "
+        "running orders are undone",
     )
     retention: float = setting(
-        86_400.0, _seconds(zero_ok=False), "finished orders are kept this long, then forgotten (s)"
+        86_400.0, _seconds(zero_ok=False), "finished orders are kept this long, then forgotten"
     )
 
     @property

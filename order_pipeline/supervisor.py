@@ -7,6 +7,10 @@ deadline, and restarts a worker that dies while serving. A worker that keeps
 dying (`RESTART_LIMIT` deaths within `RESTART_WINDOW_S`) is not restarted again:
 the supervisor drains the others and exits with status 1. The workers share one
 prometheus-client multiprocess directory, so `/metrics` sums all of them.
+
+Each worker writes a byte to a pipe once it serves (`Handoff.say_serving`): the
+supervisor says "Running on" only when all of them do, since tools take that
+line to mean that the server answers.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ import socket
 import sys
 import tempfile
 from collections import deque
+from collections.abc import Callable
 from typing import Final
 
 import trio
 
 from .handoff import Handoff
-from .server import LISTEN_BACKLOG
 from .settings import Settings
 
 __all__ = ["supervise"]
@@ -37,27 +41,20 @@ RESTART_LIMIT: Final = 5
 RESTART_WINDOW_S: Final = 60.0
 
 
-def _bind(settings: Settings) -> socket.socket:
-    family, _, _, _, address = socket.getaddrinfo(
-        settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
-    sock.set_inheritable(True)
-    return sock
+async def supervise(settings: Settings, sock: socket.socket, on_serving: Callable[[], None]) -> int:
+    """Serve `sock` with `settings.workers` processes until SIGTERM or SIGINT, then drain them.
 
-
-async def supervise(settings: Settings) -> None:
-    """Serve with `settings.workers` processes until SIGTERM or SIGINT, then drain them.
-
-    Raises SystemExit(1), once the others have drained, if a worker was given up on.
+    `on_serving` is called once every worker serves. Returns the exit status: 1 if a
+    worker was given up on (once the others have drained), else 0.
     """
     from prometheus_client.multiprocess import mark_process_dead
 
-    sock = _bind(settings)
+    sock.set_inheritable(True)
+    ready_read, ready_write = os.pipe()
+    ready = trio.lowlevel.FdStream(ready_read)
     metrics_dir = tempfile.mkdtemp(prefix="order-pipeline-metrics-")
-    env = Handoff(sock.fileno(), metrics_dir).environ(settings, os.environ)
+    env = Handoff(sock.fileno(), metrics_dir, ready_write).environ(settings, os.environ)
     argv = [sys.executable, "-m", "order_pipeline", "serve"]
-    host, port = sock.getsockname()[:2]
     stopping = False
     gave_up = False
     running: set[trio.Process] = set()
@@ -73,7 +70,9 @@ async def supervise(settings: Settings) -> None:
         async with spawning:
             if stopping:  # the socket is closed
                 return None
-            process = await trio.lowlevel.open_process(argv, env=env, pass_fds=(sock.fileno(),))
+            process = await trio.lowlevel.open_process(
+                argv, env=env, pass_fds=(sock.fileno(), ready_write)
+            )
             running.add(process)
         log.info("worker %d started (pid %d)", number, process.pid)
         return process
@@ -115,17 +114,30 @@ async def supervise(settings: Settings) -> None:
             log.error("worker %d (pid %d) died with %d: restarting", number, process.pid, code)
             await trio.sleep(RESTART_PAUSE_S)
 
+    async def watch_readiness(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        """Call `on_serving` once as many workers as were started have said they serve, then
+        keep reading so that the pipe never fills. (A worker restarted before the others serve
+        says so twice: in such a crash loop the line may come with one fewer serving.)"""
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            said = 0
+            async for data in ready:
+                said += len(data)
+                if said - len(data) < settings.workers <= said:
+                    on_serving()
+
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
+                watching = await nursery.start(watch_readiness)
                 for number in range(settings.workers):
                     nursery.start_soon(worker, number)
-                log.info("Running on http://%s:%d with %d workers", host, port, settings.workers)
                 with waiting:
                     async for signum in signals:
                         log.info("received %s: draining the workers", signal.Signals(signum).name)
                         break
                 stopping = True
+                watching.cancel()
                 async with spawning:
                     sock.close()
                 for process in running:
@@ -133,6 +145,7 @@ async def supervise(settings: Settings) -> None:
                 nursery.cancel_scope.deadline = trio.current_time() + settings.hard_exit_delay
     finally:
         sock.close()
+        ready.close()
+        os.close(ready_write)
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    if gave_up:
-        raise SystemExit(1)
+    return 1 if gave_up else 0

@@ -7,7 +7,7 @@ import httpx
 import pytest
 import trio
 
-from order_pipeline.cli import parse_args
+from order_pipeline.cli import parse_args, parse_command
 from order_pipeline.server import Settings, hypercorn_config
 
 from .conftest import serving
@@ -95,7 +95,6 @@ def test_flag_wins_over_environment() -> None:
 @pytest.mark.parametrize(
     ("argv", "environ", "message"),
     [
-        ([], {}, "required"),
         (["serve", "--port", "70000"], {}, "--port: must be an integer from 0 to 65535"),
         (["serve", "--port", "x"], {}, "--port: must be an integer"),
         (["serve", "--workers", "0"], {}, "--workers: must be an integer from 1 to 64"),
@@ -103,7 +102,7 @@ def test_flag_wins_over_environment() -> None:
         (["serve", "--request-timeout", "nan"], {}, "--request-timeout: must be a positive"),
         (["serve", "--request-timeout", "inf"], {}, "--request-timeout: must be a positive"),
         (["serve", "--request-timeout", "soon"], {}, "--request-timeout: must be a positive"),
-        (["serve", "--host", " "], {}, "--host: must not be empty"),
+        (["serve", "--host", " "], {}, "--host: must be a host name or address, not ' '"),
         (["serve", "--shutdown-grace", "-1"], {}, "--shutdown-grace: must be a non-negative"),
         (["serve", "--courier-pool-size", "many"], {}, "--courier-pool-size: must be an integer"),
         (["serve", "--payment-delay-ms", "600001"], {}, "--payment-delay-ms: must be an integer"),
@@ -111,6 +110,13 @@ def test_flag_wins_over_environment() -> None:
         (["serve"], {"ORDER_PIPELINE_PORT": "eighty"}, "ORDER_PIPELINE_PORT: must be an integer"),
         (["serve"], {"ORDER_PIPELINE_ACCESS_LOG": "maybe"}, "ORDER_PIPELINE_ACCESS_LOG: must be"),
         (["serve"], {"ORDER_PIPELINE_LOG_LEVEL": "loud"}, "ORDER_PIPELINE_LOG_LEVEL: must be one"),
+        (
+            ["serve", "--port", "18501"],
+            {"ORDER_PIPELINE_PORT": "eighty"},
+            "ORDER_PIPELINE_PORT: must be an integer from 0 to 65535, not 'eighty' (--port "
+            "overrides it, but the environment is wrong: fix or unset it)",
+        ),
+        (["serve", "--no-access-log"], {"ORDER_PIPELINE_ACCESS_LOG": "maybe"}, "ACCESS_LOG: must"),
     ],
 )
 def test_bad_values_exit_2_naming_the_setting(
@@ -123,11 +129,93 @@ def test_bad_values_exit_2_naming_the_setting(
     assert message in capsys.readouterr().err
 
 
-def test_help_lists_every_setting_with_default_and_env(capsys: pytest.CaptureFixture[str]) -> None:
-    """`serve --help` names every flag, its environment variable and its default."""
+def serve_help(capsys: pytest.CaptureFixture[str]) -> str:
+    """`serve --help`, its whitespace made single spaces."""
     with pytest.raises(SystemExit):
         parse_args(["serve", "--help"], environ={})
-    text = " ".join(capsys.readouterr().out.split())
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_lists_every_setting_with_default_and_env(capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve --help` names every flag, its environment variable and its default."""
+    text = serve_help(capsys)
     for field in attrs.fields(Settings):
+        env = Settings.env_name(field.name)
         assert "--" + field.name.replace("_", "-") in text
-        assert f"[env {Settings.env_name(field.name)}; default {field.default}]" in text
+        if isinstance(field.default, bool):  # the flag has its --no- form; the variable, words
+            assert f"[env {env}: true or false; default {str(field.default).lower()}]" in text
+        else:
+            assert f"[env {env}; default {field.default}]" in text
+
+
+@pytest.mark.parametrize(
+    "phrase",
+    [
+        "--log-level LOG_LEVEL lowest level logged: one of debug, info, warning, error [",
+        "--log-format LOG_FORMAT how log lines are written (json: one object a line): one of "
+        "json, text [",
+        "--workers WORKERS worker processes serving the same socket: an integer from 1 to 64 [",
+        "--port PORT port to listen on; 0 picks a free one: an integer from 0 to 65535 [",
+        "[env ORDER_PIPELINE_ACCESS_LOG: true or false; default true]",
+        "--shutdown-grace SHUTDOWN_GRACE on SIGTERM or SIGINT, how long",
+        "--courier-pool-size COURIER_POOL_SIZE couriers available at once, per worker process: "
+        "an integer; below 1 counts as 1, above 128 as 128 [",
+    ],
+)
+def test_help_says_every_choice_and_range(phrase: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve --help` gives each setting's choices or range, and booleans as true/false."""
+    assert phrase in serve_help(capsys)
+
+
+def test_help_shows_no_python_spelling(capsys: pytest.CaptureFixture[str]) -> None:
+    """No default reads as Python's True or False."""
+    text = serve_help(capsys)
+    assert "True" not in text
+    assert "False" not in text
+
+
+def test_no_command_prints_the_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """`order-pipeline` alone: the whole help (commands and what they do) on stderr, status 2."""
+    with pytest.raises(SystemExit) as exited:
+        parse_command([], environ={})
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert err.startswith("usage: order-pipeline ")
+    assert "serve" in err
+    assert "run the HTTP server" in err
+    assert "required" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["serve", "--port", "x"],
+            "order-pipeline serve: error: --port: must be an integer from 0 to 65535, not 'x'\n"
+            "Run 'order-pipeline serve --help' for every setting.\n",
+        ),
+        (
+            ["serve", "--prot", "1"],
+            "order-pipeline serve: error: unrecognized arguments: --prot 1\n"
+            "Run 'order-pipeline serve --help' for every setting.\n",
+        ),
+        (
+            ["orders", "--jsn"],
+            "order-pipeline orders: error: unrecognized arguments: --jsn\n"
+            "Run 'order-pipeline orders --help' for its flags.\n",
+        ),
+        (
+            ["srve"],
+            "order-pipeline: error: argument command: invalid choice: 'srve' (choose from "
+            "'serve', 'orders')\nRun 'order-pipeline --help' for the commands.\n",
+        ),
+    ],
+)
+def test_a_usage_error_is_one_line_and_a_pointer_to_help(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad value or an unknown flag: the command's own name, the error, where to read more;
+    not the whole usage first."""
+    with pytest.raises(SystemExit) as exited:
+        parse_command(argv, environ={})
+    assert (exited.value.code, capsys.readouterr().err) == (2, expected)

@@ -1,0 +1,194 @@
+"""The first minutes of a newcomer and of an operator: start-up failures, the start-up line,
+`--version`, and the last line at exit.
+
+A start-up failure is run as the real command (`python -m order_pipeline serve`), since
+what is pinned is what a person sees: the exit status and stderr.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+import order_pipeline
+from order_pipeline.cli import parse_command
+
+from .server_process import RUNNING, ServerProcess, StartServer
+
+VERSION = importlib.metadata.version("order-pipeline")
+ROOT = Path(__file__).parents[1]
+EXIT_TIMEOUT_S = 30
+IN_FLIGHT = re.compile(r"^order_pipeline_steps_in_flight (\S+)$", re.MULTILINE)
+SLOW = {"payment": 2000, "vendor": 2000, "courier": 2000}
+
+
+def run_serve(*flags: str) -> subprocess.CompletedProcess[str]:
+    """`python -m order_pipeline serve` with `flags`, to its exit."""
+    argv = [sys.executable, "-m", "order_pipeline", "serve", "--store", "memory", *flags]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=EXIT_TIMEOUT_S, check=False)
+
+
+@pytest.fixture(name="taken_port")
+def _taken_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that another socket listens on."""
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        yield other.getsockname()[1]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_one_line_and_status_1(taken_port: int, workers: str) -> None:
+    """Port in use, with or without --workers: one line naming the address and cause, status 1."""
+    done = run_serve("--port", str(taken_port), "--workers", workers)
+
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"order-pipeline: cannot listen on 127.0.0.1:{taken_port}: address already in use\n",
+    )
+
+
+def test_a_host_that_does_not_resolve_is_one_line_and_status_1() -> None:
+    """An unresolvable --host: one line naming it and the resolver's answer, status 1."""
+    done = run_serve("--host", "nosuch.invalid", "--port", "0")
+
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        "order-pipeline: cannot listen on nosuch.invalid:0: cannot resolve the host ("
+    )
+    assert done.stderr.count("\n") == 1
+    assert "Traceback" not in done.stderr
+
+
+def test_a_port_without_permission_is_one_line_and_status_1() -> None:
+    """A port this user may not bind (1, for a user other than root): one line, status 1."""
+    try:
+        socket.create_server(("127.0.0.1", 1)).close()
+    except PermissionError:
+        pass
+    except OSError as exc:
+        pytest.skip(f"port 1 cannot be tried here: {exc}")
+    else:
+        pytest.skip("this user may bind port 1 (root, or a low ip_unprivileged_port_start)")
+    done = run_serve("--port", "1")
+
+    assert (done.returncode, done.stderr) == (
+        1,
+        "order-pipeline: cannot listen on 127.0.0.1:1: permission denied\n",
+    )
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--version` prints the installed distribution's version; the package exposes the same."""
+    with pytest.raises(SystemExit) as exited:
+        parse_command(["--version"], environ={})
+
+    assert (exited.value.code, capsys.readouterr().out) == (0, f"order-pipeline {VERSION}\n")
+    assert order_pipeline.__version__ == VERSION
+
+
+def test_the_license_is_the_mit_license_pyproject_names() -> None:
+    """pyproject.toml says `license = "MIT"`: the LICENSE file is that text, with its holder."""
+    text = (ROOT / "LICENSE").read_text()
+
+    assert 'license = "MIT"' in (ROOT / "pyproject.toml").read_text()
+    assert text.startswith("MIT License\n\nCopyright (c) 2026 the order-pipeline authors\n")
+    assert 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND' in text
+
+
+def running_lines(server: ServerProcess) -> list[dict[str, Any]]:
+    return [line for line in server.log_lines() if RUNNING.search(line["message"])]
+
+
+async def test_one_start_up_line_says_version_pid_address_and_settings(
+    start_server: StartServer,
+) -> None:
+    """One "Running on" line: the version, the pid, the address bound, the settings in use;
+    a clamped pool size is a warning naming the value given and the value used."""
+    server = await start_server("--courier-pool-size", "500", "--no-access-log")
+    pid = server.process.pid
+
+    (line,) = running_lines(server)
+    assert line["message"] == f"Running on {server.url} (order-pipeline {VERSION}, pid {pid})"
+    assert line["settings"]["port"] == int(server.url.rpartition(":")[2])
+    assert (line["settings"]["courier_pool_size"], line["settings"]["workers"]) == (128, 1)
+    warnings = [line["message"] for line in server.log_lines() if line["level"] == "warning"]
+    assert warnings == ["courier pool size 500 is outside 1..128: using 128"]
+
+
+async def test_workers_say_running_once_with_per_worker_totals(start_server: StartServer) -> None:
+    """--workers 2: one "Running on" line, the supervisor's, once both workers serve; it says
+    the pool size and queue limit are per worker, and their totals."""
+    server = await start_server(
+        "--workers", "2", "--courier-pool-size", "0", "--courier-queue-limit", "30"
+    )
+    pid = server.process.pid
+
+    (line,) = running_lines(server)
+    assert line["pid"] == pid
+    assert line["message"] == (
+        f"Running on {server.url} with 2 workers (order-pipeline {VERSION}, pid {pid}); "
+        "per worker: courier pool 1, queue limit 30; in all: 2 couriers, 60 waiting orders"
+    )
+    messages = [line["message"] for line in server.log_lines()]
+    started = [m for m in messages if re.fullmatch(r"worker \d started \(pid \d+\)", m)]
+    assert len(started) == 2
+    assert messages.index(line["message"]) > max(messages.index(m) for m in started)
+    warnings = [line for line in server.log_lines() if line["level"] == "warning"]
+    assert [(w["pid"], w["message"]) for w in warnings] == [
+        (pid, "courier pool size 0 is outside 1..128: using 1")
+    ]
+    assert await server.stop() == 0
+    mine = [line["message"] for line in server.log_lines() if line["pid"] == pid]
+    assert mine[-1] == "workers drained (each worker logged its own counts); exit status 0"
+
+
+async def wait_for_steps_in_flight(url: str, steps: int) -> None:
+    async with httpx.AsyncClient(base_url=url) as scraper:
+        with trio.fail_after(EXIT_TIMEOUT_S):
+            while True:
+                found = IN_FLIGHT.search((await scraper.get("/metrics")).text)
+                if found and float(found[1]) == steps:
+                    return
+                await trio.sleep(0.05)
+
+
+async def post_slow_order(url: str, statuses: list[int | str]) -> None:
+    body = {"order_id": "slow", "amount": 100, "delay_ms": SLOW}
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=EXIT_TIMEOUT_S) as client:
+            statuses.append((await client.post("/order", json=body)).status_code)
+    except httpx.TransportError as exc:
+        statuses.append(type(exc).__name__)
+
+
+@pytest.mark.parametrize(
+    ("grace", "last"),
+    [
+        ("15", "drained orders: 1, cancelled: 0; exit status 0"),
+        ("0", "drained orders: 0, cancelled: 1; exit status 0"),
+    ],
+)
+async def test_the_last_line_counts_drained_and_cancelled_orders(
+    start_server: StartServer, grace: str, last: str
+) -> None:
+    """SIGTERM with one order in flight: the last line says whether it was drained or cancelled."""
+    server = await start_server("--no-access-log", "--shutdown-grace", grace, check_exit=False)
+    statuses: list[int | str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(post_slow_order, server.url, statuses)
+        await wait_for_steps_in_flight(server.url, 3)
+        code = await server.stop()
+
+    assert code == 0
+    assert server.log_lines()[-1]["message"] == last
+    if grace == "15":
+        assert statuses == [200]
