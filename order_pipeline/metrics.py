@@ -12,6 +12,12 @@ any worker's `/metrics` reports the sum over all of them. The gauges use
 `livesum`, so a worker that has exited stops counting; each worker writes its
 own gauges every `LIVE_REFRESH_S` (`refresh_live_forever`), so another
 worker's share in a scrape is at most that old.
+
+No `_created` series: they read like counts of orders, and say only when the
+process started, which `process_start_time_seconds` says once. The standard
+process metrics (CPU, memory, open files, start time) are the answering
+process's: with several workers, the worker that answered the scrape
+(prometheus-client's multiprocess mode cannot sum them).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -45,8 +53,10 @@ class Metrics:
     """The service's metrics, registered in a registry of their own (so tests can build many)."""
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
+        disable_created_metrics()  # process-wide in prometheus-client; see the module docstring
         self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._live: list[tuple[Gauge, Callable[[], int]]] = []
         r = self.registry
@@ -144,4 +154,5 @@ class Metrics:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         registry = CollectorRegistry()
         MultiProcessCollector(registry, self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped upstream
+        ProcessCollector(registry=registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
