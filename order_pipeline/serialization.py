@@ -9,6 +9,7 @@ mutation tester can change it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -130,11 +131,42 @@ def _readable_order_id(document: dict[str, Any]) -> str | None:
         return None
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def _refuse_duplicate_keys(body: bytes, document: dict[str, Any]) -> None:
+    """Refuse an object with a key twice, which orjson (like most parsers) takes the last of.
+
+    Two parsers that disagree on such a body are a known source of security bugs, so
+    it is refused, not resolved: a second parse with the standard module, which can see
+    the pairs (orjson has already refused everything else that is not JSON).
+    """
+    try:
+        json.loads(body, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        key = exc.args[0]
+        raise InvalidOrder(
+            f"body has the key {key!r} more than once", _readable_order_id(document)
+        ) from None
+    except RecursionError:
+        raise InvalidOrder("body is nested too deeply") from None
+
+
 def parse_order(body: bytes, using: cattrs.Converter = converter) -> OrderRequest:
     """Turn a request body into a valid order, or raise `InvalidOrder`.
 
-    Exactly one JSON object is accepted. A `null` optional field counts as
-    absent. `using` is the converter (tests pass a fresh one).
+    Exactly one JSON object is accepted, with no key twice. A `null` optional
+    field counts as absent. `using` is the converter (tests pass a fresh one).
     """
     try:
         document = orjson.loads(body)
@@ -142,6 +174,7 @@ def parse_order(body: bytes, using: cattrs.Converter = converter) -> OrderReques
         raise InvalidOrder(f"body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise InvalidOrder("body must be a JSON object")
+    _refuse_duplicate_keys(body, document)
     present = {key: value for key, value in document.items() if value is not None}
     try:
         return using.structure(present, OrderRequest)

@@ -66,6 +66,14 @@ async def test_all_fields_and_nulls(processor: StubProcessor, app: QuartTrio) ->
 
 
 BAD_BODIES = [
+    # A key twice: refused, not resolved (parsers that disagree are a security bug's source).
+    (
+        '{"order_id": "a", "amount": 1, "amount": -1}',
+        "a",
+        "body has the key 'amount' more than once",
+    ),
+    ('{"order_id": "o", "delay_ms": {"payment": 1, "payment": 2}}', "o", "key 'payment' more"),
+    ('{"order_id": "x", "order_id": "y"}', "y", "body has the key 'order_id' more than once"),
     ("", None, "not valid JSON"),
     ("{", None, "not valid JSON"),
     ('{"order_id": "o"} {}', None, "not valid JSON"),
