@@ -80,7 +80,7 @@ async def test_a_file_that_is_not_a_store_exits_2_and_stays_as_it_was(tmp_path: 
     garbage.write_bytes(b"these are my notes, not a database\n")
 
     for argv in (["serve", "--port", "0"], ["orders"]):
-        done = await trio.to_thread.run_sync(cli, *argv, "--store", f"sqlite:///{garbage}")
+        done = await trio.to_thread.run_sync(cli, *[*argv, "--store", f"sqlite:///{garbage}"])
         assert done.returncode == 2, done.stderr
         assert len(done.stderr.splitlines()) == 1, done.stderr
         assert "notes.db" in done.stderr
