@@ -9,6 +9,10 @@ shared machine's speed drifts by tens of per cent within minutes. Writes
 docs/loadtest.json, rewrites the results section of docs/performance.md and draws
 docs/latency.svg. Ratios are what to read: every figure comes from the same
 run on the same machine. No test asserts a time.
+
+The PostgreSQL scenarios need psycopg (`pip install -e '.[postgres]'`) and a server:
+ORDER_PIPELINE_TEST_POSTGRES (default postgresql://postgres@127.0.0.1:5432/test), as for
+the tests; each start of the service gets a new schema there, dropped after the run.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "benchmarks" / "order.lua"
@@ -36,6 +43,11 @@ S1_FLAGS = ["--payment-delay-ms", "1", "--vendor-delay-ms", "1", "--courier-dela
             "--courier-pool-size", "128"]  # fmt: skip # flags and values in pairs
 DEFAULT_FLAGS = ["--courier-pool-size", "128"]
 COMMON = ["--no-access-log"]  # the one log line per order stays: it is part of the service
+POSTGRES_URL = os.environ.get(
+    "ORDER_PIPELINE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+# In a scenario's command, `--store FRESH_POSTGRES` stands for POSTGRES_URL on a new schema.
+FRESH_POSTGRES = "postgresql (a new schema)"
 
 
 def start(argv: list[str]) -> tuple[subprocess.Popen[bytes], str]:
@@ -60,30 +72,102 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def wrk(url: str, connections: int, duration: int, fail_fraction: float = 0.0) -> dict[str, Any]:
+    return wrk_together([url], connections, duration, fail_fraction)
+
+
+def wrk_together(
+    urls: list[str], connections: int, duration: int, fail_fraction: float = 0.0
+) -> dict[str, Any]:
+    """One wrk per URL, all at once, each with `connections`; their summaries as one.
+
+    Requests, req/s and errors are summed; a latency percentile is the highest of the runs'
+    (the slower host's: percentiles of separate runs cannot be merged exactly).
+    """
     env = {**os.environ, "FAIL_FRACTION": str(fail_fraction)}
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "30s", "-s", str(LUA),
-         url],
-        capture_output=True, text=True, env=env, check=True,
-    ).stdout  # fmt: skip # the wrk command on one line, as it would be typed
-    summary: dict[str, Any] = json.loads(out.split("WRK_JSON ", 1)[1].splitlines()[0])
-    return summary
+    runs = []
+    for url in urls:
+        command = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "30s",
+                   "-s", str(LUA), url]  # fmt: skip # the wrk command on one line, as typed
+        runs.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env))
+    outs = [run_.communicate()[0] for run_ in runs]  # every wrk ends before any is judged
+    summaries: list[dict[str, Any]] = []
+    for run_, out in zip(runs, outs, strict=True):
+        if run_.returncode != 0:
+            raise subprocess.CalledProcessError(run_.returncode, run_.args, out)
+        summaries.append(json.loads(out.split("WRK_JSON ", 1)[1].splitlines()[0]))
+    if len(summaries) == 1:
+        return summaries[0]
+    highest = ("duration_s", "p50_ms", "p90_ms", "p99_ms", "max_ms")
+    return {
+        key: max(s[key] for s in summaries) if key in highest else sum(s[key] for s in summaries)
+        for key in summaries[0]
+    }
 
 
-def with_fresh_store(argv: list[str]) -> list[str]:
-    """The service keeps its orders in a new SQLite file (its default store), unless told."""
-    if "order_pipeline" not in argv or "--store" in argv:
-        return argv
-    return [*argv, "--store", f"sqlite:///{tempfile.mkdtemp(prefix='loadtest-')}/orders.db"]
-
-
-def measure(argv: list[str], connections: int, duration: int, fail: float = 0.0) -> dict[str, Any]:
-    process, url = start(with_fresh_store(argv))
+def postgres_admin() -> Any:
+    """A connection (autocommit) to POSTGRES_URL, or SystemExit saying what is missing."""
     try:
-        wrk(url, connections, 2)  # warm up: imports, caches, first connections
-        return wrk(url, connections, duration, fail)
-    finally:
-        stop(process)
+        import psycopg
+    except ImportError:
+        raise SystemExit(
+            "the PostgreSQL scenarios need psycopg: pip install -e '.[postgres]'"
+        ) from None
+    try:
+        return psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5)
+    except psycopg.Error as error:
+        raise SystemExit(
+            f"the PostgreSQL scenarios need a server: none answers at {POSTGRES_URL}"
+            f" ({' '.join(str(error).split())}); set ORDER_PIPELINE_TEST_POSTGRES"
+        ) from None
+
+
+def on_schema(url: str, schema: str) -> str:
+    """`url` with `schema` first on the search_path (where the store makes its tables)."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query["options"] = f"{query.get('options', '')} -csearch_path={schema}".strip()
+    return parts._replace(query=urlencode(query, quote_via=quote)).geturl()
+
+
+@contextmanager
+def fresh_store(argv: list[str]) -> Iterator[list[str]]:
+    """The service's command with a new store: a SQLite file (the default, unless a store is
+    named), or for `--store FRESH_POSTGRES` a new schema on POSTGRES_URL, dropped afterwards."""
+    if "order_pipeline" not in argv:
+        yield argv
+    elif FRESH_POSTGRES in argv:
+        schema = f"loadtest_{uuid.uuid4().hex[:16]}"
+        with postgres_admin() as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        try:
+            url = on_schema(POSTGRES_URL, schema)
+            yield [url if arg == FRESH_POSTGRES else arg for arg in argv]
+        finally:
+            with postgres_admin() as conn:
+                conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    elif "--store" in argv:
+        yield argv
+    else:
+        yield [*argv, "--store", f"sqlite:///{tempfile.mkdtemp(prefix='loadtest-')}/orders.db"]
+
+
+def measure(
+    argv: list[str], connections: int, duration: int, fail: float = 0.0, hosts: int = 1
+) -> dict[str, Any]:
+    """`hosts` processes of `argv` on one new store, each driven by a wrk of `connections`."""
+    with fresh_store(argv) as command:
+        processes: list[subprocess.Popen[bytes]] = []
+        try:
+            urls = []
+            for _ in range(hosts):
+                process, url = start(command)
+                processes.append(process)
+                urls.append(url)
+            wrk_together(urls, connections, 2)  # warm up: imports, caches, first connections
+            return wrk_together(urls, connections, duration, fail)
+        finally:
+            for process in processes:
+                stop(process)
 
 
 def service(*flags: str) -> list[str]:
@@ -111,7 +195,17 @@ SCENARIOS: dict[str, tuple[list[str], int, float]] = {
     "S5_2_workers": (service(*S1_FLAGS, "--workers", "2"), 64, 0.0),
     # Not one of the issue's scenarios: S2 again with a second worker, for its headroom.
     "S2_2_workers": (service(*DEFAULT_FLAGS, "--workers", "2"), 100, 0.0),
+    # S1 and S2 on a PostgreSQL store (each start on a new schema), against the memory store.
+    "S1_postgres_store": (service(*S1_FLAGS, "--store", FRESH_POSTGRES), 64, 0.0),
+    "S2_postgres_store": (service(*DEFAULT_FLAGS, "--store", FRESH_POSTGRES), 100, 0.0),
+    # S1 on two hosts sharing one PostgreSQL schema: two server processes on their own ports,
+    # each driven by its own wrk of 32 connections at the same time (64 in all, as S1), their
+    # req/s summed. Both servers, both wrk and PostgreSQL share one machine's cores, so this
+    # shows what a second host costs the database and the store, not how two machines scale.
+    "S1_postgres_2_hosts": (service(*S1_FLAGS, "--store", FRESH_POSTGRES), 32, 0.0),
 }
+# Scenarios run on more than one host (server process), each with a wrk of its own.
+HOSTS: dict[str, int] = {"S1_postgres_2_hosts": 2}
 
 
 def in_process(what: str) -> dict[str, Any]:
@@ -157,6 +251,15 @@ def ratios(runs: dict[str, Any], inflight: dict[str, Any]) -> dict[str, float]:
         "S1 SQLite store / memory store": s1 / runs["S1_memory_store"]["rps"],
         "S2 p50, SQLite store minus memory store (ms)": (
             s2["p50_ms"] - runs["S2_memory_store"]["p50_ms"]
+        ),
+        "S1 PostgreSQL store / memory store": (
+            runs["S1_postgres_store"]["rps"] / runs["S1_memory_store"]["rps"]
+        ),
+        "S2 p50, PostgreSQL store minus memory store (ms)": (
+            runs["S2_postgres_store"]["p50_ms"] - runs["S2_memory_store"]["p50_ms"]
+        ),
+        "S1, two hosts on PostgreSQL / one host": (
+            runs["S1_postgres_2_hosts"]["rps"] / runs["S1_postgres_store"]["rps"]
         ),
         "S2 p50 above 200 ms (ms)": s2["p50_ms"] - 200,
         "S2 p99 above 200 ms (ms)": s2["p99_ms"] - 200,
@@ -210,11 +313,13 @@ def median(values: list[float]) -> float:
 def run(duration: int, rounds: int) -> dict[str, Any]:
     """Every scenario once per round, rounds one after another; medians over the rounds."""
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    if any(FRESH_POSTGRES in argv for argv, _, _ in SCENARIOS.values()):
+        postgres_admin().close()  # no server, or no psycopg: say so now, not minutes in
     each: list[dict[str, Any]] = []
     for number in range(1, rounds + 1):
         runs = {}
         for name, (argv, connections, fail) in SCENARIOS.items():
-            runs[name] = measure(argv, connections, duration, fail)
+            runs[name] = measure(argv, connections, duration, fail, HOSTS.get(name, 1))
             print(f"round {number}: {name} {runs[name]['rps']:.0f} req/s", flush=True)
         inflight = {
             "service": in_process("service"),
@@ -252,6 +357,8 @@ TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "S5: 2 workers / 1 worker": ("≥ 1.5", lambda v: v >= 1.5),
     "S1 SQLite store / memory store": ("≥ 0.85", lambda v: v >= 0.85),
     "S2 p50, SQLite store minus memory store (ms)": ("≤ 5", lambda v: v <= 5),
+    "S1 PostgreSQL store / memory store": ("≥ 0.85", lambda v: v >= 0.85),
+    "S2 p50, PostgreSQL store minus memory store (ms)": ("≤ 5", lambda v: v <= 5),
     "recovery of 10,000 interrupted orders (s)": ("≤ 10", lambda v: v <= 10),
     "S2 p50 above 200 ms (ms)": ("≤ 2", lambda v: v <= 2),
     "S2 p99 above 200 ms (ms)": ("≤ 10", lambda v: v <= 10),

@@ -1,0 +1,180 @@
+"""Several hosts, one PostgreSQL: two server processes on different ports share one schema.
+
+Each "host" is a real server process (`order-pipeline serve --store postgresql://...`) on
+127.0.0.1; both use the test's own schema on the test server (tests/pg.py). One new key sent
+to both at the same moment runs once; a host SIGKILLed with 200 paid orders in flight has them
+refunded and recorded `interrupted` by the other, already running, within the lease timeout
+plus 2 s, and retrying them on that host runs each once. docs/deploying.md shows the same by
+hand. The chaos test over two hosts is in tests/test_chaos.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from contextlib import suppress
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from order_pipeline.store import FINISHED, RUNNING, open_store
+
+from .pg import postgres_url
+from .server_process import ServerProcess, StartServer
+
+pytestmark = pytest.mark.postgres
+
+LEASE_S = 2.0
+PER_HOST = 50
+ORDERS = 200
+# Paid at once; still waiting for vendor and courier when the host is killed.
+PAID_THEN_SLOW = {"payment": 0, "vendor": 2000, "courier": 2000}
+
+
+@pytest.fixture(name="url")
+def _url(schema: str) -> str:
+    """The store's URL: the test server, on a schema of the test's own (skips without one)."""
+    return postgres_url(schema=schema)
+
+
+def order_lines(*hosts: ServerProcess) -> list[dict[str, Any]]:
+    """The one log line per order of every host (the orders that ran or were undone there)."""
+    return [
+        line
+        for host in hosts
+        for line in host.log_lines()
+        if line["logger"] == "order_pipeline.orders" and "kind" in line
+    ]
+
+
+async def test_one_new_key_sent_to_both_hosts_at_once_runs_once(
+    start_server: StartServer, url: str
+) -> None:
+    """50 requests with one new key to each host at once: one run, the rest 409 or a replay."""
+    hosts = [await start_server("--store", url, "--no-access-log") for _ in range(2)]
+    assert hosts[0].url != hosts[1].url
+    order = {"order_id": "once", "amount": 40, "delay_ms": {"payment": 200}}
+    go = trio.Event()
+    replies: list[httpx.Response] = []
+    by_host: list[Counter[str]] = [Counter(), Counter()]  # each host's answers, for the record
+
+    async def send(http: httpx.AsyncClient, host: int) -> None:
+        await go.wait()
+        reply = await http.post("/order", json=order, headers={"Idempotency-Key": "one"})
+        replies.append(reply)
+        replayed = "Idempotent-Replayed" in reply.headers
+        by_host[host]["replayed" if replayed else str(reply.status_code)] += 1
+
+    limits = httpx.Limits(max_connections=PER_HOST)
+    async with (
+        httpx.AsyncClient(base_url=hosts[0].url, limits=limits, timeout=30) as first,
+        httpx.AsyncClient(base_url=hosts[1].url, limits=limits, timeout=30) as second,
+        trio.open_nursery() as nursery,
+    ):
+        for host, http in enumerate((first, second)):
+            for _ in range(PER_HOST):
+                nursery.start_soon(send, http, host)
+        go.set()
+
+    assert len(replies) == 2 * PER_HOST
+    ran = [r for r in replies if r.status_code == 200 and "Idempotent-Replayed" not in r.headers]
+    assert len(ran) == 1
+    for reply in replies:
+        if reply.status_code == 200:  # the run, or a replay of it: the same bytes
+            assert reply.content == ran[0].content
+        else:
+            assert reply.status_code == 409, reply.content
+            assert reply.json()["error"]["kind"] == "order_in_progress"
+    assert json.loads(ran[0].content)["status"] == "ok"
+    async with open_store(url) as store:
+        assert await store.net_charge("one") == 40
+    assert [line["kind"] for line in order_lines(*hosts) if line["kind"] == "ok"] == ["ok"]
+    print(f"hosts: one key, {PER_HOST} requests to each host: {[dict(c) for c in by_host]}")
+
+
+@pytest.mark.chaos
+async def test_a_host_killed_with_200_orders_in_flight_is_undone_by_the_other(
+    start_server: StartServer, url: str
+) -> None:
+    """A host SIGKILLed mid-order: the other refunds all 200 in lease + 2 s; retries run once."""
+    flags = (
+        "--store", url, "--lease-timeout", str(LEASE_S), "--no-access-log",
+        "--courier-pool-size", "128", "--courier-queue-limit", "10000",
+    )  # fmt: skip # one flag and its value a pair
+    doomed = await start_server(*flags, check_exit=False)
+    survivor = await start_server(*flags)  # up and holding its lease before the kill
+    orders: dict[str, dict[str, Any]] = {
+        f"hosts-{n}": {"order_id": f"o-{n}", "amount": n + 1, "delay_ms": PAID_THEN_SLOW}
+        for n in range(ORDERS)
+    }
+    total = sum(order["amount"] for order in orders.values())
+
+    async def send(http: httpx.AsyncClient, key: str) -> None:
+        with suppress(httpx.TransportError):  # killed under it: no reply is the point
+            await http.post("/order", json=orders[key], headers={"Idempotency-Key": key})
+
+    limits = httpx.Limits(max_connections=ORDERS)
+    async with open_store(url) as store:
+        async with (
+            httpx.AsyncClient(base_url=doomed.url, limits=limits, timeout=30) as http,
+            trio.open_nursery() as nursery,
+        ):
+            for key in orders:
+                nursery.start_soon(send, http, key)
+            # Another process's database: there is no event to wait on, so poll it.
+            with trio.fail_after(20):  # until every payment is charged in the ledger
+                while sum(net for _, net in await store.list_orders()) < total:  # noqa: ASYNC110 # poll
+                    await trio.sleep(0.1)
+            stored = await store.list_orders()
+            assert all(o.state == RUNNING for o, _ in stored)  # all in flight on the doomed host
+            assert len({o.owner for o, _ in stored}) == 1  # the doomed host's process
+            doomed.process.kill()
+        assert await doomed.process.wait() == -9
+        killed = trio.current_time()
+
+        # The survivor claims them once the dead host's lease expires; poll, as above.
+        with trio.fail_after(LEASE_S + 2):
+            while any(o.state == RUNNING for o, _ in await store.list_orders()):  # noqa: ASYNC110 # poll
+                await trio.sleep(0.1)
+        recovered_in = trio.current_time() - killed
+
+        after = {o.key: (o, net) for o, net in await store.list_orders()}
+        assert set(after) == set(orders)
+        owners = {o.owner for o, _ in after.values()}
+        assert len(owners) == 1  # one claimer: the survivor
+        assert owners.isdisjoint({o.owner for o, _ in stored})
+        for key, (order, net) in after.items():
+            assert (order.state, order.kind, order.http_status, net) == (
+                FINISHED,
+                "interrupted",
+                503,
+                0,
+            ), key
+        undone = [line for line in order_lines(survivor) if line["kind"] == "interrupted"]
+        assert len(undone) == ORDERS
+
+        retried: dict[str, httpx.Response] = {}
+
+        async def retry(http: httpx.AsyncClient, key: str) -> None:
+            retried[key] = await http.post(
+                "/order", json=orders[key], headers={"Idempotency-Key": key}
+            )
+
+        async with (
+            httpx.AsyncClient(base_url=survivor.url, limits=limits, timeout=30) as http,
+            trio.open_nursery() as nursery,
+        ):
+            for key in orders:
+                nursery.start_soon(retry, http, key)
+
+        assert set(retried) == set(orders)
+        for key, response in retried.items():
+            assert response.status_code == 200, (key, response.content)
+            assert "Idempotent-Replayed" not in response.headers, key
+            assert json.loads(response.content)["status"] == "ok"
+            assert await store.net_charge(key) == orders[key]["amount"], key
+        attempts = {o.key: o.attempt for o, _ in await store.list_orders()}
+        assert attempts == dict.fromkeys(orders, 2)
+    print(f"hosts: {ORDERS} orders of a killed host recovered by the other in {recovered_in:.2f} s")
