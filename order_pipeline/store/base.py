@@ -155,7 +155,9 @@ class OrderStore(Protocol):
         ...
 
     async def refund(self, charge_id: str) -> None:
-        """Refund a charge once; a charge that never happened is left alone."""
+        """Refund a charge once; refunding one that never happened takes no money back, and
+        voids it: a charge that comes late (from a process whose order was recovered while it
+        stalled) is then not taken."""
         ...
 
     async def net_charge(self, key: str) -> int:

@@ -159,7 +159,10 @@ class MemoryStore:
 
     async def refund(self, charge_id: str) -> None:
         await trio.lowlevel.checkpoint()
-        if (charge := self._ledger.get(charge_id)) is not None:
+        charge = self._ledger.get(charge_id)
+        if charge is None:  # not (yet) made: a late charge is then void (see sqlite.py)
+            self._ledger[charge_id] = _Charge(charge_id, "", 0, refunded=True)
+        else:
             charge.refunded = True
 
     async def net_charge(self, key: str) -> int:

@@ -595,7 +595,12 @@ _RENEW = (
     " ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at"
 )
 _CHARGE = "INSERT INTO ledger (charge_id, key, amount) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
-_REFUND = "UPDATE ledger SET refunded = true WHERE charge_id = %s"
+# A refund of a charge not (yet) made leaves a refunded row of 0: the charge, if it comes
+# late (its process had lost the order to recovery), is then void instead of taken.
+_REFUND = (
+    "INSERT INTO ledger (charge_id, key, amount, refunded) VALUES (%s, '', 0, true)"
+    " ON CONFLICT (charge_id) DO UPDATE SET refunded = true"
+)
 _NET = "SELECT coalesce(sum(amount), 0)::bigint FROM ledger WHERE key = {} AND NOT refunded"
 # WHERE EXISTS: a stale attempt's record is dropped.
 _RECORD_STEP = f"""

@@ -448,7 +448,12 @@ _RENEW = (
     " ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at"
 )
 _CHARGE = "INSERT INTO ledger (charge_id, key, amount) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
-_REFUND = "UPDATE ledger SET refunded = 1 WHERE charge_id = ?"
+# A refund of a charge not (yet) made leaves a refunded row of 0: the charge, if it comes
+# late (its process had lost the order to recovery), is then void instead of taken.
+_REFUND = (
+    "INSERT INTO ledger (charge_id, key, amount, refunded) VALUES (?, '', 0, 1)"
+    " ON CONFLICT (charge_id) DO UPDATE SET refunded = 1"
+)
 # WHERE EXISTS: a stale attempt's record is dropped (and it also parses the upsert right).
 _RECORD_STEP = f"""
     INSERT INTO steps (attempt_id, {_STEP}) SELECT ?, ?, ?, ?, ?, ?, ?
