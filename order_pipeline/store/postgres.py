@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import re
 import threading
 import time
@@ -86,7 +87,10 @@ TABLES: Final = ("orders", "steps", "leases", "ledger")
 MIGRATION_LOCK: Final = 0x6F726470_00000001
 MIGRATION_WAIT: Final = 60.0  # s, for the lock of another host's migration
 MIN_SERVER_VERSION: Final = 130000  # pg_xact_status, pg_current_xact_id_if_assigned
-_TRIES: Final = 3  # runs of one batch (deadlocks, lost connections) before StoreUnavailable
+_TRIES: Final = 5  # runs of one batch (deadlocks, lost connections) before StoreUnavailable
+# Before a batch runs again, a pause of up to this many seconds times its tries: two hosts'
+# batches that deadlocked would otherwise run again at once and meet the same way.
+_BACKOFF_S: Final = 0.01
 # Errors of the batch, not of the operation that met them: the database is down, read-only,
 # out of space, or a lock was held past lock_timeout.
 _BATCH_ERRORS: Final = (psycopg.OperationalError, errors.ReadOnlySqlTransaction)
@@ -304,6 +308,7 @@ class PostgresStore:
                     _fail(todo, self._unavailable(why))
                     break
                 logger.info("%s: running a batch again: %s", self.where, _one_line(why))
+                time.sleep(random.uniform(0, _BACKOFF_S * tries))  # the writer thread's own
             todo = again
         waiters = []
         for op in ops:
@@ -357,8 +362,10 @@ class PostgresStore:
             self.commits += 1
             return [], None
         if not lost:
-            if _rolled_back(error) and not committing:
-                return ops, error  # a deadlock's victim: the other batch goes on
+            if _rolled_back(error):
+                # A deadlock's or a serialization failure's victim, found even at COMMIT (the
+                # unique check waits there): rolled back, so the batch runs again.
+                return ops, error
             _fail(ops, self._unavailable(error))
             return [], None
         if not committing:
