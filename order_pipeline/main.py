@@ -5,8 +5,9 @@ command line and the supervisor's handoff are read once, logging is set up, the
 address is bound and the store opened (either failing is one line on stderr,
 not a traceback: status 1 for the address, 2 for the store), the garbage
 collector is tuned, the first and last lines are logged ("Running on ..." with
-what is in use; what the drain finished and the exit status), and a draining
-process that outlives its hard deadline is ended.
+what is in use; what the drain finished and the exit status), SIGTERM and SIGINT
+are received (the first starts the drain, a second cuts it short: exit 1), and a
+draining process that outlives its hard deadline is ended.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import functools
 import gc
 import logging
 import os
+import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
 import attrs
@@ -48,6 +50,9 @@ GC_THRESHOLDS: Final = (50_000, 20, 100)
 # overran); 2 for a bad setting or store, like any usage error.
 CANNOT_LISTEN: Final = 1
 BAD_STORE: Final = 2
+# A drain cut short by a second signal: its orders were cancelled (and undone) rather than
+# finished, as when it overruns its hard deadline; a script or unit sees it was not clean.
+INTERRUPTED_DRAIN: Final = 1
 
 
 class CannotListen(Exception):
@@ -198,33 +203,67 @@ async def run(settings: Settings, listening: socket.socket | Handoff) -> None:
         raise SystemExit(status)
 
 
+async def receive_signals(
+    received: AsyncIterator[int], readiness: Readiness, serving: trio.CancelScope
+) -> None:
+    """Start the drain at the first signal; at any later one, cancel `serving`, so the orders
+    in flight are cancelled, undone and reported now (for an operator who cannot wait and
+    should not have to kill the process and leave the undoing to recovery)."""
+    async for signum in received:
+        name = signal.Signals(signum).name
+        if readiness.is_ready():
+            log.info("received %s: draining", name)
+            readiness.start_draining()
+        else:
+            log.warning("received %s while draining: cancelling the orders in flight", name)
+            readiness.interrupt()
+            serving.cancel()
+
+
 async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None = None) -> None:
-    """Serve on `listen_fd` until SIGTERM or SIGINT and the drain after it.
+    """Serve on `listen_fd` until SIGTERM or SIGINT and the drain after it; exit 1 if a
+    second signal cut the drain short.
 
     A worker (`handoff` given) tells its supervisor when it serves; a lone
     server says "Running on" itself.
     """
     metrics_dir = handoff.metrics_dir if handoff else None
     count = DrainCount(metrics_dir)
+    # A worker is stopped by its supervisor's SIGTERM. A terminal's Ctrl+C reaches every
+    # process of the foreground group: heard besides that SIGTERM, it would count as a second
+    # signal and cut the drain short. So a worker ignores SIGINT.
+    signals = (signal.SIGTERM,) if handoff else (signal.SIGTERM, signal.SIGINT)
     async with open_store(settings.store) as store:
         assembly = assemble(settings, store=store, metrics=count)
         tune_garbage_collector()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(exit_at_hard_deadline, assembly.readiness, settings, count)
-            if handoff:
-                nursery.start_soon(count.refresh_live_forever)
-            await nursery.start(assembly.desk.maintain)
-            async with trio.open_nursery() as serving:
-                (url, *_) = await serving.start(
-                    functools.partial(serve, assembly, settings, listen_fd=listen_fd)
-                )
+        # Received from here until the drain is over, so that no signal meets its default
+        # action (death by SIGTERM, KeyboardInterrupt) while orders may run; one left unread
+        # when the receiver closes is ignored, not redelivered to that action.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with trio.open_signal_receiver(*signals) as received:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(exit_at_hard_deadline, assembly.readiness, settings, count)
                 if handoff:
-                    handoff.say_serving()
-                else:
-                    log_running(url, settings)
-            nursery.cancel_scope.cancel()
-        await assembly.desk.release()
-    count.log_last_line(0)
+                    nursery.start_soon(count.refresh_live_forever)
+                await nursery.start(assembly.desk.maintain)
+                async with trio.open_nursery() as serving:
+                    nursery.start_soon(
+                        receive_signals, received, assembly.readiness, serving.cancel_scope
+                    )
+                    (url, *_) = await serving.start(
+                        functools.partial(serve, assembly, settings, listen_fd=listen_fd)
+                    )
+                    if handoff:
+                        handoff.say_serving()
+                    else:
+                        log_running(url, settings)
+                nursery.cancel_scope.cancel()
+            await assembly.desk.release()
+    status = INTERRUPTED_DRAIN if assembly.readiness.interrupted else 0
+    count.log_last_line(status)
+    if status:
+        raise SystemExit(status)
 
 
 async def show_orders(query: ListOrders) -> None:
@@ -249,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         configure_logging(command.log_level, command.log_format)
         logging.getLogger("hypercorn.error").addFilter(_not_hypercorns_running_line)
         listening = handoff or listen(command)
-        # A second Ctrl-C while draining interrupts the drain: exit quietly.
+        # Once the store is open, serve_here() or supervise() receives SIGINT; one before
+        # interrupts the start-up: exit quietly.
         with contextlib.suppress(KeyboardInterrupt):
             trio.run(run, command, listening)
     except CannotListen as exc:

@@ -53,7 +53,8 @@ class Metrics:
     """The service's metrics, registered in a registry of their own (so tests can build many)."""
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
-        disable_created_metrics()  # process-wide in prometheus-client; see the module docstring
+        # Process-wide in prometheus-client (see the module docstring); untyped upstream.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)

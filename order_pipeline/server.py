@@ -4,11 +4,18 @@
 the app. `serve` has hypercorn's shape: start it with
 `await nursery.start(serve, ...)` and it hands back the addresses it really
 bound (port 0 becomes a real port).
+
+The drain, as a load balancer sees it: when it begins `/readyz` turns 503 while
+the server still accepts and serves for `drain_delay` seconds (so the balancer
+takes it out of rotation before connections are refused); then hypercorn stops
+accepting and gives the orders in flight `shutdown_grace` seconds. `Readiness`
+says where the drain is.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -39,15 +46,28 @@ LISTEN_BACKLOG: Final = 4096
 
 @attrs.define(eq=False)
 class Readiness:
-    """Whether the server takes new orders; false from the moment it starts draining."""
+    """Where the server is in its drain: ready until it starts, then when it cancels orders."""
 
     drain_started: trio.Event = attrs.field(factory=trio.Event)
+    # From this time on (Trio's clock) the drain cancels the orders still running: the end of
+    # the grace, set before hypercorn sets its own deadline, or the moment of a second signal.
+    cancels_from: float = math.inf
+    # A second signal cut the drain short: the process exits 1.
+    interrupted: bool = False
 
     def is_ready(self) -> bool:
         return not self.drain_started.is_set()
 
     def start_draining(self) -> None:
         self.drain_started.set()
+
+    def interrupt(self) -> None:
+        self.cancels_from = min(self.cancels_from, trio.current_time())
+        self.interrupted = True
+
+    def cancelled_by_drain(self) -> bool:
+        """Whether an order cancelled now was cancelled by the drain, not by its client leaving."""
+        return trio.current_time() >= self.cancels_from
 
 
 @attrs.frozen
@@ -77,8 +97,8 @@ def assemble(
     settings = settings or Settings()
     store = store or MemoryStore()
     metrics = metrics or Metrics()
-    reporter = OrderReporter(metrics, store)
     readiness = Readiness()
+    reporter = OrderReporter(metrics, store, cancelled_by_drain=readiness.cancelled_by_drain)
     pool = CourierPool(settings.courier_pool_size, settings.courier_queue_limit, metrics)
     tracker = StepTracker()
     metrics.read_live(lambda: tracker.in_flight, lambda: pool.in_use, lambda: pool.waiting)
@@ -132,7 +152,7 @@ def hypercorn_config(settings: Settings, listen_fd: int | None = None) -> Config
 
 
 async def wait_for_signal() -> None:
-    """Return on the first SIGTERM or SIGINT: hypercorn's graceful-shutdown trigger."""
+    """Return on the first SIGTERM or SIGINT: the benchmarks' bare hypercorn floors use it."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("received %s: draining", signal.Signals(signum).name)
@@ -147,21 +167,29 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `assembly` until `shutdown_trigger` returns (default: SIGTERM or SIGINT), then drain.
+    """Serve `assembly` until `shutdown_trigger` returns, then drain. By default the drain
+    begins when `assembly.readiness.start_draining()` is called (the process does, on SIGTERM).
 
-    Draining: no new connections are accepted, `/readyz` answers 503, and
-    orders in flight get `settings.shutdown_grace` seconds to finish (and
-    compensate) before they are cancelled. Hypercorn logs each address it
-    listens on ("Running on ...") and hands the list to `task_status`.
+    Draining: `/readyz` answers 503 at once, but for `settings.drain_delay`
+    seconds new connections are still accepted and served, so that a load
+    balancer sees the 503 and stops sending before connections are refused;
+    then no new connections are accepted, and orders in flight get
+    `settings.shutdown_grace` seconds to finish (and compensate) before they
+    are cancelled. Cancelling this task cancels them at once (the process does,
+    on a second signal). Hypercorn logs each address it listens on
+    ("Running on ...") and hands the list to `task_status`.
     """
+    readiness = assembly.readiness
 
-    async def trigger() -> None:
-        await (shutdown_trigger or wait_for_signal)()
-        assembly.readiness.start_draining()
+    async def drain() -> None:
+        await (shutdown_trigger or readiness.drain_started.wait)()
+        readiness.start_draining()
+        await trio.sleep(settings.drain_delay)
+        readiness.cancels_from = trio.current_time() + settings.shutdown_grace
 
     await hypercorn_serve(
         assembly.app,
         hypercorn_config(settings, listen_fd),
-        shutdown_trigger=trigger,
+        shutdown_trigger=drain,
         task_status=task_status,
     )

@@ -139,8 +139,17 @@ class Settings:
         "a connection must send its request headers within this long of being accepted or "
         "of its last reply, or it is closed (also the keep-alive idle limit)",
     )
+    drain_delay: float = setting(
+        0.0,
+        _seconds(zero_ok=True),
+        "on SIGTERM or SIGINT, how long the server still accepts and serves while /readyz answers "
+        "503, so that a load balancer takes it out of rotation before it stops accepting",
+    )
     shutdown_grace: float = setting(
-        15.0, _seconds(zero_ok=True), "on SIGTERM or SIGINT, how long in-flight orders may finish"
+        15.0,
+        _seconds(zero_ok=True),
+        "on SIGTERM or SIGINT, how long in-flight orders may finish once the server stops "
+        "accepting (after the drain delay); a second signal cancels them at once",
     )
     log_level: str = setting("info", _choice(*LOG_LEVELS), "lowest level logged")
     log_format: str = setting(
@@ -153,7 +162,8 @@ class Settings:
         "sqlite:///order-pipeline.db",
         Parse(
             "sqlite:///PATH (a file, relative to the working directory; sqlite:////abs/path "
-            "for an absolute one), or memory (nothing durable)",
+            "for an absolute one; one host), postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME "
+            "(several hosts; needs the postgres extra), or memory (nothing durable)",
             _store_url,
         ),
         "where orders are kept",
@@ -170,8 +180,11 @@ class Settings:
 
     @property
     def hard_exit_delay(self) -> float:
-        """Seconds from SIGTERM after which a process still draining is ended."""
-        return self.shutdown_grace + self.compensation_timeout + HARD_EXIT_MARGIN_S
+        """Seconds from SIGTERM after which a process still draining is ended: counted from the
+        signal, so the drain delay is in it (a worker and its supervisor count alike)."""
+        return (
+            self.drain_delay + self.shutdown_grace + self.compensation_timeout + HARD_EXIT_MARGIN_S
+        )
 
     @staticmethod
     def env_name(field: str) -> str:

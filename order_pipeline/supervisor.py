@@ -3,10 +3,14 @@
 Hypercorn's own multi-process mode is not graceful (the first worker to exit
 makes the parent terminate the others). This supervisor forwards SIGTERM or
 SIGINT to every worker, lets each drain on its own, waits for them with a hard
-deadline, and restarts a worker that dies while serving. A worker that keeps
-dying (`RESTART_LIMIT` deaths within `RESTART_WINDOW_S`) is not restarted again:
-the supervisor drains the others and exits with status 1. The workers share one
-prometheus-client multiprocess directory, so `/metrics` sums all of them.
+deadline, and restarts a worker that dies while serving. A second signal is
+forwarded too, so it cuts every worker's drain short (status 1). It forwards
+both as SIGTERM: a worker ignores SIGINT, since a terminal's Ctrl+C reaches the
+whole foreground process group, and a worker that heard it besides the forwarded
+signal would take the two for a second signal. A worker that keeps dying (`RESTART_LIMIT`
+deaths within `RESTART_WINDOW_S`) is not restarted again: the supervisor drains
+the others and exits with status 1. The workers share one prometheus-client
+multiprocess directory, so `/metrics` sums all of them.
 
 Each worker writes a byte to a pipe once it serves (`Handoff.say_serving`): the
 supervisor says "Running on" only when all of them do, since tools take that
@@ -23,7 +27,7 @@ import socket
 import sys
 import tempfile
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 import trio
@@ -45,7 +49,8 @@ async def supervise(settings: Settings, sock: socket.socket, on_serving: Callabl
     """Serve `sock` with `settings.workers` processes until SIGTERM or SIGINT, then drain them.
 
     `on_serving` is called once every worker serves. Returns the exit status: 1 if a
-    worker was given up on (once the others have drained), else 0.
+    worker was given up on (once the others have drained) or a second signal cut the
+    drain short, else 0.
     """
     from prometheus_client.multiprocess import mark_process_dead
 
@@ -57,6 +62,7 @@ async def supervise(settings: Settings, sock: socket.socket, on_serving: Callabl
     argv = [sys.executable, "-m", "order_pipeline", "serve"]
     stopping = False
     gave_up = False
+    interrupted = False
     running: set[trio.Process] = set()
     # Held while a worker is started and while the drain closes the socket: a start
     # never passes a closed socket, and every process started before the drain gets
@@ -126,26 +132,45 @@ async def supervise(settings: Settings, sock: socket.socket, on_serving: Callabl
                 if said - len(data) < settings.workers <= said:
                     on_serving()
 
+    async def forward_later_signals(signals: AsyncIterator[int]) -> None:
+        """Each signal after the first cuts the workers' drains short: forward it."""
+        nonlocal interrupted
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            log.warning("received %s while draining: cutting the workers' drains short", name)
+            interrupted = True
+            for process in running:
+                process.send_signal(signal.SIGTERM)
+
+    # Received until every worker has exited; one left unread then is ignored, not redelivered
+    # to its default action (death by SIGTERM, KeyboardInterrupt): the drain is over. (A
+    # worker started meanwhile inherits the default actions, not this.)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                watching = await nursery.start(watch_readiness)
-                for number in range(settings.workers):
-                    nursery.start_soon(worker, number)
-                with waiting:
-                    async for signum in signals:
-                        log.info("received %s: draining the workers", signal.Signals(signum).name)
-                        break
-                stopping = True
-                watching.cancel()
-                async with spawning:
-                    sock.close()
-                for process in running:
-                    process.send_signal(signal.SIGTERM)
-                nursery.cancel_scope.deadline = trio.current_time() + settings.hard_exit_delay
+            async with trio.open_nursery() as forwarding:
+                async with trio.open_nursery() as nursery:
+                    watching = await nursery.start(watch_readiness)
+                    for number in range(settings.workers):
+                        nursery.start_soon(worker, number)
+                    with waiting:
+                        async for signum in signals:
+                            name = signal.Signals(signum).name
+                            log.info("received %s: draining the workers", name)
+                            break
+                    stopping = True
+                    watching.cancel()
+                    async with spawning:
+                        sock.close()
+                    for process in running:
+                        process.send_signal(signal.SIGTERM)
+                    forwarding.start_soon(forward_later_signals, signals)
+                    nursery.cancel_scope.deadline = trio.current_time() + settings.hard_exit_delay
+                forwarding.cancel_scope.cancel()
     finally:
         sock.close()
         ready.close()
         os.close(ready_write)
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 1 if gave_up else 0
+    return 1 if gave_up or interrupted else 0

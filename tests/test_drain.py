@@ -1,0 +1,340 @@
+"""The drain as a load balancer and an operator see it: `--drain-delay`, a second signal, and
+the warning for an order the drain gave up on.
+
+Most tests run the real server as a subprocess and signal it, since what is pinned is what
+the signals do to a process: which connections are still accepted, what each order ends as,
+and the exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from order_pipeline.cli import parse_args
+from order_pipeline.server import Settings
+
+from .conftest import serving
+from .launch import serve_argv
+from .server_process import ServerProcess, StartServer, wait_for_url
+
+WAIT_S = 20  # for something a subprocess does
+IN_FLIGHT = re.compile(r"^order_pipeline_steps_in_flight (\S+)$", re.MULTILINE)
+# Payment and courier done at once; the vendor runs long past the test.
+LONG = {"payment": 0, "courier": 0, "vendor": 60_000}
+DRAINING = "received SIGTERM: draining"
+
+
+def messages(server: ServerProcess) -> list[str]:
+    return [line["message"] for line in server.log_lines()]
+
+
+def order_lines(server: ServerProcess) -> list[dict[str, Any]]:
+    return [line for line in server.log_lines() if line["logger"] == "order_pipeline.orders"]
+
+
+async def wait_for_log(server: ServerProcess, message: str) -> None:
+    """Wait until the server has logged `message`: a subprocess's log is its only signal."""
+    with trio.fail_after(WAIT_S):
+        while True:
+            if message in messages(server):
+                return
+            await trio.sleep(0.02)
+
+
+def fields(record: logging.LogRecord) -> Any:
+    """What a line logged with `extra={"fields": ...}` says for machines."""
+    return record.__dict__["fields"]
+
+
+async def wait_for_steps_in_flight(url: str, steps: int) -> None:
+    async with httpx.AsyncClient(base_url=url) as scraper:
+        with trio.fail_after(WAIT_S):
+            while True:
+                found = IN_FLIGHT.search((await scraper.get("/metrics")).text)
+                if found and float(found[1]) == steps:
+                    return
+                await trio.sleep(0.05)
+
+
+async def post(url: str, body: dict[str, Any], outcomes: list[int | str]) -> None:
+    """POST an order on a connection of its own; record its status, or the error that ended it."""
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=WAIT_S) as client:
+            outcomes.append((await client.post("/order", json=body)).status_code)
+    except httpx.TransportError as exc:
+        outcomes.append(type(exc).__name__)
+
+
+def stored_orders(server: ServerProcess) -> list[dict[str, Any]]:
+    """`order-pipeline orders --json` on the server's store, once the server has exited."""
+    store = f"sqlite:///{server.log_path.with_suffix('.db')}"
+    argv = [sys.executable, "-m", "order_pipeline", "orders", "--store", store, "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT_S, check=True)
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_drain_delay_is_a_setting_with_its_variable_and_a_floor_of_0(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--drain-delay and ORDER_PIPELINE_DRAIN_DELAY set it (default 0); a negative one exits 2."""
+    assert parse_args(["serve"], environ={}).drain_delay == 0
+    assert parse_args(["serve", "--drain-delay", "2.5"], environ={}).drain_delay == 2.5
+    assert parse_args(["serve"], environ={"ORDER_PIPELINE_DRAIN_DELAY": "4"}).drain_delay == 4
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["serve", "--drain-delay", "-1"], environ={})
+    assert exited.value.code == 2
+    assert "--drain-delay: must be a non-negative number of seconds" in capsys.readouterr().err
+
+
+def test_the_hard_deadline_counts_from_the_signal_and_includes_the_delay() -> None:
+    """delay + grace + compensation timeout + 5 s: the worker's watchdog and the supervisor's."""
+    settings = Settings(drain_delay=2, shutdown_grace=15, compensation_timeout=5)
+    assert settings.hard_exit_delay == 2 + 15 + 5 + 5
+
+
+async def test_during_the_drain_delay_new_connections_are_served_and_readyz_says_503(
+    start_server: StartServer,
+) -> None:
+    """--drain-delay 2, SIGTERM: a new connection still gets /readyz 503 (with Retry-After)
+    and a new order served 200; the process drains and exits 0 only after the delay."""
+    server = await start_server("--no-access-log", "--drain-delay", "2")
+    server.process.send_signal(signal.SIGTERM)
+    signalled = trio.current_time()
+    await wait_for_log(server, DRAINING)
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
+        ready = await client.get("/readyz")
+    outcomes: list[int | str] = []
+    await post(server.url, {"order_id": "late-comer", "amount": 1}, outcomes)
+    with trio.fail_after(WAIT_S):
+        code = await server.process.wait()
+
+    assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
+    assert ready.headers["Retry-After"] == "1"
+    assert outcomes == [200]
+    assert trio.current_time() - signalled >= 2
+    assert code == 0
+    assert messages(server)[-1] == "drained orders: 1, cancelled: 0; exit status 0"
+
+
+@asynccontextmanager
+async def own_process_group(tmp_path: Path, *flags: str) -> AsyncIterator[ServerProcess]:
+    """The real server in a process group of its own, as a shell runs a job: `os.killpg` on it
+    is what a terminal's Ctrl+C does. Killed, group and all, if the test leaves it running."""
+    fd, name = tempfile.mkstemp(dir=tmp_path, suffix=".log")
+    store = f"sqlite:///{name.removesuffix('.log')}.db"
+    try:
+        process = await trio.lowlevel.open_process(
+            serve_argv(sys.executable, "--store", store, *flags),
+            stdout=fd,
+            stderr=fd,
+            process_group=0,
+        )
+    finally:
+        os.close(fd)
+    try:
+        url = await wait_for_url(process, trio.Path(name))
+        yield ServerProcess(process, url, Path(name))
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+async def test_ctrl_c_drains_every_worker_once_with_the_delay(tmp_path: Path) -> None:
+    """--workers 2 --drain-delay 2, Ctrl+C at the terminal (SIGINT to the whole process group):
+    each worker acts on it once (the supervisor's SIGTERM), so it drains rather than cutting the
+    drain short: new connections get /readyz 503 and new orders 200, the order in flight 200."""
+    flags = ("--workers", "2", "--drain-delay", "2", "--no-access-log")
+    async with own_process_group(tmp_path, *flags) as server:
+        outcomes: list[int | str] = []
+        async with trio.open_nursery() as nursery:
+            body = {"order_id": "in-flight", "amount": 1, "delay_ms": {"vendor": 1500}}
+            nursery.start_soon(post, server.url, body, outcomes)
+            await wait_for_steps_in_flight(server.url, 1)  # its vendor step
+            os.killpg(server.process.pid, signal.SIGINT)
+            await wait_for_log(server, "received SIGINT: draining the workers")
+            readies = []
+            for _ in range(4):  # fresh connections: either worker may answer
+                async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
+                    readies.append((await client.get("/readyz")).status_code)
+            await post(server.url, {"order_id": "late-comer", "amount": 1}, outcomes)
+        with trio.fail_after(WAIT_S):
+            code = await server.process.wait()
+
+    assert readies == [503] * 4
+    assert sorted(map(str, outcomes)) == ["200", "200"]
+    assert code == 0
+    assert [line for line in server.log_lines() if line["level"] != "info"] == []
+    assert messages(server)[-1] == (
+        "workers drained (each worker logged its own counts); exit status 0"
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+async def test_a_second_signal_cancels_and_undoes_the_orders_in_flight(
+    start_server: StartServer, signum: signal.Signals
+) -> None:
+    """SIGTERM (or SIGINT) twice with three long orders in flight: at the second, each order is
+    cancelled, its payment and courier undone, logged canceled with a warning; the process
+    exits 1 at once (not 60 s later, nor at its 25 s hard deadline); the store says the same."""
+    server = await start_server("--no-access-log", check_exit=False)
+    outcomes: list[int | str] = []
+    async with trio.open_nursery() as nursery:
+        for n in range(3):
+            body = {"order_id": f"long-{n}", "amount": 100, "delay_ms": LONG}
+            nursery.start_soon(post, server.url, body, outcomes)
+        await wait_for_steps_in_flight(server.url, 3)  # the three vendor steps
+        server.process.send_signal(signum)
+        await wait_for_log(server, f"received {signum.name}: draining")
+        server.process.send_signal(signum)
+        signalled = trio.current_time()
+        with trio.fail_after(WAIT_S):
+            code = await server.process.wait()
+        took = trio.current_time() - signalled
+
+    assert (code, took < 3) == (1, True)
+    assert outcomes == ["RemoteProtocolError"] * 3  # cancelled: no reply sent
+    lines = order_lines(server)
+    assert sorted(line["order_id"] for line in lines) == ["long-0", "long-1", "long-2"]
+    for line in lines:
+        assert (line["kind"], line["http_status"]) == ("canceled", None)
+        steps = [
+            (s["name"], s["status"], s.get("compensation", {}).get("status")) for s in line["steps"]
+        ]
+        assert steps == [
+            ("payment", "ok", "ok"),
+            ("vendor", "canceled", None),
+            ("courier", "ok", "ok"),
+        ]
+    warnings = [line["message"] for line in server.log_lines() if line["level"] == "warning"]
+    assert warnings[0] == f"received {signum.name} while draining: cancelling the orders in flight"
+    assert sorted(re.sub(r"\d+ ms", "N ms", w) for w in warnings[1:]) == [
+        f"order long-{n} cancelled by the drain: undone payment ok N ms, courier ok N ms"
+        for n in range(3)
+    ]
+    assert server.errors() == []
+    assert messages(server)[-1] == "drained orders: 0, cancelled: 3; exit status 1"
+    stored = stored_orders(server)
+    assert [(o["kind"], o["compensations"], o["net_charge"]) for o in stored] == [
+        ("canceled", {"payment": "ok", "courier": "ok"}, 0)
+    ] * 3
+
+
+async def test_a_second_signal_to_the_supervisor_cuts_every_workers_drain_short(
+    start_server: StartServer,
+) -> None:
+    """--workers 2, SIGTERM twice: the supervisor forwards both; every order in flight is
+    cancelled and undone, each worker exits 1 at once, and so does the supervisor."""
+    server = await start_server("--workers", "2", "--no-access-log", check_exit=False)
+    pid = server.process.pid
+    outcomes: list[int | str] = []
+
+    def workers_draining() -> int:
+        lines = server.log_lines()
+        return sum(1 for line in lines if line["pid"] != pid and line["message"] == DRAINING)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(4):
+            body = {"order_id": f"long-{n}", "amount": 100, "delay_ms": LONG}
+            nursery.start_soon(post, server.url, body, outcomes)
+        await wait_for_steps_in_flight(server.url, 4)  # the four vendor steps, on either worker
+        server.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(WAIT_S):  # each worker has its first SIGTERM
+            while True:
+                if workers_draining() == 2:
+                    break
+                await trio.sleep(0.02)
+        server.process.send_signal(signal.SIGTERM)
+        signalled = trio.current_time()
+        with trio.fail_after(WAIT_S):
+            code = await server.process.wait()
+        took = trio.current_time() - signalled
+
+    assert (code, took < 3) == (1, True)
+    assert outcomes == ["RemoteProtocolError"] * 4
+    assert sorted((line["order_id"], line["kind"]) for line in order_lines(server)) == [
+        (f"long-{n}", "canceled") for n in range(4)
+    ]
+    mine = [(line["level"], line["message"]) for line in server.log_lines() if line["pid"] == pid]
+    assert ("warning", "received SIGTERM while draining: cutting the workers' drains short") in mine
+    assert mine[-1] == (
+        "info",
+        "workers drained (each worker logged its own counts); exit status 1",
+    )
+    # Each worker's last line; one without orders may have drained before the second signal.
+    last = [
+        re.fullmatch(r"drained orders: 0, cancelled: (\d); exit status (\d)", m)
+        for m in messages(server)
+    ]
+    counts = sorted((int(m[1]), int(m[2])) for m in last if m)
+    assert len(counts) == 2, "\n".join(messages(server))
+    assert sum(cancelled for cancelled, _ in counts) == 4
+    assert all(status == 1 for cancelled, status in counts if cancelled)
+    assert server.errors() == []
+
+
+async def test_an_order_the_drain_gives_up_on_is_a_warning_one_whose_client_left_is_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In a drain, an order still running when the grace ends gets a warning besides its line;
+    one cancelled within the grace because its client left gets its line only."""
+    caplog.set_level(logging.INFO)
+    stop = trio.Event()
+    outcomes: list[int | str] = []
+
+    def order_line(order_id: str) -> bool:
+        return any(
+            r.name == "order_pipeline.orders" and r.getMessage().startswith(f"order {order_id} ")
+            for r in caplog.records
+        )
+
+    async with (
+        serving(Settings(shutdown_grace=1), shutdown_trigger=stop.wait) as (service, url),
+        trio.open_nursery() as nursery,
+    ):
+        leaving = trio.CancelScope()
+
+        async def post_then_leave() -> None:
+            with leaving:
+                await post(url, {"order_id": "left", "amount": 1, "delay_ms": LONG}, outcomes)
+
+        nursery.start_soon(post, url, {"order_id": "kept", "amount": 1, "delay_ms": LONG}, outcomes)
+        nursery.start_soon(post_then_leave)
+        with trio.fail_after(5):
+            await service.tracker.wait_for(lambda n: n == 2)  # the two vendor steps
+        stop.set()
+        leaving.cancel()  # within the grace: its client leaves
+        with trio.fail_after(0.8):  # before the grace ends: poll, the log has no event
+            while True:
+                if order_line("left"):
+                    break
+                await trio.sleep(0.01)
+
+    assert outcomes == ["RemoteProtocolError"]  # "kept": cancelled, no reply sent
+    orders = [fields(r) for r in caplog.records if r.name == "order_pipeline.orders"]
+    kinds = {line["order_id"]: line["kind"] for line in orders}
+    assert kinds == {"left": "canceled", "kept": "canceled"}
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.name == "order_pipeline.reporting"
+    assert re.fullmatch(
+        r"order kept cancelled by the drain: undone payment ok \d+ ms, courier ok \d+ ms",
+        warning.getMessage(),
+    )
+    assert fields(warning) == {"order_id": "kept", "undone": {"payment": "ok", "courier": "ok"}}
