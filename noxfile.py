@@ -252,7 +252,9 @@ def _ensure_os_package(session: nox.Session, program: str, elsewhere: str) -> No
 def loadtest(session: nox.Session) -> None:
     """wrk against the server floor, the framework floor and the service (docs/performance.md)."""
     _ensure_os_package(session, "wrk", "`brew install wrk`")
-    session.install("-e", ".")
+    # The PostgreSQL scenarios need the postgres extra; benchmarks/asyncio_service.py (the
+    # asyncio rewrite) needs FastAPI and uvicorn: bench-only, not the package's.
+    session.install("-e", ".[postgres]", "fastapi>=0.110", "uvicorn>=0.29")
     session.run("python", "benchmarks/loadtest.py", *session.posargs)
 
 

@@ -178,6 +178,16 @@ def floor(name: str, *flags: str) -> list[str]:
     return [sys.executable, str(ROOT / "benchmarks" / "floors.py"), name, *flags]
 
 
+def asyncio_rewrite(*flags: str) -> list[str]:
+    """benchmarks/asyncio_service.py: the API on FastAPI and uvicorn, no store, no log lines."""
+    return [sys.executable, str(ROOT / "benchmarks" / "asyncio_service.py"), "--port", "0", *flags]
+
+
+# Its workers get a socket each: on one shared socket asyncio hands a burst of connections
+# (wrk's 64 at once) all to whichever worker wakes first, as `uvicorn --workers 2` would.
+ASYNCIO_2_WORKERS = ["--workers", "2", "--reuseport"]
+
+
 # name: (server command, wrk connections, share of orders made to fail)
 SCENARIOS: dict[str, tuple[list[str], int, float]] = {
     "floor_server_S1": (floor("bare"), 64, 0.0),
@@ -195,6 +205,12 @@ SCENARIOS: dict[str, tuple[list[str], int, float]] = {
     "S5_2_workers": (service(*S1_FLAGS, "--workers", "2"), 64, 0.0),
     # Not one of the issue's scenarios: S2 again with a second worker, for its headroom.
     "S2_2_workers": (service(*DEFAULT_FLAGS, "--workers", "2"), 100, 0.0),
+    # The asyncio rewrite (FastAPI on uvicorn, a TaskGroup per order): no store, no log line
+    # per order, no metrics, so read it against S1_memory_store and S2_memory_store.
+    "asyncio_S1": (asyncio_rewrite(*S1_FLAGS), 64, 0.0),
+    "asyncio_S1_2_workers": (asyncio_rewrite(*S1_FLAGS, *ASYNCIO_2_WORKERS), 64, 0.0),
+    "asyncio_S2": (asyncio_rewrite(*DEFAULT_FLAGS), 100, 0.0),
+    "asyncio_S2_2_workers": (asyncio_rewrite(*DEFAULT_FLAGS, *ASYNCIO_2_WORKERS), 100, 0.0),
     # S1 and S2 on a PostgreSQL store (each start on a new schema), against the memory store.
     "S1_postgres_store": (service(*S1_FLAGS, "--store", FRESH_POSTGRES), 64, 0.0),
     "S2_postgres_store": (service(*DEFAULT_FLAGS, "--store", FRESH_POSTGRES), 100, 0.0),
@@ -301,7 +317,36 @@ def ratios(runs: dict[str, Any], inflight: dict[str, Any]) -> dict[str, float]:
         "recovery of 10,000 interrupted orders (s)": (
             inflight["durable"]["recovery"]["recovered_in_s"]
         ),
+        "S1 memory store / asyncio rewrite": (
+            runs["S1_memory_store"]["rps"] / runs["asyncio_S1"]["rps"]
+        ),
+        "S1, 2 workers / asyncio rewrite, 2 workers": (
+            runs["S5_2_workers"]["rps"] / runs["asyncio_S1_2_workers"]["rps"]
+        ),
+        "S2 p50, memory store minus asyncio rewrite (ms)": (
+            runs["S2_memory_store"]["p50_ms"] - runs["asyncio_S2"]["p50_ms"]
+        ),
+        "S2, 2 workers / asyncio rewrite, 2 workers": (
+            runs["S2_2_workers"]["rps"] / runs["asyncio_S2_2_workers"]["rps"]
+        ),
+        "courier slot held after its client disconnects, service (s)": (
+            inflight["slot_after_disconnect"]["service"]
+        ),
+        "courier slot held after its client disconnects, asyncio rewrite (s)": (
+            inflight["slot_after_disconnect"]["asyncio"]
+        ),
     }
+
+
+def slot_after_disconnect() -> dict[str, Any]:
+    """benchmarks/slot_after_disconnect.py: seconds a courier slot stays held after its client
+    disconnects, for the service, the asyncio rewrite and the rewrite cancelling on disconnect."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "slot_after_disconnect.py")],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip # one call, its options on one line
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    return {line["server"]: line["slot_held_after_disconnect_s"] for line in lines}
 
 
 def median(values: list[float]) -> float:
@@ -325,6 +370,7 @@ def run(duration: int, rounds: int) -> dict[str, Any]:
             "service": in_process("service"),
             "trio_floor": in_process("trio-floor"),
             "durable": durable(),
+            "slot_after_disconnect": slot_after_disconnect(),
         }
         each.append({"runs": runs, "in_process": inflight, "ratios": ratios(runs, inflight)})
     figures = {
@@ -428,6 +474,11 @@ def svg(results: dict[str, Any]) -> str:
         if math.log10(tick) <= high
     ]
     colours = ("#4c72b0", "#dd8452", "#c44e52")
+    for j, label in enumerate(("p50", "p90", "p99")):  # the legend, under the run names
+        parts.append(
+            f'<rect x="{left + j * 46}" y="{height - 22}" width="10" height="10" '
+            f'fill="{colours[j]}"/><text x="{left + 14 + j * 46}" y="{height - 13}">{label}</text>'
+        )
     for i, (name, r) in enumerate(runs.items()):
         x0 = left + i * group + group * 0.15
         for j, key in enumerate(("p50_ms", "p90_ms", "p99_ms")):
