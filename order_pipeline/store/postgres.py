@@ -47,20 +47,16 @@ by the batch ahead and its own, each at most a few `timeout`s.
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import re
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from contextlib import suppress
-from types import TracebackType
-from typing import Any, Final, Generic, Self, TypeVar
+from typing import Any, Final, TypeVar
 
 import psycopg
 import psycopg_pool
-import trio
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -77,6 +73,7 @@ from .base import (
     StoreError,
     StoreUnavailable,
 )
+from .writer import Op, WriterThread
 
 logger = logging.getLogger(__name__)
 
@@ -156,19 +153,7 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 Pool = psycopg_pool.ConnectionPool[Conn]
 
 
-class _Op(Generic[T]):
-    """One queued operation; `done` is None for fire-and-forget (record_step)."""
-
-    __slots__ = ("done", "error", "fn", "result")
-    result: T
-
-    def __init__(self, fn: Callable[[Conn], T], done: trio.Event | None) -> None:
-        self.fn = fn
-        self.done = done
-        self.error: BaseException | None = None
-
-
-class PostgresStore:
+class PostgresStore(WriterThread[Conn]):
     """Orders in a PostgreSQL database; `async with PostgresStore(url) as store:` opens it.
 
     `timeout` bounds each wait of a batch: for a connection (at start too), for a row lock
@@ -177,6 +162,7 @@ class PostgresStore:
     """
 
     def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+        super().__init__()
         self.url = url
         self.timeout = timeout
         self.commits = 0
@@ -194,73 +180,17 @@ class PostgresStore:
         params.setdefault("keepalives_interval", 5)
         params.setdefault("keepalives_count", 3)
         self._conninfo = make_conninfo("", **params)
-        self._queue: queue.SimpleQueue[_Op[Any] | None] = queue.SimpleQueue()
-        self._closed = True
-        self._open_error: BaseException | None = None
-        self._thread: threading.Thread | None = None
         self._pool: Pool  # the writer thread's, from _open
 
-    # -- lifecycle ------------------------------------------------------------------------
+    # -- in the writer thread -------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        self._token = trio.lowlevel.current_trio_token()
-        opened = trio.Event()
-        self._thread = threading.Thread(
-            target=self._serve, args=(opened,), name=f"postgres writer {self.where}", daemon=True
-        )
-        self._thread.start()
-        with trio.CancelScope(shield=True):  # the thread opens the store whatever happens
-            await opened.wait()
-            if self._open_error is not None:
-                await trio.to_thread.run_sync(self._thread.join)
-                raise self._open_error
-        self._closed = False
-        return self
+    def _open(self) -> None:
+        self._pool = self._open_pool()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    def _close(self) -> None:
+        self._pool.close()
 
-    async def aclose(self) -> None:
-        """Commit what is queued, close the connections and join the thread."""
-        if self._closed or self._thread is None:
-            return
-        self._closed = True
-        self._queue.put(None)
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._thread.join)
-
-    # -- the writer thread ----------------------------------------------------------------
-
-    def _serve(self, opened: trio.Event) -> None:
-        try:
-            self._pool = self._open()
-        except BaseException as exc:
-            self._open_error = exc
-            return
-        finally:
-            self._token.run_sync_soon(opened.set)
-        try:
-            get, get_nowait = self._queue.get, self._queue.get_nowait
-            while True:
-                batch = [get()]
-                with suppress(queue.Empty):
-                    while True:
-                        batch.append(get_nowait())
-                stop = batch[-1] is None
-                ops = [op for op in batch if op is not None]
-                if ops:
-                    self._run_batch(ops)
-                if stop:
-                    return
-        finally:
-            self._pool.close()
-
-    def _open(self) -> Pool:
+    def _open_pool(self) -> Pool:
         """Connect once (for a precise error), create or migrate the schema, open the pool."""
         try:
             with psycopg.connect(self._conninfo, autocommit=True) as conn:
@@ -298,7 +228,7 @@ class PostgresStore:
         lock_timeout = f"{max(1, round(self.timeout * 1000))}ms"
         conn.execute("SELECT set_config('lock_timeout', %s, false)", (lock_timeout,))
 
-    def _run_batch(self, ops: list[_Op[Any]]) -> None:
+    def _run_batch(self, ops: list[Op[Conn, Any]]) -> None:
         todo, tries = ops, 0
         while todo:
             again, why = self._attempt(todo)
@@ -310,17 +240,8 @@ class PostgresStore:
                 logger.info("%s: running a batch again: %s", self.where, _one_line(why))
                 time.sleep(random.uniform(0, _BACKOFF_S * tries))  # the writer thread's own
             todo = again
-        waiters = []
-        for op in ops:
-            if op.done is not None:
-                waiters.append(op.done)
-            elif op.error is not None:
-                logger.error("a queued record was not stored: %s", op.error)
-        if waiters:
-            with suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(_set_all, waiters)
 
-    def _attempt(self, ops: list[_Op[Any]]) -> tuple[list[_Op[Any]], Exception | None]:
+    def _attempt(self, ops: list[Op[Conn, Any]]) -> tuple[list[Op[Conn, Any]], Exception | None]:
         """Run `ops` in one transaction; return those to run again, and why if it is all of
         them for the batch's sake (not for one operation's error); ([], None) when done."""
         try:
@@ -329,7 +250,7 @@ class PostgresStore:
             _fail(ops, self._unavailable(exc, "no connection to the database"))
             return [], None
         pid, committing, xid = conn.info.backend_pid, False, None
-        failed: _Op[Any] | None = None
+        failed: Op[Conn, Any] | None = None
         error: Exception | None = None
         try:
             conn.execute("BEGIN")
@@ -410,25 +331,6 @@ class PostgresStore:
         error = StoreUnavailable(f"{self.where}: {what}: {_one_line(exc)}")
         error.__cause__ = exc
         return error
-
-    # -- the Trio side --------------------------------------------------------------------
-
-    async def _call(self, fn: Callable[[Conn], T]) -> T:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        done = trio.Event()
-        op = self._put(fn, done)
-        with trio.CancelScope(shield=True):  # see the module docstring
-            await done.wait()
-        if op.error is not None:
-            raise op.error
-        return op.result
-
-    def _put(self, fn: Callable[[Conn], T], done: trio.Event | None) -> _Op[T]:
-        if self._closed:
-            raise StoreUnavailable(f"{self.where}: the store is closed")
-        op = _Op(fn, done)
-        self._queue.put(op)
-        return op
 
     async def begin(
         self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
@@ -580,14 +482,9 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _fail(ops: Iterable[_Op[Any]], error: StoreUnavailable) -> None:
+def _fail(ops: Iterable[Op[Conn, Any]], error: StoreUnavailable) -> None:
     for op in ops:
         op.error = error
-
-
-def _set_all(events: list[trio.Event]) -> None:
-    for event in events:
-        event.set()
 
 
 # -- operations, run by the writer thread -------------------------------------------------

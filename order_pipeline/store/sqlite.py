@@ -1,8 +1,8 @@
 """The order store in one SQLite file, which every worker process of a host can share.
 
-One writer thread owns the connection (sqlite3 refuses a connection across threads, and
-`trio.to_thread` may pick another thread per call). Trio puts each operation, a function of
-the connection, on a queue; the thread takes everything queued, runs it in one transaction
+One writer thread owns the connection (`writer.py`; sqlite3 refuses a connection across
+threads, and `trio.to_thread` may pick another thread per call). The thread runs each batch
+of queued operations in one transaction
 (BEGIN IMMEDIATE, so the write lock is taken at once and two processes never deadlock
 upgrading a read lock), each operation inside its own SAVEPOINT so one failing operation
 leaves the others alone, commits once, and then wakes every waiting task with a single
@@ -21,28 +21,21 @@ Opening (in the thread too) reads the file's header, application_id and user_ver
 writing anything, so a file that is not ours is refused untouched; creating or migrating the
 schema runs under BEGIN IMMEDIATE, so two processes opening one new file at once are safe.
 
-Cancellation: a coroutine is cancellable until its operation is queued and not after: it
-waits (shielded) for its batch to commit, so a caller that gets Cancelled knows nothing was
-written, and a caller that gets a result knows it is durable (Trio delivers the cancellation
-at its next checkpoint). The wait is bounded by the batch ahead and its own, each at most
-busy_timeout plus one commit.
+Cancellation: as every backend's, `writer.py`: a call is cancellable until its operation is
+queued, and then waits (shielded) for its batch to commit, bounded by the batch ahead and its
+own, each at most busy_timeout plus one commit.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Generic, Self, TypeVar
-
-import trio
+from typing import Any, Final, TypeVar
 
 from .base import (
     COMPENSATION_FAILED,
@@ -57,6 +50,7 @@ from .base import (
     StoreError,
     StoreUnavailable,
 )
+from .writer import Op, WriterThread
 
 logger = logging.getLogger(__name__)
 
@@ -118,19 +112,7 @@ T = TypeVar("T")
 Conn = sqlite3.Connection
 
 
-class _Op(Generic[T]):
-    """One queued operation; `done` is None for fire-and-forget (record_step)."""
-
-    __slots__ = ("done", "error", "fn", "result")
-    result: T
-
-    def __init__(self, fn: Callable[[Conn], T], done: trio.Event | None) -> None:
-        self.fn = fn
-        self.done = done
-        self.error: BaseException | None = None
-
-
-class SqliteStore:
+class SqliteStore(WriterThread[Conn]):
     """Orders in one SQLite file; `async with SqliteStore(path) as store:` opens and closes it.
 
     `busy_timeout` is how long a commit waits for another process's write lock before the
@@ -138,76 +120,22 @@ class SqliteStore:
     """
 
     def __init__(self, path: Path | str, *, busy_timeout: float = 5.0) -> None:
+        super().__init__()
         self.path = Path(path)
+        self.where = str(self.path)
         self.busy_timeout = busy_timeout
         self.commits = 0
-        self._queue: queue.SimpleQueue[_Op[Any] | None] = queue.SimpleQueue()
-        self._closed = True
-        self._open_error: BaseException | None = None
-        self._thread: threading.Thread | None = None
         self._conn: Conn  # the writer thread's own, from _connect
 
-    # -- lifecycle ------------------------------------------------------------------------
+    # -- in the writer thread -------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        self._token = trio.lowlevel.current_trio_token()
-        opened = trio.Event()
-        self._thread = threading.Thread(
-            target=self._serve, args=(opened,), name=f"sqlite writer {self.path}", daemon=True
-        )
-        self._thread.start()
-        with trio.CancelScope(shield=True):  # the thread opens the file whatever happens
-            await opened.wait()
-            if self._open_error is not None:
-                await trio.to_thread.run_sync(self._thread.join)
-                raise self._open_error
-        self._closed = False
-        return self
+    def _open(self) -> None:
+        self._conn = _connect(self.path, self.busy_timeout)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    def _close(self) -> None:
+        self._conn.close()
 
-    async def aclose(self) -> None:
-        """Commit what is queued, close the file and join the thread."""
-        if self._closed or self._thread is None:
-            return
-        self._closed = True
-        self._queue.put(None)
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._thread.join)
-
-    # -- the writer thread ----------------------------------------------------------------
-
-    def _serve(self, opened: trio.Event) -> None:
-        try:
-            self._conn = _connect(self.path, self.busy_timeout)
-        except BaseException as exc:
-            self._open_error = exc
-            return
-        finally:
-            self._token.run_sync_soon(opened.set)
-        try:
-            get, get_nowait = self._queue.get, self._queue.get_nowait
-            while True:
-                batch = [get()]
-                with suppress(queue.Empty):
-                    while True:
-                        batch.append(get_nowait())
-                stop = batch[-1] is None
-                ops = [op for op in batch if op is not None]
-                if ops:
-                    self._run_batch(ops)
-                if stop:
-                    return
-        finally:
-            self._conn.close()
-
-    def _run_batch(self, ops: list[_Op[Any]]) -> None:
+    def _run_batch(self, ops: list[Op[Conn, Any]]) -> None:
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -229,34 +157,8 @@ class SqliteStore:
                     conn.execute("ROLLBACK")
             for op in ops:
                 op.error = _unavailable(self.path, exc)
-        waiters = []
-        for op in ops:
-            if op.done is not None:
-                waiters.append(op.done)
-            elif op.error is not None:
-                logger.error("a queued record was not stored: %s", op.error)
-        if waiters:
-            with suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(_set_all, waiters)
 
-    # -- the Trio side --------------------------------------------------------------------
-
-    async def _call(self, fn: Callable[[Conn], T]) -> T:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        done = trio.Event()
-        op = self._put(fn, done)
-        with trio.CancelScope(shield=True):  # see the module docstring
-            await done.wait()
-        if op.error is not None:
-            raise op.error
-        return op.result
-
-    def _put(self, fn: Callable[[Conn], T], done: trio.Event | None) -> _Op[T]:
-        if self._closed:
-            raise StoreUnavailable(f"{self.path}: the store is closed")
-        op = _Op(fn, done)
-        self._queue.put(op)
-        return op
+    # -- the operations ------------------------------------------------------------------
 
     async def begin(
         self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
@@ -430,11 +332,6 @@ def _unavailable(path: Path, exc: Exception) -> StoreUnavailable:
     error = StoreUnavailable(f"{path}: could not commit: {exc}")
     error.__cause__ = exc
     return error
-
-
-def _set_all(events: list[trio.Event]) -> None:
-    for event in events:
-        event.set()
 
 
 # -- operations, run by the writer thread -------------------------------------------------

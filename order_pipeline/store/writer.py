@@ -1,0 +1,169 @@
+"""The one thread a store's database calls run in, and how Trio hands them over: both backends'.
+
+Trio puts each operation, a function of the backend's connection, on a queue; the thread
+takes everything queued at once and gives it to the backend's `_run_batch` as one batch
+(one transaction: group commit), then wakes every waiting task with a single
+`run_sync_soon`. Opening and closing the connection happen in the thread too, so no
+blocking call runs on the Trio thread.
+
+Cancellation: a call is cancellable until its operation is queued and not after: it then
+waits, shielded, for its batch, so a caller that gets Cancelled knows nothing was written,
+and a caller that gets a result knows it is committed (Trio delivers the cancellation at
+its next checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from contextlib import suppress
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+import trio
+
+from .base import StoreUnavailable
+
+__all__ = ["Op", "WriterThread"]
+
+logger = logging.getLogger("order_pipeline.store")
+
+C = TypeVar("C")  # the backend's connection
+T = TypeVar("T")
+
+
+class Op(Generic[C, T]):
+    """One queued operation; `done` is None for fire-and-forget (record_step, finish_soon)."""
+
+    __slots__ = ("done", "error", "fn", "result")
+    result: T
+
+    def __init__(self, fn: Callable[[C], T], done: trio.Event | None) -> None:
+        self.fn = fn
+        self.done = done
+        self.error: BaseException | None = None
+
+
+class WriterThread(Generic[C]):
+    """A store whose calls run in one thread of its own; `async with` opens and closes it.
+
+    A backend gives `_open` (connect, check, migrate; raise StoreError), `_run_batch` (run
+    the operations in one transaction, setting each one's `result` or `error`) and `_close`,
+    and names itself in `where` (for messages: never a password).
+    """
+
+    where: str
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Op[C, Any] | None] = queue.SimpleQueue()
+        self._closed = True
+        self._open_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _run_batch(self, ops: list[Op[C, Any]]) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._token = trio.lowlevel.current_trio_token()
+        opened = trio.Event()
+        self._thread = threading.Thread(
+            target=self._serve, args=(opened,), name=f"store writer {self.where}", daemon=True
+        )
+        self._thread.start()
+        with trio.CancelScope(shield=True):  # the thread opens the store whatever happens
+            await opened.wait()
+            if self._open_error is not None:
+                await trio.to_thread.run_sync(self._thread.join)
+                raise self._open_error
+        self._closed = False
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Commit what is queued, close the connection and join the thread."""
+        if self._closed or self._thread is None:
+            return
+        self._closed = True
+        self._queue.put(None)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._thread.join)
+
+    # -- the writer thread ----------------------------------------------------------------
+
+    def _serve(self, opened: trio.Event) -> None:
+        try:
+            self._open()
+        except BaseException as exc:
+            self._open_error = exc
+            return
+        finally:
+            self._token.run_sync_soon(opened.set)
+        try:
+            get, get_nowait = self._queue.get, self._queue.get_nowait
+            while True:
+                batch = [get()]
+                with suppress(queue.Empty):
+                    while True:
+                        batch.append(get_nowait())
+                stop = batch[-1] is None
+                ops = [op for op in batch if op is not None]
+                if ops:
+                    self._run_batch(ops)
+                    self._wake(ops)
+                if stop:
+                    return
+        finally:
+            self._close()
+
+    def _wake(self, ops: list[Op[C, Any]]) -> None:
+        """Hand every waiting caller its result; log what nobody waits for and was lost."""
+        waiters = []
+        for op in ops:
+            if op.done is not None:
+                waiters.append(op.done)
+            elif op.error is not None:
+                logger.error("a queued record was not stored: %s", op.error)
+        if waiters:
+            with suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(_set_all, waiters)
+
+    # -- the Trio side --------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[[C], T]) -> T:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        done = trio.Event()
+        op = self._put(fn, done)
+        with trio.CancelScope(shield=True):  # see the module docstring
+            await done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    def _put(self, fn: Callable[[C], T], done: trio.Event | None) -> Op[C, T]:
+        if self._closed:
+            raise StoreUnavailable(f"{self.where}: the store is closed")
+        op: Op[C, T] = Op(fn, done)
+        self._queue.put(op)
+        return op
+
+
+def _set_all(events: list[trio.Event]) -> None:
+    for event in events:
+        event.set()
