@@ -38,6 +38,7 @@ from .services.pool import MAX_SIZE, MIN_SIZE, clamp_size
 from .settings import Settings
 from .store import StoreError, open_store
 from .supervisor import supervise
+from .tracing import configure_tracing
 
 __all__ = ["main", "run"]
 
@@ -233,6 +234,7 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
     # process of the foreground group: heard besides that SIGTERM, it would count as a second
     # signal and cut the drain short. So a worker ignores SIGINT.
     signals = (signal.SIGTERM,) if handoff else (signal.SIGTERM, signal.SIGINT)
+    configure_tracing()  # once per serving process, before assemble: README, "Tracing"
     async with open_store(settings.store) as store:
         assembly = assemble(settings, store=store, metrics=count)
         tune_garbage_collector()

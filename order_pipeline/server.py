@@ -34,6 +34,7 @@ from .reporting import OrderReporter
 from .services import CourierPool, CourierService, PaymentService, StepTracker, VendorService
 from .settings import Settings
 from .store import MemoryStore, OrderStore
+from .tracing import Tracing
 
 __all__ = ["Assembly", "Readiness", "Settings", "assemble", "hypercorn_config", "serve"]
 
@@ -89,17 +90,25 @@ def assemble(
     *,
     store: OrderStore | None = None,
     metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> Assembly:
     """Build every part from `settings`, around an open `store` (by default one in memory).
 
-    `metrics` is given by a worker that shares its figures with the others.
+    `metrics` is given by a worker that shares its figures with the others. `tracing` is
+    by default the installed tracer provider's, off if there is none (`configure_tracing`).
     """
     settings = settings or Settings()
     store = store or MemoryStore()
     metrics = metrics or Metrics()
+    tracing = tracing or Tracing.from_global()
     readiness = Readiness()
     reporter = OrderReporter(metrics, store, cancelled_by_drain=readiness.cancelled_by_drain)
-    pool = CourierPool(settings.courier_pool_size, settings.courier_queue_limit, metrics)
+    pool = CourierPool(
+        settings.courier_pool_size,
+        settings.courier_queue_limit,
+        metrics,
+        wait_span=tracing.courier_wait,
+    )
     tracker = StepTracker()
     metrics.read_live(lambda: tracker.in_flight, lambda: pool.in_use, lambda: pool.waiting)
     payment = PaymentService(settings.payment_delay_ms, ledger=store)
@@ -110,12 +119,14 @@ def assemble(
         Step("vendor", vendor.notify, vendor.cancel),
         Step("courier", courier.assign, courier.unassign),
     ]
-    pipeline = Pipeline(
-        [tracker.track(s) for s in steps],
-        timeout=settings.request_timeout,
-        compensation_timeout=settings.compensation_timeout,
-        on_finish=reporter.finished,
-        on_step=reporter.step_ended,
+    pipeline = tracing.instrument(
+        Pipeline(
+            [tracker.track(s) for s in steps],
+            timeout=settings.request_timeout,
+            compensation_timeout=settings.compensation_timeout,
+            on_finish=reporter.finished,
+            on_step=reporter.step_ended,
+        )
     )
     desk = OrderDesk(
         pipeline,

@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("store", {"store"}),
     ("orchestration", {"orchestrator"}),
     ("domain services", {"services", "orders"}),
-    ("operations", {"settings", "logs", "metrics", "reporting"}),
+    ("operations", {"settings", "logs", "metrics", "reporting", "tracing"}),
     ("HTTP transport", {"http"}),
     ("composition root and process", {"server", "handoff", "supervisor", "main", "cli", "listing"}),
 ]

@@ -1,10 +1,12 @@
-"""ASGI middleware: request IDs, and letting hypercorn finish each response.
+"""ASGI middleware: request IDs, the caller's trace, and letting hypercorn finish each response.
 
 `with_request_ids` gives every request an ID (the client's plain `X-Request-ID`,
 or a fresh one), puts it in the `request_id` context variable for the logs, and
 echoes it on every response, errors Quart answers itself included. It replaced
 Quart `before_request` / `after_request` hooks, which cost more per request
-(docs/performance.md).
+(docs/performance.md). A W3C `traceparent` header (with its `tracestate`)
+becomes the OpenTelemetry context of the request's task, which Trio copies into
+every task the request starts: the order's span continues the caller's trace.
 
 `finish_responses_shielded`: hypercorn runs its end-of-response bookkeeping
 (close the connection on `Connection: close`, or start the keep-alive idle
@@ -30,23 +32,46 @@ from hypercorn.typing import (
     HTTPScope,
     Scope,
 )
+from opentelemetry import context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ..logs import request_id
 
-__all__ = ["REQUEST_ID_HEADER", "finish_responses_shielded", "with_request_ids"]
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "TRACEPARENT_HEADER",
+    "finish_responses_shielded",
+    "with_request_ids",
+]
 
 REQUEST_ID_HEADER: Final = b"x-request-id"
+TRACEPARENT_HEADER: Final = b"traceparent"
+TRACESTATE_HEADER: Final = b"tracestate"
 # A client's request ID is echoed only if it is short and plain; otherwise we make one.
 _VALID_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
+# The propagator's own limits on both headers; longer ones are ignored here, before it
+# would log a warning for each such request.
+_TRACE_HEADER_MAX: Final = 512
+_TRACE_CONTEXT: Final = TraceContextTextMapPropagator()
 
 
-def _request_id_of(scope: HTTPScope) -> bytes:
+def _ids_of(scope: HTTPScope) -> tuple[bytes, dict[str, list[str]] | None]:
+    """The request's ID, and its W3C trace-context headers if it has a traceparent."""
+    given: bytes | None = None
+    carrier: dict[str, list[str]] | None = None
     for name, value in scope["headers"]:  # ASGI header names are lower-case
         if name == REQUEST_ID_HEADER:
-            if _VALID_REQUEST_ID.fullmatch(value):
-                return bytes(value)
-            break
-    return uuid.uuid4().hex.encode()
+            if given is None:  # the first one decides
+                given = bytes(value) if _VALID_REQUEST_ID.fullmatch(value) else b""
+        elif name in (TRACEPARENT_HEADER, TRACESTATE_HEADER) and len(value) <= _TRACE_HEADER_MAX:
+            carrier = carrier or {}
+            carrier.setdefault(name.decode(), []).append(value.decode("latin-1"))
+    if carrier is not None:
+        if "traceparent" not in carrier:
+            carrier = None  # no parent to continue
+        elif sum(len(v) + 1 for v in carrier.get("tracestate", ())) > _TRACE_HEADER_MAX + 1:
+            del carrier["tracestate"]  # too long in all: the parent without it
+    return given or uuid.uuid4().hex.encode(), carrier
 
 
 def with_request_ids(app: Any) -> Any:
@@ -56,7 +81,7 @@ def with_request_ids(app: Any) -> Any:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        given = _request_id_of(scope)
+        given, carrier = _ids_of(scope)
         request_id.set(given.decode("ascii"))
         header = (REQUEST_ID_HEADER, given)
 
@@ -65,7 +90,14 @@ def with_request_ids(app: Any) -> Any:
                 message = {**message, "headers": [*message["headers"], header]}
             await send(message)
 
-        await app(scope, receive, send_with_id)
+        if carrier is None:
+            await app(scope, receive, send_with_id)
+            return
+        token = context.attach(_TRACE_CONTEXT.extract(carrier, context.get_current()))
+        try:
+            await app(scope, receive, send_with_id)
+        finally:
+            context.detach(token)
 
     return wrapped
 

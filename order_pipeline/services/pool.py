@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Final, Protocol
 
 import attrs
@@ -50,6 +52,11 @@ class CourierPool:
     size: int = attrs.field(converter=clamp_size)
     queue_limit: int | None = None
     observer: PoolObserver = attrs.field(factory=_Unobserved)
+    wait_span: Callable[[int], AbstractContextManager[None]] | None = attrs.field(
+        default=None, kw_only=True
+    )
+    """Wraps each real wait for a slot, given how many wait already (tracing's `courier wait`
+    span); an order that finds a slot free calls nothing."""
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -72,7 +79,11 @@ class CourierPool:
                 raise PoolFull from None
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("waiting for a courier slot (%d waiting already)", self.waiting)
-            await limiter.acquire()
+            if self.wait_span is None:
+                await limiter.acquire()
+            else:
+                with self.wait_span(self.waiting):
+                    await limiter.acquire()
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
