@@ -40,17 +40,16 @@ def _step_summary(step: StepResult) -> str:
 
 
 def _summary(
-    order_id: str | None, kind: str | None, http_status: int | None, duration_ms: int, steps: str
+    order_id: str, kind: str | None, http_status: int | None, duration_ms: int, steps: str
 ) -> str:
     """The line as a person reads it: `order o-1 ok 200 in 202 ms: payment ok 151 ms, ...`."""
-    order = "order" if order_id is None else f"order {order_id}"
     if http_status is None:
-        return f"{order} {label(kind)} after {duration_ms} ms, no reply sent: {steps}"
-    return f"{order} {label(kind)} {http_status} in {duration_ms} ms: {steps}"
+        return f"order {order_id} {label(kind)} after {duration_ms} ms, no reply sent: {steps}"
+    return f"order {order_id} {label(kind)} {http_status} in {duration_ms} ms: {steps}"
 
 
 def _log_order(
-    order_id: str | None,
+    order_id: str,
     kind: str | None,
     http_status: int | None,
     duration_ms: int,

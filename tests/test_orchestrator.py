@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from order_pipeline.model import (
+    Attempt,
     Compensation,
     CompensationStatus,
     OrderRequest,
@@ -16,6 +17,7 @@ from order_pipeline.model import (
     StepError,
     StepResult,
     StepStatus,
+    current_attempt,
 )
 from order_pipeline.orchestrator import Pipeline, Step, StepAction
 from order_pipeline.services import StepTracker
@@ -411,3 +413,23 @@ async def test_undo_reports_its_kind_or_compensation_failed(
         Compensation(CompensationStatus.ERROR, 0),
     ]
     assert finished == [undone, not_undone]
+
+
+async def test_the_attention_line_names_the_order_s_key(
+    order: OrderRequest, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Run under a stored attempt, a failed compensation's line carries the idempotency key."""
+    pipe = Pipeline(
+        [
+            Step("refund", Instant(), Instant(StepError("refund_failed"))),
+            Step("ship", Instant(StepError("x"))),
+        ]
+    )
+    current_attempt.set(Attempt("key-7", "attempt-1", "me"))
+
+    with caplog.at_level(logging.ERROR):
+        await pipe.process(order)
+
+    (line,) = [r for r in caplog.records if "needs manual attention" in r.getMessage()]
+    assert line.fields["key"] == "key-7"  # type: ignore[attr-defined] # set by `extra`
+    assert line.fields["reason"] == "refund failed"  # type: ignore[attr-defined] # set by `extra`

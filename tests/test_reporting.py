@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,7 +18,7 @@ from order_pipeline.model import (
     StepStatus,
     current_attempt,
 )
-from order_pipeline.reporting import OrderReporter
+from order_pipeline.reporting import ORDERS_LOGGER, OrderReporter
 from order_pipeline.serialization import encode_result
 from order_pipeline.store import MemoryStore, StepRecord, StoredOrder
 
@@ -107,3 +108,66 @@ async def test_an_order_claimed_by_another_process_is_left_to_it(
     assert found is not None
     assert found.state == "running"
     assert found.owner == "rescuer"
+
+
+def order_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == ORDERS_LOGGER]
+
+
+def test_a_failed_order_s_line_says_error_in_words_and_fields(
+    reporter: OrderReporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed order's line: status error, its kind and status, each step and its undoing."""
+    with caplog.at_level(logging.INFO, logger=ORDERS_LOGGER):
+        reporter.finished(RESULT)
+
+    (line,) = order_lines(caplog)
+    assert line.getMessage() == (
+        "order o-1 vendor_unavailable 503 in 280 ms: payment ok 150 ms (undone ok 80 ms),"
+        " vendor error 200 ms"
+    )
+    fields = line.fields  # type: ignore[attr-defined] # set by `extra={"fields": ...}`
+    assert (fields["status"], fields["kind"], fields["http_status"]) == (
+        "error",
+        "vendor_unavailable",
+        503,
+    )
+    assert line.summary is True  # type: ignore[attr-defined] # set by `extra`
+
+
+def test_a_refused_order_s_line_has_no_steps_and_its_reason(
+    reporter: OrderReporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused order's line: its reason in words and fields, no steps, the words alone."""
+    with caplog.at_level(logging.INFO, logger=ORDERS_LOGGER):
+        reporter.refused("idempotency_key_reused", 422, "o-2", "this key was used before")
+
+    (line,) = order_lines(caplog)
+    assert (
+        line.getMessage()
+        == "order o-2 refused 422 idempotency_key_reused: this key was used before"
+    )
+    assert line.fields == {  # type: ignore[attr-defined] # set by `extra={"fields": ...}`
+        "order_id": "o-2",
+        "status": "error",
+        "kind": "idempotency_key_reused",
+        "http_status": 422,
+        "duration_ms": 0,
+        "steps": [],
+        "reason": "this key was used before",
+    }
+    assert line.summary is True  # type: ignore[attr-defined] # set by `extra`
+
+
+def test_an_order_the_drain_cancelled_with_nothing_to_undo_says_so(
+    store: MemoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A drain-cancelled order none of whose steps had succeeded: "nothing to undo"."""
+    reporter = OrderReporter(Metrics(), store, cancelled_by_drain=lambda: True)
+    canceled = StepResult("payment", StepStatus.CANCELED, 40)
+
+    with caplog.at_level(logging.WARNING, logger="order_pipeline.reporting"):
+        reporter.finished(OrderResult("o-3", (canceled,), "canceled", 40))
+
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage() == "order o-3 cancelled by the drain: nothing to undo"

@@ -162,3 +162,24 @@ def test_an_unexpected_fault_reads_invalid_value(error: Exception) -> None:
         parse_order(b'{"order_id": "o"}', converter)
 
     assert refused.value.message == "invalid value @ $.order_id"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            b'{"order_id": "o", "amount": 1, "amount": 2}',
+            "body has the key 'amount' more than once",
+        ),
+        (
+            b'{"order_id": "o", "x": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+            "body is nested too deeply",
+        ),
+    ],
+)
+def test_a_body_the_standard_parser_refuses_is_named_exactly(body: bytes, message: str) -> None:
+    """A key twice, or nesting only orjson takes, is refused with exactly its message."""
+    with pytest.raises(InvalidOrder) as refused:
+        parse_order(body, make_converter())
+
+    assert refused.value.message == message
