@@ -21,6 +21,7 @@ import os
 import random
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -134,15 +135,29 @@ def _cluster(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, int]:
     return pg.postgres_url(), 2
 
 
+@pytest.fixture(name="reaped")
+async def _reaped() -> AsyncIterator[list[Server]]:
+    """The servers a test starts: any still running at its end is killed, so that a test
+    that fails half-way leaves no server behind."""
+    servers: list[Server] = []
+    yield servers
+    for server in servers:
+        if server.process is not None and server.process.returncode is None:
+            server.process.kill()
+            with trio.CancelScope(shield=True):
+                await server.process.wait()
+
+
 @pytest.mark.skipif(ORDERS < 1, reason="CHAOS_ORDERS is 0")
 async def test_kills_at_random_lose_no_order_and_no_money(
-    tmp_path: Path, cluster: tuple[str, int]
+    tmp_path: Path, cluster: tuple[str, int], reaped: list[Server]
 ) -> None:
     """N orders, K SIGKILLs: one final result per key, the ledger matches, nothing left over."""
     store_url, host_count = cluster
     rng = random.Random(SEED)
     print(f"chaos: {ORDERS} orders, {KILLS} kills, {host_count} host(s), seed {SEED}")
     hosts = [Server(store_url, tmp_path, f"host-{n}") for n in range(host_count)]
+    reaped.extend(hosts)
     orders = {f"key-{n}-{rng.randrange(10**9)}": random_order(rng, n) for n in range(ORDERS)}
     got: dict[str, tuple[int, bytes]] = {}
     for host in hosts:
