@@ -9,22 +9,19 @@ of each then runs it once.
 from __future__ import annotations
 
 import json
-from contextlib import suppress
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import trio
 
-from order_pipeline.store import FINISHED, RUNNING, SqliteStore
+from order_pipeline.store import FINISHED, SqliteStore
 
+from .crash import kill_with_paid_orders_in_flight, paid_orders, send_again, wait_until_none_running
 from .server_process import StartServer
 
 LEASE_S = 2.0
 ORDERS = 200
-# Paid at once; still waiting for vendor and courier when the server is killed.
-PAID_THEN_SLOW = {"payment": 0, "vendor": 2000, "courier": 2000}
 
 
 async def test_a_hundred_clients_with_one_new_key_run_it_once(
@@ -74,37 +71,13 @@ async def test_sigkill_with_200_orders_in_flight_then_a_restart_undoes_them(
         "--courier-pool-size", "128", "--courier-queue-limit", "10000",
     )  # fmt: skip # one flag and its value a pair
     first = await start_server(*flags, check_exit=False)
-    orders: dict[str, dict[str, Any]] = {
-        f"crash-{n}": {"order_id": f"o-{n}", "amount": n + 1, "delay_ms": PAID_THEN_SLOW}
-        for n in range(ORDERS)
-    }
-    total = sum(order["amount"] for order in orders.values())
+    orders = paid_orders("crash", ORDERS)
 
-    async def send(http: httpx.AsyncClient, key: str) -> None:
-        with suppress(httpx.TransportError):  # killed under it: no reply is the point
-            await http.post("/order", json=orders[key], headers={"Idempotency-Key": key})
-
-    limits = httpx.Limits(max_connections=ORDERS)
     async with SqliteStore(db) as store:
-        async with (
-            httpx.AsyncClient(base_url=first.url, limits=limits, timeout=30) as http,
-            trio.open_nursery() as nursery,
-        ):
-            for key in orders:
-                nursery.start_soon(send, http, key)
-            # Another process's file: there is no event to wait on, so poll it.
-            with trio.fail_after(20):  # until every payment is charged in the ledger
-                while sum([await store.net_charge(k) for k in orders]) < total:  # noqa: ASYNC110 # poll
-                    await trio.sleep(0.1)
-            first.process.kill()
-        assert await first.process.wait() == -9
+        await kill_with_paid_orders_in_flight(first, orders, store)
 
         second = await start_server(*flags)
-        started = trio.current_time()
-        with trio.fail_after(LEASE_S + 2):
-            while any(o.state == RUNNING for o, _ in await store.list_orders()):  # noqa: ASYNC110 # poll
-                await trio.sleep(0.1)
-        recovered_in = trio.current_time() - started
+        recovered_in = await wait_until_none_running(store, LEASE_S + 2)
 
         stored = {o.key: (o, net) for o, net in await store.list_orders()}
         assert set(stored) == set(orders)
@@ -116,19 +89,7 @@ async def test_sigkill_with_200_orders_in_flight_then_a_restart_undoes_them(
                 0,
             ), key
 
-        async with httpx.AsyncClient(base_url=second.url, limits=limits, timeout=30) as http:
-            retried = {}
-
-            async def retry(key: str) -> None:
-                response = await http.post(
-                    "/order", json=orders[key], headers={"Idempotency-Key": key}
-                )
-                retried[key] = response
-
-            async with trio.open_nursery() as nursery:
-                for key in orders:
-                    nursery.start_soon(retry, key)
-
+        retried = await send_again(second.url, orders)
         for key, response in retried.items():
             assert response.status_code == 200, key
             assert json.loads(response.content)["status"] == "ok"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from contextlib import suppress
 from typing import Any
 
 import httpx
@@ -21,6 +20,7 @@ import trio
 
 from order_pipeline.store import FINISHED, RUNNING, open_store
 
+from .crash import kill_with_paid_orders_in_flight, paid_orders, send_again, wait_until_none_running
 from .pg import postgres_url
 from .server_process import ServerProcess, StartServer
 
@@ -29,8 +29,6 @@ pytestmark = pytest.mark.postgres
 LEASE_S = 2.0
 PER_HOST = 50
 ORDERS = 200
-# Paid at once; still waiting for vendor and courier when the host is killed.
-PAID_THEN_SLOW = {"payment": 0, "vendor": 2000, "courier": 2000}
 
 
 @pytest.fixture(name="url")
@@ -105,40 +103,15 @@ async def test_a_host_killed_with_200_orders_in_flight_is_undone_by_the_other(
     )  # fmt: skip # one flag and its value a pair
     doomed = await start_server(*flags, check_exit=False)
     survivor = await start_server(*flags)  # up and holding its lease before the kill
-    orders: dict[str, dict[str, Any]] = {
-        f"hosts-{n}": {"order_id": f"o-{n}", "amount": n + 1, "delay_ms": PAID_THEN_SLOW}
-        for n in range(ORDERS)
-    }
-    total = sum(order["amount"] for order in orders.values())
+    orders = paid_orders("hosts", ORDERS)
 
-    async def send(http: httpx.AsyncClient, key: str) -> None:
-        with suppress(httpx.TransportError):  # killed under it: no reply is the point
-            await http.post("/order", json=orders[key], headers={"Idempotency-Key": key})
-
-    limits = httpx.Limits(max_connections=ORDERS)
     async with open_store(url) as store:
-        async with (
-            httpx.AsyncClient(base_url=doomed.url, limits=limits, timeout=30) as http,
-            trio.open_nursery() as nursery,
-        ):
-            for key in orders:
-                nursery.start_soon(send, http, key)
-            # Another process's database: there is no event to wait on, so poll it.
-            with trio.fail_after(20):  # until every payment is charged in the ledger
-                while sum(net for _, net in await store.list_orders()) < total:  # noqa: ASYNC110 # poll
-                    await trio.sleep(0.1)
-            stored = await store.list_orders()
-            assert all(o.state == RUNNING for o, _ in stored)  # all in flight on the doomed host
-            assert len({o.owner for o, _ in stored}) == 1  # the doomed host's process
-            doomed.process.kill()
-        assert await doomed.process.wait() == -9
-        killed = trio.current_time()
+        stored = await kill_with_paid_orders_in_flight(doomed, orders, store)
+        assert all(o.state == RUNNING for o, _ in stored)  # all in flight on the doomed host
+        assert len({o.owner for o, _ in stored}) == 1  # the doomed host's process
 
-        # The survivor claims them once the dead host's lease expires; poll, as above.
-        with trio.fail_after(LEASE_S + 2):
-            while any(o.state == RUNNING for o, _ in await store.list_orders()):  # noqa: ASYNC110 # poll
-                await trio.sleep(0.1)
-        recovered_in = trio.current_time() - killed
+        # The survivor claims them once the dead host's lease expires.
+        recovered_in = await wait_until_none_running(store, LEASE_S + 2)
 
         after = {o.key: (o, net) for o, net in await store.list_orders()}
         assert set(after) == set(orders)
@@ -155,19 +128,7 @@ async def test_a_host_killed_with_200_orders_in_flight_is_undone_by_the_other(
         undone = [line for line in order_lines(survivor) if line["kind"] == "interrupted"]
         assert len(undone) == ORDERS
 
-        retried: dict[str, httpx.Response] = {}
-
-        async def retry(http: httpx.AsyncClient, key: str) -> None:
-            retried[key] = await http.post(
-                "/order", json=orders[key], headers={"Idempotency-Key": key}
-            )
-
-        async with (
-            httpx.AsyncClient(base_url=survivor.url, limits=limits, timeout=30) as http,
-            trio.open_nursery() as nursery,
-        ):
-            for key in orders:
-                nursery.start_soon(retry, http, key)
+        retried = await send_again(survivor.url, orders)
 
         assert set(retried) == set(orders)
         for key, response in retried.items():

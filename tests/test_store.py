@@ -661,26 +661,31 @@ async def test_concurrent_finishes_share_commits(tmp_path: Path) -> None:
         assert all(o.state == FINISHED for o, _ in await store.list_orders())
 
 
+async def thousand_orders_flow_through(store: SqliteStore | PostgresStore) -> None:
+    """A thousand concurrent orders (begin, three steps, finish) all land, in batched commits."""
+
+    async def run(key: str) -> None:
+        order = await begun(store, key)
+        for step in ("payment", "vendor", "courier"):
+            store.record_step(key, order.attempt_id, StepRecord(step, "ok", duration_ms=1))
+        await store.finish(key, order.attempt_id, 200, b"{}", None)
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for i in range(1000):
+            nursery.start_soon(run, f"k-{i}")
+    elapsed = time.perf_counter() - started
+    print(f"{1000 / elapsed:.0f} orders/s in {store.commits} commits")  # -s shows it
+    listed = await store.list_orders()
+    assert len(listed) == 1000
+    assert all(o.state == FINISHED and len(o.steps) == 3 for o, _ in listed)
+    assert store.commits < 1000
+
+
 async def test_many_orders_flow_through_the_writer(tmp_path: Path) -> None:
     """A thousand concurrent orders (begin, three steps, finish) all land, in batched commits."""
     async with SqliteStore(tmp_path / "orders.db") as store:
-
-        async def run(key: str) -> None:
-            order = await begun(store, key)
-            for step in ("payment", "vendor", "courier"):
-                store.record_step(key, order.attempt_id, StepRecord(step, "ok", duration_ms=1))
-            await store.finish(key, order.attempt_id, 200, b"{}", None)
-
-        started = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for i in range(1000):
-                nursery.start_soon(run, f"k-{i}")
-        elapsed = time.perf_counter() - started
-        print(f"{1000 / elapsed:.0f} orders/s in {store.commits} commits")  # -s shows it
-        listed = await store.list_orders()
-        assert len(listed) == 1000
-        assert all(o.state == FINISHED and len(o.steps) == 3 for o, _ in listed)
-        assert store.commits < 1000
+        await thousand_orders_flow_through(store)
 
 
 async def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
@@ -1210,23 +1215,7 @@ async def test_concurrent_finishes_share_commits_on_postgresql(schema: str) -> N
 async def test_many_orders_flow_through_the_postgresql_writer(schema: str) -> None:
     """A thousand concurrent orders (begin, three steps, finish) all land, in batched commits."""
     async with postgres_stores(postgres_url(schema=schema), 1) as (store,):
-
-        async def run(key: str) -> None:
-            order = await begun(store, key)
-            for step in ("payment", "vendor", "courier"):
-                store.record_step(key, order.attempt_id, StepRecord(step, "ok", duration_ms=1))
-            await store.finish(key, order.attempt_id, 200, b"{}", None)
-
-        started = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for i in range(1000):
-                nursery.start_soon(run, f"k-{i}")
-        elapsed = time.perf_counter() - started
-        print(f"{1000 / elapsed:.0f} orders/s in {store.commits} commits")  # -s shows it
-        listed = await store.list_orders()
-        assert len(listed) == 1000
-        assert all(o.state == FINISHED and len(o.steps) == 3 for o, _ in listed)
-        assert store.commits < 1000
+        await thousand_orders_flow_through(store)
 
 
 @pytest.mark.postgres
