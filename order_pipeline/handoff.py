@@ -1,4 +1,4 @@
-"""What a worker inherits from its supervisor: the listening socket, the metrics directory,
+"""What a worker inherits from its supervisor: its own listening socket, the metrics directory,
 a pipe to say that it serves, and every setting, all through the environment.
 
 The supervisor writes it (`Handoff.environ`) and the worker's entry point reads

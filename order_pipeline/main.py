@@ -60,8 +60,9 @@ class CannotListen(Exception):
     """The address to serve cannot be bound: the operator's to fix, so one line, not a trace."""
 
 
-def listen(settings: Settings) -> socket.socket:
-    """The listening socket, bound before anything else starts (no store file is created).
+def listen(settings: Settings) -> list[socket.socket]:
+    """The listening sockets, one per worker, bound before anything else starts (no store file
+    is created).
 
     Left to hypercorn, the bind fails inside its nursery and the cause arrives as a
     45-line ExceptionGroup; bound here, it is known to be the address's.
@@ -72,7 +73,10 @@ def listen(settings: Settings) -> socket.socket:
         family, _, _, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        return socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
+        first = socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
+        if settings.workers == 1:
+            return [first]
+        return _reuseport_group(first, settings.workers)
     except socket.gaierror as exc:
         cause = f"cannot resolve the host ({_lower_first(exc.strerror)})"
         raise CannotListen(f"cannot listen on {where}: {cause}") from None
@@ -80,6 +84,30 @@ def listen(settings: Settings) -> socket.socket:
         # os.strerror: create_server's own strerror repeats the address, as a Python tuple.
         cause = os.strerror(exc.errno) if exc.errno else str(exc)
         raise CannotListen(f"cannot listen on {where}: {_lower_first(cause)}") from None
+
+
+def _reuseport_group(probe: socket.socket, size: int) -> list[socket.socket]:
+    """`size` sockets with SO_REUSEPORT on `probe`'s address (its port, if port 0 asked for any),
+    so that the kernel spreads new connections over them, rather than the first worker to wake
+    taking most of a burst from one shared socket. `probe` is closed.
+
+    `probe` was bound without SO_REUSEPORT, which proves the address free: on Linux a socket
+    with it joins, silently, any group of the same user on the address, another
+    order-pipeline's included.
+    """
+    family, address = probe.family, probe.getsockname()
+    probe.close()
+    with contextlib.ExitStack() as bound:  # if one cannot be bound, those before are closed
+        group = [
+            bound.enter_context(
+                socket.create_server(
+                    address, family=family, backlog=LISTEN_BACKLOG, reuse_port=True
+                )
+            )
+            for _ in range(size)
+        ]
+        bound.pop_all()
+    return group
 
 
 def _lower_first(text: str | None) -> str:
@@ -182,18 +210,20 @@ async def exit_at_hard_deadline(
     os._exit(1)
 
 
-async def run(settings: Settings, listening: socket.socket | Handoff) -> None:
-    """Serve on `listening`: supervising workers, or alone, or as a worker (a `Handoff`)."""
+async def run(settings: Settings, listening: list[socket.socket] | Handoff) -> None:
+    """Serve on `listening`: supervising workers (a socket each), or alone, or as a worker (a
+    `Handoff`)."""
     if isinstance(listening, Handoff):
         await serve_here(settings, listening.listen_fd, listening)
         return
     warn_if_clamped(settings)
     if settings.workers == 1:
-        await serve_here(settings, listening.detach())  # hypercorn's socket from now on
+        (sock,) = listening
+        await serve_here(settings, sock.detach())  # hypercorn's socket from now on
         return
     async with open_store(settings.store):  # create or upgrade it once, before the workers
         pass
-    on_serving = functools.partial(log_running, _url(listening), settings)
+    on_serving = functools.partial(log_running, _url(listening[0]), settings)
     status = await supervise(settings, listening, on_serving)
     # At info: a worker given up on has had its error line.
     log.info(

@@ -8,6 +8,7 @@ from this class, so a new setting is one new field here.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -52,6 +53,30 @@ def _int_in(low: int, high: int, accepts: str | None = None) -> Parse:
         return value if low <= value <= high else None
 
     return Parse(accepts or f"an integer from {low} to {high}", read)
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (taskset, a container's cpuset), which
+    os.cpu_count() ignores; os.cpu_count() where there is none (macOS). Python 3.13 has this
+    as os.process_cpu_count()."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _workers(low: int, high: int) -> Parse:
+    """A number of workers, or `auto`: one per usable CPU, within `low`..`high`. Resolved as it is
+    parsed, so that everything after (the "Running on" line, each worker's settings) sees a
+    number."""
+    number = _int_in(low, high)
+
+    def read(text: str) -> int | None:
+        if text.lower() == "auto":
+            return min(max(_usable_cpus(), low), high)
+        value: int | None = number.read(text)
+        return value
+
+    return Parse(f"{number.accepts}, or auto (one per CPU this process may use)", read)
 
 
 def _seconds(*, zero_ok: bool) -> Parse:
@@ -105,7 +130,9 @@ class Settings:
         "address to listen on",
     )
     port: int = setting(8080, _int_in(0, 65535), "port to listen on; 0 picks a free one")
-    workers: int = setting(1, _int_in(1, 64), "worker processes serving the same socket")
+    workers: int = setting(
+        1, _workers(1, 64), "worker processes serving the port, each on a socket of its own"
+    )
     request_timeout: float = setting(10.0, _seconds(zero_ok=False), "deadline of one order")
     compensation_timeout: float = setting(
         5.0, _seconds(zero_ok=False), "deadline of an order's compensations"

@@ -1,4 +1,11 @@
-"""`--workers N`: one parent process binds the socket; N worker processes serve it.
+"""`--workers N`: one parent process binds a socket per worker; N worker processes serve them.
+
+Each socket has SO_REUSEPORT on the same address, so the kernel spreads new
+connections evenly over them (by a hash of each connection's addresses); with one
+shared socket, whichever worker woke first took most of a burst. Worker k always
+serves socket k and inherits no other. The supervisor keeps every socket open, so
+the connections the kernel queues on a dead worker's socket wait there until its
+restart serves them; if the drain begins first, closing the socket resets them.
 
 Hypercorn's own multi-process mode is not graceful (the first worker to exit
 makes the parent terminate the others). This supervisor forwards SIGTERM or
@@ -27,7 +34,7 @@ import socket
 import sys
 import tempfile
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
 
 import trio
@@ -45,8 +52,11 @@ RESTART_LIMIT: Final = 5
 RESTART_WINDOW_S: Final = 60.0
 
 
-async def supervise(settings: Settings, sock: socket.socket, on_serving: Callable[[], None]) -> int:
-    """Serve `sock` with `settings.workers` processes until SIGTERM or SIGINT, then drain them.
+async def supervise(
+    settings: Settings, sockets: Sequence[socket.socket], on_serving: Callable[[], None]
+) -> int:
+    """Serve `sockets` with `settings.workers` processes, one each, until SIGTERM or SIGINT,
+    then drain them.
 
     `on_serving` is called once every worker serves. Returns the exit status: 1 if a
     worker was given up on (once the others have drained) or a second signal cut the
@@ -54,17 +64,19 @@ async def supervise(settings: Settings, sock: socket.socket, on_serving: Callabl
     """
     from prometheus_client.multiprocess import mark_process_dead
 
-    sock.set_inheritable(True)
     ready_read, ready_write = os.pipe()
     ready = trio.lowlevel.FdStream(ready_read)
     metrics_dir = tempfile.mkdtemp(prefix="order-pipeline-metrics-")
-    env = Handoff(sock.fileno(), metrics_dir, ready_write).environ(settings, os.environ)
+    environs = [
+        Handoff(sock.fileno(), metrics_dir, ready_write).environ(settings, os.environ)
+        for sock in sockets
+    ]
     argv = [sys.executable, "-m", "order_pipeline", "serve"]
     stopping = False
     gave_up = False
     interrupted = False
     running: set[trio.Process] = set()
-    # Held while a worker is started and while the drain closes the socket: a start
+    # Held while a worker is started and while the drain closes the sockets: a start
     # never passes a closed socket, and every process started before the drain gets
     # its SIGTERM (open_process lets other tasks run while it forks).
     spawning = trio.Lock()
@@ -74,10 +86,10 @@ async def supervise(settings: Settings, sock: socket.socket, on_serving: Callabl
     async def start(number: int) -> trio.Process | None:
         """A new process for worker `number`, or None once the drain has begun."""
         async with spawning:
-            if stopping:  # the socket is closed
+            if stopping:  # the sockets are closed
                 return None
             process = await trio.lowlevel.open_process(
-                argv, env=env, pass_fds=(sock.fileno(), ready_write)
+                argv, env=environs[number], pass_fds=(sockets[number].fileno(), ready_write)
             )
             running.add(process)
         log.info("worker %d started (pid %d)", number, process.pid)
@@ -162,14 +174,16 @@ async def supervise(settings: Settings, sock: socket.socket, on_serving: Callabl
                     stopping = True
                     watching.cancel()
                     async with spawning:
-                        sock.close()
+                        for sock in sockets:
+                            sock.close()
                     for process in running:
                         process.send_signal(signal.SIGTERM)
                     forwarding.start_soon(forward_later_signals, signals)
                     nursery.cancel_scope.deadline = trio.current_time() + settings.hard_exit_delay
                 forwarding.cancel_scope.cancel()
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         ready.close()
         os.close(ready_write)
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -437,7 +437,7 @@ async def test_overload_sheds_the_excess_promptly(autojump_clock: trio.abc.Clock
     assert max(when for _, when, _ in served) == pytest.approx(201 * DELAY_MS["courier"] / 1000)
 
 
-async def test_workers_share_the_socket_and_sum_their_metrics(start_server: StartServer) -> None:
+async def test_workers_both_serve_and_sum_their_metrics(start_server: StartServer) -> None:
     """--workers 2: both serve orders, and /metrics from either reports the whole server."""
     server = await start_server("--workers", "2", "--no-access-log")
     statuses: list[int] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import attrs
 import httpx
 import pytest
@@ -92,12 +94,46 @@ def test_flag_wins_over_environment() -> None:
     assert (settings.port, settings.courier_pool_size, settings.workers) == (9001, 12, 1)
 
 
+def test_workers_auto_is_one_per_cpu_this_process_may_use() -> None:
+    """--workers auto (or the variable, in any case) is the CPUs of the process's affinity,
+    resolved as it is parsed: everything after sees a number."""
+    cpus = min(len(os.sched_getaffinity(0)), 64)
+
+    assert parse_args(["serve", "--workers", "auto"], environ={}).workers == cpus
+    assert parse_args(["serve"], environ={"ORDER_PIPELINE_WORKERS": "Auto"}).workers == cpus
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (3, 3), (64, 64), (200, 64)])
+def test_workers_auto_stays_within_1_to_64(
+    cpus: int, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A machine with more CPUs than --workers allows gets the most it allows."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert parse_args(["serve", "--workers", "auto"], environ={}).workers == workers
+
+
+def test_workers_auto_counts_every_cpu_where_there_is_no_affinity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without sched_getaffinity (macOS), `auto` is os.cpu_count()."""
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert parse_args(["serve", "--workers", "auto"], environ={}).workers == 3
+
+
 @pytest.mark.parametrize(
     ("argv", "environ", "message"),
     [
         (["serve", "--port", "70000"], {}, "--port: must be an integer from 0 to 65535"),
         (["serve", "--port", "x"], {}, "--port: must be an integer"),
         (["serve", "--workers", "0"], {}, "--workers: must be an integer from 1 to 64"),
+        (
+            ["serve", "--workers", "many"],
+            {},
+            "--workers: must be an integer from 1 to 64, or auto (one per CPU this process may "
+            "use), not 'many'",
+        ),
+        (["serve"], {"ORDER_PIPELINE_WORKERS": "all"}, "ORDER_PIPELINE_WORKERS: must be an"),
         (["serve", "--request-timeout", "0"], {}, "--request-timeout: must be a positive"),
         (["serve", "--request-timeout", "nan"], {}, "--request-timeout: must be a positive"),
         (["serve", "--request-timeout", "inf"], {}, "--request-timeout: must be a positive"),
@@ -154,7 +190,8 @@ def test_help_lists_every_setting_with_default_and_env(capsys: pytest.CaptureFix
         "--log-level LOG_LEVEL lowest level logged: one of debug, info, warning, error [",
         "--log-format LOG_FORMAT how log lines are written (json: one object a line): one of "
         "json, text [",
-        "--workers WORKERS worker processes serving the same socket: an integer from 1 to 64 [",
+        "--workers WORKERS worker processes serving the port, each on a socket of its own: an "
+        "integer from 1 to 64, or auto (one per CPU this process may use) [",
         "--port PORT port to listen on; 0 picks a free one: an integer from 0 to 65535 [",
         "[env ORDER_PIPELINE_ACCESS_LOG: true or false; default true]",
         "--shutdown-grace SHUTDOWN_GRACE on SIGTERM or SIGINT, how long",

@@ -56,6 +56,32 @@ def test_a_port_in_use_is_one_line_and_status_1(taken_port: int, workers: str) -
     )
 
 
+async def test_a_port_another_server_with_workers_serves_is_in_use_too(
+    start_server: StartServer,
+) -> None:
+    """--workers 2 on the port of a running --workers 2: one line, status 1, as for any port
+    in use, rather than joining the first's SO_REUSEPORT sockets and sharing its
+    connections; the first still serves."""
+    first = await start_server("--workers", "2", "--no-access-log")
+    port = int(first.url.rpartition(":")[2])
+    serve = [sys.executable, "-m", "order_pipeline", "serve", "--store", "memory"]
+    with trio.fail_after(EXIT_TIMEOUT_S):
+        done = await trio.run_process(
+            [*serve, "--port", str(port), "--workers", "2"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+    assert (done.returncode, done.stderr.decode()) == (
+        1,
+        f"order-pipeline: cannot listen on 127.0.0.1:{port}: address already in use\n",
+    )
+    for _ in range(4):  # fresh connections: each may land on either worker
+        async with httpx.AsyncClient(base_url=first.url) as client:
+            assert (await client.get("/healthz")).status_code == 200
+
+
 def test_a_host_that_does_not_resolve_is_one_line_and_status_1() -> None:
     """An unresolvable --host: one line naming it and the resolver's answer, status 1."""
     done = run_serve("--host", "nosuch.invalid", "--port", "0")

@@ -1,8 +1,10 @@
-"""`serve --workers N`: a worker's death, SIGTERM in its restart pause, a worker given up on.
+"""`serve --workers N`: a socket per worker, a worker's death, SIGTERM in its restart pause,
+a worker given up on.
 
 Each test runs the real supervisor as a subprocess and kills workers by the pids
-it logs. The worker about to be killed is first SIGSTOPped, so the other one
-accepts every order sent: those orders are in flight on the worker that must drain.
+it logs. Which worker accepted a connection is read from /proc: each worker has a
+socket of its own and the kernel picks one for each new connection, so the orders
+that must be in flight on the worker that drains are sent on connections it accepted.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import json
 import os
 import re
 import signal
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Collection
 
 import httpx
 import trio
 
 from order_pipeline.supervisor import RESTART_LIMIT, RESTART_WINDOW_S
 
+from . import rawhttp
 from .server_process import ServerProcess, StartServer
 
 STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
@@ -26,6 +30,9 @@ IN_FLIGHT = re.compile(r"^order_pipeline_steps_in_flight (\S+)$", re.MULTILINE)
 SLOW = {"payment": 2000, "vendor": 2000, "courier": 2000}
 ORDERS = 4  # fewer than the default five couriers: every order runs its three steps at once
 WAIT_S = 20  # for something a subprocess does
+# /proc/net/tcp's states (include/net/tcp_states.h).
+ESTABLISHED, LISTEN = "01", "0A"
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
 
 
 def supervisor_lines(server: ServerProcess) -> list[tuple[str, str]]:
@@ -57,9 +64,69 @@ async def pid_of_start(server: ServerProcess, number: int, start: int) -> int:
     return started_pids(server, number)[start - 1]
 
 
+def tcp_sockets(port: int) -> list[tuple[str, int, int]]:
+    """The IPv4 sockets on local port `port`, from /proc/net/tcp: the state, the peer's port and
+    the inode of each (0 for a connection queued on a listening socket, not yet accepted)."""
+    found = []
+    with open("/proc/net/tcp") as table:
+        next(table)  # the heading
+        for line in table:
+            local, remote, state, *_, inode = line.split()[1:10]
+            if int(local.partition(":")[2], 16) == port:
+                found.append((state, int(remote.partition(":")[2], 16), int(inode)))
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets process `pid` holds: its fds that link to `socket:[INODE]`."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed since the listing
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link.removeprefix("socket:[").removesuffix("]")))
+    return inodes
+
+
+async def accepting_workers(
+    server: ServerProcess, client_ports: Collection[int], workers: Collection[int]
+) -> dict[int, int]:
+    """Which of the worker processes `workers` accepted each connection to `server` (named by
+    its client's port), once every one has been accepted."""
+    port = rawhttp.address(server.url)[1]
+    with trio.fail_after(WAIT_S):
+        while True:
+            holders = {inode: pid for pid in workers for inode in socket_inodes(pid)}
+            accepted = {
+                peer: holders[inode]
+                for state, peer, inode in tcp_sockets(port)
+                if state == ESTABLISHED and inode in holders
+            }
+            if all(client_port in accepted for client_port in client_ports):
+                return {client_port: accepted[client_port] for client_port in client_ports}
+            await trio.sleep(0.02)
+
+
+async def connection_to(
+    server: ServerProcess, worker: int, workers: Collection[int]
+) -> trio.SocketStream:
+    """A new connection to `server` that worker process `worker` (of `workers`) accepted: the
+    kernel picks one worker's socket for each connection, so connect until it picks this one."""
+    with trio.fail_after(WAIT_S):
+        while True:
+            stream = await trio.open_tcp_stream(*rawhttp.address(server.url))
+            client_port = stream.socket.getsockname()[1]
+            if (await accepting_workers(server, [client_port], workers))[client_port] == worker:
+                return stream
+            await stream.aclose()
+
+
 async def wait_for_steps_in_flight(server: ServerProcess, steps: int) -> None:
-    """Wait until the server's /metrics counts `steps` steps in flight."""
-    async with httpx.AsyncClient(base_url=server.url) as scraper:
+    """Wait until the server's /metrics counts `steps` steps in flight (a scrape may wait in the
+    queue of a worker still starting)."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as scraper:
         with trio.fail_after(WAIT_S):
             while True:
                 found = IN_FLIGHT.search((await scraper.get("/metrics")).text)
@@ -68,14 +135,91 @@ async def wait_for_steps_in_flight(server: ServerProcess, steps: int) -> None:
                 await trio.sleep(0.05)
 
 
-async def order(server: ServerProcess, order_id: str, outcomes: list[int | str]) -> None:
-    """POST one slow order; record its status, or the error that ended it."""
-    body = {"order_id": order_id, "amount": 100, "delay_ms": SLOW}
+async def exchange(stream: trio.SocketStream, raw: bytes) -> int | str:
+    """Send `raw` on `stream` and read until the server closes it: the reply's status, or
+    "no reply"."""
+    async with stream:
+        try:
+            with trio.fail_after(WAIT_S):
+                await stream.send_all(raw)
+                reply = await rawhttp.read_all(stream)
+        except trio.BrokenResourceError:  # reset
+            reply = b""
+    return rawhttp.parse(reply).status if reply else "no reply"
+
+
+async def order(stream: trio.SocketStream, order_id: str, outcomes: list[int | str]) -> None:
+    """POST one slow order on `stream`; record its status, or "no reply"."""
+    body = json.dumps({"order_id": order_id, "amount": 100, "delay_ms": SLOW}).encode()
+    outcomes.append(await exchange(stream, rawhttp.request(body)))
+
+
+async def test_each_worker_serves_a_socket_of_its_own_and_the_kernel_spreads_connections(
+    start_server: StartServer,
+) -> None:
+    """--workers 2: two listening sockets on the port, the supervisor holding both and each
+    worker one; of 200 connections opened at once, each worker accepts 30 to 70 % (the
+    kernel hashes each connection's addresses to pick a socket: the bounds are 5.6 sigma)."""
+    connections = 200
+    server = await start_server("--workers", "2", "--no-access-log", "--header-timeout", "60")
+    port = rawhttp.address(server.url)[1]
+    workers = [started_pids(server, number)[-1] for number in range(2)]
+    listening = {inode for state, _, inode in tcp_sockets(port) if state == LISTEN}
+    held = [socket_inodes(pid) & listening for pid in workers]
+
+    assert len(listening) == 2
+    assert len(held[0]) == len(held[1]) == 1
+    assert held[0] | held[1] == listening
+    assert socket_inodes(server.process.pid) & listening == listening
+
+    streams: list[trio.SocketStream] = []
+
+    async def connect() -> None:
+        streams.append(await trio.open_tcp_stream(*rawhttp.address(server.url)))
+
     try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
-            outcomes.append((await client.post("/order", json=body)).status_code)
-    except httpx.TransportError as exc:
-        outcomes.append(type(exc).__name__)
+        async with trio.open_nursery() as nursery:
+            for _ in range(connections):
+                nursery.start_soon(connect)
+        client_ports = [stream.socket.getsockname()[1] for stream in streams]
+        accepted = Counter((await accepting_workers(server, client_ports, workers)).values())
+    finally:
+        for stream in streams:
+            await stream.aclose()
+    assert all(0.3 * connections <= accepted[pid] <= 0.7 * connections for pid in workers), accepted
+
+
+async def test_connections_queued_on_a_dead_workers_socket_are_served_by_its_restart(
+    start_server: StartServer,
+) -> None:
+    """While worker 0 is dead, the connections the kernel gives its socket wait in its queue
+    (the supervisor keeps it open): the restarted worker accepts and serves them."""
+    server = await start_server(
+        "--workers", "2", "--no-access-log", "--header-timeout", "60", expect_errors=True
+    )
+    doomed = await pid_of_start(server, 0, 1)
+    os.kill(doomed, signal.SIGKILL)
+    await poll(
+        lambda: (
+            ("error", f"worker 0 (pid {doomed}) died with -9: restarting")
+            in supervisor_lines(server)
+        )
+    )
+    # Stopped, the supervisor cannot restart worker 0 while the connections are opened. Of
+    # 20, none lands on worker 0's socket once in a million runs.
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        streams = [await trio.open_tcp_stream(*rawhttp.address(server.url)) for _ in range(20)]
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    restarted = await pid_of_start(server, 0, 2)
+    client_ports = [stream.socket.getsockname()[1] for stream in streams]
+    workers = [restarted, started_pids(server, 1)[-1]]
+    accepted = await accepting_workers(server, client_ports, workers)
+    statuses = [await exchange(stream, HEALTHZ) for stream in streams]
+
+    assert restarted in accepted.values()
+    assert statuses == [200] * len(streams)
 
 
 async def test_sigterm_in_a_restart_pause_lets_the_other_worker_drain(
@@ -83,12 +227,12 @@ async def test_sigterm_in_a_restart_pause_lets_the_other_worker_drain(
 ) -> None:
     """SIGTERM while a dead worker waits to be restarted: the other's orders get 200, exit 0."""
     server = await start_server("--workers", "2", "--no-access-log", expect_errors=True)
-    doomed = await pid_of_start(server, 0, 1)
-    os.kill(doomed, signal.SIGSTOP)  # worker 1 accepts every order
+    doomed, other = await pid_of_start(server, 0, 1), await pid_of_start(server, 1, 1)
     outcomes: list[int | str] = []
     async with trio.open_nursery() as nursery:
         for n in range(ORDERS):
-            nursery.start_soon(order, server, f"pause-{n}", outcomes)
+            stream = await connection_to(server, other, [doomed, other])
+            nursery.start_soon(order, stream, f"pause-{n}", outcomes)
         await wait_for_steps_in_flight(server, 3 * ORDERS)
         os.kill(doomed, signal.SIGKILL)
         died = ("error", f"worker 0 (pid {doomed}) died with -9: restarting")
@@ -110,8 +254,9 @@ async def test_a_worker_that_keeps_dying_is_given_up_on(start_server: StartServe
         for death in range(1, RESTART_LIMIT + 1):
             pid = await pid_of_start(server, 0, death)
             if death == RESTART_LIMIT:  # the last death comes with an order on worker 1
-                os.kill(pid, signal.SIGSTOP)
-                nursery.start_soon(order, server, "given-up", outcomes)
+                other = await pid_of_start(server, 1, 1)
+                stream = await connection_to(server, other, [pid, other])
+                nursery.start_soon(order, stream, "given-up", outcomes)
                 await wait_for_steps_in_flight(server, 3)
             os.kill(pid, signal.SIGKILL)
         # Until the supervisor exits, or starts worker 0 once more:
