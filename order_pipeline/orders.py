@@ -184,20 +184,19 @@ class OrderDesk:
         attempt = Attempt(key, stored.attempt_id, self.owner)
         current_attempt.set(attempt)
         # The reporter queues the final record as the pipeline reports the result
-        # (cancelled orders included); reading the order back waits for that commit.
+        # (cancelled orders included); reading its reply back waits for that commit, and
+        # finds none if another process claimed the order meanwhile.
         result = await self.pipeline.process(order)
         try:
-            final = await self.store.get(key)
+            final = await self.store.finished_reply(key, attempt.id)
         except StoreUnavailable:
             status, body = encode_result(result)
             self._unrecorded.append((attempt, status, body, result.kind))
             log.warning("order %r: its result could not be recorded yet", order.order_id)
             return _error(STORE_UNAVAILABLE, key=key)
-        if final is None or final.attempt_id != attempt.id or final.state == RUNNING:
+        if final is None:
             # Our lease lapsed and another process claimed the order to undo it.
             return _error(ORDER_IN_PROGRESS, key=key)
-        assert final.http_status is not None
-        assert final.reply is not None
         return Answer(final.http_status, final.reply, key, lookup(final.kind).retry_after)
 
     async def look_up(self, key: str) -> Answer:

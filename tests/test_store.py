@@ -32,6 +32,7 @@ from order_pipeline.store import (
     RUNNING,
     Begun,
     Existing,
+    FinishedReply,
     MemoryStore,
     OrderStore,
     SqliteStore,
@@ -167,6 +168,18 @@ async def test_steps_and_reply_are_recorded(store: OrderStore) -> None:
     )
     assert done.finished_at is not None
     assert done.finished_at >= done.started_at
+
+
+async def test_finished_reply_is_the_attempt_s_once_it_finished(store: OrderStore) -> None:
+    """None while the attempt runs; its reply once a queued finish is committed; None for
+    another attempt or key."""
+    order = await begun(store)
+    assert await store.finished_reply("k-1", order.attempt_id) is None
+    store.finish_soon("k-1", order.attempt_id, 502, b'{"error":"x"}', "step_failed")
+    replied = await store.finished_reply("k-1", order.attempt_id)
+    assert replied == FinishedReply(502, b'{"error":"x"}', "step_failed")
+    assert await store.finished_reply("k-1", "another-attempt") is None
+    assert await store.finished_reply("k-2", order.attempt_id) is None
 
 
 async def test_finish_of_a_stale_attempt_changes_nothing(store: OrderStore) -> None:
@@ -647,6 +660,40 @@ async def test_a_locked_file_is_unavailable_then_recovers(tmp_path: Path) -> Non
         order = await begun(store)  # nothing of the failed batch was committed
         assert await store.get("k-1") == order
         assert await store.get("k-2") is None
+
+
+async def test_an_operation_failing_alone_leaves_its_sqlite_batch_alone(tmp_path: Path) -> None:
+    """In one batch, a charge SQLite cannot take (an amount past 64 bits) raises its own
+    error; the begins around it are committed all the same."""
+    path = tmp_path / "orders.db"
+    results: dict[str, object] = {}
+
+    async def call(name: str, fn: Callable[[], Awaitable[object]]) -> None:
+        try:
+            results[name] = await fn()
+        except OverflowError as exc:
+            results[name] = exc
+
+    async def first_taken() -> bool:
+        return store._queue.empty()  # the writer holds it, waiting for the lock
+
+    async with SqliteStore(path) as store:
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, "k-0", lambda: store.begin("k-0", "o-0", "h", BODY, "w"))
+                await wait_for(first_taken, "the writer to take the first begin")
+                nursery.start_soon(call, "k-1", lambda: store.begin("k-1", "o-1", "h", BODY, "w"))
+                nursery.start_soon(call, "charge", lambda: store.charge("c-1", "k-1", 2**70))
+                nursery.start_soon(call, "k-2", lambda: store.begin("k-2", "o-2", "h", BODY, "w"))
+                await trio.testing.wait_all_tasks_blocked()
+                other.execute("ROLLBACK")  # the rest queue behind the first: one batch
+        assert isinstance(results["charge"], OverflowError)
+        assert all(isinstance(results[k], Begun) for k in ("k-0", "k-1", "k-2"))
+        k2 = results["k-2"]
+        assert isinstance(k2, Begun)
+        assert await store.get("k-2") == k2.order
+        assert await store.net_charge("k-1") == 0
 
 
 async def test_concurrent_finishes_share_commits(tmp_path: Path) -> None:

@@ -72,6 +72,15 @@ class Existing:
     order: StoredOrder
 
 
+@attrs.frozen
+class FinishedReply:
+    """What an attempt finished with: the reply to send (or replay) and its kind."""
+
+    http_status: int
+    reply: bytes
+    kind: str | None
+
+
 class StoreUnavailable(Exception):
     """The store could not commit (read-only file, disk full, locked, database down)."""
 
@@ -130,6 +139,11 @@ class OrderStore(Protocol):
 
     async def get(self, key: str) -> StoredOrder | None:
         """The order holding the key, with its current attempt's steps."""
+        ...
+
+    async def finished_reply(self, key: str, attempt_id: str) -> FinishedReply | None:
+        """The reply the key's order finished with in attempt `attempt_id`; None while it runs
+        or once another attempt has begun. Waits, as `get` does, for what was queued before."""
         ...
 
     async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:

@@ -13,7 +13,16 @@ import uuid
 import attrs
 import trio
 
-from .base import FINISHED, INTERRUPTED, RUNNING, Begun, Existing, StepRecord, StoredOrder
+from .base import (
+    FINISHED,
+    INTERRUPTED,
+    RUNNING,
+    Begun,
+    Existing,
+    FinishedReply,
+    StepRecord,
+    StoredOrder,
+)
 
 
 @attrs.define
@@ -118,6 +127,15 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         order = self._orders.get(key)
         return None if order is None else self._with_steps(order)
+
+    async def finished_reply(self, key: str, attempt_id: str) -> FinishedReply | None:
+        await trio.lowlevel.checkpoint()
+        o = self._orders.get(key)
+        if o is None or o.attempt_id != attempt_id or o.state != FINISHED:
+            return None
+        assert o.http_status is not None
+        assert o.reply is not None
+        return FinishedReply(o.http_status, o.reply, o.kind)
 
     async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
         await trio.lowlevel.checkpoint()

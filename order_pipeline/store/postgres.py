@@ -68,6 +68,7 @@ from .base import (
     RUNNING,
     Begun,
     Existing,
+    FinishedReply,
     StepRecord,
     StoredOrder,
     StoreError,
@@ -378,6 +379,9 @@ class PostgresStore(WriterThread[Conn]):
     async def get(self, key: str) -> StoredOrder | None:
         return await self._call(lambda conn: _get(conn, key))
 
+    async def finished_reply(self, key: str, attempt_id: str) -> FinishedReply | None:
+        return await self._call(lambda conn: _finished_reply(conn, key, attempt_id))
+
     async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
         return await self._call(lambda conn: _list_orders(conn, needs_attention))
 
@@ -547,6 +551,15 @@ def _get(conn: Conn, key: str) -> StoredOrder | None:
         (key,),
     ).fetchall()
     return _orders(rows)[0][0] if rows else None
+
+
+def _finished_reply(conn: Conn, key: str, attempt_id: str) -> FinishedReply | None:
+    row = conn.execute(
+        "SELECT http_status, reply, kind FROM orders"
+        f" WHERE key = %s AND attempt_id = %s AND state = '{FINISHED}'",
+        (key, attempt_id),
+    ).fetchone()
+    return None if row is None else FinishedReply(*row)
 
 
 def _begin(

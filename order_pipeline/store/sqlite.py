@@ -4,11 +4,13 @@ One writer thread owns the connection (`writer.py`; sqlite3 refuses a connection
 threads, and `trio.to_thread` may pick another thread per call). The thread runs each batch
 of queued operations in one transaction
 (BEGIN IMMEDIATE, so the write lock is taken at once and two processes never deadlock
-upgrading a read lock), each operation inside its own SAVEPOINT so one failing operation
-leaves the others alone, commits once, and then wakes every waiting task with a single
+upgrading a read lock), commits once, and then wakes every waiting task with a single
 `run_sync_soon`. That group commit is what makes thousands of orders a second possible with
-one fsync per batch instead of one per order. If the commit fails (locked past busy_timeout,
-read-only file, disk full), every operation of the batch raises StoreUnavailable.
+one fsync per batch instead of one per order. An operation that fails by itself (a bug, a
+value SQLite cannot take) is rolled back with its batch and gets its error; the others run
+again in a new transaction (a savepoint per operation would cost two statements each, on
+every order). If the batch fails as a whole (locked past busy_timeout, read-only file, disk
+full), every operation of the batch raises StoreUnavailable.
 
 Reads go through the same thread and transaction: they see every write queued before them.
 
@@ -45,6 +47,7 @@ from .base import (
     RUNNING,
     Begun,
     Existing,
+    FinishedReply,
     StepRecord,
     StoredOrder,
     StoreError,
@@ -136,19 +139,25 @@ class SqliteStore(WriterThread[Conn]):
         self._conn.close()
 
     def _run_batch(self, ops: list[Op[Conn, Any]]) -> None:
+        todo = ops
+        while todo:
+            todo = self._attempt(todo)
+
+    def _attempt(self, ops: list[Op[Conn, Any]]) -> list[Op[Conn, Any]]:
+        """Run `ops` in one transaction; return those to run again after one failed alone."""
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in ops:
-                conn.execute("SAVEPOINT op")
+                op.error = None
                 try:
                     op.result = op.fn(conn)
                 except Exception as exc:
-                    if not conn.in_transaction:  # SQLite rolled the whole batch back
-                        raise
-                    conn.execute("ROLLBACK TO op")
-                    op.error = _unavailable(self.path, exc) if _is_outage(exc) else exc
-                conn.execute("RELEASE op")
+                    if _is_outage(exc) or not conn.in_transaction:
+                        raise  # the batch's trouble, not this operation's
+                    conn.execute("ROLLBACK")
+                    op.error = exc
+                    return [other for other in ops if other is not op]
             conn.execute("COMMIT")
             self.commits += 1
         except Exception as exc:
@@ -157,6 +166,7 @@ class SqliteStore(WriterThread[Conn]):
                     conn.execute("ROLLBACK")
             for op in ops:
                 op.error = _unavailable(self.path, exc)
+        return []
 
     # -- the operations ------------------------------------------------------------------
 
@@ -205,6 +215,9 @@ class SqliteStore(WriterThread[Conn]):
 
     async def get(self, key: str) -> StoredOrder | None:
         return await self._call(lambda conn: _get(conn, key))
+
+    async def finished_reply(self, key: str, attempt_id: str) -> FinishedReply | None:
+        return await self._call(lambda conn: _finished_reply(conn, key, attempt_id))
 
     async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
         return await self._call(lambda conn: _list_orders(conn, needs_attention))
@@ -340,6 +353,9 @@ _FINISH = (
     "UPDATE orders SET state = ?, finished_at = ?, http_status = ?, reply = ?, kind = ?"
     " WHERE key = ? AND attempt_id = ? AND state = ? AND owner = coalesce(?, owner)"
 )
+_FINISHED_REPLY = (
+    "SELECT http_status, reply, kind FROM orders WHERE key = ? AND attempt_id = ? AND state = ?"
+)
 _RENEW = (
     "INSERT INTO leases (owner, expires_at) VALUES (?, ?)"
     " ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at"
@@ -380,6 +396,11 @@ def _order(conn: Conn, row: tuple[Any, ...]) -> StoredOrder:
 def _get(conn: Conn, key: str) -> StoredOrder | None:
     row = conn.execute(f"SELECT {_ORDER} FROM orders WHERE key = ?", (key,)).fetchone()
     return None if row is None else _order(conn, row)
+
+
+def _finished_reply(conn: Conn, key: str, attempt_id: str) -> FinishedReply | None:
+    row = conn.execute(_FINISHED_REPLY, (key, attempt_id, FINISHED)).fetchone()
+    return None if row is None else FinishedReply(*row)
 
 
 def _begin(conn: Conn, o: StoredOrder) -> Begun | Existing:

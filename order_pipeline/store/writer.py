@@ -9,7 +9,9 @@ blocking call runs on the Trio thread.
 Cancellation: a call is cancellable until its operation is queued and not after: it then
 waits, shielded, for its batch, so a caller that gets Cancelled knows nothing was written,
 and a caller that gets a result knows it is committed (Trio delivers the cancellation at
-its next checkpoint).
+its next checkpoint). The wait is Trio's lowest-level one (`wait_task_rescheduled`, refusing
+to abort), not an Event inside a shielded cancel scope: the same rule at a fraction of the
+cost, paid two or three times per order.
 """
 
 from __future__ import annotations
@@ -35,14 +37,15 @@ T = TypeVar("T")
 
 
 class Op(Generic[C, T]):
-    """One queued operation; `done` is None for fire-and-forget (record_step, finish_soon)."""
+    """One queued operation; `waiter` (the task to wake once it is committed) is None for
+    fire-and-forget (record_step, finish_soon)."""
 
-    __slots__ = ("done", "error", "fn", "result")
+    __slots__ = ("error", "fn", "result", "waiter")
     result: T
 
-    def __init__(self, fn: Callable[[C], T], done: trio.Event | None) -> None:
+    def __init__(self, fn: Callable[[C], T], waiter: trio.lowlevel.Task | None) -> None:
         self.fn = fn
-        self.done = done
+        self.waiter = waiter
         self.error: BaseException | None = None
 
 
@@ -136,34 +139,36 @@ class WriterThread(Generic[C]):
         """Hand every waiting caller its result; log what nobody waits for and was lost."""
         waiters = []
         for op in ops:
-            if op.done is not None:
-                waiters.append(op.done)
+            if op.waiter is not None:
+                waiters.append(op.waiter)
             elif op.error is not None:
                 logger.error("a queued record was not stored: %s", op.error)
         if waiters:
             with suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(_set_all, waiters)
+                self._token.run_sync_soon(_reschedule_all, waiters)
 
     # -- the Trio side --------------------------------------------------------------------
 
     async def _call(self, fn: Callable[[C], T]) -> T:
         await trio.lowlevel.checkpoint_if_cancelled()
-        done = trio.Event()
-        op = self._put(fn, done)
-        with trio.CancelScope(shield=True):  # see the module docstring
-            await done.wait()
+        op = self._put(fn, trio.lowlevel.current_task())
+        await trio.lowlevel.wait_task_rescheduled(_cannot_abort)  # see the module docstring
         if op.error is not None:
             raise op.error
         return op.result
 
-    def _put(self, fn: Callable[[C], T], done: trio.Event | None) -> Op[C, T]:
+    def _put(self, fn: Callable[[C], T], waiter: trio.lowlevel.Task | None) -> Op[C, T]:
         if self._closed:
             raise StoreUnavailable(f"{self.where}: the store is closed")
-        op: Op[C, T] = Op(fn, done)
+        op: Op[C, T] = Op(fn, waiter)
         self._queue.put(op)
         return op
 
 
-def _set_all(events: list[trio.Event]) -> None:
-    for event in events:
-        event.set()
+def _cannot_abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
+
+
+def _reschedule_all(tasks: list[trio.lowlevel.Task]) -> None:
+    for task in tasks:
+        trio.lowlevel.reschedule(task)
