@@ -18,6 +18,7 @@ the tests; each start of the service gets a new schema there, dropped after the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -26,9 +27,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
@@ -76,9 +78,14 @@ def wrk(url: str, connections: int, duration: int, fail_fraction: float = 0.0) -
 
 
 def wrk_together(
-    urls: list[str], connections: int, duration: int, fail_fraction: float = 0.0
+    urls: list[str],
+    connections: int,
+    duration: int,
+    fail_fraction: float = 0.0,
+    midway: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """One wrk per URL, all at once, each with `connections`; their summaries as one.
+    """One wrk per URL, all at once, each with `connections`; their summaries as one, with
+    what `midway` (called halfway through) returns.
 
     Requests, req/s and errors are summed; a latency percentile is the highest of the runs'
     (the slower host's: percentiles of separate runs cannot be merged exactly).
@@ -89,6 +96,10 @@ def wrk_together(
         command = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "30s",
                    "-s", str(LUA), url]  # fmt: skip # the wrk command on one line, as typed
         runs.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env))
+    seen: dict[str, Any] = {}
+    if midway is not None:
+        time.sleep(duration / 2)
+        seen = midway()
     outs = [run_.communicate()[0] for run_ in runs]  # every wrk ends before any is judged
     summaries: list[dict[str, Any]] = []
     for run_, out in zip(runs, outs, strict=True):
@@ -96,12 +107,40 @@ def wrk_together(
             raise subprocess.CalledProcessError(run_.returncode, run_.args, out)
         summaries.append(json.loads(out.split("WRK_JSON ", 1)[1].splitlines()[0]))
     if len(summaries) == 1:
-        return summaries[0]
+        return {**summaries[0], **seen}
     highest = ("duration_s", "p50_ms", "p90_ms", "p99_ms", "max_ms")
     return {
         key: max(s[key] for s in summaries) if key in highest else sum(s[key] for s in summaries)
         for key in summaries[0]
-    }
+    } | seen
+
+
+def busiest_worker_share(supervisor: int, port: int) -> dict[str, Any]:
+    """The largest share of the server's established connections that one worker holds, read
+    from /proc: each worker's socket inodes against /proc/net/tcp's connections on `port`."""
+    workers = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError):  # a process that ended meanwhile
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == supervisor:
+                workers.append(int(stat.parent.name))
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, _, state, *_, inode = line.split()[1:10]
+            if int(local.rpartition(":")[2], 16) == port and state == "01":
+                established.add(int(inode))
+    counts = [len(_socket_inodes(pid) & established) for pid in workers]
+    return {"busiest_worker_share": max(counts) / max(sum(counts), 1), "workers": len(counts)}
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(int(link[len("socket:[") : -1]))
+    return inodes
 
 
 def postgres_admin() -> Any:
@@ -164,7 +203,11 @@ def measure(
                 processes.append(process)
                 urls.append(url)
             wrk_together(urls, connections, 2)  # warm up: imports, caches, first connections
-            return wrk_together(urls, connections, duration, fail)
+            midway = None
+            if "--workers" in command:
+                port = int(urls[0].rpartition(":")[2])
+                midway = functools.partial(busiest_worker_share, processes[0].pid, port)
+            return wrk_together(urls, connections, duration, fail, midway)
         finally:
             for process in processes:
                 stop(process)
@@ -205,6 +248,10 @@ SCENARIOS: dict[str, tuple[list[str], int, float]] = {
     "S5_2_workers": (service(*S1_FLAGS, "--workers", "2"), 64, 0.0),
     # Not one of the issue's scenarios: S2 again with a second worker, for its headroom.
     "S2_2_workers": (service(*DEFAULT_FLAGS, "--workers", "2"), 100, 0.0),
+    # Issue 14's "S2-like" row: S2's orders from 256 connections opened at once, on one
+    # worker and on two (each worker's share of the connections is read halfway through).
+    "S2_256": (service(*DEFAULT_FLAGS), 256, 0.0),
+    "S2_256_2_workers": (service(*DEFAULT_FLAGS, "--workers", "2"), 256, 0.0),
     # The asyncio rewrite (FastAPI on uvicorn, a TaskGroup per order): no store, no log line
     # per order, no metrics, so read it against S1_memory_store and S2_memory_store.
     "asyncio_S1": (asyncio_rewrite(*S1_FLAGS), 64, 0.0),
@@ -276,6 +323,15 @@ def ratios(runs: dict[str, Any], inflight: dict[str, Any]) -> dict[str, float]:
         ),
         "S1, two hosts on PostgreSQL / one host": (
             runs["S1_postgres_2_hosts"]["rps"] / runs["S1_postgres_store"]["rps"]
+        ),
+        "S2 (256 connections): 2 workers / 1 worker": (
+            runs["S2_256_2_workers"]["rps"] / runs["S2_256"]["rps"]
+        ),
+        "S2 (256 connections), 2 workers: busiest worker's share of the connections": (
+            runs["S2_256_2_workers"]["busiest_worker_share"]
+        ),
+        "S5: busiest worker's share of the connections": (
+            runs["S5_2_workers"]["busiest_worker_share"]
         ),
         "S2 p50 above 200 ms (ms)": s2["p50_ms"] - 200,
         "S2 p99 above 200 ms (ms)": s2["p99_ms"] - 200,
@@ -401,6 +457,11 @@ TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "S2 / closed-loop bound (500/s)": ("≥ 0.97", lambda v: v >= 0.97),
     "S3 / closed-loop bound (50/s)": ("≥ 0.97", lambda v: v >= 0.97),
     "S5: 2 workers / 1 worker": ("≥ 1.5", lambda v: v >= 1.5),
+    "S2 (256 connections): 2 workers / 1 worker": ("≥ 1.6", lambda v: v >= 1.6),
+    "S2 (256 connections), 2 workers: busiest worker's share of the connections": (
+        "45 % to 55 %",
+        lambda v: 0.45 <= v <= 0.55,
+    ),
     "S1 SQLite store / memory store": ("≥ 0.85", lambda v: v >= 0.85),
     "S2 p50, SQLite store minus memory store (ms)": ("≤ 5", lambda v: v <= 5),
     "S1 PostgreSQL store / memory store": ("≥ 0.85", lambda v: v >= 0.85),
