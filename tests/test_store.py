@@ -316,11 +316,11 @@ async def test_charge_is_idempotent_on_its_id(store: OrderStore) -> None:
 async def test_refund_is_idempotent_and_voids_unknown_charges(store: OrderStore) -> None:
     """A refund takes its charge back once; refunding a charge not made takes nothing and voids
     it, so a late charge (from a process that lost its order to recovery) is not taken."""
-    await store.refund("c-never")
+    await store.refund("c-never", "k-2")
     await store.charge("c-1", "k-1", 100)
     await store.charge("c-2", "k-1", 30)
-    await store.refund("c-1")
-    await store.refund("c-1")
+    await store.refund("c-1", "k-1")
+    await store.refund("c-1", "k-1")
     assert await store.net_charge("k-1") == 30
     await store.charge("c-1", "k-1", 100)  # a retried charge does not undo its refund
     assert await store.net_charge("k-1") == 30
@@ -363,6 +363,7 @@ async def test_purge_forgets_old_finished_orders_only(store: OrderStore) -> None
     old = await begun(store, "k-old")
     store.record_step("k-old", old.attempt_id, StepRecord("payment", "ok"))
     await store.charge(old.attempt_id, "k-old", 100)
+    await store.refund("c-never-made", "k-old")  # voids that charge, under the key
     await store.finish("k-old", old.attempt_id, 200, b"{}", None)
     await begun(store, "k-running")
     cutoff = time.time()
@@ -373,6 +374,8 @@ async def test_purge_forgets_old_finished_orders_only(store: OrderStore) -> None
     assert await store.purge(cutoff) == 1
     assert await store.get("k-old") is None
     assert await store.net_charge("k-old") == 0
+    await store.charge("c-never-made", "k-old", 5)  # its void was purged with the order
+    assert await store.net_charge("k-old") == 5
     assert {o.key for o, _ in await store.list_orders()} == {"k-running", "k-new"}
     again = await begun(store, "k-old")  # the key is free again
     assert (again.attempt, again.steps) == (1, ())
@@ -400,12 +403,12 @@ async def test_a_cancelled_begin_did_all_or_nothing(store: OrderStore) -> None:
     assert await store.get("k-1") == returned[0].order
 
 
-# (charge, charge id, key, amount) or (refund, charge id, "", 0)
+# (charge, charge id, key, amount) or (refund, charge id, key, 0)
 LedgerOp = tuple[str, str, str, int]
 charge_ids = st.sampled_from(["c-1", "c-2", "c-3", "c-4"])
 ledger_ops = st.lists(
     st.tuples(st.just("charge"), charge_ids, st.sampled_from("xy"), st.integers(0, 10**9))
-    | st.tuples(st.just("refund"), charge_ids, st.just(""), st.just(0)),
+    | st.tuples(st.just("refund"), charge_ids, st.sampled_from("xy"), st.just(0)),
     max_size=12,
 )
 
@@ -435,7 +438,7 @@ def test_ledger_matches_a_model(
                 if action == "charge":
                     await store.charge(charge_id, key, amount)
                 else:
-                    await store.refund(charge_id)
+                    await store.refund(charge_id, key)
             return {k: await store.net_charge(k) for k in expected}
 
     url = BACKENDS[backend](tmp_path_factory.mktemp("ledger"))

@@ -18,7 +18,7 @@ class Ledger(Protocol):
 
     async def charge(self, charge_id: str, key: str, amount: int) -> None: ...
 
-    async def refund(self, charge_id: str) -> None: ...
+    async def refund(self, charge_id: str, key: str) -> None: ...
 
 
 @attrs.frozen
@@ -50,4 +50,4 @@ class PaymentService:
             raise StepError(REFUND_FAILED)
         attempt = current_attempt.get()
         if self.ledger is not None and attempt is not None:
-            await self.ledger.refund(attempt.id)
+            await self.ledger.refund(attempt.id, attempt.key)

@@ -168,10 +168,10 @@ class OrderStore(Protocol):
         """Record a charge once, however often it is retried with the same id."""
         ...
 
-    async def refund(self, charge_id: str) -> None:
+    async def refund(self, charge_id: str, key: str) -> None:
         """Refund a charge once; refunding one that never happened takes no money back, and
         voids it: a charge that comes late (from a process whose order was recovered while it
-        stalled) is then not taken."""
+        stalled) is then not taken. The void is kept under `key`, and purged with its order."""
         ...
 
     async def net_charge(self, key: str) -> int:

@@ -175,11 +175,12 @@ class MemoryStore:
             self._ledger[charge_id] = charge = _Charge(charge_id, key, amount)
             self._charges_of.setdefault(key, []).append(charge)
 
-    async def refund(self, charge_id: str) -> None:
+    async def refund(self, charge_id: str, key: str) -> None:
         await trio.lowlevel.checkpoint()
         charge = self._ledger.get(charge_id)
         if charge is None:  # not (yet) made: a late charge is then void (see sqlite.py)
-            self._ledger[charge_id] = _Charge(charge_id, "", 0, refunded=True)
+            self._ledger[charge_id] = void = _Charge(charge_id, key, 0, refunded=True)
+            self._charges_of.setdefault(key, []).append(void)
         else:
             charge.refunded = True
 

@@ -410,8 +410,8 @@ class PostgresStore(WriterThread[Conn]):
     async def charge(self, charge_id: str, key: str, amount: int) -> None:
         await self._call(lambda conn: _execute(conn, _CHARGE, (charge_id, key, amount)))
 
-    async def refund(self, charge_id: str) -> None:
-        await self._call(lambda conn: _execute(conn, _REFUND, (charge_id,)))
+    async def refund(self, charge_id: str, key: str) -> None:
+        await self._call(lambda conn: _execute(conn, _REFUND, (charge_id, key)))
 
     async def net_charge(self, key: str) -> int:
         return await self._call(lambda conn: _net_charge(conn, key))
@@ -549,7 +549,7 @@ _CHARGE = "INSERT INTO ledger (charge_id, key, amount) VALUES (%s, %s, %s) ON CO
 # A refund of a charge not (yet) made leaves a refunded row of 0: the charge, if it comes
 # late (its process had lost the order to recovery), is then void instead of taken.
 _REFUND = (
-    "INSERT INTO ledger (charge_id, key, amount, refunded) VALUES (%s, '', 0, true)"
+    "INSERT INTO ledger (charge_id, key, amount, refunded) VALUES (%s, %s, 0, true)"
     " ON CONFLICT (charge_id) DO UPDATE SET refunded = true"
 )
 _NET = "SELECT coalesce(sum(amount), 0)::bigint FROM ledger WHERE key = {} AND NOT refunded"

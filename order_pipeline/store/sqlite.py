@@ -244,8 +244,8 @@ class SqliteStore(WriterThread[Conn]):
     async def charge(self, charge_id: str, key: str, amount: int) -> None:
         await self._call(lambda conn: _execute(conn, _CHARGE, (charge_id, key, amount)))
 
-    async def refund(self, charge_id: str) -> None:
-        await self._call(lambda conn: _execute(conn, _REFUND, (charge_id,)))
+    async def refund(self, charge_id: str, key: str) -> None:
+        await self._call(lambda conn: _execute(conn, _REFUND, (charge_id, key)))
 
     async def net_charge(self, key: str) -> int:
         return await self._call(lambda conn: int(conn.execute(_NET_CHARGE, (key,)).fetchone()[0]))
@@ -380,7 +380,7 @@ _CHARGE = "INSERT INTO ledger (charge_id, key, amount) VALUES (?, ?, ?) ON CONFL
 # A refund of a charge not (yet) made leaves a refunded row of 0: the charge, if it comes
 # late (its process had lost the order to recovery), is then void instead of taken.
 _REFUND = (
-    "INSERT INTO ledger (charge_id, key, amount, refunded) VALUES (?, '', 0, 1)"
+    "INSERT INTO ledger (charge_id, key, amount, refunded) VALUES (?, ?, 0, 1)"
     " ON CONFLICT (charge_id) DO UPDATE SET refunded = 1"
 )
 # WHERE EXISTS: a stale attempt's record is dropped (and it also parses the upsert right).
