@@ -699,6 +699,45 @@ async def test_an_operation_failing_alone_leaves_its_sqlite_batch_alone(tmp_path
         assert await store.net_charge("k-1") == 0
 
 
+async def test_a_finish_that_was_not_committed_is_not_replied(tmp_path: Path) -> None:
+    """finished_reply answers from what finish_soon wrote only once it is committed: a finish
+    whose batch could not commit (the file locked) leaves the order running, replying None."""
+    path = tmp_path / "orders.db"
+    async with SqliteStore(path, busy_timeout=0.1) as store:
+        order = await begun(store)
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
+            with pytest.raises(StoreUnavailable, match="locked"):
+                await store.finished_reply("k-1", order.attempt_id)
+            other.execute("ROLLBACK")
+        assert await store.finished_reply("k-1", order.attempt_id) is None
+        running = await store.get("k-1")
+        assert running is not None
+        assert running.state == RUNNING
+
+
+async def test_replies_not_read_back_are_read_from_the_file(tmp_path: Path) -> None:
+    """More finished orders than the store keeps replies of, none read back at once: each
+    finished_reply is still the order's own (the first ones read from the file)."""
+    async with SqliteStore(tmp_path / "orders.db") as store:
+        orders = []
+        async with trio.open_nursery() as nursery:
+
+            async def one(i: int) -> None:
+                orders.append(await begun(store, f"k-{i}"))
+
+            for i in range(1010):
+                nursery.start_soon(one, i)
+        for order in orders:
+            store.finish_soon(order.key, order.attempt_id, 200, order.key.encode(), None)
+        await store.get("k-0")  # after the finishes' commit
+        assert len(store._committed) == 1000  # what it keeps is bounded
+        for order in orders:
+            replied = await store.finished_reply(order.key, order.attempt_id)
+            assert replied == FinishedReply(200, order.key.encode(), None)
+
+
 async def test_concurrent_finishes_share_commits(tmp_path: Path) -> None:
     """20 orders finishing at once are committed in fewer than 20 transactions (group commit)."""
     async with SqliteStore(tmp_path / "orders.db") as store:
