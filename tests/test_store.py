@@ -44,7 +44,8 @@ from order_pipeline.store import (
     open_store,
     parse_store_url,
 )
-from order_pipeline.store.sqlite import APPLICATION_ID, SCHEMA_VERSION
+from order_pipeline.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, _is_busy
+from order_pipeline.store.writer import Op
 
 from . import pg
 from .conftest import examples
@@ -674,8 +675,12 @@ async def test_an_operation_failing_alone_leaves_its_sqlite_batch_alone(tmp_path
     async def call(name: str, fn: Callable[[], Awaitable[object]]) -> None:
         try:
             results[name] = await fn()
-        except OverflowError as exc:
+        except (OverflowError, ZeroDivisionError) as exc:
             results[name] = exc
+
+    def write_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO leases (owner, expires_at) VALUES ('w-half', 0)")
+        raise ZeroDivisionError("after its write")
 
     async def first_taken() -> bool:
         return store._queue.empty()  # the writer holds it, waiting for the lock
@@ -685,13 +690,18 @@ async def test_an_operation_failing_alone_leaves_its_sqlite_batch_alone(tmp_path
             other.execute("BEGIN IMMEDIATE")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(call, "k-0", lambda: store.begin("k-0", "o-0", "h", BODY, "w"))
+                await trio.testing.wait_all_tasks_blocked()  # queued
                 await wait_for(first_taken, "the writer to take the first begin")
                 nursery.start_soon(call, "k-1", lambda: store.begin("k-1", "o-1", "h", BODY, "w"))
                 nursery.start_soon(call, "charge", lambda: store.charge("c-1", "k-1", 2**70))
+                nursery.start_soon(call, "half", lambda: store._call(write_then_fail))
                 nursery.start_soon(call, "k-2", lambda: store.begin("k-2", "o-2", "h", BODY, "w"))
                 await trio.testing.wait_all_tasks_blocked()
                 other.execute("ROLLBACK")  # the rest queue behind the first: one batch
         assert isinstance(results["charge"], OverflowError)
+        assert isinstance(results["half"], ZeroDivisionError)
+        with closing(sqlite3.connect(path)) as reader:  # its write was undone with it
+            assert reader.execute("SELECT owner FROM leases").fetchall() == []
         assert all(isinstance(results[k], Begun) for k in ("k-0", "k-1", "k-2"))
         k2 = results["k-2"]
         assert isinstance(k2, Begun)
@@ -699,22 +709,56 @@ async def test_an_operation_failing_alone_leaves_its_sqlite_batch_alone(tmp_path
         assert await store.net_charge("k-1") == 0
 
 
-async def test_a_finish_that_was_not_committed_is_not_replied(tmp_path: Path) -> None:
+async def test_a_finish_whose_batch_failed_is_not_replied(tmp_path: Path) -> None:
     """finished_reply answers from what finish_soon wrote only once it is committed: a finish
-    whose batch could not commit (the file locked) leaves the order running, replying None."""
+    whose batch failed after it ran (SQLite rolled the transaction back, as on an I/O error)
+    leaves the order running, and the reply is not found."""
     path = tmp_path / "orders.db"
-    async with SqliteStore(path, busy_timeout=0.1) as store:
+
+    def fail_the_batch(conn: sqlite3.Connection) -> None:
+        conn.execute("ROLLBACK")
+        raise sqlite3.OperationalError("disk I/O error (simulated)")
+
+    async def first_taken() -> bool:
+        return store._queue.empty()  # the writer holds it, waiting for the lock
+
+    async with SqliteStore(path) as store:
         order = await begun(store)
         with closing(sqlite3.connect(path, isolation_level=None)) as other:
             other.execute("BEGIN IMMEDIATE")
-            store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
-            with pytest.raises(StoreUnavailable, match="locked"):
-                await store.finished_reply("k-1", order.attempt_id)
-            other.execute("ROLLBACK")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.renew_lease, "w-1", 5.0)
+                await trio.testing.wait_all_tasks_blocked()  # queued
+                await wait_for(first_taken, "the writer to take the lease")
+                # Queued together behind it: one batch, the finish first.
+                store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
+                store._put(fail_the_batch, None)
+                other.execute("ROLLBACK")
         assert await store.finished_reply("k-1", order.attempt_id) is None
         running = await store.get("k-1")
         assert running is not None
         assert running.state == RUNNING
+
+
+async def test_a_batch_that_raises_unexpectedly_fails_its_callers_instead_of_hanging(
+    tmp_path: Path,
+) -> None:
+    """A bug in a backend's batch (an exception out of `_run_batch`) is StoreUnavailable for
+    every caller of that batch; the next batch runs as usual."""
+
+    class Broken(SqliteStore):
+        broken = True
+
+        def _run_batch(self, ops: list[Op[sqlite3.Connection, Any]]) -> None:
+            if self.broken:
+                self.broken = False
+                raise RuntimeError("a bug")
+            super()._run_batch(ops)
+
+    async with Broken(tmp_path / "orders.db") as store:
+        with trio.fail_after(10), pytest.raises(StoreUnavailable, match="a bug"):
+            await store.get("k-1")
+        assert await store.get("k-1") is None
 
 
 async def test_replies_not_read_back_are_read_from_the_file(tmp_path: Path) -> None:
@@ -736,6 +780,21 @@ async def test_replies_not_read_back_are_read_from_the_file(tmp_path: Path) -> N
         for order in orders:
             replied = await store.finished_reply(order.key, order.attempt_id)
             assert replied == FinishedReply(200, order.key.encode(), None)
+
+
+@pytest.mark.parametrize(
+    ("code", "busy"),
+    [(5, True), (261, True), (517, True), (773, True), (6, False), (1, False), (None, False)],
+    ids=["BUSY", "BUSY_RECOVERY", "BUSY_SNAPSHOT", "BUSY_TIMEOUT", "LOCKED", "ERROR", "none"],
+)
+def test_another_process_s_lock_is_told_by_its_primary_code(code: int | None, busy: bool) -> None:
+    """sqlite3 gives the extended code (SQLITE_BUSY_RECOVERY while another process recovers
+    the WAL after a crash): every SQLITE_BUSY is waited for, nothing else, and an error
+    SQLite did not raise (no code) is not taken for one."""
+    error = sqlite3.OperationalError("database is locked")
+    if code is not None:
+        error.sqlite_errorcode = code  # as sqlite3 sets it
+    assert _is_busy(error) is busy
 
 
 async def test_concurrent_finishes_share_commits(tmp_path: Path) -> None:

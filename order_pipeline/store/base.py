@@ -171,7 +171,8 @@ class OrderStore(Protocol):
     async def refund(self, charge_id: str, key: str) -> None:
         """Refund a charge once; refunding one that never happened takes no money back, and
         voids it: a charge that comes late (from a process whose order was recovered while it
-        stalled) is then not taken. The void is kept under `key`, and purged with its order."""
+        stalled) is then not taken. The void is kept under `key`, and purged with its order (a
+        charge later than the retention would then be taken: a process stalled for a day)."""
         ...
 
     async def net_charge(self, key: str) -> int:

@@ -7,10 +7,11 @@ of queued operations in one transaction
 upgrading a read lock), commits once, and then wakes every waiting task with a single
 `run_sync_soon`. That group commit is what makes thousands of orders a second possible with
 one fsync per batch instead of one per order. An operation that fails by itself (a bug, a
-value SQLite cannot take) is rolled back with its batch and gets its error; the others run
-again in a new transaction (a savepoint per operation would cost two statements each, on
-every order). If the batch fails as a whole (locked past busy_timeout, read-only file, disk
-full), every operation of the batch raises StoreUnavailable.
+value SQLite cannot take, a disk full on its write: StoreUnavailable) is rolled back with its
+batch and gets its error; the others run again in a new transaction (a savepoint per
+operation would cost two statements each, on every order). If the batch fails as a whole
+(locked past busy_timeout, a read-only file, SQLite rolling the transaction back), every
+operation of the batch raises StoreUnavailable.
 
 Reads go through the same thread and transaction: they see every write queued before them.
 
@@ -165,10 +166,10 @@ class SqliteStore(WriterThread[Conn]):
                 try:
                     op.result = op.fn(conn)
                 except Exception as exc:
-                    if _is_outage(exc) or not conn.in_transaction:
-                        raise  # the batch's trouble, not this operation's
+                    if _is_busy(exc) or not conn.in_transaction:
+                        raise  # the batch's trouble (SQLite rolled it back), not this operation's
                     conn.execute("ROLLBACK")
-                    op.error = exc
+                    op.error = _unavailable(self.path, exc) if _is_outage(exc) else exc
                     return [other for other in ops if other is not op]
             conn.execute("COMMIT")
             self.commits += 1
@@ -244,7 +245,7 @@ class SqliteStore(WriterThread[Conn]):
         """Without a read if finish_soon wrote it in this transaction or a committed one."""
 
         def read(conn: Conn) -> FinishedReply | None:
-            written = self._written.get((key, attempt_id)) or self._committed.pop(
+            written = self._written.pop((key, attempt_id), None) or self._committed.pop(
                 (key, attempt_id), None
             )
             return written or _finished_reply(conn, key, attempt_id)
@@ -373,8 +374,13 @@ def _schema_version(conn: Conn, path: Path) -> int:
 
 
 def _is_busy(exc: Exception) -> bool:
-    """Another process holds the file's write lock (SQLITE_BUSY)."""
-    return isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode == sqlite3.SQLITE_BUSY
+    """Another process holds the file's write lock: SQLITE_BUSY, or one of its extended codes
+    (`sqlite_errorcode` is the extended one: SQLITE_BUSY_RECOVERY while another process
+    recovers the WAL after a crash, for one)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # absent where SQLite did not raise it
+    return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
 
 
 def _is_outage(exc: Exception) -> bool:

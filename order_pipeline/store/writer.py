@@ -128,7 +128,12 @@ class WriterThread(Generic[C]):
                 stop = batch[-1] is None
                 ops = [op for op in batch if op is not None]
                 if ops:
-                    self._run_batch(ops)
+                    try:
+                        self._run_batch(ops)
+                    except Exception as exc:  # a backend's bug: none of its callers may hang
+                        logger.exception("%s: a batch failed unexpectedly", self.where)
+                        for op in ops:
+                            op.error = StoreUnavailable(f"{self.where}: {exc!r}")
                     self._wake(ops)
                 if stop:
                     return
