@@ -1,6 +1,7 @@
 """The load benchmark: the service against its two floors, with wrk, in one run.
 
 Usage: python benchmarks/loadtest.py [--duration 15] [--rounds 3] [--out docs]
+       python benchmarks/loadtest.py --render docs/loadtest.json  (the docs again, no run)
 Starts, one after another on 127.0.0.1 with the same hypercorn settings, the
 bare-ASGI floor, the Quart-Trio floor and the service; drives each with wrk
 and benchmarks/order.lua; then runs benchmarks/inflight.py (the service and the
@@ -308,6 +309,10 @@ def ratios(runs: dict[str, Any], inflight: dict[str, Any]) -> dict[str, float]:
     return {
         "S1 / framework floor": s1 / runs["floor_framework_S1"]["rps"],
         "S1 / server floor": s1 / runs["floor_server_S1"]["rps"],
+        # Issue 14's measure of our own cost: the store's records are the store's budget.
+        "S1 on the memory store / framework floor": (
+            runs["S1_memory_store"]["rps"] / runs["floor_framework_S1"]["rps"]
+        ),
         "S2 / closed-loop bound (500/s)": s2["rps"] / 500,
         "S3 / closed-loop bound (50/s)": s3["rps"] / 50,
         "S5: 2 workers / 1 worker": runs["S5_2_workers"]["rps"] / s1,
@@ -428,10 +433,18 @@ def run(duration: int, rounds: int) -> dict[str, Any]:
             "durable": durable(),
             "slot_after_disconnect": slot_after_disconnect(),
         }
-        each.append({"runs": runs, "in_process": inflight, "ratios": ratios(runs, inflight)})
+        each.append({"runs": runs, "in_process": inflight})
+    return summarise(machine, duration, each)
+
+
+def summarise(machine: str, duration: int, each: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds' raw figures with each round's ratios, and medians over the rounds (also
+    what `--render` redoes, so a ratio added later is read off an earlier run)."""
+    for r in each:
+        r["ratios"] = ratios(r["runs"], r["in_process"])
     figures = {
         name: {key: median([r["runs"][name][key] for r in each]) for key in each[0]["runs"][name]}
-        for name in SCENARIOS
+        for name in each[0]["runs"]
     }
     return {
         "machine": machine,
@@ -453,6 +466,7 @@ def run(duration: int, rounds: int) -> dict[str, Any]:
 # target are shown for reading the others.
 TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "S1 / framework floor": ("≥ 0.85", lambda v: v >= 0.85),
+    "S1 on the memory store / framework floor": ("≥ 0.9", lambda v: v >= 0.9),
     "S1 / server floor": ("≥ 0.65", lambda v: v >= 0.65),
     "S2 / closed-loop bound (500/s)": ("≥ 0.97", lambda v: v >= 0.97),
     "S3 / closed-loop bound (50/s)": ("≥ 0.97", lambda v: v >= 0.97),
@@ -563,8 +577,15 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON", help="measure nothing: redo the docs from it"
+    )
     args = parser.parse_args()
-    results = run(args.duration, args.rounds)
+    if args.render:
+        earlier = json.loads(args.render.read_text())
+        results = summarise(earlier["machine"], earlier["duration_s"], earlier["rounds"])
+    else:
+        results = run(args.duration, args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "loadtest.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
