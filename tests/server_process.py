@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import trio
 
 from .launch import POLL_S, serve_argv, started_url
@@ -20,6 +22,8 @@ from .launch import RUNNING as RUNNING  # re-exported: tests/test_supervisor.py 
 
 START_TIMEOUT_S = 20
 STOP_TIMEOUT_S = 40
+WAIT_S = 20  # for something a subprocess does
+STEPS_IN_FLIGHT = re.compile(r"^order_pipeline_steps_in_flight (\S+)$", re.MULTILINE)
 
 
 @attrs.define(eq=False)
@@ -109,3 +113,27 @@ async def server_factory(tmp_path: Path) -> AsyncIterator[StartServer]:
             assert code == 0, server.log_path.read_text()[-3000:]
             if not expect_errors:
                 assert server.errors() == [], server.errors()
+
+
+async def wait_for_steps_in_flight(url: str, steps: int, *, within: float = WAIT_S) -> None:
+    """Wait until the server's /metrics counts `steps` steps in flight: a subprocess's only sign
+    that its orders have reached their steps (a scrape may wait in the queue of a worker still
+    starting)."""
+    async with httpx.AsyncClient(base_url=url, timeout=within) as scraper:
+        with trio.fail_after(within):
+            while True:
+                found = STEPS_IN_FLIGHT.search((await scraper.get("/metrics")).text)
+                if found and float(found[1]) == steps:
+                    return
+                await trio.sleep(0.05)
+
+
+async def post(
+    url: str, body: dict[str, Any], outcomes: list[int | str], *, within: float = WAIT_S
+) -> None:
+    """POST an order on a connection of its own; record its status, or the error that ended it."""
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=within) as client:
+            outcomes.append((await client.post("/order", json=body)).status_code)
+    except httpx.TransportError as exc:
+        outcomes.append(type(exc).__name__)

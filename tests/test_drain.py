@@ -30,10 +30,15 @@ from order_pipeline.server import Settings
 
 from .conftest import serving
 from .launch import serve_argv
-from .server_process import ServerProcess, StartServer, wait_for_url
+from .server_process import (
+    ServerProcess,
+    StartServer,
+    post,
+    wait_for_steps_in_flight,
+    wait_for_url,
+)
 
 WAIT_S = 20  # for something a subprocess does
-IN_FLIGHT = re.compile(r"^order_pipeline_steps_in_flight (\S+)$", re.MULTILINE)
 # Payment and courier done at once; the vendor runs long past the test.
 LONG = {"payment": 0, "courier": 0, "vendor": 60_000}
 DRAINING = "received SIGTERM: draining"
@@ -59,25 +64,6 @@ async def wait_for_log(server: ServerProcess, message: str) -> None:
 def fields(record: logging.LogRecord) -> Any:
     """What a line logged with `extra={"fields": ...}` says for machines."""
     return record.__dict__["fields"]
-
-
-async def wait_for_steps_in_flight(url: str, steps: int) -> None:
-    async with httpx.AsyncClient(base_url=url) as scraper:
-        with trio.fail_after(WAIT_S):
-            while True:
-                found = IN_FLIGHT.search((await scraper.get("/metrics")).text)
-                if found and float(found[1]) == steps:
-                    return
-                await trio.sleep(0.05)
-
-
-async def post(url: str, body: dict[str, Any], outcomes: list[int | str]) -> None:
-    """POST an order on a connection of its own; record its status, or the error that ended it."""
-    try:
-        async with httpx.AsyncClient(base_url=url, timeout=WAIT_S) as client:
-            outcomes.append((await client.post("/order", json=body)).status_code)
-    except httpx.TransportError as exc:
-        outcomes.append(type(exc).__name__)
 
 
 def stored_orders(server: ServerProcess) -> list[dict[str, Any]]:

@@ -23,12 +23,17 @@ import trio
 import order_pipeline
 from order_pipeline.cli import parse_command
 
-from .server_process import RUNNING, ServerProcess, StartServer
+from .server_process import (
+    RUNNING,
+    ServerProcess,
+    StartServer,
+    post,
+    wait_for_steps_in_flight,
+)
 
 VERSION = importlib.metadata.version("order-pipeline")
 ROOT = Path(__file__).parents[1]
 EXIT_TIMEOUT_S = 30
-IN_FLIGHT = re.compile(r"^order_pipeline_steps_in_flight (\S+)$", re.MULTILINE)
 SLOW = {"payment": 2000, "vendor": 2000, "courier": 2000}
 
 
@@ -177,23 +182,9 @@ async def test_workers_say_running_once_with_per_worker_totals(start_server: Sta
     assert mine[-1] == "workers drained (each worker logged its own counts); exit status 0"
 
 
-async def wait_for_steps_in_flight(url: str, steps: int) -> None:
-    async with httpx.AsyncClient(base_url=url) as scraper:
-        with trio.fail_after(EXIT_TIMEOUT_S):
-            while True:
-                found = IN_FLIGHT.search((await scraper.get("/metrics")).text)
-                if found and float(found[1]) == steps:
-                    return
-                await trio.sleep(0.05)
-
-
 async def post_slow_order(url: str, statuses: list[int | str]) -> None:
     body = {"order_id": "slow", "amount": 100, "delay_ms": SLOW}
-    try:
-        async with httpx.AsyncClient(base_url=url, timeout=EXIT_TIMEOUT_S) as client:
-            statuses.append((await client.post("/order", json=body)).status_code)
-    except httpx.TransportError as exc:
-        statuses.append(type(exc).__name__)
+    await post(url, body, statuses, within=EXIT_TIMEOUT_S)
 
 
 @pytest.mark.parametrize(
@@ -211,7 +202,7 @@ async def test_the_last_line_counts_drained_and_cancelled_orders(
     statuses: list[int | str] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(post_slow_order, server.url, statuses)
-        await wait_for_steps_in_flight(server.url, 3)
+        await wait_for_steps_in_flight(server.url, 3, within=EXIT_TIMEOUT_S)
         code = await server.stop()
 
     assert code == 0

@@ -16,16 +16,14 @@ import signal
 from collections import Counter
 from collections.abc import Callable, Collection
 
-import httpx
 import trio
 
 from order_pipeline.supervisor import RESTART_LIMIT, RESTART_WINDOW_S
 
 from . import rawhttp
-from .server_process import ServerProcess, StartServer
+from .server_process import ServerProcess, StartServer, wait_for_steps_in_flight
 
 STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
-IN_FLIGHT = re.compile(r"^order_pipeline_steps_in_flight (\S+)$", re.MULTILINE)
 # Every step of these orders takes this long, so an order in flight has three steps in flight.
 SLOW = {"payment": 2000, "vendor": 2000, "courier": 2000}
 ORDERS = 4  # fewer than the default five couriers: every order runs its three steps at once
@@ -121,18 +119,6 @@ async def connection_to(
             if (await accepting_workers(server, [client_port], workers))[client_port] == worker:
                 return stream
             await stream.aclose()
-
-
-async def wait_for_steps_in_flight(server: ServerProcess, steps: int) -> None:
-    """Wait until the server's /metrics counts `steps` steps in flight (a scrape may wait in the
-    queue of a worker still starting)."""
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as scraper:
-        with trio.fail_after(WAIT_S):
-            while True:
-                found = IN_FLIGHT.search((await scraper.get("/metrics")).text)
-                if found and float(found[1]) == steps:
-                    return
-                await trio.sleep(0.05)
 
 
 async def exchange(stream: trio.SocketStream, raw: bytes) -> int | str:
@@ -233,7 +219,7 @@ async def test_sigterm_in_a_restart_pause_lets_the_other_worker_drain(
         for n in range(ORDERS):
             stream = await connection_to(server, other, [doomed, other])
             nursery.start_soon(order, stream, f"pause-{n}", outcomes)
-        await wait_for_steps_in_flight(server, 3 * ORDERS)
+        await wait_for_steps_in_flight(server.url, 3 * ORDERS)
         os.kill(doomed, signal.SIGKILL)
         died = ("error", f"worker 0 (pid {doomed}) died with -9: restarting")
         await poll(lambda: died in supervisor_lines(server))
@@ -257,7 +243,7 @@ async def test_a_worker_that_keeps_dying_is_given_up_on(start_server: StartServe
                 other = await pid_of_start(server, 1, 1)
                 stream = await connection_to(server, other, [pid, other])
                 nursery.start_soon(order, stream, "given-up", outcomes)
-                await wait_for_steps_in_flight(server, 3)
+                await wait_for_steps_in_flight(server.url, 3)
             os.kill(pid, signal.SIGKILL)
         # Until the supervisor exits, or starts worker 0 once more:
         await poll(
