@@ -146,41 +146,28 @@ class Tracing:
         return None if self.tracer is None else self._courier_wait
 
     def _run(self, step: Step) -> StepAction:
-        tracer, clock, action = self.tracer, self.clock, step.run
-        assert tracer is not None
-        name, span_name = step.name, f"step {step.name}"
-
-        async def run(order: OrderRequest) -> None:
-            attributes = {ORDER_ID: order.order_id, STEP: name}
-            span = tracer.start_span(span_name, attributes=attributes, start_time=clock())
-            token = context.attach(trace.set_span_in_context(span))
-            outcome = "canceled"  # unless it returns or raises an Exception: trio.Cancelled
-            try:
-                await action(order)
-                outcome = "ok"
-            except Exception as exc:
-                outcome = "error"
-                _failed(span, _kind_of(exc), exc)
-                raise
-            finally:
-                context.detach(token)
-                span.set_attribute(OUTCOME, outcome)
-                span.end(end_time=clock())
-
-        return run
+        # An order's step that neither returns nor raises an Exception was cancelled.
+        return self._spanned(step.name, f"step {step.name}", step.run, unfinished="canceled")
 
     def _compensation(self, step: Step) -> StepAction:
-        tracer, clock, action = self.tracer, self.clock, step.compensate
-        assert tracer is not None
-        assert action is not None
-        name, span_name = step.name, f"compensate {step.name}"
+        assert step.compensate is not None
+        # Compensations run shielded: only their deadline can cancel them.
+        span_name = f"compensate {step.name}"
+        return self._spanned(step.name, span_name, step.compensate, unfinished="timeout")
 
-        async def compensate(order: OrderRequest) -> None:
+    def _spanned(
+        self, name: str, span_name: str, action: StepAction, *, unfinished: str
+    ) -> StepAction:
+        """`action` inside a span of its own, whose outcome is "ok", "error" or `unfinished`
+        (cancelled: trio.Cancelled); a "timeout" is an error too."""
+        tracer, clock = self.tracer, self.clock
+        assert tracer is not None
+
+        async def traced(order: OrderRequest) -> None:
             attributes = {ORDER_ID: order.order_id, STEP: name}
             span = tracer.start_span(span_name, attributes=attributes, start_time=clock())
             token = context.attach(trace.set_span_in_context(span))
-            # Compensations run shielded: only their deadline can cancel them.
-            outcome = "timeout"
+            outcome = unfinished
             try:
                 await action(order)
                 outcome = "ok"
@@ -195,7 +182,7 @@ class Tracing:
                     span.set_status(Status(StatusCode.ERROR, "timeout"))
                 span.end(end_time=clock())
 
-        return compensate
+        return traced
 
     @contextmanager
     def _courier_wait(self, waiting_ahead: int) -> Iterator[None]:
