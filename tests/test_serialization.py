@@ -175,6 +175,13 @@ def test_an_unexpected_fault_reads_invalid_value(error: Exception) -> None:
             b'{"order_id": "o", "x": ' + b"[" * 1000 + b"]" * 1000 + b"}",
             "body is nested too deeply",
         ),
+        # Compact, as orjson would write them: the written-back copy is no shortcut here.
+        (b'{"order_id":"o","amount":1,"amount":2}', "body has the key 'amount' more than once"),
+        (
+            b'{"order_id":"o","delay_ms":{"payment":1,"payment":1}}',
+            "body has the key 'payment' more than once",
+        ),
+        (b'{"order_id":"o","x":' + b"[" * 1000 + b"]" * 1000 + b"}", "body is nested too deeply"),
     ],
 )
 def test_a_body_the_standard_parser_refuses_is_named_exactly(body: bytes, message: str) -> None:
