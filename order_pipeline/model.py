@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import enum
+import os
 from collections.abc import Mapping
 from typing import Final, Literal, NewType, Protocol, get_args, runtime_checkable
 
@@ -149,3 +150,9 @@ current_attempt: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar
 )
 """The attempt the current task works for. Set once per order, like the request ID: Trio
 copies it into every step and compensation task, so the step signature stays the order alone."""
+
+
+def new_id() -> str:
+    """A random 128-bit ID in hex (a request's, a server-made key, an attempt's, an owner's):
+    a UUID4's randomness at a fifth of `uuid.uuid4().hex`'s cost, paid three times a request."""
+    return os.urandom(16).hex()

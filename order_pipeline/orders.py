@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Final
 
@@ -46,6 +45,7 @@ from .model import (
     StepResult,
     StepStatus,
     current_attempt,
+    new_id,
 )
 from .orchestrator import Pipeline
 from .serialization import converter, dump_reply, encode_result, parse_order
@@ -133,7 +133,7 @@ class OrderDesk:
     lease_timeout: float = 5.0
     retention: float = 86_400.0
     on_refused: OnRefused = lambda kind, status, order_id, reason: None
-    owner: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+    owner: str = attrs.field(factory=lambda: new_id())
     # Replies that were sent as 503 because their record could not be committed; retried.
     _unrecorded: list[tuple[Attempt, int, bytes, str | None]] = attrs.field(factory=list)
 
@@ -143,7 +143,7 @@ class OrderDesk:
         An order answered without running (409, 422, 503 store_unavailable) is
         reported to `on_refused`; a replay is not an order of its own.
         """
-        answer = await self._submit(order, key or uuid.uuid4().hex)
+        answer = await self._submit(order, key or new_id())
         if answer.refused is not None:
             self.on_refused(answer.refused, answer.status, order.order_id, answer.reason)
         return answer

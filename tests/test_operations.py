@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from order_pipeline.logs import configure_logging
+from order_pipeline.logs import JsonFormatter, configure_logging
 from order_pipeline.metrics import LIVE_REFRESH_S, Metrics
 from order_pipeline.server import Settings, assemble
 from order_pipeline.services import CourierPool
@@ -294,6 +294,23 @@ async def test_one_json_log_line_per_order(
         {"name": n, "status": "ok", "duration_ms": 0} for n in ("payment", "vendor", "courier")
     ]
     assert {"time", "level", "message", "pid"} <= set(orders[0])
+
+
+def test_json_log_time_is_utc_to_the_millisecond_across_seconds() -> None:
+    """The formatter writes each second once and reuses it: a new second must show."""
+    formatter = JsonFormatter()
+    written = []
+    for created in (1_700_000_000.0004, 1_700_000_000.9996, 1_700_000_001.5, 1_700_003_600.25):
+        record = logging.LogRecord("x", logging.INFO, __file__, 0, "m", (), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        written.append(json.loads(formatter.format(record))["time"])
+
+    assert written == [
+        "2023-11-14T22:13:20.000+00:00",
+        "2023-11-14T22:13:20.999+00:00",
+        "2023-11-14T22:13:21.500+00:00",
+        "2023-11-14T23:13:20.250+00:00",
+    ]
 
 
 async def test_text_log_format_is_one_short_line_per_order(

@@ -21,7 +21,6 @@ new way to block.
 from __future__ import annotations
 
 import re
-import uuid
 from typing import Any, Final
 
 import trio
@@ -36,6 +35,7 @@ from opentelemetry import context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ..logs import request_id
+from ..model import new_id
 
 __all__ = [
     "REQUEST_ID_HEADER",
@@ -71,7 +71,7 @@ def _ids_of(scope: HTTPScope) -> tuple[bytes, dict[str, list[str]] | None]:
             carrier = None  # no parent to continue
         elif sum(len(v) + 1 for v in carrier.get("tracestate", ())) > _TRACE_HEADER_MAX + 1:
             del carrier["tracestate"]  # too long in all: the parent without it
-    return given or uuid.uuid4().hex.encode(), carrier
+    return given or new_id().encode(), carrier
 
 
 def with_request_ids(app: Any) -> Any:

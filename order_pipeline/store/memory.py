@@ -8,11 +8,11 @@ it did nothing.
 from __future__ import annotations
 
 import time
-import uuid
 
 import attrs
 import trio
 
+from ..model import new_id
 from .base import (
     FINISHED,
     INTERRUPTED,
@@ -54,7 +54,7 @@ class MemoryStore:
         if (found := self._orders.get(key)) is not None:
             return Existing(self._with_steps(found))
         order = StoredOrder(
-            key, order_id, request_hash, body, 1, uuid.uuid4().hex, owner, RUNNING, time.time()
+            key, order_id, request_hash, body, 1, new_id(), owner, RUNNING, time.time()
         )
         self._orders[key] = order
         return Begun(order)
@@ -73,7 +73,7 @@ class MemoryStore:
             old.request_hash,
             old.body,
             old.attempt + 1,
-            uuid.uuid4().hex,
+            new_id(),
             owner,
             RUNNING,
             time.time(),
