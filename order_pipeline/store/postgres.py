@@ -10,14 +10,16 @@ transactions (group commit). Reads go through the same queue and transaction, so
 every write queued before them (`get` after `finish_soon`, as the contract says).
 
 A batch runs in libpq's pipeline mode: its statements are sent without waiting for each
-answer, so a batch costs a round trip only where an operation reads a result (a begin, a
-read) and for its COMMIT (S1 on PostgreSQL: 319 and 288 req/s against 288 and 250 without,
-in two pairs of runs). It runs without a savepoint per operation (each would cost a round
-trip): if one operation fails by itself (a bug, bad data), the transaction is rolled back
-and the batch runs again statement by statement (in the pipeline an error surfaces at a
-later read, so whose it was is not known), where that operation gets its error and the
-others run again in a new transaction. Whatever makes the whole batch fail is handled for
-the whole batch:
+answer (S1 on PostgreSQL: 319 and 288 req/s against 288 and 250 without, in two pairs of
+runs), and the operations on an order's path (a begin, reading a finished reply) read their
+answers only once every statement is sent (`_Later`): one round trip brings them all, one
+more closes the pipeline with the transaction's id, and one commits. Every round trip costs
+the writer thread a wait for the GIL, which the Trio thread holds while it is busy. A batch
+runs without a savepoint per operation (each would cost a round trip): if one operation
+fails by itself (a bug, bad data), the transaction is rolled back and the batch runs again
+statement by statement (in the pipeline an error surfaces at a later read, so whose it was
+is not known), where that operation gets its error and the others run again in a new
+transaction. Whatever makes the whole batch fail is handled for the whole batch:
 
 * a deadlock with another host's batch (or a serialization failure): rolled back and run
   again (PostgreSQL made us the victim, so the other batch goes on);
@@ -58,7 +60,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from contextlib import suppress
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar, cast
 
 import psycopg
 import psycopg_pool
@@ -97,6 +99,18 @@ _BACKOFF_S: Final = 0.01
 # Errors of the batch, not of the operation that met them: the database is down, read-only,
 # out of space, or a lock was held past lock_timeout.
 _BATCH_ERRORS: Final = (psycopg.OperationalError, errors.ReadOnlySqlTransaction)
+T = TypeVar("T")
+_XID: Final = "SELECT pg_current_xact_id_if_assigned()::text"
+
+
+class _Later(Generic[T]):
+    """An operation's result, read once every statement of its batch has been sent."""
+
+    __slots__ = ("read",)
+
+    def __init__(self, read: Callable[[], T]) -> None:
+        self.read = read
+
 
 # _MIGRATIONS[v] takes a schema from version v to v + 1, statement by statement.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
@@ -154,7 +168,6 @@ _new_order: Callable[..., StoredOrder] = StoredOrder  # from a row of _ORDER's c
 _STEP = "step, status, detail, duration_ms, compensation, compensation_ms"
 _STEP_FIELDS: Final = 6
 
-T = TypeVar("T")
 Conn = psycopg.Connection[tuple[Any, ...]]
 Pool = psycopg_pool.ConnectionPool[Conn]
 
@@ -270,13 +283,13 @@ class PostgresStore(WriterThread[Conn]):
         error: Exception | None = None
         try:
             if pipelined:
-                unknown_failure = not _run_pipelined(conn, ops)
+                unknown_failure, xid = _run_pipelined(conn, ops)
             else:
                 conn.execute("BEGIN")
                 failed = _run_each(conn, ops)
+                if failed is None:
+                    xid = _xid(conn.execute(_XID))
             if not unknown_failure and failed is None:
-                row = conn.execute("SELECT pg_current_xact_id_if_assigned()::text").fetchone()
-                xid = None if row is None else row[0]
                 committing = True
                 self._commit(conn)
         except Exception as exc:
@@ -344,11 +357,15 @@ class PostgresStore(WriterThread[Conn]):
         error.__cause__ = exc
         return error
 
+    async def _call_later(self, fn: Callable[[Conn], _Later[T]]) -> T:
+        """`_call` for an operation whose result is read after its batch is sent."""
+        return cast(T, await self._call(fn))
+
     async def begin(
         self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
     ) -> Begun | Existing:
         attempt_id = uuid.uuid4().hex
-        return await self._call(
+        return await self._call_later(
             lambda conn: _begin(conn, key, order_id, request_hash, body, owner, attempt_id)
         )
 
@@ -391,7 +408,7 @@ class PostgresStore(WriterThread[Conn]):
         return await self._call(lambda conn: _get(conn, key))
 
     async def finished_reply(self, key: str, attempt_id: str) -> FinishedReply | None:
-        return await self._call(lambda conn: _finished_reply(conn, key, attempt_id))
+        return await self._call_later(lambda conn: _finished_reply(conn, key, attempt_id))
 
     async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
         return await self._call(lambda conn: _list_orders(conn, needs_attention))
@@ -497,21 +514,31 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _run_pipelined(conn: Conn, ops: list[Op[Conn, Any]]) -> bool:
-    """Run `ops` in pipeline mode; False if one of them failed by itself (then rolled back)."""
+def _run_pipelined(conn: Conn, ops: list[Op[Conn, Any]]) -> tuple[bool, str | None]:
+    """Run `ops` in pipeline mode: (True, None) if one of them failed by itself (then rolled
+    back), else (False, the transaction's id if it wrote anything)."""
     try:
         with conn.pipeline():
             conn.execute("BEGIN")
             for op in ops:
                 op.error = None
                 op.result = op.fn(conn)
+            for op in ops:  # the first read brings every answer sent so far: one round trip
+                if isinstance(op.result, _Later):
+                    op.result = op.result.read()
+            xid = conn.execute(_XID)  # after every write; answered as the pipeline closes
     except Exception as exc:
         aborted = isinstance(exc, errors.PipelineAborted)  # after an operation's own error
         if conn.closed or (isinstance(exc, _BATCH_ERRORS) and not aborted):
             raise  # the batch's trouble, not an operation's
         conn.execute("ROLLBACK")
-        return False
-    return True
+        return True, None
+    return False, _xid(xid)
+
+
+def _xid(cursor: psycopg.Cursor[tuple[Any, ...]]) -> str | None:
+    row = cursor.fetchone()
+    return None if row is None else cast(str | None, row[0])
 
 
 def _run_each(conn: Conn, ops: list[Op[Conn, Any]]) -> Op[Conn, Any] | None:
@@ -520,6 +547,8 @@ def _run_each(conn: Conn, ops: list[Op[Conn, Any]]) -> Op[Conn, Any] | None:
         op.error = None
         try:
             op.result = op.fn(conn)
+            if isinstance(op.result, _Later):
+                op.result = op.result.read()
         except Exception as exc:
             if conn.closed or isinstance(exc, _BATCH_ERRORS):
                 raise  # the batch's trouble, not this operation's
@@ -596,31 +625,46 @@ def _get(conn: Conn, key: str) -> StoredOrder | None:
     return _orders(rows)[0][0] if rows else None
 
 
-def _finished_reply(conn: Conn, key: str, attempt_id: str) -> FinishedReply | None:
-    row = conn.execute(
+def _finished_reply(conn: Conn, key: str, attempt_id: str) -> _Later[FinishedReply | None]:
+    cursor = conn.execute(
         "SELECT http_status, reply, kind FROM orders"
         f" WHERE key = %s AND attempt_id = %s AND state = '{FINISHED}'",
         (key, attempt_id),
-    ).fetchone()
-    return None if row is None else FinishedReply(*row)
+    )
+
+    def read() -> FinishedReply | None:
+        row = cursor.fetchone()
+        return None if row is None else FinishedReply(*row)
+
+    return _Later(read)
+
+
+_BEGIN = (
+    f"INSERT INTO orders (key, order_id, request_hash, body, attempt, attempt_id, owner, state,"
+    f" started_at) VALUES (%s, %s, %s, %s, 1, %s, %s, '{RUNNING}', now())"
+    f" ON CONFLICT (key) DO NOTHING RETURNING {_ORDER}"
+)
 
 
 def _begin(
     conn: Conn, key: str, order_id: str, request_hash: str, body: bytes, owner: str, attempt: str
-) -> Begun | Existing:
-    for _ in range(3):  # a purge by another host may free the key between INSERT and SELECT
-        row = conn.execute(
-            f"INSERT INTO orders (key, order_id, request_hash, body, attempt,"
-            f" attempt_id, owner, state, started_at) VALUES (%s, %s, %s, %s, 1, %s, %s,"
-            f" '{RUNNING}', now()) ON CONFLICT (key) DO NOTHING RETURNING {_ORDER}",
-            (key, order_id, request_hash, body, attempt, owner),
-        ).fetchone()
-        if row is not None:
-            return Begun(_new_order(*row))
-        existing = _get(conn, key)  # the winner, committed (or ours, earlier in the batch)
-        if existing is not None:
-            return Existing(existing)
-    raise StoreUnavailable(f"key {key!r} was taken and freed three times in a row")
+) -> _Later[Begun | Existing]:
+    args = (key, order_id, request_hash, body, attempt, owner)
+    inserted = conn.execute(_BEGIN, args)
+
+    def read() -> Begun | Existing:
+        row = inserted.fetchone()
+        for tries in range(3):  # a purge by another host may free the key between the two
+            if row is not None:
+                return Begun(_new_order(*row))
+            existing = _get(conn, key)  # the winner, committed (or ours, earlier in the batch)
+            if existing is not None:
+                return Existing(existing)
+            if tries < 2:
+                row = conn.execute(_BEGIN, args).fetchone()
+        raise StoreUnavailable(f"key {key!r} was taken and freed three times in a row")
+
+    return _Later(read)
 
 
 def _restart(
