@@ -740,6 +740,44 @@ async def test_a_finish_whose_batch_failed_is_not_replied(tmp_path: Path) -> Non
         assert running.state == RUNNING
 
 
+async def test_step_records_are_written_when_their_batch_runs_again(tmp_path: Path) -> None:
+    """The step records a batch took from their queue are its own: when an operation failing
+    alone makes the batch run again, they are written all the same (and only once)."""
+    path = tmp_path / "orders.db"
+    failed: list[BaseException] = []
+
+    async def charge_too_much() -> None:
+        try:
+            await store.charge("c-1", "k-1", 2**70)  # more than SQLite's 64 bits
+        except OverflowError as exc:
+            failed.append(exc)
+
+    async def first_taken() -> bool:
+        return store._queue.empty()  # the writer holds it, waiting for the lock
+
+    async with SqliteStore(path) as store:
+        order = await begun(store)
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.renew_lease, "w-1", 5.0)
+                await trio.testing.wait_all_tasks_blocked()  # queued
+                await wait_for(first_taken, "the writer to take the lease")
+                # Queued together behind it: one batch, the step records first.
+                store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok", None, 5))
+                store.record_step("k-1", order.attempt_id, StepRecord("vendor", "ok", None, 3))
+                nursery.start_soon(charge_too_much)
+                await trio.testing.wait_all_tasks_blocked()
+                other.execute("ROLLBACK")
+        stored = await store.get("k-1")
+        assert len(failed) == 1
+        assert stored is not None
+        assert stored.steps == (
+            StepRecord("payment", "ok", None, 5),
+            StepRecord("vendor", "ok", None, 3),
+        )
+
+
 async def test_a_batch_that_raises_unexpectedly_fails_its_callers_instead_of_hanging(
     tmp_path: Path,
 ) -> None:

@@ -31,6 +31,15 @@ class StepRecord:
     compensation_ms: int | None = None
 
 
+def step_row(key: str, attempt_id: str, r: StepRecord) -> tuple[str | int | None, ...]:
+    """A step record as the SQL backends write them together: the steps table's columns in
+    order, attempt first, then the order's key (whose current attempt it must be)."""
+    return (
+        attempt_id, r.step, r.status, r.detail, r.duration_ms, r.compensation,
+        r.compensation_ms, key,
+    )  # fmt: skip # the table's columns in their order, then the key
+
+
 @attrs.frozen
 class StoredOrder:
     """An order as committed: enough to replay its reply or to run/compensate it again."""

@@ -62,6 +62,7 @@ from collections.abc import Callable, Iterable
 from contextlib import suppress
 from typing import Any, Final, Generic, TypeVar, cast
 
+import orjson
 import psycopg
 import psycopg_pool
 from psycopg import errors
@@ -80,8 +81,9 @@ from .base import (
     StoredOrder,
     StoreError,
     StoreUnavailable,
+    step_row,
 )
-from .writer import Op, WriterThread
+from .writer import Op, RowsWrittenTogether, WriterThread
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +187,7 @@ class PostgresStore(WriterThread[Conn]):
         self.url = url
         self.timeout = timeout
         self.commits = 0
+        self._steps = RowsWrittenTogether(self._put, _record_steps)
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
@@ -376,7 +379,7 @@ class PostgresStore(WriterThread[Conn]):
         )
 
     def record_step(self, key: str, attempt_id: str, record: StepRecord) -> None:
-        self._put(lambda conn: _record_step(conn, key, attempt_id, record), None)
+        self._steps.add(step_row(key, attempt_id, record))
 
     async def finish(
         self,
@@ -583,9 +586,14 @@ _REFUND = (
 )
 _NET = "SELECT coalesce(sum(amount), 0)::bigint FROM ledger WHERE key = {} AND NOT refunded"
 # WHERE EXISTS: a stale attempt's record is dropped.
-_RECORD_STEP = f"""
-    INSERT INTO steps (attempt_id, {_STEP}) SELECT %s, %s, %s, %s, %s, %s, %s
-    WHERE EXISTS (SELECT 1 FROM orders WHERE key = %s AND attempt_id = %s)
+# Step records as one JSON array of `step_row`s, in order: a record whose attempt is no longer
+# the order's is dropped; one row per step (an upsert may not touch a row twice).
+_RECORD_STEPS = f"""
+    INSERT INTO steps (attempt_id, {_STEP})
+    SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, (r ->> 4)::bigint, r ->> 5, (r ->> 6)::bigint
+    FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS rows (r, n)
+    WHERE EXISTS (SELECT 1 FROM orders WHERE key = r ->> 7 AND attempt_id = r ->> 0)
+    ORDER BY n
     ON CONFLICT (attempt_id, step) DO UPDATE SET
         status = excluded.status, detail = excluded.detail, duration_ms = excluded.duration_ms,
         compensation = excluded.compensation, compensation_ms = excluded.compensation_ms
@@ -688,21 +696,10 @@ def _restart(
     return _new_order(*row)
 
 
-def _record_step(conn: Conn, key: str, attempt_id: str, r: StepRecord) -> None:
-    conn.execute(
-        _RECORD_STEP,
-        (
-            attempt_id,
-            r.step,
-            r.status,
-            r.detail,
-            r.duration_ms,
-            r.compensation,
-            r.compensation_ms,
-            key,
-            attempt_id,
-        ),
-    )
+def _record_steps(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
+    # A later record of a step replaces an earlier one, in the earlier one's place.
+    latest = {(row[0], row[1]): row for row in rows}
+    conn.execute(_RECORD_STEPS, (orjson.dumps(list(latest.values())).decode(),))
 
 
 def _net_charge(conn: Conn, key: str) -> int:

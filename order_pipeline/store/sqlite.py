@@ -40,6 +40,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+import orjson
+
 from .base import (
     COMPENSATION_FAILED,
     FAILED_COMPENSATIONS,
@@ -53,8 +55,9 @@ from .base import (
     StoredOrder,
     StoreError,
     StoreUnavailable,
+    step_row,
 )
-from .writer import Op, WriterThread
+from .writer import Op, RowsWrittenTogether, WriterThread
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +142,7 @@ class SqliteStore(WriterThread[Conn]):
         # committed ones until read (the oldest dropped past _REPLIES_KEPT: a read then finds it).
         self._written: dict[tuple[str, str], FinishedReply] = {}
         self._committed: dict[tuple[str, str], FinishedReply] = {}
+        self._steps = RowsWrittenTogether(self._put, _record_steps)
 
     # -- in the writer thread -------------------------------------------------------------
 
@@ -204,7 +208,7 @@ class SqliteStore(WriterThread[Conn]):
         )
 
     def record_step(self, key: str, attempt_id: str, record: StepRecord) -> None:
-        self._put(lambda conn: _record_step(conn, key, attempt_id, record), None)
+        self._steps.add(step_row(key, attempt_id, record))
 
     async def finish(
         self,
@@ -414,10 +418,16 @@ _REFUND = (
     "INSERT INTO ledger (charge_id, key, amount, refunded) VALUES (?, ?, 0, 1)"
     " ON CONFLICT (charge_id) DO UPDATE SET refunded = 1"
 )
-# WHERE EXISTS: a stale attempt's record is dropped (and it also parses the upsert right).
-_RECORD_STEP = f"""
-    INSERT INTO steps (attempt_id, {_STEP}) SELECT ?, ?, ?, ?, ?, ?, ?
-    WHERE EXISTS (SELECT 1 FROM orders WHERE key = ? AND attempt_id = ?)
+# Step records as one JSON array of `step_row`s, in order. WHERE EXISTS: a record whose attempt
+# is no longer the order's is dropped (and it parses the upsert right); a later record of a
+# step updates the earlier one.
+_RECORD_STEPS = f"""
+    INSERT INTO steps (attempt_id, {_STEP})
+    SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, r.value ->> 4,
+        r.value ->> 5, r.value ->> 6
+    FROM json_each(?) AS r
+    WHERE EXISTS (SELECT 1 FROM orders WHERE key = r.value ->> 7 AND attempt_id = r.value ->> 0)
+    ORDER BY r.key
     ON CONFLICT (attempt_id, step) DO UPDATE SET
         status = excluded.status, detail = excluded.detail, duration_ms = excluded.duration_ms,
         compensation = excluded.compensation, compensation_ms = excluded.compensation_ms
@@ -490,21 +500,8 @@ def _restart(
     return _new_order(*rows[0]) if rows else None
 
 
-def _record_step(conn: Conn, key: str, attempt_id: str, r: StepRecord) -> None:
-    conn.execute(
-        _RECORD_STEP,
-        (
-            attempt_id,
-            r.step,
-            r.status,
-            r.detail,
-            r.duration_ms,
-            r.compensation,
-            r.compensation_ms,
-            key,
-            attempt_id,
-        ),
-    )
+def _record_steps(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
+    conn.execute(_RECORD_STEPS, (orjson.dumps(rows),))
 
 
 def _list_orders(conn: Conn, needs_attention: bool) -> list[tuple[StoredOrder, int]]:

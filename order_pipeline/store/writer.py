@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
 from types import TracebackType
@@ -28,7 +29,7 @@ import trio
 
 from .base import StoreUnavailable
 
-__all__ = ["Op", "WriterThread"]
+__all__ = ["Op", "RowsWrittenTogether", "WriterThread"]
 
 logger = logging.getLogger("order_pipeline.store")
 
@@ -177,3 +178,59 @@ def _cannot_abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
 def _reschedule_all(tasks: list[trio.lowlevel.Task]) -> None:
     for task in tasks:
         trio.lowlevel.reschedule(task)
+
+
+class RowsWrittenTogether(Generic[C]):
+    """Rows (a store's step records) queued by the Trio thread and written by one operation.
+
+    `add` queues a row, and an operation if none is queued that has not begun; when the
+    writer thread runs it, it takes every row queued by then and hands them to `write` at
+    once: one statement for a batch's records where each was one (each statement costs its
+    Python, and the writer thread a wait for the GIL when the database gives it back). The
+    rows are taken once, so a batch run again (after an operation failed alone, or the
+    lock was busy) writes them again.
+    """
+
+    def __init__(
+        self,
+        put: Callable[[Callable[[C], None], None], object],
+        write: Callable[[C, list[tuple[Any, ...]]], None],
+    ) -> None:
+        self._put = put
+        self._write = write
+        self._rows: deque[tuple[Any, ...]] = deque()  # each append and popleft is atomic
+        self._queued = False  # an operation is queued to take them and has not begun
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        """Queue `row` (in the Trio thread); StoreUnavailable if the store is closed."""
+        self._rows.append(row)
+        if not self._queued:
+            self._queued = True
+            try:
+                self._put(_Taking(self).write, None)
+            except BaseException:
+                self._queued = False
+                self._rows.pop()
+                raise
+
+    def _take(self) -> list[tuple[Any, ...]]:
+        self._queued = False  # first: a row added from now on queues an operation of its own
+        rows = []
+        with suppress(IndexError):
+            while True:
+                rows.append(self._rows.popleft())
+        return rows
+
+
+class _Taking(Generic[C]):
+    """One queued operation of `RowsWrittenTogether`: the rows it took, when it first ran."""
+
+    def __init__(self, together: RowsWrittenTogether[C]) -> None:
+        self.together = together
+        self.rows: list[tuple[Any, ...]] | None = None
+
+    def write(self, conn: C) -> None:
+        if self.rows is None:
+            self.rows = self.together._take()
+        if self.rows:
+            self.together._write(conn, self.rows)
