@@ -133,7 +133,7 @@ class OrderDesk:
     lease_timeout: float = 5.0
     retention: float = 86_400.0
     on_refused: OnRefused = lambda kind, status, order_id, reason: None
-    owner: str = attrs.field(factory=lambda: new_id())
+    owner: str = attrs.field(factory=new_id)
     # Replies that were sent as 503 because their record could not be committed; retried.
     _unrecorded: list[tuple[Attempt, int, bytes, str | None]] = attrs.field(factory=list)
 

@@ -778,6 +778,27 @@ async def test_step_records_are_written_when_their_batch_runs_again(tmp_path: Pa
         )
 
 
+async def test_step_records_after_a_failed_batch_are_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch that fails before running any operation (the file locked past busy_timeout)
+    loses its step records, with a line in the log; the records after it are written."""
+    path = tmp_path / "orders.db"
+    async with SqliteStore(path, busy_timeout=0.2) as store:
+        order = await begun(store)
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok", None, 5))
+            with pytest.raises(StoreUnavailable):
+                await store.get("k-1")  # in the same batch: both fail
+            other.execute("ROLLBACK")
+        store.record_step("k-1", order.attempt_id, StepRecord("vendor", "ok", None, 3))
+        stored = await store.get("k-1")
+    assert stored is not None
+    assert stored.steps == (StepRecord("vendor", "ok", None, 3),)
+    assert "1 step record(s) written together not stored" in caplog.text
+
+
 async def test_a_batch_that_raises_unexpectedly_fails_its_callers_instead_of_hanging(
     tmp_path: Path,
 ) -> None:

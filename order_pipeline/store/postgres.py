@@ -13,7 +13,8 @@ A batch runs in libpq's pipeline mode: its statements are sent without waiting f
 answer (S1 on PostgreSQL: 319 and 288 req/s against 288 and 250 without, in two pairs of
 runs), and the operations on an order's path (a begin, reading a finished reply) read their
 answers only once every statement is sent (`_Later`): one round trip brings them all, one
-more closes the pipeline with the transaction's id, and one commits. Every round trip costs
+more closes the pipeline with the transaction's id, and one commits (an operation that reads
+at once, such as `get` or a begin whose key was taken, adds its own). Every round trip costs
 the writer thread a wait for the GIL, which the Trio thread holds while it is busy. A batch
 runs without a savepoint per operation (each would cost a round trip): if one operation
 fails by itself (a bug, bad data), the transaction is rolled back and the batch runs again
@@ -57,7 +58,6 @@ import logging
 import random
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from typing import Any, Final, Generic, TypeVar, cast
@@ -68,6 +68,7 @@ import psycopg_pool
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from ..model import new_id
 from .base import (
     COMPENSATION_FAILED,
     FAILED_COMPENSATIONS,
@@ -187,7 +188,7 @@ class PostgresStore(WriterThread[Conn]):
         self.url = url
         self.timeout = timeout
         self.commits = 0
-        self._steps = RowsWrittenTogether(self._put, _record_steps)
+        self._steps = RowsWrittenTogether(self, _record_steps)
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
@@ -272,7 +273,8 @@ class PostgresStore(WriterThread[Conn]):
         them for the batch's sake (not for one operation's error); ([], None) when done.
 
         `pipelined`: in libpq's pipeline mode, where a statement is sent without waiting for
-        the answer to the one before (a round trip only where an operation reads a result).
+        the answer to the one before (the answers `_Later` reads come back together; an
+        operation that reads at once costs a round trip of its own).
         An operation's own error then surfaces at a later read, so it makes the batch run
         again statement by statement, which tells whose it was."""
         try:
@@ -367,13 +369,13 @@ class PostgresStore(WriterThread[Conn]):
     async def begin(
         self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
     ) -> Begun | Existing:
-        attempt_id = uuid.uuid4().hex
+        attempt_id = new_id()
         return await self._call_later(
             lambda conn: _begin(conn, key, order_id, request_hash, body, owner, attempt_id)
         )
 
     async def restart(self, key: str, owner: str, expected_attempt: int) -> StoredOrder | None:
-        attempt_id = uuid.uuid4().hex
+        attempt_id = new_id()
         return await self._call(
             lambda conn: _restart(conn, key, owner, expected_attempt, attempt_id)
         )
@@ -585,7 +587,6 @@ _REFUND = (
     " ON CONFLICT (charge_id) DO UPDATE SET refunded = true"
 )
 _NET = "SELECT coalesce(sum(amount), 0)::bigint FROM ledger WHERE key = {} AND NOT refunded"
-# WHERE EXISTS: a stale attempt's record is dropped.
 # Step records as one JSON array of `step_row`s, in order: a record whose attempt is no longer
 # the order's is dropped; one row per step (an upsert may not touch a row twice).
 _RECORD_STEPS = f"""
@@ -665,7 +666,9 @@ def _begin(
         for tries in range(3):  # a purge by another host may free the key between the two
             if row is not None:
                 return Begun(_new_order(*row))
-            existing = _get(conn, key)  # the winner, committed (or ours, earlier in the batch)
+            # The winner, committed, or one earlier or (read after the batch is sent) later
+            # in this batch: a concurrent begin of the key, which the order sees either way.
+            existing = _get(conn, key)
             if existing is not None:
                 return Existing(existing)
             if tries < 2:

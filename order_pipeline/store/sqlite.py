@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any, Final, TypeVar
 
 import orjson
 
+from ..model import new_id
 from .base import (
     COMPENSATION_FAILED,
     FAILED_COMPENSATIONS,
@@ -142,7 +142,7 @@ class SqliteStore(WriterThread[Conn]):
         # committed ones until read (the oldest dropped past _REPLIES_KEPT: a read then finds it).
         self._written: dict[tuple[str, str], FinishedReply] = {}
         self._committed: dict[tuple[str, str], FinishedReply] = {}
-        self._steps = RowsWrittenTogether(self._put, _record_steps)
+        self._steps = RowsWrittenTogether(self, _record_steps)
 
     # -- in the writer thread -------------------------------------------------------------
 
@@ -197,12 +197,12 @@ class SqliteStore(WriterThread[Conn]):
         self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
     ) -> Begun | Existing:
         order = StoredOrder(
-            key, order_id, request_hash, body, 1, uuid.uuid4().hex, owner, RUNNING, time.time()
+            key, order_id, request_hash, body, 1, new_id(), owner, RUNNING, time.time()
         )
         return await self._call(lambda conn: _begin(conn, order))
 
     async def restart(self, key: str, owner: str, expected_attempt: int) -> StoredOrder | None:
-        attempt_id, now = uuid.uuid4().hex, time.time()
+        attempt_id, now = new_id(), time.time()
         return await self._call(
             lambda conn: _restart(conn, key, owner, expected_attempt, attempt_id, now)
         )
@@ -418,15 +418,21 @@ _REFUND = (
     "INSERT INTO ledger (charge_id, key, amount, refunded) VALUES (?, ?, 0, 1)"
     " ON CONFLICT (charge_id) DO UPDATE SET refunded = 1"
 )
-# Step records as one JSON array of `step_row`s, in order. WHERE EXISTS: a record whose attempt
-# is no longer the order's is dropped (and it parses the upsert right); a later record of a
-# step updates the earlier one.
+# Step records as one JSON array (text, which every SQLite since 3.9 reads) of `step_row`s, in
+# order (json_extract, not ->>, which needs 3.38). WHERE EXISTS: a record whose attempt is no
+# longer the order's is dropped (and it parses the upsert right); a later record of a step
+# updates the earlier one.
 _RECORD_STEPS = f"""
     INSERT INTO steps (attempt_id, {_STEP})
-    SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, r.value ->> 4,
-        r.value ->> 5, r.value ->> 6
+    SELECT json_extract(r.value, '$[0]'), json_extract(r.value, '$[1]'),
+        json_extract(r.value, '$[2]'), json_extract(r.value, '$[3]'),
+        json_extract(r.value, '$[4]'), json_extract(r.value, '$[5]'),
+        json_extract(r.value, '$[6]')
     FROM json_each(?) AS r
-    WHERE EXISTS (SELECT 1 FROM orders WHERE key = r.value ->> 7 AND attempt_id = r.value ->> 0)
+    WHERE EXISTS (
+        SELECT 1 FROM orders
+        WHERE key = json_extract(r.value, '$[7]') AND attempt_id = json_extract(r.value, '$[0]')
+    )
     ORDER BY r.key
     ON CONFLICT (attempt_id, step) DO UPDATE SET
         status = excluded.status, detail = excluded.detail, duration_ms = excluded.duration_ms,
@@ -501,7 +507,7 @@ def _restart(
 
 
 def _record_steps(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
-    conn.execute(_RECORD_STEPS, (orjson.dumps(rows),))
+    conn.execute(_RECORD_STEPS, (orjson.dumps(rows).decode(),))
 
 
 def _list_orders(conn: Conn, needs_attention: bool) -> list[tuple[StoredOrder, int]]:

@@ -39,14 +39,22 @@ T = TypeVar("T")
 
 class Op(Generic[C, T]):
     """One queued operation; `waiter` (the task to wake once it is committed) is None for
-    fire-and-forget (record_step, finish_soon)."""
+    fire-and-forget (record_step, finish_soon). `taken`, if given, is called by the writer
+    thread as it takes the operation into a batch, and says what the operation writes."""
 
-    __slots__ = ("error", "fn", "result", "waiter")
+    __slots__ = ("error", "fn", "result", "taken", "waiter", "what")
     result: T
 
-    def __init__(self, fn: Callable[[C], T], waiter: trio.lowlevel.Task | None) -> None:
+    def __init__(
+        self,
+        fn: Callable[[C], T],
+        waiter: trio.lowlevel.Task | None,
+        taken: Callable[[], str] | None = None,
+    ) -> None:
         self.fn = fn
         self.waiter = waiter
+        self.taken = taken
+        self.what = "a queued record"  # for the log line if it is lost
         self.error: BaseException | None = None
 
 
@@ -128,6 +136,9 @@ class WriterThread(Generic[C]):
                         batch.append(get_nowait())
                 stop = batch[-1] is None
                 ops = [op for op in batch if op is not None]
+                for op in ops:
+                    if op.taken is not None:
+                        op.what = op.taken()
                 if ops:
                     try:
                         self._run_batch(ops)
@@ -148,7 +159,7 @@ class WriterThread(Generic[C]):
             if op.waiter is not None:
                 waiters.append(op.waiter)
             elif op.error is not None:
-                logger.error("a queued record was not stored: %s", op.error)
+                logger.error("%s not stored: %s", op.what, op.error)
         if waiters:
             with suppress(trio.RunFinishedError):
                 self._token.run_sync_soon(_reschedule_all, waiters)
@@ -163,10 +174,15 @@ class WriterThread(Generic[C]):
             raise op.error
         return op.result
 
-    def _put(self, fn: Callable[[C], T], waiter: trio.lowlevel.Task | None) -> Op[C, T]:
+    def _put(
+        self,
+        fn: Callable[[C], T],
+        waiter: trio.lowlevel.Task | None,
+        taken: Callable[[], str] | None = None,
+    ) -> Op[C, T]:
         if self._closed:
             raise StoreUnavailable(f"{self.where}: the store is closed")
-        op: Op[C, T] = Op(fn, waiter)
+        op: Op[C, T] = Op(fn, waiter, taken)
         self._queue.put(op)
         return op
 
@@ -183,34 +199,33 @@ def _reschedule_all(tasks: list[trio.lowlevel.Task]) -> None:
 class RowsWrittenTogether(Generic[C]):
     """Rows (a store's step records) queued by the Trio thread and written by one operation.
 
-    `add` queues a row, and an operation if none is queued that has not begun; when the
-    writer thread runs it, it takes every row queued by then and hands them to `write` at
-    once: one statement for a batch's records where each was one (each statement costs its
-    Python, and the writer thread a wait for the GIL when the database gives it back). The
-    rows are taken once, so a batch run again (after an operation failed alone, or the
-    lock was busy) writes them again.
+    `add` queues a row, and an operation if none is queued that the writer thread has not
+    taken yet; as the thread takes it into a batch, it takes every row queued by then, and
+    the operation hands them to `write` at once: one statement for a batch's records where
+    each was one (each statement costs its Python, and the writer thread a wait for the GIL
+    when the database gives it back). Rows are taken with their operation, so a batch run
+    again (after an operation failed alone, or the lock was busy) writes them again, and a
+    batch that fails loses them with one line in the log, as it would each on its own.
     """
 
     def __init__(
-        self,
-        put: Callable[[Callable[[C], None], None], object],
-        write: Callable[[C, list[tuple[Any, ...]]], None],
+        self, store: WriterThread[C], write: Callable[[C, list[tuple[Any, ...]]], None]
     ) -> None:
-        self._put = put
+        self._store = store
         self._write = write
         self._rows: deque[tuple[Any, ...]] = deque()  # each append and popleft is atomic
-        self._queued = False  # an operation is queued to take them and has not begun
+        self._queued = False  # an operation is queued to take them and has not yet
 
     def add(self, row: tuple[Any, ...]) -> None:
         """Queue `row` (in the Trio thread); StoreUnavailable if the store is closed."""
-        self._rows.append(row)
+        self._rows.append(row)  # first: an operation taken from now on takes it
         if not self._queued:
             self._queued = True
+            taking = _Taking(self)
             try:
-                self._put(_Taking(self).write, None)
-            except BaseException:
-                self._queued = False
-                self._rows.pop()
+                self._store._put(taking.write, None, taking.take)
+            except StoreUnavailable:
+                self._queued = False  # the row stays, never written: the store is closed
                 raise
 
     def _take(self) -> list[tuple[Any, ...]]:
@@ -223,14 +238,16 @@ class RowsWrittenTogether(Generic[C]):
 
 
 class _Taking(Generic[C]):
-    """One queued operation of `RowsWrittenTogether`: the rows it took, when it first ran."""
+    """One queued operation of `RowsWrittenTogether`, and the rows it took."""
 
     def __init__(self, together: RowsWrittenTogether[C]) -> None:
         self.together = together
-        self.rows: list[tuple[Any, ...]] | None = None
+        self.rows: list[tuple[Any, ...]] = []
+
+    def take(self) -> str:
+        self.rows = self.together._take()
+        return f"{len(self.rows)} step record(s) written together"
 
     def write(self, conn: C) -> None:
-        if self.rows is None:
-            self.rows = self.together._take()
         if self.rows:
             self.together._write(conn, self.rows)
