@@ -709,6 +709,24 @@ async def test_an_operation_failing_alone_leaves_its_sqlite_batch_alone(tmp_path
         assert await store.net_charge("k-1") == 0
 
 
+@asynccontextmanager
+async def one_batch_behind_a_lock(store: SqliteStore, nursery: trio.Nursery) -> AsyncIterator[None]:
+    """Hold the file's write lock until the writer has taken a lease renewal and waits for
+    it: what is queued inside then runs as one batch behind it, once the lock is let go."""
+
+    async def first_taken() -> bool:
+        return store._queue.empty()
+
+    with closing(sqlite3.connect(store.path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        nursery.start_soon(store.renew_lease, "w-1", 5.0)
+        await trio.testing.wait_all_tasks_blocked()  # queued
+        await wait_for(first_taken, "the writer to take the lease")
+        yield
+        await trio.testing.wait_all_tasks_blocked()
+        other.execute("ROLLBACK")
+
+
 async def test_a_finish_whose_batch_failed_is_not_replied(tmp_path: Path) -> None:
     """finished_reply answers from what finish_soon wrote only once it is committed: a finish
     whose batch failed after it ran (SQLite rolled the transaction back, as on an I/O error)
@@ -719,21 +737,11 @@ async def test_a_finish_whose_batch_failed_is_not_replied(tmp_path: Path) -> Non
         conn.execute("ROLLBACK")
         raise sqlite3.OperationalError("disk I/O error (simulated)")
 
-    async def first_taken() -> bool:
-        return store._queue.empty()  # the writer holds it, waiting for the lock
-
     async with SqliteStore(path) as store:
         order = await begun(store)
-        with closing(sqlite3.connect(path, isolation_level=None)) as other:
-            other.execute("BEGIN IMMEDIATE")
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(store.renew_lease, "w-1", 5.0)
-                await trio.testing.wait_all_tasks_blocked()  # queued
-                await wait_for(first_taken, "the writer to take the lease")
-                # Queued together behind it: one batch, the finish first.
-                store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
-                store._put(fail_the_batch, None)
-                other.execute("ROLLBACK")
+        async with trio.open_nursery() as nursery, one_batch_behind_a_lock(store, nursery):
+            store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)  # the finish first
+            store._put(fail_the_batch, None)
         assert await store.finished_reply("k-1", order.attempt_id) is None
         running = await store.get("k-1")
         assert running is not None
@@ -752,23 +760,13 @@ async def test_step_records_are_written_when_their_batch_runs_again(tmp_path: Pa
         except OverflowError as exc:
             failed.append(exc)
 
-    async def first_taken() -> bool:
-        return store._queue.empty()  # the writer holds it, waiting for the lock
-
     async with SqliteStore(path) as store:
         order = await begun(store)
-        with closing(sqlite3.connect(path, isolation_level=None)) as other:
-            other.execute("BEGIN IMMEDIATE")
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(store.renew_lease, "w-1", 5.0)
-                await trio.testing.wait_all_tasks_blocked()  # queued
-                await wait_for(first_taken, "the writer to take the lease")
-                # Queued together behind it: one batch, the step records first.
-                store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok", None, 5))
-                store.record_step("k-1", order.attempt_id, StepRecord("vendor", "ok", None, 3))
-                nursery.start_soon(charge_too_much)
-                await trio.testing.wait_all_tasks_blocked()
-                other.execute("ROLLBACK")
+        async with trio.open_nursery() as nursery, one_batch_behind_a_lock(store, nursery):
+            # The step records first, then the charge that fails alone.
+            store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok", None, 5))
+            store.record_step("k-1", order.attempt_id, StepRecord("vendor", "ok", None, 3))
+            nursery.start_soon(charge_too_much)
         stored = await store.get("k-1")
         assert len(failed) == 1
         assert stored is not None
