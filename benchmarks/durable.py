@@ -12,7 +12,9 @@ memory per order while all of them wait in their steps.
 `recovery` leaves N orders running in a SQLite file as a process that died after
 their payments would (no lease, a charge each), then starts one desk's
 maintenance and times until every one is recorded `interrupted` with its charge
-refunded. Prints one JSON object either way.
+refunded, polling the file from a connection of its own (as an operator's query would: the
+desk's own store is not asked, so the count does not slow what it measures). Prints one JSON
+object either way.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sqlite3
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +103,14 @@ async def leave_orphans(store: SqliteStore, orders: int) -> None:
             nursery.start_soon(orphan, n)
 
 
+def still_running(path: Path) -> int:
+    """Orders not yet finished, read from a read-only connection of its own (in a thread)."""
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        return int(
+            conn.execute("SELECT count(*) FROM orders WHERE state = ?", (RUNNING,)).fetchone()[0]
+        )
+
+
 async def recovery(orders: int) -> dict[str, Any]:
     path = Path(tempfile.mkdtemp(prefix="recovery-")) / "orders.db"
     async with SqliteStore(path) as store:
@@ -107,8 +119,8 @@ async def recovery(orders: int) -> dict[str, Any]:
         started = time.monotonic()
         async with trio.open_nursery() as nursery:
             await nursery.start(assembly.desk.maintain)
-            # The store is polled, as an operator would poll it: there is no event to wait on.
-            while any(o.state == RUNNING for o, _ in await store.list_orders()):  # noqa: ASYNC110
+            # The file is polled, as an operator would poll it: there is no event to wait on.
+            while await trio.to_thread.run_sync(still_running, path):  # noqa: ASYNC110
                 await trio.sleep(0.5)
             elapsed = time.monotonic() - started
             nursery.cancel_scope.cancel()
