@@ -190,3 +190,19 @@ def test_a_body_the_standard_parser_refuses_is_named_exactly(body: bytes, messag
         parse_order(body, make_converter())
 
     assert refused.value.message == message
+
+
+def test_a_compact_body_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body as orjson writes it needs no second parse for a repeated key; any other does."""
+    parsed_again: list[bytes] = []
+
+    def second_parse(body: bytes, **_: Any) -> None:
+        parsed_again.append(body)
+
+    monkeypatch.setattr("order_pipeline.serialization.json.loads", second_parse)
+    compact = b'{"order_id":"o","amount":1,"delay_ms":{"payment":0}}'
+    spaced = b'{"order_id": "o", "amount": 1}'
+
+    assert parse_order(compact, make_converter()).order_id == "o"
+    assert parse_order(spaced, make_converter()).order_id == "o"
+    assert parsed_again == [spaced]
