@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import orjson
 import pytest
 import trio
 import trio.testing
@@ -1432,3 +1433,44 @@ async def test_a_closed_postgresql_store_refuses_work(schema: str) -> None:
         await store.get("k-1")
     with pytest.raises(StoreUnavailable, match="closed"):
         store.record_step("k-1", "a", StepRecord("payment", "ok"))
+
+
+@pytest.mark.postgres
+async def test_orders_are_found_by_key_however_small_the_table_was_at_first(
+    schema: str,
+) -> None:
+    """A statement the store ran on an empty table (psycopg then prepares it, and PostgreSQL
+    may keep one plan for it) still finds an order through the key's index once thousands
+    are stored; step records check their attempt through it too, not by reading every order.
+    """
+    from order_pipeline.store import postgres
+
+    async with postgres_stores(postgres_url(schema=schema), 1) as (store,):
+        # psycopg prepares a statement at its sixth run, PostgreSQL may keep a plan from its sixth
+        for i in range(16):
+            key = f"k-{i}"
+            begun = await store.begin(key, "o-1", "hash-1", BODY, "w-1")
+            assert isinstance(begun, Begun)
+            await store.finish(key, begun.order.attempt_id, 200, b"{}", None)
+            assert await store.finished_reply(key, begun.order.attempt_id) is not None
+
+        def plans(conn: Any) -> tuple[str, str]:
+            conn.execute(
+                "INSERT INTO orders (key, order_id, request_hash, body, attempt, attempt_id,"
+                " owner, state, started_at, finished_at, http_status, reply)"
+                " SELECT 'bulk-' || i, 'o', 'h', '', 1, 'a-' || i, 'w-0', 'finished', now(),"
+                " now(), 200, '' FROM generate_series(1, 5000) AS i"
+            )
+            (name,) = conn.execute(
+                "SELECT name FROM pg_prepared_statements WHERE statement = %s",
+                (postgres._FINISHED_REPLY.replace("%s", "$1", 1).replace("%s", "$2", 1),),
+            ).fetchone()
+            reply = conn.execute(f"EXPLAIN EXECUTE {name}('bulk-7', 'a-7')").fetchall()
+            rows = orjson.dumps([["a-7", "payment", "ok", None, 1, None, None, "bulk-7"]])
+            steps = conn.execute("EXPLAIN " + postgres._RECORD_STEPS, (rows.decode(),))
+            return "\n".join(r[0] for r in reply), "\n".join(r[0] for r in steps.fetchall())
+
+        reply_plan, steps_plan = await store._call(plans)
+    assert "Index Cond: (key = " in reply_plan, reply_plan
+    assert "Seq Scan on orders" not in steps_plan, steps_plan
+    assert "orders_pkey" in steps_plan, steps_plan
