@@ -66,6 +66,7 @@ BACKEND_PARAMS = [
     pytest.param(name, marks=pytest.mark.postgres) if name == "postgresql" else name
     for name in BACKENDS
 ]
+SQL_BACKEND_PARAMS = [param for param in BACKEND_PARAMS if param != "memory"]
 BODY = b'{"amount":100,"order_id":"o-1"}'
 
 
@@ -182,6 +183,8 @@ async def test_finished_reply_is_the_attempt_s_once_it_finished(store: OrderStor
     assert replied == FinishedReply(502, b'{"error":"x"}', "step_failed")
     assert await store.finished_reply("k-1", "another-attempt") is None
     assert await store.finished_reply("k-2", order.attempt_id) is None
+    store.finish_soon("k-1", "another-attempt", 200, b"{}", None)  # writes nothing
+    assert await store.finished_reply("k-1", "another-attempt") is None
 
 
 async def test_finish_of_a_stale_attempt_changes_nothing(store: OrderStore) -> None:
@@ -819,25 +822,25 @@ async def test_a_batch_that_raises_unexpectedly_fails_its_callers_instead_of_han
         assert await store.get("k-1") is None
 
 
-async def test_replies_not_read_back_are_read_from_the_file(tmp_path: Path) -> None:
-    """More finished orders than the store keeps replies of, none read back at once: each
-    finished_reply is still the order's own (the first ones read from the file)."""
-    async with SqliteStore(tmp_path / "orders.db") as store:
-        orders = []
-        async with trio.open_nursery() as nursery:
+@pytest.mark.parametrize("store_url", SQL_BACKEND_PARAMS, indirect=True)
+async def test_replies_not_read_back_are_read_from_the_database(store: OrderStore) -> None:
+    """More finished orders than an SQL store keeps replies of, none read back at once: each
+    finished_reply is still the order's own (the first ones read from the database)."""
+    orders = []
+    async with trio.open_nursery() as nursery:
 
-            async def one(i: int) -> None:
-                orders.append(await begun(store, f"k-{i}"))
+        async def one(i: int) -> None:
+            orders.append(await begun(store, f"k-{i}"))
 
-            for i in range(1010):
-                nursery.start_soon(one, i)
-        for order in orders:
-            store.finish_soon(order.key, order.attempt_id, 200, order.key.encode(), None)
-        await store.get("k-0")  # after the finishes' commit
-        assert len(store._committed) == 1000  # what it keeps is bounded
-        for order in orders:
-            replied = await store.finished_reply(order.key, order.attempt_id)
-            assert replied == FinishedReply(200, order.key.encode(), None)
+        for i in range(1010):
+            nursery.start_soon(one, i)
+    for order in orders:
+        store.finish_soon(order.key, order.attempt_id, 200, order.key.encode(), None)
+    await store.get("k-0")  # after the finishes' commit
+    assert len(store._committed) == 1000  # type: ignore[attr-defined]  # bounded, in both
+    for order in orders:
+        replied = await store.finished_reply(order.key, order.attempt_id)
+        assert replied == FinishedReply(200, order.key.encode(), None)
 
 
 @pytest.mark.parametrize(
@@ -1300,7 +1303,8 @@ async def test_a_lock_held_past_the_timeout_makes_the_batch_unavailable(schema: 
 @pytest.mark.postgres
 async def test_an_operation_failing_alone_leaves_its_batch_alone(schema: str) -> None:
     """In one batch, a charge the database refuses (out of bigint's range) raises its own
-    error; the begins around it are committed all the same."""
+    error; the begins and the finish around it are committed all the same, and the finish's
+    reply is read back once, from the run that committed."""
     import psycopg
 
     app = application()
@@ -1308,6 +1312,7 @@ async def test_an_operation_failing_alone_leaves_its_batch_alone(schema: str) ->
         with_params(postgres_url(schema=schema), application_name=app), 1
     ) as (store,):
         first = await begun(store, "k-0")
+        third = await begun(store, "k-3")
         results: dict[str, object] = {}
 
         async def call(name: str, fn: Callable[[], Awaitable[object]]) -> None:
@@ -1322,8 +1327,10 @@ async def test_an_operation_failing_alone_leaves_its_batch_alone(schema: str) ->
                 call, "finish", lambda: store.finish("k-0", first.attempt_id, 200, b"", None)
             )
             await wait_for(lambda: backends(app, waiting=True), "the finish to wait")
+            store.finish_soon("k-3", third.attempt_id, 201, b"three", None)
             nursery.start_soon(call, "k-1", lambda: store.begin("k-1", "o-1", "h", BODY, "w-1"))
             nursery.start_soon(call, "charge", lambda: store.charge("c-1", "k-1", 2**70))
+            nursery.start_soon(call, "reply", lambda: store.finished_reply("k-3", third.attempt_id))
             nursery.start_soon(call, "k-2", lambda: store.begin("k-2", "o-2", "h", BODY, "w-1"))
             await trio.testing.wait_all_tasks_blocked()
             # Leaving the block releases the lock first, then waits for the calls.
@@ -1332,6 +1339,8 @@ async def test_an_operation_failing_alone_leaves_its_batch_alone(schema: str) ->
         assert isinstance(results["k-2"], Begun)
         assert await store.get("k-2") == results["k-2"].order
         assert await store.net_charge("k-1") == 0
+        assert results["reply"] == FinishedReply(201, b"three", None)
+        assert store._committed == {}  # read once
 
 
 @pytest.mark.postgres

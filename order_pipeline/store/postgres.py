@@ -95,6 +95,7 @@ TABLES: Final = ("orders", "steps", "leases", "ledger")
 MIGRATION_LOCK: Final = 0x6F726470_00000001
 MIGRATION_WAIT: Final = 60.0  # s, for the lock of another host's migration
 MIN_SERVER_VERSION: Final = 130000  # pg_xact_status, pg_current_xact_id_if_assigned
+_REPLIES_KEPT: Final = 1000  # finished replies kept for finished_reply (see PostgresStore)
 _TRIES: Final = 5  # runs of one batch (deadlocks, lost connections) before StoreUnavailable
 # Before a batch runs again, a pause of up to this many seconds times its tries: two hosts'
 # batches that deadlocked would otherwise run again at once and meet the same way.
@@ -189,6 +190,12 @@ class PostgresStore(WriterThread[Conn]):
         self.timeout = timeout
         self.commits = 0
         self._steps = RowsWrittenTogether(self, _record_steps)
+        # Replies that finish_soon wrote, for the desk's finished_reply to answer without a
+        # statement (as the SQLite store does): in the writer thread only. `_written` holds
+        # this transaction's, `_committed` those of committed ones until read (the oldest
+        # dropped past _REPLIES_KEPT: a read then finds it in the table).
+        self._written: dict[tuple[str, str], FinishedReply] = {}
+        self._committed: dict[tuple[str, str], FinishedReply] = {}
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
@@ -293,6 +300,7 @@ class PostgresStore(WriterThread[Conn]):
             _fail(ops, self._unavailable(exc, "no connection to the database"))
             return [], None
         pid, committing, xid = conn.info.backend_pid, False, None
+        self._written.clear()
         failed: Op[Conn, Any] | None = None
         unknown_failure = False  # an operation failed in the pipeline: whose is not known
         error: Exception | None = None
@@ -320,7 +328,7 @@ class PostgresStore(WriterThread[Conn]):
         if failed is not None:
             return [op for op in ops if op is not failed], None
         if error is None:
-            self.commits += 1
+            self._did_commit()
             return [], None
         if not lost:
             if _rolled_back(error):
@@ -335,13 +343,19 @@ class PostgresStore(WriterThread[Conn]):
         if outcome == "aborted":
             return ops, error
         if outcome == "committed":
-            self.commits += 1
+            self._did_commit()
             return [], None
         _fail(ops, self._unavailable(error, f"connection lost while committing ({outcome})"))
         return [], None
 
     def _commit(self, conn: Conn) -> None:
         conn.execute("COMMIT")
+
+    def _did_commit(self) -> None:
+        self.commits += 1
+        self._committed.update(self._written)
+        while len(self._committed) > _REPLIES_KEPT:
+            del self._committed[next(iter(self._committed))]
 
     def _outcome(self, xid: str | None, backend_pid: int) -> str:
         """Whether a transaction whose COMMIT's answer was lost committed, asked afresh."""
@@ -417,13 +431,36 @@ class PostgresStore(WriterThread[Conn]):
         owner: str | None = None,
     ) -> None:
         args = (http_status, reply, kind, key, attempt_id, owner)
-        self._put(lambda conn: _execute(conn, _FINISH, args), None)
+        written = FinishedReply(http_status, reply, kind)
+
+        def finish(conn: Conn) -> _Later[None]:
+            cursor = conn.execute(_FINISH_SOON, args)
+
+            def read() -> None:
+                if cursor.fetchone() is not None:
+                    self._written[key, attempt_id] = written
+
+            return _Later(read)
+
+        self._put(finish, None)
 
     async def get(self, key: str) -> StoredOrder | None:
         return await self._call(lambda conn: _get(conn, key))
 
     async def finished_reply(self, key: str, attempt_id: str) -> FinishedReply | None:
-        return await self._call_later(lambda conn: _finished_reply(conn, key, attempt_id))
+        """Without a statement if finish_soon wrote it in this transaction or a committed one
+        (read once the batch is sent, after the finish's own answer)."""
+
+        def read(conn: Conn) -> _Later[FinishedReply | None]:
+            def written() -> FinishedReply | None:
+                known = self._written.pop((key, attempt_id), None) or self._committed.pop(
+                    (key, attempt_id), None
+                )
+                return known or _finished_reply(conn, key, attempt_id)
+
+            return _Later(written)
+
+        return await self._call_later(read)
 
     async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
         return await self._call(lambda conn: _list_orders(conn, needs_attention))
@@ -585,6 +622,7 @@ _FINISH = (
     f" kind = %s WHERE key = %s AND attempt_id = %s AND state = '{RUNNING}'"
     " AND owner = coalesce(%s::text, owner)"
 )
+_FINISH_SOON = _FINISH + " RETURNING true"  # a row if it was written
 _RENEW = (
     "INSERT INTO leases (owner, expires_at) VALUES (%s, now() + %s * interval '1 second')"
     " ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at"
@@ -652,14 +690,9 @@ _FINISHED_REPLY = (
 )
 
 
-def _finished_reply(conn: Conn, key: str, attempt_id: str) -> _Later[FinishedReply | None]:
-    cursor = conn.execute(_FINISHED_REPLY, (key, attempt_id))
-
-    def read() -> FinishedReply | None:
-        row = cursor.fetchone()
-        return None if row is None else FinishedReply(*row)
-
-    return _Later(read)
+def _finished_reply(conn: Conn, key: str, attempt_id: str) -> FinishedReply | None:
+    row = conn.execute(_FINISHED_REPLY, (key, attempt_id)).fetchone()
+    return None if row is None else FinishedReply(*row)
 
 
 _BEGIN = (
