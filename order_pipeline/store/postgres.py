@@ -11,10 +11,11 @@ every write queued before them (`get` after `finish_soon`, as the contract says)
 
 A batch runs in libpq's pipeline mode: its statements are sent without waiting for each
 answer (S1 on PostgreSQL: 319 and 288 req/s against 288 and 250 without, in two pairs of
-runs), and the operations on an order's path (a begin, reading a finished reply) read their
-answers only once every statement is sent (`_Later`): one round trip brings them all, one
-more closes the pipeline with the transaction's id, and one commits (an operation that reads
-at once, such as `get` or a begin whose key was taken, adds its own). Every round trip costs
+runs), and the operations on an order's path (a begin; a finish, whose reply the desk's
+`finished_reply` then takes without a statement) read their answers only once every
+statement is sent (`_Later`): one round trip brings them all, one more closes the pipeline
+with the transaction's id, and one commits (an operation that reads at once, such as `get`
+or a begin whose key was taken, adds its own). Every round trip costs
 the writer thread a wait for the GIL, which the Trio thread holds while it is busy. A batch
 runs without a savepoint per operation (each would cost a round trip): if one operation
 fails by itself (a bug, bad data), the transaction is rolled back and the batch runs again
@@ -294,13 +295,13 @@ class PostgresStore(WriterThread[Conn]):
         operation that reads at once costs a round trip of its own).
         An operation's own error then surfaces at a later read, so it makes the batch run
         again statement by statement, which tells whose it was."""
+        self._written.clear()
         try:
             conn = self._pool.getconn()
         except psycopg_pool.PoolTimeout as exc:
             _fail(ops, self._unavailable(exc, "no connection to the database"))
             return [], None
         pid, committing, xid = conn.info.backend_pid, False, None
-        self._written.clear()
         failed: Op[Conn, Any] | None = None
         unknown_failure = False  # an operation failed in the pipeline: whose is not known
         error: Exception | None = None
