@@ -12,7 +12,9 @@ and dropped after it. Without a server those tests skip, unless ORDER_PIPELINE_R
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -905,6 +907,16 @@ async def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
         await store.get("k-1")
     with pytest.raises(StoreUnavailable, match="closed"):
         store.record_step("k-1", "a", StepRecord("payment", "ok"))
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.parametrize("store_url", SQL_BACKEND_PARAMS, indirect=True)
+async def test_the_writer_thread_does_not_preempt_the_trio_thread(store: OrderStore) -> None:
+    """An SQL store's writer thread runs under SCHED_BATCH, the Trio thread as it was."""
+    writer = store._thread  # type: ignore[attr-defined]  # both SQL stores'
+    assert writer.native_id != threading.get_native_id()
+    assert os.sched_getscheduler(writer.native_id) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 # -- PostgreSQL only ------------------------------------------------------------------------

@@ -12,11 +12,17 @@ and a caller that gets a result knows it is committed (Trio delivers the cancell
 its next checkpoint). The wait is Trio's lowest-level one (`wait_task_rescheduled`, refusing
 to abort), not an Event inside a shielded cancel scope: the same rule at a fraction of the
 cost, paid two or three times per order.
+
+On Linux the thread runs under SCHED_BATCH: it wakes often (an operation queued, the
+database's answer, the GIL), and a normal thread that wakes may preempt the Trio thread,
+which holds the GIL the woken one then waits for; under SCHED_BATCH it waits for a free
+core instead (S2: the Trio thread preempted 0.5 to 0.8 times per request, not 1.4 to 1.8).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections import deque
@@ -120,6 +126,7 @@ class WriterThread(Generic[C]):
     # -- the writer thread ----------------------------------------------------------------
 
     def _serve(self, opened: trio.Event) -> None:
+        _not_preempting_trio()
         try:
             self._open()
         except BaseException as exc:
@@ -185,6 +192,16 @@ class WriterThread(Generic[C]):
         op: Op[C, T] = Op(fn, waiter, taken)
         self._queue.put(op)
         return op
+
+
+def _not_preempting_trio() -> None:
+    """Put the calling thread under SCHED_BATCH where there is one (see the module docstring).
+    It still gets its fair share of a busy CPU; it only no longer preempts when it wakes."""
+    if hasattr(os, "SCHED_BATCH"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError as exc:  # a sandbox may refuse it: the store works the same
+            logger.debug("the store's writer thread keeps its scheduling policy: %s", exc)
 
 
 def _cannot_abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
