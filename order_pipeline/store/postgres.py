@@ -14,8 +14,10 @@ answer (S1 on PostgreSQL: 319 and 288 req/s against 288 and 250 without, in two 
 runs), and the operations on an order's path (a begin; a finish, whose reply the desk's
 `finished_reply` then takes without a statement) read their answers only once every
 statement is sent (`_Later`): one round trip brings them all, one more closes the pipeline
-with the transaction's id, and one commits (an operation that reads at once, such as `get`
-or a begin whose key was taken, adds its own). Every round trip costs
+with the transaction's id, and one commits (an operation that reads at once, such as `get`,
+a begin whose key was taken or a finished reply the store no longer holds, adds its own;
+such a late read sees the whole batch, statements queued after it too, which concurrent
+operations may). Every round trip costs
 the writer thread a wait for the GIL, which the Trio thread holds while it is busy. A batch
 runs without a savepoint per operation (each would cost a round trip): if one operation
 fails by itself (a bug, bad data), the transaction is rolled back and the batch runs again
@@ -450,7 +452,8 @@ class PostgresStore(WriterThread[Conn]):
 
     async def finished_reply(self, key: str, attempt_id: str) -> FinishedReply | None:
         """Without a statement if finish_soon wrote it in this transaction or a committed one
-        (read once the batch is sent, after the finish's own answer)."""
+        (read once the batch is sent, after the finish's own answer); else a SELECT then, a
+        round trip of its own."""
 
         def read(conn: Conn) -> _Later[FinishedReply | None]:
             def written() -> FinishedReply | None:

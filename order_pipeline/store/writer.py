@@ -13,10 +13,11 @@ its next checkpoint). The wait is Trio's lowest-level one (`wait_task_reschedule
 to abort), not an Event inside a shielded cancel scope: the same rule at a fraction of the
 cost, paid two or three times per order.
 
-On Linux the thread runs under SCHED_BATCH: it wakes often (an operation queued, the
-database's answer, the GIL), and a normal thread that wakes may preempt the Trio thread,
-which holds the GIL the woken one then waits for; under SCHED_BATCH it waits for a free
-core instead (S2: the Trio thread preempted 0.5 to 0.8 times per request, not 1.4 to 1.8).
+On Linux the thread runs under SCHED_BATCH (as do the threads it starts, such as
+psycopg_pool's worker): it wakes often (an operation queued, the database's answer, the
+GIL), and a normal thread that wakes may preempt the Trio thread, which holds the GIL the
+woken one then waits for; under SCHED_BATCH it no longer preempts the running thread when
+it wakes (S2: the Trio thread preempted 0.5 to 0.8 times per request, not 1.4 to 1.8).
 """
 
 from __future__ import annotations
@@ -126,8 +127,8 @@ class WriterThread(Generic[C]):
     # -- the writer thread ----------------------------------------------------------------
 
     def _serve(self, opened: trio.Event) -> None:
-        _not_preempting_trio()
         try:
+            _not_preempting_trio()
             self._open()
         except BaseException as exc:
             self._open_error = exc
