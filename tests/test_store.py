@@ -1376,6 +1376,69 @@ async def test_an_operation_failing_alone_leaves_its_batch_alone(schema: str) ->
 
 
 @pytest.mark.postgres
+async def test_a_reply_written_by_a_rolled_back_run_of_a_batch_is_not_served(
+    schema: str,
+) -> None:
+    """A batch's finish writes a reply, then another operation fails and the batch is rolled
+    back; before it runs again another host finishes the order. The run that commits writes
+    nothing, so the reply read back is the other host's, the one stored, not the one the
+    rolled-back run wrote."""
+    import psycopg
+
+    from order_pipeline.store.postgres import PostgresStore
+
+    theirs = FinishedReply(503, b"theirs", "interrupted")
+
+    class AnotherHostFinishesBetweenRuns(PostgresStore):
+        runs = 0
+
+        def _attempt(self, ops: Any, pipelined: bool) -> Any:
+            if not pipelined:  # the batch run again statement by statement
+                self.runs += 1
+                if self.runs == 2:  # after the run where the charge failed
+                    with admin() as conn:
+                        conn.execute(
+                            f"UPDATE {schema}.orders SET state = 'finished',"
+                            " finished_at = now(), http_status = %s, reply = %s, kind = %s"
+                            " WHERE key = 'k-3'",
+                            (theirs.http_status, theirs.reply, theirs.kind),
+                        )
+            return super()._attempt(ops, pipelined)
+
+    app = application()
+    url = with_params(postgres_url(schema=schema), application_name=app)
+    async with AnotherHostFinishesBetweenRuns(url) as store:
+        first = await begun(store, "k-0")
+        third = await begun(store, "k-3")
+        results: dict[str, object] = {}
+
+        async def call(name: str, fn: Callable[[], Awaitable[object]]) -> None:
+            try:
+                results[name] = await fn()
+            except psycopg.Error as exc:
+                results[name] = exc
+
+        async with trio.open_nursery() as nursery, row_locked(schema, "k-0"):
+            # The writer waits on the lock with this finish; the rest queue behind it, in
+            # this order: the finish of k-3, the charge that fails, the reply of k-3.
+            nursery.start_soon(
+                call, "finish", lambda: store.finish("k-0", first.attempt_id, 200, b"", None)
+            )
+            await wait_for(lambda: backends(app, waiting=True), "the finish to wait")
+            store.finish_soon("k-3", third.attempt_id, 201, b"ours", None)
+            nursery.start_soon(call, "charge", lambda: store.charge("c-1", "k-3", 2**70))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(call, "reply", lambda: store.finished_reply("k-3", third.attempt_id))
+            await trio.testing.wait_all_tasks_blocked()
+        assert store.runs == 2
+        assert isinstance(results["charge"], psycopg.errors.NumericValueOutOfRange)
+        assert results["reply"] == theirs
+        stored = await store.get("k-3")
+        assert stored is not None
+        assert (stored.http_status, stored.reply, stored.kind) == (503, b"theirs", "interrupted")
+
+
+@pytest.mark.postgres
 @pytest.mark.parametrize("committed", [True, False], ids=["committed", "not-committed"])
 async def test_a_commit_whose_answer_is_lost_is_looked_up(committed: bool, schema: str) -> None:
     """The connection is lost while committing: the store asks the database whether the
