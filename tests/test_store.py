@@ -839,7 +839,7 @@ async def test_replies_not_read_back_are_read_from_the_database(store: OrderStor
     for order in orders:
         store.finish_soon(order.key, order.attempt_id, 200, order.key.encode(), None)
     await store.get("k-0")  # after the finishes' commit
-    assert len(store._committed) == 1000  # type: ignore[attr-defined]  # bounded, in both
+    assert len(store._replies) == 1000  # type: ignore[attr-defined]  # bounded, in both
     for order in orders:
         replied = await store.finished_reply(order.key, order.attempt_id)
         assert replied == FinishedReply(200, order.key.encode(), None)
@@ -1372,7 +1372,7 @@ async def test_an_operation_failing_alone_leaves_its_batch_alone(schema: str) ->
         assert await store.get("k-2") == results["k-2"].order
         assert await store.net_charge("k-1") == 0
         assert results["reply"] == FinishedReply(201, b"three", None)
-        assert store._committed == {}  # read once
+        assert len(store._replies) == 0  # read once
 
 
 @pytest.mark.postgres

@@ -87,7 +87,7 @@ from .base import (
     StoreUnavailable,
     step_row,
 )
-from .writer import Op, RowsWrittenTogether, WriterThread
+from .writer import Op, RepliesWritten, RowsWrittenTogether, WriterThread
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,6 @@ TABLES: Final = ("orders", "steps", "leases", "ledger")
 MIGRATION_LOCK: Final = 0x6F726470_00000001
 MIGRATION_WAIT: Final = 60.0  # s, for the lock of another host's migration
 MIN_SERVER_VERSION: Final = 130000  # pg_xact_status, pg_current_xact_id_if_assigned
-_REPLIES_KEPT: Final = 1000  # finished replies kept for finished_reply (see PostgresStore)
 _TRIES: Final = 5  # runs of one batch (deadlocks, lost connections) before StoreUnavailable
 # Before a batch runs again, a pause of up to this many seconds times its tries: two hosts'
 # batches that deadlocked would otherwise run again at once and meet the same way.
@@ -193,12 +192,7 @@ class PostgresStore(WriterThread[Conn]):
         self.timeout = timeout
         self.commits = 0
         self._steps = RowsWrittenTogether(self, _record_steps)
-        # Replies that finish_soon wrote, for the desk's finished_reply to answer without a
-        # statement (as the SQLite store does): in the writer thread only. `_written` holds
-        # this transaction's, `_committed` those of committed ones until read (the oldest
-        # dropped past _REPLIES_KEPT: a read then finds it in the table).
-        self._written: dict[tuple[str, str], FinishedReply] = {}
-        self._committed: dict[tuple[str, str], FinishedReply] = {}
+        self._replies = RepliesWritten()  # what finish_soon wrote, for finished_reply
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
@@ -297,7 +291,7 @@ class PostgresStore(WriterThread[Conn]):
         operation that reads at once costs a round trip of its own).
         An operation's own error then surfaces at a later read, so it makes the batch run
         again statement by statement, which tells whose it was."""
-        self._written.clear()
+        self._replies.transaction_begins()
         try:
             conn = self._pool.getconn()
         except psycopg_pool.PoolTimeout as exc:
@@ -356,9 +350,7 @@ class PostgresStore(WriterThread[Conn]):
 
     def _did_commit(self) -> None:
         self.commits += 1
-        self._committed.update(self._written)
-        while len(self._committed) > _REPLIES_KEPT:
-            del self._committed[next(iter(self._committed))]
+        self._replies.transaction_committed()
 
     def _outcome(self, xid: str | None, backend_pid: int) -> str:
         """Whether a transaction whose COMMIT's answer was lost committed, asked afresh."""
@@ -441,7 +433,7 @@ class PostgresStore(WriterThread[Conn]):
 
             def read() -> None:
                 if cursor.fetchone() is not None:
-                    self._written[key, attempt_id] = written
+                    self._replies.wrote(key, attempt_id, written)
 
             return _Later(read)
 
@@ -457,10 +449,7 @@ class PostgresStore(WriterThread[Conn]):
 
         def read(conn: Conn) -> _Later[FinishedReply | None]:
             def written() -> FinishedReply | None:
-                known = self._written.pop((key, attempt_id), None) or self._committed.pop(
-                    (key, attempt_id), None
-                )
-                return known or _finished_reply(conn, key, attempt_id)
+                return self._replies.take(key, attempt_id) or _finished_reply(conn, key, attempt_id)
 
             return _Later(written)
 

@@ -57,13 +57,12 @@ from .base import (
     StoreUnavailable,
     step_row,
 )
-from .writer import Op, RowsWrittenTogether, WriterThread
+from .writer import Op, RepliesWritten, RowsWrittenTogether, WriterThread
 
 logger = logging.getLogger(__name__)
 
 _HEADER: Final = b"SQLite format 3\x00"
 # Replies of committed finishes kept for finished_reply; a reply dropped is read instead.
-_REPLIES_KEPT: Final = 1000
 # Between two tries for the write lock another process holds: about one commit of theirs.
 _BUSY_PAUSE_S: Final = 0.0005
 APPLICATION_ID: Final = 0x6F726470  # "ordp": tells our files from other SQLite databases
@@ -137,11 +136,7 @@ class SqliteStore(WriterThread[Conn]):
         self.busy_timeout = busy_timeout
         self.commits = 0
         self._conn: Conn  # the writer thread's own, from _connect
-        # Replies that finish_soon wrote, for the desk's finished_reply to answer without a read:
-        # in the writer thread only. `_written` holds this transaction's, `_committed` those of
-        # committed ones until read (the oldest dropped past _REPLIES_KEPT: a read then finds it).
-        self._written: dict[tuple[str, str], FinishedReply] = {}
-        self._committed: dict[tuple[str, str], FinishedReply] = {}
+        self._replies = RepliesWritten()  # what finish_soon wrote, for finished_reply
         self._steps = RowsWrittenTogether(self, _record_steps)
 
     # -- in the writer thread -------------------------------------------------------------
@@ -163,7 +158,7 @@ class SqliteStore(WriterThread[Conn]):
         alone, or all of them while another process holds the write lock (until `deadline`)."""
         conn = self._conn
         try:
-            self._written.clear()
+            self._replies.transaction_begins()
             conn.execute("BEGIN IMMEDIATE")
             for op in ops:
                 op.error = None
@@ -177,9 +172,7 @@ class SqliteStore(WriterThread[Conn]):
                     return [other for other in ops if other is not op]
             conn.execute("COMMIT")
             self.commits += 1
-            self._committed.update(self._written)
-            while len(self._committed) > _REPLIES_KEPT:
-                del self._committed[next(iter(self._committed))]
+            self._replies.transaction_committed()
         except Exception as exc:
             if conn.in_transaction:
                 with suppress(sqlite3.Error):
@@ -238,7 +231,7 @@ class SqliteStore(WriterThread[Conn]):
 
         def finish(conn: Conn) -> None:
             if conn.execute(_FINISH, args).rowcount:
-                self._written[key, attempt_id] = written
+                self._replies.wrote(key, attempt_id, written)
 
         self._put(finish, None)
 
@@ -249,10 +242,7 @@ class SqliteStore(WriterThread[Conn]):
         """Without a read if finish_soon wrote it in this transaction or a committed one."""
 
         def read(conn: Conn) -> FinishedReply | None:
-            written = self._written.pop((key, attempt_id), None) or self._committed.pop(
-                (key, attempt_id), None
-            )
-            return written or _finished_reply(conn, key, attempt_id)
+            return self._replies.take(key, attempt_id) or _finished_reply(conn, key, attempt_id)
 
         return await self._call(read)
 

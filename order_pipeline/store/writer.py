@@ -34,9 +34,9 @@ from typing import Any, Generic, Self, TypeVar
 
 import trio
 
-from .base import StoreUnavailable
+from .base import FinishedReply, StoreUnavailable
 
-__all__ = ["Op", "RowsWrittenTogether", "WriterThread"]
+__all__ = ["Op", "RepliesWritten", "RowsWrittenTogether", "WriterThread"]
 
 logger = logging.getLogger("order_pipeline.store")
 
@@ -269,3 +269,36 @@ class _Taking(Generic[C]):
     def write(self, conn: C) -> None:
         if self.rows:
             self.together._write(conn, self.rows)
+
+
+class RepliesWritten:
+    """Replies a store's writer thread wrote (its finish_soon), for the desk's finished_reply
+    to take without a statement: this transaction's until it commits, then up to `kept` of
+    committed ones until taken (the oldest dropped: a read then finds it in the database).
+    Used in the writer thread only. `len` is how many committed ones are kept."""
+
+    def __init__(self, kept: int = 1000) -> None:
+        self._kept = kept
+        self._written: dict[tuple[str, str], FinishedReply] = {}
+        self._committed: dict[tuple[str, str], FinishedReply] = {}
+
+    def __len__(self) -> int:
+        return len(self._committed)
+
+    def transaction_begins(self) -> None:
+        """Forget what a transaction that did not commit wrote."""
+        self._written.clear()
+
+    def wrote(self, key: str, attempt_id: str, reply: FinishedReply) -> None:
+        self._written[key, attempt_id] = reply
+
+    def transaction_committed(self) -> None:
+        self._committed.update(self._written)
+        while len(self._committed) > self._kept:
+            del self._committed[next(iter(self._committed))]
+
+    def take(self, key: str, attempt_id: str) -> FinishedReply | None:
+        """The reply written for the attempt, once; None if not (or no longer) kept."""
+        return self._written.pop((key, attempt_id), None) or self._committed.pop(
+            (key, attempt_id), None
+        )
