@@ -1281,6 +1281,38 @@ async def row_locked(schema: str, key: str) -> AsyncIterator[None]:
         await trio.to_thread.run_sync(locker.close)
 
 
+Start = Callable[[str, Callable[[], Awaitable[object]]], None]
+
+
+@asynccontextmanager
+async def one_batch_behind_a_row_lock(
+    store: PostgresStore, schema: str, app: str
+) -> AsyncIterator[tuple[Start, dict[str, object]]]:
+    """Hold the store's writer (its connection named `app`) on another transaction's lock of
+    order k-0, which a finish of k-0 waits for: what the block queues runs as one batch once
+    it ends. Yields `start(name, call)`, which runs `call` in the background, and the calls'
+    results (or the psycopg.Error each raised) by name, complete after the block."""
+    import psycopg
+
+    first = await begun(store, "k-0")
+    results: dict[str, object] = {}
+
+    async def call(name: str, fn: Callable[[], Awaitable[object]]) -> None:
+        try:
+            results[name] = await fn()
+        except psycopg.Error as exc:
+            results[name] = exc
+
+    async with trio.open_nursery() as nursery, row_locked(schema, "k-0"):
+        nursery.start_soon(
+            call, "finish", lambda: store.finish("k-0", first.attempt_id, 200, b"", None)
+        )
+        await wait_for(lambda: backends(app, waiting=True), "the finish to wait")
+        yield (lambda name, fn: nursery.start_soon(call, name, fn)), results
+        await trio.testing.wait_all_tasks_blocked()
+        # Leaving the block releases the lock first, then waits for the calls.
+
+
 @pytest.mark.postgres
 async def test_a_connection_lost_mid_batch_runs_the_batch_again(schema: str) -> None:
     """The store's connection ends while its batch waits on a lock: nothing of it was
@@ -1343,29 +1375,13 @@ async def test_an_operation_failing_alone_leaves_its_batch_alone(schema: str) ->
     async with postgres_stores(
         with_params(postgres_url(schema=schema), application_name=app), 1
     ) as (store,):
-        first = await begun(store, "k-0")
         third = await begun(store, "k-3")
-        results: dict[str, object] = {}
-
-        async def call(name: str, fn: Callable[[], Awaitable[object]]) -> None:
-            try:
-                results[name] = await fn()
-            except psycopg.Error as exc:
-                results[name] = exc
-
-        async with trio.open_nursery() as nursery, row_locked(schema, "k-0"):
-            # The writer waits on the lock with this finish; the rest queue behind it.
-            nursery.start_soon(
-                call, "finish", lambda: store.finish("k-0", first.attempt_id, 200, b"", None)
-            )
-            await wait_for(lambda: backends(app, waiting=True), "the finish to wait")
+        async with one_batch_behind_a_row_lock(store, schema, app) as (start, results):
             store.finish_soon("k-3", third.attempt_id, 201, b"three", None)
-            nursery.start_soon(call, "k-1", lambda: store.begin("k-1", "o-1", "h", BODY, "w-1"))
-            nursery.start_soon(call, "charge", lambda: store.charge("c-1", "k-1", 2**70))
-            nursery.start_soon(call, "reply", lambda: store.finished_reply("k-3", third.attempt_id))
-            nursery.start_soon(call, "k-2", lambda: store.begin("k-2", "o-2", "h", BODY, "w-1"))
-            await trio.testing.wait_all_tasks_blocked()
-            # Leaving the block releases the lock first, then waits for the calls.
+            start("k-1", lambda: store.begin("k-1", "o-1", "h", BODY, "w-1"))
+            start("charge", lambda: store.charge("c-1", "k-1", 2**70))
+            start("reply", lambda: store.finished_reply("k-3", third.attempt_id))
+            start("k-2", lambda: store.begin("k-2", "o-2", "h", BODY, "w-1"))
         assert isinstance(results["charge"], psycopg.errors.NumericValueOutOfRange)
         assert isinstance(results["k-1"], Begun)
         assert isinstance(results["k-2"], Begun)
@@ -1408,28 +1424,13 @@ async def test_a_reply_written_by_a_rolled_back_run_of_a_batch_is_not_served(
     app = application()
     url = with_params(postgres_url(schema=schema), application_name=app)
     async with AnotherHostFinishesBetweenRuns(url) as store:
-        first = await begun(store, "k-0")
         third = await begun(store, "k-3")
-        results: dict[str, object] = {}
-
-        async def call(name: str, fn: Callable[[], Awaitable[object]]) -> None:
-            try:
-                results[name] = await fn()
-            except psycopg.Error as exc:
-                results[name] = exc
-
-        async with trio.open_nursery() as nursery, row_locked(schema, "k-0"):
-            # The writer waits on the lock with this finish; the rest queue behind it, in
-            # this order: the finish of k-3, the charge that fails, the reply of k-3.
-            nursery.start_soon(
-                call, "finish", lambda: store.finish("k-0", first.attempt_id, 200, b"", None)
-            )
-            await wait_for(lambda: backends(app, waiting=True), "the finish to wait")
+        async with one_batch_behind_a_row_lock(store, schema, app) as (start, results):
+            # Queued in this order: the finish of k-3, the charge that fails, the reply of k-3.
             store.finish_soon("k-3", third.attempt_id, 201, b"ours", None)
-            nursery.start_soon(call, "charge", lambda: store.charge("c-1", "k-3", 2**70))
+            start("charge", lambda: store.charge("c-1", "k-3", 2**70))
             await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(call, "reply", lambda: store.finished_reply("k-3", third.attempt_id))
-            await trio.testing.wait_all_tasks_blocked()
+            start("reply", lambda: store.finished_reply("k-3", third.attempt_id))
         assert store.runs == 2
         assert isinstance(results["charge"], psycopg.errors.NumericValueOutOfRange)
         assert results["reply"] == theirs
