@@ -13,6 +13,7 @@ and dropped after it. Without a server those tests skip, unless ORDER_PIPELINE_R
 from __future__ import annotations
 
 import os
+import queue
 import sqlite3
 import threading
 import time
@@ -729,6 +730,7 @@ async def one_batch_behind_a_lock(store: SqliteStore, nursery: trio.Nursery) -> 
         await trio.testing.wait_all_tasks_blocked()  # queued
         await wait_for(first_taken, "the writer to take the lease")
         yield
+        store._send_riding()  # what nobody waits for goes with the rest, as a call would send it
         await trio.testing.wait_all_tasks_blocked()
         other.execute("ROLLBACK")
 
@@ -937,6 +939,46 @@ async def test_the_writer_thread_does_not_preempt_the_trio_thread(store: OrderSt
     writer = store._thread  # type: ignore[attr-defined]  # both SQL stores'
     assert writer.native_id != threading.get_native_id()
     assert os.sched_getscheduler(writer.native_id) == os.SCHED_BATCH
+
+
+class _CountedPuts(queue.SimpleQueue[Any]):
+    """A writer's queue that counts what the Trio side hands over to its thread."""
+
+    puts = 0
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        self.puts += 1
+        super().put(item, block, timeout)
+
+
+@pytest.mark.parametrize("store_url", SQL_BACKEND_PARAMS, indirect=True)
+async def test_records_nobody_waits_for_ride_on_the_next_call_that_waits(
+    store_url: str,
+) -> None:
+    """Step records and finish_soon wake no writer thread for a transaction of their own:
+    they go to it with the next call that waits, whose commit carries them, or at the close."""
+    path = parse_store_url(store_url).path
+    store = SqliteStore(path) if path is not None else postgres_store(store_url)
+    store._queue = counted = _CountedPuts()
+    async with store:
+        order = await begun(store)
+        before = counted.puts
+        store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok", None, 5))
+        store.record_step("k-1", order.attempt_id, StepRecord("vendor", "ok", None, 3))
+        store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert counted.puts == before  # nothing handed over yet
+        reply = await store.finished_reply("k-1", order.attempt_id)
+        assert reply == FinishedReply(200, b"{}", None)
+        assert counted.puts == before + 3  # the records (one operation), the finish, the read
+        stored = await store.get("k-1")
+        assert stored is not None
+        assert {(r.step, r.status) for r in stored.steps} == {("payment", "ok"), ("vendor", "ok")}
+        store.record_step("k-1", order.attempt_id, StepRecord("courier", "ok", None, 1))
+    async with open_store(store_url) as reopened:  # the close committed what it held
+        stored = await reopened.get("k-1")
+        assert stored is not None
+        assert len(stored.steps) == 3
 
 
 # -- PostgreSQL only ------------------------------------------------------------------------
@@ -1309,6 +1351,7 @@ async def one_batch_behind_a_row_lock(
         )
         await wait_for(lambda: backends(app, waiting=True), "the finish to wait")
         yield (lambda name, fn: nursery.start_soon(call, name, fn)), results
+        store._send_riding()  # what nobody waits for goes with the rest, as a call would send it
         await trio.testing.wait_all_tasks_blocked()
         # Leaving the block releases the lock first, then waits for the calls.
 

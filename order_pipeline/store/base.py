@@ -116,7 +116,8 @@ class OrderStore(Protocol):
         ...
 
     def record_step(self, key: str, attempt_id: str, record: StepRecord) -> None:
-        """Queue a step's outcome (upsert by attempt and step); the next commit carries it."""
+        """Queue a step's outcome (upsert by attempt and step); the commit of the next call
+        that waits for one carries it (see writer.py; at the latest, the store's close)."""
         ...
 
     async def finish(
@@ -143,7 +144,8 @@ class OrderStore(Protocol):
         *,
         owner: str | None = None,
     ) -> None:
-        """`finish`, queued: the next commit carries it (a `get` after it waits for that)."""
+        """`finish`, queued as `record_step` is (a `get` or `finished_reply` after it waits
+        for the commit that carries it)."""
         ...
 
     async def get(self, key: str) -> StoredOrder | None:

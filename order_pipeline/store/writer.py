@@ -6,6 +6,13 @@ takes everything queued at once and gives it to the backend's `_run_batch` as on
 `run_sync_soon`. Opening and closing the connection happen in the thread too, so no
 blocking call runs on the Trio thread.
 
+An operation nobody waits for (a step record, `finish_soon`) is held on the Trio side until
+the next call that waits queues its own, or the store closes: it rides on that call's commit
+instead of waking the thread for a transaction (and an fsync) of its own. A serving process
+makes such a call at least every second (its lease), and the order desk makes one for every
+reply it sends (`finished_reply`), so a record waits at most that long; until committed it
+was never durable, and recovery treats a step without a record as one that may have run.
+
 Cancellation: a call is cancellable until its operation is queued and not after: it then
 waits, shielded, for its batch, so a caller that gets Cancelled knows nothing was written,
 and a caller that gets a result knows it is committed (Trio delivers the cancellation at
@@ -78,6 +85,8 @@ class WriterThread(Generic[C]):
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Op[C, Any] | None] = queue.SimpleQueue()
         self._closed = True
+        # Operations nobody waits for, held until a call that waits (see the module docstring).
+        self._riding: list[Op[C, Any]] = []
         self._open_error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -120,6 +129,7 @@ class WriterThread(Generic[C]):
         if self._closed or self._thread is None:
             return
         self._closed = True
+        self._send_riding()
         self._queue.put(None)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._thread.join)
@@ -191,8 +201,18 @@ class WriterThread(Generic[C]):
         if self._closed:
             raise StoreUnavailable(f"{self.where}: the store is closed")
         op: Op[C, T] = Op(fn, waiter, taken)
-        self._queue.put(op)
+        if waiter is None:
+            self._riding.append(op)
+        else:
+            self._send_riding()
+            self._queue.put(op)
         return op
+
+    def _send_riding(self) -> None:
+        """Queue the held operations, in their order, ahead of what is queued next."""
+        for op in self._riding:
+            self._queue.put(op)
+        self._riding.clear()
 
 
 def _not_preempting_trio() -> None:
