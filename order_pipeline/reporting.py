@@ -6,8 +6,8 @@ transport hands it each order refused before it ran (`refused`). An order's
 result becomes one log line on the `order_pipeline.orders` logger, the matching
 metrics and, for an order the store knows, its final record; a step's outcome
 becomes a record in the store. Nothing else logs, counts or records outcomes.
-Records are queued: they ride on the store's next group commit, which the
-order desk awaits before it replies.
+Records are queued: they ride on the commit of the store's next call that
+waits, such as the read of the reply the order desk awaits before it replies.
 """
 
 from __future__ import annotations

@@ -956,7 +956,8 @@ async def test_records_nobody_waits_for_ride_on_the_next_call_that_waits(
     store_url: str,
 ) -> None:
     """Step records and finish_soon wake no writer thread for a transaction of their own:
-    they go to it with the next call that waits, whose commit carries them, or at the close."""
+    they go to it in one piece with the next call that waits, whose one commit carries them,
+    or at the close."""
     path = parse_store_url(store_url).path
     store = SqliteStore(path) if path is not None else postgres_store(store_url)
     store._queue = counted = _CountedPuts()
@@ -968,9 +969,11 @@ async def test_records_nobody_waits_for_ride_on_the_next_call_that_waits(
         store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
         await trio.testing.wait_all_tasks_blocked()
         assert counted.puts == before  # nothing handed over yet
+        commits = store.commits
         reply = await store.finished_reply("k-1", order.attempt_id)
         assert reply == FinishedReply(200, b"{}", None)
-        assert counted.puts == before + 3  # the records (one operation), the finish, the read
+        assert counted.puts == before + 1  # the records, the finish and the read together
+        assert store.commits == commits + 1
         stored = await store.get("k-1")
         assert stored is not None
         assert {(r.step, r.status) for r in stored.steps} == {("payment", "ok"), ("vendor", "ok")}

@@ -7,10 +7,11 @@ takes everything queued at once and gives it to the backend's `_run_batch` as on
 blocking call runs on the Trio thread.
 
 An operation nobody waits for (a step record, `finish_soon`) is held on the Trio side until
-the next call that waits queues its own, or the store closes: it rides on that call's commit
-instead of waking the thread for a transaction (and an fsync) of its own. A serving process
-makes such a call at least every second (its lease), and the order desk makes one for every
-reply it sends (`finished_reply`), so a record waits at most that long; until committed it
+the next call that waits is queued, or the store closes, and goes to the thread in one piece
+with it: it rides on that call's commit instead of waking the thread for a transaction (and
+an fsync) of its own. A serving process renews its lease about every second (a third of the
+lease, if that is shorter) and the order desk reads back every reply it sends
+(`finished_reply`), so in a server a record waits about a second at most; until committed it
 was never durable, and recovery treats a step without a record as one that may have run.
 
 Cancellation: a call is cancellable until its operation is queued and not after: it then
@@ -83,7 +84,8 @@ class WriterThread(Generic[C]):
     where: str
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Op[C, Any] | None] = queue.SimpleQueue()
+        # What Trio hands over: operations to run, in order (None: close).
+        self._queue: queue.SimpleQueue[list[Op[C, Any]] | None] = queue.SimpleQueue()
         self._closed = True
         # Operations nobody waits for, held until a call that waits (see the module docstring).
         self._riding: list[Op[C, Any]] = []
@@ -129,7 +131,8 @@ class WriterThread(Generic[C]):
         if self._closed or self._thread is None:
             return
         self._closed = True
-        self._send_riding()
+        if self._riding:
+            self._queue.put(self._riding)
         self._queue.put(None)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._thread.join)
@@ -148,12 +151,12 @@ class WriterThread(Generic[C]):
         try:
             get, get_nowait = self._queue.get, self._queue.get_nowait
             while True:
-                batch = [get()]
+                handed = [get()]
                 with suppress(queue.Empty):
                     while True:
-                        batch.append(get_nowait())
-                stop = batch[-1] is None
-                ops = [op for op in batch if op is not None]
+                        handed.append(get_nowait())
+                stop = handed[-1] is None
+                ops = [op for item in handed if item is not None for op in item]
                 for op in ops:
                     if op.taken is not None:
                         op.what = op.taken()
@@ -201,18 +204,16 @@ class WriterThread(Generic[C]):
         if self._closed:
             raise StoreUnavailable(f"{self.where}: the store is closed")
         op: Op[C, T] = Op(fn, waiter, taken)
-        if waiter is None:
-            self._riding.append(op)
-        else:
+        self._riding.append(op)
+        if waiter is not None:
             self._send_riding()
-            self._queue.put(op)
         return op
 
     def _send_riding(self) -> None:
-        """Queue the held operations, in their order, ahead of what is queued next."""
-        for op in self._riding:
-            self._queue.put(op)
-        self._riding.clear()
+        """Hand the held operations to the thread, in their order, as one piece."""
+        if self._riding:
+            self._queue.put(self._riding)
+            self._riding = []
 
 
 def _not_preempting_trio() -> None:
@@ -237,13 +238,14 @@ def _reschedule_all(tasks: list[trio.lowlevel.Task]) -> None:
 class RowsWrittenTogether(Generic[C]):
     """Rows (a store's step records) queued by the Trio thread and written by one operation.
 
-    `add` queues a row, and an operation if none is queued that the writer thread has not
-    taken yet; as the thread takes it into a batch, it takes every row queued by then, and
-    the operation hands them to `write` at once: one statement for a batch's records where
-    each was one (each statement costs its Python, and the writer thread a wait for the GIL
-    when the database gives it back). Rows are taken with their operation, so a batch run
-    again (after an operation failed alone, or the lock was busy) writes them again, and a
-    batch that fails loses them with one line in the log, as it would each on its own.
+    `add` queues a row, and an operation if none is queued (held or handed over) that the
+    writer thread has not taken yet; as the thread takes it into a batch, it takes every row
+    queued by then, and the operation hands them to `write` at once: one statement for a
+    batch's records where each was one (each statement costs its Python, and the writer
+    thread a wait for the GIL when the database gives it back). Rows are taken with their
+    operation, so a batch run again (after an operation failed alone, or the lock was busy)
+    writes them again, and a batch that fails loses them with one line in the log, as it
+    would each on its own.
     """
 
     def __init__(
