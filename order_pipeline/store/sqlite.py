@@ -62,7 +62,6 @@ from .writer import Op, RepliesWritten, RowsWrittenTogether, WriterThread
 logger = logging.getLogger(__name__)
 
 _HEADER: Final = b"SQLite format 3\x00"
-# Replies of committed finishes kept for finished_reply; a reply dropped is read instead.
 # Between two tries for the write lock another process holds: about one commit of theirs.
 _BUSY_PAUSE_S: Final = 0.0005
 APPLICATION_ID: Final = 0x6F726470  # "ordp": tells our files from other SQLite databases

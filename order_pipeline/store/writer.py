@@ -131,8 +131,7 @@ class WriterThread(Generic[C]):
         if self._closed or self._thread is None:
             return
         self._closed = True
-        if self._riding:
-            self._queue.put(self._riding)
+        self._send_riding()
         self._queue.put(None)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._thread.join)
