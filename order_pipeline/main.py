@@ -265,7 +265,15 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
     # signal and cut the drain short. So a worker ignores SIGINT.
     signals = (signal.SIGTERM,) if handoff else (signal.SIGTERM, signal.SIGINT)
     configure_tracing()  # once per serving process, before assemble: README, "Tracing"
-    async with open_store(settings.store) as store:
+
+    def exit_as_crashed(message: str) -> None:
+        """The store process died: end this one too, as if the database code had crashed it
+        (it did, in its own process); its orders in flight are recovered by lease."""
+        log.error("%s: exiting, the orders in flight are recovered by lease", message)
+        count.log_last_line(1)
+        os._exit(1)
+
+    async with open_store(settings.store, on_store_process_lost=exit_as_crashed) as store:
         assembly = assemble(settings, store=store, metrics=count)
         tune_garbage_collector()
         # Received from here until the drain is over, so that no signal meets its default

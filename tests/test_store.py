@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -43,6 +45,7 @@ from order_pipeline.store import (
     StepRecord,
     StoredOrder,
     StoreError,
+    StoreProcess,
     StoreUnavailable,
     StoreURL,
     open_store,
@@ -60,16 +63,24 @@ if TYPE_CHECKING:
 
     from order_pipeline.store.postgres import PostgresStore
 
+IN_A_STORE_PROCESS = " in a store process"
 BACKENDS: dict[str, Callable[[Path], str]] = {
     "sqlite": lambda tmp: f"sqlite:///{tmp / 'orders.db'}",
     "memory": lambda tmp: "memory",
     "postgresql": postgres_url,
+    # The SQL backends as a server runs them: in a store process of their own (process.py).
+    "sqlite" + IN_A_STORE_PROCESS: lambda tmp: f"sqlite:///{tmp / 'orders.db'}",
+    "postgresql" + IN_A_STORE_PROCESS: postgres_url,
 }
 BACKEND_PARAMS = [
-    pytest.param(name, marks=pytest.mark.postgres) if name == "postgresql" else name
+    pytest.param(name, marks=pytest.mark.postgres) if name.startswith("postgresql") else name
     for name in BACKENDS
 ]
-SQL_BACKEND_PARAMS = [param for param in BACKEND_PARAMS if param != "memory"]
+# In this process: the tests of a backend's own writer thread.
+SQL_BACKEND_PARAMS = [
+    pytest.param("postgresql", marks=pytest.mark.postgres) if name == "postgresql" else name
+    for name in ("sqlite", "postgresql")
+]
 BODY = b'{"amount":100,"order_id":"o-1"}'
 
 
@@ -80,9 +91,15 @@ def _store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture(name="store")
-async def _store(store_url: str) -> AsyncIterator[OrderStore]:
-    async with open_store(store_url) as store:
-        yield store
+async def _store(request: pytest.FixtureRequest, store_url: str) -> AsyncIterator[OrderStore]:
+    if not request.node.callspec.params["store_url"].endswith(IN_A_STORE_PROCESS):
+        async with open_store(store_url) as store:
+            yield store
+        return
+    lost: list[str] = []
+    async with open_store(store_url, on_store_process_lost=lost.append) as in_its_process:
+        yield in_its_process
+    assert lost == []
 
 
 async def begun(store: OrderStore, key: str = "k-1", owner: str = "w-1") -> StoredOrder:
@@ -982,6 +999,96 @@ async def test_records_nobody_waits_for_ride_on_the_next_call_that_waits(
         stored = await reopened.get("k-1")
         assert stored is not None
         assert len(stored.steps) == 3
+
+
+# -- in a store process (process.py), as a server runs a SQL store -------------------------
+
+
+async def test_a_store_process_that_dies_fails_every_call_and_says_so(tmp_path: Path) -> None:
+    """Killed (say, out of memory): what waited and what comes later raise StoreUnavailable,
+    instead of hanging, and the server hears of it once, through on_store_process_lost."""
+    lost: list[str] = []
+    url = f"sqlite:///{tmp_path / 'orders.db'}"
+    async with open_store(url, on_store_process_lost=lost.append) as store:
+        assert isinstance(store, StoreProcess)
+        await begun(store)
+        assert store._process is not None
+        store._process.kill()
+        with trio.fail_after(10), pytest.raises(StoreUnavailable, match="ended unexpectedly"):
+            await store.get("k-1")
+        with pytest.raises(StoreUnavailable, match="ended unexpectedly"):
+            store.record_step("k-1", "a", StepRecord("payment", "ok"))
+        assert lost == [f"the store process ended unexpectedly (exit status {-signal.SIGKILL})"]
+    async with open_store(url) as reopened:  # what was committed before stays
+        assert await reopened.get("k-1") is not None
+
+
+async def test_a_store_process_exits_when_its_server_is_killed(tmp_path: Path) -> None:
+    """The server SIGKILLed: its store process reads the socket's end, commits what it
+    received and exits, leaving nothing behind and nothing running."""
+    db = tmp_path / "orders.db"
+    script = f"""
+import os, signal, trio
+from order_pipeline.store import StepRecord, open_store
+async def main():
+    async with open_store("sqlite:///{db}", on_store_process_lost=print) as store:
+        order = (await store.begin("k-1", "o-1", "h", b"{{}}", "w-1")).order
+        store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok"))
+        await store.charge("c-1", "k-1", 5)  # carries the record
+        print(store._process.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+trio.run(main)
+"""
+    server = await trio.run_process(
+        [sys.executable, "-c", script], capture_stdout=True, check=False
+    )
+    assert server.returncode == -signal.SIGKILL
+    store_process = int(server.stdout)
+    with trio.fail_after(10):
+        while _alive(store_process):  # noqa: ASYNC110 # poll: another process's end
+            await trio.sleep(0.01)
+    async with open_store(f"sqlite:///{db}") as store:
+        order = await store.get("k-1")
+        assert order is not None
+        assert [(r.step, r.status) for r in order.steps] == [("payment", "ok")]
+        assert await store.net_charge("k-1") == 5
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead and not yet reaped by whoever adopted it, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def test_a_store_process_s_log_lines_are_the_server_s(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the store process logs (here: a record it could not store) is logged by the
+    server, as its own logger's record, with the store process's pid."""
+    async with open_store(
+        f"sqlite:///{tmp_path / 'orders.db'}", on_store_process_lost=pytest.fail
+    ) as store:
+        assert isinstance(store, StoreProcess)
+        store._hold("record_step", "too few arguments")
+        await store.get("k-1")  # sends it; its log line comes back before the answer
+        assert store._process is not None
+        (line,) = [r for r in caplog.records if r.name == "order_pipeline.store.process"]
+        assert line.levelname == "ERROR"
+        assert line.getMessage().startswith("record_step not stored: ")
+        assert line.process == store._process.pid != os.getpid()
+
+
+async def test_a_store_process_refuses_a_file_that_is_not_ours(tmp_path: Path) -> None:
+    """Opening errors cross over as they are: one StoreError line (a server exits 2 on it)."""
+    path = tmp_path / "other.db"
+    path.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(StoreError, match=r"cannot open the store: file is not a database$"):
+        async with open_store(f"sqlite:///{path}", on_store_process_lost=pytest.fail):
+            pass
+    assert path.read_bytes() == b"not a database at all" * 100
 
 
 # -- PostgreSQL only ------------------------------------------------------------------------

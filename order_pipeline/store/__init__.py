@@ -9,9 +9,10 @@ processes on many hosts share. psycopg is imported only for such a URL (the `pos
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import attrs
@@ -29,7 +30,11 @@ from .base import (
     StoreUnavailable,
 )
 from .memory import MemoryStore
+from .process import StoreProcess
 from .sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from .postgres import PostgresStore
 
 __all__ = [
     "FINISHED",
@@ -42,11 +47,13 @@ __all__ = [
     "SqliteStore",
     "StepRecord",
     "StoreError",
+    "StoreProcess",
     "StoreURL",
     "StoreUnavailable",
     "StoredOrder",
     "open_store",
     "parse_store_url",
+    "sql_backend",
 ]
 
 _SQLITE = "sqlite:///"
@@ -99,17 +106,32 @@ def _check_postgres_url(url: str) -> None:
 
 
 @asynccontextmanager
-async def open_store(url: str) -> AsyncIterator[OrderStore]:
-    """Open the store the URL names for the duration of the block, then close it."""
+async def open_store(
+    url: str, *, on_store_process_lost: Callable[[str], None] | None = None
+) -> AsyncIterator[OrderStore]:
+    """Open the store the URL names for the duration of the block, then close it.
+
+    With `on_store_process_lost`, a SQL store runs in a process of its own (process.py: a
+    server's), and that is called if the process ends before the store is closed; without,
+    in this one (its writer thread: a command's, a test's).
+    """
     parsed = parse_store_url(url)
+    if parsed.backend == "memory":
+        yield MemoryStore()
+    elif on_store_process_lost is not None:
+        async with StoreProcess(url, on_store_process_lost) as in_its_process:
+            yield in_its_process
+    else:
+        async with sql_backend(parsed) as store:
+            yield store
+
+
+def sql_backend(parsed: StoreURL) -> SqliteStore | PostgresStore:
+    """The SQL backend a parsed URL names, not yet opened."""
     if parsed.backend == "postgresql":
         from .postgres import PostgresStore  # psycopg is there: parse_store_url checked
 
-        async with PostgresStore(url) as postgres:
-            yield postgres
-        return
-    if parsed.path is None:
-        yield MemoryStore()
-        return
-    async with SqliteStore(parsed.path) as store:
-        yield store
+        assert parsed.url is not None
+        return PostgresStore(parsed.url)
+    assert parsed.path is not None
+    return SqliteStore(parsed.path)

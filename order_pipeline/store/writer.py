@@ -35,7 +35,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from contextlib import suppress
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
@@ -44,7 +44,7 @@ import trio
 
 from .base import FinishedReply, StoreUnavailable
 
-__all__ = ["Op", "RepliesWritten", "RowsWrittenTogether", "WriterThread"]
+__all__ = ["BatchRun", "Op", "RepliesWritten", "RowsWrittenTogether", "WriterThread", "log_lost"]
 
 logger = logging.getLogger("order_pipeline.store")
 
@@ -91,6 +91,9 @@ class WriterThread(Generic[C]):
         self._riding: list[Op[C, Any]] = []
         self._open_error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        # In a store process (process.py) its loop runs the batches, not a thread: a call's
+        # coroutine then suspends until its batch has run, and no Trio runs there.
+        self._driven = False
 
     def _open(self) -> None:
         raise NotImplementedError
@@ -136,6 +139,12 @@ class WriterThread(Generic[C]):
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._thread.join)
 
+    def _open_driven(self) -> None:
+        """Open the store for a store process's loop (process.py), in the calling thread."""
+        self._open()
+        self._driven = True
+        self._closed = False
+
     # -- the writer thread ----------------------------------------------------------------
 
     def _serve(self, opened: trio.Event) -> None:
@@ -156,21 +165,25 @@ class WriterThread(Generic[C]):
                         handed.append(get_nowait())
                 stop = handed[-1] is None
                 ops = [op for item in handed if item is not None for op in item]
-                for op in ops:
-                    if op.taken is not None:
-                        op.what = op.taken()
                 if ops:
-                    try:
-                        self._run_batch(ops)
-                    except Exception as exc:  # a backend's bug: none of its callers may hang
-                        logger.exception("%s: a batch failed unexpectedly", self.where)
-                        for op in ops:
-                            op.error = StoreUnavailable(f"{self.where}: {exc!r}")
+                    self._run_handed(ops)
                     self._wake(ops)
                 if stop:
                     return
         finally:
             self._close()
+
+    def _run_handed(self, ops: list[Op[C, Any]]) -> None:
+        """Run what was handed over as one batch, each operation taking what it writes first."""
+        for op in ops:
+            if op.taken is not None:
+                op.what = op.taken()
+        try:
+            self._run_batch(ops)
+        except Exception as exc:  # a backend's bug: none of its callers may hang
+            logger.exception("%s: a batch failed unexpectedly", self.where)
+            for op in ops:
+                op.error = StoreUnavailable(f"{self.where}: {exc!r}")
 
     def _wake(self, ops: list[Op[C, Any]]) -> None:
         """Hand every waiting caller its result; log what nobody waits for and was lost."""
@@ -179,7 +192,7 @@ class WriterThread(Generic[C]):
             if op.waiter is not None:
                 waiters.append(op.waiter)
             elif op.error is not None:
-                logger.error("%s not stored: %s", op.what, op.error)
+                log_lost(op)
         if waiters:
             with suppress(trio.RunFinishedError):
                 self._token.run_sync_soon(_reschedule_all, waiters)
@@ -187,9 +200,13 @@ class WriterThread(Generic[C]):
     # -- the Trio side --------------------------------------------------------------------
 
     async def _call(self, fn: Callable[[C], T]) -> T:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        op = self._put(fn, trio.lowlevel.current_task())
-        await trio.lowlevel.wait_task_rescheduled(_cannot_abort)  # see the module docstring
+        if self._driven:
+            op = self._put(fn, None)
+            await BatchRun(op)
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            op = self._put(fn, trio.lowlevel.current_task())
+            await trio.lowlevel.wait_task_rescheduled(_cannot_abort)  # see the module docstring
         if op.error is not None:
             raise op.error
         return op.result
@@ -213,6 +230,24 @@ class WriterThread(Generic[C]):
         if self._riding:
             self._queue.put(self._riding)
             self._riding = []
+
+
+class BatchRun:
+    """What a call's coroutine awaits in a store process: it yields its operation to the
+    process's loop, which resumes it once the operation's batch has run."""
+
+    __slots__ = ("op",)
+
+    def __init__(self, op: Op[Any, Any]) -> None:
+        self.op = op
+
+    def __await__(self) -> Generator[Op[Any, Any], None, None]:
+        yield self.op
+
+
+def log_lost(op: Op[Any, Any]) -> None:
+    """The one line for an operation nobody waits for that was not stored."""
+    logger.error("%s not stored: %s", op.what, op.error)
 
 
 def _not_preempting_trio() -> None:
