@@ -9,8 +9,6 @@ of each then runs it once.
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import httpx
@@ -97,40 +95,3 @@ async def test_sigkill_with_200_orders_in_flight_then_a_restart_undoes_them(
             assert json.loads(response.content)["status"] == "ok"
             assert await store.net_charge(key) == orders[key]["amount"], key
     print(f"crash: {ORDERS} interrupted orders recovered in {recovered_in:.2f} s")
-
-
-async def test_a_server_whose_store_process_dies_exits_and_a_restart_serves_on(
-    start_server: StartServer, tmp_path: Path
-) -> None:
-    """Its store process killed (say, by the out-of-memory killer): the server exits 1 at
-    once with one error line, as if the database code had crashed it (its orders in flight
-    are recovered by lease, as after any crash), and a restart on the same file serves on."""
-    db = tmp_path / "orders.db"
-    flags = ("--store", f"sqlite:///{db}", "--no-access-log")
-    first = await start_server(*flags, check_exit=False)
-    order, key = {"order_id": "before", "amount": 5}, {"Idempotency-Key": "before"}
-    async with httpx.AsyncClient(base_url=first.url, timeout=30) as http:
-        assert (await http.post("/order", json=order, headers=key)).status_code == 200
-    (store_process,) = _children(first.process.pid)
-    os.kill(store_process, signal.SIGKILL)
-    with trio.fail_after(10):
-        assert await first.process.wait() == 1
-    (line,) = first.errors()
-    assert line["message"].startswith("the store process ended unexpectedly")
-    second = await start_server(*flags)
-    async with httpx.AsyncClient(base_url=second.url, timeout=30) as http:
-        replayed = await http.post("/order", json=order, headers=key)
-    assert (replayed.status_code, replayed.headers["Idempotent-Replayed"]) == (200, "true")
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is `pid`."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:  # ended meanwhile
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found

@@ -11,7 +11,10 @@ hand. The chaos test over two hosts is in tests/test_chaos.py.
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -139,3 +142,39 @@ async def test_a_host_killed_with_200_orders_in_flight_is_undone_by_the_other(
         attempts = {o.key: o.attempt for o, _ in await store.list_orders()}
         assert attempts == dict.fromkeys(orders, 2)
     print(f"hosts: {ORDERS} orders of a killed host recovered by the other in {recovered_in:.2f} s")
+
+
+async def test_a_server_whose_store_process_dies_exits_and_a_restart_serves_on(
+    start_server: StartServer, url: str
+) -> None:
+    """Its store process killed (say, by the out-of-memory killer): the server exits 1 at
+    once with one error line, as if the database code had crashed it (its orders in flight
+    are recovered by lease, as after any crash), and a restart on the same database serves on."""
+    flags = ("--store", url, "--no-access-log")
+    first = await start_server(*flags, check_exit=False)
+    order, key = {"order_id": "before", "amount": 5}, {"Idempotency-Key": "before"}
+    async with httpx.AsyncClient(base_url=first.url, timeout=30) as http:
+        assert (await http.post("/order", json=order, headers=key)).status_code == 200
+    (store_process,) = _children(first.process.pid)
+    os.kill(store_process, signal.SIGKILL)
+    with trio.fail_after(10):
+        assert await first.process.wait() == 1
+    (line,) = first.errors()
+    assert line["message"].startswith("the store process ended unexpectedly")
+    second = await start_server(*flags)
+    async with httpx.AsyncClient(base_url=second.url, timeout=30) as http:
+        replayed = await http.post("/order", json=order, headers=key)
+    assert (replayed.status_code, replayed.headers["Idempotent-Replayed"]) == (200, "true")
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found

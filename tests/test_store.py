@@ -68,7 +68,8 @@ BACKENDS: dict[str, Callable[[Path], str]] = {
     "sqlite": lambda tmp: f"sqlite:///{tmp / 'orders.db'}",
     "memory": lambda tmp: "memory",
     "postgresql": postgres_url,
-    # The SQL backends as a server runs them: in a store process of their own (process.py).
+    # In a store process (process.py), as a server runs a PostgreSQL store; on SQLite too,
+    # for the process's own mechanics (a server keeps SQLite in its writer thread).
     "sqlite" + IN_A_STORE_PROCESS: lambda tmp: f"sqlite:///{tmp / 'orders.db'}",
     "postgresql" + IN_A_STORE_PROCESS: postgres_url,
 }
@@ -97,7 +98,7 @@ async def _store(request: pytest.FixtureRequest, store_url: str) -> AsyncIterato
             yield store
         return
     lost: list[str] = []
-    async with open_store(store_url, on_store_process_lost=lost.append) as in_its_process:
+    async with StoreProcess(store_url, lost.append) as in_its_process:
         yield in_its_process
     assert lost == []
 
@@ -1004,13 +1005,26 @@ async def test_records_nobody_waits_for_ride_on_the_next_call_that_waits(
 # -- in a store process (process.py), as a server runs a SQL store -------------------------
 
 
+@pytest.mark.parametrize("store_url", SQL_BACKEND_PARAMS, indirect=True)
+async def test_a_server_runs_postgresql_in_a_store_process_and_sqlite_in_its_thread(
+    store_url: str,
+) -> None:
+    """What `open_store` opens for a server (given `on_store_process_lost`): PostgreSQL in a
+    store process, SQLite in the server's own writer thread (docs/performance.md)."""
+    lost: list[str] = []
+    async with open_store(store_url, on_store_process_lost=lost.append) as store:
+        expected = StoreProcess if store_url.startswith("postgresql") else SqliteStore
+        assert type(store) is expected
+        await begun(store)
+    assert lost == []
+
+
 async def test_a_store_process_that_dies_fails_every_call_and_says_so(tmp_path: Path) -> None:
     """Killed (say, out of memory): what waited and what comes later raise StoreUnavailable,
     instead of hanging, and the server hears of it once, through on_store_process_lost."""
     lost: list[str] = []
     url = f"sqlite:///{tmp_path / 'orders.db'}"
-    async with open_store(url, on_store_process_lost=lost.append) as store:
-        assert isinstance(store, StoreProcess)
+    async with StoreProcess(url, lost.append) as store:
         await begun(store)
         assert store._process is not None
         store._process.kill()
@@ -1024,25 +1038,30 @@ async def test_a_store_process_that_dies_fails_every_call_and_says_so(tmp_path: 
 
 
 async def test_a_store_process_exits_when_its_server_is_killed(tmp_path: Path) -> None:
-    """The server SIGKILLed: its store process reads the socket's end, commits what it
-    received and exits, leaving nothing behind and nothing running."""
+    """The server SIGKILLed (with a log line of its store process unread): its store process
+    reads the socket's end, commits what it received and exits, quietly."""
     db = tmp_path / "orders.db"
     script = f"""
 import os, signal, trio
-from order_pipeline.store import StepRecord, open_store
+from order_pipeline.store import StepRecord, StoreProcess
 async def main():
-    async with open_store("sqlite:///{db}", on_store_process_lost=print) as store:
+    async with StoreProcess("sqlite:///{db}", print) as store:
         order = (await store.begin("k-1", "o-1", "h", b"{{}}", "w-1")).order
         store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok"))
         await store.charge("c-1", "k-1", 5)  # carries the record
         print(store._process.pid, flush=True)
+        store._hold("record_step", "too few arguments")  # a log line comes back, unread
+        store._send(store._frame_held())
         os.kill(os.getpid(), signal.SIGKILL)
 trio.run(main)
 """
-    server = await trio.run_process(
-        [sys.executable, "-c", script], capture_stdout=True, check=False
-    )
+    with trio.fail_after(20):  # (the store process holds stderr open until it ends)
+        server = await trio.run_process(
+            [sys.executable, "-c", script], capture_stdout=True, capture_stderr=True, check=False
+        )
     assert server.returncode == -signal.SIGKILL
+    assert b"Traceback" not in server.stderr  # the store process ended quietly too
+    assert b"Logging error" not in server.stderr
     store_process = int(server.stdout)
     with trio.fail_after(10):
         while _alive(store_process):  # noqa: ASYNC110 # poll: another process's end
@@ -1068,10 +1087,8 @@ async def test_a_store_process_s_log_lines_are_the_server_s(
 ) -> None:
     """What the store process logs (here: a record it could not store) is logged by the
     server, as its own logger's record, with the store process's pid."""
-    async with open_store(
-        f"sqlite:///{tmp_path / 'orders.db'}", on_store_process_lost=pytest.fail
-    ) as store:
-        assert isinstance(store, StoreProcess)
+    lost: list[str] = []
+    async with StoreProcess(f"sqlite:///{tmp_path / 'orders.db'}", lost.append) as store:
         store._hold("record_step", "too few arguments")
         await store.get("k-1")  # sends it; its log line comes back before the answer
         assert store._process is not None
@@ -1079,15 +1096,43 @@ async def test_a_store_process_s_log_lines_are_the_server_s(
         assert line.levelname == "ERROR"
         assert line.getMessage().startswith("record_step not stored: ")
         assert line.process == store._process.pid != os.getpid()
+    assert lost == []
+
+
+async def test_a_call_the_other_side_cannot_take_fails_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Arguments that cannot be pickled, a record that cannot be, a method called wrongly:
+    that call fails (or that record is logged as not stored), and the store serves on."""
+    lost: list[str] = []
+    url = f"sqlite:///{tmp_path / 'orders.db'}"
+    async with StoreProcess(url, lost.append) as store:
+        order = await begun(store)
+        unpicklable = threading.Lock()
+        store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok", unpicklable))  # type: ignore[arg-type]
+        store.record_step("k-1", order.attempt_id, StepRecord("vendor", "ok"))
+        with pytest.raises(StoreUnavailable, match="get: its arguments cannot be pickled"):
+            await store.get(unpicklable)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="missing 1 required positional argument"):
+            await store._call("get")  # the store process's method, called wrongly
+        stored = await store.get("k-1")
+        assert stored is not None
+        assert [r.step for r in stored.steps] == ["vendor"]
+        assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+            "record_step not stored: its arguments cannot be pickled"
+        ]
+    assert lost == []
 
 
 async def test_a_store_process_refuses_a_file_that_is_not_ours(tmp_path: Path) -> None:
     """Opening errors cross over as they are: one StoreError line (a server exits 2 on it)."""
     path = tmp_path / "other.db"
     path.write_bytes(b"not a database at all" * 100)
+    lost: list[str] = []
     with pytest.raises(StoreError, match=r"cannot open the store: file is not a database$"):
-        async with open_store(f"sqlite:///{path}", on_store_process_lost=pytest.fail):
+        async with StoreProcess(f"sqlite:///{path}", lost.append):
             pass
+    assert lost == []
     assert path.read_bytes() == b"not a database at all" * 100
 
 

@@ -111,14 +111,17 @@ async def open_store(
 ) -> AsyncIterator[OrderStore]:
     """Open the store the URL names for the duration of the block, then close it.
 
-    With `on_store_process_lost`, a SQL store runs in a process of its own (process.py: a
-    server's), and that is called if the process ends before the store is closed; without,
-    in this one (its writer thread: a command's, a test's).
+    With `on_store_process_lost` (a server's), a PostgreSQL store runs in a store process of
+    its own (process.py), and that is called if the process ends before the store is closed.
+    Otherwise, and for SQLite, the store runs in this process's writer thread: psycopg's
+    Python held the Trio thread's GIL for about 180 µs an order, SQLite's calls take it
+    briefly, and a process costs every call a pickle and a socket both ways (with two
+    workers, S5 fell to 0.8 of the writer thread's: docs/performance.md).
     """
     parsed = parse_store_url(url)
     if parsed.backend == "memory":
         yield MemoryStore()
-    elif on_store_process_lost is not None:
+    elif parsed.backend == "postgresql" and on_store_process_lost is not None:
         async with StoreProcess(url, on_store_process_lost) as in_its_process:
             yield in_its_process
     else:

@@ -1,7 +1,8 @@
 """The order store in PostgreSQL, which processes on many hosts can share.
 
 psycopg's async interface is asyncio's only (psycopg issue #29), so, as for SQLite, one writer
-thread does the talking with psycopg's blocking interface. Trio puts each operation, a function
+thread does the talking with psycopg's blocking interface (in a server, the store process's
+main thread: `process.py`). Trio puts each operation, a function
 of a connection, on a queue; the thread takes everything queued, runs it in one transaction on
 a connection of a `psycopg_pool.ConnectionPool` (of one: one thread uses one connection at a
 time, and the pool replaces a broken one in the background, with backoff), commits once, and

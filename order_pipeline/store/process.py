@@ -1,9 +1,9 @@
-"""A SQL store run in a process of its own (the store process), so its Python holds no GIL of
-the server's.
+"""A SQL store run in a process of its own (the store process), so that its Python never
+waits for the server's GIL.
 
 In one process, the writer thread's every wake-up (an operation queued, the database's
-answer) needs the GIL that the Trio thread holds while it serves: with a thread that only
-does nothing, twice per order, S2's p50 rose by about what the SQLite store costs (see
+answer) needs the GIL that the Trio thread holds while it serves: handing work twice per
+order to a thread that does nothing cost S2's p50 about what the SQLite store did (see
 docs/performance.md, "What the S2 gap is not"). Here the server's side of a call is a pickle,
 a `send` and, when the answer arrives, a `recv` by one Trio task; the backend's own code
 (sqlite.py, postgres.py, unchanged) runs in the store process.
@@ -12,20 +12,22 @@ The wire, a socket pair, carries frames (a 4-byte length, then a pickle):
 - to the store process: the store's URL and log level first; then lists of calls
   `(call id or None, method name, args, kwargs)` in the order they were made (None as a call
   id: nobody waits for it, as `record_step`); `None` to close.
-- from it: `("opened", None)` or `("failed", StoreError)`; then `("done", [(call id, ok,
-  result or exception), ...])`; and `("log", record)`: its log records, which the server
-  logs as its own.
+- from it: `("opened", None)` or `("failed", the exception that opening raised)`; then
+  `("done", [(call id, ok, result or exception), ...])`; and `("log", record)`: its log
+  records, which the server logs as its own.
 
 The store process takes every call that has arrived, starts each method's coroutine, which
 suspends at its `_call` (writer.py's `BatchRun`), runs all their operations as one batch
 (group commit, as the writer thread does), resumes them and sends the results in one frame.
 
 Semantics are the writer thread's: a call is cancellable until it is sent and not after; a
-record nobody waits for rides on the next call that waits. If the store process dies (killed,
-out of memory), every waiting call raises StoreUnavailable, so does every later one, and
-`on_lost` is called: the server then exits, as if the database code had crashed it, and its
-orders are recovered by lease. If the server dies, the store process reads the end of the
-socket, runs what it has received and exits. It ignores SIGINT and SIGTERM: the server
+record nobody waits for rides on the next call that waits. A call the other side cannot take
+(arguments or a result that cannot be pickled, a method called wrongly) fails alone, as an
+operation does in a batch. If the store process dies (killed, out of memory), every waiting
+call raises StoreUnavailable, so does every later one, and `on_lost` is called: the server
+then exits, as if the database code had crashed it, and its orders are recovered by lease.
+If the server dies, the store process reads the end of the socket, runs what it has received
+and exits. It runs in a process group of its own and ignores SIGINT and SIGTERM: the server
 closes it once its own drain is over.
 """
 
@@ -40,7 +42,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Coroutine
-from pathlib import Path
+from contextlib import suppress
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -55,17 +57,16 @@ from .base import (
     StoreError,
     StoreUnavailable,
 )
-from .writer import Op, WriterThread, log_lost
+from .writer import Op, WriterThread, cannot_abort, log_lost
 
 __all__ = ["StoreProcess", "serve_store"]
 
 logger = logging.getLogger(__name__)
 
 _LENGTH: Final = struct.Struct("!I")
-# The store process imports this very package (the server's, wherever it was imported from).
-_PACKAGES: Final = str(Path(__file__).resolve().parents[2])
+# The store process imports what the server imports: its modules, from its sys.path.
 _CHILD: Final = (
-    "import sys; sys.path.insert(0, {packages!r});"
+    "import sys; sys.path[:] = {path!r};"
     " from order_pipeline.store.process import serve_store; serve_store({fd})"
 )
 Call = tuple[int | None, str, tuple[Any, ...], dict[str, Any]]
@@ -84,21 +85,21 @@ class StoreProcess:
     """An `OrderStore` whose backend runs in a store process; `async with` starts and stops it.
 
     `url` names a SQL backend (`parse_store_url`); `on_lost(message)` is called in the Trio
-    thread if the store process ends before it is closed.
+    thread if the store process ends before it is closed (it must not raise).
     """
 
     def __init__(self, url: str, on_lost: Callable[[str], None]) -> None:
         self._url = url
         self._on_lost = on_lost
-        self._sock, self._child_sock = socket.socketpair()
-        self._sock.setblocking(False)
+        self._sock: socket.socket  # the server's end of the socket pair, from __aenter__
         self._process: trio.Process | None = None
         self._out = bytearray()  # frames the socket has not taken yet
-        self._flushing = trio.Event()  # set: the pump waits until it may send the rest
+        self._to_flush = trio.Event()  # set: `_out` holds what the pump sends when it can
         self._riding: list[Call] = []
         self._waiting: dict[int, _Waiting] = {}
         self._next_id = 0
-        self._closed = True
+        self._serving = False  # opened, not yet closing, not lost
+        self._closing = False
         self._lost: str | None = None
         self._opened = trio.Event()
         self._open_error: BaseException | None = None
@@ -108,17 +109,24 @@ class StoreProcess:
 
     async def __aenter__(self) -> Self:
         level = logging.getLogger().getEffectiveLevel()
-        with self._child_sock:
-            self._process = await trio.lowlevel.open_process(
-                [
-                    sys.executable,
-                    "-P",  # not the working directory's modules: the path's first entry is ours
-                    "-c",
-                    _CHILD.format(packages=_PACKAGES, fd=self._child_sock.fileno()),
-                ],
-                pass_fds=(self._child_sock.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
+        self._sock, child_sock = socket.socketpair()
+        self._sock.setblocking(False)
+        with child_sock:
+            try:
+                self._process = await trio.lowlevel.open_process(
+                    [
+                        sys.executable,
+                        "-P",  # sys.path is the server's, set by _CHILD
+                        "-c",
+                        _CHILD.format(path=sys.path, fd=child_sock.fileno()),
+                    ],
+                    pass_fds=(child_sock.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    process_group=0,  # a terminal's Ctrl+C is the server's to handle
+                )
+            except BaseException:
+                self._sock.close()
+                raise
         self._send(_frame((self._url, level)))
         trio.lowlevel.spawn_system_task(self._pump, name="store process pump")
         with trio.CancelScope(shield=True):  # the store process opens the store whatever happens
@@ -127,7 +135,7 @@ class StoreProcess:
                 await self._ended.wait()
                 await self._process.wait()
                 raise self._open_error
-        self._closed = False
+        self._serving = self._lost is None
         return self
 
     async def __aexit__(
@@ -140,15 +148,21 @@ class StoreProcess:
 
     async def aclose(self) -> None:
         """Send what is held, let the store process commit it and close, and wait for it."""
-        if self._closed or self._process is None:
+        if not self._serving or self._process is None:
             return
-        self._closed = True
-        self._send_riding()
+        self._serving = False
+        self._closing = True
+        self._send(self._frame_held())
         self._send(_frame(None))
         with trio.CancelScope(shield=True):
             await self._ended.wait()
-            await self._process.wait()
-        self._sock.close()
+            status = await self._process.wait()
+        if status:
+            logger.error(
+                "the store process ended with exit status %d while closing: what it held may"
+                " not be stored",
+                status,
+            )
 
     # -- the Trio side --------------------------------------------------------------------
 
@@ -156,10 +170,10 @@ class StoreProcess:
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
         self._next_id += 1
+        frame = self._frame_held((self._next_id, name, args, kwargs))
         waiting = self._waiting[self._next_id] = _Waiting(trio.lowlevel.current_task())
-        self._riding.append((self._next_id, name, args, kwargs))
-        self._send_riding()
-        await trio.lowlevel.wait_task_rescheduled(_cannot_abort)  # as writer.py's, once sent
+        self._send(frame)
+        await trio.lowlevel.wait_task_rescheduled(cannot_abort)  # as writer.py's, once sent
         if waiting.error is not None:
             raise waiting.error
         return waiting.result
@@ -172,13 +186,28 @@ class StoreProcess:
     def _check_open(self) -> None:
         if self._lost is not None:
             raise StoreUnavailable(self._lost)
-        if self._closed:
+        if not self._serving:
             raise StoreUnavailable("the store is closed")
 
-    def _send_riding(self) -> None:
-        if self._riding:
-            self._send(_frame(self._riding))
-            self._riding = []
+    def _frame_held(self, call: Call | None = None) -> bytes:
+        """One frame of the held calls and `call`, which are then no longer held.
+
+        A held call that cannot be pickled is dropped with a line in the log, as a record
+        the store could not take; StoreUnavailable if `call` cannot be (the rest stay held).
+        """
+        calls = self._riding if call is None else [*self._riding, call]
+        try:
+            frame = _frame(calls)
+        except Exception:  # rare: find which
+            for held in self._riding:
+                if not _pickles(held):
+                    logger.error("%s not stored: its arguments cannot be pickled", held[1])
+            self._riding = [held for held in self._riding if _pickles(held)]
+            if call is not None and not _pickles(call):
+                raise StoreUnavailable(f"{call[1]}: its arguments cannot be pickled") from None
+            return self._frame_held(call)
+        self._riding = []
+        return frame
 
     def _send(self, frame: bytes) -> None:
         if self._out:  # the pump is sending what the socket did not take: after it
@@ -188,11 +217,18 @@ class StoreProcess:
             sent = self._sock.send(frame)
         except BlockingIOError:
             sent = 0
-        except OSError:  # the store process is gone: the pump says so
+        except OSError:
+            self._broken()
             return
         if sent < len(frame):
             self._out += frame[sent:]
-            self._flushing.set()
+            self._to_flush.set()
+
+    def _broken(self) -> None:
+        """The socket failed: end it both ways, so the pump reads its end (and the store
+        process too) instead of calls waiting for frames that were lost."""
+        with suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
 
     async def _pump(self) -> None:
         """Read the store process's frames until the socket ends; send what `_send` left."""
@@ -203,13 +239,15 @@ class StoreProcess:
                 nursery.cancel_scope.cancel()
         except Exception:  # a bug of ours: the server must not hang on it
             logger.exception("the store process's frames could not be read")
+            assert self._process is not None
+            self._process.kill()
         finally:  # (Cancelled too: the run ends without a close)
             self._sock.close()  # the store process reads the end, if it has not yet
         await self._ended_now()
 
     async def _flush_forever(self) -> None:
         while True:
-            await self._flushing.wait()
+            await self._to_flush.wait()
             while self._out:
                 await trio.lowlevel.wait_writable(self._sock)
                 try:
@@ -218,7 +256,8 @@ class StoreProcess:
                     pass
                 except OSError:
                     self._out.clear()
-            self._flushing = trio.Event()
+                    self._broken()
+            self._to_flush = trio.Event()
 
     async def _read_until_end(self) -> None:
         buffer = bytearray()
@@ -233,14 +272,8 @@ class StoreProcess:
             if not data:
                 return
             buffer += data
-            start = 0
-            while len(buffer) - start >= 4:
-                (length,) = _LENGTH.unpack_from(buffer, start)
-                if len(buffer) - start - 4 < length:
-                    break
-                self._received(pickle.loads(buffer[start + 4 : start + 4 + length]))
-                start += 4 + length
-            del buffer[:start]
+            for message in _take_frames(buffer):
+                self._received(message)
 
     def _received(self, message: tuple[str, Any]) -> None:
         what, value = message
@@ -261,11 +294,15 @@ class StoreProcess:
 
     async def _ended_now(self) -> None:
         """The store process's socket ended: expected after the close, else it died."""
+        assert self._process is not None
         if not self._opened.is_set():
-            self._open_error = StoreError("the store process ended before it opened the store")
+            with trio.CancelScope(shield=True):
+                status = await self._process.wait()
+            self._open_error = StoreError(
+                f"the store process ended before it opened the store (exit status {status})"
+            )
             self._opened.set()
-        elif not self._closed or self._waiting:
-            assert self._process is not None
+        elif self._open_error is None and (not self._closing or self._waiting):
             with trio.CancelScope(shield=True):
                 status = await self._process.wait()
             self._lost = f"the store process ended unexpectedly (exit status {status})"
@@ -273,11 +310,14 @@ class StoreProcess:
                 waiting.error = StoreUnavailable(self._lost)
                 trio.lowlevel.reschedule(waiting.task)
             self._waiting.clear()
-            if self._closed:  # while closing: nobody else says so
+            if self._closing:  # nobody else says so
                 logger.error("%s", self._lost)
             else:
-                self._closed = True
-                self._on_lost(self._lost)
+                self._serving = False
+                try:
+                    self._on_lost(self._lost)
+                except Exception:
+                    logger.exception("on_store_process_lost failed")
         self._ended.set()
 
     # -- the store's calls (base.OrderStore) ----------------------------------------------
@@ -360,13 +400,24 @@ class StoreProcess:
         return result
 
 
-def _cannot_abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-    return trio.lowlevel.Abort.FAILED
-
-
 def _frame(message: Any) -> bytes:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return _LENGTH.pack(len(data)) + data
+
+
+def _take_frames(buffer: bytearray) -> list[Any]:
+    """The messages of the whole frames at the start of `buffer`, taken out of it."""
+    messages = []
+    start = 0
+    while len(buffer) - start >= _LENGTH.size:
+        (length,) = _LENGTH.unpack_from(buffer, start)
+        end = start + _LENGTH.size + length
+        if len(buffer) < end:
+            break
+        messages.append(pickle.loads(buffer[start + _LENGTH.size : end]))
+        start = end
+    del buffer[:start]
+    return messages
 
 
 # -- the store process ----------------------------------------------------------------------
@@ -390,18 +441,14 @@ class _Wire:
         """Every whole frame that has arrived, waiting for one if none has; [] at the end."""
         messages: list[Any] = []
         while not messages:
-            data = self._sock.recv(1 << 20)
+            try:
+                data = self._sock.recv(1 << 20)
+            except OSError:  # ECONNRESET: the server died with frames of ours unread
+                return []
             if not data:
                 return []
             self._buffer += data
-            start = 0
-            while len(self._buffer) - start >= 4:
-                (length,) = _LENGTH.unpack_from(self._buffer, start)
-                if len(self._buffer) - start - 4 < length:
-                    break
-                messages.append(pickle.loads(self._buffer[start + 4 : start + 4 + length]))
-                start += 4 + length
-            del self._buffer[:start]
+            messages = _take_frames(self._buffer)
         return messages
 
 
@@ -418,7 +465,12 @@ class _ToServer(logging.Handler):
             if record.exc_info:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
             fields = dict(record.__dict__, msg=message, args=None, exc_info=None, exc_text=None)
-            self._wire.send(("log", fields))
+            try:
+                self._wire.send(("log", fields))
+            except OSError:
+                return  # the server is gone: nobody to log to
+            except Exception:  # an `extra` value that cannot be pickled: the rest
+                self._wire.send(("log", {k: v for k, v in fields.items() if _pickles(v)}))
         except Exception:
             self.handleError(record)
 
@@ -443,11 +495,14 @@ def serve_store(fd: int) -> None:
         store = sql_backend(parse_store_url(url))
         store._open_driven()
     except Exception as exc:
-        wire.send(("failed", _picklable(exc)))
+        with suppress(OSError):
+            wire.send(("failed", _picklable(exc)))
         return
-    wire.send(("opened", None))
     try:
+        wire.send(("opened", None))
         _serve_calls(store, wire, first[1:])
+    except OSError:  # EPIPE: the server died before it read our answers
+        pass
     finally:
         store._close()
 
@@ -480,7 +535,12 @@ def _serve_calls(store: WriterThread[Any], wire: _Wire, messages: list[Any]) -> 
             elif op.error is not None:
                 log_lost(op)
         if replies:
-            wire.send(("done", replies))
+            try:
+                wire.send(("done", replies))
+            except OSError:
+                raise
+            except Exception:  # a result that cannot be pickled: its caller gets why
+                wire.send(("done", [_picklable_reply(reply) for reply in replies]))
 
 
 def _start(
@@ -492,14 +552,16 @@ def _start(
     suspended: dict[Op[Any, Any], tuple[int, Coroutine[Any, Any, Any]]],
     replies: list[tuple[int, bool, Any]],
 ) -> None:
-    method = getattr(store, name)
-    if call_id is None:
-        try:
-            method(*args, **kwargs)
-        except Exception as exc:
+    try:
+        called = getattr(store, name)(*args, **kwargs)
+    except Exception as exc:  # a bug of the server's: its caller (or the log) gets it
+        if call_id is None:
             logger.error("%s not stored: %s", name, exc)
+        else:
+            replies.append((call_id, False, _picklable(exc)))
         return
-    _advance(call_id, method(*args, **kwargs), suspended, replies)
+    if call_id is not None:
+        _advance(call_id, called, suspended, replies)
 
 
 def _advance(
@@ -524,8 +586,25 @@ def _advance(
 
 
 def _picklable(exc: Exception) -> Exception:
+    """`exc`, if the server can unpickle it (an exception whose __init__ takes other
+    arguments than its args cannot be); else a StoreUnavailable that names it."""
     try:
-        pickle.dumps(exc)
+        pickle.loads(pickle.dumps(exc))
     except Exception:
         return StoreUnavailable(repr(exc))
     return exc
+
+
+def _picklable_reply(reply: tuple[int, bool, Any]) -> tuple[int, bool, Any]:
+    call_id, _, result = reply
+    if _pickles(result):
+        return reply
+    return (call_id, False, StoreUnavailable(f"a result that cannot be pickled: {result!r}"))
+
+
+def _pickles(value: Any) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return False
+    return True

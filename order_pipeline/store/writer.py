@@ -26,6 +26,10 @@ psycopg_pool's worker): it wakes often (an operation queued, the database's answ
 GIL), and a normal thread that wakes may preempt the Trio thread, which holds the GIL the
 woken one then waits for; under SCHED_BATCH it no longer preempts the running thread when
 it wakes (S2: the Trio thread preempted 0.5 to 0.8 times per request, not 1.4 to 1.8).
+
+A server's PostgreSQL store does not use the thread: it runs in a store process
+(process.py), whose loop runs the batches itself (`_open_driven`, `_run_handed`,
+`BatchRun`), so psycopg's Python never waits for the GIL of the Trio thread.
 """
 
 from __future__ import annotations
@@ -44,7 +48,15 @@ import trio
 
 from .base import FinishedReply, StoreUnavailable
 
-__all__ = ["BatchRun", "Op", "RepliesWritten", "RowsWrittenTogether", "WriterThread", "log_lost"]
+__all__ = [
+    "BatchRun",
+    "Op",
+    "RepliesWritten",
+    "RowsWrittenTogether",
+    "WriterThread",
+    "cannot_abort",
+    "log_lost",
+]
 
 logger = logging.getLogger("order_pipeline.store")
 
@@ -206,7 +218,7 @@ class WriterThread(Generic[C]):
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
             op = self._put(fn, trio.lowlevel.current_task())
-            await trio.lowlevel.wait_task_rescheduled(_cannot_abort)  # see the module docstring
+            await trio.lowlevel.wait_task_rescheduled(cannot_abort)  # see the module docstring
         if op.error is not None:
             raise op.error
         return op.result
@@ -260,7 +272,8 @@ def _not_preempting_trio() -> None:
             logger.debug("the store's writer thread keeps its scheduling policy: %s", exc)
 
 
-def _cannot_abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+def cannot_abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+    """For `wait_task_rescheduled`: a call whose operation is handed over waits for it."""
     return trio.lowlevel.Abort.FAILED
 
 
