@@ -1112,7 +1112,7 @@ async def test_a_call_the_other_side_cannot_take_fails_alone(
         store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok", unpicklable))  # type: ignore[arg-type]
         store.record_step("k-1", order.attempt_id, StepRecord("vendor", "ok"))
         with pytest.raises(StoreUnavailable, match="get: its arguments cannot be pickled"):
-            await store.get(unpicklable)  # type: ignore[arg-type]
+            await store.get(unpicklable)
         with pytest.raises(TypeError, match="missing 1 required positional argument"):
             await store._call("get")  # the store process's method, called wrongly
         stored = await store.get("k-1")

@@ -48,15 +48,7 @@ from typing import Any, Final, Self
 
 import trio
 
-from .base import (
-    Begun,
-    Existing,
-    FinishedReply,
-    StepRecord,
-    StoredOrder,
-    StoreError,
-    StoreUnavailable,
-)
+from .base import StoreError, StoreUnavailable
 from .writer import Op, WriterThread, cannot_abort, log_lost
 
 __all__ = ["StoreProcess", "serve_store"]
@@ -79,6 +71,26 @@ class _Waiting:
         self.task = task
         self.result: Any = None
         self.error: BaseException | None = None
+
+
+def _awaited(name: str) -> Any:
+    """A store method that waits for its answer from the store process."""
+
+    async def call(self: StoreProcess, *args: Any, **kwargs: Any) -> Any:
+        return await self._call(name, *args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+def _held(name: str) -> Any:
+    """A store method nobody waits for: held until the next call that waits."""
+
+    def call(self: StoreProcess, *args: Any, **kwargs: Any) -> None:
+        self._hold(name, *args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 class StoreProcess:
@@ -320,84 +332,23 @@ class StoreProcess:
                     logger.exception("on_store_process_lost failed")
         self._ended.set()
 
-    # -- the store's calls (base.OrderStore) ----------------------------------------------
+    # -- the store's calls: base.OrderStore's, each sent as it is -------------------------
 
-    async def begin(
-        self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
-    ) -> Begun | Existing:
-        result: Begun | Existing = await self._call(
-            "begin", key, order_id, request_hash, body, owner
-        )
-        return result
-
-    async def restart(self, key: str, owner: str, expected_attempt: int) -> StoredOrder | None:
-        result: StoredOrder | None = await self._call("restart", key, owner, expected_attempt)
-        return result
-
-    def record_step(self, key: str, attempt_id: str, record: StepRecord) -> None:
-        self._hold("record_step", key, attempt_id, record)
-
-    async def finish(
-        self,
-        key: str,
-        attempt_id: str,
-        http_status: int,
-        reply: bytes,
-        kind: str | None,
-        *,
-        owner: str | None = None,
-    ) -> None:
-        await self._call("finish", key, attempt_id, http_status, reply, kind, owner=owner)
-
-    def finish_soon(
-        self,
-        key: str,
-        attempt_id: str,
-        http_status: int,
-        reply: bytes,
-        kind: str | None,
-        *,
-        owner: str | None = None,
-    ) -> None:
-        self._hold("finish_soon", key, attempt_id, http_status, reply, kind, owner=owner)
-
-    async def get(self, key: str) -> StoredOrder | None:
-        result: StoredOrder | None = await self._call("get", key)
-        return result
-
-    async def finished_reply(self, key: str, attempt_id: str) -> FinishedReply | None:
-        result: FinishedReply | None = await self._call("finished_reply", key, attempt_id)
-        return result
-
-    async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
-        result: list[tuple[StoredOrder, int]] = await self._call(
-            "list_orders", needs_attention=needs_attention
-        )
-        return result
-
-    async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109 (a lease's length)
-        await self._call("renew_lease", owner, timeout)
-
-    async def release_lease(self, owner: str) -> None:
-        await self._call("release_lease", owner)
-
-    async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
-        result: list[StoredOrder] = await self._call("claim_interrupted", owner, limit)
-        return result
-
-    async def charge(self, charge_id: str, key: str, amount: int) -> None:
-        await self._call("charge", charge_id, key, amount)
-
-    async def refund(self, charge_id: str, key: str) -> None:
-        await self._call("refund", charge_id, key)
-
-    async def net_charge(self, key: str) -> int:
-        result: int = await self._call("net_charge", key)
-        return result
-
-    async def purge(self, finished_before: float) -> int:
-        result: int = await self._call("purge", finished_before)
-        return result
+    begin = _awaited("begin")
+    restart = _awaited("restart")
+    record_step = _held("record_step")
+    finish = _awaited("finish")
+    finish_soon = _held("finish_soon")
+    get = _awaited("get")
+    finished_reply = _awaited("finished_reply")
+    list_orders = _awaited("list_orders")
+    renew_lease = _awaited("renew_lease")
+    release_lease = _awaited("release_lease")
+    claim_interrupted = _awaited("claim_interrupted")
+    charge = _awaited("charge")
+    refund = _awaited("refund")
+    net_charge = _awaited("net_charge")
+    purge = _awaited("purge")
 
 
 def _frame(message: Any) -> bytes:
@@ -465,12 +416,11 @@ class _ToServer(logging.Handler):
             if record.exc_info:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
             fields = dict(record.__dict__, msg=message, args=None, exc_info=None, exc_text=None)
-            try:
-                self._wire.send(("log", fields))
-            except OSError:
-                return  # the server is gone: nobody to log to
-            except Exception:  # an `extra` value that cannot be pickled: the rest
-                self._wire.send(("log", {k: v for k, v in fields.items() if _pickles(v)}))
+            if not _pickles(fields):  # an `extra` value that cannot be: the rest
+                fields = {k: v for k, v in fields.items() if _pickles(v)}
+            self._wire.send(("log", fields))
+        except OSError:
+            pass  # the server is gone: nobody to log to
         except Exception:
             self.handleError(record)
 
