@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -1122,6 +1123,35 @@ async def test_a_call_the_other_side_cannot_take_fails_alone(
             "record_step not stored: its arguments cannot be pickled"
         ]
     assert lost == []
+
+
+async def test_frames_larger_than_the_socket_takes_at_once_cross_whole(tmp_path: Path) -> None:
+    """A call of 8 MB (more than a socket pair's buffer) is sent in pieces, the ones after
+    it queue behind it, and every answer comes back in order."""
+    lost: list[str] = []
+    async with StoreProcess(f"sqlite:///{tmp_path / 'orders.db'}", lost.append) as store:
+        body = b"x" * 8_000_000
+        assert store._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < len(body)
+        async with trio.open_nursery() as watching:
+            # A frame cut short leaves both sides waiting, and a sent call is not
+            # cancellable: after 30 s, end the store process, so that the calls fail.
+            watching.start_soon(_kill_after, store, 30)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.begin, "big", "o-1", "hash-1", body, "w-1")
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(begun, store, "small")
+            watching.cancel_scope.cancel()
+        big = await store.get("big")
+        assert big is not None
+        assert big.body == body
+        assert await store.get("small") is not None
+    assert lost == []
+
+
+async def _kill_after(store: StoreProcess, seconds: float) -> None:
+    await trio.sleep(seconds)
+    assert store._process is not None
+    store._process.kill()
 
 
 async def test_a_store_process_refuses_a_file_that_is_not_ours(tmp_path: Path) -> None:
