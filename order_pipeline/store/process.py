@@ -211,10 +211,13 @@ class StoreProcess:
         try:
             frame = _frame(calls)
         except Exception:  # rare: find which
+            kept = []
             for held in self._riding:
-                if not _pickles(held):
+                if _pickles(held):
+                    kept.append(held)
+                else:
                     logger.error("%s not stored: its arguments cannot be pickled", held[1])
-            self._riding = [held for held in self._riding if _pickles(held)]
+            self._riding = kept
             if call is not None and not _pickles(call):
                 raise StoreUnavailable(f"{call[1]}: its arguments cannot be pickled") from None
             return self._frame_held(call)
