@@ -293,3 +293,78 @@ async def test_finished_orders_are_forgotten_after_the_retention(store: SqliteSt
     assert status == 200
     assert "Idempotent-Replayed" not in headers
     assert await store.net_charge("k-9") == 9
+
+
+async def test_a_reply_the_store_could_not_take_is_refused_then_recorded(
+    assembly: Assembly, store: SqliteStore, tmp_path: Path
+) -> None:
+    """An order whose final record cannot be committed is answered 503 store_unavailable,
+    never with a reply its retry would not find; the result is recorded once the store takes
+    writes again, and the retry replays it: charged once."""
+    order = {**ORDER, "delay_ms": {"payment": 0, "vendor": 0, "courier": 300}}
+    answers: list[tuple[int, bytes, Headers]] = []
+
+    async def first_post() -> None:
+        answers.append(await post(assembly, order, key="k-10"))
+
+    blocker = sqlite3.connect(tmp_path / "orders.db", isolation_level=None)
+    try:
+        # Real time: the store's thread would let an autojump clock skip the courier's step.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first_post)
+            await assembly.tracker.wait_for(lambda n: n == 1)  # payment charged, courier runs
+            blocker.execute("BEGIN IMMEDIATE")  # another writer holds the file
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
+    [(status, body, headers)] = answers
+
+    assert status == 503
+    assert json.loads(body)["error"]["kind"] == "store_unavailable"
+    assert headers["Retry-After"] == "1"
+    assert (await store.get("k-10")).state == RUNNING  # type: ignore[union-attr] # it exists
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(assembly.desk.maintain)
+        with trio.fail_after(5):
+            while (await store.get("k-10")).state == RUNNING:  # type: ignore[union-attr] # noqa: ASYNC110
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    status, body, headers = await post(assembly, order, key="k-10")
+
+    assert status == 200
+    assert headers["Idempotent-Replayed"] == "true"
+    assert json.loads(body)["status"] == "ok"
+    assert await store.net_charge("k-10") == 250
+
+
+async def test_retries_of_an_interrupted_order_at_once_run_it_once(
+    assembly: Assembly, store: SqliteStore, autojump_clock: trio.abc.Clock
+) -> None:
+    """Eight retries of an interrupted order's key at the same moment: one new attempt runs;
+    the others are told it is in progress (or replayed its reply, once it finished)."""
+    await orphan(store, "k-11", charged=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(assembly.desk.maintain)
+        await trio.sleep(2)  # recovered: interrupted, refunded
+        nursery.cancel_scope.cancel()
+    answers: list[tuple[int, bytes, Headers]] = []
+
+    async def retry() -> None:
+        answers.append(await post(assembly, make_order_body(), key="k-11"))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(retry)
+
+    ran = [a for a in answers if a[0] == 200 and "Idempotent-Replayed" not in a[2]]
+    others = sorted(
+        "replayed" if a[0] == 200 else json.loads(a[1])["error"]["kind"]
+        for a in answers
+        if a not in ran
+    )
+    assert len(ran) == 1
+    assert set(others) <= {"order_in_progress", "replayed"}
+    assert len(others) == 7
+    assert await store.net_charge("k-11") == 70
+    assert (await store.get("k-11")).attempt == 2  # type: ignore[union-attr] # it exists
