@@ -51,6 +51,7 @@ from order_pipeline.store import (
     StoreURL,
     open_store,
     parse_store_url,
+    process,
 )
 from order_pipeline.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, _is_busy
 from order_pipeline.store.writer import Op
@@ -1104,7 +1105,8 @@ async def test_a_call_the_other_side_cannot_take_fails_alone(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Arguments that cannot be pickled, a record that cannot be, a method called wrongly:
-    that call fails (or that record is logged as not stored), and the store serves on."""
+    that call fails (or that record is logged as not stored), and the store serves on. An
+    unexpected error says where the store process raised it."""
     lost: list[str] = []
     url = f"sqlite:///{tmp_path / 'orders.db'}"
     async with StoreProcess(url, lost.append) as store:
@@ -1114,8 +1116,11 @@ async def test_a_call_the_other_side_cannot_take_fails_alone(
         store.record_step("k-1", order.attempt_id, StepRecord("vendor", "ok"))
         with pytest.raises(StoreUnavailable, match="get: its arguments cannot be pickled"):
             await store.get(unpicklable)
-        with pytest.raises(TypeError, match="missing 1 required positional argument"):
+        with pytest.raises(TypeError, match="missing 1 required positional argument") as bug:
             await store._call("get")  # the store process's method, called wrongly
+        # Its traceback stays behind; where it was raised crosses as a note.
+        assert "raised in the store process at:\n" in bug.value.__notes__[0]
+        assert "in _start" in bug.value.__notes__[0]
         stored = await store.get("k-1")
         assert stored is not None
         assert [r.step for r in stored.steps] == ["vendor"]
@@ -1164,6 +1169,23 @@ async def test_a_store_process_refuses_a_file_that_is_not_ours(tmp_path: Path) -
             pass
     assert lost == []
     assert path.read_bytes() == b"not a database at all" * 100
+
+
+async def test_a_store_process_that_dies_before_it_opens_fails_the_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store process that ends before it opened the store (killed by the kernel, a crash in
+    a driver) fails the open with its exit status, as an error the server exits 2 on."""
+    monkeypatch.setattr(process, "_CHILD", "import os; os._exit(3)  # {path} {fd}")
+    lost: list[str] = []
+    with (
+        trio.fail_after(10),
+        pytest.raises(StoreError, match=r"ended before it opened the store \(exit status 3\)$"),
+    ):
+        async with StoreProcess(f"sqlite:///{tmp_path / 'orders.db'}", lost.append):
+            pass
+    assert lost == []
+    assert not (tmp_path / "orders.db").exists()
 
 
 # -- PostgreSQL only ------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import struct
 import subprocess
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from types import TracebackType
@@ -540,7 +541,13 @@ def _advance(
 
 def _picklable(exc: Exception) -> Exception:
     """`exc`, if the server can unpickle it (an exception whose __init__ takes other
-    arguments than its args cannot be); else a StoreUnavailable that names it."""
+    arguments than its args cannot be); else a StoreUnavailable that names it.
+
+    A traceback does not cross, so an unexpected error (a bug, not one of the store's
+    errors) carries where it was raised here as a note, which the server's log shows."""
+    if not isinstance(exc, StoreError) and exc.__traceback__ is not None:
+        where = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+        exc.add_note(f"raised in the store process at:\n{where}")
     try:
         pickle.loads(pickle.dumps(exc))
     except Exception:
