@@ -17,7 +17,8 @@ No `_created` series: they read like counts of orders, and say only when the
 process started, which `process_start_time_seconds` says once. The standard
 process metrics (CPU, memory, open files, start time) are the answering
 process's: with several workers, the worker that answered the scrape
-(prometheus-client's multiprocess mode cannot sum them).
+(prometheus-client's multiprocess mode cannot sum them). A server's store
+process (PostgreSQL) has the same metrics under `order_pipeline_store_process_`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Metrics:
         self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
+        self._store_process: Callable[[], int | None] | None = None
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._live: list[tuple[Gauge, Callable[[], int]]] = []
         r = self.registry
@@ -138,6 +140,18 @@ class Metrics:
             (self.courier_waiting, courier_waiting),
         ]
 
+    def watch_store_process(self, pid: Callable[[], int | None]) -> None:
+        """Report the store process's CPU, memory and files as well, read at scrape time
+        from /proc of `pid()` (no series while it returns None)."""
+        self._store_process = pid
+        self._store_collector(self.registry)
+
+    def _store_collector(self, registry: CollectorRegistry) -> None:
+        if self._store_process is not None:
+            read = self._store_process
+            # prometheus-client reads /proc/{pid}: "none" is no process, so no series
+            ProcessCollector("order_pipeline_store", lambda: read() or "none", registry=registry)
+
     def refresh_live(self) -> None:
         for gauge, read in self._live:
             gauge.set(read())
@@ -156,4 +170,5 @@ class Metrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped upstream
         ProcessCollector(registry=registry)
+        self._store_collector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

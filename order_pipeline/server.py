@@ -33,7 +33,7 @@ from .orders import OrderDesk
 from .reporting import OrderReporter
 from .services import CourierPool, CourierService, PaymentService, StepTracker, VendorService
 from .settings import Settings
-from .store import MemoryStore, OrderStore
+from .store import MemoryStore, OrderStore, StoreProcess
 from .tracing import Tracing
 
 __all__ = ["Assembly", "Readiness", "Settings", "assemble", "hypercorn_config", "serve"]
@@ -111,6 +111,9 @@ def assemble(
     )
     tracker = StepTracker()
     metrics.read_live(lambda: tracker.in_flight, lambda: pool.in_use, lambda: pool.waiting)
+    if isinstance(store, StoreProcess):
+        store_process = store
+        metrics.watch_store_process(lambda: store_process.pid)
     payment = PaymentService(settings.payment_delay_ms, ledger=store)
     vendor = VendorService(settings.vendor_delay_ms)
     courier = CourierService(pool, settings.courier_delay_ms)

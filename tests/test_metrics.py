@@ -1,10 +1,16 @@
-"""The metrics' shape: no `_created` series; the process metrics, alone or with workers."""
+"""The metrics' shape: no `_created` series; the process metrics, alone, with workers, and
+of a store process."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import httpx
 
+from order_pipeline.metrics import Metrics
 from order_pipeline.server import assemble
+from order_pipeline.store import StoreProcess
 
 from .server_process import StartServer
 
@@ -16,11 +22,24 @@ PROCESS_SERIES = (
 )
 
 
+STORE_PROCESS_SERIES = tuple(f"order_pipeline_store_{name}" for name in PROCESS_SERIES)
+
+
+def series(text: str) -> dict[str, float]:
+    """Each unlabelled series' value, by name."""
+    return {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in text.splitlines())
+        if name[:1].isalpha() and "{" not in name
+    }
+
+
 def check_shape(text: str) -> None:
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1].isalpha()}
     assert not [name for name in names if name.endswith("_created")]
     assert set(PROCESS_SERIES) <= names
     assert "order_pipeline_orders_total" in names
+    assert not [name for name in names if name.startswith("order_pipeline_store_process_")]
 
 
 async def test_no_created_series_and_the_process_metrics() -> None:
@@ -37,3 +56,39 @@ async def test_with_workers_too(start_server: StartServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as client:
         await client.post("/order", json={"order_id": "m-2", "amount": 1})
         check_shape((await client.get("/metrics")).text)
+
+
+async def test_a_store_process_has_process_metrics_of_its_own(tmp_path: Path) -> None:
+    """A server's store process: its CPU, memory, open files and start time, under
+    `order_pipeline_store_process_`, while it runs; none once it has ended."""
+    lost: list[str] = []
+    async with StoreProcess(f"sqlite:///{tmp_path / 'orders.db'}", lost.append) as store:
+        metrics = assemble(store=store).metrics
+        pid = store.pid
+        figures = series(metrics.exposition()[0].decode())
+
+        assert pid is not None
+        assert pid != os.getpid()
+        assert set(STORE_PROCESS_SERIES) <= set(figures)
+        assert figures["order_pipeline_store_process_resident_memory_bytes"] > 1_000_000
+        # Started after the server, as its child: its own figures, not the server's.
+        assert (
+            figures["order_pipeline_store_process_start_time_seconds"]
+            >= figures["process_start_time_seconds"]
+        )
+        assert figures["order_pipeline_store_process_open_fds"] < figures["process_open_fds"]
+    assert store.pid is None
+    assert not set(STORE_PROCESS_SERIES) & set(series(metrics.exposition()[0].decode()))
+    assert lost == []
+
+
+def test_a_worker_s_scrape_has_its_store_process_s_metrics(tmp_path: Path) -> None:
+    """With workers (multiprocess mode) the scrape is built afresh: the store process's
+    metrics are in it too."""
+    metrics = Metrics(str(tmp_path))
+    metrics.watch_store_process(os.getppid)
+
+    figures = series(metrics.exposition()[0].decode())
+
+    assert set(STORE_PROCESS_SERIES) <= set(figures)
+    assert set(PROCESS_SERIES) <= set(figures)

@@ -118,6 +118,13 @@ class StoreProcess:
         self._open_error: BaseException | None = None
         self._ended = trio.Event()  # the pump read the socket's end
 
+    @property
+    def pid(self) -> int | None:
+        """The store process's, while it runs (for its metrics)."""
+        if self._process is None or self._process.returncode is not None:
+            return None
+        return self._process.pid
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
