@@ -93,7 +93,12 @@ def _error(kind: str, message: str | None = None, *, key: str | None = None) -> 
 
 
 def _known_steps(stored: StoredOrder) -> list[StepResult]:
-    """What was recorded of each step; a step with no record may have run, so it counts as ok."""
+    """What was recorded of each step; a step with no record may have run, so it counts as ok.
+
+    Only a compensation that succeeded counts as done: one that failed or timed out is
+    tried again (compensations are idempotent), since the money it should have given back
+    may still be held.
+    """
     records = {record.step: record for record in stored.steps}
     known = []
     for name in STEP_NAMES:
@@ -102,9 +107,9 @@ def _known_steps(stored: StoredOrder) -> list[StepResult]:
             known.append(StepResult(name, StepStatus.OK, 0))
             continue
         compensation = (
-            None
-            if record.compensation is None
-            else Compensation(CompensationStatus(record.compensation), record.compensation_ms or 0)
+            Compensation(CompensationStatus.OK, record.compensation_ms or 0)
+            if record.compensation == CompensationStatus.OK
+            else None
         )
         known.append(
             StepResult(

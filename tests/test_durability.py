@@ -231,6 +231,45 @@ async def test_an_orphaned_order_is_undone_within_the_lease_and_can_be_sent_agai
     assert (await store.get("k-6")).attempt == 2  # type: ignore[union-attr] # it exists
 
 
+@pytest.mark.parametrize("fails_again", [False, True])
+async def test_a_refund_that_failed_before_the_crash_is_tried_again(
+    assembly: Assembly, store: SqliteStore, autojump_clock: trio.abc.Clock, fails_again: bool
+) -> None:
+    """A dead process's order whose refund had failed (recorded) is not taken as undone:
+    recovery refunds it again; if that fails too, the order is compensation_failed, needs
+    attention, and its key replays that (never a second charge)."""
+    order = make_order("o-orphan", amount=70, fail_compensation="payment" if fails_again else None)
+    body = canonical(order)
+    begun = await store.begin(
+        "k-12", order.order_id, hashlib.sha256(body).hexdigest(), body, "dead-process"
+    )
+    assert isinstance(begun, Begun)
+    await store.charge(begun.order.attempt_id, "k-12", 70)
+    failed_refund = StepRecord("payment", "ok", None, 150, "error", 80)
+    store.record_step("k-12", begun.order.attempt_id, failed_refund)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(assembly.desk.maintain)
+        await trio.sleep(2)
+        nursery.cancel_scope.cancel()
+    stored = await store.get("k-12")
+    status, reply, headers = await post(assembly, body, key="k-12")
+
+    assert stored is not None
+    payment = {s.step: s for s in stored.steps}["payment"]
+    if fails_again:
+        assert (stored.kind, payment.compensation, stored.needs_attention) == (
+            "compensation_failed", "error", True
+        )  # fmt: skip
+        assert await store.net_charge("k-12") == 70  # held, for a person to give back
+        assert (status, headers["Idempotent-Replayed"]) == (500, "true")
+        assert json.loads(reply)["error"]["kind"] == "compensation_failed"
+    else:
+        assert (stored.kind, payment.compensation) == ("interrupted", "ok")
+        assert (status, json.loads(reply)["status"]) == (200, "ok")  # run again: charged once
+        assert await store.net_charge("k-12") == 70
+
+
 def make_order_body() -> bytes:
     return canonical(make_order("o-orphan", amount=70))
 
