@@ -48,7 +48,7 @@ from .model import (
     new_id,
 )
 from .orchestrator import Pipeline
-from .serialization import converter, dump_reply, encode_result, parse_order
+from .serialization import converter, dump_reply, parse_order
 from .store import RUNNING, Begun, Existing, OrderStore, StoredOrder, StoreUnavailable
 
 __all__ = ["Answer", "OnRefused", "OrderDesk", "canonical"]
@@ -139,8 +139,6 @@ class OrderDesk:
     retention: float = 86_400.0
     on_refused: OnRefused = lambda kind, status, order_id, reason: None
     owner: str = attrs.field(factory=new_id)
-    # Replies that were sent as 503 because their record could not be committed; retried.
-    _unrecorded: list[tuple[Attempt, int, bytes, str | None]] = attrs.field(factory=list)
 
     async def submit(self, order: OrderRequest, key: str | None = None) -> Answer:
         """Run `order` under `key` (a fresh one if None), or answer from what the key holds.
@@ -190,13 +188,12 @@ class OrderDesk:
         current_attempt.set(attempt)
         # The reporter queues the final record as the pipeline reports the result
         # (cancelled orders included); reading its reply back waits for that commit, and
-        # finds none if another process claimed the order meanwhile.
-        result = await self.pipeline.process(order)
+        # finds none if another process claimed the order meanwhile. If the commit fails,
+        # the store keeps the record for its next commit (writer.py): a retry finds it.
+        await self.pipeline.process(order)
         try:
             final = await self.store.finished_reply(key, attempt.id)
         except StoreUnavailable:
-            status, body = encode_result(result)
-            self._unrecorded.append((attempt, status, body, result.kind))
             log.warning("order %r: its result could not be recorded yet", order.order_id)
             return _error(STORE_UNAVAILABLE, key=key)
         if final is None:
@@ -252,7 +249,6 @@ class OrderDesk:
     async def _recover_forever(self) -> None:
         while True:
             try:
-                await self._record_unrecorded()
                 claimed = await self.store.claim_interrupted(self.owner, RECOVERY_BATCH)
             except StoreUnavailable as exc:
                 log.warning("recovery paused: %s", exc)
@@ -274,14 +270,6 @@ class OrderDesk:
         current_attempt.set(Attempt(stored.key, stored.attempt_id, self.owner))
         order = parse_order(stored.body)
         await self.pipeline.undo(order, _known_steps(stored), INTERRUPTED)
-
-    async def _record_unrecorded(self) -> None:
-        while self._unrecorded:
-            attempt, status, body, kind = self._unrecorded[0]
-            await self.store.finish(
-                attempt.key, attempt.id, status, body, kind, owner=attempt.owner
-            )
-            self._unrecorded.pop(0)
 
     async def _purge_forever(self) -> None:
         while True:

@@ -755,10 +755,10 @@ async def one_batch_behind_a_lock(store: SqliteStore, nursery: trio.Nursery) -> 
         other.execute("ROLLBACK")
 
 
-async def test_a_finish_whose_batch_failed_is_not_replied(tmp_path: Path) -> None:
+async def test_a_finish_whose_batch_failed_is_replied_once_committed(tmp_path: Path) -> None:
     """finished_reply answers from what finish_soon wrote only once it is committed: a finish
     whose batch failed after it ran (SQLite rolled the transaction back, as on an I/O error)
-    leaves the order running, and the reply is not found."""
+    is kept as not committed, runs again with the next batch, and is answered from that."""
     path = tmp_path / "orders.db"
 
     def fail_the_batch(conn: sqlite3.Connection) -> None:
@@ -770,10 +770,14 @@ async def test_a_finish_whose_batch_failed_is_not_replied(tmp_path: Path) -> Non
         async with trio.open_nursery() as nursery, one_batch_behind_a_lock(store, nursery):
             store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)  # the finish first
             store._put(fail_the_batch, None)
-        assert await store.finished_reply("k-1", order.attempt_id) is None
-        running = await store.get("k-1")
-        assert running is not None
-        assert running.state == RUNNING
+        assert len(store._replies) == 0  # nothing of the failed batch's as committed
+        commits = store.commits
+        reply = await store.finished_reply("k-1", order.attempt_id)  # carries the finish again
+        assert reply == FinishedReply(200, b"{}", None)
+        assert store.commits == commits + 1
+        finished = await store.get("k-1")
+        assert finished is not None
+        assert finished.state == FINISHED
 
 
 async def test_step_records_are_written_when_their_batch_runs_again(tmp_path: Path) -> None:
@@ -825,6 +829,78 @@ async def test_step_records_after_a_failed_batch_are_written(
     assert "1 step record(s) written together not stored" in caplog.text
 
 
+@asynccontextmanager
+async def sqlite_here_or_in_a_store_process(
+    path: Path, in_a_store_process: bool
+) -> AsyncIterator[OrderStore]:
+    """A SQLite store in this process's writer thread, or in a store process."""
+    if not in_a_store_process:
+        async with SqliteStore(path, busy_timeout=0.2) as store:
+            yield store
+        return
+    lost: list[str] = []
+    async with StoreProcess(f"sqlite:///{path}", lost.append) as store:
+        yield store
+    assert lost == []
+
+
+@pytest.mark.parametrize("in_a_store_process", [False, True])
+@pytest.mark.parametrize("how", ["deleted", "replaced", "moved away"])
+async def test_a_store_whose_file_is_gone_commits_nothing_until_it_is_back(
+    tmp_path: Path, in_a_store_process: bool, how: str
+) -> None:
+    """The store's file deleted, replaced or moved away while it serves: a commit would go
+    to a file nobody will open again, so every call fails (StoreUnavailable) and the path's
+    file is untouched; with the same file back at the path, the store commits again."""
+    path, aside = tmp_path / "orders.db", tmp_path / "aside.db"
+    async with sqlite_here_or_in_a_store_process(path, in_a_store_process) as store:
+        await begun(store)
+        path.rename(aside)
+        if how == "deleted":
+            aside.unlink()
+        if how == "replaced":
+            path.write_bytes(b"")
+
+        with pytest.raises(StoreUnavailable, match="deleted or replaced since the store opened it"):
+            await begun(store, "k-2")
+
+        if how == "replaced":
+            assert path.read_bytes() == b""
+            path.unlink()
+        if how != "deleted":
+            aside.rename(path)
+            await begun(store, "k-3")
+    if how != "deleted":
+        async with SqliteStore(path) as store:
+            assert await store.get("k-1") is not None
+            assert await store.get("k-2") is None
+            assert await store.get("k-3") is not None
+
+
+@pytest.mark.parametrize("in_a_store_process", [False, True])
+async def test_a_final_record_whose_commit_failed_rides_on_the_next_call(
+    tmp_path: Path, in_a_store_process: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`finish_soon` whose batch fails for an outage is held again, not lost (lost, it would
+    leave its order running under its owner's live lease): the next call commits it."""
+    path, aside = tmp_path / "orders.db", tmp_path / "aside.db"
+    async with sqlite_here_or_in_a_store_process(path, in_a_store_process) as store:
+        order = await begun(store)
+        store.finish_soon("k-1", order.attempt_id, 200, b'{"status":"ok"}', None)
+        path.rename(aside)  # an outage: every commit fails
+        with pytest.raises(StoreUnavailable):
+            await store.renew_lease("w-1", 5)  # carries the finish
+        aside.rename(path)
+
+        stored = await store.get("k-1")
+
+        assert stored is not None
+        assert (stored.state, stored.http_status, stored.reply) == (
+            FINISHED, 200, b'{"status":"ok"}'
+        )  # fmt: skip
+        assert "1 record(s) not stored yet, held for the next commit" in caplog.text
+
+
 async def test_a_batch_that_raises_unexpectedly_fails_its_callers_instead_of_hanging(
     tmp_path: Path,
 ) -> None:
@@ -844,6 +920,29 @@ async def test_a_batch_that_raises_unexpectedly_fails_its_callers_instead_of_han
         with trio.fail_after(10), pytest.raises(StoreUnavailable, match="a bug"):
             await store.get("k-1")
         assert await store.get("k-1") is None
+
+
+async def test_a_final_record_that_meets_a_backend_s_bug_is_not_held_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record whose batch fails for a backend's bug (not an outage) is logged as lost, not
+    held again: held, it would fail every batch it rode on."""
+
+    class Broken(SqliteStore):
+        def _run_batch(self, ops: list[Op[sqlite3.Connection, Any]]) -> None:
+            if any(op.kept for op in ops):
+                raise RuntimeError("a bug")
+            super()._run_batch(ops)
+
+    async with Broken(tmp_path / "orders.db") as store:
+        order = await begun(store)
+        store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
+        with trio.fail_after(10), pytest.raises(StoreUnavailable, match="a bug"):
+            await store.get("k-1")
+        stored = await store.get("k-1")
+    assert stored is not None
+    assert stored.state == RUNNING
+    assert "a queued record not stored: " in caplog.text
 
 
 @pytest.mark.parametrize("store_url", SQL_BACKEND_PARAMS, indirect=True)

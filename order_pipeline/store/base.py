@@ -145,7 +145,8 @@ class OrderStore(Protocol):
         owner: str | None = None,
     ) -> None:
         """`finish`, queued as `record_step` is (a `get` or `finished_reply` after it waits
-        for the commit that carries it)."""
+        for the commit that carries it); if that commit fails for an outage, it is queued
+        again, until committed or the store closes (see writer.py)."""
         ...
 
     async def get(self, key: str) -> StoredOrder | None:

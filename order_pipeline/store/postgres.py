@@ -438,7 +438,7 @@ class PostgresStore(WriterThread[Conn]):
 
             return _Later(read)
 
-        self._put(finish, None)
+        self._put(finish, None, kept=True)  # see writer.py
 
     async def get(self, key: str) -> StoredOrder | None:
         return await self._call(lambda conn: _get(conn, key))

@@ -471,6 +471,7 @@ def serve_store(fd: int) -> None:
 def _serve_calls(store: WriterThread[Any], wire: _Wire, messages: list[Any]) -> None:
     suspended: dict[Op[Any, Any], tuple[int, Coroutine[Any, Any, Any]]] = {}
     closing = False
+    again: list[Op[Any, Any]] = []  # kept records to hold again (writer.py `_hold_again`)
     while True:
         replies: list[tuple[int, bool, Any]] = []
         if not store._riding:  # nothing to run: wait for calls
@@ -478,6 +479,8 @@ def _serve_calls(store: WriterThread[Any], wire: _Wire, messages: list[Any]) -> 
                 return
             messages = messages or wire.receive()
             if not messages:  # the server is gone: nothing more will come
+                for op in again:
+                    log_lost(op)
                 return
             for message in messages:
                 if message is None:
@@ -486,6 +489,8 @@ def _serve_calls(store: WriterThread[Any], wire: _Wire, messages: list[Any]) -> 
                 for call_id, name, args, kwargs in message:
                     _start(store, call_id, name, args, kwargs, suspended, replies)
             messages = []
+            store._hold_again(again)  # they ride on what has come
+            again = []
         ops, store._riding = store._riding, []
         if ops:
             store._run_handed(ops)
@@ -493,6 +498,8 @@ def _serve_calls(store: WriterThread[Any], wire: _Wire, messages: list[Any]) -> 
             if op in suspended:
                 call_id, coroutine = suspended.pop(op)
                 _advance(call_id, coroutine, suspended, replies)
+            elif op.to_try_again and not closing:
+                again.append(op)
             elif op.error is not None:
                 log_lost(op)
         if replies:

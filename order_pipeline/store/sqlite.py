@@ -135,6 +135,7 @@ class SqliteStore(WriterThread[Conn]):
         self.busy_timeout = busy_timeout
         self.commits = 0
         self._conn: Conn  # the writer thread's own, from _connect
+        self._file: tuple[int, int] | None  # the file it opened (`_identity`), checked each batch
         self._replies = RepliesWritten()  # what finish_soon wrote, for finished_reply
         self._steps = RowsWrittenTogether(self, _record_steps)
 
@@ -142,6 +143,7 @@ class SqliteStore(WriterThread[Conn]):
 
     def _open(self) -> None:
         self._conn = _connect(self.path, self.busy_timeout)
+        self._file = _identity(self.path)
 
     def _close(self) -> None:
         self._conn.close()
@@ -157,6 +159,8 @@ class SqliteStore(WriterThread[Conn]):
         alone, or all of them while another process holds the write lock (until `deadline`)."""
         conn = self._conn
         try:
+            if _identity(self.path) != self._file:
+                raise _FileGone()
             self._replies.transaction_begins()
             conn.execute("BEGIN IMMEDIATE")
             for op in ops:
@@ -232,7 +236,7 @@ class SqliteStore(WriterThread[Conn]):
             if conn.execute(_FINISH, args).rowcount:
                 self._replies.wrote(key, attempt_id, written)
 
-        self._put(finish, None)
+        self._put(finish, None, kept=True)  # see writer.py
 
     async def get(self, key: str) -> StoredOrder | None:
         return await self._call(lambda conn: _get(conn, key))
@@ -364,6 +368,23 @@ def _schema_version(conn: Conn, path: Path) -> int:
             f" {SCHEMA_VERSION}: upgrade order-pipeline"
         )
     return version
+
+
+class _FileGone(Exception):
+    """The path no longer names the file the store opened (deleted, or replaced): what is
+    committed to the file still open would be lost, so nothing is."""
+
+    def __str__(self) -> str:
+        return "the file was deleted or replaced since the store opened it (restart to use it)"
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file at `path` (its device and inode), None if there is none: one `stat` a batch."""
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _is_busy(exc: Exception) -> bool:

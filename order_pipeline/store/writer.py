@@ -13,6 +13,9 @@ an fsync) of its own. A serving process renews its lease about every second (a t
 lease, if that is shorter) and the order desk reads back every reply it sends
 (`finished_reply`), so in a server a record waits about a second at most; until committed it
 was never durable, and recovery treats a step without a record as one that may have run.
+An order's final record (`finish_soon`) whose commit fails for an outage is held again and
+rides on the next call: lost, it would leave its order running under a live lease, which no
+process recovers while its owner lives.
 
 Cancellation: a call is cancellable until its operation is queued and not after: it then
 waits, shielded, for its batch, so a caller that gets Cancelled knows nothing was written,
@@ -67,9 +70,11 @@ T = TypeVar("T")
 class Op(Generic[C, T]):
     """One queued operation; `waiter` (the task to wake once it is committed) is None for
     fire-and-forget (record_step, finish_soon). `taken`, if given, is called by the writer
-    thread as it takes the operation into a batch, and says what the operation writes."""
+    thread as it takes the operation into a batch, and says what the operation writes.
+    `kept`: an operation nobody waits for that is held again if its batch fails for an
+    outage, until it is committed or the store closes (an order's final record)."""
 
-    __slots__ = ("error", "fn", "result", "taken", "waiter", "what")
+    __slots__ = ("error", "fn", "kept", "result", "taken", "waiter", "what")
     result: T
 
     def __init__(
@@ -77,12 +82,20 @@ class Op(Generic[C, T]):
         fn: Callable[[C], T],
         waiter: trio.lowlevel.Task | None,
         taken: Callable[[], str] | None = None,
+        *,
+        kept: bool = False,
     ) -> None:
         self.fn = fn
         self.waiter = waiter
         self.taken = taken
+        self.kept = kept
         self.what = "a queued record"  # for the log line if it is lost
         self.error: BaseException | None = None
+
+    @property
+    def to_try_again(self) -> bool:
+        """Kept, and not committed for an outage (not for an error of its own)."""
+        return self.kept and isinstance(self.error, StoreUnavailable)
 
 
 class WriterThread(Generic[C]):
@@ -179,7 +192,7 @@ class WriterThread(Generic[C]):
                 ops = [op for item in handed if item is not None for op in item]
                 if ops:
                     self._run_handed(ops)
-                    self._wake(ops)
+                    self._wake(ops, closing=stop)
                 if stop:
                     return
         finally:
@@ -196,18 +209,42 @@ class WriterThread(Generic[C]):
             logger.exception("%s: a batch failed unexpectedly", self.where)
             for op in ops:
                 op.error = StoreUnavailable(f"{self.where}: {exc!r}")
+                op.kept = False  # held again, it could fail every batch it rides on
 
-    def _wake(self, ops: list[Op[C, Any]]) -> None:
-        """Hand every waiting caller its result; log what nobody waits for and was lost."""
-        waiters = []
+    def _wake(self, ops: list[Op[C, Any]], *, closing: bool) -> None:
+        """Hand every waiting caller its result and the Trio side what is to be held again;
+        log what nobody waits for and was lost."""
+        waiters, again = [], []
         for op in ops:
             if op.waiter is not None:
                 waiters.append(op.waiter)
+            elif op.to_try_again and not closing:
+                again.append(op)
             elif op.error is not None:
                 log_lost(op)
-        if waiters:
+        if waiters or again:
             with suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(_reschedule_all, waiters)
+                self._token.run_sync_soon(self._woken, waiters, again)
+
+    def _woken(self, waiters: list[trio.lowlevel.Task], again: list[Op[C, Any]]) -> None:
+        for task in waiters:
+            trio.lowlevel.reschedule(task)
+        self._hold_again(again)
+
+    def _hold_again(self, ops: list[Op[C, Any]]) -> None:
+        """Hold `ops` (kept, their batch failed for an outage) again, ahead of what was held
+        since: they ride on the next call that waits (the lease renewal, at the latest a
+        second later), so an order's final record is not lost to a moment's outage."""
+        if not ops:
+            return
+        if self._closed:  # nothing will carry them
+            for op in ops:
+                log_lost(op)
+            return
+        logger.warning(
+            "%d record(s) not stored yet, held for the next commit: %s", len(ops), ops[0].error
+        )
+        self._riding[:0] = ops
 
     # -- the Trio side --------------------------------------------------------------------
 
@@ -228,10 +265,12 @@ class WriterThread(Generic[C]):
         fn: Callable[[C], T],
         waiter: trio.lowlevel.Task | None,
         taken: Callable[[], str] | None = None,
+        *,
+        kept: bool = False,
     ) -> Op[C, T]:
         if self._closed:
             raise StoreUnavailable(f"{self.where}: the store is closed")
-        op: Op[C, T] = Op(fn, waiter, taken)
+        op: Op[C, T] = Op(fn, waiter, taken, kept=kept)
         self._riding.append(op)
         if waiter is not None:
             self._send_riding()
@@ -275,11 +314,6 @@ def _not_preempting_trio() -> None:
 def cannot_abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
     """For `wait_task_rescheduled`: a call whose operation is handed over waits for it."""
     return trio.lowlevel.Abort.FAILED
-
-
-def _reschedule_all(tasks: list[trio.lowlevel.Task]) -> None:
-    for task in tasks:
-        trio.lowlevel.reschedule(task)
 
 
 class RowsWrittenTogether(Generic[C]):
