@@ -109,7 +109,7 @@ class OrderReporter:
         """A step or a compensation ended: record it under the order's attempt."""
         attempt = current_attempt.get()
         if attempt is not None:
-            self.store.record_step(attempt.key, attempt.id, step_record(step))
+            self.store.record_step(attempt.key, attempt.id, step_record(step), owner=attempt.owner)
 
     def finished(self, result: OrderResult) -> None:
         """An order that ran: succeeded, failed, timed out, was cancelled or was recovered."""

@@ -171,3 +171,19 @@ def test_an_order_the_drain_cancelled_with_nothing_to_undo_says_so(
 
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert warning.getMessage() == "order o-3 cancelled by the drain: nothing to undo"
+
+
+async def test_a_step_reported_after_another_process_claimed_the_order_is_left_out(
+    store: MemoryStore, reporter: OrderReporter
+) -> None:
+    """A step outcome reported after another process claimed the order (our lease lapsed)
+    does not overwrite the claimant's records."""
+    stored = await begin(store, "me")
+    await store.claim_interrupted("rescuer", 10)
+    with working_for(Attempt(KEY, stored.attempt_id, "me")):
+        reporter.step_ended(PAID)
+
+    found = await store.get(KEY)
+
+    assert found is not None
+    assert found.steps == ()

@@ -146,6 +146,25 @@ async def test_begin_of_a_new_key_starts_attempt_one(store: OrderStore) -> None:
     assert await store.get("k-2") is None
 
 
+async def test_records_from_a_process_that_lost_its_order_are_ignored(store: OrderStore) -> None:
+    """Once another process has claimed an order (the first one's lease lapsed), the first
+    one's step records are ignored, as its finish is: the claimer's stand."""
+    order = await begun(store, owner="w-1")  # w-1 holds no lease: as good as dead
+    (claimed,) = await store.claim_interrupted("w-2", 10)
+    assert claimed.owner == "w-2"
+    undone = StepRecord("payment", "ok", None, 5, "ok", 3)
+    store.record_step("k-1", order.attempt_id, undone, owner="w-2")
+    await store.get("k-1")
+    late = StepRecord("payment", "ok", None, 5, "error", 9)
+    store.record_step("k-1", order.attempt_id, late, owner="w-1")
+    store.record_step("k-1", order.attempt_id, StepRecord("vendor", "ok"), owner="w-1")
+
+    stored = await store.get("k-1")
+
+    assert stored is not None
+    assert stored.steps == (undone,)
+
+
 async def test_begin_of_a_taken_key_returns_the_stored_order(store: OrderStore) -> None:
     """A second begin with the key gets the first request's order, steps included, unchanged."""
     first = await begun(store)

@@ -31,13 +31,16 @@ class StepRecord:
     compensation_ms: int | None = None
 
 
-def step_row(key: str, attempt_id: str, r: StepRecord) -> tuple[str | int | None, ...]:
+def step_row(
+    key: str, attempt_id: str, r: StepRecord, owner: str | None
+) -> tuple[str | int | None, ...]:
     """A step record as the SQL backends write them together: the steps table's columns in
-    order, attempt first, then the order's key (whose current attempt it must be)."""
+    order, attempt first, then the order's key (whose current attempt it must be) and the
+    owner it must still have (None: any)."""
     return (
         attempt_id, r.step, r.status, r.detail, r.duration_ms, r.compensation,
-        r.compensation_ms, key,
-    )  # fmt: skip # the table's columns in their order, then the key
+        r.compensation_ms, key, owner,
+    )  # fmt: skip # the table's columns in their order, then the key and the owner
 
 
 @attrs.frozen
@@ -115,9 +118,12 @@ class OrderStore(Protocol):
         """Run an interrupted order again (attempt + 1); None if another caller did first."""
         ...
 
-    def record_step(self, key: str, attempt_id: str, record: StepRecord) -> None:
+    def record_step(
+        self, key: str, attempt_id: str, record: StepRecord, *, owner: str | None = None
+    ) -> None:
         """Queue a step's outcome (upsert by attempt and step); the commit of the next call
-        that waits for one carries it (see writer.py; at the latest, the store's close)."""
+        that waits for one carries it (see writer.py; at the latest, the store's close).
+        Ignored, as `finish` is, for a stale attempt and for an order claimed by another."""
         ...
 
     async def finish(

@@ -81,9 +81,13 @@ class MemoryStore:
         self._orders[key] = new
         return new
 
-    def record_step(self, key: str, attempt_id: str, record: StepRecord) -> None:
+    def record_step(
+        self, key: str, attempt_id: str, record: StepRecord, *, owner: str | None = None
+    ) -> None:
         order = self._orders.get(key)
-        if order is not None and order.attempt_id == attempt_id:
+        if order is None or order.attempt_id != attempt_id:
+            return
+        if owner is None or order.owner == owner:
             self._steps.setdefault(attempt_id, {})[record.step] = record
 
     async def finish(

@@ -400,8 +400,10 @@ class PostgresStore(WriterThread[Conn]):
             lambda conn: _restart(conn, key, owner, expected_attempt, attempt_id)
         )
 
-    def record_step(self, key: str, attempt_id: str, record: StepRecord) -> None:
-        self._steps.add(step_row(key, attempt_id, record))
+    def record_step(
+        self, key: str, attempt_id: str, record: StepRecord, *, owner: str | None = None
+    ) -> None:
+        self._steps.add(step_row(key, attempt_id, record, owner))
 
     async def finish(
         self,
@@ -630,14 +632,16 @@ _REFUND = (
 )
 _NET = "SELECT coalesce(sum(amount), 0)::bigint FROM ledger WHERE key = {} AND NOT refunded"
 # Step records as one JSON array of `step_row`s, in order: a record whose attempt is no longer
-# the order's is dropped; one row per step (an upsert may not touch a row twice). The attempt is
-# checked by a scalar subquery, a lookup of the key's index per record: the planner made an
-# EXISTS a hash join that read every order, once per batch.
+# the order's, or whose order another process claimed, is dropped; one row per step (an upsert
+# may not touch a row twice). The attempt is checked by a scalar subquery, a lookup of the
+# key's index per record: the planner made an EXISTS a hash join that read every order, once
+# per batch.
 _RECORD_STEPS = f"""
     INSERT INTO steps (attempt_id, {_STEP})
     SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, (r ->> 4)::bigint, r ->> 5, (r ->> 6)::bigint
     FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS rows (r, n)
-    WHERE (SELECT attempt_id FROM orders WHERE key = r ->> 7) = r ->> 0
+    WHERE (SELECT attempt_id FROM orders WHERE key = r ->> 7 AND owner = coalesce(r ->> 8, owner))
+        = r ->> 0
     ORDER BY n
     ON CONFLICT (attempt_id, step) DO UPDATE SET
         status = excluded.status, detail = excluded.detail, duration_ms = excluded.duration_ms,

@@ -203,8 +203,10 @@ class SqliteStore(WriterThread[Conn]):
             lambda conn: _restart(conn, key, owner, expected_attempt, attempt_id, now)
         )
 
-    def record_step(self, key: str, attempt_id: str, record: StepRecord) -> None:
-        self._steps.add(step_row(key, attempt_id, record))
+    def record_step(
+        self, key: str, attempt_id: str, record: StepRecord, *, owner: str | None = None
+    ) -> None:
+        self._steps.add(step_row(key, attempt_id, record, owner))
 
     async def finish(
         self,
@@ -430,8 +432,8 @@ _REFUND = (
 )
 # Step records as one JSON array (text, which every SQLite since 3.9 reads) of `step_row`s, in
 # order (json_extract, not ->>, which needs 3.38). WHERE EXISTS: a record whose attempt is no
-# longer the order's is dropped (and it parses the upsert right); a later record of a step
-# updates the earlier one.
+# longer the order's, or whose order another process claimed, is dropped (and it parses the
+# upsert right); a later record of a step updates the earlier one.
 _RECORD_STEPS = f"""
     INSERT INTO steps (attempt_id, {_STEP})
     SELECT json_extract(r.value, '$[0]'), json_extract(r.value, '$[1]'),
@@ -442,6 +444,7 @@ _RECORD_STEPS = f"""
     WHERE EXISTS (
         SELECT 1 FROM orders
         WHERE key = json_extract(r.value, '$[7]') AND attempt_id = json_extract(r.value, '$[0]')
+            AND owner = coalesce(json_extract(r.value, '$[8]'), owner)
     )
     ORDER BY r.key
     ON CONFLICT (attempt_id, step) DO UPDATE SET
