@@ -21,9 +21,11 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 import attrs
+import hypercorn.trio.run
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.tcp_server import TCPServer
 from quart_trio import QuartTrio
 
 from .http import create_app
@@ -163,6 +165,25 @@ def hypercorn_config(settings: Settings, listen_fd: int | None = None) -> Config
     config.accesslog = logging.getLogger("hypercorn.access") if settings.access_log else None
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
+
+
+class _OneConnection(TCPServer):
+    """Hypercorn's handler of one connection, whose unexpected error ends that connection alone.
+
+    Hypercorn's Trio worker serves every connection in one nursery, so an error in one
+    connection's handler ended the server, orders in flight included; one HTTP/2 request
+    was enough (a body sent on after the 413 that refused it: a KeyError in hypercorn's h2
+    code, pgjones/hypercorn#334). Cancellation still passes.
+    """
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except Exception:
+            log.exception("a connection failed in the HTTP server: closed it alone")
+
+
+hypercorn.trio.run.TCPServer = _OneConnection  # type: ignore[attr-defined] # see _OneConnection
 
 
 async def wait_for_signal() -> None:

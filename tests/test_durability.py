@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import pytest
 import trio
@@ -151,15 +152,31 @@ async def test_without_a_key_the_server_makes_one(
     assert await get(assembly, location) == (200, await response.get_json())
 
 
-@pytest.mark.parametrize("key", ["a:b~c", "A.b_c-d", "1" * 255])
+async def test_two_keys_are_400_naming_the_header(assembly: Assembly, store: SqliteStore) -> None:
+    """Two Idempotency-Key lines (which HTTP reads as one "a, b") are refused, not one of them
+    taken: a proxy in between might take the other."""
+    response = await assembly.app.test_client().post(
+        "/order", json=ORDER, headers=[("Idempotency-Key", "k-a"), ("Idempotency-Key", "k-b")]
+    )
+    body = await response.get_json()
+
+    assert response.status_code == 400
+    assert body["error"] == {"kind": "bad_request", "message": "Idempotency-Key must be given once"}
+    assert await store.list_orders() == []
+
+
+@pytest.mark.parametrize("key", ["a:b~c", "A.b_c-d", "1" * 255, ".", ".."])
 async def test_content_location_names_the_key(
     assembly: Assembly, autojump_clock: trio.abc.Clock, key: str
 ) -> None:
-    """Every accepted order's reply says where to look it up, and the lookup finds it."""
+    """Every accepted order's reply says where to look it up, and the lookup finds it; a
+    client resolving it (dot-segments: the keys `.` and `..`) gets the same path."""
     status, body, headers = await post(assembly, ORDER, key=key)
+    location = headers["Content-Location"]
 
     assert status == 200
-    assert await get(assembly, headers["Content-Location"]) == (200, json.loads(body))
+    assert urljoin("http://h/a/b", location) == f"http://h{location}"
+    assert await get(assembly, location) == (200, json.loads(body))
 
 
 async def test_lookup_shows_a_running_order_its_steps_so_far(assembly: Assembly) -> None:
@@ -351,8 +368,10 @@ async def test_a_reply_the_store_could_not_take_is_refused_then_recorded(
         # Real time: the store's thread would let an autojump clock skip the courier's step.
         async with trio.open_nursery() as nursery:
             nursery.start_soon(first_post)
-            await assembly.tracker.wait_for(lambda n: n == 1)  # payment charged, courier runs
-            blocker.execute("BEGIN IMMEDIATE")  # another writer holds the file
+            with trio.fail_after(5):
+                while await store.net_charge("k-10") == 0:  # noqa: ASYNC110 # another thread's
+                    await trio.sleep(0.01)
+            blocker.execute("BEGIN IMMEDIATE")  # charged, the courier runs: hold the file
         blocker.execute("ROLLBACK")
     finally:
         blocker.close()
@@ -441,3 +460,41 @@ async def test_a_cancelled_order_s_record_survives_a_moment_s_outage(
     assert stored is not None
     assert (stored.state, stored.kind) == (FINISHED, "canceled")
     assert await store.net_charge("k-13") == 0
+
+
+async def test_a_store_outage_during_the_payment_is_503_and_its_key_runs_again(
+    assembly: Assembly, store: SqliteStore, tmp_path: Path
+) -> None:
+    """The payment's ledger (in the store) cannot be written when the charge is made: the order
+    fails as 503 store_unavailable (not a 500 with a traceback), undone; once the store is
+    back, sending its key again runs it: charged once."""
+    order = {**ORDER, "delay_ms": {"payment": 300, "vendor": 0, "courier": 0}}
+    answers: list[tuple[int, bytes, Headers]] = []
+
+    async def first_post() -> None:
+        answers.append(await post(assembly, order, key="k-14"))
+
+    blocker = sqlite3.connect(tmp_path / "orders.db", isolation_level=None)
+    try:
+        # Real time: the store's thread would let an autojump clock skip the payment's step.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first_post)
+            await assembly.tracker.wait_for(lambda n: n > 0)  # begun: the steps run
+            blocker.execute("BEGIN IMMEDIATE")  # another writer holds the file
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
+    [(status, body, headers)] = answers
+
+    assert (status, json.loads(body)["error"]["kind"]) == (503, "store_unavailable")
+    assert headers["Retry-After"] == "1"
+    stored = await store.get("k-14")  # carries the order's final record
+    assert stored is not None
+    assert (stored.state, stored.kind) == (FINISHED, "store_unavailable")
+    assert await store.net_charge("k-14") == 0
+
+    status, body, headers = await post(assembly, order, key="k-14")
+
+    assert (status, json.loads(body)["status"]) == (200, "ok")
+    assert "Idempotent-Replayed" not in headers
+    assert await store.net_charge("k-14") == 250

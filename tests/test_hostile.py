@@ -7,10 +7,13 @@ barrage a normal order must still succeed.
 
 from __future__ import annotations
 
+import contextlib
+
+import httpx
 import trio
 
 from .rawhttp import address, exchange, parse, post, read_all, request
-from .server_process import StartServer
+from .server_process import StartServer, wait_for_steps_in_flight
 from .timings import NO_DELAY
 
 NORMAL = {"order_id": "normal", "amount": 1, "delay_ms": NO_DELAY}
@@ -125,3 +128,33 @@ async def test_specific_hostile_answers(start_server: StartServer) -> None:
     assert await status(CASES["a number of 10,000 digits"]) == 400
     assert await status(CASES["Content-Length shorter than the body"]) == 400
     assert await status(CASES["chunked past the size limit"]) == 413
+
+
+async def test_an_http2_request_hypercorn_fails_on_ends_its_connection_alone(
+    start_server: StartServer,
+) -> None:
+    """HTTP/2 (cleartext, prior knowledge) with a body over the limit: the 413 goes out before
+    the body is in, and hypercorn's h2 code fails on the rest (a KeyError; it ended the whole
+    server). Now that connection alone ends, logged: an order in flight on another
+    connection is answered, and the server serves on."""
+    server = await start_server("--no-access-log", expect_errors=True)
+    in_flight = {**NORMAL, "order_id": "in-flight", "delay_ms": {**NO_DELAY, "vendor": 1000}}
+    answers = []
+
+    async def order() -> None:
+        answers.append(await post(server.url, in_flight))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(order)
+        await wait_for_steps_in_flight(server.url, 1)
+        async with httpx.AsyncClient(base_url=server.url, http1=False, http2=True) as h2:
+            # Its connection ends: what happens to the rest is what counts.
+            with contextlib.suppress(httpx.HTTPError):
+                await h2.post("/order", content=b"x" * 200_000)
+
+    assert [(a.status, a.json()["status"]) for a in answers] == [(200, "ok")]
+    assert (await post(server.url, NORMAL)).status == 200
+    assert server.process.returncode is None
+    assert [e["message"] for e in server.errors()] == [
+        "a connection failed in the HTTP server: closed it alone"
+    ]

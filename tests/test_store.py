@@ -254,12 +254,19 @@ async def test_record_step_of_a_stale_attempt_is_dropped(store: OrderStore) -> N
 
 
 async def test_restart_only_from_interrupted_and_the_expected_attempt(store: OrderStore) -> None:
-    """Only an interrupted order at the expected attempt restarts, with a clean new attempt."""
+    """Only an interrupted order (or one the store failed) at the expected attempt restarts,
+    with a clean new attempt."""
     running = await begun(store, "k-run")
     assert await store.restart("k-run", "w-2", 1) is None
     await store.finish("k-run", running.attempt_id, 200, b"{}", None)
     assert await store.restart("k-run", "w-2", 1) is None  # finished ok: nothing to resume
     assert await store.restart("k-none", "w-2", 1) is None
+    timed_out = await begun(store, "k-timeout")
+    await store.finish("k-timeout", timed_out.attempt_id, 504, b"{}", "timeout")
+    assert await store.restart("k-timeout", "w-2", 1) is None  # replayed, as every failure
+    unstored = await begun(store, "k-ledger")
+    await store.finish("k-ledger", unstored.attempt_id, 503, b"{}", "store_unavailable")
+    assert (await store.restart("k-ledger", "w-2", 1)).attempt == 2  # type: ignore[union-attr]
     first = await interrupted(store)
     assert await store.restart("k-1", "w-2", 2) is None
     again = await store.restart("k-1", "w-2", 1)

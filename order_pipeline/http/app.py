@@ -32,6 +32,7 @@ BODY_TIMEOUT_S: Final = 10
 IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 _VALID_KEY: Final = re.compile(r"[A-Za-z0-9._~:-]{1,255}")
 BAD_KEY: Final = f"{IDEMPOTENCY_KEY} must be 1 to 255 characters of A-Z a-z 0-9 . _ ~ : -"
+KEY_TWICE: Final = f"{IDEMPOTENCY_KEY} must be given once"
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,17 @@ def answer_response(answer: Answer) -> Response:
     if answer.retry_after:
         headers.update(RETRY_AFTER)
     if answer.key is not None:
-        headers["Content-Location"] = "/order/" + quote(answer.key, safe="")
+        headers["Content-Location"] = "/order/" + _path_segment(answer.key)
     if answer.replayed:
         headers["Idempotent-Replayed"] = "true"
     return _json(answer.body, answer.status, headers)
+
+
+def _path_segment(key: str) -> str:
+    """`key` as one path segment; `.` and `..` percent-encoded, which clients would resolve."""
+    if key in (".", ".."):
+        return key.replace(".", "%2E")
+    return quote(key, safe="")
 
 
 def _openapi_document() -> bytes:
@@ -114,10 +122,13 @@ def create_app(
     @app.post("/order", provide_automatic_options=False)
     async def order() -> Response:
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
-        key = request.headers.get(IDEMPOTENCY_KEY)
-        if key is not None and not _VALID_KEY.fullmatch(key):
-            on_refused(BAD_REQUEST, lookup(BAD_REQUEST).status, None, BAD_KEY)
-            return error_response(BAD_REQUEST, BAD_KEY)
+        keys = request.headers.getlist(IDEMPOTENCY_KEY)
+        key = keys[0] if keys else None
+        # Two lines mean "a, b" (RFC 9110), which is not one key: a proxy might take the other.
+        if len(keys) > 1 or (key is not None and not _VALID_KEY.fullmatch(key)):
+            why = KEY_TWICE if len(keys) > 1 else BAD_KEY
+            on_refused(BAD_REQUEST, lookup(BAD_REQUEST).status, None, why)
+            return error_response(BAD_REQUEST, why)
         try:
             parsed = parse_order(body)
         except InvalidOrder as exc:

@@ -19,6 +19,7 @@ import attrs
 
 from .base import (
     FINISHED,
+    RUN_AGAIN,
     RUNNING,
     Begun,
     Existing,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FINISHED",
     "RUNNING",
+    "RUN_AGAIN",
     "Begun",
     "Existing",
     "FinishedReply",

@@ -46,7 +46,7 @@ from .base import (
     COMPENSATION_FAILED,
     FAILED_COMPENSATIONS,
     FINISHED,
-    INTERRUPTED,
+    RUN_AGAIN,
     RUNNING,
     Begun,
     Existing,
@@ -451,7 +451,7 @@ _RECORD_STEPS = f"""
         status = excluded.status, detail = excluded.detail, duration_ms = excluded.duration_ms,
         compensation = excluded.compensation, compensation_ms = excluded.compensation_ms
 """
-_INTERRUPTED = "WHERE key = ? AND state = ? AND kind = ? AND attempt = ?"
+_RUN_AGAIN = "WHERE key = ? AND state = ? AND kind IN (?, ?) AND attempt = ?"
 
 
 def _execute(conn: Conn, sql: str, args: tuple[Any, ...]) -> None:
@@ -505,15 +505,15 @@ def _begin(conn: Conn, o: StoredOrder) -> Begun | Existing:
 def _restart(
     conn: Conn, key: str, owner: str, expected_attempt: int, attempt_id: str, now: float
 ) -> StoredOrder | None:
-    where = (key, FINISHED, INTERRUPTED, expected_attempt)
+    where = (key, FINISHED, *RUN_AGAIN, expected_attempt)
     conn.execute(
-        f"DELETE FROM steps WHERE attempt_id = (SELECT attempt_id FROM orders {_INTERRUPTED})",
+        f"DELETE FROM steps WHERE attempt_id = (SELECT attempt_id FROM orders {_RUN_AGAIN})",
         where,
     )
     rows = conn.execute(
         "UPDATE orders SET attempt = attempt + 1, attempt_id = ?, owner = ?, state = ?,"
         " started_at = ?, finished_at = NULL, http_status = NULL, reply = NULL, kind = NULL"
-        f" {_INTERRUPTED} RETURNING {_ORDER}",
+        f" {_RUN_AGAIN} RETURNING {_ORDER}",
         (attempt_id, owner, RUNNING, now, *where),
     ).fetchall()
     return _new_order(*rows[0]) if rows else None
