@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Final
 
@@ -139,6 +140,13 @@ class OrderDesk:
     retention: float = 86_400.0
     on_refused: OnRefused = lambda kind, status, order_id, reason: None
     owner: str = attrs.field(factory=new_id)
+    # The keys this process works on now (submitting, running or recovering them). An order of
+    # ours still running that is not among them was left by a call that committed although we
+    # were told it failed (a lost COMMIT answer): nobody else recovers it while we live.
+    _working: Counter[str] = attrs.field(factory=Counter, init=False)
+    # Such orders seen in the last recovery round: recovered if seen again in the next, by
+    # which time a final record on its way (held for the next commit) has landed.
+    _suspects: set[str] = attrs.field(factory=set, init=False)
 
     async def submit(self, order: OrderRequest, key: str | None = None) -> Answer:
         """Run `order` under `key` (a fresh one if None), or answer from what the key holds.
@@ -146,7 +154,12 @@ class OrderDesk:
         An order answered without running (409, 422, 503 store_unavailable) is
         reported to `on_refused`; a replay is not an order of its own.
         """
-        answer = await self._submit(order, key or new_id())
+        key = key or new_id()
+        self._working[key] += 1
+        try:
+            answer = await self._submit(order, key)
+        finally:
+            self._stopped_working(key)
         if answer.refused is not None:
             self.on_refused(answer.refused, answer.status, order.order_id, answer.reason)
         return answer
@@ -246,6 +259,11 @@ class OrderDesk:
             except StoreUnavailable as exc:
                 log.warning("could not renew this process's lease: %s", exc)
 
+    def _stopped_working(self, key: str) -> None:
+        self._working[key] -= 1
+        if not self._working[key]:
+            del self._working[key]
+
     async def _recover_forever(self) -> None:
         while True:
             try:
@@ -255,21 +273,43 @@ class OrderDesk:
                 claimed = []
             if claimed:
                 log.warning("recovering %d interrupted order(s)", len(claimed))
-                async with trio.open_nursery() as nursery:
-                    for stored in claimed:
-                        nursery.start_soon(self._recover, stored)
-                try:  # reading one back waits for the commit that carries every record
-                    await self.store.get(claimed[-1].key)
-                except StoreUnavailable:
-                    log.warning("recovered orders could not be recorded yet")
+                await self._recover_all(claimed)
+            try:
+                left = await self._left_running()
+            except StoreUnavailable:
+                left = []  # an outage: the claim has said so
+            if left:
+                log.warning("recovering %d order(s) this process left running", len(left))
+                await self._recover_all(left)
             if len(claimed) < RECOVERY_BATCH:
                 await trio.sleep(LEASE_RENEW_S)
 
+    async def _recover_all(self, orders: list[StoredOrder]) -> None:
+        async with trio.open_nursery() as nursery:
+            for stored in orders:
+                nursery.start_soon(self._recover, stored)
+        try:  # reading one back waits for the commit that carries every record
+            await self.store.get(orders[-1].key)
+        except StoreUnavailable:
+            log.warning("recovered orders could not be recorded yet")
+
+    async def _left_running(self) -> list[StoredOrder]:
+        """Our orders running, older than a lease, that we do not work on, twice in a row."""
+        ours = await self.store.running_of(self.owner, self.lease_timeout)
+        seen = {o.key for o in ours if o.key not in self._working}
+        left = [o for o in ours if o.key in seen & self._suspects]
+        self._suspects = seen
+        return left
+
     async def _recover(self, stored: StoredOrder) -> None:
         """Undo an interrupted order; the reporter queues its final record."""
-        current_attempt.set(Attempt(stored.key, stored.attempt_id, self.owner))
-        order = parse_order(stored.body)
-        await self.pipeline.undo(order, _known_steps(stored), INTERRUPTED)
+        self._working[stored.key] += 1
+        try:
+            current_attempt.set(Attempt(stored.key, stored.attempt_id, self.owner))
+            order = parse_order(stored.body)
+            await self.pipeline.undo(order, _known_steps(stored), INTERRUPTED)
+        finally:
+            self._stopped_working(stored.key)
 
     async def _purge_forever(self) -> None:
         while True:

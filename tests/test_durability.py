@@ -498,3 +498,44 @@ async def test_a_store_outage_during_the_payment_is_503_and_its_key_runs_again(
     assert (status, json.loads(body)["status"]) == (200, "ok")
     assert "Idempotent-Replayed" not in headers
     assert await store.net_charge("k-14") == 250
+
+
+async def test_an_order_this_process_left_running_is_recovered_by_it(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    """An order committed under this process although its call was told it failed (a COMMIT
+    whose answer was lost): nothing here runs it, and its owner's lease is alive, so no other
+    process recovers it. Its own process does (seen twice, a second apart), while an order
+    it does run, as old, is left alone."""
+    assembly = assemble(Settings(lease_timeout=0.6), store=store)
+    left = make_order("o-left", amount=70)
+    body = canonical(left)
+    begun = await store.begin(
+        "k-15", left.order_id, hashlib.sha256(body).hexdigest(), body, assembly.desk.owner
+    )
+    assert isinstance(begun, Begun)
+    await store.charge(begun.order.attempt_id, "k-15", 70)
+    slow = {**ORDER, "delay_ms": {"payment": 0, "vendor": 0, "courier": 3000}}
+    answers: list[tuple[int, bytes, Headers]] = []
+
+    async def slow_order() -> None:
+        answers.append(await post(assembly, slow, key="k-16"))
+
+    # Real time: the store's clock is.
+    async with trio.open_nursery() as nursery:
+        await nursery.start(assembly.desk.maintain)
+        nursery.start_soon(slow_order)
+        with trio.fail_after(10):
+            while (await store.get("k-15")).state == RUNNING:  # type: ignore[union-attr] # noqa: ASYNC110
+                await trio.sleep(0.1)
+            while not answers:  # noqa: ASYNC110 # the slow order's own end
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    stored = await store.get("k-15")
+
+    assert stored is not None
+    assert (stored.kind, stored.owner) == ("interrupted", assembly.desk.owner)
+    assert await store.net_charge("k-15") == 0
+    [(status, reply, _)] = answers
+    assert (status, json.loads(reply)["status"]) == (200, "ok")
+    assert await store.net_charge("k-16") == 250

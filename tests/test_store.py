@@ -284,6 +284,24 @@ async def test_restart_only_from_interrupted_and_the_expected_attempt(store: Ord
     assert await store.get("k-1") == again
 
 
+async def test_running_of_finds_an_owner_s_running_orders_past_an_age(store: OrderStore) -> None:
+    """An owner's orders still running and older than the age, with their steps: not another
+    owner's, not a finished one, not a younger one."""
+    mine = await begun(store, "k-mine", owner="w-1")
+    store.record_step("k-mine", mine.attempt_id, StepRecord("payment", "ok"), owner="w-1")
+    await begun(store, "k-theirs", owner="w-2")
+    done = await begun(store, "k-done", owner="w-1")
+    await store.finish("k-done", done.attempt_id, 200, b"{}", None)
+    await trio.sleep(1)  # ages are on the store's clock: real time
+    await begun(store, "k-young", owner="w-1")
+
+    found = await store.running_of("w-1", 0.5)
+
+    assert [(o.key, o.state, o.owner) for o in found] == [("k-mine", RUNNING, "w-1")]
+    assert [r.step for r in found[0].steps] == ["payment"]
+    assert await store.running_of("w-1", 3600) == []
+
+
 async def test_one_of_two_concurrent_restarts_wins(store: OrderStore) -> None:
     """Two processes restarting the same interrupted order: one gets it, the other None."""
     await interrupted(store)

@@ -194,6 +194,12 @@ class OrderStore(Protocol):
         Never `owner`'s own: a process whose lease lapsed still runs its orders."""
         ...
 
+    async def running_of(self, owner: str, older_than: float) -> list[StoredOrder]:
+        """`owner`'s orders still running that started over `older_than` seconds ago (on the
+        store's clock), with their steps: for a process to find those it no longer runs (a
+        begin or a claim that committed although its caller was told it failed)."""
+        ...
+
     async def charge(self, charge_id: str, key: str, amount: int) -> None:
         """Record a charge once, however often it is retried with the same id."""
         ...

@@ -173,6 +173,15 @@ class MemoryStore:
                 claimed.append(self._with_steps(order))
         return claimed
 
+    async def running_of(self, owner: str, older_than: float) -> list[StoredOrder]:
+        await trio.lowlevel.checkpoint()
+        started_before = time.time() - older_than
+        return [
+            self._with_steps(o)
+            for o in self._orders.values()
+            if o.state == RUNNING and o.owner == owner and o.started_at < started_before
+        ]
+
     async def charge(self, charge_id: str, key: str, amount: int) -> None:
         await trio.lowlevel.checkpoint()
         if charge_id not in self._ledger:

@@ -472,6 +472,9 @@ class PostgresStore(WriterThread[Conn]):
     async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
         return await self._call(lambda conn: _claim(conn, owner, limit))
 
+    async def running_of(self, owner: str, older_than: float) -> list[StoredOrder]:
+        return await self._call(lambda conn: _running_of(conn, owner, older_than))
+
     async def charge(self, charge_id: str, key: str, amount: int) -> None:
         await self._call(lambda conn: _execute(conn, _CHARGE, (charge_id, key, amount)))
 
@@ -801,6 +804,16 @@ def _claim(conn: Conn, owner: str, limit: int) -> list[StoredOrder]:
         ):
             steps.setdefault(attempt_id, []).append(StepRecord(*step))
     return [_new_order(*row, steps=tuple(steps.get(row[5], ()))) for row in rows]
+
+
+def _running_of(conn: Conn, owner: str, older_than: float) -> list[StoredOrder]:
+    rows = conn.execute(
+        _WITH_STEPS.format(extra="") + f" WHERE orders.state = '{RUNNING}' AND orders.owner = %s"
+        " AND orders.started_at < now() - make_interval(secs => %s)"
+        " ORDER BY orders.key, steps.seq",
+        (owner, older_than),
+    ).fetchall()
+    return [order for order, _ in _orders(rows)]
 
 
 def _purge(conn: Conn, finished_before: float) -> int:

@@ -356,6 +356,7 @@ class StoreProcess:
     renew_lease = _awaited("renew_lease")
     release_lease = _awaited("release_lease")
     claim_interrupted = _awaited("claim_interrupted")
+    running_of = _awaited("running_of")
     charge = _awaited("charge")
     refund = _awaited("refund")
     net_charge = _awaited("net_charge")

@@ -266,6 +266,10 @@ class SqliteStore(WriterThread[Conn]):
         now = time.time()
         return await self._call(lambda conn: _claim(conn, owner, limit, now))
 
+    async def running_of(self, owner: str, older_than: float) -> list[StoredOrder]:
+        started_before = time.time() - older_than
+        return await self._call(lambda conn: _running_of(conn, owner, started_before))
+
     async def charge(self, charge_id: str, key: str, amount: int) -> None:
         await self._call(lambda conn: _execute(conn, _CHARGE, (charge_id, key, amount)))
 
@@ -546,6 +550,14 @@ def _claim(conn: Conn, owner: str, limit: int, now: float) -> list[StoredOrder]:
         " AND owner != ?1 AND owner NOT IN (SELECT owner FROM leases WHERE expires_at > ?3)"
         f" LIMIT ?4) RETURNING {_ORDER}",
         (owner, RUNNING, now, limit),
+    ).fetchall()
+    return [_order(conn, row) for row in rows]
+
+
+def _running_of(conn: Conn, owner: str, started_before: float) -> list[StoredOrder]:
+    rows = conn.execute(
+        f"SELECT {_ORDER} FROM orders WHERE state = ? AND owner = ? AND started_at < ?",
+        (RUNNING, owner, started_before),
     ).fetchall()
     return [_order(conn, row) for row in rows]
 
