@@ -50,7 +50,7 @@ from .model import (
 )
 from .orchestrator import Pipeline
 from .serialization import converter, dump_reply, parse_order
-from .store import RUN_AGAIN, RUNNING, Begun, Existing, OrderStore, StoredOrder, StoreUnavailable
+from .store import RUNNING, Begun, Existing, OrderStore, StoredOrder, StoreUnavailable
 
 __all__ = ["Answer", "OnRefused", "OrderDesk", "canonical"]
 
@@ -177,7 +177,7 @@ class OrderDesk:
                     return _error(IDEMPOTENCY_KEY_REUSED)
                 if stored.state == RUNNING:
                     return _error(ORDER_IN_PROGRESS, key=key)
-                if stored.kind not in RUN_AGAIN:
+                if stored.kind != INTERRUPTED:
                     assert stored.http_status is not None
                     assert stored.reply is not None
                     return Answer(stored.http_status, stored.reply, key, replayed=True)

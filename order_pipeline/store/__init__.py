@@ -19,7 +19,6 @@ import attrs
 
 from .base import (
     FINISHED,
-    RUN_AGAIN,
     RUNNING,
     Begun,
     Existing,
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
 __all__ = [
     "FINISHED",
     "RUNNING",
-    "RUN_AGAIN",
     "Begun",
     "Existing",
     "FinishedReply",

@@ -17,10 +17,6 @@ RUNNING: Final = "running"
 FINISHED: Final = "finished"
 INTERRUPTED: Final = "interrupted"
 COMPENSATION_FAILED: Final = "compensation_failed"
-# The kinds of a finished order that its key, sent again, runs again (a new attempt): it was
-# undone (every compensation succeeded), and it failed for the service's sake, not the order's
-# (its process died; the store, which the payment's ledger is in, could not be written).
-RUN_AGAIN: Final = (INTERRUPTED, STORE_UNAVAILABLE)
 # A compensation that ended so needs a human: the money or goods may not be back.
 FAILED_COMPENSATIONS: Final = ("error", "timeout")
 
@@ -103,7 +99,7 @@ class StoreUnavailable(Exception):
     """The store could not commit (read-only file, disk full, locked, database down).
 
     Classified (model.Classified): a step that meets it (the payment's ledger) fails as
-    `store_unavailable`, which a client may cure by sending the key again (RUN_AGAIN)."""
+    `store_unavailable`, not as a bug of ours (`internal`)."""
 
     kind = STORE_UNAVAILABLE
 
@@ -126,8 +122,7 @@ class OrderStore(Protocol):
         ...
 
     async def restart(self, key: str, owner: str, expected_attempt: int) -> StoredOrder | None:
-        """Run again an order that finished with a kind of RUN_AGAIN (attempt + 1); None if it
-        did not, or another caller restarted it first."""
+        """Run an interrupted order again (attempt + 1); None if another caller did first."""
         ...
 
     def record_step(

@@ -15,7 +15,7 @@ import trio
 from ..model import new_id
 from .base import (
     FINISHED,
-    RUN_AGAIN,
+    INTERRUPTED,
     RUNNING,
     Begun,
     Existing,
@@ -62,7 +62,7 @@ class MemoryStore:
     async def restart(self, key: str, owner: str, expected_attempt: int) -> StoredOrder | None:
         await trio.lowlevel.checkpoint()
         old = self._orders.get(key)
-        if old is None or old.kind not in RUN_AGAIN or old.state != FINISHED:
+        if old is None or old.kind != INTERRUPTED or old.state != FINISHED:
             return None
         if old.attempt != expected_attempt:
             return None

@@ -77,7 +77,7 @@ from .base import (
     COMPENSATION_FAILED,
     FAILED_COMPENSATIONS,
     FINISHED,
-    RUN_AGAIN,
+    INTERRUPTED,
     RUNNING,
     Begun,
     Existing,
@@ -731,10 +731,10 @@ def _restart(
 ) -> StoredOrder | None:
     old = conn.execute(
         f"SELECT attempt_id FROM orders WHERE key = %s AND state = '{FINISHED}'"
-        " AND kind = ANY(%s) AND attempt = %s FOR UPDATE",
-        (key, list(RUN_AGAIN), expected_attempt),
+        f" AND kind = '{INTERRUPTED}' AND attempt = %s FOR UPDATE",
+        (key, expected_attempt),
     ).fetchone()
-    if old is None:  # not to run again, or another caller restarted it first (we waited)
+    if old is None:  # not interrupted, or another caller restarted it first (we waited)
         return None
     conn.execute("DELETE FROM steps WHERE attempt_id = %s", (old[0],))
     row = conn.execute(

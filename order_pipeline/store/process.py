@@ -560,7 +560,7 @@ def _picklable(exc: Exception) -> Exception:
 
     A traceback does not cross, so an unexpected error (a bug, not one of the store's
     errors) carries where it was raised here as a note, which the server's log shows."""
-    if not isinstance(exc, StoreError) and exc.__traceback__ is not None:
+    if not isinstance(exc, StoreError | StoreUnavailable) and exc.__traceback__ is not None:
         where = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
         exc.add_note(f"raised in the store process at:\n{where}")
     try:

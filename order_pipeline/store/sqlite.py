@@ -46,7 +46,7 @@ from .base import (
     COMPENSATION_FAILED,
     FAILED_COMPENSATIONS,
     FINISHED,
-    RUN_AGAIN,
+    INTERRUPTED,
     RUNNING,
     Begun,
     Existing,
@@ -455,7 +455,7 @@ _RECORD_STEPS = f"""
         status = excluded.status, detail = excluded.detail, duration_ms = excluded.duration_ms,
         compensation = excluded.compensation, compensation_ms = excluded.compensation_ms
 """
-_RUN_AGAIN = "WHERE key = ? AND state = ? AND kind IN (?, ?) AND attempt = ?"
+_INTERRUPTED = "WHERE key = ? AND state = ? AND kind = ? AND attempt = ?"
 
 
 def _execute(conn: Conn, sql: str, args: tuple[Any, ...]) -> None:
@@ -509,15 +509,15 @@ def _begin(conn: Conn, o: StoredOrder) -> Begun | Existing:
 def _restart(
     conn: Conn, key: str, owner: str, expected_attempt: int, attempt_id: str, now: float
 ) -> StoredOrder | None:
-    where = (key, FINISHED, *RUN_AGAIN, expected_attempt)
+    where = (key, FINISHED, INTERRUPTED, expected_attempt)
     conn.execute(
-        f"DELETE FROM steps WHERE attempt_id = (SELECT attempt_id FROM orders {_RUN_AGAIN})",
+        f"DELETE FROM steps WHERE attempt_id = (SELECT attempt_id FROM orders {_INTERRUPTED})",
         where,
     )
     rows = conn.execute(
         "UPDATE orders SET attempt = attempt + 1, attempt_id = ?, owner = ?, state = ?,"
         " started_at = ?, finished_at = NULL, http_status = NULL, reply = NULL, kind = NULL"
-        f" {_RUN_AGAIN} RETURNING {_ORDER}",
+        f" {_INTERRUPTED} RETURNING {_ORDER}",
         (attempt_id, owner, RUNNING, now, *where),
     ).fetchall()
     return _new_order(*rows[0]) if rows else None
