@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -351,6 +351,34 @@ async def test_finished_orders_are_forgotten_after_the_retention(store: SqliteSt
     assert await store.net_charge("k-9") == 9
 
 
+async def post_holding_the_file(
+    assembly: Assembly,
+    tmp_path: Path,
+    order: dict[str, Any],
+    key: str,
+    ready: Callable[[], Awaitable[None]],
+) -> tuple[int, bytes, Headers]:
+    """POST `order` under `key`; once `ready()` returns, another writer holds the store's file
+    until the reply has come. Real time: the store's thread would let an autojump clock skip
+    the order's steps."""
+    answers: list[tuple[int, bytes, Headers]] = []
+
+    async def first_post() -> None:
+        answers.append(await post(assembly, order, key=key))
+
+    blocker = sqlite3.connect(tmp_path / "orders.db", isolation_level=None)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first_post)
+            await ready()
+            blocker.execute("BEGIN IMMEDIATE")
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
+    [answer] = answers
+    return answer
+
+
 async def test_a_reply_the_store_could_not_take_is_refused_then_recorded(
     assembly: Assembly, store: SqliteStore, tmp_path: Path
 ) -> None:
@@ -358,24 +386,13 @@ async def test_a_reply_the_store_could_not_take_is_refused_then_recorded(
     never with a reply its retry would not find; the store keeps the record, the next commit
     carries it once the store takes writes again, and the retry replays it: charged once."""
     order = {**ORDER, "delay_ms": {"payment": 0, "vendor": 0, "courier": 300}}
-    answers: list[tuple[int, bytes, Headers]] = []
 
-    async def first_post() -> None:
-        answers.append(await post(assembly, order, key="k-10"))
+    async def charged() -> None:  # then the courier runs
+        with trio.fail_after(5):
+            while await store.net_charge("k-10") == 0:  # noqa: ASYNC110 # another thread's
+                await trio.sleep(0.01)
 
-    blocker = sqlite3.connect(tmp_path / "orders.db", isolation_level=None)
-    try:
-        # Real time: the store's thread would let an autojump clock skip the courier's step.
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(first_post)
-            with trio.fail_after(5):
-                while await store.net_charge("k-10") == 0:  # noqa: ASYNC110 # another thread's
-                    await trio.sleep(0.01)
-            blocker.execute("BEGIN IMMEDIATE")  # charged, the courier runs: hold the file
-        blocker.execute("ROLLBACK")
-    finally:
-        blocker.close()
-    [(status, body, headers)] = answers
+    status, body, headers = await post_holding_the_file(assembly, tmp_path, order, "k-10", charged)
 
     assert status == 503
     assert json.loads(body)["error"]["kind"] == "store_unavailable"
@@ -470,22 +487,11 @@ async def test_a_store_outage_during_the_payment_is_503_store_unavailable(
     its key replays that, as every failure (the charge may have committed unbeknown: run
     again, it could be taken twice)."""
     order = {**ORDER, "delay_ms": {"payment": 300, "vendor": 0, "courier": 0}}
-    answers: list[tuple[int, bytes, Headers]] = []
 
-    async def first_post() -> None:
-        answers.append(await post(assembly, order, key="k-14"))
+    async def begun() -> None:  # the steps run: the payment charges at 300 ms
+        await assembly.tracker.wait_for(lambda n: n > 0)
 
-    blocker = sqlite3.connect(tmp_path / "orders.db", isolation_level=None)
-    try:
-        # Real time: the store's thread would let an autojump clock skip the payment's step.
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(first_post)
-            await assembly.tracker.wait_for(lambda n: n > 0)  # begun: the steps run
-            blocker.execute("BEGIN IMMEDIATE")  # another writer holds the file
-        blocker.execute("ROLLBACK")
-    finally:
-        blocker.close()
-    [(status, body, headers)] = answers
+    status, body, headers = await post_holding_the_file(assembly, tmp_path, order, "k-14", begun)
 
     assert (status, json.loads(body)["error"]["kind"]) == (503, "store_unavailable")
     assert headers["Retry-After"] == "1"

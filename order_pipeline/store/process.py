@@ -50,7 +50,7 @@ from typing import Any, Final, Self
 import trio
 
 from .base import StoreError, StoreUnavailable
-from .writer import Op, WriterThread, cannot_abort, log_lost
+from .writer import Op, WriterThread, cannot_abort, log_lost, settle_unwaited
 
 __all__ = ["StoreProcess", "serve_store"]
 
@@ -499,10 +499,8 @@ def _serve_calls(store: WriterThread[Any], wire: _Wire, messages: list[Any]) -> 
             if op in suspended:
                 call_id, coroutine = suspended.pop(op)
                 _advance(call_id, coroutine, suspended, replies)
-            elif op.to_try_again and not closing:
-                again.append(op)
-            elif op.error is not None:
-                log_lost(op)
+            else:
+                settle_unwaited(op, again, closing=closing)
         if replies:
             try:
                 wire.send(("done", replies))

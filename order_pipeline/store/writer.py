@@ -59,6 +59,7 @@ __all__ = [
     "WriterThread",
     "cannot_abort",
     "log_lost",
+    "settle_unwaited",
 ]
 
 logger = logging.getLogger("order_pipeline.store")
@@ -214,14 +215,13 @@ class WriterThread(Generic[C]):
     def _wake(self, ops: list[Op[C, Any]], *, closing: bool) -> None:
         """Hand every waiting caller its result and the Trio side what is to be held again;
         log what nobody waits for and was lost."""
-        waiters, again = [], []
+        waiters: list[trio.lowlevel.Task] = []
+        again: list[Op[C, Any]] = []
         for op in ops:
             if op.waiter is not None:
                 waiters.append(op.waiter)
-            elif op.to_try_again and not closing:
-                again.append(op)
-            elif op.error is not None:
-                log_lost(op)
+            else:
+                settle_unwaited(op, again, closing=closing)
         if waiters or again:
             with suppress(trio.RunFinishedError):
                 self._token.run_sync_soon(self._woken, waiters, again)
@@ -294,6 +294,15 @@ class BatchRun:
 
     def __await__(self) -> Generator[Op[Any, Any], None, None]:
         yield self.op
+
+
+def settle_unwaited(op: Op[Any, Any], again: list[Op[Any, Any]], *, closing: bool) -> None:
+    """An operation nobody waits for, its batch run: put in `again` to be held again if it is
+    kept and an outage stopped it (unless the store is closing); else, if it failed, logged."""
+    if op.to_try_again and not closing:
+        again.append(op)
+    elif op.error is not None:
+        log_lost(op)
 
 
 def log_lost(op: Op[Any, Any]) -> None:
