@@ -810,6 +810,11 @@ async def test_a_finish_whose_batch_failed_is_replied_once_committed(tmp_path: P
         async with trio.open_nursery() as nursery, one_batch_behind_a_lock(store, nursery):
             store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)  # the finish first
             store._put(fail_the_batch, None)
+
+        async def held_again() -> bool:  # the thread hands it back to Trio after the batch
+            return bool(store._riding)
+
+        await wait_for(held_again, "the failed batch's finish to be held again")
         assert len(store._replies) == 0  # nothing of the failed batch's as committed
         commits = store.commits
         reply = await store.finished_reply("k-1", order.attempt_id)  # carries the finish again
