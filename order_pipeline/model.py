@@ -36,6 +36,13 @@ class Classified(Protocol):
     def kind(self) -> str: ...
 
 
+def may_have_taken_effect(exc: BaseException) -> bool:
+    """Whether a step that raised `exc` may still have done its work: the error says so with
+    `may_have_taken_effect = True` (a write whose answer was lost, such as a PostgreSQL
+    COMMIT). Such a step is compensated as one that succeeded; compensations are idempotent."""
+    return getattr(exc, "may_have_taken_effect", False) is True
+
+
 class StepError(Exception):
     """A step failed in an expected, classified way (a decline, an outage)."""
 
@@ -88,7 +95,7 @@ class StepResult:
     """How one step ended; `detail` is the failure kind, only on `error`.
 
     `compensation` is there only for a step that succeeded in an order that then
-    failed, and so was undone.
+    failed, and so was undone (or that failed but may have done its work).
     """
 
     name: str

@@ -8,7 +8,7 @@ pattern). The cancel-scope tree of one order, as `Pipeline.process` builds it::
       │    └─ nursery: cancelled by the first failing step   -> that step's kind
       │         └─ one task per step, named after it
       └─ (order failed) trio.move_on_after(compensation_timeout, shield=True)
-           └─ nursery: one task per step that succeeded, undoing it
+           └─ nursery: one task per step that succeeded (or may have), undoing it
 
 This module knows steps only as names and async callables; it imports no
 service and no store, and reads a failure's kind structurally (`model.Classified`).
@@ -33,6 +33,7 @@ from .model import (
     StepResult,
     StepStatus,
     current_attempt,
+    may_have_taken_effect,
 )
 
 __all__ = ["OnFinish", "OnStep", "Pipeline", "Step", "StepAction"]
@@ -90,6 +91,10 @@ class _OrderRun:
     started: float = attrs.field(factory=trio.current_time)
     results: list[StepResult] = attrs.field(init=False)
     failure: str | None = None
+    # Steps that failed but may have done their work (`model.may_have_taken_effect`): undone
+    # as if they had succeeded, and reported once that is over (until then, unrecorded, they
+    # count for recovery as steps that may have run).
+    uncertain: set[int] = attrs.field(factory=set)
 
     @results.default
     def _placeholders(self) -> list[StepResult]:
@@ -111,6 +116,8 @@ class _OrderRun:
             status, detail = StepStatus.ERROR, _kind_of(exc)
             if detail == INTERNAL:
                 log.error("order %r: step %s raised", self.order.order_id, step.name, exc_info=exc)
+            if may_have_taken_effect(exc) and step.compensate is not None:
+                self.uncertain.add(index)
             if self.failure is None:
                 self.failure = detail
                 order_scope.cancel()
@@ -118,21 +125,24 @@ class _OrderRun:
             duration = _ms(trio.current_time() - started)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("order %r: %s ended %s", self.order.order_id, step.name, status)
-            self.ended(index, StepResult(step.name, status, duration, detail))
+            result = StepResult(step.name, status, duration, detail)
+            self.ended(index, result, report=index not in self.uncertain)
 
-    def ended(self, index: int, result: StepResult) -> None:
+    def ended(self, index: int, result: StepResult, *, report: bool = True) -> None:
         self.results[index] = result
+        if not report:
+            return
         try:
             self.on_step(result)
         except Exception:
             log.exception("order %r: reporting step %s failed", self.order.order_id, result.name)
 
-    def succeeded(self) -> list[int]:
-        """The steps that ran to success and can be undone."""
+    def to_undo(self) -> list[int]:
+        """The steps that ran to success, or may have done their work, and can be undone."""
         return [
             index
             for index, (step, result) in enumerate(zip(self.steps, self.results, strict=True))
-            if result.status is StepStatus.OK
+            if (result.status is StepStatus.OK or index in self.uncertain)
             and result.compensation is None
             and step.compensate is not None
         ]
@@ -188,7 +198,8 @@ class Pipeline:
     """Runs every order through `steps`, each order bounded by `timeout` seconds.
 
     When an order fails for any reason, including cancellation from outside,
-    the steps that had succeeded are compensated, concurrently and within
+    the steps that had succeeded are compensated (and any whose error says it may
+    have taken effect: `model.may_have_taken_effect`), concurrently and within
     `compensation_timeout` seconds, before `process` ends. `on_finish` hears
     every order's result exactly once, including orders cancelled from outside
     (which then re-raise `trio.Cancelled`); an error it raises is logged and
@@ -241,12 +252,12 @@ class Pipeline:
         return result
 
     async def _compensate(self, run: _OrderRun) -> bool:
-        """Undo every step that succeeded; True if all were undone.
+        """Undo every step that succeeded (or may have); True if all were undone.
 
         Shielded, so the cancellation that ended the order cannot skip it, and
         bounded, so a stuck compensation cannot hold the order.
         """
-        undo = run.succeeded()
+        undo = run.to_undo()
         if not undo:
             return True
         with trio.move_on_after(self.compensation_timeout, shield=True):

@@ -107,6 +107,12 @@ def _known_steps(stored: StoredOrder) -> list[StepResult]:
         if record is None:
             known.append(StepResult(name, StepStatus.OK, 0))
             continue
+        undo_failed = record.compensation not in (None, CompensationStatus.OK)
+        if record.status == StepStatus.ERROR and undo_failed:
+            # A failed step with a compensation: its error said it may have taken effect, and
+            # undoing it failed. It may still hold money, so it counts as ok, as one unrecorded.
+            known.append(StepResult(name, StepStatus.OK, record.duration_ms))
+            continue
         compensation = (
             Compensation(CompensationStatus.OK, record.compensation_ms or 0)
             if record.compensation == CompensationStatus.OK

@@ -245,3 +245,50 @@ async def test_unexpected_compensation_error_is_logged_with_traceback(
     assert result.steps[0].compensation == Compensation(CompensationStatus.ERROR, 0)
     assert "undo exploded" in caplog.text
     assert "needs manual attention: undoing a: raised an unexpected error" in caplog.text
+
+
+class LostAnswer(Exception):
+    """A step's write whose answer was lost: the step may have done its work."""
+
+    kind = "store_unavailable"
+    may_have_taken_effect = True
+
+
+@pytest.mark.parametrize("undo_fails", [False, True])
+async def test_a_step_whose_error_may_have_taken_effect_is_undone(
+    autojump_clock: trio.abc.Clock, undo_fails: bool
+) -> None:
+    """A step that raises an error saying it may have done its work (a charge whose COMMIT's
+    answer was lost) is compensated as if it had succeeded, and reported once, with how its
+    undoing ended; until then it is unrecorded, so recovery would undo it too."""
+    undone: list[str] = []
+    reported: list[tuple[str, StepStatus, Compensation | None]] = []
+
+    async def charge(_: OrderRequest) -> None:
+        await trio.sleep(0.1)
+        raise LostAnswer
+
+    async def refund(_: OrderRequest) -> None:
+        undone.append("payment")
+        if undo_fails:
+            raise LostAnswer
+
+    async def notify(_: OrderRequest) -> None:
+        await trio.sleep(1)
+
+    pipe = Pipeline(
+        [Step("payment", charge, refund), Step("vendor", notify)],
+        on_step=lambda r: reported.append((r.name, r.status, r.compensation)),
+    )
+
+    result = await pipe.process(make_order())
+
+    status = CompensationStatus.ERROR if undo_fails else CompensationStatus.OK
+    assert undone == ["payment"]
+    assert result.kind == ("compensation_failed" if undo_fails else "store_unavailable")
+    assert compensations(result) == {"payment": Compensation(status, 0), "vendor": None}
+    assert result.steps[0].status is StepStatus.ERROR
+    assert reported == [
+        ("vendor", StepStatus.CANCELED, None),
+        ("payment", StepStatus.ERROR, Compensation(status, 0)),
+    ]

@@ -21,7 +21,14 @@ from werkzeug.datastructures import Headers
 from order_pipeline.model import STEP_NAMES
 from order_pipeline.orders import canonical
 from order_pipeline.server import Assembly, Settings, assemble
-from order_pipeline.store import FINISHED, RUNNING, Begun, SqliteStore, StepRecord
+from order_pipeline.store import (
+    FINISHED,
+    RUNNING,
+    Begun,
+    SqliteStore,
+    StepRecord,
+    StoreUnavailable,
+)
 
 from .conftest import make_order
 
@@ -249,12 +256,18 @@ async def test_an_orphaned_order_is_undone_within_the_lease_and_can_be_sent_agai
 
 
 @pytest.mark.parametrize("fails_again", [False, True])
+@pytest.mark.parametrize("paid", ["ok", "error"])
 async def test_a_refund_that_failed_before_the_crash_is_tried_again(
-    assembly: Assembly, store: SqliteStore, autojump_clock: trio.abc.Clock, fails_again: bool
+    assembly: Assembly,
+    store: SqliteStore,
+    autojump_clock: trio.abc.Clock,
+    fails_again: bool,
+    paid: str,
 ) -> None:
     """A dead process's order whose refund had failed (recorded) is not taken as undone:
     recovery refunds it again; if that fails too, the order is compensation_failed, needs
-    attention, and its key replays that (never a second charge)."""
+    attention, and its key replays that (never a second charge). So too for a payment that
+    failed but may have charged (its error said so: it is refunded), whose refund failed."""
     order = make_order("o-orphan", amount=70, fail_compensation="payment" if fails_again else None)
     body = canonical(order)
     begun = await store.begin(
@@ -262,7 +275,8 @@ async def test_a_refund_that_failed_before_the_crash_is_tried_again(
     )
     assert isinstance(begun, Begun)
     await store.charge(begun.order.attempt_id, "k-12", 70)
-    failed_refund = StepRecord("payment", "ok", None, 150, "error", 80)
+    detail = "store_unavailable" if paid == "error" else None
+    failed_refund = StepRecord("payment", paid, detail, 150, "error", 80)
     store.record_step("k-12", begun.order.attempt_id, failed_refund)
 
     async with trio.open_nursery() as nursery:
@@ -285,6 +299,34 @@ async def test_a_refund_that_failed_before_the_crash_is_tried_again(
         assert (stored.kind, payment.compensation) == ("interrupted", "ok")
         assert (status, json.loads(reply)["status"]) == (200, "ok")  # run again: charged once
         assert await store.net_charge("k-12") == 70
+
+
+async def test_a_charge_whose_outcome_is_unknown_is_refunded(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """The ledger's charge committed but its caller was told the store failed, not knowing
+    whether it had (a PostgreSQL COMMIT whose answer was lost): the order fails as
+    store_unavailable and the payment is refunded, so no money is held for a failed order."""
+    async with SqliteStore(tmp_path / "orders.db") as store:
+        charge = store.charge
+
+        async def charged_but_answer_lost(charge_id: str, key: str, amount: int) -> None:
+            await charge(charge_id, key, amount)
+            lost = StoreUnavailable("connection lost while committing (unknown: a test's)")
+            lost.may_have_taken_effect = True
+            raise lost
+
+        store.charge = charged_but_answer_lost  # type: ignore[method-assign] # the ledger's
+        assembly = assemble(Settings(), store=store)
+
+        status, body, _ = await post(assembly, ORDER, key="k-lost")
+
+        reply = json.loads(body)
+        assert (status, reply["error"]["kind"]) == (503, "store_unavailable")
+        payment = {s["name"]: s for s in reply["steps"]}["payment"]
+        assert payment["status"] == "error"
+        assert payment["compensation"]["status"] == "ok"
+        assert await store.net_charge("k-lost") == 0
 
 
 def make_order_body() -> bytes:

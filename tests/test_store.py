@@ -1868,6 +1868,34 @@ async def test_a_commit_whose_answer_is_lost_is_looked_up(committed: bool, schem
 
 
 @pytest.mark.postgres
+async def test_a_commit_whose_outcome_cannot_be_looked_up_may_have_taken_effect(
+    schema: str,
+) -> None:
+    """The answer to COMMIT is lost and the database cannot say whether it committed: the
+    calls of the batch raise StoreUnavailable saying that it may have taken effect (so the
+    payment step whose charge it was is refunded); a failure known to have written nothing
+    does not say so."""
+    import psycopg
+
+    from order_pipeline.store.postgres import PostgresStore
+
+    class LosesACommitForGood(PostgresStore):
+        def _commit(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+            super()._commit(conn)
+            conn.close()
+            raise psycopg.OperationalError("the answer to COMMIT was lost (a test's)")
+
+        def _outcome(self, xid: str | None, backend_pid: int) -> str:
+            return "unknown: no connection (a test's)"
+
+    async with LosesACommitForGood(postgres_url(schema=schema)) as store:
+        with pytest.raises(StoreUnavailable, match="while committing") as lost:
+            await store.charge("c-1", "k-1", 70)
+        assert lost.value.may_have_taken_effect is True
+    assert StoreUnavailable("the store is closed").may_have_taken_effect is False
+
+
+@pytest.mark.postgres
 async def test_while_the_database_refuses_us_the_store_is_unavailable_then_recovers(
     schema: str,
 ) -> None:

@@ -99,9 +99,12 @@ class StoreUnavailable(Exception):
     """The store could not commit (read-only file, disk full, locked, database down).
 
     Classified (model.Classified): a step that meets it (the payment's ledger) fails as
-    `store_unavailable`, not as a bug of ours (`internal`)."""
+    `store_unavailable`, not as a bug of ours (`internal`). `may_have_taken_effect` is set
+    when a write's outcome is unknown (a COMMIT whose answer was lost and could not be looked
+    up): the step that wrote it is then compensated (`model.may_have_taken_effect`)."""
 
     kind = STORE_UNAVAILABLE
+    may_have_taken_effect = False
 
 
 class StoreError(Exception):

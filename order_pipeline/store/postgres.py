@@ -32,7 +32,8 @@ transaction. Whatever makes the whole batch fail is handled for the whole batch:
   on a new connection;
 * the connection lost while committing: the transaction's id, read before COMMIT, is looked
   up on a new connection (`pg_xact_status`): committed, the results stand; aborted, the batch
-  runs again; unknown (no connection within `timeout`), StoreUnavailable;
+  runs again; unknown (no connection within `timeout`), StoreUnavailable that says it may
+  have taken effect (so a payment whose charge it was is refunded);
 * no connection within `timeout`, a lock held past `timeout` (`lock_timeout`), the database
   refusing to commit: every operation of the batch raises StoreUnavailable.
   A batch is run at most `_TRIES` times.
@@ -343,7 +344,9 @@ class PostgresStore(WriterThread[Conn]):
         if outcome == "committed":
             self._did_commit()
             return [], None
-        _fail(ops, self._unavailable(error, f"connection lost while committing ({outcome})"))
+        unknown = self._unavailable(error, f"connection lost while committing ({outcome})")
+        unknown.may_have_taken_effect = True  # a charge in it is refunded (base.StoreUnavailable)
+        _fail(ops, unknown)
         return [], None
 
     def _commit(self, conn: Conn) -> None:
