@@ -1,5 +1,6 @@
 """What a worker inherits from its supervisor: its own listening socket, the metrics directory,
-a pipe to say that it serves, and every setting, all through the environment.
+a pipe to say that it serves, a pipe that tells it when the supervisor ends, and every
+setting, all through the environment.
 
 The supervisor writes it (`Handoff.environ`) and the worker's entry point reads
 it, once (`Handoff.from_environ`); nothing else reads these variables. The
@@ -14,15 +15,19 @@ from collections.abc import Mapping
 from typing import Final
 
 import attrs
+import trio
 
 from .settings import Settings
 
-__all__ = ["LISTEN_FD_ENV", "MULTIPROC_ENV", "READY_FD_ENV", "Handoff"]
+__all__ = ["LIFELINE_FD_ENV", "LISTEN_FD_ENV", "MULTIPROC_ENV", "READY_FD_ENV", "Handoff"]
 
 # A worker serves the listening socket it inherited as this file descriptor.
 LISTEN_FD_ENV: Final = "ORDER_PIPELINE_LISTEN_FD"
 # The write end of the pipe on which a worker says, once, that it serves.
 READY_FD_ENV: Final = "ORDER_PIPELINE_READY_FD"
+# The read end of a pipe whose only write end the supervisor holds and never writes to: it
+# reads as ended once the supervisor has ended, however it ended (SIGKILL too).
+LIFELINE_FD_ENV: Final = "ORDER_PIPELINE_LIFELINE_FD"
 # prometheus-client reads this one itself, when it is imported: it must be in the
 # worker's environment before then, not only handed to `Metrics`.
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
@@ -33,6 +38,7 @@ class Handoff:
     listen_fd: int
     metrics_dir: str
     ready_fd: int
+    lifeline_fd: int
 
     def environ(self, settings: Settings, base: Mapping[str, str]) -> dict[str, str]:
         """`base` plus every setting as its variable, for one worker serving `listen_fd`."""
@@ -45,6 +51,7 @@ class Handoff:
         env[LISTEN_FD_ENV] = str(self.listen_fd)
         env[MULTIPROC_ENV] = self.metrics_dir
         env[READY_FD_ENV] = str(self.ready_fd)
+        env[LIFELINE_FD_ENV] = str(self.lifeline_fd)
         return env
 
     def say_serving(self) -> None:
@@ -52,10 +59,20 @@ class Handoff:
         os.write(self.ready_fd, b".")
         os.close(self.ready_fd)
 
+    async def wait_for_supervisor_to_end(self) -> None:
+        """In the worker: return once the supervisor has ended. A supervisor that is killed
+        cannot forward SIGTERM; without this its workers would serve on, orphaned."""
+        await trio.lowlevel.wait_readable(self.lifeline_fd)
+
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Handoff | None:
         """What this process inherited, or None if no supervisor started it."""
         listen_fd = environ.get(LISTEN_FD_ENV)
         if listen_fd is None:
             return None
-        return cls(int(listen_fd), environ[MULTIPROC_ENV], int(environ[READY_FD_ENV]))
+        return cls(
+            int(listen_fd),
+            environ[MULTIPROC_ENV],
+            int(environ[READY_FD_ENV]),
+            int(environ[LIFELINE_FD_ENV]),
+        )

@@ -251,6 +251,14 @@ async def receive_signals(
             serving.cancel()
 
 
+async def drain_when_supervisor_ends(handoff: Handoff, readiness: Readiness) -> None:
+    """A worker's: drain, as on SIGTERM, once its supervisor has ended (killed, it forwards
+    no signal)."""
+    await handoff.wait_for_supervisor_to_end()
+    log.warning("the supervisor is gone: draining")
+    readiness.start_draining()
+
+
 async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None = None) -> None:
     """Serve on `listen_fd` until SIGTERM or SIGINT and the drain after it; exit 1 if a
     second signal cut the drain short.
@@ -286,6 +294,7 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
                 nursery.start_soon(exit_at_hard_deadline, assembly.readiness, settings, count)
                 if handoff:
                     nursery.start_soon(count.refresh_live_forever)
+                    nursery.start_soon(drain_when_supervisor_ends, handoff, assembly.readiness)
                 await nursery.start(assembly.desk.maintain)
                 async with trio.open_nursery() as serving:
                     nursery.start_soon(

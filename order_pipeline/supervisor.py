@@ -21,7 +21,10 @@ multiprocess directory, so `/metrics` sums all of them.
 
 Each worker writes a byte to a pipe once it serves (`Handoff.say_serving`): the
 supervisor says "Running on" only when all of them do, since tools take that
-line to mean that the server answers.
+line to mean that the server answers. A supervisor that is killed (SIGKILL, the
+out-of-memory killer) forwards nothing: its workers then see a pipe whose only
+write end it held close (`Handoff.wait_for_supervisor_to_end`), and drain and exit
+as on SIGTERM, rather than serve on, orphaned, beside the next server started.
 """
 
 from __future__ import annotations
@@ -66,9 +69,13 @@ async def supervise(
 
     ready_read, ready_write = os.pipe()
     ready = trio.lowlevel.FdStream(ready_read)
+    # Never written to, and its write end never passed on: it closes when this process ends.
+    lifeline_read, lifeline_write = os.pipe()
     metrics_dir = tempfile.mkdtemp(prefix="order-pipeline-metrics-")
     environs = [
-        Handoff(sock.fileno(), metrics_dir, ready_write).environ(settings, os.environ)
+        Handoff(sock.fileno(), metrics_dir, ready_write, lifeline_read).environ(
+            settings, os.environ
+        )
         for sock in sockets
     ]
     argv = [sys.executable, "-m", "order_pipeline", "serve"]
@@ -89,7 +96,9 @@ async def supervise(
             if stopping:  # the sockets are closed
                 return None
             process = await trio.lowlevel.open_process(
-                argv, env=environs[number], pass_fds=(sockets[number].fileno(), ready_write)
+                argv,
+                env=environs[number],
+                pass_fds=(sockets[number].fileno(), ready_write, lifeline_read),
             )
             running.add(process)
         log.info("worker %d started (pid %d)", number, process.pid)
@@ -186,5 +195,7 @@ async def supervise(
             sock.close()
         ready.close()
         os.close(ready_write)
+        os.close(lifeline_read)
+        os.close(lifeline_write)
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 1 if gave_up or interrupted else 0

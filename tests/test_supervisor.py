@@ -260,3 +260,37 @@ async def test_a_worker_that_keeps_dying_is_given_up_on(start_server: StartServe
     )
     restarted = [f"worker 0 (pid {pid}) died with -9: restarting" for pid in pids[:-1]]
     assert [line["message"] for line in server.errors()] == [*restarted, gave_up]
+
+
+def exited(pid: int) -> bool:
+    """Whether process `pid` has ended: gone, or a zombie its new parent has not reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def test_workers_whose_supervisor_is_killed_drain_and_exit(
+    start_server: StartServer,
+) -> None:
+    """The supervisor SIGKILLed (it cannot forward a signal): each worker notices that it is
+    gone, drains as on SIGTERM (its order in flight gets 200) and exits, instead of serving
+    on, orphaned, beside whatever is started next on the same port."""
+    server = await start_server(
+        "--workers", "2", "--no-access-log", expect_errors=True, check_exit=False
+    )
+    workers = [await pid_of_start(server, 0, 1), await pid_of_start(server, 1, 1)]
+    outcomes: list[int | str] = []
+    async with trio.open_nursery() as nursery:
+        stream = await connection_to(server, workers[1], workers)
+        nursery.start_soon(order, stream, "orphaned", outcomes)
+        await wait_for_steps_in_flight(server.url, 3)
+        server.process.kill()
+        await poll(lambda: all(exited(pid) for pid in workers))
+
+    assert outcomes == [200]
+    lines = [line for line in server.log_lines() if line["pid"] in workers]
+    assert {
+        line["pid"] for line in lines if line["message"] == "the supervisor is gone: draining"
+    } == set(workers)
