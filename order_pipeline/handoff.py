@@ -55,9 +55,14 @@ class Handoff:
         return env
 
     def say_serving(self) -> None:
-        """In the worker: tell the supervisor, once, that this process serves."""
-        os.write(self.ready_fd, b".")
-        os.close(self.ready_fd)
+        """In the worker: tell the supervisor, once, that this process serves. A supervisor
+        that is gone by then hears nothing; the lifeline drains this worker."""
+        try:
+            os.write(self.ready_fd, b".")
+        except BrokenPipeError:
+            pass
+        finally:
+            os.close(self.ready_fd)
 
     async def wait_for_supervisor_to_end(self) -> None:
         """In the worker: return once the supervisor has ended. A supervisor that is killed

@@ -9,7 +9,8 @@ Field", and the journals of Temporal and DBOS.
 
 Each serving process holds a lease in the store (`maintain`). An order whose
 owner's lease expired was interrupted: a live process claims it, undoes every
-step that succeeded or whose outcome was never recorded, and records it
+step that succeeded or whose outcome was never recorded (or whose error said it
+may have taken effect, and whose undoing failed), and records it
 `interrupted` (or `compensation_failed`). Sending that key again runs the
 order again, as a new attempt.
 """

@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 from collections import Counter
 from collections.abc import Callable, Collection
+from pathlib import Path
 
+import pytest
 import trio
 
+from order_pipeline.handoff import MULTIPROC_ENV, Handoff
 from order_pipeline.supervisor import RESTART_LIMIT, RESTART_WINDOW_S
 
 from . import rawhttp
@@ -262,6 +266,12 @@ async def test_a_worker_that_keeps_dying_is_given_up_on(start_server: StartServe
     assert [line["message"] for line in server.errors()] == [*restarted, gave_up]
 
 
+def environ_of(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        pairs = (item.partition(b"=") for item in environ.read().split(b"\0") if item)
+        return {name.decode(): value.decode() for name, _, value in pairs}
+
+
 def exited(pid: int) -> bool:
     """Whether process `pid` has ended: gone, or a zombie its new parent has not reaped."""
     try:
@@ -281,16 +291,39 @@ async def test_workers_whose_supervisor_is_killed_drain_and_exit(
         "--workers", "2", "--no-access-log", expect_errors=True, check_exit=False
     )
     workers = [await pid_of_start(server, 0, 1), await pid_of_start(server, 1, 1)]
+    # Removed by the supervisor when it ends, which a killed one cannot: the test does.
+    metrics_dir = environ_of(workers[0])[MULTIPROC_ENV]
     outcomes: list[int | str] = []
-    async with trio.open_nursery() as nursery:
-        stream = await connection_to(server, workers[1], workers)
-        nursery.start_soon(order, stream, "orphaned", outcomes)
-        await wait_for_steps_in_flight(server.url, 3)
-        server.process.kill()
-        await poll(lambda: all(exited(pid) for pid in workers))
+    try:
+        async with trio.open_nursery() as nursery:
+            stream = await connection_to(server, workers[1], workers)
+            nursery.start_soon(order, stream, "orphaned", outcomes)
+            await wait_for_steps_in_flight(server.url, 3)
+            server.process.kill()
+            await poll(lambda: all(exited(pid) for pid in workers))
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
     assert outcomes == [200]
     lines = [line for line in server.log_lines() if line["pid"] in workers]
     assert {
         line["pid"] for line in lines if line["message"] == "the supervisor is gone: draining"
     } == set(workers)
+
+
+def test_a_worker_whose_supervisor_is_gone_before_it_serves_does_not_fail_saying_so(
+    tmp_path: Path,
+) -> None:
+    """A worker says it serves on a pipe only its supervisor reads: killed while the worker
+    started, the supervisor hears nothing, and saying so must not end the worker (its
+    lifeline drains it)."""
+    ready_read, ready_write = os.pipe()
+    lifeline_read, lifeline_write = os.pipe()
+    os.close(ready_read)  # the supervisor is gone
+    os.close(lifeline_write)
+    try:
+        Handoff(0, str(tmp_path), ready_write, lifeline_read).say_serving()
+        with pytest.raises(OSError, match="Bad file descriptor"):  # closed, as when heard
+            os.fstat(ready_write)
+    finally:
+        os.close(lifeline_read)
