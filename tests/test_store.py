@@ -1732,33 +1732,60 @@ async def test_a_connection_lost_mid_batch_runs_the_batch_again(schema: str) -> 
 
 
 @pytest.mark.postgres
-async def test_a_lock_held_past_the_timeout_makes_the_batch_unavailable(schema: str) -> None:
-    """A row locked by someone else past `timeout` (lock_timeout): the batch raises
-    StoreUnavailable, nothing of it is written; once the lock is gone, all works again."""
+async def test_a_lock_held_past_the_timeout_fails_only_the_operation_that_waited(
+    schema: str,
+) -> None:
+    """A row locked by someone else past `timeout` (lock_timeout): the operation that waited
+    for it raises StoreUnavailable alone; the others of its batch commit, the lease's renewal
+    among them (a host frozen in a transaction must not cost a live host its lease). An
+    order's final record that met the lock is held, and lands once the lock is gone."""
     async with postgres_stores(postgres_url(schema=schema), 1, timeout=0.3) as (store,):
         order = await begun(store)
         async with row_locked(schema, "k-1"):
             failed: list[StoreUnavailable] = []
+            begun_k2: list[object] = []
 
-            async def call(fn: Callable[[], Awaitable[object]]) -> None:
+            async def finish() -> None:
                 try:
-                    await fn()
+                    await store.finish("k-1", order.attempt_id, 200, b"", None)
                 except StoreUnavailable as exc:
                     failed.append(exc)
 
+            async def begin() -> None:
+                begun_k2.append(await store.begin("k-2", "o-2", "h", BODY, "w-1"))
+
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    call, lambda: store.finish("k-1", order.attempt_id, 200, b"", None)
-                )
-                nursery.start_soon(call, lambda: store.begin("k-2", "o-2", "h", BODY, "w-1"))
-            assert failed
-            assert all("lock timeout" in str(exc) for exc in failed)
-        if len(failed) == 2:  # in one batch: the begin was rolled back with the finish
-            assert await store.get("k-2") is None
-        await store.finish("k-1", order.attempt_id, 200, b"{}", None)
+                nursery.start_soon(finish)
+                nursery.start_soon(begin)
+            # One batch: the final record nobody waits for, riding on the renewal.
+            store.finish_soon("k-1", order.attempt_id, 201, b"later", None)
+            await store.renew_lease("w-1", 60.0)
+            (lease,) = await sql(
+                f"SELECT extract(epoch FROM expires_at - now())::float8 FROM {schema}.leases"
+            )
+            still_running = await store.get("k-1")
+        assert len(failed) == 1
+        assert "lock timeout" in str(failed[0])
+        assert [type(b) for b in begun_k2] == [Begun]
+        assert lease[0] > 50  # renewed while the lock was held
+        assert still_running is not None
+        assert still_running.state == RUNNING
+        await store.renew_lease("w-1", 60.0)  # carries the held final record
         done = await store.get("k-1")
         assert done is not None
-        assert done.state == FINISHED
+        assert (done.state, done.http_status, done.reply) == (FINISHED, 201, b"later")
+
+
+@pytest.mark.postgres
+async def test_a_batch_waits_for_a_row_lock_well_under_a_lease(schema: str) -> None:
+    """By default a batch waits a second at most for another transaction's row lock, where a
+    lease lasts five: a batch carries the lease's renewal."""
+    from order_pipeline.settings import Settings
+
+    async with postgres_stores(postgres_url(schema=schema), 1) as (store,):
+        shown = await store._call(lambda conn: conn.execute("SHOW lock_timeout").fetchone())
+    assert shown == ("1s",)
+    assert Settings().lease_timeout >= 5
 
 
 @pytest.mark.postgres

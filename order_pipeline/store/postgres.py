@@ -34,9 +34,15 @@ transaction. Whatever makes the whole batch fail is handled for the whole batch:
   up on a new connection (`pg_xact_status`): committed, the results stand; aborted, the batch
   runs again; unknown (no connection within `timeout`), StoreUnavailable that says it may
   have taken effect (so a payment whose charge it was is refunded);
-* no connection within `timeout`, a lock held past `timeout` (`lock_timeout`), the database
-  refusing to commit: every operation of the batch raises StoreUnavailable.
-  A batch is run at most `_TRIES` times.
+* no connection within `timeout`, the database refusing to commit: every operation of the
+  batch raises StoreUnavailable. A batch is run at most `_TRIES` times.
+
+A row lock held by another transaction past `lock_timeout` (at most `LOCK_WAIT_S`) fails the
+operation that waited for it, alone (StoreUnavailable; a final record is held for the next
+commit), as an operation's own error does: the others of its batch, the lease's renewal among
+them, run again and commit. A batch carries the renewal, so it must not wait on a lock as long
+as a lease lasts: a host frozen in the middle of a transaction (its row locks held until it
+wakes) made every batch that touched one of its orders fail, and the live host lose its lease.
 
 Concurrency between hosts is the database's: a key's PRIMARY KEY decides who runs an order
 (INSERT ... ON CONFLICT DO NOTHING, then read the winner); interrupted orders are claimed by
@@ -104,9 +110,11 @@ _TRIES: Final = 5  # runs of one batch (deadlocks, lost connections) before Stor
 # Before a batch runs again, a pause of up to this many seconds times its tries: two hosts'
 # batches that deadlocked would otherwise run again at once and meet the same way.
 _BACKOFF_S: Final = 0.01
-# Errors of the batch, not of the operation that met them: the database is down, read-only,
-# out of space, or a lock was held past lock_timeout.
+# Errors of the batch, not of the operation that met them: the database is down, read-only or
+# out of space (a lock held past lock_timeout is the operation's: `_batch_error`).
 _BATCH_ERRORS: Final = (psycopg.OperationalError, errors.ReadOnlySqlTransaction)
+# The longest a batch waits for a row lock another transaction holds (`lock_timeout`).
+LOCK_WAIT_S: Final = 1.0
 T = TypeVar("T")
 _XID: Final = "SELECT pg_current_xact_id_if_assigned()::text"
 
@@ -184,8 +192,9 @@ class PostgresStore(WriterThread[Conn]):
     """Orders in a PostgreSQL database; `async with PostgresStore(url) as store:` opens it.
 
     `timeout` bounds each wait of a batch: for a connection (at start too), for a row lock
-    held by someone else (lock_timeout), for the outcome of a commit whose connection was
-    lost; past it the batch raises StoreUnavailable. `commits` counts committed batches.
+    held by someone else (lock_timeout, at most LOCK_WAIT_S: past it only the operation
+    that waited fails), for the outcome of a commit whose connection was lost; past it the
+    batch raises StoreUnavailable. `commits` counts committed batches.
     """
 
     def __init__(self, url: str, *, timeout: float = 5.0) -> None:
@@ -260,7 +269,7 @@ class PostgresStore(WriterThread[Conn]):
         # index over every finished order, not by its key (S1: 0.68 ms of the database's CPU
         # per order, 0.23 ms planned each time); an ANALYZE would replace it, if autovacuum
         # runs, which a server may not.
-        lock_timeout = f"{max(1, round(self.timeout * 1000))}ms"
+        lock_timeout = f"{max(1, round(min(self.timeout, LOCK_WAIT_S) * 1000))}ms"
         conn.execute(
             "SELECT set_config('lock_timeout', %s, false),"
             " set_config('plan_cache_mode', 'force_custom_plan', false)",
@@ -325,6 +334,8 @@ class PostgresStore(WriterThread[Conn]):
         if unknown_failure:
             return ops, None
         if failed is not None:
+            if isinstance(failed.error, errors.LockNotAvailable):
+                failed.error = self._unavailable(failed.error, "a row locked by another")
             return [op for op in ops if op is not failed], None
         if error is None:
             self._did_commit()
@@ -568,6 +579,10 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _batch_error(exc: Exception) -> bool:
+    return isinstance(exc, _BATCH_ERRORS) and not isinstance(exc, errors.LockNotAvailable)
+
+
 def _run_pipelined(conn: Conn, ops: list[Op[Conn, Any]]) -> tuple[bool, str | None]:
     """Run `ops` in pipeline mode: (True, None) if one of them failed by itself (then rolled
     back), else (False, the transaction's id if it wrote anything)."""
@@ -583,7 +598,7 @@ def _run_pipelined(conn: Conn, ops: list[Op[Conn, Any]]) -> tuple[bool, str | No
             xid = conn.execute(_XID)  # after every write; answered as the pipeline closes
     except Exception as exc:
         aborted = isinstance(exc, errors.PipelineAborted)  # after an operation's own error
-        if conn.closed or (isinstance(exc, _BATCH_ERRORS) and not aborted):
+        if conn.closed or (_batch_error(exc) and not aborted):
             raise  # the batch's trouble, not an operation's
         conn.execute("ROLLBACK")
         return True, None
@@ -604,7 +619,7 @@ def _run_each(conn: Conn, ops: list[Op[Conn, Any]]) -> Op[Conn, Any] | None:
             if isinstance(op.result, _Later):
                 op.result = op.result.read()
         except Exception as exc:
-            if conn.closed or isinstance(exc, _BATCH_ERRORS):
+            if conn.closed or _batch_error(exc):
                 raise  # the batch's trouble, not this operation's
             conn.execute("ROLLBACK")
             op.error = exc
