@@ -1777,6 +1777,25 @@ async def test_a_lock_held_past_the_timeout_fails_only_the_operation_that_waited
 
 
 @pytest.mark.postgres
+async def test_a_database_that_vanishes_is_noticed_in_seconds(schema: str) -> None:
+    """The store's connection gives up on the database within seconds of silence, as the
+    kernel sees its socket: idle, by keepalives; with what it sent unacknowledged (a network
+    partition), by TCP_USER_TIMEOUT, instead of the kernel's quarter of an hour of retries."""
+
+    def tcp_options(conn: Any) -> tuple[int, ...]:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            return (
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+            )
+
+    async with postgres_stores(postgres_url(schema=schema), 1) as (store,):
+        keepalive, idle_s, user_timeout_ms = await store._call(tcp_options)
+    assert (keepalive, idle_s, user_timeout_ms) == (1, 10, 10_000)
+
+
+@pytest.mark.postgres
 async def test_a_batch_waits_for_a_row_lock_well_under_a_lease(schema: str) -> None:
     """By default a batch waits a second at most for another transaction's row lock, where a
     lease lasts five: a batch carries the lease's renewal."""

@@ -213,10 +213,14 @@ class PostgresStore(WriterThread[Conn]):
         self.where = _where(params)  # the URL without password or options, for messages
         params.setdefault("connect_timeout", max(2, round(timeout)))
         params.setdefault("application_name", "order-pipeline")
-        # A peer that vanishes without a word (a network partition) is noticed in seconds.
+        # A peer that vanishes without a word (a network partition) is noticed in seconds:
+        # while the connection is idle, by keepalives; while what we sent is unanswered, by
+        # tcp_user_timeout (without it the kernel retransmits for about 15 minutes, and every
+        # batch, with the orders waiting for it, would wait as long).
         params.setdefault("keepalives_idle", 10)
         params.setdefault("keepalives_interval", 5)
         params.setdefault("keepalives_count", 3)
+        params.setdefault("tcp_user_timeout", max(1000, round(2 * timeout * 1000)))  # ms
         self._conninfo = make_conninfo("", **params)
         self._pool: Pool  # the writer thread's, from _open
 
