@@ -241,10 +241,20 @@ class Pipeline:
 
         `known` is what was recorded of each step, in step order. Each step
         given as ok and not yet compensated is undone: give a step whose
-        outcome nobody recorded as ok, since it may have taken effect.
+        outcome nobody recorded as ok, since it may have taken effect. A
+        compensation given as not ok is tried again (compensations are
+        idempotent, and the money it should have given back may still be held),
+        also of a step given as failed: such a step was compensated only
+        because its error said it may have taken effect.
         """
         run = _OrderRun(order, self.steps, self.on_step)
         run.results[:] = known
+        for index, step in enumerate(known):
+            undone = step.compensation
+            if undone is not None and undone.status is not CompensationStatus.OK:
+                if step.status is StepStatus.ERROR:
+                    run.uncertain.add(index)
+                run.results[index] = attrs.evolve(step, compensation=None)
         if not await self._compensate(run):
             kind = COMPENSATION_FAILED
         result = run.result(kind)

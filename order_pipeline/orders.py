@@ -95,12 +95,8 @@ def _error(kind: str, message: str | None = None, *, key: str | None = None) -> 
 
 
 def _known_steps(stored: StoredOrder) -> list[StepResult]:
-    """What was recorded of each step; a step with no record may have run, so it counts as ok.
-
-    Only a compensation that succeeded counts as done: one that failed or timed out is
-    tried again (compensations are idempotent), since the money it should have given back
-    may still be held.
-    """
+    """What was recorded of each step, compensations included (`Pipeline.undo` tries again
+    one that did not succeed); a step with no record may have run, so it counts as ok."""
     records = {record.step: record for record in stored.steps}
     known = []
     for name in STEP_NAMES:
@@ -108,16 +104,10 @@ def _known_steps(stored: StoredOrder) -> list[StepResult]:
         if record is None:
             known.append(StepResult(name, StepStatus.OK, 0))
             continue
-        undo_failed = record.compensation not in (None, CompensationStatus.OK)
-        if record.status == StepStatus.ERROR and undo_failed:
-            # A failed step with a compensation: its error said it may have taken effect, and
-            # undoing it failed. It may still hold money, so it counts as ok, as one unrecorded.
-            known.append(StepResult(name, StepStatus.OK, record.duration_ms))
-            continue
         compensation = (
-            Compensation(CompensationStatus.OK, record.compensation_ms or 0)
-            if record.compensation == CompensationStatus.OK
-            else None
+            None
+            if record.compensation is None
+            else Compensation(CompensationStatus(record.compensation), record.compensation_ms or 0)
         )
         known.append(
             StepResult(

@@ -288,6 +288,7 @@ async def test_a_refund_that_failed_before_the_crash_is_tried_again(
 
     assert stored is not None
     payment = {s.step: s for s in stored.steps}["payment"]
+    assert (payment.status, payment.detail) == (paid, detail)  # recorded as it ended
     if fails_again:
         assert (stored.kind, payment.compensation, stored.needs_attention) == (
             "compensation_failed", "error", True

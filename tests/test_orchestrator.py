@@ -415,6 +415,42 @@ async def test_undo_reports_its_kind_or_compensation_failed(
     assert finished == [undone, not_undone]
 
 
+async def test_undo_tries_again_a_compensation_that_had_failed(
+    order: OrderRequest, autojump_clock: trio.abc.Clock
+) -> None:
+    """`undo` runs again a compensation recorded as failed, also of a step that had failed
+    (it was compensated because it may have taken effect); one that succeeded is not run
+    again. Each step keeps how it ended."""
+    undone: list[str] = []
+
+    def undo(name: str) -> StepAction:
+        async def compensate(_: OrderRequest) -> None:
+            undone.append(name)
+
+        return compensate
+
+    pipe = Pipeline([Step(name, Hangs(), undo(name)) for name in ("payment", "vendor", "courier")])
+    failed, done = (
+        Compensation(CompensationStatus.ERROR, 80),
+        Compensation(CompensationStatus.OK, 0),
+    )
+    known = [
+        StepResult("payment", ERROR, 150, "store_unavailable", failed),
+        StepResult("vendor", OK, 200, None, failed),
+        StepResult("courier", OK, 100, None, done),
+    ]
+
+    result = await pipe.undo(order, known, "interrupted")
+
+    assert sorted(undone) == ["payment", "vendor"]
+    assert result.kind == "interrupted"
+    assert result.steps == (
+        StepResult("payment", ERROR, 150, "store_unavailable", done),
+        StepResult("vendor", OK, 200, None, done),
+        StepResult("courier", OK, 100, None, done),
+    )
+
+
 async def test_the_attention_line_names_the_order_s_key(
     order: OrderRequest, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:

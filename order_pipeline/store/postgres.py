@@ -39,8 +39,9 @@ transaction. Whatever makes the whole batch fail is handled for the whole batch:
 
 A row lock held by another transaction past `lock_timeout` (at most `LOCK_WAIT_S`) fails the
 operation that waited for it, alone (StoreUnavailable; a final record is held for the next
-commit), as an operation's own error does: the others of its batch, the lease's renewal among
-them, run again and commit. A batch carries the renewal, so it must not wait on a lock as long
+commit), as an operation's own error does: the batch runs again statement by statement, each
+waiting for a lock briefly (`_RERUN_LOCK_WAIT_MS`), and the others of it, the lease's renewal
+among them, commit. A batch carries the renewal, so it must not wait on a lock as long
 as a lease lasts: a host frozen in the middle of a transaction (its row locks held until it
 wakes) made every batch that touched one of its orders fail, and the live host lose its lease.
 
@@ -113,8 +114,12 @@ _BACKOFF_S: Final = 0.01
 # Errors of the batch, not of the operation that met them: the database is down, read-only or
 # out of space (a lock held past lock_timeout is the operation's: `_batch_error`).
 _BATCH_ERRORS: Final = (psycopg.OperationalError, errors.ReadOnlySqlTransaction)
-# The longest a batch waits for a row lock another transaction holds (`lock_timeout`).
-LOCK_WAIT_S: Final = 1.0
+# The longest a batch waits for a row lock another transaction holds (`lock_timeout`): above
+# PostgreSQL's default deadlock_timeout (1 s), so that a deadlock is found as one (its victim's
+# batch runs again) rather than taken for a lock held too long.
+LOCK_WAIT_S: Final = 2.0
+# The same when the batch runs again statement by statement, after an operation's own error.
+_RERUN_LOCK_WAIT_MS: Final = 200
 T = TypeVar("T")
 _XID: Final = "SELECT pg_current_xact_id_if_assigned()::text"
 
@@ -321,6 +326,8 @@ class PostgresStore(WriterThread[Conn]):
                 unknown_failure, xid = _run_pipelined(conn, ops)
             else:
                 conn.execute("BEGIN")
+                # The lock that failed the pipelined run is likely still held: meet it briefly.
+                conn.execute(f"SET LOCAL lock_timeout = '{_RERUN_LOCK_WAIT_MS}ms'")
                 failed = _run_each(conn, ops)
                 if failed is None:
                     xid = _xid(conn.execute(_XID))
