@@ -178,4 +178,10 @@ def _settings(
                 values[field.name] = parse(given)
             except ValueError as exc:
                 serve.error(f"{flag}: {exc}")
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.store == "memory" and settings.workers > 1:
+        serve.error(
+            "--store memory: each worker would keep orders of its own, so one key could run"
+            " once on each; serve it with one worker, or use a sqlite:/// store"
+        )
+    return settings

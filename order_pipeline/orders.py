@@ -55,7 +55,8 @@ from .store import RUNNING, Begun, Existing, OrderStore, StoredOrder, StoreUnava
 
 __all__ = ["Answer", "OnRefused", "OrderDesk", "canonical"]
 
-log = logging.getLogger(__name__)
+# Not `order_pipeline.orders` (this module's name), which has exactly one line per order.
+log = logging.getLogger("order_pipeline.desk")
 
 LEASE_RENEW_S: Final = 1.0
 # Interrupted orders claimed at a time; claimed again at once while a batch comes back full.
@@ -201,14 +202,15 @@ class OrderDesk:
         # finds none if another process claimed the order meanwhile. If the commit fails,
         # the store keeps the record for its next commit (writer.py): a retry finds it.
         await self.pipeline.process(order)
+        # The order ran: the reporter gave it its line and count, so these are not refusals.
         try:
             final = await self.store.finished_reply(key, attempt.id)
         except StoreUnavailable:
             log.warning("order %r: its result could not be recorded yet", order.order_id)
-            return _error(STORE_UNAVAILABLE, key=key)
+            return attrs.evolve(_error(STORE_UNAVAILABLE, key=key), refused=None)
         if final is None:
             # Our lease lapsed and another process claimed the order to undo it.
-            return _error(ORDER_IN_PROGRESS, key=key)
+            return attrs.evolve(_error(ORDER_IN_PROGRESS, key=key), refused=None)
         return Answer(final.http_status, final.reply, key, lookup(final.kind).retry_after)
 
     async def look_up(self, key: str) -> Answer:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from werkzeug.datastructures import Headers
 
 from order_pipeline.model import STEP_NAMES
 from order_pipeline.orders import canonical
+from order_pipeline.reporting import ORDERS_LOGGER
 from order_pipeline.server import Assembly, Settings, assemble
 from order_pipeline.store import (
     FINISHED,
@@ -423,11 +425,12 @@ async def post_holding_the_file(
 
 
 async def test_a_reply_the_store_could_not_take_is_refused_then_recorded(
-    assembly: Assembly, store: SqliteStore, tmp_path: Path
+    assembly: Assembly, store: SqliteStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An order whose final record cannot be committed is answered 503 store_unavailable,
     never with a reply its retry would not find; the store keeps the record, the next commit
-    carries it once the store takes writes again, and the retry replays it: charged once."""
+    carries it once the store takes writes again, and the retry replays it: charged once.
+    The order has its one line (and count), not a second one as if refused."""
     order = {**ORDER, "delay_ms": {"payment": 0, "vendor": 0, "courier": 300}}
 
     async def charged() -> None:  # then the courier runs
@@ -435,8 +438,14 @@ async def test_a_reply_the_store_could_not_take_is_refused_then_recorded(
             while await store.net_charge("k-10") == 0:  # noqa: ASYNC110 # another thread's
                 await trio.sleep(0.01)
 
-    status, body, headers = await post_holding_the_file(assembly, tmp_path, order, "k-10", charged)
+    with caplog.at_level(logging.INFO, logger=ORDERS_LOGGER):
+        status, body, headers = await post_holding_the_file(
+            assembly, tmp_path, order, "k-10", charged
+        )
 
+    lines = [r.getMessage() for r in caplog.records if r.name == ORDERS_LOGGER]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("order o-1 ok 200 in ")
     assert status == 503
     assert json.loads(body)["error"]["kind"] == "store_unavailable"
     assert headers["Retry-After"] == "1"

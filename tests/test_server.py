@@ -153,6 +153,13 @@ def test_workers_auto_counts_every_cpu_where_there_is_no_affinity(
             "overrides it, but the environment is wrong: fix or unset it)",
         ),
         (["serve", "--no-access-log"], {"ORDER_PIPELINE_ACCESS_LOG": "maybe"}, "ACCESS_LOG: must"),
+        # Each worker would keep orders of its own: a key would run once per worker.
+        (
+            ["serve", "--store", "memory", "--workers", "2"],
+            {},
+            "--store memory: each worker would keep orders of its own",
+        ),
+        (["serve", "--workers", "2"], {"ORDER_PIPELINE_STORE": "memory"}, "--store memory:"),
     ],
 )
 def test_bad_values_exit_2_naming_the_setting(

@@ -37,9 +37,10 @@ EXIT_TIMEOUT_S = 30
 SLOW = {"payment": 2000, "vendor": 2000, "courier": 2000}
 
 
-def run_serve(*flags: str) -> subprocess.CompletedProcess[str]:
-    """`python -m order_pipeline serve` with `flags`, to its exit."""
-    argv = [sys.executable, "-m", "order_pipeline", "serve", "--store", "memory", *flags]
+def run_serve(*flags: str, store: str = "memory") -> subprocess.CompletedProcess[str]:
+    """`python -m order_pipeline serve` with `flags`, to its exit (`--store memory` serves one
+    worker only)."""
+    argv = [sys.executable, "-m", "order_pipeline", "serve", "--store", store, *flags]
     return subprocess.run(argv, capture_output=True, text=True, timeout=EXIT_TIMEOUT_S, check=False)
 
 
@@ -51,9 +52,12 @@ def _taken_port() -> Iterator[int]:
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_port_in_use_is_one_line_and_status_1(taken_port: int, workers: str) -> None:
+def test_a_port_in_use_is_one_line_and_status_1(
+    taken_port: int, workers: str, tmp_path: Path
+) -> None:
     """Port in use, with or without --workers: one line naming the address and cause, status 1."""
-    done = run_serve("--port", str(taken_port), "--workers", workers)
+    store = f"sqlite:///{tmp_path / 'orders.db'}"
+    done = run_serve("--port", str(taken_port), "--workers", workers, store=store)
 
     assert (done.returncode, done.stderr) == (
         1,
@@ -62,14 +66,15 @@ def test_a_port_in_use_is_one_line_and_status_1(taken_port: int, workers: str) -
 
 
 async def test_a_port_another_server_with_workers_serves_is_in_use_too(
-    start_server: StartServer,
+    start_server: StartServer, tmp_path: Path
 ) -> None:
     """--workers 2 on the port of a running --workers 2: one line, status 1, as for any port
     in use, rather than joining the first's SO_REUSEPORT sockets and sharing its
     connections; the first still serves."""
     first = await start_server("--workers", "2", "--no-access-log")
     port = int(first.url.rpartition(":")[2])
-    serve = [sys.executable, "-m", "order_pipeline", "serve", "--store", "memory"]
+    store = f"sqlite:///{tmp_path / 'second.db'}"
+    serve = [sys.executable, "-m", "order_pipeline", "serve", "--store", store]
     with trio.fail_after(EXIT_TIMEOUT_S):
         done = await trio.run_process(
             [*serve, "--port", str(port), "--workers", "2"],

@@ -427,7 +427,11 @@ async def test_list_orders_with_ledger_and_needs_attention(store: OrderStore) ->
 
 
 async def test_purge_forgets_old_finished_orders_only(store: OrderStore) -> None:
-    """Purge removes finished orders older than the cutoff with their steps and ledger rows."""
+    """Purge removes finished orders older than the cutoff with their steps and ledger rows;
+    not one that needs attention (its money may be held: the operator's to resolve)."""
+    held = await begun(store, "k-held")
+    await store.charge(held.attempt_id, "k-held", 70)
+    await store.finish("k-held", held.attempt_id, 500, b"{}", "compensation_failed")
     old = await begun(store, "k-old")
     store.record_step("k-old", old.attempt_id, StepRecord("payment", "ok"))
     await store.charge(old.attempt_id, "k-old", 100)
@@ -444,7 +448,10 @@ async def test_purge_forgets_old_finished_orders_only(store: OrderStore) -> None
     assert await store.net_charge("k-old") == 0
     await store.charge("c-never-made", "k-old", 5)  # its void was purged with the order
     assert await store.net_charge("k-old") == 5
-    assert {o.key for o, _ in await store.list_orders()} == {"k-running", "k-new"}
+    assert {o.key for o, _ in await store.list_orders()} == {"k-running", "k-new", "k-held"}
+    assert [(o.key, net) for o, net in await store.list_orders(needs_attention=True)] == [
+        ("k-held", 70)
+    ]
     again = await begun(store, "k-old")  # the key is free again
     assert (again.attempt, again.steps) == (1, ())
     assert await store.purge(cutoff) == 0

@@ -214,5 +214,7 @@ class OrderStore(Protocol):
         ...
 
     async def purge(self, finished_before: float) -> int:
-        """Forget orders finished before that unix time (steps, ledger too); their count."""
+        """Forget orders finished before that unix time (steps, ledger too); their count.
+        Not one that ended compensation_failed: its money may be held, an operator's to
+        resolve (`order-pipeline orders --needs-attention` lists it until then)."""
         ...

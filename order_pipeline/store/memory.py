@@ -14,6 +14,7 @@ import trio
 
 from ..model import new_id
 from .base import (
+    COMPENSATION_FAILED,
     FINISHED,
     INTERRUPTED,
     RUNNING,
@@ -209,7 +210,10 @@ class MemoryStore:
         gone = [
             o
             for o in self._orders.values()
-            if o.state == FINISHED and o.finished_at is not None and o.finished_at < finished_before
+            if o.state == FINISHED
+            and o.finished_at is not None
+            and o.finished_at < finished_before
+            and o.kind != COMPENSATION_FAILED
         ]
         for order in gone:
             del self._orders[order.key]

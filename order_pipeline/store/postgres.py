@@ -848,7 +848,8 @@ def _running_of(conn: Conn, owner: str, older_than: float) -> list[StoredOrder]:
 def _purge(conn: Conn, finished_before: float) -> int:
     row = conn.execute(
         f"WITH gone AS (DELETE FROM orders WHERE state = '{FINISHED}'"
-        " AND finished_at < to_timestamp(%s) RETURNING key, attempt_id),"
+        " AND finished_at < to_timestamp(%s)"
+        f" AND kind IS DISTINCT FROM '{COMPENSATION_FAILED}' RETURNING key, attempt_id),"
         " s AS (DELETE FROM steps WHERE attempt_id IN (SELECT attempt_id FROM gone)),"
         " l AS (DELETE FROM ledger WHERE key IN (SELECT key FROM gone))"
         " SELECT count(*) FROM gone",

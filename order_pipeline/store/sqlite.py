@@ -564,8 +564,9 @@ def _running_of(conn: Conn, owner: str, started_before: float) -> list[StoredOrd
 
 def _purge(conn: Conn, finished_before: float) -> int:
     gone = conn.execute(
-        "DELETE FROM orders WHERE state = ? AND finished_at < ? RETURNING key, attempt_id",
-        (FINISHED, finished_before),
+        "DELETE FROM orders WHERE state = ? AND finished_at < ? AND kind IS NOT ?"
+        " RETURNING key, attempt_id",
+        (FINISHED, finished_before, COMPENSATION_FAILED),
     ).fetchall()
     conn.executemany("DELETE FROM steps WHERE attempt_id = ?", [(a,) for _, a in gone])
     conn.executemany("DELETE FROM ledger WHERE key = ?", [(k,) for k, _ in gone])
