@@ -128,7 +128,7 @@ def parse_command(
         parser.print_help(sys.stderr)
         parser.exit(2)
     if args.command == "orders":
-        store = args.store or environ.get(Settings.env_name("store"))
+        store = environ.get(Settings.env_name("store")) if args.store is None else args.store
         if store is None:
             return ListOrders(Settings().store, args.needs_attention, args.json)
         try:

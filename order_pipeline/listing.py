@@ -38,10 +38,15 @@ def order_summary(order: StoredOrder, net_charge: int) -> dict[str, Any]:
     }
 
 
+def _shown(text: str) -> str:
+    """`text` on one line: a client's order_id may hold a newline, which would forge a line."""
+    return text if text.isprintable() else orjson.dumps(text).decode()
+
+
 def _text(line: dict[str, Any]) -> str:
     undone = ",".join(f"{step}={status}" for step, status in line["compensations"].items())
     return (
-        f"{line['key']}  order={line['order_id']}  {line['status']}"
+        f"{line['key']}  order={_shown(line['order_id'])}  {line['status']}"
         f"  kind={line['kind'] or '-'}  attempt={line['attempt']}"
         f"  started={line['started']}  finished={line['finished'] or '-'}"
         f"  compensations={undone or '-'}  net_charge={line['net_charge']}"

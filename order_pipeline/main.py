@@ -36,7 +36,7 @@ from .model import OrderResult
 from .server import LISTEN_BACKLOG, Readiness, assemble, serve
 from .services.pool import MAX_SIZE, MIN_SIZE, clamp_size
 from .settings import Settings
-from .store import StoreError, open_store
+from .store import StoreError, open_store, parse_store_url, shown_url
 from .supervisor import supervise
 from .tracing import configure_tracing
 
@@ -119,14 +119,6 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _shown_store(url: str) -> str:
-    """A PostgreSQL URL without its user, password and parameters, which may be secret."""
-    if not url.startswith(("postgresql://", "postgres://")):
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.split('/', 1)[0].split('?', 1)[0].rpartition('@')[2]}/..."
-
-
 def warn_if_clamped(settings: Settings) -> None:
     """The pool size is clamped, not refused (a script may pass 0): but say so, once."""
     used = clamp_size(settings.courier_pool_size)
@@ -145,7 +137,7 @@ def log_running(url: str, settings: Settings) -> None:
         port=int(url.rpartition(":")[2]),  # port 0 was a request for any
         courier_pool_size=clamp_size(settings.courier_pool_size),
     )
-    shown = attrs.asdict(attrs.evolve(used, store=_shown_store(used.store)))
+    shown = attrs.asdict(attrs.evolve(used, store=shown_url(used.store)))
     fields = {"version": VERSION, "settings": shown}
     if settings.workers == 1:
         log.info(
@@ -316,6 +308,10 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
 
 
 async def show_orders(query: ListOrders) -> None:
+    """An operator's read: a SQLite store that does not exist is refused, not created."""
+    path = parse_store_url(query.store).path
+    if path is not None and not path.exists():
+        raise StoreError(f"{path}: no order store there (check --store and the directory)")
     async with open_store(query.store) as store:
         await list_orders(
             store, needs_attention=query.needs_attention, as_json=query.json, write=print
@@ -331,7 +327,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = parse_command(argv)
     try:
         if isinstance(command, ListOrders):
-            trio.run(show_orders, command)
+            try:
+                trio.run(show_orders, command)
+                sys.stdout.flush()
+            except BrokenPipeError:  # `| head`: the reader has what it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return
         handoff = Handoff.from_environ(os.environ)
         configure_logging(command.log_level, command.log_format)

@@ -86,3 +86,48 @@ async def test_a_file_that_is_not_a_store_exits_2_and_stays_as_it_was(tmp_path: 
         assert "notes.db" in done.stderr
         assert "Traceback" not in done.stderr
     assert garbage.read_bytes() == b"these are my notes, not a database\n"
+
+
+async def test_a_store_that_does_not_exist_is_refused_not_created(tmp_path: Path) -> None:
+    """An operator's read of a store path that holds nothing (a typo) exits 2 in one line
+    and creates nothing there: it is not an empty store."""
+    done = await trio.to_thread.run_sync(orders_command, "--store", f"sqlite:///{tmp_path}/typo.db")
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"order-pipeline: {tmp_path}/typo.db: no order store there")
+    assert len(done.stderr.splitlines()) == 1
+    assert not await trio.Path(tmp_path / "typo.db").exists()
+
+
+async def test_an_order_id_cannot_forge_a_line_of_the_listing(tmp_path: Path) -> None:
+    """A client's order_id holding a newline is shown quoted, on its order's one line."""
+    db = tmp_path / "orders.db"
+    async with SqliteStore(db) as store:
+        client = assemble(Settings(), store=store).app.test_client()
+        forged = "x\nk-real  order=o-real  error  kind=compensation_failed"
+        await client.post("/order", json={"order_id": forged, "amount": 1})
+
+    done = await trio.to_thread.run_sync(orders_command, "--store", f"sqlite:///{db}")
+
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    assert f"order={json.dumps(forged)}  ok" in line
+
+
+def listing_to_a_closed_pipe(db: Path) -> tuple[int, str]:
+    """`orders` whose stdout's reader has gone before it writes: its status and stderr."""
+    argv = [sys.executable, "-m", "order_pipeline", "orders", "--store", f"sqlite:///{db}"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        process.stdout.close()  # before it writes: it takes a fraction of a second to start
+        _, stderr = process.communicate(timeout=60)
+    return process.returncode, stderr.decode()
+
+
+async def test_a_reader_that_stops_early_is_not_an_error(tmp_path: Path) -> None:
+    """`orders | head -1`: the reader closes the pipe before the listing ends; the command
+    ends quietly, status 0, with no traceback."""
+    db = tmp_path / "orders.db"
+    await fill(db)
+
+    assert await trio.to_thread.run_sync(listing_to_a_closed_pipe, db) == (0, "")

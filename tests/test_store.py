@@ -17,12 +17,13 @@ import queue
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, closing
+from contextlib import asynccontextmanager, closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -52,6 +53,7 @@ from order_pipeline.store import (
     open_store,
     parse_store_url,
     process,
+    shown_url,
 )
 from order_pipeline.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, _is_busy
 from order_pipeline.store.writer import Op
@@ -399,7 +401,9 @@ async def test_refund_is_idempotent_and_voids_unknown_charges(store: OrderStore)
 
 
 async def test_list_orders_with_ledger_and_needs_attention(store: OrderStore) -> None:
-    """list_orders gives each order with its net charge; needs_attention only failed undos."""
+    """list_orders gives each order with its net charge; needs_attention only failed undos,
+    and orders whose undoing never finished: running, their owner's lease gone (a live
+    owner's running order is not)."""
     ok = await begun(store, "k-ok")
     await store.charge(ok.attempt_id, "k-ok", 100)
     await store.finish("k-ok", ok.attempt_id, 200, b"{}", None)
@@ -417,11 +421,17 @@ async def test_list_orders_with_ledger_and_needs_attention(store: OrderStore) ->
     cancelled = StepRecord("vendor", "ok", compensation="ok")
     store.record_step("k-undone", undone.attempt_id, cancelled)
     await store.finish("k-undone", undone.attempt_id, 502, b"{}", "step_failed")
+    dead = await begun(store, "k-dead", owner="w-dead")  # w-dead never held a lease
+    await store.charge(dead.attempt_id, "k-dead", 7)
+    await store.renew_lease("w-live", 60.0)
+    await begun(store, "k-live", owner="w-live")
 
     everything = {o.key: net for o, net in await store.list_orders()}
-    assert everything == {"k-ok": 100, "k-stuck": 40, "k-slow": 0, "k-undone": 0}
+    assert everything == {
+        "k-ok": 100, "k-stuck": 40, "k-slow": 0, "k-undone": 0, "k-dead": 7, "k-live": 0
+    }  # fmt: skip
     attention = await store.list_orders(needs_attention=True)
-    assert {o.key: net for o, net in attention} == {"k-stuck": 40, "k-slow": 0}
+    assert {o.key: net for o, net in attention} == {"k-stuck": 40, "k-slow": 0, "k-dead": 7}
     assert all(o.needs_attention for o, _ in attention)
     assert [o.steps[0].compensation for o, _ in attention if o.key == "k-slow"] == ["timeout"]
 
@@ -429,6 +439,7 @@ async def test_list_orders_with_ledger_and_needs_attention(store: OrderStore) ->
 async def test_purge_forgets_old_finished_orders_only(store: OrderStore) -> None:
     """Purge removes finished orders older than the cutoff with their steps and ledger rows;
     not one that needs attention (its money may be held: the operator's to resolve)."""
+    await store.renew_lease("w-1", 60.0)  # k-running's owner is alive
     held = await begun(store, "k-held")
     await store.charge(held.attempt_id, "k-held", 70)
     await store.finish("k-held", held.attempt_id, 500, b"{}", "compensation_failed")
@@ -584,6 +595,43 @@ async def test_a_bad_postgresql_url_is_refused_without_its_password(url: str) ->
             pass
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://orders:s3cret@db.example:5433/orders", "postgresql://db.example:5433"),
+        # libpq ends the user part at the first @ before a /: a password may hold ? or #.
+        ("postgresql://orders:s3?cret@db.example/orders?x=1", "postgresql://db.example"),
+        ("postgres://orders:s3#cret@db.example", "postgres://db.example"),
+        ("postgresql://db.example?user=orders&password=s3cret", "postgresql://db.example"),
+        # Not ours to open, and as likely to hold a password: a scheme of SQLAlchemy, a typo.
+        ("postgresql+psycopg://orders:s3cret@db.example/orders", "postgresql+psycopg://db.example"),
+        (" postgresq://orders:s3cret@db.example/orders", " postgresq://db.example"),
+        ("sqlite:///orders.db", "sqlite:///orders.db"),
+        ("memory", "memory"),
+    ],
+)
+def test_a_store_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    """What messages and logs show of a store URL: never a password, however spelled."""
+    assert shown_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://orders:s3cret@db.example/orders",
+        "postgresq://orders:s3cret@db.example/orders",
+        "postgresql://orders:s3?cret@db.example/orders?nonsense=%zz",
+    ],
+)
+def test_a_refused_store_url_is_named_without_its_password(url: str) -> None:
+    """An unsupported or unparsable URL is refused naming its host, not its password."""
+    pytest.importorskip("psycopg")
+    with pytest.raises(StoreError) as raised:
+        parse_store_url(url)
+    assert "s3" not in str(raised.value)
+    assert "db.example" in str(raised.value)
+
+
 async def test_open_store_picks_the_backend(tmp_path: Path) -> None:
     """open_store yields a MemoryStore for memory and a SqliteStore on the named file."""
     async with open_store("memory") as memory:
@@ -713,6 +761,35 @@ async def test_an_unopenable_path_is_refused(tmp_path: Path, where: str) -> None
     assert str(path) in str(raised.value)
     assert "\n" not in str(raised.value)
     assert not (tmp_path / "missing").exists()
+
+
+@contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """`path` not writable, even by root (immutable: chattr +i), for the block."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        yield
+        path.chmod(0o644)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is refused here: root cannot make a file read-only otherwise")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+async def test_a_store_file_that_cannot_be_written_is_refused_at_open(tmp_path: Path) -> None:
+    """A store file this process may not write (read-only, or on a read-only mount) is a
+    one-line StoreError when it opens (the server exits 2), not a crash at its first write."""
+    path = tmp_path / "orders.db"
+    async with SqliteStore(path):
+        pass
+    with read_only(path), pytest.raises(StoreError, match="readonly") as raised:
+        async with open_store(f"sqlite:///{path}"):
+            pass
+    assert str(path) in str(raised.value)
+    assert "\n" not in str(raised.value)
 
 
 async def test_a_locked_file_is_unavailable_then_recovers(tmp_path: Path) -> None:

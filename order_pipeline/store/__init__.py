@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import attrs
 
@@ -32,6 +31,7 @@ from .base import (
 from .memory import MemoryStore
 from .process import StoreProcess
 from .sqlite import SqliteStore
+from .urls import shown_url
 
 if TYPE_CHECKING:
     from .postgres import PostgresStore
@@ -53,6 +53,7 @@ __all__ = [
     "StoredOrder",
     "open_store",
     "parse_store_url",
+    "shown_url",
     "sql_backend",
 ]
 
@@ -81,18 +82,14 @@ def parse_store_url(url: str) -> StoreURL:
         _check_postgres_url(url)
         return StoreURL("postgresql", url=url)
     raise StoreError(
-        f"{url!r}: unsupported store URL (use sqlite:///PATH or memory,"
+        f"{shown_url(url)!r}: unsupported store URL (use sqlite:///PATH or memory,"
         " or postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME)"
     )
 
 
 def _check_postgres_url(url: str) -> None:
     """libpq's own parsing of the URL, so a bad one is refused at start, password unshown."""
-    try:
-        host = urlsplit(url).netloc.rpartition("@")[2]
-    except ValueError:  # say, an unclosed [ of an IPv6 address
-        host = "?"
-    shown = f"{url.partition('://')[0]}://{host}"
+    shown = shown_url(url)
     try:
         from psycopg import Error
         from psycopg.conninfo import conninfo_to_dict

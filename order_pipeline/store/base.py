@@ -63,12 +63,18 @@ class StoredOrder:
     reply: bytes | None = None
     kind: str | None = None
     steps: tuple[StepRecord, ...] = ()
+    # Running, but its owner holds no live lease: interrupted, and not yet recovered (no
+    # server of this store runs, or none has looked yet). Set by list_orders only.
+    abandoned: bool = False
 
     @property
     def needs_attention(self) -> bool:
-        """Its compensation failed, so an operator must look (money or goods may be held)."""
-        return self.kind == COMPENSATION_FAILED or any(
-            s.compensation in FAILED_COMPENSATIONS for s in self.steps
+        """Its compensation failed or never finished (abandoned), so an operator must look:
+        money or goods may be held."""
+        return (
+            self.abandoned
+            or self.kind == COMPENSATION_FAILED
+            or any(s.compensation in FAILED_COMPENSATIONS for s in self.steps)
         )
 
 
@@ -175,7 +181,8 @@ class OrderStore(Protocol):
         ...
 
     async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
-        """Every order (or those needing attention) with the ledger's net charge of its key."""
+        """Every order (or those needing attention) with the ledger's net charge of its key;
+        a running order whose owner holds no live lease is marked `abandoned`."""
         ...
 
     async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109 (a lease's length)

@@ -144,7 +144,14 @@ class MemoryStore:
 
     async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
         await trio.lowlevel.checkpoint()
-        orders = [self._with_steps(o) for o in self._orders.values()]
+        now = time.time()
+        orders = [
+            attrs.evolve(
+                self._with_steps(o),
+                abandoned=o.state == RUNNING and self._leases.get(o.owner, 0) <= now,
+            )
+            for o in self._orders.values()
+        ]
         orders.sort(key=lambda o: o.started_at)
         return [
             (o, self._net_charge(o.key)) for o in orders if o.needs_attention or not needs_attention

@@ -68,12 +68,12 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import time
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from typing import Any, Final, Generic, TypeVar, cast
 
+import attrs
 import orjson
 import psycopg
 import psycopg_pool
@@ -96,6 +96,7 @@ from .base import (
     StoreUnavailable,
     step_row,
 )
+from .urls import shown_url
 from .writer import Op, RepliesWritten, RowsWrittenTogether, WriterThread
 
 logger = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class PostgresStore(WriterThread[Conn]):
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
-            shown = _redact(url)
+            shown = shown_url(url)
             cause = _one_line(exc).replace(url, shown)  # libpq may quote the URL whole
             raise StoreError(f"{shown}: not a valid PostgreSQL URL: {cause}") from None
         self.where = _where(params)  # the URL without password or options, for messages
@@ -574,13 +575,6 @@ def _where(params: dict[str, Any]) -> str:
     return f"postgresql://{user}{host}{port}/{params.get('dbname') or ''}"
 
 
-def _redact(url: str) -> str:
-    """The URL up to its host, without a password (for a URL psycopg cannot even parse)."""
-    scheme, _, rest = url.partition("://")
-    netloc = re.split("[/?#]", rest, maxsplit=1)[0]
-    return f"{scheme}://{netloc.rpartition('@')[2]}"
-
-
 def _rolled_back(exc: Exception) -> bool:
     """A deadlock's victim or a serialization failure (SQLSTATE class 40): worth a rerun."""
     return isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("40")
@@ -789,20 +783,24 @@ def _net_charge(conn: Conn, key: str) -> int:
 
 
 def _list_orders(conn: Conn, needs_attention: bool) -> list[tuple[StoredOrder, int]]:
+    abandoned = f"(orders.state = '{RUNNING}' AND orders.owner NOT IN ({_LIVE_LEASES}))"
     where, args = "", {}
     if needs_attention:
         where = (
-            "WHERE kind = %(failed)s OR EXISTS (SELECT 1 FROM steps AS s"
+            f"WHERE {abandoned} OR kind = %(failed)s OR EXISTS (SELECT 1 FROM steps AS s"
             " WHERE s.attempt_id = orders.attempt_id AND s.compensation = ANY(%(undos)s))"
         )
         args = {"failed": COMPENSATION_FAILED, "undos": list(FAILED_COMPENSATIONS)}
-    net = "(" + _NET.format("orders.key") + "),"
+    columns = "(" + _NET.format("orders.key") + f"), {abandoned},"
     rows = conn.execute(
-        _WITH_STEPS.format(extra=net)
+        _WITH_STEPS.format(extra=columns)
         + f" {where} ORDER BY orders.started_at, orders.key, steps.seq",
         args,
     ).fetchall()
-    return [(order, int(extra[0])) for order, extra in _orders(rows, extra=1)]
+    return [
+        (attrs.evolve(order, abandoned=bool(extra[1])), int(extra[0]))
+        for order, extra in _orders(rows, extra=2)
+    ]
 
 
 def _claim(conn: Conn, owner: str, limit: int) -> list[StoredOrder]:

@@ -39,6 +39,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+import attrs
 import orjson
 
 from ..model import new_id
@@ -252,7 +253,8 @@ class SqliteStore(WriterThread[Conn]):
         return await self._call(read)
 
     async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
-        return await self._call(lambda conn: _list_orders(conn, needs_attention))
+        now = time.time()
+        return await self._call(lambda conn: _list_orders(conn, needs_attention, now))
 
     async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109 (a lease's length)
         await self._call(lambda conn: _execute(conn, _RENEW, (owner, time.time() + timeout)))
@@ -318,7 +320,9 @@ def _connect(path: Path, busy_timeout: float) -> Conn:
                     conn.execute(statement)
             if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # Written at every open, so that a file this process may not write (read-only, on
+            # a read-only mount) is refused here, not at the first order's commit.
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         # From here the writer waits for the write lock itself (`_attempt`), in short pauses:
         # SQLite's own busy handler sleeps 1, 2, 5, 10 ms and more between tries, which made
         # two workers on one file slower than one.
@@ -527,21 +531,26 @@ def _record_steps(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
     conn.execute(_RECORD_STEPS, (orjson.dumps(rows).decode(),))
 
 
-def _list_orders(conn: Conn, needs_attention: bool) -> list[tuple[StoredOrder, int]]:
-    args: tuple[str, ...]
-    where, args = "", ()
+def _list_orders(conn: Conn, needs_attention: bool, now: float) -> list[tuple[StoredOrder, int]]:
+    abandoned = (
+        f"(state = '{RUNNING}' AND owner NOT IN (SELECT owner FROM leases WHERE expires_at > ?))"
+    )
+    args: tuple[str | float, ...] = (now,)
+    where = ""
     if needs_attention:
         where = (
-            "WHERE kind = ? OR EXISTS (SELECT 1 FROM steps"
+            f"WHERE {abandoned} OR kind = ? OR EXISTS (SELECT 1 FROM steps"
             " WHERE steps.attempt_id = orders.attempt_id AND compensation IN (?, ?))"
         )
-        args = (COMPENSATION_FAILED, *FAILED_COMPENSATIONS)
+        args = (now, now, COMPENSATION_FAILED, *FAILED_COMPENSATIONS)
     rows = conn.execute(
-        f"SELECT {_ORDER}, (SELECT coalesce(sum(amount), 0) FROM ledger"
+        f"SELECT {_ORDER}, {abandoned}, (SELECT coalesce(sum(amount), 0) FROM ledger"
         f" WHERE ledger.key = orders.key AND refunded = 0) FROM orders {where} ORDER BY started_at",
         args,
     ).fetchall()
-    return [(_order(conn, row[:-1]), row[-1]) for row in rows]
+    return [
+        (attrs.evolve(_order(conn, row[:-2]), abandoned=bool(row[-2])), row[-1]) for row in rows
+    ]
 
 
 def _claim(conn: Conn, owner: str, limit: int, now: float) -> list[StoredOrder]:
