@@ -7,7 +7,6 @@ from this class, so a new setting is one new field here.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from typing import Any, Final
@@ -79,16 +78,22 @@ def _workers(low: int, high: int) -> Parse:
     return Parse(f"{number.accepts}, or auto (one per CPU this process may use)", read)
 
 
+# Ten years: longer is no setting but a typo, and PostgreSQL's timestamps and intervals
+# overflow at 1e12 seconds (a lease or a retention that long crashed the server).
+SECONDS_MAX: Final = 10 * 365 * 86_400
+
+
 def _seconds(*, zero_ok: bool) -> Parse:
     def read(text: str) -> float | None:
         try:
             value = float(text)
         except ValueError:
             return None
-        ok = math.isfinite(value) and (value > 0 or (zero_ok and value == 0))
+        ok = value <= SECONDS_MAX and (value > 0 or (zero_ok and value == 0))
         return value if ok else None
 
-    return Parse(f"{'a non-negative' if zero_ok else 'a positive'} number of seconds", read)
+    least = "a non-negative" if zero_ok else "a positive"
+    return Parse(f"{least} number of seconds, at most {SECONDS_MAX} (ten years)", read)
 
 
 def _choice(*choices: str) -> Parse:

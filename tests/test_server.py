@@ -138,6 +138,13 @@ def test_workers_auto_counts_every_cpu_where_there_is_no_affinity(
         (["serve", "--request-timeout", "nan"], {}, "--request-timeout: must be a positive"),
         (["serve", "--request-timeout", "inf"], {}, "--request-timeout: must be a positive"),
         (["serve", "--request-timeout", "soon"], {}, "--request-timeout: must be a positive"),
+        # PostgreSQL's timestamps overflow past that: a lease or retention so long crashed it.
+        (
+            ["serve", "--retention", "1e12"],
+            {},
+            "--retention: must be a positive number of seconds, at most 315360000",
+        ),
+        (["serve", "--lease-timeout", "4e8"], {}, "--lease-timeout: must be a positive"),
         (["serve", "--host", " "], {}, "--host: must be a host name or address, not ' '"),
         (["serve", "--shutdown-grace", "-1"], {}, "--shutdown-grace: must be a non-negative"),
         (["serve", "--courier-pool-size", "many"], {}, "--courier-pool-size: must be an integer"),

@@ -751,6 +751,40 @@ async def test_a_file_that_is_not_ours_is_refused_untouched(
     assert _names(tmp_path) == ["orders.db"]  # no -wal or -journal file either
 
 
+def _foreign_with_its_wal_left(path: Path) -> None:
+    """Another program's database in WAL mode whose last writer died before a checkpoint:
+    its latest commits are only in the -wal file beside it."""
+    code = (
+        "import os, sqlite3, sys\n"
+        "conn = sqlite3.connect(sys.argv[1])\n"
+        "conn.execute('PRAGMA journal_mode = WAL')\n"
+        "conn.execute('PRAGMA wal_autocheckpoint = 0')\n"
+        "conn.execute('CREATE TABLE notes (text TEXT)')\n"
+        "conn.execute(\"INSERT INTO notes VALUES ('mine')\")\n"
+        "conn.commit()\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+
+
+async def test_a_foreign_file_with_a_wal_left_beside_it_is_refused_untouched(
+    tmp_path: Path,
+) -> None:
+    """Refusing another program's WAL-mode database does not checkpoint its -wal into it (a
+    read-write connection's close would): the file and its -wal stay byte for byte."""
+    path = tmp_path / "notes.db"
+    _foreign_with_its_wal_left(path)
+    wal = tmp_path / "notes.db-wal"
+    before = (path.read_bytes(), wal.read_bytes())
+    assert before[1]  # the commit is in the WAL only
+
+    with pytest.raises(StoreError, match="not an order store"):
+        async with open_store(f"sqlite:///{path}"):
+            pass
+
+    assert (path.read_bytes(), wal.read_bytes()) == before
+
+
 @pytest.mark.parametrize("where", ["missing/dir/orders.db", "."], ids=["missing-dir", "a-dir"])
 async def test_an_unopenable_path_is_refused(tmp_path: Path, where: str) -> None:
     """A path in a missing directory, or a directory, is a one-line StoreError naming it."""

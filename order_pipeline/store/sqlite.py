@@ -20,8 +20,9 @@ the process. Measured here, one order at a time (two commits each): 0.7 ms per o
 0.33 ms with NORMAL; with concurrent orders one fsync covers a whole batch, so the difference
 vanishes where it would matter, and NORMAL was not worth its risk.
 
-Opening (in the thread too) reads the file's header, application_id and user_version before
-writing anything, so a file that is not ours is refused untouched; creating or migrating the
+Opening (in the thread too) reads the file's header, then its application_id and
+user_version on a read-only connection, before writing anything, so a file that is not ours
+is refused untouched (a WAL left beside it included); creating or migrating the
 schema runs under BEGIN IMMEDIATE, so two processes opening one new file at once are safe.
 
 Cancellation: as every backend's, `writer.py`: a call is cancellable until its operation is
@@ -35,9 +36,10 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any, Final, TypeVar
+from urllib.parse import quote
 
 import attrs
 import orjson
@@ -304,13 +306,13 @@ def _connect(path: Path, busy_timeout: float) -> Conn:
         raise StoreError(f"{path}: cannot open the store: {exc.strerror}") from exc
     if head and head != _HEADER:  # SQLite would take a short file for an empty database
         raise StoreError(f"{path}: cannot open the store: file is not a database")
+    if head:
+        _check_read_only(path)
     try:
         conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: cannot open the store: {exc}") from exc
     try:
-        with _transaction(conn, "BEGIN"):  # one snapshot for the reads
-            _schema_version(conn, path)
         _retry_busy(conn, "PRAGMA journal_mode = WAL", time.monotonic() + busy_timeout)
         conn.execute("PRAGMA synchronous = FULL")
         with _transaction(conn, "BEGIN IMMEDIATE"):  # another process may be migrating it
@@ -334,6 +336,18 @@ def _connect(path: Path, busy_timeout: float) -> Conn:
         conn.close()
         raise
     return conn
+
+
+def _check_read_only(path: Path) -> None:
+    """StoreError if the file is not ours to use, read on a read-only connection: refusing it
+    must not write it (closing a read-write one would checkpoint a WAL left beside it)."""
+    uri = f"file:{quote(str(path.absolute()))}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        with closing(conn), _transaction(conn, "BEGIN"):  # one snapshot for the reads
+            _schema_version(conn, path)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open the store: {exc}") from exc
 
 
 @contextmanager
