@@ -128,13 +128,16 @@ def parse_command(
         parser.print_help(sys.stderr)
         parser.exit(2)
     if args.command == "orders":
-        store = environ.get(Settings.env_name("store")) if args.store is None else args.store
+        env = Settings.env_name("store")
+        source, store = (
+            ("--store", args.store) if args.store is not None else (env, environ.get(env))
+        )
         if store is None:
             return ListOrders(Settings().store, args.needs_attention, args.json)
         try:
             return ListOrders(_parse_store(store), args.needs_attention, args.json)
         except ValueError as exc:
-            command.error(f"--store: {exc}")
+            command.error(f"{source}: {exc}")
     return _settings(args, environ, command)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,16 @@ async def test_a_file_that_is_not_a_store_exits_2_and_stays_as_it_was(tmp_path: 
         assert "notes.db" in done.stderr
         assert "Traceback" not in done.stderr
     assert garbage.read_bytes() == b"these are my notes, not a database\n"
+
+
+def test_a_bad_store_in_the_environment_is_named_as_such() -> None:
+    """`orders` names the variable that holds a bad store URL, not a flag that was not given."""
+    argv = [sys.executable, "-m", "order_pipeline", "orders"]
+    env = {**os.environ, "ORDER_PIPELINE_STORE": "bogus"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, env=env)
+
+    assert done.returncode == 2
+    assert "error: ORDER_PIPELINE_STORE: 'bogus': unsupported store URL" in done.stderr
 
 
 async def test_a_store_that_does_not_exist_is_refused_not_created(tmp_path: Path) -> None:

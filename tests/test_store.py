@@ -596,6 +596,16 @@ async def test_a_bad_postgresql_url_is_refused_without_its_password(url: str) ->
 
 
 @pytest.mark.parametrize(
+    "url", ["sqlite:///orders.db?mode=ro", "sqlite:///orders.db#x", "sqlite:///orders\n.db"]
+)
+def test_a_sqlite_url_names_a_file_alone(url: str) -> None:
+    """What would be URI syntax, or a control character, is refused rather than taken into
+    the file's name (which would open a new, empty store under that name)."""
+    with pytest.raises(StoreError, match="names a file alone"):
+        parse_store_url(url)
+
+
+@pytest.mark.parametrize(
     ("url", "shown"),
     [
         ("postgresql://orders:s3cret@db.example:5433/orders", "postgresql://db.example:5433"),
@@ -785,9 +795,14 @@ async def test_a_foreign_file_with_a_wal_left_beside_it_is_refused_untouched(
     assert (path.read_bytes(), wal.read_bytes()) == before
 
 
-@pytest.mark.parametrize("where", ["missing/dir/orders.db", "."], ids=["missing-dir", "a-dir"])
+@pytest.mark.parametrize(
+    "where", ["missing/dir/orders.db", ".", "fifo"], ids=["missing-dir", "a-dir", "a-fifo"]
+)
 async def test_an_unopenable_path_is_refused(tmp_path: Path, where: str) -> None:
-    """A path in a missing directory, or a directory, is a one-line StoreError naming it."""
+    """A path in a missing directory, a directory or a FIFO (whose read would block for good)
+    is a one-line StoreError naming it."""
+    if where == "fifo":
+        os.mkfifo(tmp_path / where)
     path = tmp_path / where
     with pytest.raises(StoreError) as raised:
         async with open_store(f"sqlite:///{path}"):

@@ -77,7 +77,13 @@ def parse_store_url(url: str) -> StoreURL:
     if url == "memory":
         return StoreURL("memory")
     if url.startswith(_SQLITE) and url[len(_SQLITE) :] not in ("", "/", ":memory:"):
-        return StoreURL("sqlite", Path(url[len(_SQLITE) :]))
+        path = url[len(_SQLITE) :]
+        if any(c in "?#" or not c.isprintable() for c in path):
+            # Taken as part of the file's name, `?mode=ro` would make a new store elsewhere.
+            raise StoreError(
+                f"{url!r}: a sqlite:/// URL names a file alone: no ?, # or control characters"
+            )
+        return StoreURL("sqlite", Path(path))
     if url.startswith(_POSTGRES):
         _check_postgres_url(url)
         return StoreURL("postgresql", url=url)

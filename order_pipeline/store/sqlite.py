@@ -297,6 +297,8 @@ def _connect(path: Path, busy_timeout: float) -> Conn:
     """
     if not path.parent.is_dir():
         raise StoreError(f"{path}: cannot open the store: directory {path.parent} does not exist")
+    if path.exists() and not path.is_file():  # a FIFO would block the read below for good
+        raise StoreError(f"{path}: cannot open the store: not a regular file")
     try:
         with path.open("rb") as file:
             head = file.read(len(_HEADER))
