@@ -312,7 +312,7 @@ async def show_orders(query: ListOrders) -> None:
     path = parse_store_url(query.store).path
     if path is not None and not path.exists():
         raise StoreError(f"{path}: no order store there (check --store and the directory)")
-    async with open_store(query.store) as store:
+    async with open_store(query.store, reader=True) as store:
         await list_orders(
             store, needs_attention=query.needs_attention, as_json=query.json, write=print
         )

@@ -841,6 +841,19 @@ async def test_a_store_file_that_cannot_be_written_is_refused_at_open(tmp_path: 
     assert "\n" not in str(raised.value)
 
 
+async def test_an_operator_lists_a_store_file_that_cannot_be_written(tmp_path: Path) -> None:
+    """A reader (`order-pipeline orders`) opens a store it may not write (a copy on a
+    read-only mount, another user's file), where a server is refused."""
+    path = tmp_path / "orders.db"
+    async with SqliteStore(path) as store:
+        order = await begun(store)
+        await store.finish("k-1", order.attempt_id, 200, b"{}", None)
+    with read_only(path):
+        async with open_store(f"sqlite:///{path}", reader=True) as reading:
+            listed = await reading.list_orders()
+    assert [(o.key, o.state) for o, _ in listed] == [("k-1", FINISHED)]
+
+
 async def test_a_locked_file_is_unavailable_then_recovers(tmp_path: Path) -> None:
     """While another process holds the write lock a commit raises StoreUnavailable; then works."""
     path = tmp_path / "orders.db"

@@ -110,9 +110,11 @@ def _check_postgres_url(url: str) -> None:
 
 @asynccontextmanager
 async def open_store(
-    url: str, *, on_store_process_lost: Callable[[str], None] | None = None
+    url: str, *, on_store_process_lost: Callable[[str], None] | None = None, reader: bool = False
 ) -> AsyncIterator[OrderStore]:
     """Open the store the URL names for the duration of the block, then close it.
+
+    `reader` (an operator's listing): a SQLite file need not be writable, as a server's must.
 
     With `on_store_process_lost` (a server's), a PostgreSQL store runs in a store process of
     its own (process.py), and that is called if the process ends before the store is closed.
@@ -128,11 +130,11 @@ async def open_store(
         async with StoreProcess(url, on_store_process_lost) as in_its_process:
             yield in_its_process
     else:
-        async with sql_backend(parsed) as store:
+        async with sql_backend(parsed, reader=reader) as store:
             yield store
 
 
-def sql_backend(parsed: StoreURL) -> SqliteStore | PostgresStore:
+def sql_backend(parsed: StoreURL, *, reader: bool = False) -> SqliteStore | PostgresStore:
     """The SQL backend a parsed URL names, not yet opened."""
     if parsed.backend == "postgresql":
         from .postgres import PostgresStore  # psycopg is there: parse_store_url checked
@@ -140,4 +142,4 @@ def sql_backend(parsed: StoreURL) -> SqliteStore | PostgresStore:
         assert parsed.url is not None
         return PostgresStore(parsed.url)
     assert parsed.path is not None
-    return SqliteStore(parsed.path)
+    return SqliteStore(parsed.path, reader=reader)

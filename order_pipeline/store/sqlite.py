@@ -129,10 +129,14 @@ class SqliteStore(WriterThread[Conn]):
 
     `busy_timeout` is how long a commit waits for another process's write lock before the
     batch raises StoreUnavailable. `commits` counts committed batches (for tests, benchmarks).
+    A `reader` (an operator's listing) may open a file it cannot write; a server may not.
     """
 
-    def __init__(self, path: Path | str, *, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: Path | str, *, busy_timeout: float = 5.0, reader: bool = False
+    ) -> None:
         super().__init__()
+        self.reader = reader
         self.path = Path(path)
         self.where = str(self.path)
         self.busy_timeout = busy_timeout
@@ -145,7 +149,7 @@ class SqliteStore(WriterThread[Conn]):
     # -- in the writer thread -------------------------------------------------------------
 
     def _open(self) -> None:
-        self._conn = _connect(self.path, self.busy_timeout)
+        self._conn = _connect(self.path, self.busy_timeout, probe_write=not self.reader)
         self._file = _identity(self.path)
 
     def _close(self) -> None:
@@ -290,7 +294,7 @@ class SqliteStore(WriterThread[Conn]):
 # -- opening ------------------------------------------------------------------------------
 
 
-def _connect(path: Path, busy_timeout: float) -> Conn:
+def _connect(path: Path, busy_timeout: float, *, probe_write: bool = True) -> Conn:
     """Open and check the file, then create or migrate the schema; StoreError if we can't.
 
     Nothing is written before the checks pass, so a file that is not ours stays untouched.
@@ -324,9 +328,10 @@ def _connect(path: Path, busy_timeout: float) -> Conn:
                     conn.execute(statement)
             if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            # Written at every open, so that a file this process may not write (read-only, on
-            # a read-only mount) is refused here, not at the first order's commit.
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version < SCHEMA_VERSION or probe_write:
+                # Written at every open of a server's, so that a file it may not write
+                # (read-only, on a read-only mount) is refused here, not at its first commit.
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         # From here the writer waits for the write lock itself (`_attempt`), in short pauses:
         # SQLite's own busy handler sleeps 1, 2, 5, 10 ms and more between tries, which made
         # two workers on one file slower than one.
