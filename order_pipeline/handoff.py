@@ -38,7 +38,7 @@ class Handoff:
     listen_fd: int
     metrics_dir: str
     ready_fd: int
-    lifeline_fd: int
+    lifeline_fd: int | None  # None from a supervisor older than the lifeline
 
     def environ(self, settings: Settings, base: Mapping[str, str]) -> dict[str, str]:
         """`base` plus every setting as its variable, for one worker serving `listen_fd`."""
@@ -51,7 +51,8 @@ class Handoff:
         env[LISTEN_FD_ENV] = str(self.listen_fd)
         env[MULTIPROC_ENV] = self.metrics_dir
         env[READY_FD_ENV] = str(self.ready_fd)
-        env[LIFELINE_FD_ENV] = str(self.lifeline_fd)
+        if self.lifeline_fd is not None:
+            env[LIFELINE_FD_ENV] = str(self.lifeline_fd)
         return env
 
     def say_serving(self) -> None:
@@ -66,7 +67,10 @@ class Handoff:
 
     async def wait_for_supervisor_to_end(self) -> None:
         """In the worker: return once the supervisor has ended. A supervisor that is killed
-        cannot forward SIGTERM; without this its workers would serve on, orphaned."""
+        cannot forward SIGTERM; without this its workers would serve on, orphaned. Never
+        returns for a supervisor older than the lifeline (a worker restarted mid-upgrade)."""
+        if self.lifeline_fd is None:
+            await trio.sleep_forever()
         await trio.lowlevel.wait_readable(self.lifeline_fd)
 
     @classmethod
@@ -79,5 +83,5 @@ class Handoff:
             int(listen_fd),
             environ[MULTIPROC_ENV],
             int(environ[READY_FD_ENV]),
-            int(environ[LIFELINE_FD_ENV]),
+            int(environ[LIFELINE_FD_ENV]) if LIFELINE_FD_ENV in environ else None,
         )

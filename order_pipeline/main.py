@@ -310,7 +310,11 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
 async def show_orders(query: ListOrders) -> None:
     """An operator's read: a SQLite store that does not exist is refused, not created."""
     path = parse_store_url(query.store).path
-    if path is not None and not path.exists():
+    try:
+        missing = path is not None and (not path.exists() or path.stat().st_size == 0)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot open the store: {exc.strerror}") from None
+    if missing:
         raise StoreError(f"{path}: no order store there (check --store and the directory)")
     async with open_store(query.store, reader=True) as store:
         await list_orders(

@@ -618,11 +618,29 @@ def test_a_sqlite_url_names_a_file_alone(url: str) -> None:
         (" postgresq://orders:s3cret@db.example/orders", " postgresq://db.example"),
         ("sqlite:///orders.db", "sqlite:///orders.db"),
         ("memory", "memory"),
+        # An unescaped / in the password: libpq itself reads a port and a dbname from it.
+        ("postgresql://app:s3cr3t/x@db.example:5432/orders", "postgresql://db.example:5432"),
+        # Not URLs at all, and as likely to hold a password.
+        ("postgresql:/app:s3cret@db/orders", "(not shown: it may hold a password)"),
+        ("host=db user=app password=s3cret dbname=orders", "(not shown: it may hold a password)"),
+        ("bogus", "bogus"),
     ],
 )
 def test_a_store_url_is_shown_without_its_password(url: str, shown: str) -> None:
     """What messages and logs show of a store URL: never a password, however spelled."""
     assert shown_url(url) == shown
+
+
+def test_a_postgresql_store_names_itself_without_a_password_libpq_misread() -> None:
+    """The name a PostgreSQL store gives itself in messages, from libpq's reading of its URL,
+    holds no password even where libpq took it for a port (an unescaped / in it)."""
+    pytest.importorskip("psycopg")
+    from order_pipeline.store.postgres import PostgresStore
+
+    assert PostgresStore("postgresql://app:pw@db.example:5432/orders").where == (
+        "postgresql://app@db.example:5432/orders"
+    )
+    assert "s3cr3t" not in PostgresStore("postgresql://app:s3cr3t/x@db.example:5432/o").where
 
 
 @pytest.mark.parametrize(
@@ -775,6 +793,20 @@ def _foreign_with_its_wal_left(path: Path) -> None:
         "os._exit(0)\n"
     )
     subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+
+
+@pytest.mark.parametrize(
+    "name", [b"//orders.db", "café.db".encode("latin-1")], ids=["double-slash", "not-utf-8"]
+)
+async def test_a_store_reopens_whatever_its_path_s_spelling(tmp_path: Path, name: bytes) -> None:
+    """The read-only check of an existing file finds it by its path's own bytes: a path that
+    begins with // or is not UTF-8 opens again as it opened the first time."""
+    path = Path(os.fsdecode(os.fsencode(tmp_path) + b"/" + name.lstrip(b"/")))
+    if name.startswith(b"//"):
+        path = Path("/" + str(path))  # //tmp/...: the same file, another spelling
+    for _ in range(2):
+        async with SqliteStore(path) as store:
+            await store.renew_lease("w-1", 1.0)
 
 
 async def test_a_foreign_file_with_a_wal_left_beside_it_is_refused_untouched(
@@ -1808,14 +1840,14 @@ async def test_a_lost_idle_connection_is_replaced_unseen(schema: str) -> None:
 
 
 @asynccontextmanager
-async def row_locked(schema: str, key: str) -> AsyncIterator[None]:
-    """Hold the lock of the order `key` (as another host's long transaction would)."""
+async def row_locked(schema: str, *keys: str) -> AsyncIterator[None]:
+    """Hold the locks of the orders `keys` (as another host's long transaction would)."""
     locker = await trio.to_thread.run_sync(admin)
     try:
         await trio.to_thread.run_sync(locker.execute, f"SET search_path TO {schema}")
         await trio.to_thread.run_sync(locker.execute, "BEGIN")
         await trio.to_thread.run_sync(
-            locker.execute, "SELECT 1 FROM orders WHERE key = %s FOR UPDATE", (key,)
+            locker.execute, "SELECT 1 FROM orders WHERE key = ANY(%s) FOR UPDATE", (list(keys),)
         )
         yield
         await trio.to_thread.run_sync(locker.execute, "ROLLBACK")
@@ -1920,6 +1952,70 @@ async def test_a_lock_held_past_the_timeout_fails_only_the_operation_that_waited
         done = await store.get("k-1")
         assert done is not None
         assert (done.state, done.http_status, done.reply) == (FINISHED, 201, b"later")
+
+
+@pytest.mark.postgres
+async def test_many_locks_held_past_the_timeout_do_not_hold_the_lease_s_renewal(
+    schema: str,
+) -> None:
+    """A frozen host's transaction may hold the rows of many orders: once a batch has met
+    one lock held past lock_timeout, each other operation that meets one fails at once,
+    alone, so the renewal riding with them commits well within a lease (one lock_timeout
+    each would take 12 x 0.3 s here)."""
+    keys = [f"k-{i}" for i in range(12)]
+    async with postgres_stores(postgres_url(schema=schema), 1, timeout=0.3) as (store,):
+        orders = [await begun(store, key) for key in keys]
+        async with row_locked(schema, *keys):
+            for order in orders:
+                store.finish_soon(order.key, order.attempt_id, 200, b"{}", None)
+            started = time.monotonic()
+            await store.renew_lease("w-1", 60.0)  # carries the twelve final records
+            took = time.monotonic() - started
+        assert took < 2.0, took  # 0.3 s and twelve brief tries, not twelve timeouts
+        await store.renew_lease("w-1", 60.0)  # the locks gone, the held records land
+        assert {(await store.get(key)).state for key in keys} == {FINISHED}  # type: ignore[union-attr]
+
+
+@pytest.mark.postgres
+async def test_a_batch_run_again_for_an_operation_s_error_still_waits_for_locks(
+    schema: str,
+) -> None:
+    """A batch run again statement by statement for an operation's own error (not a lock)
+    waits for another host's row locks as long as ever: a begin that meets another host's
+    insert of the same key, held for a moment, gets Existing, not a spurious 503."""
+    import psycopg
+
+    app = application()
+    async with postgres_stores(
+        with_params(postgres_url(schema=schema), application_name=app), 1
+    ) as (store,):
+        other = await trio.to_thread.run_sync(admin)
+        try:
+            await trio.to_thread.run_sync(other.execute, f"SET search_path TO {schema}")
+            await trio.to_thread.run_sync(other.execute, "BEGIN")
+            await trio.to_thread.run_sync(
+                lambda: other.execute(
+                    "INSERT INTO orders (key, order_id, request_hash, body, attempt, attempt_id,"
+                    " owner, state, started_at) VALUES ('k-x', 'o', 'h', '\\x7b7d', 1, 'theirs',"
+                    " 'w-other', 'running', now())"
+                )
+            )
+            async with one_batch_behind_a_row_lock(store, schema, app) as (start, results):
+                # The charge fails by itself first; the begin, run again after it, then
+                # meets the other host's insert of k-x.
+                start("charge", lambda: store.charge("c-1", "k-0", 2**70))
+                start("k-x", lambda: store.begin("k-x", "o", "h", BODY, "w-1"))
+
+                async def commit_later() -> None:
+                    await trio.sleep(0.5)
+                    await trio.to_thread.run_sync(other.execute, "COMMIT")
+
+                start("commit", commit_later)
+        finally:
+            await trio.to_thread.run_sync(other.close)
+        assert isinstance(results["charge"], psycopg.errors.NumericValueOutOfRange)
+        assert isinstance(results["k-x"], Existing), results["k-x"]
+        assert results["k-x"].order.attempt_id == "theirs"
 
 
 @pytest.mark.postgres

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from order_pipeline.handoff import MULTIPROC_ENV, Handoff
+from order_pipeline.handoff import LISTEN_FD_ENV, MULTIPROC_ENV, READY_FD_ENV, Handoff
 from order_pipeline.supervisor import RESTART_LIMIT, RESTART_WINDOW_S
 
 from . import rawhttp
@@ -327,3 +327,19 @@ def test_a_worker_whose_supervisor_is_gone_before_it_serves_does_not_fail_saying
             os.fstat(ready_write)
     finally:
         os.close(lifeline_read)
+
+
+async def test_a_worker_of_a_supervisor_without_a_lifeline_serves_on(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """A worker restarted by a supervisor older than the lifeline (an upgrade in place) finds
+    none in its environment: it starts and serves, and never takes the supervisor for gone."""
+    # What an older supervisor handed over:
+    env = {LISTEN_FD_ENV: "3", MULTIPROC_ENV: str(tmp_path), READY_FD_ENV: "4"}
+    handoff = Handoff.from_environ(env)
+
+    assert handoff is not None
+    assert handoff.lifeline_fd is None
+    with trio.move_on_after(3600) as waited:
+        await handoff.wait_for_supervisor_to_end()
+    assert waited.cancelled_caught

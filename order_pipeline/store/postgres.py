@@ -40,10 +40,11 @@ transaction. Whatever makes the whole batch fail is handled for the whole batch:
 A row lock held by another transaction past `lock_timeout` (at most `LOCK_WAIT_S`) fails the
 operation that waited for it, alone (StoreUnavailable; a final record is held for the next
 commit), as an operation's own error does: the batch runs again statement by statement, each
-waiting for a lock briefly (`_RERUN_LOCK_WAIT_MS`), and the others of it, the lease's renewal
-among them, commit. A batch carries the renewal, so it must not wait on a lock as long
-as a lease lasts: a host frozen in the middle of a transaction (its row locks held until it
-wakes) made every batch that touched one of its orders fail, and the live host lose its lease.
+operation then waiting for a lock only briefly (`_RERUN_LOCK_WAIT_MS`: one that meets a lock
+fails at once, alone), and the others of it, the lease's renewal among them, commit. A batch
+carries the renewal, so it must not wait on locks as long as a lease lasts: a host frozen in
+the middle of a transaction (its row locks held until it wakes) made every batch that touched
+one of its orders fail, and the live host lose its lease.
 
 Concurrency between hosts is the database's: a key's PRIMARY KEY decides who runs an order
 (INSERT ... ON CONFLICT DO NOTHING, then read the winner); interrupted orders are claimed by
@@ -119,8 +120,10 @@ _BATCH_ERRORS: Final = (psycopg.OperationalError, errors.ReadOnlySqlTransaction)
 # PostgreSQL's default deadlock_timeout (1 s), so that a deadlock is found as one (its victim's
 # batch runs again) rather than taken for a lock held too long.
 LOCK_WAIT_S: Final = 2.0
-# The same when the batch runs again statement by statement, after an operation's own error.
-_RERUN_LOCK_WAIT_MS: Final = 200
+# The same once a batch has met a lock held past it, as it runs again statement by statement:
+# each operation that meets a lock fails at once, alone (a host frozen in a transaction may
+# hold many), so the rest of the batch, the lease's renewal among them, commits in time.
+_RERUN_LOCK_WAIT_MS: Final = 10
 T = TypeVar("T")
 _XID: Final = "SELECT pg_current_xact_id_if_assigned()::text"
 
@@ -208,6 +211,7 @@ class PostgresStore(WriterThread[Conn]):
         self.url = url
         self.timeout = timeout
         self.commits = 0
+        self._lock_met = False  # the batch being run met a lock held past lock_timeout
         self._steps = RowsWrittenTogether(self, _record_steps)
         self._replies = RepliesWritten()  # what finish_soon wrote, for finished_reply
         try:
@@ -216,7 +220,7 @@ class PostgresStore(WriterThread[Conn]):
             shown = shown_url(url)
             cause = _one_line(exc).replace(url, shown)  # libpq may quote the URL whole
             raise StoreError(f"{shown}: not a valid PostgreSQL URL: {cause}") from None
-        self.where = _where(params)  # the URL without password or options, for messages
+        self.where = _where(params, url)  # the URL without password or options, for messages
         params.setdefault("connect_timeout", max(2, round(timeout)))
         params.setdefault("application_name", "order-pipeline")
         # A peer that vanishes without a word (a network partition) is noticed in seconds:
@@ -288,6 +292,7 @@ class PostgresStore(WriterThread[Conn]):
 
     def _run_batch(self, ops: list[Op[Conn, Any]]) -> None:
         todo, tries, pipelined = ops, 0, True
+        self._lock_met = False
         while todo:
             again, why = self._attempt(todo, pipelined)
             if why is None and again:  # an operation failed: which one, statement by statement
@@ -324,11 +329,15 @@ class PostgresStore(WriterThread[Conn]):
         error: Exception | None = None
         try:
             if pipelined:
-                unknown_failure, xid = _run_pipelined(conn, ops)
+                own_error, xid = _run_pipelined(conn, ops)
+                unknown_failure = own_error is not None
+                self._lock_met |= isinstance(own_error, errors.LockNotAvailable)
             else:
                 conn.execute("BEGIN")
-                # The lock that failed the pipelined run is likely still held: meet it briefly.
-                conn.execute(f"SET LOCAL lock_timeout = '{_RERUN_LOCK_WAIT_MS}ms'")
+                if self._lock_met:
+                    # A lock held past lock_timeout is likely held still: each operation that
+                    # meets it fails at once, alone, not after a full wait each.
+                    conn.execute(f"SET LOCAL lock_timeout = '{_RERUN_LOCK_WAIT_MS}ms'")
                 failed = _run_each(conn, ops)
                 if failed is None:
                     xid = _xid(conn.execute(_XID))
@@ -347,6 +356,7 @@ class PostgresStore(WriterThread[Conn]):
             return ops, None
         if failed is not None:
             if isinstance(failed.error, errors.LockNotAvailable):
+                self._lock_met = True
                 failed.error = self._unavailable(failed.error, "a row locked by another")
             return [op for op in ops if op is not failed], None
         if error is None:
@@ -567,8 +577,12 @@ def _schema_version(conn: Conn, where: str) -> int:
     return version
 
 
-def _where(params: dict[str, Any]) -> str:
-    """postgresql://USER@HOST:PORT/DBNAME of the URL's parameters, without the password."""
+def _where(params: dict[str, Any], url: str) -> str:
+    """postgresql://USER@HOST:PORT/DBNAME of the URL's parameters, without the password; or
+    as `shown_url` shows it, if libpq read the URL in a way that may hold the password (an
+    unescaped `/` in it makes a "port" of the password and a "dbname" of the rest)."""
+    if not str(params.get("port") or "0").isdigit() or "@" in str(params.get("dbname") or ""):
+        return shown_url(url)
     user = f"{params['user']}@" if params.get("user") else ""
     host = params.get("host") or params.get("hostaddr") or "localhost"
     port = f":{params['port']}" if params.get("port") else ""
@@ -588,9 +602,9 @@ def _batch_error(exc: Exception) -> bool:
     return isinstance(exc, _BATCH_ERRORS) and not isinstance(exc, errors.LockNotAvailable)
 
 
-def _run_pipelined(conn: Conn, ops: list[Op[Conn, Any]]) -> tuple[bool, str | None]:
-    """Run `ops` in pipeline mode: (True, None) if one of them failed by itself (then rolled
-    back), else (False, the transaction's id if it wrote anything)."""
+def _run_pipelined(conn: Conn, ops: list[Op[Conn, Any]]) -> tuple[Exception | None, str | None]:
+    """Run `ops` in pipeline mode: (the error, None) if one of them failed by itself (then
+    rolled back), else (None, the transaction's id if it wrote anything)."""
     try:
         with conn.pipeline():
             conn.execute("BEGIN")
@@ -606,8 +620,8 @@ def _run_pipelined(conn: Conn, ops: list[Op[Conn, Any]]) -> tuple[bool, str | No
         if conn.closed or (_batch_error(exc) and not aborted):
             raise  # the batch's trouble, not an operation's
         conn.execute("ROLLBACK")
-        return True, None
-    return False, _xid(xid)
+        return exc, None
+    return None, _xid(xid)
 
 
 def _xid(cursor: psycopg.Cursor[tuple[Any, ...]]) -> str | None:

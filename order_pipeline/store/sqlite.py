@@ -33,6 +33,7 @@ own, each at most busy_timeout plus one commit.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -348,7 +349,8 @@ def _connect(path: Path, busy_timeout: float, *, probe_write: bool = True) -> Co
 def _check_read_only(path: Path) -> None:
     """StoreError if the file is not ours to use, read on a read-only connection: refusing it
     must not write it (closing a read-write one would checkpoint a WAL left beside it)."""
-    uri = f"file:{quote(str(path.absolute()))}?mode=ro"
+    # file:// and the path's own bytes: a path may begin with // or not be UTF-8.
+    uri = f"file://{quote(os.fsencode(path.absolute()))}?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None)
         with closing(conn), _transaction(conn, "BEGIN"):  # one snapshot for the reads

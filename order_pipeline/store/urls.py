@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-__all__ = ["shown_url"]
+from typing import Final
+
+__all__ = ["NOT_SHOWN", "shown_url"]
+
+
+NOT_SHOWN: Final = "(not shown: it may hold a password)"
 
 
 def shown_url(url: str) -> str:
-    """A SQLite URL (or memory) whole; any other only up to its host, since its user part
-    may hold a password. libpq ends that part at the first `@` before a `/` (so a password
-    may hold `?` or `#`), and the host at `/` or `?`."""
-    if url == "memory" or url.startswith("sqlite:") or "://" not in url:
+    """A SQLite URL (or memory) whole; any other only from its last `@` to the end of its
+    host: a password may hold `?`, `#` or `/` (libpq itself then misreads the URL), and a
+    URL that is not one (`host=db password=...`, `postgresql:/u:p@db`) is not shown."""
+    if url == "memory" or url.startswith("sqlite:"):
         return url
+    if "://" not in url:
+        return NOT_SHOWN if "@" in url or "=" in url else url
     scheme, _, rest = url.partition("://")
-    authority = rest.split("/", 1)[0]
-    return f"{scheme}://{authority.rpartition('@')[2].split('?', 1)[0]}"
+    host = rest.rpartition("@")[2]
+    return f"{scheme}://{host.split('/', 1)[0].split('?', 1)[0]}"
