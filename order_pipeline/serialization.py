@@ -73,6 +73,8 @@ def _order_id(value: Any, _: type) -> str:
         raise TypeError("must be a string")
     if not value.strip():
         raise ValueError("must not be blank")
+    if "\0" in value:  # PostgreSQL's text cannot hold it
+        raise ValueError("must not contain NUL (\\u0000)")
     if len(value) > ORDER_ID_MAX_CHARS:
         raise ValueError(f"must be at most {ORDER_ID_MAX_CHARS} characters")
     return value
