@@ -2019,6 +2019,24 @@ async def test_a_batch_run_again_for_an_operation_s_error_still_waits_for_locks(
 
 
 @pytest.mark.postgres
+async def test_an_operator_s_listing_never_makes_a_postgresql_schema(schema: str) -> None:
+    """A reader (`order-pipeline orders`) of an empty schema, a typo of its search_path, is
+    refused and creates nothing there; of a store, it lists it."""
+    url = postgres_url(schema=schema)
+    with pytest.raises(StoreError, match="no order store there"):
+        async with open_store(url, reader=True):
+            pass
+    tables = await sql(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = %s", schema
+    )
+    assert tables == [(0,)]
+    async with postgres_stores(url, 1) as (store,):
+        await begun(store)
+    async with open_store(url, reader=True) as reading:
+        assert [o.key for o, _ in await reading.list_orders()] == ["k-1"]
+
+
+@pytest.mark.postgres
 async def test_a_database_that_vanishes_is_noticed_in_seconds(schema: str) -> None:
     """The store's connection gives up on the database within seconds of silence, as the
     kernel sees its socket: idle, by keepalives; with what it sent unacknowledged (a network

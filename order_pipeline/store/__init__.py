@@ -114,7 +114,8 @@ async def open_store(
 ) -> AsyncIterator[OrderStore]:
     """Open the store the URL names for the duration of the block, then close it.
 
-    `reader` (an operator's listing): a SQLite file need not be writable, as a server's must.
+    `reader` (an operator's listing): a SQLite file need not be writable, as a server's
+    must; a PostgreSQL schema is checked, never created or upgraded.
 
     With `on_store_process_lost` (a server's), a PostgreSQL store runs in a store process of
     its own (process.py), and that is called if the process ends before the store is closed.
@@ -140,6 +141,6 @@ def sql_backend(parsed: StoreURL, *, reader: bool = False) -> SqliteStore | Post
         from .postgres import PostgresStore  # psycopg is there: parse_store_url checked
 
         assert parsed.url is not None
-        return PostgresStore(parsed.url)
+        return PostgresStore(parsed.url, reader=reader)
     assert parsed.path is not None
     return SqliteStore(parsed.path, reader=reader)

@@ -206,9 +206,10 @@ class PostgresStore(WriterThread[Conn]):
     batch raises StoreUnavailable. `commits` counts committed batches.
     """
 
-    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 5.0, reader: bool = False) -> None:
         super().__init__()
         self.url = url
+        self.reader = reader  # an operator's listing: checks the schema, never makes it
         self.timeout = timeout
         self.commits = 0
         self._lock_met = False  # the batch being run met a lock held past lock_timeout
@@ -251,7 +252,10 @@ class PostgresStore(WriterThread[Conn]):
                         f"{self.where}: cannot open the store: PostgreSQL"
                         f" {conn.info.server_version // 10000} is too old, 13 or newer needed"
                     )
-                _migrate(conn, self.where)
+                if self.reader:
+                    _check_readable(conn, self.where)
+                else:
+                    _migrate(conn, self.where)
         except psycopg.Error as exc:
             raise StoreError(f"{self.where}: cannot open the store: {_one_line(exc)}") from None
         pool: Pool = psycopg_pool.ConnectionPool(
@@ -541,6 +545,18 @@ def _migrate(conn: Conn, where: str) -> None:
             for statement in migration:
                 conn.execute(statement)
         conn.execute(f"UPDATE {VERSION_TABLE} SET version = %s", (SCHEMA_VERSION,))
+
+
+def _check_readable(conn: Conn, where: str) -> None:
+    """A reader's check: StoreError unless the schema holds this program's store as it is."""
+    version = _schema_version(conn, where)
+    if version == 0:
+        raise StoreError(f"{where}: no order store there (check the URL and its search_path)")
+    if version < SCHEMA_VERSION:
+        raise StoreError(
+            f"{where}: the order store's schema is version {version}, older than this"
+            f" program's {SCHEMA_VERSION}: a server of this version upgrades it"
+        )
 
 
 def _schema_version(conn: Conn, where: str) -> int:
