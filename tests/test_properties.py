@@ -172,9 +172,9 @@ def model(order: dict[str, Any]) -> Expected:
 delays = st.dictionaries(st.sampled_from(STEPS), st.integers(0, 300).map(lambda n: n * 10))
 orders = st.fixed_dictionaries(
     {
-        "order_id": st.text(st.characters(exclude_characters="\0"), min_size=1, max_size=20).filter(
-            str.strip
-        ),
+        "order_id": st.text(
+            st.characters(codec="utf-8", exclude_characters="\0"), min_size=1, max_size=20
+        ).filter(str.strip),
         "amount": st.integers(-3, 3),
         "delay_ms": delays,
         "compensation_delay_ms": st.dictionaries(
