@@ -36,7 +36,7 @@ from .model import OrderResult
 from .server import LISTEN_BACKLOG, Readiness, assemble, serve
 from .services.pool import MAX_SIZE, MIN_SIZE, clamp_size
 from .settings import Settings
-from .store import StoreError, open_store, parse_store_url, shown_url
+from .store import StoreError, open_store, shown_url
 from .supervisor import supervise
 from .tracing import configure_tracing
 
@@ -308,14 +308,7 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
 
 
 async def show_orders(query: ListOrders) -> None:
-    """An operator's read: a SQLite store that does not exist is refused, not created."""
-    path = parse_store_url(query.store).path
-    try:
-        missing = path is not None and (not path.exists() or path.stat().st_size == 0)
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot open the store: {exc.strerror}") from None
-    if missing:
-        raise StoreError(f"{path}: no order store there (check --store and the directory)")
+    """An operator's read: a store that does not exist is refused, not created."""
     async with open_store(query.store, reader=True) as store:
         await list_orders(
             store, needs_attention=query.needs_attention, as_json=query.json, write=print

@@ -828,11 +828,13 @@ async def test_a_foreign_file_with_a_wal_left_beside_it_is_refused_untouched(
 
 
 @pytest.mark.parametrize(
-    "where", ["missing/dir/orders.db", ".", "fifo"], ids=["missing-dir", "a-dir", "a-fifo"]
+    "where",
+    ["missing/dir/orders.db", ".", "fifo", "x" * 300],
+    ids=["missing-dir", "a-dir", "a-fifo", "a-name-too-long"],
 )
 async def test_an_unopenable_path_is_refused(tmp_path: Path, where: str) -> None:
-    """A path in a missing directory, a directory or a FIFO (whose read would block for good)
-    is a one-line StoreError naming it."""
+    """A path in a missing directory, a directory, a FIFO (whose read would block for good)
+    or one the system cannot even look up is a one-line StoreError naming it."""
     if where == "fifo":
         os.mkfifo(tmp_path / where)
     path = tmp_path / where

@@ -148,7 +148,7 @@ class MemoryStore:
         orders = [
             attrs.evolve(
                 self._with_steps(o),
-                abandoned=o.state == RUNNING and self._leases.get(o.owner, 0) <= now,
+                abandoned=o.state == RUNNING and self._lease_lapsed(o.owner, now),
             )
             for o in self._orders.values()
         ]
@@ -156,6 +156,10 @@ class MemoryStore:
         return [
             (o, self._net_charge(o.key)) for o in orders if o.needs_attention or not needs_attention
         ]
+
+    def _lease_lapsed(self, owner: str, now: float) -> bool:
+        """`owner` holds no live lease (none, or expired by `now`)."""
+        return self._leases.get(owner, now) <= now
 
     async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109 (a lease's length)
         await trio.lowlevel.checkpoint()
@@ -175,7 +179,7 @@ class MemoryStore:
             if (
                 order.state == RUNNING
                 and order.owner != owner
-                and self._leases.get(order.owner, now) <= now
+                and self._lease_lapsed(order.owner, now)
             ):
                 self._orders[key] = order = attrs.evolve(order, owner=owner)
                 claimed.append(self._with_steps(order))

@@ -150,7 +150,7 @@ class SqliteStore(WriterThread[Conn]):
     # -- in the writer thread -------------------------------------------------------------
 
     def _open(self) -> None:
-        self._conn = _connect(self.path, self.busy_timeout, probe_write=not self.reader)
+        self._conn = _connect(self.path, self.busy_timeout, reader=self.reader)
         self._file = _identity(self.path)
 
     def _close(self) -> None:
@@ -295,22 +295,26 @@ class SqliteStore(WriterThread[Conn]):
 # -- opening ------------------------------------------------------------------------------
 
 
-def _connect(path: Path, busy_timeout: float, *, probe_write: bool = True) -> Conn:
+def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
     """Open and check the file, then create or migrate the schema; StoreError if we can't.
 
-    Nothing is written before the checks pass, so a file that is not ours stays untouched.
+    Nothing is written before the checks pass, so a file that is not ours stays untouched. A
+    `reader` (an operator's listing) neither makes a store where there is none nor needs to
+    write the file.
     """
     if not path.parent.is_dir():
         raise StoreError(f"{path}: cannot open the store: directory {path.parent} does not exist")
-    if path.exists() and not path.is_file():  # a FIFO would block the read below for good
-        raise StoreError(f"{path}: cannot open the store: not a regular file")
     try:
+        if path.exists() and not path.is_file():  # a FIFO would block the read below for good
+            raise StoreError(f"{path}: cannot open the store: not a regular file")
         with path.open("rb") as file:
             head = file.read(len(_HEADER))
     except FileNotFoundError:
         head = b""
     except OSError as exc:
         raise StoreError(f"{path}: cannot open the store: {exc.strerror}") from exc
+    if not head and reader:
+        raise StoreError(f"{path}: no order store there (check --store and the directory)")
     if head and head != _HEADER:  # SQLite would take a short file for an empty database
         raise StoreError(f"{path}: cannot open the store: file is not a database")
     if head:
@@ -329,7 +333,7 @@ def _connect(path: Path, busy_timeout: float, *, probe_write: bool = True) -> Co
                     conn.execute(statement)
             if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            if version < SCHEMA_VERSION or probe_write:
+            if version < SCHEMA_VERSION or not reader:
                 # Written at every open of a server's, so that a file it may not write
                 # (read-only, on a read-only mount) is refused here, not at its first commit.
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
