@@ -39,7 +39,6 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .kinds import CANCELED
 from .model import OrderResult
 
 __all__ = ["Metrics"]
@@ -106,7 +105,7 @@ class Metrics:
         """An order that ran; `kind` is its label ("ok" for success)."""
         self.count_order(kind, http_status)
         self._child(self.order_seconds, kind).observe(result.duration_ms / 1000)
-        if kind == CANCELED:
+        if result.cancelled:
             self.canceled.inc()
         for step in result.steps:
             self._child(self.step_seconds, step.name, step.status).observe(step.duration_ms / 1000)

@@ -113,6 +113,9 @@ class OrderResult:
     steps: tuple[StepResult, ...]
     kind: str | None = None
     duration_ms: int = 0
+    # Cancelled from outside (its client left, or the drain gave up on it): no reply is sent,
+    # whatever the kind (`compensation_failed` if undoing it failed too).
+    cancelled: bool = False
 
     @property
     def ok(self) -> bool:

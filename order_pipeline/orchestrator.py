@@ -188,9 +188,9 @@ class _OrderRun:
             for i in indexes
         )
 
-    def result(self, kind: str | None) -> OrderResult:
+    def result(self, kind: str | None, *, cancelled: bool = False) -> OrderResult:
         duration = _ms(trio.current_time() - self.started)
-        return OrderResult(self.order.order_id, tuple(self.results), kind, duration)
+        return OrderResult(self.order.order_id, tuple(self.results), kind, duration, cancelled)
 
 
 @attrs.frozen
@@ -224,20 +224,22 @@ class Pipeline:
                             run.run_step, index, nursery.cancel_scope, name=step.name
                         )
         finally:
-            if _caller_cancelled():
+            cancelled = _caller_cancelled()
+            if cancelled:
                 kind: str | None = CANCELED
             else:
                 kind = run.failure or (TIMEOUT if deadline.cancelled_caught else None)
             if kind is not None and not await self._compensate(run):
                 kind = COMPENSATION_FAILED
-            result = run.result(kind)
-            self._report(result)
+            result = run.result(kind, cancelled=cancelled)
+            self.report(result)
         return result
 
     async def undo(
-        self, order: OrderRequest, known: Sequence[StepResult], kind: str
+        self, order: OrderRequest, known: Sequence[StepResult], kind: str, *, report: bool = True
     ) -> OrderResult:
-        """Compensate an order whose run was interrupted elsewhere (recovery); report it as `kind`.
+        """Compensate an order whose run was interrupted elsewhere (recovery); report it as `kind`
+        (`report=False`: to `on_step` only, for a run whose result was reported already).
 
         `known` is what was recorded of each step, in step order. Each step
         given as ok and not yet compensated is undone: give a step whose
@@ -258,7 +260,8 @@ class Pipeline:
         if not await self._compensate(run):
             kind = COMPENSATION_FAILED
         result = run.result(kind)
-        self._report(result)
+        if report:
+            self.report(result)
         return result
 
     async def _compensate(self, run: _OrderRun) -> bool:
@@ -277,7 +280,8 @@ class Pipeline:
                     nursery.start_soon(run.undo_step, index, self.compensation_timeout, name=name)
         return run.all_undone(undo)
 
-    def _report(self, result: OrderResult) -> None:
+    def report(self, result: OrderResult) -> None:
+        """Hand `result` to `on_finish`, which may not fail the order."""
         try:
             self.on_finish(result)
         except Exception:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Final
@@ -29,6 +28,7 @@ import orjson
 import trio
 
 from .kinds import (
+    COMPENSATION_FAILED,
     IDEMPOTENCY_KEY_REUSED,
     INTERRUPTED,
     NOT_FOUND,
@@ -43,6 +43,7 @@ from .model import (
     CompensationStatus,
     ErrorInfo,
     OrderRequest,
+    OrderResult,
     Reply,
     StepResult,
     StepStatus,
@@ -61,6 +62,9 @@ log = logging.getLogger("order_pipeline.desk")
 LEASE_RENEW_S: Final = 1.0
 # Interrupted orders claimed at a time; claimed again at once while a batch comes back full.
 RECOVERY_BATCH: Final = 1000
+# Expired orders forgotten a transaction at a time: a backlog (a busy day, a long stop)
+# must not hold the store's write lock, and every order's commit behind it, for long.
+PURGE_BATCH: Final = 1000
 # A key that comes back interrupted is restarted by one caller; the others re-read it.
 RESTART_TRIES: Final = 3
 
@@ -201,15 +205,20 @@ class OrderDesk:
         # (cancelled orders included); reading its reply back waits for that commit, and
         # finds none if another process claimed the order meanwhile. If the commit fails,
         # the store keeps the record for its next commit (writer.py): a retry finds it.
-        await self.pipeline.process(order)
+        result = await self.pipeline.process(order)
         # The order ran: the reporter gave it its line and count, so these are not refusals.
         try:
             final = await self.store.finished_reply(key, attempt.id)
         except StoreUnavailable:
             log.warning("order %r: its result could not be recorded yet", order.order_id)
             return attrs.evolve(_error(STORE_UNAVAILABLE, key=key), refused=None)
+        if final is None or final.kind == INTERRUPTED:
+            # Our lease lapsed and another process claimed the order to undo it, while our
+            # run went on: a step of ours that took effect after its undo is ours to undo
+            # (compensations are idempotent).
+            log.warning("order %r was taken over by another process: undoing it", order.order_id)
+            await self.pipeline.undo(order, result.steps, INTERRUPTED, report=False)
         if final is None:
-            # Our lease lapsed and another process claimed the order to undo it.
             return attrs.evolve(_error(ORDER_IN_PROGRESS, key=key), refused=None)
         return Answer(final.http_status, final.reply, key, lookup(final.kind).retry_after)
 
@@ -305,18 +314,35 @@ class OrderDesk:
         self._working[stored.key] += 1
         try:
             current_attempt.set(Attempt(stored.key, stored.attempt_id, self.owner))
-            order = parse_order(stored.body)
-            await self.pipeline.undo(order, _known_steps(stored), INTERRUPTED)
+            try:
+                order, known = parse_order(stored.body), _known_steps(stored)
+            except Exception as exc:  # a newer version's order, or a damaged record
+                log.error(
+                    "interrupted order %r cannot be undone by this process: %s", stored.key, exc
+                )
+                # Finished as needing an operator's attention, not retried for ever.
+                self.pipeline.report(OrderResult(stored.order_id, (), COMPENSATION_FAILED))
+                return
+            await self.pipeline.undo(order, known, INTERRUPTED)
         finally:
             self._stopped_working(stored.key)
 
+    async def forget_expired(self) -> int:
+        """Delete the orders finished over the retention ago, a batch at a time; their count."""
+        forgotten = 0
+        try:
+            while (purged := await self.store.purge(self.retention, PURGE_BATCH)) == PURGE_BATCH:
+                forgotten += purged
+            forgotten += purged
+        except StoreUnavailable as exc:
+            log.warning("could not forget expired orders: %s", exc)
+        if forgotten:
+            log.info("forgot %d order(s) finished over %g s ago", forgotten, self.retention)
+        return forgotten
+
     async def _purge_forever(self) -> None:
+        # At least a second apart: a tiny retention must not keep the store busy.
+        every = min(max(self.retention, 1.0), 60.0)
         while True:
-            try:
-                purged = await self.store.purge(time.time() - self.retention)
-            except StoreUnavailable as exc:
-                log.warning("could not forget expired orders: %s", exc)
-            else:
-                if purged:
-                    log.info("forgot %d order(s) finished over %g s ago", purged, self.retention)
-            await trio.sleep(min(self.retention, 60.0))
+            await self.forget_expired()
+            await trio.sleep(every)

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import attrs
 
-from .kinds import CANCELED, label, lookup
+from .kinds import label, lookup
 from .metrics import Metrics
 from .model import OrderResult, StepResult, current_attempt
 from .serialization import converter, encode_result
@@ -70,8 +70,9 @@ def _log_order(
 
 
 def _log_cancelled_by_drain(result: OrderResult) -> None:
-    """`order o-1 cancelled by the drain: undone payment ok 81 ms, courier ok 30 ms`. (An order
-    whose compensation failed is `compensation_failed`, and its error line says so.)"""
+    """`order o-1 cancelled by the drain: undone payment ok 81 ms, courier ok 30 ms` (or
+    `payment error 81 ms`: the order is then `compensation_failed`, and its error line says
+    so too)."""
     undone = [(s.name, s.compensation) for s in result.steps if s.compensation is not None]
     outcome = ", ".join(f"{name} {c.status} {c.duration_ms} ms" for name, c in undone)
     fields = {"order_id": result.order_id, "undone": {name: c.status for name, c in undone}}
@@ -115,9 +116,9 @@ class OrderReporter:
         """An order that ran: succeeded, failed, timed out, was cancelled or was recovered."""
         status = lookup(result.kind).status
         # A cancelled order's client is gone (or the drain gave up on it): no reply is sent.
-        sent = None if result.kind == CANCELED else status
+        sent = None if result.cancelled else status
         _log_order(result.order_id, result.kind, sent, result.duration_ms, result.steps)
-        if result.kind == CANCELED and self.cancelled_by_drain():
+        if result.cancelled and self.cancelled_by_drain():
             _log_cancelled_by_drain(result)
         self.metrics.observe_order(result, label(result.kind), status)
         attempt = current_attempt.get()

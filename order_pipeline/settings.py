@@ -81,19 +81,22 @@ def _workers(low: int, high: int) -> Parse:
 # Ten years: longer is no setting but a typo, and PostgreSQL's timestamps and intervals
 # overflow at 1e12 seconds (a lease or a retention that long crashed the server).
 SECONDS_MAX: Final = 10 * 365 * 86_400
+LEASE_TIMEOUT_MIN: Final = 0.5
 
 
-def _seconds(*, zero_ok: bool) -> Parse:
+def _seconds(*, zero_ok: bool, least: float = 0.0) -> Parse:
     def read(text: str) -> float | None:
         try:
             value = float(text)
         except ValueError:
             return None
-        ok = value <= SECONDS_MAX and (value > 0 or (zero_ok and value == 0))
+        ok = least <= value <= SECONDS_MAX and (value > 0 or (zero_ok and value == 0))
         return value if ok else None
 
-    least = "a non-negative" if zero_ok else "a positive"
-    return Parse(f"{least} number of seconds, at most {SECONDS_MAX} (ten years)", read)
+    if least:
+        return Parse(f"a number of seconds from {least:g} to {SECONDS_MAX} (ten years)", read)
+    kind = "a non-negative" if zero_ok else "a positive"
+    return Parse(f"{kind} number of seconds, at most {SECONDS_MAX} (ten years)", read)
 
 
 def _choice(*choices: str) -> Parse:
@@ -202,7 +205,9 @@ class Settings:
     )
     lease_timeout: float = setting(
         5.0,
-        _seconds(zero_ok=False),
+        # Renewed every min(1 s, a third of it): a shorter lease lapses at the first slow
+        # commit, and the process's live orders would be undone under it.
+        _seconds(zero_ok=False, least=LEASE_TIMEOUT_MIN),
         "a process that has not renewed its lease for this long is taken for dead, and its "
         "running orders are undone",
     )

@@ -242,12 +242,12 @@ class TracedPipeline(Pipeline):
             span.end(end_time=self.tracing.clock())
 
     async def undo(
-        self, order: OrderRequest, known: Sequence[StepResult], kind: str
+        self, order: OrderRequest, known: Sequence[StepResult], kind: str, *, report: bool = True
     ) -> OrderResult:
         span = self.tracing._order_span(RECOVER_ORDER, order)
         token = context.attach(trace.set_span_in_context(span))
         try:
-            return await super().undo(order, known, kind)
+            return await super().undo(order, known, kind, report=report)
         finally:
             context.detach(token)
             span.end(end_time=self.tracing.clock())

@@ -140,6 +140,39 @@ async def test_outer_cancellation_still_compensates(autojump_clock: trio.abc.Clo
     assert tracker.in_flight == 0
 
 
+async def test_an_outer_cancellation_whose_undoing_fails_is_still_cancelled(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Cancelled from outside, with a compensation that fails: compensation_failed, and still
+    marked cancelled (no reply is sent: the reporter must not log a 500 as sent)."""
+    recorder = Recorder()
+    pipeline = recorder.pipeline()
+
+    with trio.move_on_after(0.25):
+        await pipeline.process(
+            make_order(amount=5, delay_ms={"vendor": 1000}, fail_compensation="payment")
+        )
+
+    (result,) = recorder.finished
+    assert (result.kind, result.cancelled) == ("compensation_failed", True)
+
+
+async def test_an_order_that_fails_by_itself_is_not_cancelled(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A failed step or the deadline ends an order from inside: not marked cancelled."""
+    recorder = Recorder()
+    pipeline = attrs.evolve(recorder.pipeline(), timeout=0.5)
+
+    await pipeline.process(make_order(amount=5, fail_step="vendor"))
+    await pipeline.process(make_order(amount=5, delay_ms={"vendor": 1000}))
+
+    assert [(r.kind, r.cancelled) for r in recorder.finished] == [
+        ("vendor_unavailable", False),
+        ("timeout", False),
+    ]
+
+
 async def test_success_runs_no_compensation(autojump_clock: trio.abc.Clock) -> None:
     """A successful order is not compensated at all."""
     recorder = Recorder()

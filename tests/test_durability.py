@@ -14,19 +14,23 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
+import attrs
 import pytest
 import trio
 import trio.testing
 from werkzeug.datastructures import Headers
 
-from order_pipeline.model import STEP_NAMES
-from order_pipeline.orders import canonical
+from order_pipeline import orders
+from order_pipeline.model import STEP_NAMES, OrderRequest
+from order_pipeline.orchestrator import Step
+from order_pipeline.orders import OrderDesk, canonical
 from order_pipeline.reporting import ORDERS_LOGGER
 from order_pipeline.server import Assembly, Settings, assemble
 from order_pipeline.store import (
     FINISHED,
     RUNNING,
     Begun,
+    MemoryStore,
     SqliteStore,
     StepRecord,
     StoreUnavailable,
@@ -557,6 +561,134 @@ async def test_a_store_outage_during_the_payment_is_503_store_unavailable(
     assert (status, json.loads(body)["error"]["kind"]) == (503, "store_unavailable")
     assert headers["Idempotent-Replayed"] == "true"
     assert await store.net_charge("k-14") == 0
+
+
+async def test_an_interrupted_order_this_version_cannot_read_is_left_for_an_operator(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An interrupted order whose body this version cannot parse (a newer version's field, a
+    damaged record) is recorded compensation_failed for an operator; recovery, the lease and
+    the other orders' recovery go on (it ended the process before, in every restart)."""
+    store = MemoryStore()
+    await store.begin("k-new", "o-1", "h", b'{"order_id": "o-1", "amount": 5, "tip": 1}', "gone")
+    body = canonical(make_order("o-2", amount=5))
+    await store.begin("k-old", "o-2", "h", body, "gone")
+    desk = assemble(Settings(), store=store).desk
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(desk.maintain)
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+
+    unreadable, undone = await store.get("k-new"), await store.get("k-old")
+    assert unreadable is not None
+    assert undone is not None
+    assert (unreadable.state, unreadable.kind) == (FINISHED, "compensation_failed")
+    assert (undone.state, undone.kind) == (FINISHED, "interrupted")
+    attention = await store.list_orders(needs_attention=True)
+    assert [o.key for o, _ in attention] == ["k-new"]
+
+
+def _noting(desk: OrderDesk, events: list[tuple[str, str]]) -> OrderDesk:
+    """`desk` with each step and compensation of its pipeline noting when it took effect."""
+
+    def noted(action: Callable[[OrderRequest], Awaitable[None]], name: str, what: str) -> Any:
+        async def run(order: OrderRequest) -> None:
+            await action(order)
+            events.append((name, what))
+
+        return run
+
+    steps = [
+        Step(
+            s.name,
+            noted(s.run, s.name, "done"),
+            s.compensate and noted(s.compensate, s.name, "undone"),
+        )
+        for s in desk.pipeline.steps
+    ]
+    return attrs.evolve(desk, pipeline=attrs.evolve(desk.pipeline, steps=steps))
+
+
+async def test_an_order_taken_over_while_it_runs_is_undone_by_its_first_process_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A process whose lease lapsed while it still ran an order (a stall, an outage) has the
+    order claimed and undone by another; a step of its own run that took effect after that
+    (the vendor, here) is undone by it before it answers: nothing stays in effect."""
+    store = MemoryStore()
+    events: list[tuple[str, str]] = []
+    first = _noting(assemble(Settings(), store=store).desk, events)  # it holds no lease
+    claimer = _noting(assemble(Settings(), store=store).desk, events)
+    order = make_order("o-1", amount=70, delay_ms={"vendor": 3000})
+    answers: list[orders.Answer] = []
+
+    async def send() -> None:
+        answers.append(await first.submit(order, "k-1"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        await trio.sleep(0.5)  # payment and courier done, the vendor not yet
+        await nursery.start(claimer.maintain)
+        while not answers:  # noqa: ASYNC110 # the first process's own end, at 3 s
+            await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+    assert ("vendor", "done") in events
+    last = dict(events)  # what each step was left at, the last word for each
+    assert last == dict.fromkeys(STEP_NAMES, "undone")
+    assert answers[0].status in (409, 503)
+    assert await store.net_charge("k-1") == 0
+
+
+async def test_a_backlog_of_expired_orders_is_forgotten_a_batch_at_a_time(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many orders expired, each purge deletes a batch (one short transaction, so the
+    commits of the orders being served are not held behind it), until none is left."""
+    monkeypatch.setattr(orders, "PURGE_BATCH", 2)
+    assembly = assemble(Settings(retention=0.05), store=store)
+    fast = {**ORDER, "delay_ms": dict.fromkeys(STEP_NAMES, 0)}
+    for n in range(5):
+        assert (await post(assembly, fast, key=f"k-{n}"))[0] == 200
+    batches: list[int] = []
+    purge = store.purge
+
+    async def counted_purge(older_than: float, limit: int) -> int:
+        batches.append(await purge(older_than, limit))
+        return batches[-1]
+
+    monkeypatch.setattr(store, "purge", counted_purge)
+    await trio.sleep(0.1)
+
+    assert await assembly.desk.forget_expired() == 5
+    assert batches == [2, 2, 1]
+    assert await store.list_orders() == []
+
+
+async def test_a_tiny_retention_purges_once_a_second(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retention of a microsecond forgets orders at once, not in a loop that keeps the
+    store busy: the purge runs at most once a second."""
+    store = MemoryStore()
+    purges = 0
+    purge = store.purge
+
+    async def counted_purge(older_than: float, limit: int) -> int:
+        nonlocal purges
+        purges += 1
+        assert purges < 100, "the purge spins"
+        return await purge(older_than, limit)
+
+    monkeypatch.setattr(store, "purge", counted_purge)
+    assembly = assemble(Settings(retention=1e-6), store=store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(assembly.desk.maintain)
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+
+    assert 10 <= purges <= 11
 
 
 async def test_an_order_this_process_left_running_is_recovered_by_it(

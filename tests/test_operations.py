@@ -339,7 +339,8 @@ async def test_text_log_format_is_one_short_line_per_order(
 async def test_refused_and_cancelled_orders_say_why_and_what_was_sent(
     log_to: Callable[[str], io.StringIO], autojump_clock: trio.abc.Clock
 ) -> None:
-    """A refused order's line gives the reason, never "order None"; a cancelled one, no status."""
+    """A refused order's line gives the reason, never "order None"; a cancelled one, no status,
+    whatever its kind (one whose undoing failed too is `compensation_failed`)."""
     stream = log_to("json")
     service = assemble()
     client = service.app.test_client()
@@ -348,9 +349,11 @@ async def test_refused_and_cancelled_orders_say_why_and_what_was_sent(
     await client.post("/order", json={"order_id": "r-2", "amount": "1"})
     with trio.move_on_after(0.05):
         await service.pipeline.process(make_order("c-1", amount=1))
+    with trio.move_on_after(0.2):  # its payment (150 ms) succeeded, and its refund fails
+        await service.pipeline.process(make_order("c-2", amount=1, fail_compensation="payment"))
 
     lines = [json.loads(x) for x in stream.getvalue().splitlines()]
-    no_id, bad, canceled = [x for x in lines if x["logger"] == "order_pipeline.orders"]
+    no_id, bad, canceled, unrefunded = [x for x in lines if x["logger"] == "order_pipeline.orders"]
     assert no_id["message"].startswith("order refused 400 bad_request: body is not valid JSON")
     assert "None" not in no_id["message"]
     assert bad["message"] == "order r-2 refused 400 bad_request: must be an integer from " + (
@@ -359,6 +362,14 @@ async def test_refused_and_cancelled_orders_say_why_and_what_was_sent(
     assert bad["reason"] == bad["message"].split(": ", 1)[1]
     assert canceled["http_status"] is None
     assert canceled["message"].startswith("order c-1 canceled after 50 ms, no reply sent: ")
+    assert unrefunded["http_status"] is None
+    assert unrefunded["message"].startswith(
+        "order c-2 compensation_failed after 280 ms, no reply sent: payment ok 150 ms (undone error"
+    )
+    canceled_total = service.metrics.registry.get_sample_value(
+        "order_pipeline_orders_canceled_total"
+    )
+    assert canceled_total == 2  # both were cancelled from outside
 
 
 async def test_debug_shows_steps_and_waits_for_a_courier(

@@ -119,7 +119,11 @@ async def test_outer_cancellation_cancels_steps_and_reports_canceled(
     assert trio.current_time() == 0.25
     assert finished == [
         OrderResult(
-            "o-1", (StepResult("a", CANCELED, 250), StepResult("b", CANCELED, 250)), "canceled", 250
+            "o-1",
+            (StepResult("a", CANCELED, 250), StepResult("b", CANCELED, 250)),
+            "canceled",
+            250,
+            cancelled=True,
         )
     ]
 

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import attrs
 import pytest
 
 from order_pipeline.metrics import Metrics
@@ -159,6 +160,25 @@ def test_a_refused_order_s_line_has_no_steps_and_its_reason(
     assert line.summary is True  # type: ignore[attr-defined] # set by `extra`
 
 
+def test_a_cancelled_order_says_no_reply_was_sent_whatever_its_kind(
+    store: MemoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelled from outside, an order whose undoing failed is compensation_failed, but its
+    client is gone all the same: no status in its line, and it counts as cancelled."""
+    metrics = Metrics()
+    reporter = OrderReporter(metrics, store)
+    unrefunded = attrs.evolve(PAID, compensation=Compensation(CompensationStatus.ERROR, 80))
+
+    with caplog.at_level(logging.INFO, logger=ORDERS_LOGGER):
+        reporter.finished(OrderResult("o-4", (unrefunded,), "compensation_failed", 90, True))
+        reporter.finished(OrderResult("o-5", (unrefunded,), "compensation_failed", 90))
+
+    cancelled, failed = (r.getMessage() for r in caplog.records if r.name == ORDERS_LOGGER)
+    assert cancelled.startswith("order o-4 compensation_failed after 90 ms, no reply sent: ")
+    assert failed.startswith("order o-5 compensation_failed 500 in 90 ms: ")
+    assert metrics.registry.get_sample_value("order_pipeline_orders_canceled_total") == 1
+
+
 def test_an_order_the_drain_cancelled_with_nothing_to_undo_says_so(
     store: MemoryStore, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -167,7 +187,7 @@ def test_an_order_the_drain_cancelled_with_nothing_to_undo_says_so(
     canceled = StepResult("payment", StepStatus.CANCELED, 40)
 
     with caplog.at_level(logging.WARNING, logger="order_pipeline.reporting"):
-        reporter.finished(OrderResult("o-3", (canceled,), "canceled", 40))
+        reporter.finished(OrderResult("o-3", (canceled,), "canceled", 40, cancelled=True))
 
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert warning.getMessage() == "order o-3 cancelled by the drain: nothing to undo"

@@ -144,7 +144,13 @@ def test_workers_auto_counts_every_cpu_where_there_is_no_affinity(
             {},
             "--retention: must be a positive number of seconds, at most 315360000",
         ),
-        (["serve", "--lease-timeout", "4e8"], {}, "--lease-timeout: must be a positive"),
+        (["serve", "--lease-timeout", "4e8"], {}, "--lease-timeout: must be a number of"),
+        # Renewed every third of it: so short a lease lapses under a slow commit.
+        (
+            ["serve", "--lease-timeout", "0.1"],
+            {},
+            "--lease-timeout: must be a number of seconds from 0.5 to 315360000 (ten years)",
+        ),
         (["serve", "--host", " "], {}, "--host: must be a host name or address, not ' '"),
         (["serve", "--shutdown-grace", "-1"], {}, "--shutdown-grace: must be a non-negative"),
         (["serve", "--courier-pool-size", "many"], {}, "--courier-pool-size: must be an integer"),

@@ -437,8 +437,9 @@ async def test_list_orders_with_ledger_and_needs_attention(store: OrderStore) ->
 
 
 async def test_purge_forgets_old_finished_orders_only(store: OrderStore) -> None:
-    """Purge removes finished orders older than the cutoff with their steps and ledger rows;
-    not one that needs attention (its money may be held: the operator's to resolve)."""
+    """Purge removes finished orders older than the retention with their steps and ledger
+    rows, at most `limit` a call; not one that needs attention (its money may be held: the
+    operator's to resolve)."""
     await store.renew_lease("w-1", 60.0)  # k-running's owner is alive
     held = await begun(store, "k-held")
     await store.charge(held.attempt_id, "k-held", 70)
@@ -448,13 +449,17 @@ async def test_purge_forgets_old_finished_orders_only(store: OrderStore) -> None
     await store.charge(old.attempt_id, "k-old", 100)
     await store.refund("c-never-made", "k-old")  # voids that charge, under the key
     await store.finish("k-old", old.attempt_id, 200, b"{}", None)
+    for key in ("k-old-2", "k-old-3"):
+        other = await begun(store, key)
+        await store.finish(key, other.attempt_id, 200, b"{}", None)
     await begun(store, "k-running")
-    cutoff = time.time()
-    await trio.sleep(0.01)
+    await trio.sleep(0.5)
     new = await begun(store, "k-new")
     await store.finish("k-new", new.attempt_id, 200, b"{}", None)
 
-    assert await store.purge(cutoff) == 1
+    assert await store.purge(0.25, limit=2) == 2  # a batch at most
+    assert await store.purge(0.25, limit=2) == 1
+    assert await store.purge(0.25, limit=2) == 0
     assert await store.get("k-old") is None
     assert await store.net_charge("k-old") == 0
     await store.charge("c-never-made", "k-old", 5)  # its void was purged with the order
@@ -465,7 +470,7 @@ async def test_purge_forgets_old_finished_orders_only(store: OrderStore) -> None
     ]
     again = await begun(store, "k-old")  # the key is free again
     assert (again.attempt, again.steps) == (1, ())
-    assert await store.purge(cutoff) == 0
+    assert await store.purge(0.25, limit=2) == 0
 
 
 async def test_a_cancelled_begin_did_all_or_nothing(store: OrderStore) -> None:
@@ -1662,7 +1667,8 @@ async def test_two_hosts_claiming_at_once_take_disjoint_orders_covering_all(sche
 async def test_leases_and_times_are_the_database_clocks(
     monkeypatch: pytest.MonkeyPatch, schema: str
 ) -> None:
-    """A host whose clock is an hour slow neither loses its lease nor dates orders by it."""
+    """A host whose clock is an hour slow neither loses its lease, nor dates orders by it, nor
+    keeps finished orders an hour longer."""
     real_time = time.time
     monkeypatch.setattr(time, "time", lambda: real_time() - 3600.0)
     async with postgres_stores(postgres_url(schema=schema), 2) as (slow, other):
@@ -1677,7 +1683,11 @@ async def test_leases_and_times_are_the_database_clocks(
         await slow.renew_lease("slow", 0.3)
         assert await other.claim_interrupted("other", 10) == []
         await trio.sleep(0.5)
-        assert [o.key for o in await other.claim_interrupted("other", 10)] == ["k-1"]
+        (claimed,) = await other.claim_interrupted("other", 10)
+        assert claimed.key == "k-1"
+        await other.finish("k-1", claimed.attempt_id, 503, b"{}", "interrupted")
+        await trio.sleep(0.3)
+        assert await slow.purge(0.1, limit=10) == 1  # retention counted on the database's clock
 
 
 @pytest.mark.postgres

@@ -220,8 +220,10 @@ class OrderStore(Protocol):
         """What the key's charges hold, less what was refunded."""
         ...
 
-    async def purge(self, finished_before: float) -> int:
-        """Forget orders finished before that unix time (steps, ledger too); their count.
-        Not one that ended compensation_failed: its money may be held, an operator's to
-        resolve (`order-pipeline orders --needs-attention` lists it until then)."""
+    async def purge(self, older_than: float, limit: int) -> int:
+        """Forget up to `limit` orders finished over `older_than` seconds ago (on the store's
+        clock), steps and ledger too; their count. At most `limit`, so that one transaction
+        stays short however many expired. Not one that ended compensation_failed: its money
+        may be held, an operator's to resolve (`order-pipeline orders --needs-attention`
+        lists it until then)."""
         ...

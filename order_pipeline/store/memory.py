@@ -7,6 +7,7 @@ it did nothing.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import attrs
@@ -216,16 +217,18 @@ class MemoryStore:
     def _net_charge(self, key: str) -> int:
         return sum(c.amount for c in self._charges_of.get(key, ()) if not c.refunded)
 
-    async def purge(self, finished_before: float) -> int:
+    async def purge(self, older_than: float, limit: int) -> int:
         await trio.lowlevel.checkpoint()
-        gone = [
+        finished_before = time.time() - older_than
+        expired = (
             o
             for o in self._orders.values()
             if o.state == FINISHED
             and o.finished_at is not None
             and o.finished_at < finished_before
             and o.kind != COMPENSATION_FAILED
-        ]
+        )
+        gone = list(itertools.islice(expired, limit))
         for order in gone:
             del self._orders[order.key]
             self._steps.pop(order.attempt_id, None)

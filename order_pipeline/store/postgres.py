@@ -524,8 +524,8 @@ class PostgresStore(WriterThread[Conn]):
     async def net_charge(self, key: str) -> int:
         return await self._call(lambda conn: _net_charge(conn, key))
 
-    async def purge(self, finished_before: float) -> int:
-        return await self._call(lambda conn: _purge(conn, finished_before))
+    async def purge(self, older_than: float, limit: int) -> int:
+        return await self._call(lambda conn: _purge(conn, older_than, limit))
 
 
 # -- opening ------------------------------------------------------------------------------
@@ -873,15 +873,17 @@ def _running_of(conn: Conn, owner: str, older_than: float) -> list[StoredOrder]:
     return [order for order, _ in _orders(rows)]
 
 
-def _purge(conn: Conn, finished_before: float) -> int:
+def _purge(conn: Conn, older_than: float, limit: int) -> int:
+    # SKIP LOCKED: another host's purge takes other rows instead of waiting for these.
     row = conn.execute(
-        f"WITH gone AS (DELETE FROM orders WHERE state = '{FINISHED}'"
-        " AND finished_at < to_timestamp(%s)"
-        f" AND kind IS DISTINCT FROM '{COMPENSATION_FAILED}' RETURNING key, attempt_id),"
+        "WITH gone AS (DELETE FROM orders WHERE key IN (SELECT key FROM orders"
+        f" WHERE state = '{FINISHED}' AND finished_at < now() - make_interval(secs => %s)"
+        f" AND kind IS DISTINCT FROM '{COMPENSATION_FAILED}' LIMIT %s FOR UPDATE SKIP LOCKED)"
+        " RETURNING key, attempt_id),"
         " s AS (DELETE FROM steps WHERE attempt_id IN (SELECT attempt_id FROM gone)),"
         " l AS (DELETE FROM ledger WHERE key IN (SELECT key FROM gone))"
         " SELECT count(*) FROM gone",
-        (finished_before,),
+        (older_than, limit),
     ).fetchone()
     assert row is not None
     return int(row[0])

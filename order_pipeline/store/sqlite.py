@@ -288,8 +288,9 @@ class SqliteStore(WriterThread[Conn]):
     async def net_charge(self, key: str) -> int:
         return await self._call(lambda conn: int(conn.execute(_NET_CHARGE, (key,)).fetchone()[0]))
 
-    async def purge(self, finished_before: float) -> int:
-        return await self._call(lambda conn: _purge(conn, finished_before))
+    async def purge(self, older_than: float, limit: int) -> int:
+        finished_before = time.time() - older_than
+        return await self._call(lambda conn: _purge(conn, finished_before, limit))
 
 
 # -- opening ------------------------------------------------------------------------------
@@ -598,11 +599,11 @@ def _running_of(conn: Conn, owner: str, started_before: float) -> list[StoredOrd
     return [_order(conn, row) for row in rows]
 
 
-def _purge(conn: Conn, finished_before: float) -> int:
+def _purge(conn: Conn, finished_before: float, limit: int) -> int:
     gone = conn.execute(
-        "DELETE FROM orders WHERE state = ? AND finished_at < ? AND kind IS NOT ?"
-        " RETURNING key, attempt_id",
-        (FINISHED, finished_before, COMPENSATION_FAILED),
+        "DELETE FROM orders WHERE key IN (SELECT key FROM orders"
+        " WHERE state = ? AND finished_at < ? AND kind IS NOT ? LIMIT ?) RETURNING key, attempt_id",
+        (FINISHED, finished_before, COMPENSATION_FAILED, limit),
     ).fetchall()
     conn.executemany("DELETE FROM steps WHERE attempt_id = ?", [(a,) for _, a in gone])
     conn.executemany("DELETE FROM ledger WHERE key = ?", [(k,) for k, _ in gone])
