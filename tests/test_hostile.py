@@ -130,6 +130,26 @@ async def test_specific_hostile_answers(start_server: StartServer) -> None:
     assert await status(CASES["chunked past the size limit"]) == 413
 
 
+async def test_a_request_framed_two_ways_is_answered_then_its_connection_closed(
+    start_server: StartServer,
+) -> None:
+    """RFC 9112 §6.1: a request with both Transfer-Encoding and Content-Length is read by its
+    chunks, and its connection is closed after the answer, so that bytes a proxy in front
+    framed by the Content-Length are never read as a next request (request smuggling)."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    body = b'{"order_id": "s-1", "amount": 5}'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    framing = b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n"
+    smuggled = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+
+    answer = await exchange(server.url, request(chunked, extra=framing, close=False) + smuggled)
+
+    assert answer.count(b"HTTP/1.1 ") == 1  # the smuggled request was not served
+    reply = parse(answer)
+    assert (reply.status, reply.json()["order_id"]) == (200, "s-1")
+    assert reply.headers["connection"] == "close"
+
+
 async def test_an_http2_request_hypercorn_fails_on_ends_its_connection_alone(
     start_server: StartServer,
 ) -> None:

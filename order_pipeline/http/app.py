@@ -23,7 +23,7 @@ from ..kinds import BAD_REQUEST, HTTP_ERROR, INTERNAL, NOT_FOUND, kind_of_status
 from ..model import ErrorInfo, OrderRequest, Reply
 from ..orders import Answer, OnRefused
 from ..serialization import InvalidOrder, dump_reply, parse_order
-from .asgi import finish_responses_shielded, with_request_ids
+from .asgi import closing_after_ambiguous_framing, finish_responses_shielded, with_request_ids
 
 __all__ = ["IDEMPOTENCY_KEY", "MAX_BODY_BYTES", "OrderDesk", "create_app"]
 
@@ -115,7 +115,7 @@ def create_app(
     app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_S
     # Quart's documented way to add ASGI middleware; its test client goes through it too.
     app.asgi_app = finish_responses_shielded(  # type: ignore[method-assign] # Quart types it as a method
-        with_request_ids(app.asgi_app)
+        with_request_ids(closing_after_ambiguous_framing(app.asgi_app))
     )
     openapi = _openapi_document()
 

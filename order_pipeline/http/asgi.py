@@ -1,4 +1,5 @@
-"""ASGI middleware: request IDs, the caller's trace, and letting hypercorn finish each response.
+"""ASGI middleware: request IDs, the caller's trace, letting hypercorn finish each response,
+and closing a connection whose request was framed two ways.
 
 `with_request_ids` gives every request an ID (the client's plain `X-Request-ID`,
 or a fresh one), puts it in the `request_id` context variable for the logs, and
@@ -40,6 +41,7 @@ from ..model import new_id
 __all__ = [
     "REQUEST_ID_HEADER",
     "TRACEPARENT_HEADER",
+    "closing_after_ambiguous_framing",
     "finish_responses_shielded",
     "with_request_ids",
 ]
@@ -47,6 +49,7 @@ __all__ = [
 REQUEST_ID_HEADER: Final = b"x-request-id"
 TRACEPARENT_HEADER: Final = b"traceparent"
 TRACESTATE_HEADER: Final = b"tracestate"
+_CONNECTION_CLOSE: Final = (b"connection", b"close")
 # A client's request ID is echoed only if it is short and plain; otherwise we make one.
 _VALID_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
 # The propagator's own limits on both headers; longer ones are ignored here, before it
@@ -100,6 +103,34 @@ def with_request_ids(app: Any) -> Any:
             context.detach(token)
 
     return wrapped
+
+
+def closing_after_ambiguous_framing(app: Any) -> Any:
+    """Wrap an ASGI app so a request with both Transfer-Encoding and Content-Length has its
+    connection closed after the response (RFC 9112 §6.1). h11 reads such a body by its
+    chunks; a proxy in front that framed it by its length would take the rest for a next
+    request of its own (request smuggling), which a closed connection never reads."""
+
+    async def wrapped(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] != "http" or not _framed_two_ways(scope):
+            await app(scope, receive, send)
+            return
+
+        async def send_closing(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message["headers"], _CONNECTION_CLOSE]}
+            await send(message)
+
+        await app(scope, receive, send_closing)
+
+    return wrapped
+
+
+def _framed_two_ways(scope: HTTPScope) -> bool:
+    if not scope["http_version"].startswith("1."):  # HTTP/2 frames bodies itself
+        return False
+    names = {name for name, _ in scope["headers"]}
+    return b"transfer-encoding" in names and b"content-length" in names
 
 
 def finish_responses_shielded(app: Any) -> Any:
