@@ -1,6 +1,6 @@
 """What a worker inherits from its supervisor: its own listening socket, the metrics directory,
 a pipe to say that it serves, a pipe that tells it when the supervisor ends, and every
-setting, all through the environment.
+setting, all through the environment; and the two signals by which the supervisor stops it.
 
 The supervisor writes it (`Handoff.environ`) and the worker's entry point reads
 it, once (`Handoff.from_environ`); nothing else reads these variables. The
@@ -11,6 +11,7 @@ command line parses like any other environment.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Mapping
 from typing import Final
 
@@ -19,7 +20,15 @@ import trio
 
 from .settings import Settings
 
-__all__ = ["LIFELINE_FD_ENV", "LISTEN_FD_ENV", "MULTIPROC_ENV", "READY_FD_ENV", "Handoff"]
+__all__ = [
+    "CUT_SHORT_SIGNAL",
+    "DRAIN_SIGNAL",
+    "LIFELINE_FD_ENV",
+    "LISTEN_FD_ENV",
+    "MULTIPROC_ENV",
+    "READY_FD_ENV",
+    "Handoff",
+]
 
 # A worker serves the listening socket it inherited as this file descriptor.
 LISTEN_FD_ENV: Final = "ORDER_PIPELINE_LISTEN_FD"
@@ -28,6 +37,12 @@ READY_FD_ENV: Final = "ORDER_PIPELINE_READY_FD"
 # The read end of a pipe whose only write end the supervisor holds and never writes to: it
 # reads as ended once the supervisor has ended, however it ended (SIGKILL too).
 LIFELINE_FD_ENV: Final = "ORDER_PIPELINE_LIFELINE_FD"
+# The supervisor's word to its workers: start the drain, then cut it short. Not SIGTERM: a
+# signal sent to the whole process group (systemd's default KillMode, `kill -- -PGID`, a
+# terminal's Ctrl+C) reaches each worker besides its supervisor, and a worker that heard the
+# same signal twice, from both, would take it for a second one and cut its drain short.
+DRAIN_SIGNAL: Final = signal.SIGUSR1
+CUT_SHORT_SIGNAL: Final = signal.SIGUSR2
 # prometheus-client reads this one itself, when it is imported: it must be in the
 # worker's environment before then, not only handed to `Metrics`.
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"

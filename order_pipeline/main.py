@@ -27,7 +27,7 @@ import attrs
 import trio
 
 from .cli import VERSION, ListOrders, parse_command
-from .handoff import Handoff
+from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff
 from .kinds import CANCELED
 from .listing import list_orders
 from .logs import configure_logging
@@ -227,20 +227,29 @@ async def run(settings: Settings, listening: list[socket.socket] | Handoff) -> N
 
 
 async def receive_signals(
-    received: AsyncIterator[int], readiness: Readiness, serving: trio.CancelScope
+    received: AsyncIterator[int],
+    readiness: Readiness,
+    serving: trio.CancelScope,
+    *,
+    cut_short_by: int | None = None,
 ) -> None:
     """Start the drain at the first signal; at any later one, cancel `serving`, so the orders
     in flight are cancelled, undone and reported now (for an operator who cannot wait and
-    should not have to kill the process and leave the undoing to recovery)."""
+    should not have to kill the process and leave the undoing to recovery).
+
+    A worker is given `cut_short_by` (`CUT_SHORT_SIGNAL`): only that one cuts its drain
+    short; any other starts the drain or, heard again, changes nothing (a SIGTERM to the
+    process group reaches the worker besides its supervisor's `DRAIN_SIGNAL`)."""
     async for signum in received:
         name = signal.Signals(signum).name
-        if readiness.is_ready():
-            log.info("received %s: draining", name)
-            readiness.start_draining()
-        else:
+        if signum == cut_short_by or (cut_short_by is None and not readiness.is_ready()):
             log.warning("received %s while draining: cancelling the orders in flight", name)
+            readiness.start_draining()
             readiness.interrupt()
             serving.cancel()
+        elif readiness.is_ready():
+            log.info("received %s: draining", name)
+            readiness.start_draining()
 
 
 async def drain_when_supervisor_ends(handoff: Handoff, readiness: Readiness) -> None:
@@ -260,10 +269,14 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
     """
     metrics_dir = handoff.metrics_dir if handoff else None
     count = DrainCount(metrics_dir)
-    # A worker is stopped by its supervisor's SIGTERM. A terminal's Ctrl+C reaches every
-    # process of the foreground group: heard besides that SIGTERM, it would count as a second
-    # signal and cut the drain short. So a worker ignores SIGINT.
-    signals = (signal.SIGTERM,) if handoff else (signal.SIGTERM, signal.SIGINT)
+    # A worker is stopped by its supervisor's DRAIN_SIGNAL and CUT_SHORT_SIGNAL (handoff.py);
+    # a SIGTERM of its own drains it too. It ignores SIGINT: a terminal's Ctrl+C reaches every
+    # process of the foreground group, its supervisor included, which tells it.
+    if handoff:
+        signals: tuple[int, ...] = (signal.SIGTERM, DRAIN_SIGNAL, CUT_SHORT_SIGNAL)
+        cut_short_by: int | None = CUT_SHORT_SIGNAL
+    else:
+        signals, cut_short_by = (signal.SIGTERM, signal.SIGINT), None
     configure_tracing()  # once per serving process, before assemble: README, "Tracing"
 
     def exit_as_crashed(message: str) -> None:
@@ -279,8 +292,8 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
         # Received from here until the drain is over, so that no signal meets its default
         # action (death by SIGTERM, KeyboardInterrupt) while orders may run; one left unread
         # when the receiver closes is ignored, not redelivered to that action.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in (signal.SIGINT, *signals):
+            signal.signal(signum, signal.SIG_IGN)
         with trio.open_signal_receiver(*signals) as received:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(exit_at_hard_deadline, assembly.readiness, settings, count)
@@ -290,7 +303,13 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
                 await nursery.start(assembly.desk.maintain)
                 async with trio.open_nursery() as serving:
                     nursery.start_soon(
-                        receive_signals, received, assembly.readiness, serving.cancel_scope
+                        functools.partial(
+                            receive_signals,
+                            received,
+                            assembly.readiness,
+                            serving.cancel_scope,
+                            cut_short_by=cut_short_by,
+                        )
                     )
                     (url, *_) = await serving.start(
                         functools.partial(serve, assembly, settings, listen_fd=listen_fd)

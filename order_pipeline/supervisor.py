@@ -8,13 +8,15 @@ the connections the kernel queues on a dead worker's socket wait there until its
 restart serves them; if the drain begins first, closing the socket resets them.
 
 Hypercorn's own multi-process mode is not graceful (the first worker to exit
-makes the parent terminate the others). This supervisor forwards SIGTERM or
-SIGINT to every worker, lets each drain on its own, waits for them with a hard
-deadline, and restarts a worker that dies while serving. A second signal is
-forwarded too, so it cuts every worker's drain short (status 1). It forwards
-both as SIGTERM: a worker ignores SIGINT, since a terminal's Ctrl+C reaches the
-whole foreground process group, and a worker that heard it besides the forwarded
-signal would take the two for a second signal. A worker that keeps dying (`RESTART_LIMIT`
+makes the parent terminate the others). On SIGTERM or SIGINT this supervisor
+tells every worker to drain (`DRAIN_SIGNAL`), lets each drain on its own, waits
+for them with a hard deadline, and restarts a worker that dies while serving. A
+second signal cuts every worker's drain short (`CUT_SHORT_SIGNAL`; status 1).
+Signals of their own, not SIGTERM: a signal sent to the whole process group
+(systemd's default KillMode, a terminal's Ctrl+C) reaches each worker too, and a
+worker that heard the same signal from both would take it for a second one; a
+worker ignores SIGINT, and a SIGTERM it hears besides the drain changes nothing.
+A worker that keeps dying (`RESTART_LIMIT`
 deaths within `RESTART_WINDOW_S`) is not restarted again: the supervisor drains
 the others and exits with status 1. The workers share one prometheus-client
 multiprocess directory, so `/metrics` sums all of them.
@@ -42,7 +44,7 @@ from typing import Final
 
 import trio
 
-from .handoff import Handoff
+from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff
 from .settings import Settings
 
 __all__ = ["supervise"]
@@ -62,8 +64,9 @@ async def supervise(
     then drain them.
 
     `on_serving` is called once every worker serves. Returns the exit status: 1 if a
-    worker was given up on (once the others have drained) or a second signal cut the
-    drain short, else 0.
+    worker was given up on (once the others have drained), a second signal cut the drain
+    short, or a worker did not end its drain with 0 (it failed, was killed, or outlived the
+    hard deadline), else 0.
     """
     from prometheus_client.multiprocess import mark_process_dead
 
@@ -82,10 +85,11 @@ async def supervise(
     stopping = False
     gave_up = False
     interrupted = False
+    drained_in_full = True  # every worker ended its drain by itself, with status 0
     running: set[trio.Process] = set()
     # Held while a worker is started and while the drain closes the sockets: a start
     # never passes a closed socket, and every process started before the drain gets
-    # its SIGTERM (open_process lets other tasks run while it forks).
+    # its DRAIN_SIGNAL (open_process lets other tasks run while it forks).
     spawning = trio.Lock()
     # The wait for a signal; a worker given up on cancels it to start the drain.
     waiting = trio.CancelScope()
@@ -105,7 +109,7 @@ async def supervise(
         return process
 
     async def worker(number: int) -> None:
-        nonlocal gave_up
+        nonlocal gave_up, drained_in_full
         deaths: deque[float] = deque(maxlen=RESTART_LIMIT)
         while True:
             process = await start(number)
@@ -123,6 +127,10 @@ async def supervise(
                 mark_process_dead(process.pid, metrics_dir)  # type: ignore[no-untyped-call] # untyped upstream
             if stopping:
                 log.info("worker %d (pid %d) exited with %d", number, process.pid, code)
+                # Drained in full: 0, or ended by the drain signal's default action while
+                # still starting, before it could take an order.
+                if code not in (0, -DRAIN_SIGNAL):
+                    drained_in_full = False
                 return
             deaths.append(trio.current_time())
             if len(deaths) == RESTART_LIMIT and deaths[-1] - deaths[0] <= RESTART_WINDOW_S:
@@ -161,7 +169,7 @@ async def supervise(
             log.warning("received %s while draining: cutting the workers' drains short", name)
             interrupted = True
             for process in running:
-                process.send_signal(signal.SIGTERM)
+                process.send_signal(CUT_SHORT_SIGNAL)
 
     # Received until every worker has exited; one left unread then is ignored, not redelivered
     # to its default action (death by SIGTERM, KeyboardInterrupt): the drain is over. (A
@@ -186,7 +194,7 @@ async def supervise(
                         for sock in sockets:
                             sock.close()
                     for process in running:
-                        process.send_signal(signal.SIGTERM)
+                        process.send_signal(DRAIN_SIGNAL)
                     forwarding.start_soon(forward_later_signals, signals)
                     nursery.cancel_scope.deadline = trio.current_time() + settings.hard_exit_delay
                 forwarding.cancel_scope.cancel()
@@ -198,4 +206,4 @@ async def supervise(
         os.close(lifeline_read)
         os.close(lifeline_write)
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 1 if gave_up or interrupted else 0
+    return 0 if drained_in_full and not (gave_up or interrupted) else 1

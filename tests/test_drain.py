@@ -42,6 +42,8 @@ WAIT_S = 20  # for something a subprocess does
 # Payment and courier done at once; the vendor runs long past the test.
 LONG = {"payment": 0, "courier": 0, "vendor": 60_000}
 DRAINING = "received SIGTERM: draining"
+# A worker's, told by its supervisor (handoff.DRAIN_SIGNAL).
+WORKER_DRAINING = "received SIGUSR1: draining"
 
 
 def messages(server: ServerProcess) -> list[str]:
@@ -143,10 +145,14 @@ async def own_process_group(tmp_path: Path, *flags: str) -> AsyncIterator[Server
                 await process.wait()
 
 
-async def test_ctrl_c_drains_every_worker_once_with_the_delay(tmp_path: Path) -> None:
-    """--workers 2 --drain-delay 2, Ctrl+C at the terminal (SIGINT to the whole process group):
-    each worker acts on it once (the supervisor's SIGTERM), so it drains rather than cutting the
-    drain short: new connections get /readyz 503 and new orders 200, the order in flight 200."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+async def test_a_signal_to_the_process_group_drains_every_worker_once_with_the_delay(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """--workers 2 --drain-delay 2, one signal to the whole process group (Ctrl+C at the
+    terminal; SIGTERM from systemd's default KillMode or `kill -- -PGID`): each worker acts on
+    it once (its supervisor's word), so it drains rather than cutting the drain short: new
+    connections get /readyz 503 and new orders 200, the order in flight 200."""
     flags = ("--workers", "2", "--drain-delay", "2", "--no-access-log")
     async with own_process_group(tmp_path, *flags) as server:
         outcomes: list[int | str] = []
@@ -154,8 +160,8 @@ async def test_ctrl_c_drains_every_worker_once_with_the_delay(tmp_path: Path) ->
             body = {"order_id": "in-flight", "amount": 1, "delay_ms": {"vendor": 1500}}
             nursery.start_soon(post, server.url, body, outcomes)
             await wait_for_steps_in_flight(server.url, 1)  # its vendor step
-            os.killpg(server.process.pid, signal.SIGINT)
-            await wait_for_log(server, "received SIGINT: draining the workers")
+            os.killpg(server.process.pid, signum)
+            await wait_for_log(server, f"received {signum.name}: draining the workers")
             readies = []
             for _ in range(4):  # fresh connections: either worker may answer
                 async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
@@ -234,7 +240,7 @@ async def test_a_second_signal_to_the_supervisor_cuts_every_workers_drain_short(
 
     def workers_draining() -> int:
         lines = server.log_lines()
-        return sum(1 for line in lines if line["pid"] != pid and line["message"] == DRAINING)
+        return sum(1 for line in lines if line["pid"] != pid and line["message"] == WORKER_DRAINING)
 
     async with trio.open_nursery() as nursery:
         for n in range(4):
@@ -242,7 +248,7 @@ async def test_a_second_signal_to_the_supervisor_cuts_every_workers_drain_short(
             nursery.start_soon(post, server.url, body, outcomes)
         await wait_for_steps_in_flight(server.url, 4)  # the four vendor steps, on either worker
         server.process.send_signal(signal.SIGTERM)
-        with trio.fail_after(WAIT_S):  # each worker has its first SIGTERM
+        with trio.fail_after(WAIT_S):  # each worker has been told to drain
             while True:
                 if workers_draining() == 2:
                     break

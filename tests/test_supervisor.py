@@ -234,6 +234,38 @@ async def test_sigterm_in_a_restart_pause_lets_the_other_worker_drain(
     assert [(line["level"], line["message"]) for line in server.errors()] == [died]
 
 
+async def test_a_worker_killed_during_the_drain_makes_the_exit_status_1(
+    start_server: StartServer,
+) -> None:
+    """SIGTERM with orders in flight, then one worker SIGKILLed mid-drain: its orders were not
+    drained (recovery undoes them), so the supervisor exits 1, not 0; the other's get 200."""
+    server = await start_server(
+        "--workers", "2", "--no-access-log", expect_errors=True, check_exit=False
+    )
+    doomed, other = await pid_of_start(server, 0, 1), await pid_of_start(server, 1, 1)
+    outcomes: list[int | str] = []
+    async with trio.open_nursery() as nursery:
+        for n, pid in enumerate([doomed, other]):
+            stream = await connection_to(server, pid, [doomed, other])
+            nursery.start_soon(order, stream, f"drain-{n}", outcomes)
+        await wait_for_steps_in_flight(server.url, 6)
+        server.process.send_signal(signal.SIGTERM)
+        await poll(
+            lambda: ("info", "received SIGTERM: draining the workers") in supervisor_lines(server)
+        )
+        os.kill(doomed, signal.SIGKILL)
+        with trio.fail_after(WAIT_S):
+            code = await server.process.wait()
+
+    assert code == 1
+    assert sorted(map(str, outcomes)) == ["200", "no reply"]
+    assert ("info", f"worker 0 (pid {doomed}) exited with -9") in supervisor_lines(server)
+    assert supervisor_lines(server)[-1] == (
+        "info",
+        "workers drained (each worker logged its own counts); exit status 1",
+    )
+
+
 async def test_a_worker_that_keeps_dying_is_given_up_on(start_server: StartServer) -> None:
     """A worker dead RESTART_LIMIT times is not restarted: the other drains its order, exit 1."""
     server = await start_server(
