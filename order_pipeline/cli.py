@@ -93,8 +93,8 @@ def _parsers() -> tuple[_Parser, dict[str, _Parser]]:
         "orders",
         help="list the stored orders",
         more="for its flags",
-        description="List the orders in the store: key, order_id, status, kind, start and end, "
-        "each compensation's outcome and the ledger's net charge for the order.",
+        description="List the orders in the store: key, order_id, status, kind, attempt, start "
+        "and end, each compensation's outcome and the ledger's net charge for the order.",
     )
     store_env = Settings.env_name("store")
     store_default = Settings().store

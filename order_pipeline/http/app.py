@@ -29,6 +29,9 @@ __all__ = ["IDEMPOTENCY_KEY", "MAX_BODY_BYTES", "OrderDesk", "create_app"]
 
 MAX_BODY_BYTES: Final = 64 * 1024
 BODY_TIMEOUT_S: Final = 10
+# Too large, or too slow to arrive: the body was not read to its end, so hypercorn closes
+# the connection after the reply.
+_BODY_UNREAD: Final = (413, 408)
 IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 _VALID_KEY: Final = re.compile(r"[A-Za-z0-9._~:-]{1,255}")
 BAD_KEY: Final = f"{IDEMPOTENCY_KEY} must be 1 to 255 characters of A-Z a-z 0-9 . _ ~ : -"
@@ -170,6 +173,8 @@ def create_app(
             on_refused(kind, status, None, message)
         # Keep Werkzeug's headers (Allow on a 405) but not its HTML content type.
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        if status in _BODY_UNREAD and request.http_version.startswith("1."):
+            headers["Connection"] = "close"  # hypercorn closes it: say so (RFC 9110 §15.5.9)
         return _reply(Reply("error", error=ErrorInfo(kind, message)), status, headers=headers)
 
     @app.errorhandler(Exception)
