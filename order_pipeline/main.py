@@ -28,7 +28,6 @@ import trio
 
 from .cli import VERSION, ListOrders, parse_command
 from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff
-from .kinds import CANCELED
 from .listing import list_orders
 from .logs import configure_logging
 from .metrics import Metrics
@@ -167,7 +166,7 @@ class DrainCount(Metrics):
     def observe_order(self, result: OrderResult, kind: str, http_status: int) -> None:
         super().observe_order(result, kind, http_status)
         if self.draining:
-            if kind == CANCELED:
+            if result.cancelled:
                 self.canceled_in_drain += 1
             else:
                 self.drained += 1
@@ -231,18 +230,27 @@ async def receive_signals(
     readiness: Readiness,
     serving: trio.CancelScope,
     *,
-    cut_short_by: int | None = None,
+    supervised: bool = False,
 ) -> None:
     """Start the drain at the first signal; at any later one, cancel `serving`, so the orders
     in flight are cancelled, undone and reported now (for an operator who cannot wait and
     should not have to kill the process and leave the undoing to recovery).
 
-    A worker is given `cut_short_by` (`CUT_SHORT_SIGNAL`): only that one cuts its drain
-    short; any other starts the drain or, heard again, changes nothing (a SIGTERM to the
-    process group reaches the worker besides its supervisor's `DRAIN_SIGNAL`)."""
+    A worker (`supervised`) hears its supervisor's `DRAIN_SIGNAL`, which never cuts the
+    drain short, and `CUT_SHORT_SIGNAL`, which does; and SIGTERM, which cuts it short only
+    when heard a second time. So a SIGTERM to the whole process group, which reaches the
+    worker besides its supervisor's `DRAIN_SIGNAL`, counts once; a worker whose supervisor
+    is gone is cut short by SIGTERM twice, as a lone server is."""
+    heard: set[int] = set()
     async for signum in received:
         name = signal.Signals(signum).name
-        if signum == cut_short_by or (cut_short_by is None and not readiness.is_ready()):
+        if supervised:
+            again = signum in heard and signum != DRAIN_SIGNAL
+            cut_short = signum == CUT_SHORT_SIGNAL or again
+        else:
+            cut_short = not readiness.is_ready()
+        heard.add(signum)
+        if cut_short:
             log.warning("received %s while draining: cancelling the orders in flight", name)
             readiness.start_draining()
             readiness.interrupt()
@@ -269,14 +277,13 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
     """
     metrics_dir = handoff.metrics_dir if handoff else None
     count = DrainCount(metrics_dir)
-    # A worker is stopped by its supervisor's DRAIN_SIGNAL and CUT_SHORT_SIGNAL (handoff.py);
-    # a SIGTERM of its own drains it too. It ignores SIGINT: a terminal's Ctrl+C reaches every
-    # process of the foreground group, its supervisor included, which tells it.
+    # A worker is stopped by its supervisor's DRAIN_SIGNAL and CUT_SHORT_SIGNAL (handoff.py),
+    # or by SIGTERMs of its own (`receive_signals`). It ignores SIGINT: a terminal's Ctrl+C
+    # reaches every process of the foreground group, its supervisor included, which tells it.
     if handoff:
         signals: tuple[int, ...] = (signal.SIGTERM, DRAIN_SIGNAL, CUT_SHORT_SIGNAL)
-        cut_short_by: int | None = CUT_SHORT_SIGNAL
     else:
-        signals, cut_short_by = (signal.SIGTERM, signal.SIGINT), None
+        signals = (signal.SIGTERM, signal.SIGINT)
     configure_tracing()  # once per serving process, before assemble: README, "Tracing"
 
     def exit_as_crashed(message: str) -> None:
@@ -308,7 +315,7 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
                             received,
                             assembly.readiness,
                             serving.cancel_scope,
-                            cut_short_by=cut_short_by,
+                            supervised=handoff is not None,
                         )
                     )
                     (url, *_) = await serving.start(

@@ -212,15 +212,24 @@ class OrderDesk:
         except StoreUnavailable:
             log.warning("order %r: its result could not be recorded yet", order.order_id)
             return attrs.evolve(_error(STORE_UNAVAILABLE, key=key), refused=None)
-        if final is None or final.kind == INTERRUPTED:
+        if (final is None or final.kind == INTERRUPTED) and await self._still_ours(attempt):
             # Our lease lapsed and another process claimed the order to undo it, while our
             # run went on: a step of ours that took effect after its undo is ours to undo
-            # (compensations are idempotent).
+            # (compensations are idempotent). Not once a retry runs the key again: the
+            # vendor's and the courier's compensations act on the order, not the attempt.
             log.warning("order %r was taken over by another process: undoing it", order.order_id)
             await self.pipeline.undo(order, result.steps, INTERRUPTED, report=False)
         if final is None:
             return attrs.evolve(_error(ORDER_IN_PROGRESS, key=key), refused=None)
         return Answer(final.http_status, final.reply, key, lookup(final.kind).retry_after)
+
+    async def _still_ours(self, attempt: Attempt) -> bool:
+        """Whether the key still holds `attempt` (another process may have claimed it)."""
+        try:
+            stored = await self.store.get(attempt.key)
+        except StoreUnavailable:
+            return False  # then the held final record decides; see deploying.md
+        return stored is not None and stored.attempt_id == attempt.id
 
     async def look_up(self, key: str) -> Answer:
         """What the key holds: the stored reply, or the steps recorded so far while it runs."""

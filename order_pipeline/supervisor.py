@@ -49,6 +49,10 @@ from .settings import Settings
 
 __all__ = ["supervise"]
 
+# How a worker that drained in full ends: with 0, or, still starting (no handler yet, so no
+# order taken), by the default action of a signal to its process group or of its drain.
+DRAINED: Final = frozenset({0, -signal.SIGTERM, -signal.SIGINT, -DRAIN_SIGNAL})
+
 log = logging.getLogger(__name__)
 
 RESTART_PAUSE_S: Final = 1.0
@@ -127,9 +131,7 @@ async def supervise(
                 mark_process_dead(process.pid, metrics_dir)  # type: ignore[no-untyped-call] # untyped upstream
             if stopping:
                 log.info("worker %d (pid %d) exited with %d", number, process.pid, code)
-                # Drained in full: 0, or ended by the drain signal's default action while
-                # still starting, before it could take an order.
-                if code not in (0, -DRAIN_SIGNAL):
+                if code not in DRAINED:
                     drained_in_full = False
                 return
             deaths.append(trio.current_time())

@@ -26,7 +26,11 @@ import pytest
 import trio
 
 from order_pipeline.cli import parse_args
-from order_pipeline.server import Settings
+from order_pipeline.handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL
+from order_pipeline.kinds import label, lookup
+from order_pipeline.main import DrainCount, receive_signals
+from order_pipeline.model import OrderResult
+from order_pipeline.server import Readiness, Settings
 
 from .conftest import serving
 from .launch import serve_argv
@@ -37,6 +41,7 @@ from .server_process import (
     wait_for_steps_in_flight,
     wait_for_url,
 )
+from .test_supervisor import pid_of_start
 
 WAIT_S = 20  # for something a subprocess does
 # Payment and courier done at once; the vendor runs long past the test.
@@ -145,6 +150,54 @@ async def own_process_group(tmp_path: Path, *flags: str) -> AsyncIterator[Server
                 await process.wait()
 
 
+def test_the_drain_counts_an_order_cancelled_whose_undoing_failed_as_cancelled() -> None:
+    """The last line's counts: an order cancelled by the drain is `cancelled` whatever its
+    kind (`compensation_failed` when undoing it failed too), not `drained`."""
+    count = DrainCount()
+    count.draining = True
+    for result in (
+        OrderResult("o-1", (), "compensation_failed", 10, cancelled=True),
+        OrderResult("o-2", (), "compensation_failed", 10),
+        OrderResult("o-3", (), "canceled", 10, cancelled=True),
+    ):
+        count.observe_order(result, label(result.kind), lookup(result.kind).status)
+
+    assert (count.drained, count.canceled_in_drain) == (1, 2)
+
+
+TERM, INT = signal.SIGTERM, signal.SIGINT
+
+
+@pytest.mark.parametrize(
+    ("supervised", "heard", "cut_short"),
+    [
+        (False, [TERM], False),
+        (False, [TERM, INT], True),  # a lone server: any second signal
+        (True, [TERM, DRAIN_SIGNAL], False),  # one SIGTERM to the process group, either order
+        (True, [DRAIN_SIGNAL, TERM], False),
+        (True, [TERM, DRAIN_SIGNAL, TERM, CUT_SHORT_SIGNAL], True),  # two to the group
+        (True, [DRAIN_SIGNAL, CUT_SHORT_SIGNAL], True),  # two to the supervisor
+        (True, [DRAIN_SIGNAL, DRAIN_SIGNAL], False),
+        (True, [TERM, TERM], True),  # a worker whose supervisor is gone
+    ],
+)
+async def test_which_signals_cut_a_drain_short(
+    supervised: bool, heard: list[int], cut_short: bool
+) -> None:
+    """The first signal starts the drain; which later ones cut it short (cancelling the orders
+    in flight) depends on whether a supervisor tells the process, and how."""
+    readiness = Readiness()
+    send, received = trio.open_memory_channel[int](len(heard))
+    for signum in heard:
+        send.send_nowait(signum)
+    send.close()
+    with trio.CancelScope() as serving:
+        await receive_signals(received, readiness, serving, supervised=supervised)
+
+    assert not readiness.is_ready()
+    assert (serving.cancel_called, readiness.interrupted) == (cut_short, cut_short)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 async def test_a_signal_to_the_process_group_drains_every_worker_once_with_the_delay(
     tmp_path: Path, signum: signal.Signals
@@ -174,6 +227,23 @@ async def test_a_signal_to_the_process_group_drains_every_worker_once_with_the_d
     assert sorted(map(str, outcomes)) == ["200", "200"]
     assert code == 0
     assert [line for line in server.log_lines() if line["level"] != "info"] == []
+    assert messages(server)[-1] == (
+        "workers drained (each worker logged its own counts); exit status 0"
+    )
+
+
+async def test_a_group_sigterm_while_a_worker_starts_is_a_clean_drain(tmp_path: Path) -> None:
+    """A worker still starting (restarted after a death) has no signal handler yet: a SIGTERM
+    to the process group ends it by the default action, before it could take an order. That
+    is no failed drain: the supervisor exits 0 (it gave 1 at random before)."""
+    async with own_process_group(tmp_path, "--workers", "2", "--no-access-log") as server:
+        os.kill(await pid_of_start(server, 0, 1), signal.SIGKILL)
+        await pid_of_start(server, 0, 2)  # restarted a second later; now importing
+        os.killpg(server.process.pid, signal.SIGTERM)
+        with trio.fail_after(WAIT_S):
+            code = await server.process.wait()
+
+    assert code == 0
     assert messages(server)[-1] == (
         "workers drained (each worker logged its own counts); exit status 0"
     )

@@ -641,6 +641,38 @@ async def test_an_order_taken_over_while_it_runs_is_undone_by_its_first_process_
     assert await store.net_charge("k-1") == 0
 
 
+async def test_a_taken_over_order_retried_meanwhile_is_left_to_its_retry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Taken over and undone, the order is retried (attempt 2, on the claimer) before the first
+    process's run ends: that process undoes nothing then, since the vendor's and the courier's
+    compensations act on the order, and would undo the retry's, answered 200."""
+    store = MemoryStore()
+    events: list[tuple[str, str]] = []
+    first = _noting(assemble(Settings(), store=store).desk, events)  # it holds no lease
+    claimer = _noting(assemble(Settings(), store=store).desk, events)
+    order = make_order("o-1", amount=70, delay_ms={"vendor": 3000})
+    answers: dict[str, orders.Answer] = {}
+
+    async def send(desk: OrderDesk, who: str) -> None:
+        answers[who] = await desk.submit(order, "k-1")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, first, "first")
+        await trio.sleep(0.5)
+        await nursery.start(claimer.maintain)  # claims and undoes k-1 at once
+        while (await store.get("k-1")).kind != "interrupted":  # type: ignore[union-attr] # noqa: ASYNC110
+            await trio.sleep(0.05)
+        nursery.start_soon(send, claimer, "retry")
+        while len(answers) < 2:  # noqa: ASYNC110 # the first's run ends at 3 s, the retry's at 3.5
+            await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+    assert answers["retry"].status == 200
+    assert dict(events) == dict.fromkeys(STEP_NAMES, "done")  # the retry's steps stand
+    assert await store.net_charge("k-1") == 70
+
+
 async def test_a_backlog_of_expired_orders_is_forgotten_a_batch_at_a_time(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -453,13 +453,13 @@ async def test_purge_forgets_old_finished_orders_only(store: OrderStore) -> None
         other = await begun(store, key)
         await store.finish(key, other.attempt_id, 200, b"{}", None)
     await begun(store, "k-running")
-    await trio.sleep(0.5)
+    await trio.sleep(1.0)  # each side of the 0.5 s age by half a second: a stalled machine
     new = await begun(store, "k-new")
     await store.finish("k-new", new.attempt_id, 200, b"{}", None)
 
-    assert await store.purge(0.25, limit=2) == 2  # a batch at most
-    assert await store.purge(0.25, limit=2) == 1
-    assert await store.purge(0.25, limit=2) == 0
+    assert await store.purge(0.5, limit=2) == 2  # a batch at most
+    assert await store.purge(0.5, limit=2) == 1
+    assert await store.purge(0.5, limit=2) == 0
     assert await store.get("k-old") is None
     assert await store.net_charge("k-old") == 0
     await store.charge("c-never-made", "k-old", 5)  # its void was purged with the order
@@ -470,7 +470,7 @@ async def test_purge_forgets_old_finished_orders_only(store: OrderStore) -> None
     ]
     again = await begun(store, "k-old")  # the key is free again
     assert (again.attempt, again.steps) == (1, ())
-    assert await store.purge(0.25, limit=2) == 0
+    assert await store.purge(0.5, limit=2) == 0
 
 
 async def test_a_cancelled_begin_did_all_or_nothing(store: OrderStore) -> None:
