@@ -82,7 +82,7 @@ class Handoff:
 
     async def wait_for_supervisor_to_end(self) -> None:
         """In the worker: return once the supervisor has ended. A supervisor that is killed
-        cannot forward SIGTERM; without this its workers would serve on, orphaned. Never
+        cannot tell them to drain; without this its workers would serve on, orphaned. Never
         returns for a supervisor older than the lifeline (a worker restarted mid-upgrade)."""
         if self.lifeline_fd is None:
             await trio.sleep_forever()

@@ -261,7 +261,7 @@ async def receive_signals(
 
 
 async def drain_when_supervisor_ends(handoff: Handoff, readiness: Readiness) -> None:
-    """A worker's: drain, as on SIGTERM, once its supervisor has ended (killed, it forwards
+    """A worker's: drain, as on SIGTERM, once its supervisor has ended (killed, it sends
     no signal)."""
     await handoff.wait_for_supervisor_to_end()
     log.warning("the supervisor is gone: draining")

@@ -15,7 +15,8 @@ second signal cuts every worker's drain short (`CUT_SHORT_SIGNAL`; status 1).
 Signals of their own, not SIGTERM: a signal sent to the whole process group
 (systemd's default KillMode, a terminal's Ctrl+C) reaches each worker too, and a
 worker that heard the same signal from both would take it for a second one; a
-worker ignores SIGINT, and a SIGTERM it hears besides the drain changes nothing.
+worker ignores SIGINT, and a SIGTERM it hears besides its supervisor's word only
+starts its drain (a second SIGTERM cuts it short).
 A worker that keeps dying (`RESTART_LIMIT`
 deaths within `RESTART_WINDOW_S`) is not restarted again: the supervisor drains
 the others and exits with status 1. The workers share one prometheus-client
@@ -89,7 +90,7 @@ async def supervise(
     stopping = False
     gave_up = False
     interrupted = False
-    drained_in_full = True  # every worker ended its drain by itself, with status 0
+    drained_in_full = True  # every worker has ended as DRAINED allows
     running: set[trio.Process] = set()
     # Held while a worker is started and while the drain closes the sockets: a start
     # never passes a closed socket, and every process started before the drain gets
@@ -164,7 +165,7 @@ async def supervise(
                     on_serving()
 
     async def forward_later_signals(signals: AsyncIterator[int]) -> None:
-        """Each signal after the first cuts the workers' drains short: forward it."""
+        """Each signal after the first cuts the workers' drains short: tell them."""
         nonlocal interrupted
         async for signum in signals:
             name = signal.Signals(signum).name
