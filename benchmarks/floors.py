@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,8 +27,16 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from order_pipeline.http.asgi import finish_responses_shielded
-from order_pipeline.server import hypercorn_config, wait_for_signal
+from order_pipeline.server import hypercorn_config
 from order_pipeline.settings import Settings
+
+
+async def wait_for_signal() -> None:
+    """Return on the first SIGTERM or SIGINT, as the service's own drain begins."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            return
+
 
 # The size of the service's 200 answer to a typical order.
 ANSWER = (

@@ -11,7 +11,8 @@ import typing
 if typing.TYPE_CHECKING:
     from .model import OrderRequest, OrderResult, StepError, StepResult, StepStatus
     from .orchestrator import Pipeline, Step
-    from .server import Assembly, Settings, assemble, serve
+    from .server import Assembly, assemble, serve
+    from .settings import Settings
 
 # The installed distribution's version, as `order-pipeline --version` prints it.
 __version__ = importlib.metadata.version("order-pipeline")
@@ -42,7 +43,7 @@ _HOMES = {
     "Pipeline": "orchestrator",
     "Step": "orchestrator",
     "Assembly": "server",
-    "Settings": "server",
+    "Settings": "settings",
     "assemble": "server",
     "serve": "server",
 }

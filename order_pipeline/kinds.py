@@ -35,6 +35,7 @@ __all__ = [
     "TIMEOUT",
     "VENDOR_UNAVAILABLE",
     "Kind",
+    "kind_of",
     "kind_of_status",
     "label",
     "lookup",
@@ -105,6 +106,12 @@ def lookup(kind: str | None) -> Kind:
     if kind is None:
         return _SUCCESS
     return KINDS.get(kind, KINDS[INTERNAL])
+
+
+def kind_of(exc: BaseException) -> str:
+    """The kind an error says it is (`model.Classified`): `internal` if it says none."""
+    kind = getattr(exc, "kind", None)
+    return kind if isinstance(kind, str) else INTERNAL
 
 
 def label(kind: str | None) -> str:

@@ -23,9 +23,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import attrs
 import trio
 
-from .kinds import CANCELED, COMPENSATION_FAILED, INTERNAL, TIMEOUT
+from .kinds import CANCELED, COMPENSATION_FAILED, INTERNAL, TIMEOUT, kind_of
 from .model import (
-    Classified,
     Compensation,
     CompensationStatus,
     OrderRequest,
@@ -60,11 +59,6 @@ class Step:
 
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
-
-
-def _kind_of(exc: Exception) -> str:
-    kind = exc.kind if isinstance(exc, Classified) else None
-    return kind if isinstance(kind, str) else INTERNAL
 
 
 def _why(status: CompensationStatus, kind: str, timeout: float) -> str:
@@ -113,7 +107,7 @@ class _OrderRun:
             await step.run(self.order)
             status = StepStatus.OK
         except Exception as exc:
-            status, detail = StepStatus.ERROR, _kind_of(exc)
+            status, detail = StepStatus.ERROR, kind_of(exc)
             if detail == INTERNAL:
                 log.error("order %r: step %s raised", self.order.order_id, step.name, exc_info=exc)
             if may_have_taken_effect(exc) and step.compensate is not None:
@@ -159,7 +153,7 @@ class _OrderRun:
             await step.compensate(self.order)
             status = CompensationStatus.OK
         except Exception as exc:
-            status, why = CompensationStatus.ERROR, _kind_of(exc)
+            status, why = CompensationStatus.ERROR, kind_of(exc)
             if why == INTERNAL:
                 log.error(
                     "order %r: compensating %s raised", self.order.order_id, step.name, exc_info=exc

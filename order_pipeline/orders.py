@@ -325,9 +325,12 @@ class OrderDesk:
             current_attempt.set(Attempt(stored.key, stored.attempt_id, self.owner))
             try:
                 order, known = parse_order(stored.body), _known_steps(stored)
-            except Exception as exc:  # a newer version's order, or a damaged record
+            except Exception as exc:  # a newer version's order, a damaged record, or a bug
                 log.error(
-                    "interrupted order %r cannot be undone by this process: %s", stored.key, exc
+                    "interrupted order %r cannot be undone by this process: %s",
+                    stored.key,
+                    exc,
+                    exc_info=not isinstance(exc, ValueError),  # the traceback of the unforeseen
                 )
                 # Finished as needing an operator's attention, not retried for ever.
                 self.pipeline.report(OrderResult(stored.order_id, (), COMPENSATION_FAILED))

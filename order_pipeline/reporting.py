@@ -2,10 +2,11 @@
 
 The pipeline hands it each step's outcome as it ends (`step_ended`) and each
 order's result (`finished`, cancelled and recovered orders included); the
-transport hands it each order refused before it ran (`refused`). An order's
-result becomes one log line on the `order_pipeline.orders` logger, the matching
-metrics and, for an order the store knows, its final record; a step's outcome
-becomes a record in the store. Nothing else logs, counts or records outcomes.
+transport and the order desk hand it each order refused before it ran (`refused`).
+An order's result becomes one log line on the `order_pipeline.orders` logger, the
+matching metrics and, for an order the store knows, its final record; a step's outcome
+becomes a record in the store. Nothing else logs, counts or records outcomes, but for
+the orchestrator's error line on a compensation that failed (an operator's alarm).
 Records are queued: they ride on the commit of the store's next call that
 waits, such as the read of the reply the order desk awaits before it replies.
 """

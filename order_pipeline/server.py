@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -183,15 +182,10 @@ class _OneConnection(TCPServer):
             log.exception("a connection failed in the HTTP server: closed it alone")
 
 
+# Hypercorn's Trio worker calls the handler by the name it imported: should a later
+# hypercorn stop doing so, fail here rather than lose _OneConnection silently.
+assert hypercorn.trio.run.TCPServer in (TCPServer, _OneConnection)  # type: ignore[attr-defined]
 hypercorn.trio.run.TCPServer = _OneConnection  # type: ignore[attr-defined] # see _OneConnection
-
-
-async def wait_for_signal() -> None:
-    """Return on the first SIGTERM or SIGINT: the benchmarks' bare hypercorn floors use it."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("received %s: draining", signal.Signals(signum).name)
-            return
 
 
 async def serve(

@@ -40,9 +40,9 @@ import attrs
 from opentelemetry import context, trace
 from opentelemetry.trace import Status, StatusCode
 
-from .kinds import INTERNAL, label
+from .kinds import INTERNAL, kind_of, label
 from .logs import request_id
-from .model import Classified, OrderRequest, OrderResult, StepResult, current_attempt
+from .model import OrderRequest, OrderResult, StepResult, current_attempt
 from .orchestrator import OnFinish, Pipeline, Step, StepAction
 
 if TYPE_CHECKING:
@@ -84,12 +84,6 @@ Clock = Callable[[], "int | None"]
 
 def _sdk_clock() -> int | None:
     return None
-
-
-def _kind_of(exc: Exception) -> str:
-    """The failure's kind, read as the orchestrator reads it."""
-    kind = exc.kind if isinstance(exc, Classified) else None
-    return kind if isinstance(kind, str) else INTERNAL
 
 
 def _failed(span: trace.Span, kind: str, exc: BaseException | None = None) -> None:
@@ -173,7 +167,7 @@ class Tracing:
                 outcome = "ok"
             except Exception as exc:
                 outcome = "error"
-                _failed(span, _kind_of(exc), exc)
+                _failed(span, kind_of(exc), exc)
                 raise
             finally:
                 context.detach(token)

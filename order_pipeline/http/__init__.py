@@ -1,4 +1,5 @@
-"""HTTP transport: the Quart-Trio app, which depends only on an `OrderDesk`."""
+"""HTTP transport: the Quart-Trio app, which depends only on an `OrderDesk` (a protocol) and
+the `Answer` it gives."""
 
 from .app import OrderDesk, create_app
 

@@ -11,14 +11,13 @@ from typing import Final, Protocol
 
 import attrs
 
-from ..kinds import STORE_UNAVAILABLE
+from ..kinds import COMPENSATION_FAILED, STORE_UNAVAILABLE
+from ..model import CompensationStatus
 
 RUNNING: Final = "running"
 FINISHED: Final = "finished"
-INTERRUPTED: Final = "interrupted"
-COMPENSATION_FAILED: Final = "compensation_failed"
 # A compensation that ended so needs a human: the money or goods may not be back.
-FAILED_COMPENSATIONS: Final = ("error", "timeout")
+FAILED_COMPENSATIONS: Final = (CompensationStatus.ERROR.value, CompensationStatus.TIMEOUT.value)
 
 
 @attrs.frozen

@@ -13,11 +13,10 @@ import time
 import attrs
 import trio
 
+from ..kinds import COMPENSATION_FAILED, INTERRUPTED
 from ..model import new_id
 from .base import (
-    COMPENSATION_FAILED,
     FINISHED,
-    INTERRUPTED,
     RUNNING,
     Begun,
     Existing,

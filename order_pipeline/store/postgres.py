@@ -81,12 +81,11 @@ import psycopg_pool
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from ..kinds import COMPENSATION_FAILED, INTERRUPTED
 from ..model import new_id
 from .base import (
-    COMPENSATION_FAILED,
     FAILED_COMPENSATIONS,
     FINISHED,
-    INTERRUPTED,
     RUNNING,
     Begun,
     Existing,

@@ -45,12 +45,11 @@ from urllib.parse import quote
 import attrs
 import orjson
 
+from ..kinds import COMPENSATION_FAILED, INTERRUPTED
 from ..model import new_id
 from .base import (
-    COMPENSATION_FAILED,
     FAILED_COMPENSATIONS,
     FINISHED,
-    INTERRUPTED,
     RUNNING,
     Begun,
     Existing,
