@@ -99,6 +99,13 @@ def _error(kind: str, message: str | None = None, *, key: str | None = None) -> 
     return Answer(entry.status, body, key, entry.retry_after, refused=kind, reason=reason)
 
 
+def _not_recorded_yet(order: OrderRequest, key: str) -> Answer:
+    """503: the order ran, but its result is not stored yet (a retry replays it once it is);
+    not a refusal, since the reporter gave the order its line and count."""
+    log.warning("order %r: its result could not be recorded yet", order.order_id)
+    return attrs.evolve(_error(STORE_UNAVAILABLE, key=key), refused=None)
+
+
 def _known_steps(stored: StoredOrder) -> list[StepResult]:
     """What was recorded of each step, compensations included (`Pipeline.undo` tries again
     one that did not succeed); a step with no record may have run, so it counts as ok."""
@@ -210,26 +217,35 @@ class OrderDesk:
         try:
             final = await self.store.finished_reply(key, attempt.id)
         except StoreUnavailable:
-            log.warning("order %r: its result could not be recorded yet", order.order_id)
-            return attrs.evolve(_error(STORE_UNAVAILABLE, key=key), refused=None)
-        if (final is None or final.kind == INTERRUPTED) and await self._still_ours(attempt):
-            # Our lease lapsed and another process claimed the order to undo it, while our
-            # run went on: a step of ours that took effect after its undo is ours to undo
-            # (compensations are idempotent). Not once a retry runs the key again: the
-            # vendor's and the courier's compensations act on the order, not the attempt.
-            log.warning("order %r was taken over by another process: undoing it", order.order_id)
-            await self.pipeline.undo(order, result.steps, INTERRUPTED, report=False)
+            return _not_recorded_yet(order, key)
+        if final is None or final.kind == INTERRUPTED:
+            ours = await self._holding(attempt)
+            if ours is not None and ours.state == RUNNING and ours.owner == self.owner:
+                # Nobody claimed it: our final record failed alone (a row locked past the
+                # lock timeout) and is held for the next commit (writer.py), not lost.
+                return _not_recorded_yet(order, key)
+            if ours is not None:
+                # Our lease lapsed and another process claimed the order to undo it, while
+                # our run went on: a step of ours that took effect after its undo is ours to
+                # undo (compensations are idempotent). Not once a retry runs the key again:
+                # the vendor's and the courier's compensations act on the order, not the
+                # attempt.
+                log.warning(
+                    "order %r was taken over by another process: undoing it", order.order_id
+                )
+                await self.pipeline.undo(order, result.steps, INTERRUPTED, report=False)
         if final is None:
             return attrs.evolve(_error(ORDER_IN_PROGRESS, key=key), refused=None)
         return Answer(final.http_status, final.reply, key, lookup(final.kind).retry_after)
 
-    async def _still_ours(self, attempt: Attempt) -> bool:
-        """Whether the key still holds `attempt` (another process may have claimed it)."""
+    async def _holding(self, attempt: Attempt) -> StoredOrder | None:
+        """The stored order if its key still holds `attempt`; None if not, or unreadable
+        (then the held final record decides; see deploying.md)."""
         try:
             stored = await self.store.get(attempt.key)
         except StoreUnavailable:
-            return False  # then the held final record decides; see deploying.md
-        return stored is not None and stored.attempt_id == attempt.id
+            return None
+        return stored if stored is not None and stored.attempt_id == attempt.id else None
 
     async def look_up(self, key: str) -> Answer:
         """What the key holds: the stored reply, or the steps recorded so far while it runs."""

@@ -762,3 +762,41 @@ async def test_an_order_this_process_left_running_is_recovered_by_it(
     [(status, reply, _)] = answers
     assert (status, json.loads(reply)["status"]) == (200, "ok")
     assert await store.net_charge("k-16") == 250
+
+
+@pytest.mark.postgres
+async def test_an_order_whose_final_record_meets_a_lock_is_503_and_keeps_its_charge(
+    schema: str,
+) -> None:
+    """An order that succeeded, whose final record met a row lock held past lock_timeout
+    (a frozen host's transaction, an operator's SELECT ... FOR UPDATE): the record is held
+    for the next commit, the client gets 503 store_unavailable, and nothing is undone; a
+    retry replays the 200 and the charge stands. (The desk once took the missing reply for a
+    takeover: it refunded the order, answered 409, and the held record then said ok.)"""
+    from .pg import postgres_url
+    from .test_store import postgres_stores, row_locked
+
+    async with postgres_stores(postgres_url(schema=schema), 1, timeout=0.3) as (store,):
+        assembly = assemble(
+            Settings(payment_delay_ms=0, vendor_delay_ms=0, courier_delay_ms=1000), store=store
+        )
+        first: list[tuple[int, bytes, Headers]] = []
+
+        async def send() -> None:
+            first.append(await post(assembly, ORDER, key="k-1"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            with trio.fail_after(5):
+                while await store.get("k-1") is None:  # noqa: ASYNC110 # begun; courier takes 1 s
+                    await trio.sleep(0.01)
+            async with row_locked(schema, "k-1"):
+                with trio.fail_after(10):
+                    while not first:  # noqa: ASYNC110 # the order's own end
+                        await trio.sleep(0.05)
+        status, body, _ = first[0]
+        assert (status, json.loads(body)["error"]["kind"]) == (503, "store_unavailable")
+        status, body, headers = await post(assembly, ORDER, key="k-1")  # carries the record
+        assert (status, json.loads(body)["status"]) == (200, "ok")
+        assert headers["Idempotent-Replayed"] == "true"
+        assert await store.net_charge("k-1") == ORDER["amount"]

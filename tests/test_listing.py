@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import trio
@@ -108,6 +110,24 @@ async def test_a_store_that_does_not_exist_is_refused_not_created(tmp_path: Path
     assert done.stderr.startswith(f"order-pipeline: {tmp_path}/typo.db: no order store there")
     assert len(done.stderr.splitlines()) == 1
     assert not await trio.Path(tmp_path / "typo.db").exists()
+
+
+async def test_a_database_that_holds_no_store_is_refused_and_left_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """A SQLite database with no order store in it (another program's, still empty) is not
+    made one by an operator's read: exit 2 in one line, the file byte for byte the same."""
+    db = tmp_path / "empty.db"
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("PRAGMA user_version = 7")
+    before = db.read_bytes()
+
+    done = await trio.to_thread.run_sync(orders_command, "--store", f"sqlite:///{db}")
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"order-pipeline: {db}: no order store there")
+    assert db.read_bytes() == before
+    assert not (tmp_path / "empty.db-wal").exists()
 
 
 async def test_an_order_id_cannot_forge_a_line_of_the_listing(tmp_path: Path) -> None:

@@ -1989,6 +1989,51 @@ async def test_many_locks_held_past_the_timeout_do_not_hold_the_lease_s_renewal(
 
 
 @pytest.mark.postgres
+async def test_a_record_held_after_meeting_a_lock_does_not_slow_the_batches_it_rides_on(
+    schema: str,
+) -> None:
+    """An order's final record that met a row lock (a frozen host's transaction) is held and
+    rides on every later batch: each waits for locks briefly from the start, so unrelated
+    orders commit in milliseconds, not after a full lock_timeout (2 s) each."""
+    from order_pipeline.store.postgres import LOCK_WAIT_S
+
+    async with postgres_stores(postgres_url(schema=schema), 1) as (store,):
+        order = await begun(store)
+        async with row_locked(schema, "k-1"):
+            store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
+            await store.renew_lease("w-1", 60.0)  # the final record fails alone, held again
+            took = []
+            for i in range(3):
+                started = time.monotonic()
+                await begun(store, f"other-{i}")  # each carries the held record
+                took.append(time.monotonic() - started)
+            still = await store.get("k-1")
+        assert max(took) < LOCK_WAIT_S / 2, took
+        assert still is not None
+        assert still.state == RUNNING
+        await store.renew_lease("w-1", 60.0)  # the lock gone, the held record lands
+        done = await store.get("k-1")
+        assert done is not None
+        assert done.state == FINISHED
+
+
+@pytest.mark.postgres
+async def test_a_pipeline_aborted_by_a_lock_leaves_no_statement_unusable(schema: str) -> None:
+    """A lock timeout aborts a pipeline, skipping the Parse of a statement psycopg was
+    preparing (at its sixth run); psycopg would take it as prepared and every later run of it
+    fail (InvalidSqlStatementName: each new order 500 until a restart). The connection of a
+    failed batch is replaced instead."""
+    async with postgres_stores(postgres_url(schema=schema), 1, timeout=0.3) as (store,):
+        order = await begun(store)
+        async with row_locked(schema, "k-1"):
+            store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
+            for i in range(6):  # through psycopg's prepare threshold, each batch aborted
+                assert isinstance(await store.begin(f"a-{i}", "o", "h", BODY, "w-1"), Begun)
+        for i in range(6):  # the lock gone
+            assert isinstance(await store.begin(f"b-{i}", "o", "h", BODY, "w-1"), Begun)
+
+
+@pytest.mark.postgres
 async def test_a_batch_run_again_for_an_operation_s_error_still_waits_for_locks(
     schema: str,
 ) -> None:

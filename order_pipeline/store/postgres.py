@@ -44,7 +44,9 @@ operation then waiting for a lock only briefly (`_RERUN_LOCK_WAIT_MS`: one that 
 fails at once, alone), and the others of it, the lease's renewal among them, commit. A batch
 carries the renewal, so it must not wait on locks as long as a lease lasts: a host frozen in
 the middle of a transaction (its row locks held until it wakes) made every batch that touched
-one of its orders fail, and the live host lose its lease.
+one of its orders fail, and the live host lose its lease. A batch that carries a record held
+after it met such a lock waits for locks briefly from the start (the lock is likely held
+still): else every batch, and every order's commit in it, waited the full lock_timeout.
 
 Concurrency between hosts is the database's: a key's PRIMARY KEY decides who runs an order
 (INSERT ... ON CONFLICT DO NOTHING, then read the winner); interrupted orders are claimed by
@@ -196,6 +198,10 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 Pool = psycopg_pool.ConnectionPool[Conn]
 
 
+class _RowLocked(StoreUnavailable):
+    """An operation met a row lock held past lock_timeout (see the module docstring)."""
+
+
 class PostgresStore(WriterThread[Conn]):
     """Orders in a PostgreSQL database; `async with PostgresStore(url) as store:` opens it.
 
@@ -295,7 +301,7 @@ class PostgresStore(WriterThread[Conn]):
 
     def _run_batch(self, ops: list[Op[Conn, Any]]) -> None:
         todo, tries, pipelined = ops, 0, True
-        self._lock_met = False
+        self._lock_met = any(isinstance(op.error, _RowLocked) for op in ops)  # one held again
         while todo:
             again, why = self._attempt(todo, pipelined)
             if why is None and again:  # an operation failed: which one, statement by statement
@@ -332,15 +338,11 @@ class PostgresStore(WriterThread[Conn]):
         error: Exception | None = None
         try:
             if pipelined:
-                own_error, xid = _run_pipelined(conn, ops)
+                own_error, xid = _run_pipelined(conn, ops, brief_locks=self._lock_met)
                 unknown_failure = own_error is not None
                 self._lock_met |= isinstance(own_error, errors.LockNotAvailable)
             else:
-                conn.execute("BEGIN")
-                if self._lock_met:
-                    # A lock held past lock_timeout is likely held still: each operation that
-                    # meets it fails at once, alone, not after a full wait each.
-                    conn.execute(f"SET LOCAL lock_timeout = '{_RERUN_LOCK_WAIT_MS}ms'")
+                _transaction(conn, brief_locks=self._lock_met)
                 failed = _run_each(conn, ops)
                 if failed is None:
                     xid = _xid(conn.execute(_XID))
@@ -354,13 +356,19 @@ class PostgresStore(WriterThread[Conn]):
                     conn.execute("ROLLBACK")
         finally:
             lost = conn.closed
-            self._pool.putconn(conn)  # a lost one is replaced (in the background)
+            if unknown_failure or failed is not None or error is not None:
+                # Where a failed pipeline skipped the Parse of a statement psycopg was
+                # preparing, psycopg takes it as prepared, and each later run of it would fail
+                # (InvalidSqlStatementName: 500s until a restart). A new connection has none.
+                conn.close()
+            self._pool.putconn(conn)  # a closed one is replaced (in the background)
         if unknown_failure:
             return ops, None
         if failed is not None:
             if isinstance(failed.error, errors.LockNotAvailable):
                 self._lock_met = True
-                failed.error = self._unavailable(failed.error, "a row locked by another")
+                locked = self._unavailable(failed.error, "a row locked by another", _RowLocked)
+                failed.error = locked
             return [op for op in ops if op is not failed], None
         if error is None:
             self._did_commit()
@@ -416,8 +424,13 @@ class PostgresStore(WriterThread[Conn]):
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             return f"unknown: {_one_line(exc)}"
 
-    def _unavailable(self, exc: Exception, what: str = "could not commit") -> StoreUnavailable:
-        error = StoreUnavailable(f"{self.where}: {what}: {_one_line(exc)}")
+    def _unavailable(
+        self,
+        exc: Exception,
+        what: str = "could not commit",
+        kind: type[StoreUnavailable] = StoreUnavailable,
+    ) -> StoreUnavailable:
+        error = kind(f"{self.where}: {what}: {_one_line(exc)}")
         error.__cause__ = exc
         return error
 
@@ -617,12 +630,22 @@ def _batch_error(exc: Exception) -> bool:
     return isinstance(exc, _BATCH_ERRORS) and not isinstance(exc, errors.LockNotAvailable)
 
 
-def _run_pipelined(conn: Conn, ops: list[Op[Conn, Any]]) -> tuple[Exception | None, str | None]:
+def _transaction(conn: Conn, *, brief_locks: bool) -> None:
+    conn.execute("BEGIN")
+    if brief_locks:
+        # A lock held past lock_timeout is likely held still: each operation that meets it
+        # fails at once, alone, not after a full wait each.
+        conn.execute(f"SET LOCAL lock_timeout = '{_RERUN_LOCK_WAIT_MS}ms'")
+
+
+def _run_pipelined(
+    conn: Conn, ops: list[Op[Conn, Any]], *, brief_locks: bool
+) -> tuple[Exception | None, str | None]:
     """Run `ops` in pipeline mode: (the error, None) if one of them failed by itself (then
     rolled back), else (None, the transaction's id if it wrote anything)."""
     try:
         with conn.pipeline():
-            conn.execute("BEGIN")
+            _transaction(conn, brief_locks=brief_locks)
             for op in ops:
                 op.error = None
                 op.result = op.fn(conn)

@@ -313,12 +313,11 @@ def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
         head = b""
     except OSError as exc:
         raise StoreError(f"{path}: cannot open the store: {exc.strerror}") from exc
-    if not head and reader:
-        raise StoreError(f"{path}: no order store there (check --store and the directory)")
     if head and head != _HEADER:  # SQLite would take a short file for an empty database
         raise StoreError(f"{path}: cannot open the store: file is not a database")
-    if head:
-        _check_read_only(path)
+    version = _check_read_only(path) if head else 0
+    if version == 0 and reader:  # no file, an empty one, or a database with no store in it
+        raise StoreError(f"{path}: no order store there (check --store and the directory)")
     try:
         conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     except sqlite3.Error as exc:
@@ -350,15 +349,16 @@ def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
     return conn
 
 
-def _check_read_only(path: Path) -> None:
-    """StoreError if the file is not ours to use, read on a read-only connection: refusing it
-    must not write it (closing a read-write one would checkpoint a WAL left beside it)."""
+def _check_read_only(path: Path) -> int:
+    """The file's schema version (0: no store yet), or StoreError if the file is not ours to
+    use, read on a read-only connection: refusing it must not write it (closing a read-write
+    one would checkpoint a WAL left beside it)."""
     # file:// and the path's own bytes: a path may begin with // or not be UTF-8.
     uri = f"file://{quote(os.fsencode(path.absolute()))}?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None)
         with closing(conn), _transaction(conn, "BEGIN"):  # one snapshot for the reads
-            _schema_version(conn, path)
+            return _schema_version(conn, path)
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: cannot open the store: {exc}") from exc
 
