@@ -96,3 +96,6 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Its warnings are about a caller's malformed `tracestate` (left out anyway): one line per
+    # such request would let any client fill the log.
+    logging.getLogger("opentelemetry.trace.span").setLevel(logging.ERROR)

@@ -201,6 +201,22 @@ async def exit_at_hard_deadline(
     os._exit(1)
 
 
+def start_hard_deadline(
+    readiness: Readiness, settings: Settings, count: DrainCount
+) -> trio.CancelScope:
+    """Run `exit_at_hard_deadline` until the scope returned is cancelled: a system task, so
+    that it outlives the serving code's nurseries, up to the store's close (a nursery
+    around the store would wrap a StoreError opening it in an ExceptionGroup)."""
+    scope = trio.CancelScope()
+
+    async def watch() -> None:
+        with scope:
+            await exit_at_hard_deadline(readiness, settings, count)
+
+    trio.lowlevel.spawn_system_task(watch)
+    return scope
+
+
 async def run(settings: Settings, listening: list[socket.socket] | Handoff) -> None:
     """Serve on `listening`: supervising workers (a socket each), or alone, or as a worker (a
     `Handoff`)."""
@@ -295,6 +311,7 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
 
     async with open_store(settings.store, on_store_process_lost=exit_as_crashed) as store:
         assembly = assemble(settings, store=store, metrics=count)
+        hard_deadline = start_hard_deadline(assembly.readiness, settings, count)
         tune_garbage_collector()
         # Received from here until the drain is over, so that no signal meets its default
         # action (death by SIGTERM, KeyboardInterrupt) while orders may run; one left unread
@@ -303,7 +320,6 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
             signal.signal(signum, signal.SIG_IGN)
         with trio.open_signal_receiver(*signals) as received:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(exit_at_hard_deadline, assembly.readiness, settings, count)
                 if handoff:
                     nursery.start_soon(count.refresh_live_forever)
                     nursery.start_soon(drain_when_supervisor_ends, handoff, assembly.readiness)
@@ -327,6 +343,7 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
                         log_running(url, settings)
                 nursery.cancel_scope.cancel()
             await assembly.desk.release()
+    hard_deadline.cancel()  # only now: releasing the lease and closing the store may stall
     status = INTERRUPTED_DRAIN if assembly.readiness.interrupted else 0
     count.log_last_line(status)
     if status:

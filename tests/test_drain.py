@@ -8,11 +8,13 @@ and the exit status.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -400,3 +402,37 @@ async def test_an_order_the_drain_gives_up_on_is_a_warning_one_whose_client_left
         warning.getMessage(),
     )
     assert fields(warning) == {"order_id": "kept", "undone": {"payment": "ok", "courier": "ok"}}
+
+
+async def test_the_hard_deadline_holds_while_a_stalled_store_is_released_and_closed(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """Another process holds the SQLite file's write lock: after SIGTERM the server's last
+    store calls (the lease's renewal under way, then its release) each wait up to the busy
+    timeout (5 s); the hard deadline (grace 0 + compensations 1 + 5 s) still ends the
+    process, exit 1, instead of waiting for them (over 8 s)."""
+    db = tmp_path / "stalled.db"
+    server = await start_server(
+        "--no-access-log", "--store", f"sqlite:///{db}",
+        "--shutdown-grace", "0", "--compensation-timeout", "1",
+        check_exit=False, expect_errors=True,
+    )  # fmt: skip # flags and their values in pairs
+    locker = await trio.to_thread.run_sync(
+        functools.partial(sqlite3.connect, db, timeout=10, isolation_level=None)
+    )
+    try:
+        await trio.to_thread.run_sync(locker.execute, "BEGIN IMMEDIATE")
+        # A renewal (every second) is waiting for the lock by then, for 3.5 s more at least:
+        # the lease's release waits behind it.
+        await trio.sleep(2.5)
+        server.process.send_signal(signal.SIGTERM)
+        signalled = trio.current_time()
+        with trio.fail_after(WAIT_S):
+            code = await server.process.wait()
+        took = trio.current_time() - signalled
+    finally:
+        await trio.to_thread.run_sync(locker.close)
+
+    assert code == 1, (took, messages(server))
+    assert 6 <= took < 8, took  # at 6 s, before the stalled calls end
+    assert "drain did not finish by its hard deadline: exiting" in messages(server)

@@ -182,3 +182,28 @@ async def test_an_http2_request_hypercorn_fails_on_ends_its_connection_alone(
     assert [e["message"] for e in server.errors()] == [
         "a connection failed in the HTTP server: closed it alone"
     ]
+
+
+async def test_a_websocket_handshake_and_doubled_slashes_get_json_errors(
+    start_server: StartServer,
+) -> None:
+    """No path takes a WebSocket: a handshake gets the JSON error of its path (it was a bare
+    500, with two tracebacks logged). A doubled slash is a path no route takes: a JSON 404
+    (it was a 308 to a URL built from the Host header)."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    handshake = (
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    )
+
+    async def answer(method: bytes, path: bytes, extra: bytes = b"") -> tuple[int, str]:
+        raw = b"%s %s HTTP/1.1\r\nHost: evil.example\r\n%s\r\n"
+        reply = parse(
+            await exchange(server.url, raw % (method, path, extra or b"Connection: close\r\n"))
+        )
+        return reply.status, reply.json()["error"]["kind"]
+
+    assert await answer(b"GET", b"/healthz", handshake) == (400, "bad_request")
+    assert await answer(b"GET", b"/nope", handshake) == (404, "not_found")
+    assert await answer(b"GET", b"/order", handshake) == (405, "method_not_allowed")
+    assert await answer(b"GET", b"/order//k-1") == (404, "not_found")

@@ -524,3 +524,20 @@ async def test_workers_gauges_count_every_workers_steps(start_server: StartServe
             await trio.sleep(0.05)
     assert {line["kind"] for line in order_lines()} == {"canceled"}
     assert len({line["pid"] for line in order_lines()}) == 2  # both workers had orders
+
+
+async def test_a_malformed_tracestate_writes_no_log_line(
+    log_to: Callable[[str], io.StringIO],
+) -> None:
+    """A caller's tracestate that is not W3C's is left out without a warning per request
+    (OpenTelemetry logs one for each; any client could fill the log)."""
+    stream = log_to("json")
+    traceparent = f"00-{1:032x}-{2:016x}-01"
+    headers = {"traceparent": traceparent, "tracestate": "@@@=###"}
+    service = assemble(Settings(payment_delay_ms=0, vendor_delay_ms=0, courier_delay_ms=0))
+    response = await service.app.test_client().post(
+        "/order", json={"order_id": "o-1", "amount": 1}, headers=headers
+    )
+
+    assert response.status_code == 200
+    assert [line for line in stream.getvalue().splitlines() if "opentelemetry" in line] == []

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Final, Protocol
 from urllib.parse import quote
 
-from quart import Response, request
+from quart import Response, has_request_context, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -114,6 +114,9 @@ def create_app(
     exercise exactly what hypercorn serves.
     """
     app = QuartTrio(__name__, static_folder=None)
+    # Werkzeug redirects a path with "//" (308, HTML, to a URL built from the Host header):
+    # here it is a path no route takes, a JSON 404.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_S
     # Quart's documented way to add ASGI middleware; its test client goes through it too.
@@ -169,17 +172,20 @@ def create_app(
         status = exc.code or 500
         kind = kind_of_status(status)
         message = exc.name.lower() if kind == HTTP_ERROR else lookup(kind).message
-        if request.path == "/order" and request.method == "POST":
+        # A WebSocket handshake has no request context (no route takes one: a 404 here).
+        in_request = has_request_context()
+        if in_request and request.path == "/order" and request.method == "POST":
             on_refused(kind, status, None, message)
         # Keep Werkzeug's headers (Allow on a 405) but not its HTML content type.
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
-        if status in _BODY_UNREAD and request.http_version.startswith("1."):
+        if status in _BODY_UNREAD and in_request and request.http_version.startswith("1."):
             headers["Connection"] = "close"  # hypercorn closes it: say so (RFC 9110 §15.5.9)
         return _reply(Reply("error", error=ErrorInfo(kind, message)), status, headers=headers)
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
-        log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
+        where = f"{request.method} {request.path}" if has_request_context() else "a WebSocket"
+        log.error("unhandled error in %s", where, exc_info=exc)
         return error_response(INTERNAL)
 
     return app
