@@ -6,6 +6,7 @@ In process, through the app's test client, on real SQLite files in tmp_path.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import sqlite3
@@ -37,6 +38,7 @@ from order_pipeline.store import (
 )
 
 from .conftest import make_order
+from .test_store import begun
 
 ORDER: dict[str, Any] = {"order_id": "o-1", "amount": 250}
 SLOW = {"payment": 1000, "vendor": 1000, "courier": 1000}
@@ -762,6 +764,87 @@ async def test_an_order_this_process_left_running_is_recovered_by_it(
     [(status, reply, _)] = answers
     assert (status, json.loads(reply)["status"]) == (200, "ok")
     assert await store.net_charge("k-16") == 250
+
+
+async def test_an_order_of_its_own_left_running_is_recovered_only_when_seen_twice(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An order of this process's, running, old, that nothing here runs: seen once, it may be
+    one whose final record is on its way to the store, so it is left; seen again a second
+    later, it is undone."""
+    store = MemoryStore()
+    desk = assemble(Settings(lease_timeout=2.0), store=store).desk
+    left = make_order("o-left", amount=70)
+    body = canonical(left)
+    begun = await store.begin(
+        "k-1", left.order_id, hashlib.sha256(body).hexdigest(), body, desk.owner
+    )
+    assert isinstance(begun, Begun)
+    await store.charge(begun.order.attempt_id, "k-1", 70)
+    store._orders["k-1"] = attrs.evolve(begun.order, started_at=begun.order.started_at - 60)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(desk.maintain)  # its first look at once
+        await trio.sleep(0.5)
+        seen_once = await store.get("k-1")
+        charged_then = await store.net_charge("k-1")
+        await trio.sleep(1.0)  # its second look, a second after the first
+        seen_twice = await store.get("k-1")
+        nursery.cancel_scope.cancel()
+
+    assert seen_once is not None
+    assert (seen_once.state, charged_then) == (RUNNING, 70)
+    assert seen_twice is not None
+    assert seen_twice.kind == "interrupted"
+    assert await store.net_charge("k-1") == 0
+
+
+async def test_a_process_that_ends_cleanly_gives_up_its_lease(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """At a clean exit the lease is released, so an order the process left running (its final
+    record lost) is claimed by another process at once, not a lease later."""
+    store = MemoryStore()
+    desk = assemble(Settings(lease_timeout=60.0), store=store).desk
+    order = await begun(store, "k-1", desk.owner)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(desk.maintain)  # holds its lease
+        nursery.cancel_scope.cancel()
+    assert await store.claim_interrupted("other", 10) == []  # the lease is alive
+
+    await desk.release()
+
+    assert [o.attempt_id for o in await store.claim_interrupted("other", 10)] == [order.attempt_id]
+
+
+class RenewalTimes(MemoryStore):
+    """The memory store, noting when each lease renewal comes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewed: list[float] = []
+
+    async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109 # a lease's length
+        self.renewed.append(trio.current_time())
+        await super().renew_lease(owner, timeout)
+
+
+async def test_a_short_lease_is_renewed_three_times_within_its_length(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A lease under 3 s is renewed every third of it (not every second), so a missed renewal
+    or two do not let it lapse, and other processes do not undo a live process's orders."""
+    store = RenewalTimes()
+    desk = assemble(Settings(lease_timeout=0.6), store=store).desk
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(desk.maintain)
+        await trio.sleep(3)
+        nursery.cancel_scope.cancel()
+
+    gaps = [later - earlier for earlier, later in itertools.pairwise(store.renewed)]
+    assert len(gaps) >= 10
+    assert max(gaps) == pytest.approx(0.2)
 
 
 @pytest.mark.postgres

@@ -10,6 +10,7 @@ from quart_trio import QuartTrio
 
 from order_pipeline.http import create_app
 from order_pipeline.http.app import MAX_BODY_BYTES
+from order_pipeline.http.asgi import closing_after_ambiguous_framing
 
 from .fakes import StubProcessor
 
@@ -222,3 +223,23 @@ async def test_processor_crash_is_500_without_traceback(caplog: pytest.LogCaptur
     assert status == 500
     assert body == {"status": "error", "error": {"kind": "internal", "message": "internal error"}}
     assert "secret detail" in caplog.text
+
+
+async def test_only_http1_requests_framed_two_ways_have_their_connection_closed() -> None:
+    """`Connection: close` after a request framed by both Transfer-Encoding and Content-Length
+    is HTTP/1's remedy; HTTP/2 frames its own messages, and forbids the header (RFC 9113
+    §8.2.2)."""
+    sent: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    framing = [(b"content-length", b"3"), (b"transfer-encoding", b"chunked")]
+    wrapped = closing_after_ambiguous_framing(app)
+    for version in ("1.1", "2"):
+        await wrapped({"type": "http", "http_version": version, "headers": framing}, None, send)
+
+    assert [message["headers"] for message in sent] == [[(b"connection", b"close")], []]

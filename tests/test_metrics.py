@@ -92,3 +92,21 @@ def test_a_worker_s_scrape_has_its_store_process_s_metrics(tmp_path: Path) -> No
 
     assert set(STORE_PROCESS_SERIES) <= set(figures)
     assert set(PROCESS_SERIES) <= set(figures)
+
+
+async def test_only_requests_to_post_an_order_count_as_refused_orders() -> None:
+    """A 404 or a 405 elsewhere is no order: only the framework's refusals of POST /order (a
+    body over the limit, here) count in orders_total."""
+    client = assemble().app.test_client()
+    assert (await client.get("/nope")).status_code == 404
+    assert (await client.get("/order")).status_code == 405
+    assert (await client.post("/order", data=b" " * (64 * 1024 + 1))).status_code == 413
+
+    text = await (await client.get("/metrics")).get_data(as_text=True)
+
+    counted = [
+        line for line in text.splitlines() if line.startswith("order_pipeline_orders_total{")
+    ]
+    assert counted == [
+        'order_pipeline_orders_total{http_status="413",kind="payload_too_large"} 1.0'
+    ]

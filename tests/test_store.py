@@ -167,6 +167,25 @@ async def test_records_from_a_process_that_lost_its_order_are_ignored(store: Ord
     assert stored.steps == (undone,)
 
 
+async def test_a_finish_from_a_process_that_lost_its_order_is_ignored(store: OrderStore) -> None:
+    """Once another process has claimed an order, the first one's final record (its own
+    reply, by finish and finish_soon) is ignored; the claimer's stands."""
+    order = await begun(store, owner="w-1")  # w-1 holds no lease: as good as dead
+    (claimed,) = await store.claim_interrupted("w-2", 10)
+    assert claimed.owner == "w-2"
+
+    await store.finish("k-1", order.attempt_id, 200, b"first", None, owner="w-1")
+    store.finish_soon("k-1", order.attempt_id, 200, b"first", None, owner="w-1")
+    late = await store.get("k-1")
+    await store.finish("k-1", order.attempt_id, 503, b"claimer", "interrupted", owner="w-2")
+    done = await store.get("k-1")
+
+    assert late is not None
+    assert (late.state, late.owner, late.reply) == (RUNNING, "w-2", None)
+    assert done is not None
+    assert (done.state, done.http_status, done.reply) == (FINISHED, 503, b"claimer")
+
+
 async def test_begin_of_a_taken_key_returns_the_stored_order(store: OrderStore) -> None:
     """A second begin with the key gets the first request's order, steps included, unchanged."""
     first = await begun(store)
