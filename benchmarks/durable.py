@@ -31,9 +31,9 @@ from typing import Any
 
 import trio
 
+from order_pipeline.desk import canonical
 from order_pipeline.main import tune_garbage_collector
 from order_pipeline.model import STEP_NAMES, OrderRequest
-from order_pipeline.orders import canonical
 from order_pipeline.serialization import converter
 from order_pipeline.server import assemble
 from order_pipeline.settings import Settings

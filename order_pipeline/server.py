@@ -27,10 +27,10 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.trio.tcp_server import TCPServer
 from quart_trio import QuartTrio
 
+from .desk import OrderDesk
 from .http import create_app
 from .metrics import Metrics
 from .orchestrator import Pipeline, Step
-from .orders import OrderDesk
 from .reporting import OrderReporter
 from .services import CourierPool, CourierService, PaymentService, StepTracker, VendorService
 from .settings import Settings

@@ -43,6 +43,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
 
+import attrs
 import trio
 
 from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff
@@ -73,10 +74,7 @@ async def supervise(
     short, or a worker did not end its drain with 0 (it failed, was killed, or outlived the
     hard deadline), else 0.
     """
-    from prometheus_client.multiprocess import mark_process_dead
-
     ready_read, ready_write = os.pipe()
-    ready = trio.lowlevel.FdStream(ready_read)
     # Never written to, and its write end never passed on: it closes when this process ends.
     lifeline_read, lifeline_write = os.pipe()
     metrics_dir = tempfile.mkdtemp(prefix="order-pipeline-metrics-")
@@ -86,38 +84,91 @@ async def supervise(
         )
         for sock in sockets
     ]
-    argv = [sys.executable, "-m", "order_pipeline", "serve"]
-    stopping = False
-    gave_up = False
-    interrupted = False
-    drained_in_full = True  # every worker has ended as DRAINED allows
-    running: set[trio.Process] = set()
+    supervisor = _Supervisor(settings, sockets, environs, (ready_write, lifeline_read), metrics_dir)
+    try:
+        async with trio.lowlevel.FdStream(ready_read) as ready:
+            return await supervisor.run(ready, on_serving)
+    finally:
+        for sock in sockets:
+            sock.close()
+        os.close(ready_write)
+        os.close(lifeline_read)
+        os.close(lifeline_write)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@attrs.define(eq=False)
+class _Supervisor:
+    """The workers' processes, restarted while serving, and how their drain went."""
+
+    settings: Settings
+    sockets: Sequence[socket.socket]
+    environs: list[dict[str, str]]  # worker k's
+    shared_fds: tuple[int, int]  # every worker's besides its socket: handoff.py's pipes
+    metrics_dir: str
+    running: set[trio.Process] = attrs.field(factory=set)
+    stopping: bool = False  # the drain has begun: the sockets are closed
+    gave_up: bool = False  # on a worker that kept dying
+    interrupted: bool = False  # a second signal cut the drain short
+    drained_in_full: bool = True  # every worker has ended as DRAINED allows
     # Held while a worker is started and while the drain closes the sockets: a start
     # never passes a closed socket, and every process started before the drain gets
     # its DRAIN_SIGNAL (open_process lets other tasks run while it forks).
-    spawning = trio.Lock()
+    spawning: trio.Lock = attrs.field(factory=trio.Lock)
     # The wait for a signal; a worker given up on cancels it to start the drain.
-    waiting = trio.CancelScope()
+    waiting: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
-    async def start(number: int) -> trio.Process | None:
+    async def run(self, ready: trio.lowlevel.FdStream, on_serving: Callable[[], None]) -> int:
+        # Received until every worker has exited; one left unread then is ignored, not
+        # redelivered to its default action (death by SIGTERM, KeyboardInterrupt): the drain
+        # is over. (A worker started meanwhile inherits the default actions, not this.)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as forwarding:
+                async with trio.open_nursery() as nursery:
+                    watching = await nursery.start(self.watch_readiness, ready, on_serving)
+                    for number in range(self.settings.workers):
+                        nursery.start_soon(self.worker, number)
+                    with self.waiting:
+                        async for signum in signals:
+                            name = signal.Signals(signum).name
+                            log.info("received %s: draining the workers", name)
+                            break
+                    self.stopping = True
+                    watching.cancel()
+                    async with self.spawning:
+                        for sock in self.sockets:
+                            sock.close()
+                    for process in self.running:
+                        process.send_signal(DRAIN_SIGNAL)
+                    forwarding.start_soon(self.forward_later_signals, signals)
+                    deadline = trio.current_time() + self.settings.hard_exit_delay
+                    nursery.cancel_scope.deadline = deadline
+                forwarding.cancel_scope.cancel()
+        return 0 if self.drained_in_full and not (self.gave_up or self.interrupted) else 1
+
+    async def start(self, number: int) -> trio.Process | None:
         """A new process for worker `number`, or None once the drain has begun."""
-        async with spawning:
-            if stopping:  # the sockets are closed
+        async with self.spawning:
+            if self.stopping:  # the sockets are closed
                 return None
             process = await trio.lowlevel.open_process(
-                argv,
-                env=environs[number],
-                pass_fds=(sockets[number].fileno(), ready_write, lifeline_read),
+                [sys.executable, "-m", "order_pipeline", "serve"],
+                env=self.environs[number],
+                pass_fds=(self.sockets[number].fileno(), *self.shared_fds),
             )
-            running.add(process)
+            self.running.add(process)
         log.info("worker %d started (pid %d)", number, process.pid)
         return process
 
-    async def worker(number: int) -> None:
-        nonlocal gave_up, drained_in_full
+    async def worker(self, number: int) -> None:
+        """Run worker `number`, restarting it while serving, until the drain or giving up."""
+        from prometheus_client.multiprocess import mark_process_dead
+
         deaths: deque[float] = deque(maxlen=RESTART_LIMIT)
         while True:
-            process = await start(number)
+            process = await self.start(number)
             if process is None:  # the drain began during the restart pause
                 return
             try:
@@ -128,12 +179,12 @@ async def supervise(
                     process.kill()
                     with trio.CancelScope(shield=True):
                         code = await process.wait()
-                running.discard(process)
-                mark_process_dead(process.pid, metrics_dir)  # type: ignore[no-untyped-call] # untyped upstream
-            if stopping:
+                self.running.discard(process)
+                mark_process_dead(process.pid, self.metrics_dir)  # type: ignore[no-untyped-call] # untyped upstream
+            if self.stopping:
                 log.info("worker %d (pid %d) exited with %d", number, process.pid, code)
                 if code not in DRAINED:
-                    drained_in_full = False
+                    self.drained_in_full = False
                 return
             deaths.append(trio.current_time())
             if len(deaths) == RESTART_LIMIT and deaths[-1] - deaths[0] <= RESTART_WINDOW_S:
@@ -146,13 +197,18 @@ async def supervise(
                     process.pid,
                     code,
                 )
-                gave_up = True
-                waiting.cancel()
+                self.gave_up = True
+                self.waiting.cancel()
                 return
             log.error("worker %d (pid %d) died with %d: restarting", number, process.pid, code)
             await trio.sleep(RESTART_PAUSE_S)
 
-    async def watch_readiness(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+    async def watch_readiness(
+        self,
+        ready: trio.lowlevel.FdStream,
+        on_serving: Callable[[], None],
+        task_status: trio.TaskStatus[trio.CancelScope],
+    ) -> None:
         """Call `on_serving` once as many workers as were started have said they serve, then
         keep reading so that the pipe never fills. (A worker restarted before the others serve
         says so twice: in such a crash loop the line may come with one fewer serving.)"""
@@ -161,52 +217,14 @@ async def supervise(
             said = 0
             async for data in ready:
                 said += len(data)
-                if said - len(data) < settings.workers <= said:
+                if said - len(data) < self.settings.workers <= said:
                     on_serving()
 
-    async def forward_later_signals(signals: AsyncIterator[int]) -> None:
+    async def forward_later_signals(self, signals: AsyncIterator[int]) -> None:
         """Each signal after the first cuts the workers' drains short: tell them."""
-        nonlocal interrupted
         async for signum in signals:
             name = signal.Signals(signum).name
             log.warning("received %s while draining: cutting the workers' drains short", name)
-            interrupted = True
-            for process in running:
+            self.interrupted = True
+            for process in self.running:
                 process.send_signal(CUT_SHORT_SIGNAL)
-
-    # Received until every worker has exited; one left unread then is ignored, not redelivered
-    # to its default action (death by SIGTERM, KeyboardInterrupt): the drain is over. (A
-    # worker started meanwhile inherits the default actions, not this.)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as forwarding:
-                async with trio.open_nursery() as nursery:
-                    watching = await nursery.start(watch_readiness)
-                    for number in range(settings.workers):
-                        nursery.start_soon(worker, number)
-                    with waiting:
-                        async for signum in signals:
-                            name = signal.Signals(signum).name
-                            log.info("received %s: draining the workers", name)
-                            break
-                    stopping = True
-                    watching.cancel()
-                    async with spawning:
-                        for sock in sockets:
-                            sock.close()
-                    for process in running:
-                        process.send_signal(DRAIN_SIGNAL)
-                    forwarding.start_soon(forward_later_signals, signals)
-                    nursery.cancel_scope.deadline = trio.current_time() + settings.hard_exit_delay
-                forwarding.cancel_scope.cancel()
-    finally:
-        for sock in sockets:
-            sock.close()
-        ready.close()
-        os.close(ready_write)
-        os.close(lifeline_read)
-        os.close(lifeline_write)
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0 if drained_in_full and not (gave_up or interrupted) else 1

@@ -11,10 +11,10 @@ from collections import Counter
 import attrs
 import trio
 
+from order_pipeline.desk import Answer
 from order_pipeline.kinds import NOT_FOUND, lookup
 from order_pipeline.model import ErrorInfo, OrderRequest, OrderResult, Reply, StepResult, StepStatus
 from order_pipeline.orchestrator import Pipeline, Step
-from order_pipeline.orders import Answer
 from order_pipeline.serialization import dump_reply, encode_result
 from order_pipeline.server import Settings, assemble
 

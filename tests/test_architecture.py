@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("model", {"kinds", "model", "serialization"}),
     ("store", {"store"}),
     ("orchestration", {"orchestrator"}),
-    ("domain services", {"services", "orders"}),
+    ("domain services", {"services", "desk"}),
     ("operations", {"settings", "logs", "metrics", "reporting", "tracing"}),
     ("HTTP transport", {"http"}),
     ("composition root and process", {"server", "handoff", "supervisor", "main", "cli", "listing"}),
@@ -85,6 +85,4 @@ def test_the_store_process_imports_no_outer_layer() -> None:
     ).stdout.split()  # fmt: skip # the command on one line, as it would be typed
 
     assert "order_pipeline.store.process" in loaded
-    assert {"quart", "hypercorn", "order_pipeline.server", "order_pipeline.orders"}.isdisjoint(
-        loaded
-    )
+    assert {"quart", "hypercorn", "order_pipeline.server", "order_pipeline.desk"}.isdisjoint(loaded)

@@ -21,10 +21,10 @@ import trio
 import trio.testing
 from werkzeug.datastructures import Headers
 
-from order_pipeline import orders
+from order_pipeline import desk
+from order_pipeline.desk import OrderDesk, canonical
 from order_pipeline.model import STEP_NAMES, OrderRequest
 from order_pipeline.orchestrator import Step
-from order_pipeline.orders import OrderDesk, canonical
 from order_pipeline.reporting import ORDERS_LOGGER
 from order_pipeline.server import Assembly, Settings, assemble
 from order_pipeline.store import (
@@ -623,7 +623,7 @@ async def test_an_order_taken_over_while_it_runs_is_undone_by_its_first_process_
     first = _noting(assemble(Settings(), store=store).desk, events)  # it holds no lease
     claimer = _noting(assemble(Settings(), store=store).desk, events)
     order = make_order("o-1", amount=70, delay_ms={"vendor": 3000})
-    answers: list[orders.Answer] = []
+    answers: list[desk.Answer] = []
 
     async def send() -> None:
         answers.append(await first.submit(order, "k-1"))
@@ -654,7 +654,7 @@ async def test_a_taken_over_order_retried_meanwhile_is_left_to_its_retry(
     first = _noting(assemble(Settings(), store=store).desk, events)  # it holds no lease
     claimer = _noting(assemble(Settings(), store=store).desk, events)
     order = make_order("o-1", amount=70, delay_ms={"vendor": 3000})
-    answers: dict[str, orders.Answer] = {}
+    answers: dict[str, desk.Answer] = {}
 
     async def send(desk: OrderDesk, who: str) -> None:
         answers[who] = await desk.submit(order, "k-1")
@@ -680,7 +680,7 @@ async def test_a_backlog_of_expired_orders_is_forgotten_a_batch_at_a_time(
 ) -> None:
     """However many orders expired, each purge deletes a batch (one short transaction, so the
     commits of the orders being served are not held behind it), until none is left."""
-    monkeypatch.setattr(orders, "PURGE_BATCH", 2)
+    monkeypatch.setattr(desk, "PURGE_BATCH", 2)
     assembly = assemble(Settings(retention=0.05), store=store)
     fast = {**ORDER, "delay_ms": dict.fromkeys(STEP_NAMES, 0)}
     for n in range(5):

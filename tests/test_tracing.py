@@ -34,6 +34,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from quart_trio import QuartTrio
 
+from order_pipeline.desk import OrderDesk
 from order_pipeline.http import create_app
 from order_pipeline.http.asgi import _ids_of
 from order_pipeline.kinds import (
@@ -55,7 +56,6 @@ from order_pipeline.model import (
     current_attempt,
 )
 from order_pipeline.orchestrator import Pipeline, Step
-from order_pipeline.orders import OrderDesk
 from order_pipeline.reporting import OrderReporter
 from order_pipeline.server import Settings, assemble
 from order_pipeline.services import CourierPool, CourierService

@@ -19,9 +19,9 @@ from quart import Response, has_request_context, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ..desk import Answer, OnRefused
 from ..kinds import BAD_REQUEST, HTTP_ERROR, INTERNAL, NOT_FOUND, kind_of_status, lookup
 from ..model import ErrorInfo, OrderRequest, Reply
-from ..orders import Answer, OnRefused
 from ..serialization import InvalidOrder, dump_reply, parse_order
 from .asgi import closing_after_ambiguous_framing, finish_responses_shielded, with_request_ids
 

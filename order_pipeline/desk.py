@@ -56,8 +56,7 @@ from .store import RUNNING, Begun, Existing, OrderStore, StoredOrder, StoreUnava
 
 __all__ = ["Answer", "OnRefused", "OrderDesk", "canonical"]
 
-# Not `order_pipeline.orders` (this module's name), which has exactly one line per order.
-log = logging.getLogger("order_pipeline.desk")
+log = logging.getLogger(__name__)
 
 LEASE_RENEW_S: Final = 1.0
 # Interrupted orders claimed at a time; claimed again at once while a batch comes back full.
