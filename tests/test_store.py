@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, closing, contextmanager
+from contextlib import asynccontextmanager, closing, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -2387,3 +2387,199 @@ async def test_orders_are_found_by_key_however_small_the_table_was_at_first(
     assert "Index Cond: (key = " in reply_plan, reply_plan
     assert "Seq Scan on orders" not in steps_plan, steps_plan
     assert "orders_pkey" in steps_plan, steps_plan
+
+
+# -- a database that stops answering --------------------------------------------------------
+
+
+class Blackhole:
+    """A TCP proxy on 127.0.0.1 (a port of 18700-18799) to the test server, which can stop
+    forwarding without closing anything (`stop`, `resume`): its kernel still acknowledges
+    what is sent, so TCP's own timeouts (tcp_user_timeout, keepalives) never fire, as behind
+    a stalled pooler or a path that drops what it forwards."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._flowing = trio.Event()
+        self._flowing.set()
+
+    def stop(self) -> None:
+        self._flowing = trio.Event()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def url(self, url: str) -> str:
+        """`url`, its host and port this proxy's."""
+        parts = urlsplit(url)
+        user, at, _ = parts.netloc.rpartition("@")
+        return parts._replace(netloc=f"{user}{at}127.0.0.1:{self.port}").geturl()
+
+    async def listen(self) -> list[trio.SocketListener]:
+        for port in range(18700, 18800):
+            try:
+                listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+            except OSError:  # taken (by another test run, say)
+                continue
+            self.port = port
+            return listeners
+        pytest.fail("no free port in 18700-18799 for the proxy")
+
+    async def connection(self, client: trio.SocketStream) -> None:
+        """Forward one connection both ways until either side ends it, then end both."""
+        target = urlsplit(POSTGRES_URL)
+        try:
+            server = await trio.open_tcp_stream(target.hostname or "127.0.0.1", target.port or 5432)
+        except OSError:
+            await client.aclose()
+            return
+        async with client, server, trio.open_nursery() as nursery:
+            nursery.start_soon(self._forward, client, server, nursery.cancel_scope)
+            nursery.start_soon(self._forward, server, client, nursery.cancel_scope)
+
+    async def _forward(
+        self, source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
+    ) -> None:
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                await self._flowing.wait()  # stopped: nothing read, so the kernel buffers it
+                data = await source.receive_some(1 << 16)
+                await self._flowing.wait()
+                if not data:
+                    break
+                await sink.send_all(data)
+        done.cancel()
+
+
+@asynccontextmanager
+async def blackhole() -> AsyncIterator[Blackhole]:
+    """A `Blackhole` proxy, forwarding, for the block; its connections end with it."""
+    proxy = Blackhole()
+    async with trio.open_nursery() as nursery:
+        listeners = await proxy.listen()
+        await nursery.start(trio.serve_listeners, proxy.connection, listeners)
+        try:
+            yield proxy
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _resume_after(proxy: Blackhole, seconds: float) -> None:
+    await trio.sleep(seconds)
+    proxy.resume()
+
+
+@pytest.mark.postgres
+async def test_a_database_that_stops_answering_fails_the_batch_in_bounded_time(
+    schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The path to the database stops forwarding without closing (its kernel acknowledges,
+    so tcp_user_timeout never fires): a batch's connection is broken off 3 x `timeout` after
+    the batch began, and its callers get StoreUnavailable instead of waiting as long as the
+    stall lasts. Nothing of it was committed; once the path forwards again, the store works
+    again, without a restart."""
+    async with (
+        blackhole() as proxy,
+        postgres_stores(proxy.url(postgres_url(schema=schema)), 1, timeout=0.5) as (store,),
+    ):
+        await begun(store)
+        proxy.stop()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_resume_after, proxy, 8.0)  # else today's code waits for ever
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match=r"could not commit within 1\.5 s") as lost:
+                await store.begin("k-2", "o-2", "hash-2", BODY, "w-1")
+            took = time.monotonic() - started
+            nursery.cancel_scope.cancel()
+        assert 1.5 <= took < 4.0, took
+        assert not lost.value.may_have_taken_effect  # broken off before COMMIT
+        assert "no answer from the database in time" in caplog.text
+        proxy.resume()
+        # The pool reconnects in the background (its backoff may make the first calls fail).
+        with trio.fail_after(30):
+            for _ in range(300):
+                try:
+                    order = await store.get("k-1")
+                    break
+                except StoreUnavailable:
+                    await trio.sleep(0.1)
+            else:
+                pytest.fail("the store did not come back once the path forwarded again")
+        assert order is not None
+        assert await store.get("k-2") is None
+        await begun(store, "k-3")
+
+
+@pytest.mark.postgres
+async def test_a_commit_that_gets_no_answer_may_have_taken_effect(schema: str) -> None:
+    """The path stops forwarding as the batch commits: its connection is broken off in
+    bounded time, the outcome cannot be asked (no new connection through the stalled path
+    within `timeout`), and the call raises StoreUnavailable that says the batch may have
+    taken effect (its COMMIT may yet arrive: so a charge in it is refunded)."""
+
+    from order_pipeline.store.postgres import PostgresStore
+
+    token = trio.lowlevel.current_trio_token()
+
+    class StallsAtCommit(PostgresStore):
+        stall = False
+
+        def _commit(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+            if self.stall:
+                trio.from_thread.run_sync(proxy.stop, trio_token=token)
+            super()._commit(conn)
+
+    async with blackhole() as proxy:
+        store = StallsAtCommit(proxy.url(postgres_url(schema=schema)), timeout=0.5)
+        async with store:
+            store.stall = True
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_resume_after, proxy, 8.0)  # else today's code waits for ever
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable, match="while committing") as lost:
+                    await store.charge("c-1", "k-1", 70)
+                took = time.monotonic() - started
+                nursery.cancel_scope.cancel()
+            store.stall = False
+            proxy.resume()
+        assert 1.5 <= took < 5.0, took
+        assert lost.value.may_have_taken_effect is True
+
+
+async def _continue_after(pid: int, seconds: float) -> None:
+    await trio.sleep(seconds)
+    os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.postgres
+async def test_a_store_process_that_answers_nothing_is_taken_for_dead(schema: str) -> None:
+    """A store process that answers nothing while a call waits (SIGSTOPped here, which no
+    bound of its own can end) is killed after `unresponsive_after`: the call raises
+    StoreUnavailable, and the server hears of it through on_store_process_lost, as of a
+    store process that died, instead of every caller waiting as long as the stop lasts."""
+    lost: list[str] = []
+    url = postgres_url(schema=schema)
+    async with StoreProcess(url, lost.append, unresponsive_after=1.0) as store:
+        await begun(store)
+        assert store._process is not None
+        pid = store._process.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_continue_after, pid, 10.0)  # else today's code waits for ever
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable, match=r"answered nothing for \d+ s: killed"):
+                    await store.get("k-1")
+                took = time.monotonic() - started
+                nursery.cancel_scope.cancel()
+        finally:
+            if store._process.returncode is None:
+                os.kill(pid, signal.SIGCONT)
+        assert 1.0 <= took < 4.0, took
+        assert len(lost) == 1
+        assert lost[0].startswith("the store process answered nothing for ")
+        assert lost[0].endswith(f": killed (exit status {-signal.SIGKILL})")
+        assert store._process.returncode == -signal.SIGKILL
+        assert not _alive(pid)
+        with pytest.raises(StoreUnavailable, match="answered nothing"):
+            await store.get("k-1")

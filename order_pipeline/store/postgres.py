@@ -35,7 +35,14 @@ transaction. Whatever makes the whole batch fail is handled for the whole batch:
   runs again; unknown (no connection within `timeout`), StoreUnavailable that says it may
   have taken effect (so a payment whose charge it was is refunded);
 * no connection within `timeout`, the database refusing to commit: every operation of the
-  batch raises StoreUnavailable. A batch is run at most `_TRIES` times.
+  batch raises StoreUnavailable. A batch is run at most `_TRIES` times;
+* no answer at all (a server or pooler that stalls, a path that stops forwarding while its
+  kernel still acknowledges, so that tcp_user_timeout never fires): psycopg would wait on
+  the socket without end, and every caller with it. A batch still running `STALL_TIMEOUTS`
+  times `timeout` after it started has its connection broken off by a watchdog thread (its
+  socket shut down), so it fails as a lost connection does, and is not run again; the
+  outcome of a commit lost so is asked within two `timeout`s more (an operator's listing,
+  `reader`, is not bounded: it may take long, and Ctrl+C ends it).
 
 A row lock held by another transaction past `lock_timeout` (at most `LOCK_WAIT_S`) fails the
 operation that waited for it, alone (StoreUnavailable; a final record is held for the next
@@ -64,16 +71,21 @@ newer than this program's, or tables of the same names that are not ours, are re
 Cancellation, as for SQLite: a coroutine is cancellable until its operation is queued and not
 after: it waits (shielded) for its batch to commit, so a caller that gets Cancelled knows
 nothing was written, and a caller that gets a result knows it is durable. The wait is bounded
-by the batch ahead and its own, each at most a few `timeout`s.
+by the batch ahead and its own, each at most `STALL_TIMEOUTS` `timeout`s (two more to look
+up a lost commit), a reader's excepted.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import random
+import socket
+import threading
 import time
-from collections.abc import Callable, Iterable
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any, Final, Generic, TypeVar, cast
 
 import attrs
@@ -125,6 +137,9 @@ LOCK_WAIT_S: Final = 2.0
 # each operation that meets a lock fails at once, alone (a host frozen in a transaction may
 # hold many), so the rest of the batch, the lease's renewal among them, commits in time.
 _RERUN_LOCK_WAIT_MS: Final = 10
+# A batch, all its tries, ends within this many `timeout`s (see the module docstring): a
+# few, for a batch may wait `timeout` for a connection, a lock and a deadlock's detection.
+STALL_TIMEOUTS: Final = 3
 T = TypeVar("T")
 _XID: Final = "SELECT pg_current_xact_id_if_assigned()::text"
 
@@ -202,13 +217,72 @@ class _RowLocked(StoreUnavailable):
     """An operation met a row lock held past lock_timeout (see the module docstring)."""
 
 
+class _Watchdog:
+    """A thread that breaks off a connection still in use past its deadline.
+
+    psycopg's blocking calls wait on the socket without a limit; shut down, the socket ends
+    the wait at once, as a lost connection (a cancel request would go the same stalled way).
+    It shuts down a duplicate of libpq's socket, made before the wait: a number libpq closed
+    and the pool then reused for another connection is never touched. It looks `poll` apart,
+    not at every batch: a thread woken per batch would wait for the GIL each time.
+    """
+
+    def __init__(self, where: str, *, poll: float) -> None:
+        self._where = where
+        self._poll = poll
+        self._lock = threading.Lock()
+        self._watched: tuple[socket.socket, float] | None = None  # (a dup, its deadline)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"store watchdog {where}", daemon=True
+        )
+        self._thread.start()
+
+    @contextmanager
+    def bounded(self, conn: Conn, deadline: float) -> Iterator[None]:
+        try:
+            fd = os.dup(conn.pgconn.socket)
+        except (OSError, psycopg.Error):  # lost already: its first statement fails at once
+            fd = -1
+        if fd < 0:
+            yield
+            return
+        breaker = socket.socket(fileno=fd)
+        with self._lock:
+            self._watched = (breaker, deadline)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._watched = None
+                breaker.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._poll):
+            with self._lock:
+                if self._watched is None or time.monotonic() < self._watched[1]:
+                    continue
+                with suppress(OSError):
+                    self._watched[0].shutdown(socket.SHUT_RDWR)
+                self._watched = None
+            logger.warning(
+                "%s: no answer from the database in time: its connection is broken off",
+                self._where,
+            )
+
+
 class PostgresStore(WriterThread[Conn]):
     """Orders in a PostgreSQL database; `async with PostgresStore(url) as store:` opens it.
 
     `timeout` bounds each wait of a batch: for a connection (at start too), for a row lock
     held by someone else (lock_timeout, at most LOCK_WAIT_S: past it only the operation
     that waited fails), for the outcome of a commit whose connection was lost; past it the
-    batch raises StoreUnavailable. `commits` counts committed batches.
+    batch raises StoreUnavailable. A batch gets STALL_TIMEOUTS times it in all. `commits`
+    counts committed batches.
     """
 
     def __init__(self, url: str, *, timeout: float = 5.0, reader: bool = False) -> None:
@@ -218,6 +292,7 @@ class PostgresStore(WriterThread[Conn]):
         self.timeout = timeout
         self.commits = 0
         self._lock_met = False  # the batch being run met a lock held past lock_timeout
+        self._deadline = math.inf  # the batch being run's, on time.monotonic()'s clock
         self._steps = RowsWrittenTogether(self, _record_steps)
         self._replies = RepliesWritten()  # what finish_soon wrote, for finished_reply
         try:
@@ -239,14 +314,25 @@ class PostgresStore(WriterThread[Conn]):
         params.setdefault("tcp_user_timeout", max(1000, round(2 * timeout * 1000)))  # ms
         self._conninfo = make_conninfo("", **params)
         self._pool: Pool  # the writer thread's, from _open
+        self._watchdog: _Watchdog | None = None  # from _open, unless a reader
 
     # -- in the writer thread -------------------------------------------------------------
 
     def _open(self) -> None:
         self._pool = self._open_pool()
+        if not self.reader:
+            self._watchdog = _Watchdog(self.where, poll=min(1.0, self.timeout / 4))
 
     def _close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.close()
         self._pool.close()
+
+    def _bounded(self, conn: Conn, deadline: float) -> AbstractContextManager[None]:
+        """`conn` broken off if still in use at `deadline` (time.monotonic's), unless a reader."""
+        if self._watchdog is None:
+            return nullcontext()
+        return self._watchdog.bounded(conn, deadline)
 
     def _open_pool(self) -> Pool:
         """Connect once (for a precise error), create or migrate the schema, open the pool."""
@@ -302,12 +388,17 @@ class PostgresStore(WriterThread[Conn]):
     def _run_batch(self, ops: list[Op[Conn, Any]]) -> None:
         todo, tries, pipelined = ops, 0, True
         self._lock_met = any(isinstance(op.error, _RowLocked) for op in ops)  # one held again
+        limit = math.inf if self.reader else STALL_TIMEOUTS * self.timeout
+        self._deadline = time.monotonic() + limit
         while todo:
             again, why = self._attempt(todo, pipelined)
             if why is None and again:  # an operation failed: which one, statement by statement
                 pipelined = False
             if why is not None:  # the whole batch again
                 tries += 1
+                if time.monotonic() > self._deadline:  # the watchdog broke it off, or soon will
+                    _fail(todo, self._unavailable(why, f"could not commit within {limit:g} s"))
+                    break
                 if tries == _TRIES:
                     _fail(todo, self._unavailable(why))
                     break
@@ -325,7 +416,8 @@ class PostgresStore(WriterThread[Conn]):
         the answer to the one before (the answers `_Later` reads come back together; an
         operation that reads at once costs a round trip of its own).
         An operation's own error then surfaces at a later read, so it makes the batch run
-        again statement by statement, which tells whose it was."""
+        again statement by statement, which tells whose it was. Past the batch's deadline the
+        watchdog breaks the connection off."""
         self._replies.transaction_begins()
         try:
             conn = self._pool.getconn()
@@ -336,32 +428,34 @@ class PostgresStore(WriterThread[Conn]):
         failed: Op[Conn, Any] | None = None
         unknown_failure = False  # an operation failed in the pipeline: whose is not known
         error: Exception | None = None
-        try:
-            if pipelined:
-                own_error, xid = _run_pipelined(conn, ops, brief_locks=self._lock_met)
-                unknown_failure = own_error is not None
-                self._lock_met |= isinstance(own_error, errors.LockNotAvailable)
-            else:
-                _transaction(conn, brief_locks=self._lock_met)
-                failed = _run_each(conn, ops)
-                if failed is None:
-                    xid = _xid(conn.execute(_XID))
-            if not unknown_failure and failed is None:
-                committing = True
-                self._commit(conn)
-        except Exception as exc:
-            error = exc
-            if not conn.closed:
-                with suppress(psycopg.Error):
-                    conn.execute("ROLLBACK")
-        finally:
-            lost = conn.closed
-            if unknown_failure or failed is not None or error is not None:
-                # Where a failed pipeline skipped the Parse of a statement psycopg was
-                # preparing, psycopg takes it as prepared, and each later run of it would fail
-                # (InvalidSqlStatementName: 500s until a restart). A new connection has none.
-                conn.close()
-            self._pool.putconn(conn)  # a closed one is replaced (in the background)
+        with self._bounded(conn, self._deadline):
+            try:
+                if pipelined:
+                    own_error, xid = _run_pipelined(conn, ops, brief_locks=self._lock_met)
+                    unknown_failure = own_error is not None
+                    self._lock_met |= isinstance(own_error, errors.LockNotAvailable)
+                else:
+                    _transaction(conn, brief_locks=self._lock_met)
+                    failed = _run_each(conn, ops)
+                    if failed is None:
+                        xid = _xid(conn.execute(_XID))
+                if not unknown_failure and failed is None:
+                    committing = True
+                    self._commit(conn)
+            except Exception as exc:
+                error = exc
+                if not conn.closed:
+                    with suppress(psycopg.Error):
+                        conn.execute("ROLLBACK")
+            finally:
+                lost = conn.closed
+                if unknown_failure or failed is not None or error is not None:
+                    # Where a failed pipeline skipped the Parse of a statement psycopg was
+                    # preparing, psycopg takes it as prepared, and each later run of it would
+                    # fail (InvalidSqlStatementName: 500s until a restart). A new connection
+                    # has none.
+                    conn.close()
+                self._pool.putconn(conn)  # a closed one is replaced (in the background)
         if unknown_failure:
             return ops, None
         if failed is not None:
@@ -406,7 +500,7 @@ class PostgresStore(WriterThread[Conn]):
             return "aborted"  # it wrote nothing, so running it again is safe
         deadline = time.monotonic() + self.timeout
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection() as conn, self._bounded(conn, deadline + self.timeout):
                 # Its backend may not know yet that we are gone: end it (and the transaction,
                 # if the COMMIT never arrived) rather than wait for it; the xid tells it from
                 # another backend that got its pid since.

@@ -26,6 +26,9 @@ record nobody waits for rides on the next call that waits. A call the other side
 operation does in a batch. If the store process dies (killed, out of memory), every waiting
 call raises StoreUnavailable, so does every later one, and `on_lost` is called: the server
 then exits, as if the database code had crashed it, and its orders are recovered by lease.
+A store process that answers nothing for `UNRESPONSIVE_AFTER` while a call waits (stopped,
+or stuck where its store's own bounds do not reach) is killed, and so taken for dead the same
+way: its callers would otherwise wait as long, their calls sent and no longer cancellable.
 If the server dies, the store process reads the end of the socket, runs what it has received
 and exits. It runs in a process group of its own and ignores SIGINT and SIGTERM: the server
 closes it once its own drain is over.
@@ -34,6 +37,7 @@ closes it once its own drain is over.
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import signal
 import socket
@@ -63,13 +67,19 @@ _CHILD: Final = (
     " from order_pipeline.store.process import serve_store; serve_store({fd})"
 )
 Call = tuple[int | None, str, tuple[Any, ...], dict[str, Any]]
+# Seconds without an answer while a call waits before the store process is taken for dead:
+# well past the longest a PostgreSQL batch takes (postgres.py: STALL_TIMEOUTS times its
+# `timeout` for its tries, up to two more for a lost commit's outcome: about 25 s at 5 s),
+# for a store process wrongly killed costs its server's orders in flight.
+UNRESPONSIVE_AFTER: Final = 60.0
 
 
 class _Waiting:
-    __slots__ = ("error", "result", "task")
+    __slots__ = ("error", "result", "sent_at", "task")
 
-    def __init__(self, task: trio.lowlevel.Task) -> None:
+    def __init__(self, task: trio.lowlevel.Task, sent_at: float) -> None:
         self.task = task
+        self.sent_at = sent_at
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -98,12 +108,22 @@ class StoreProcess:
     """An `OrderStore` whose backend runs in a store process; `async with` starts and stops it.
 
     `url` names a SQL backend (`parse_store_url`); `on_lost(message)` is called in the Trio
-    thread if the store process ends before it is closed (it must not raise).
+    thread if the store process ends before it is closed (it must not raise), or is killed
+    for answering nothing for `unresponsive_after` seconds while a call waited.
     """
 
-    def __init__(self, url: str, on_lost: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        url: str,
+        on_lost: Callable[[str], None],
+        *,
+        unresponsive_after: float = UNRESPONSIVE_AFTER,
+    ) -> None:
         self._url = url
         self._on_lost = on_lost
+        self._unresponsive_after = unresponsive_after
+        self._answered_at = -math.inf  # when the last answer came (trio.current_time())
+        self._killed: str | None = None  # why _kill_if_unresponsive killed it
         self._sock: socket.socket  # the server's end of the socket pair, from __aenter__
         self._process: trio.Process | None = None
         self._out = bytearray()  # frames the socket has not taken yet
@@ -191,7 +211,8 @@ class StoreProcess:
         self._check_open()
         self._next_id += 1
         frame = self._frame_held((self._next_id, name, args, kwargs))
-        waiting = self._waiting[self._next_id] = _Waiting(trio.lowlevel.current_task())
+        waiting = _Waiting(trio.lowlevel.current_task(), trio.current_time())
+        self._waiting[self._next_id] = waiting
         self._send(frame)
         await trio.lowlevel.wait_task_rescheduled(cannot_abort)  # as writer.py's, once sent
         if waiting.error is not None:
@@ -258,6 +279,7 @@ class StoreProcess:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush_forever)
+                nursery.start_soon(self._kill_if_unresponsive)
                 await self._read_until_end()
                 nursery.cancel_scope.cancel()
         except Exception:  # a bug of ours: the server must not hang on it
@@ -282,6 +304,21 @@ class StoreProcess:
                     self._broken()
             self._to_flush = trio.Event()
 
+    async def _kill_if_unresponsive(self) -> None:
+        """Kill the store process once it has answered nothing for `unresponsive_after` while
+        a call waited: its end then fails every call and calls `on_lost`, as a death does."""
+        while True:
+            await trio.sleep(min(1.0, self._unresponsive_after / 4))
+            if not self._waiting:
+                continue
+            oldest = next(iter(self._waiting.values()))  # a dict keeps the order of sending
+            silent = trio.current_time() - max(self._answered_at, oldest.sent_at)
+            if silent > self._unresponsive_after:
+                break
+        self._killed = f"the store process answered nothing for {silent:.0f} s: killed"
+        assert self._process is not None
+        self._process.kill()
+
     async def _read_until_end(self) -> None:
         buffer = bytearray()
         while True:
@@ -301,6 +338,7 @@ class StoreProcess:
     def _received(self, message: tuple[str, Any]) -> None:
         what, value = message
         if what == "done":
+            self._answered_at = trio.current_time()
             for call_id, ok, result in value:
                 waiting = self._waiting.pop(call_id)
                 if ok:
@@ -328,7 +366,8 @@ class StoreProcess:
         elif self._open_error is None and (not self._closing or self._waiting):
             with trio.CancelScope(shield=True):
                 status = await self._process.wait()
-            self._lost = f"the store process ended unexpectedly (exit status {status})"
+            ended = self._killed or "the store process ended unexpectedly"
+            self._lost = f"{ended} (exit status {status})"
             for waiting in self._waiting.values():
                 waiting.error = StoreUnavailable(self._lost)
                 trio.lowlevel.reschedule(waiting.task)
