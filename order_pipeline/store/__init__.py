@@ -31,7 +31,7 @@ from .base import (
 from .memory import MemoryStore
 from .process import StoreProcess
 from .sqlite import SqliteStore
-from .urls import shown_url
+from .urls import postgres_params, shown_url
 
 if TYPE_CHECKING:
     from .postgres import PostgresStore
@@ -59,7 +59,6 @@ __all__ = [
 
 _SQLITE = "sqlite:///"
 _POSTGRES = ("postgresql://", "postgres://")
-_INSTALL = "pip install 'order-pipeline[postgres]'"
 
 
 @attrs.frozen
@@ -85,27 +84,12 @@ def parse_store_url(url: str) -> StoreURL:
             )
         return StoreURL("sqlite", Path(path))
     if url.startswith(_POSTGRES):
-        _check_postgres_url(url)
+        postgres_params(url)  # refused here if libpq would refuse it
         return StoreURL("postgresql", url=url)
     raise StoreError(
         f"{shown_url(url)!r}: unsupported store URL (use sqlite:///PATH or memory,"
         " or postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME)"
     )
-
-
-def _check_postgres_url(url: str) -> None:
-    """libpq's own parsing of the URL, so a bad one is refused at start, password unshown."""
-    shown = shown_url(url)
-    try:
-        from psycopg import Error
-        from psycopg.conninfo import conninfo_to_dict
-    except ImportError:
-        raise StoreError(f"{shown}: a PostgreSQL store needs psycopg: {_INSTALL}") from None
-    try:
-        conninfo_to_dict(url)
-    except Error as exc:
-        cause = " ".join(str(exc).split()).replace(url, shown)  # libpq may quote it whole
-        raise StoreError(f"{shown}: not a valid PostgreSQL URL: {cause}") from None
 
 
 @asynccontextmanager

@@ -93,7 +93,7 @@ import orjson
 import psycopg
 import psycopg_pool
 from psycopg import errors
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from ..kinds import COMPENSATION_FAILED, INTERRUPTED
 from ..model import new_id
@@ -110,7 +110,7 @@ from .base import (
     StoreUnavailable,
     step_row,
 )
-from .urls import shown_url
+from .urls import postgres_params, shown_url
 from .writer import Op, RepliesWritten, RowsWrittenTogether, WriterThread
 
 logger = logging.getLogger(__name__)
@@ -295,12 +295,7 @@ class PostgresStore(WriterThread[Conn]):
         self._deadline = math.inf  # the batch being run's, on time.monotonic()'s clock
         self._steps = RowsWrittenTogether(self, _record_steps)
         self._replies = RepliesWritten()  # what finish_soon wrote, for finished_reply
-        try:
-            params = conninfo_to_dict(url)
-        except psycopg.Error as exc:
-            shown = shown_url(url)
-            cause = _one_line(exc).replace(url, shown)  # libpq may quote the URL whole
-            raise StoreError(f"{shown}: not a valid PostgreSQL URL: {cause}") from None
+        params = postgres_params(url)
         self.where = _where(params, url)  # the URL without password or options, for messages
         params.setdefault("connect_timeout", max(2, round(timeout)))
         params.setdefault("application_name", "order-pipeline")

@@ -1,10 +1,15 @@
-"""How a store URL is shown in messages and logs: never with its password."""
+"""How a store URL is shown in messages and logs (never with its password), and a
+PostgreSQL URL read as libpq reads it."""
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
-__all__ = ["NOT_SHOWN", "shown_url"]
+from .base import StoreError
+
+__all__ = ["NOT_SHOWN", "postgres_params", "shown_url"]
+
+_INSTALL: Final = "pip install 'order-pipeline[postgres]'"
 
 
 NOT_SHOWN: Final = "(not shown: it may hold a password)"
@@ -21,3 +26,18 @@ def shown_url(url: str) -> str:
     scheme, _, rest = url.partition("://")
     host = rest.rpartition("@")[2]
     return f"{scheme}://{host.split('/', 1)[0].split('?', 1)[0]}"
+
+
+def postgres_params(url: str) -> dict[str, Any]:
+    """libpq's own parsing of the URL, so a bad one is refused at start, password unshown."""
+    shown = shown_url(url)
+    try:
+        from psycopg import Error
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise StoreError(f"{shown}: a PostgreSQL store needs psycopg: {_INSTALL}") from None
+    try:
+        return conninfo_to_dict(url)
+    except Error as exc:
+        cause = " ".join(str(exc).split()).replace(url, shown)  # libpq may quote it whole
+        raise StoreError(f"{shown}: not a valid PostgreSQL URL: {cause}") from None
