@@ -98,13 +98,6 @@ def _error(kind: str, message: str | None = None, *, key: str | None = None) -> 
     return Answer(entry.status, body, key, entry.retry_after, refused=kind, reason=reason)
 
 
-def _not_recorded_yet(order: OrderRequest, key: str) -> Answer:
-    """503: the order ran, but its result is not stored yet (a retry replays it once it is);
-    not a refusal, since the reporter gave the order its line and count."""
-    log.warning("order %r: its result could not be recorded yet", order.order_id)
-    return attrs.evolve(_error(STORE_UNAVAILABLE, key=key), refused=None)
-
-
 def _known_steps(stored: StoredOrder) -> list[StepResult]:
     """What was recorded of each step, compensations included (`Pipeline.undo` tries again
     one that did not succeed); a step with no record may have run, so it counts as ok."""
@@ -155,6 +148,10 @@ class OrderDesk:
     # Such orders seen in the last recovery round: recovered if seen again in the next, by
     # which time a final record on its way (held for the next commit) has landed.
     _suspects: set[str] = attrs.field(factory=set, init=False)
+    # Orders that ran and were answered 503, their final record held for the next commit (a
+    # row locked past the lock timeout may hold it for long): never recovered here, for the
+    # record (ok, say) would land after the undoing, and a retry replay it with the money back.
+    _held_records: set[str] = attrs.field(factory=set, init=False)
 
     async def submit(self, order: OrderRequest, key: str | None = None) -> Answer:
         """Run `order` under `key` (a fresh one if None), or answer from what the key holds.
@@ -216,13 +213,13 @@ class OrderDesk:
         try:
             final = await self.store.finished_reply(key, attempt.id)
         except StoreUnavailable:
-            return _not_recorded_yet(order, key)
+            return self._not_recorded_yet(order, key)
         if final is None or final.kind == INTERRUPTED:
             ours = await self._holding(attempt)
             if ours is not None and ours.state == RUNNING and ours.owner == self.owner:
                 # Nobody claimed it: our final record failed alone (a row locked past the
                 # lock timeout) and is held for the next commit (writer.py), not lost.
-                return _not_recorded_yet(order, key)
+                return self._not_recorded_yet(order, key)
             if ours is not None:
                 # Our lease lapsed and another process claimed the order to undo it, while
                 # our run went on: a step of ours that took effect after its undo is ours to
@@ -236,6 +233,13 @@ class OrderDesk:
         if final is None:
             return attrs.evolve(_error(ORDER_IN_PROGRESS, key=key), refused=None)
         return Answer(final.http_status, final.reply, key, lookup(final.kind).retry_after)
+
+    def _not_recorded_yet(self, order: OrderRequest, key: str) -> Answer:
+        """503: the order ran, but its result is not stored yet (a retry replays it once it
+        is); not a refusal, since the reporter gave the order its line and count."""
+        log.warning("order %r: its result could not be recorded yet", order.order_id)
+        self._held_records.add(key)
+        return attrs.evolve(_error(STORE_UNAVAILABLE, key=key), refused=None)
 
     async def _holding(self, attempt: Attempt) -> StoredOrder | None:
         """The stored order if its key still holds `attempt`; None if not, or unreadable
@@ -328,7 +332,9 @@ class OrderDesk:
     async def _left_running(self) -> list[StoredOrder]:
         """Our orders running, older than a lease, that we do not work on, twice in a row."""
         ours = await self.store.running_of(self.owner, self.lease_timeout)
-        seen = {o.key for o in ours if o.key not in self._working}
+        self._held_records &= {o.key for o in ours}  # those no longer running have landed
+        busy = self._working.keys() | self._held_records
+        seen = {o.key for o in ours if o.key not in busy}
         left = [o for o in ours if o.key in seen & self._suspects]
         self._suspects = seen
         return left

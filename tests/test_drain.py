@@ -61,6 +61,15 @@ def order_lines(server: ServerProcess) -> list[dict[str, Any]]:
     return [line for line in server.log_lines() if line["logger"] == "order_pipeline.orders"]
 
 
+async def exit_after_signal(server: ServerProcess, signum: int) -> tuple[int, float]:
+    """Send `signum` to the server; its exit status, and the seconds it took to exit."""
+    server.process.send_signal(signum)
+    signalled = trio.current_time()
+    with trio.fail_after(WAIT_S):
+        code = await server.process.wait()
+    return code, trio.current_time() - signalled
+
+
 async def wait_for_log(server: ServerProcess, message: str) -> None:
     """Wait until the server has logged `message`: a subprocess's log is its only signal."""
     with trio.fail_after(WAIT_S):
@@ -268,11 +277,7 @@ async def test_a_second_signal_cancels_and_undoes_the_orders_in_flight(
         await wait_for_steps_in_flight(server.url, 3)  # the three vendor steps
         server.process.send_signal(signum)
         await wait_for_log(server, f"received {signum.name}: draining")
-        server.process.send_signal(signum)
-        signalled = trio.current_time()
-        with trio.fail_after(WAIT_S):
-            code = await server.process.wait()
-        took = trio.current_time() - signalled
+        code, took = await exit_after_signal(server, signum)
 
     assert (code, took < 3) == (1, True)
     assert outcomes == ["RemoteProtocolError"] * 3  # cancelled: no reply sent
@@ -326,11 +331,7 @@ async def test_a_second_signal_to_the_supervisor_cuts_every_workers_drain_short(
                 if workers_draining() == 2:
                     break
                 await trio.sleep(0.02)
-        server.process.send_signal(signal.SIGTERM)
-        signalled = trio.current_time()
-        with trio.fail_after(WAIT_S):
-            code = await server.process.wait()
-        took = trio.current_time() - signalled
+        code, took = await exit_after_signal(server, signal.SIGTERM)
 
     assert (code, took < 3) == (1, True)
     assert outcomes == ["RemoteProtocolError"] * 4
@@ -426,11 +427,7 @@ async def test_the_hard_deadline_holds_while_a_stalled_store_is_released_and_clo
         # A renewal (every second) is waiting for the lock by then, for 3.5 s more at least:
         # the lease's release waits behind it.
         await trio.sleep(2.5)
-        server.process.send_signal(signal.SIGTERM)
-        signalled = trio.current_time()
-        with trio.fail_after(WAIT_S):
-            code = await server.process.wait()
-        took = trio.current_time() - signalled
+        code, took = await exit_after_signal(server, signal.SIGTERM)
     finally:
         await trio.to_thread.run_sync(locker.close)
 

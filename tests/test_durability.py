@@ -853,22 +853,26 @@ async def test_an_order_whose_final_record_meets_a_lock_is_503_and_keeps_its_cha
 ) -> None:
     """An order that succeeded, whose final record met a row lock held past lock_timeout
     (a frozen host's transaction, an operator's SELECT ... FOR UPDATE): the record is held
-    for the next commit, the client gets 503 store_unavailable, and nothing is undone; a
-    retry replays the 200 and the charge stands. (The desk once took the missing reply for a
-    takeover: it refunded the order, answered 409, and the held record then said ok.)"""
+    for the next commit, the client gets 503 store_unavailable, and nothing is undone, not
+    even by this process's recovery rounds while the lock lasts (the order is its own, old,
+    running); a retry replays the 200 and the charge stands. (The desk once took the missing
+    reply for a takeover: it refunded the order, answered 409, and the held record then said
+    ok; its recovery did the same a few seconds later.)"""
     from .pg import postgres_url
     from .test_store import postgres_stores, row_locked
 
     async with postgres_stores(postgres_url(schema=schema), 1, timeout=0.3) as (store,):
-        assembly = assemble(
-            Settings(payment_delay_ms=0, vendor_delay_ms=0, courier_delay_ms=1000), store=store
+        settings = Settings(
+            payment_delay_ms=0, vendor_delay_ms=0, courier_delay_ms=1000, lease_timeout=1.0
         )
+        assembly = assemble(settings, store=store)
         first: list[tuple[int, bytes, Headers]] = []
 
         async def send() -> None:
             first.append(await post(assembly, ORDER, key="k-1"))
 
         async with trio.open_nursery() as nursery:
+            await nursery.start(assembly.desk.maintain)  # recovery rounds a second apart
             nursery.start_soon(send)
             with trio.fail_after(5):
                 while await store.get("k-1") is None:  # noqa: ASYNC110 # begun; courier takes 1 s
@@ -877,8 +881,12 @@ async def test_an_order_whose_final_record_meets_a_lock_is_503_and_keeps_its_cha
                 with trio.fail_after(10):
                     while not first:  # noqa: ASYNC110 # the order's own end
                         await trio.sleep(0.05)
+                await trio.sleep(3.5)  # the order is over a lease old: rounds see it running
+                charged_meanwhile = await store.net_charge("k-1")
+            nursery.cancel_scope.cancel()
         status, body, _ = first[0]
         assert (status, json.loads(body)["error"]["kind"]) == (503, "store_unavailable")
+        assert charged_meanwhile == ORDER["amount"]
         status, body, headers = await post(assembly, ORDER, key="k-1")  # carries the record
         assert (status, json.loads(body)["status"]) == (200, "ok")
         assert headers["Idempotent-Replayed"] == "true"

@@ -2041,15 +2041,23 @@ async def test_a_pipeline_aborted_by_a_lock_leaves_no_statement_unusable(schema:
     """A lock timeout aborts a pipeline, skipping the Parse of a statement psycopg was
     preparing (at its sixth run); psycopg would take it as prepared and every later run of it
     fail (InvalidSqlStatementName: each new order 500 until a restart). The connection of a
-    failed batch is replaced instead."""
+    batch whose pipeline failed is replaced instead."""
     async with postgres_stores(postgres_url(schema=schema), 1, timeout=0.3) as (store,):
         order = await begun(store)
+        await begun(store, "k-2")
         async with row_locked(schema, "k-1"):
-            store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
-            for i in range(6):  # through psycopg's prepare threshold, each batch aborted
-                assert isinstance(await store.begin(f"a-{i}", "o", "h", BODY, "w-1"), Begun)
-        for i in range(6):  # the lock gone
+            for i in range(3):  # a batch each: the finish meets the lock, a begin rides along
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(finish_or_not, store, order)
+                    nursery.start_soon(store.begin, f"a-{i}", "o", "h", BODY, "w-1")
+        for i in range(6):  # the lock gone: through psycopg's prepare threshold
             assert isinstance(await store.begin(f"b-{i}", "o", "h", BODY, "w-1"), Begun)
+
+
+async def finish_or_not(store: OrderStore, order: StoredOrder) -> None:
+    """Finish `order`, unless a lock held past the lock timeout stops it."""
+    with suppress(StoreUnavailable):
+        await store.finish(order.key, order.attempt_id, 200, b"{}", None)
 
 
 @pytest.mark.postgres
@@ -2583,3 +2591,30 @@ async def test_a_store_process_that_answers_nothing_is_taken_for_dead(schema: st
         assert not _alive(pid)
         with pytest.raises(StoreUnavailable, match="answered nothing"):
             await store.get("k-1")
+
+
+async def test_a_store_process_is_not_taken_for_dead_when_the_server_itself_was_paused(
+    tmp_path: Path,
+) -> None:
+    """The server's own loop stops for longer than `unresponsive_after` (SIGSTOP and SIGCONT
+    of the server alone, a debugger, a paused container) while the store process's answer
+    waits in the socket: once it runs again, the answer is read, and the store process is
+    not killed (a first version killed it when the watchdog ran before the reader: Trio
+    orders the tasks it wakes together at random, so this pauses five times)."""
+    lost: list[str] = []
+    paused = 0
+    async with StoreProcess(
+        f"sqlite:///{tmp_path}/o.db", lost.append, unresponsive_after=1.0
+    ) as store:
+        await store.get("k-1")  # started, answering
+        for _ in range(50):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.get, "k-1")
+                await trio.lowlevel.checkpoint()
+                if len(store._waiting) == 1:  # sent, its answer not read yet: stop now
+                    time.sleep(1.2)  # noqa: ASYNC251 # the Trio thread stops, as the process would
+                    paused += 1
+            if paused == 5:
+                break
+    assert paused == 5
+    assert lost == []

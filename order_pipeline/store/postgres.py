@@ -381,8 +381,10 @@ class PostgresStore(WriterThread[Conn]):
         )
 
     def _run_batch(self, ops: list[Op[Conn, Any]]) -> None:
-        todo, tries, pipelined = ops, 0, True
-        self._lock_met = any(isinstance(op.error, _RowLocked) for op in ops)  # one held again
+        # A record held again after it met a row lock is likely to meet it again: then the
+        # batch runs statement by statement at once (brief lock waits, no pipeline to abort).
+        self._lock_met = any(isinstance(op.error, _RowLocked) for op in ops)
+        todo, tries, pipelined = ops, 0, not self._lock_met
         limit = math.inf if self.reader else STALL_TIMEOUTS * self.timeout
         self._deadline = time.monotonic() + limit
         while todo:
@@ -444,7 +446,7 @@ class PostgresStore(WriterThread[Conn]):
                         conn.execute("ROLLBACK")
             finally:
                 lost = conn.closed
-                if unknown_failure or failed is not None or error is not None:
+                if unknown_failure or error is not None:
                     # Where a failed pipeline skipped the Parse of a statement psycopg was
                     # preparing, psycopg takes it as prepared, and each later run of it would
                     # fail (InvalidSqlStatementName: 500s until a restart). A new connection

@@ -307,14 +307,17 @@ class StoreProcess:
     async def _kill_if_unresponsive(self) -> None:
         """Kill the store process once it has answered nothing for `unresponsive_after` while
         a call waited: its end then fails every call and calls `on_lost`, as a death does."""
-        while True:
+        # Two looks in a row, with no answer read between them, not one: this process may
+        # have been paused itself, the answer waiting in the socket for the reader's turn.
+        looks, answered = 0, self._answered_at
+        while looks < 2:
             await trio.sleep(min(1.0, self._unresponsive_after / 4))
-            if not self._waiting:
+            if not self._waiting or self._answered_at != answered:
+                looks, answered = 0, self._answered_at
                 continue
             oldest = next(iter(self._waiting.values()))  # a dict keeps the order of sending
             silent = trio.current_time() - max(self._answered_at, oldest.sent_at)
-            if silent > self._unresponsive_after:
-                break
+            looks = looks + 1 if silent > self._unresponsive_after else 0
         self._killed = f"the store process answered nothing for {silent:.0f} s: killed"
         assert self._process is not None
         self._process.kill()
