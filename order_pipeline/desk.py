@@ -148,9 +148,10 @@ class OrderDesk:
     # Such orders seen in the last recovery round: recovered if seen again in the next, by
     # which time a final record on its way (held for the next commit) has landed.
     _suspects: set[str] = attrs.field(factory=set, init=False)
-    # Orders that ran and were answered 503, their final record held for the next commit (a
-    # row locked past the lock timeout may hold it for long): never recovered here, for the
-    # record (ok, say) would land after the undoing, and a retry replay it with the money back.
+    # Orders that ran and whose final reply was not read back (answered 503 or 409): their
+    # final record may be held for the next commit (a row locked past the lock timeout may
+    # hold it for long). Never recovered here while they run, for the record (ok, say) would
+    # land after the undoing, and a retry replay it with the money back.
     _held_records: set[str] = attrs.field(factory=set, init=False)
 
     async def submit(self, order: OrderRequest, key: str | None = None) -> Answer:
@@ -231,6 +232,7 @@ class OrderDesk:
                 )
                 await self.pipeline.undo(order, result.steps, INTERRUPTED, report=False)
         if final is None:
+            self._held_records.add(key)  # if its record is ours, held: see _left_running
             return attrs.evolve(_error(ORDER_IN_PROGRESS, key=key), refused=None)
         return Answer(final.http_status, final.reply, key, lookup(final.kind).retry_after)
 
@@ -331,8 +333,9 @@ class OrderDesk:
 
     async def _left_running(self) -> list[StoredOrder]:
         """Our orders running, older than a lease, that we do not work on, twice in a row."""
+        if self._held_records:  # those no longer running (of any age) have landed
+            self._held_records &= {o.key for o in await self.store.running_of(self.owner, 0.0)}
         ours = await self.store.running_of(self.owner, self.lease_timeout)
-        self._held_records &= {o.key for o in ours}  # those no longer running have landed
         busy = self._working.keys() | self._held_records
         seen = {o.key for o in ours if o.key not in busy}
         left = [o for o in ours if o.key in seen & self._suspects]

@@ -863,7 +863,7 @@ async def test_an_order_whose_final_record_meets_a_lock_is_503_and_keeps_its_cha
 
     async with postgres_stores(postgres_url(schema=schema), 1, timeout=0.3) as (store,):
         settings = Settings(
-            payment_delay_ms=0, vendor_delay_ms=0, courier_delay_ms=1000, lease_timeout=1.0
+            payment_delay_ms=0, vendor_delay_ms=0, courier_delay_ms=1000, lease_timeout=2.5
         )
         assembly = assemble(settings, store=store)
         first: list[tuple[int, bytes, Headers]] = []
@@ -881,7 +881,9 @@ async def test_an_order_whose_final_record_meets_a_lock_is_503_and_keeps_its_cha
                 with trio.fail_after(10):
                     while not first:  # noqa: ASYNC110 # the order's own end
                         await trio.sleep(0.05)
-                await trio.sleep(3.5)  # the order is over a lease old: rounds see it running
+                # Answered at about 1.3 s: younger than a lease then, over a lease old and
+                # seen running by two recovery rounds (a second apart) before the lock ends.
+                await trio.sleep(4.5)
                 charged_meanwhile = await store.net_charge("k-1")
             nursery.cancel_scope.cancel()
         status, body, _ = first[0]

@@ -318,7 +318,9 @@ class StoreProcess:
             oldest = next(iter(self._waiting.values()))  # a dict keeps the order of sending
             silent = trio.current_time() - max(self._answered_at, oldest.sent_at)
             looks = looks + 1 if silent > self._unresponsive_after else 0
-        self._killed = f"the store process answered nothing for {silent:.0f} s: killed"
+        self._killed = (
+            f"the store process answered nothing for {self._unresponsive_after:g} s: killed"
+        )
         assert self._process is not None
         self._process.kill()
 
