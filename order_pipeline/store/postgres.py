@@ -52,8 +52,9 @@ fails at once, alone), and the others of it, the lease's renewal among them, com
 carries the renewal, so it must not wait on locks as long as a lease lasts: a host frozen in
 the middle of a transaction (its row locks held until it wakes) made every batch that touched
 one of its orders fail, and the live host lose its lease. A batch that carries a record held
-after it met such a lock waits for locks briefly from the start (the lock is likely held
-still): else every batch, and every order's commit in it, waited the full lock_timeout.
+after it met such a lock runs statement by statement from the start, waiting for locks
+briefly (the lock is likely held still): else every batch, and every order's commit in it,
+waited the full lock_timeout.
 
 Concurrency between hosts is the database's: a key's PRIMARY KEY decides who runs an order
 (INSERT ... ON CONFLICT DO NOTHING, then read the winner); interrupted orders are claimed by
@@ -428,11 +429,15 @@ class PostgresStore(WriterThread[Conn]):
         with self._bounded(conn, self._deadline):
             try:
                 if pipelined:
-                    own_error, xid = _run_pipelined(conn, ops, brief_locks=self._lock_met)
+                    own_error, xid = _run_pipelined(conn, ops)
                     unknown_failure = own_error is not None
                     self._lock_met |= isinstance(own_error, errors.LockNotAvailable)
                 else:
-                    _transaction(conn, brief_locks=self._lock_met)
+                    conn.execute("BEGIN")
+                    if self._lock_met:
+                        # A lock held past lock_timeout is likely held still: each operation
+                        # that meets it fails at once, alone, not after a full wait each.
+                        conn.execute(f"SET LOCAL lock_timeout = '{_RERUN_LOCK_WAIT_MS}ms'")
                     failed = _run_each(conn, ops)
                     if failed is None:
                         xid = _xid(conn.execute(_XID))
@@ -721,22 +726,12 @@ def _batch_error(exc: Exception) -> bool:
     return isinstance(exc, _BATCH_ERRORS) and not isinstance(exc, errors.LockNotAvailable)
 
 
-def _transaction(conn: Conn, *, brief_locks: bool) -> None:
-    conn.execute("BEGIN")
-    if brief_locks:
-        # A lock held past lock_timeout is likely held still: each operation that meets it
-        # fails at once, alone, not after a full wait each.
-        conn.execute(f"SET LOCAL lock_timeout = '{_RERUN_LOCK_WAIT_MS}ms'")
-
-
-def _run_pipelined(
-    conn: Conn, ops: list[Op[Conn, Any]], *, brief_locks: bool
-) -> tuple[Exception | None, str | None]:
+def _run_pipelined(conn: Conn, ops: list[Op[Conn, Any]]) -> tuple[Exception | None, str | None]:
     """Run `ops` in pipeline mode: (the error, None) if one of them failed by itself (then
     rolled back), else (None, the transaction's id if it wrote anything)."""
     try:
         with conn.pipeline():
-            _transaction(conn, brief_locks=brief_locks)
+            conn.execute("BEGIN")
             for op in ops:
                 op.error = None
                 op.result = op.fn(conn)
