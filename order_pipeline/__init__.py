@@ -5,7 +5,6 @@ failure, the deadline or the client going away cancels the rest.
 """
 
 import importlib
-import importlib.metadata
 import typing
 
 if typing.TYPE_CHECKING:
@@ -13,9 +12,6 @@ if typing.TYPE_CHECKING:
     from .orchestrator import Pipeline, Step
     from .server import Assembly, assemble, serve
     from .settings import Settings
-
-# The installed distribution's version, as `order-pipeline --version` prints it.
-__version__ = importlib.metadata.version("order-pipeline")
 
 __all__ = [
     "Assembly",
@@ -50,6 +46,10 @@ _HOMES = {
 
 
 def __getattr__(name: str) -> typing.Any:
+    if name == "__version__":  # the installed distribution's, as `--version` prints it
+        # Read when asked, not at import: importlib.metadata takes a while to load, and the
+        # command (`__main__`) imports this package before it can catch a Ctrl+C quietly.
+        return importlib.import_module("importlib.metadata").version("order-pipeline")
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

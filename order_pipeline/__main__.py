@@ -1,3 +1,27 @@
-from .main import main
+"""The `order-pipeline` command (and `python -m order_pipeline`).
 
-main()
+A Ctrl+C before a server receives its signals itself (while the modules load, or the
+store opens) or during `order-pipeline orders` ends the process quietly, by SIGINT's own
+default action, as a shell and a supervisor expect of an interrupted command; not with a
+traceback of whatever line it interrupted.
+"""
+
+import os
+import signal
+
+
+def run() -> None:
+    """The console script's entry: `main.main`, imported here so that its imports (about
+    half a second) are interruptible quietly too."""
+    try:
+        from .main import main
+
+        main()
+    except* KeyboardInterrupt:  # in a group when Trio raised it inside a nursery
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        raise SystemExit(128 + signal.SIGINT) from None  # if the kill has not ended it yet
+
+
+if __name__ == "__main__":
+    run()

@@ -1,4 +1,5 @@
-"""The process entry point of `order-pipeline`: one server, or the supervisor of N workers.
+"""What the `order-pipeline` command runs (`__main__.run` enters it): one server, or the
+supervisor of N workers, or the orders' listing.
 
 Everything that concerns the process rather than the service lives here: the
 command line and the supervisor's handoff are read once, logging is set up, the
@@ -6,7 +7,8 @@ address is bound and the store opened (either failing is one line on stderr,
 not a traceback: status 1 for the address, 2 for the store), the garbage
 collector is tuned, the first and last lines are logged ("Running on ..." with
 what is in use; what the drain finished and the exit status), SIGTERM and SIGINT
-are received (the first starts the drain, a second cuts it short: exit 1), and a
+are received (the first starts the drain, a second cuts it short: exit 1; a worker's
+are its supervisor's, `receive_signals`), and a
 draining process that outlives its hard deadline is ended.
 """
 
@@ -378,9 +380,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.getLogger("hypercorn.error").addFilter(_not_hypercorns_running_line)
         listening = handoff or listen(command)
         # Once the store is open, serve_here() or supervise() receives SIGINT; one before
-        # interrupts the start-up: exit quietly.
-        with contextlib.suppress(KeyboardInterrupt):
-            trio.run(run, command, listening)
+        # interrupts the start-up (KeyboardInterrupt: __main__.run ends the process quietly).
+        trio.run(run, command, listening)
     except CannotListen as exc:
         print(f"order-pipeline: {exc}", file=sys.stderr)
         raise SystemExit(CANNOT_LISTEN) from None

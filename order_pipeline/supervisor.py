@@ -25,7 +25,7 @@ multiprocess directory, so `/metrics` sums all of them.
 Each worker writes a byte to a pipe once it serves (`Handoff.say_serving`): the
 supervisor says "Running on" only when all of them do, since tools take that
 line to mean that the server answers. A supervisor that is killed (SIGKILL, the
-out-of-memory killer) forwards nothing: its workers then see a pipe whose only
+out-of-memory killer) tells them nothing: its workers then see a pipe whose only
 write end it held close (`Handoff.wait_for_supervisor_to_end`), and drain and exit
 as on SIGTERM, rather than serve on, orphaned, beside the next server started.
 """

@@ -38,6 +38,7 @@ from order_pipeline.store import (
 )
 
 from .conftest import make_order
+from .test_openapi import check
 from .test_store import begun
 
 ORDER: dict[str, Any] = {"order_id": "o-1", "amount": 250}
@@ -570,12 +571,14 @@ async def test_an_interrupted_order_this_version_cannot_read_is_left_for_an_oper
 ) -> None:
     """An interrupted order whose body this version cannot parse (a newer version's field, a
     damaged record) is recorded compensation_failed for an operator; recovery, the lease and
-    the other orders' recovery go on (it ended the process before, in every restart)."""
+    the other orders' recovery go on (it ended the process before, in every restart). Its
+    lookup, with no step known, is an answer the OpenAPI document allows."""
     store = MemoryStore()
     await store.begin("k-new", "o-1", "h", b'{"order_id": "o-1", "amount": 5, "tip": 1}', "gone")
     body = canonical(make_order("o-2", amount=5))
     await store.begin("k-old", "o-2", "h", body, "gone")
-    desk = assemble(Settings(), store=store).desk
+    assembly = assemble(Settings(), store=store)
+    desk = assembly.desk
 
     async with trio.open_nursery() as nursery:
         await nursery.start(desk.maintain)
@@ -589,6 +592,10 @@ async def test_an_interrupted_order_this_version_cannot_read_is_left_for_an_oper
     assert (undone.state, undone.kind) == (FINISHED, "interrupted")
     attention = await store.list_orders(needs_attention=True)
     assert [o.key for o, _ in attention] == ["k-new"]
+    response = await assembly.app.test_client().get("/order/k-new")
+    reply = await response.get_data(as_text=False)
+    check("GET", "/order/{key}", response.status_code, reply, response.content_type)
+    assert json.loads(reply)["steps"] == []
 
 
 def _noting(desk: OrderDesk, events: list[tuple[str, str]]) -> OrderDesk:

@@ -8,7 +8,9 @@ what is pinned is what a person sees: the exit status and stderr.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -129,6 +131,30 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert (exited.value.code, capsys.readouterr().out) == (0, f"order-pipeline {VERSION}\n")
     assert order_pipeline.__version__ == VERSION
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["orders"]], ids=lambda c: c[0])
+def test_a_ctrl_c_while_the_modules_load_ends_the_command_quietly(
+    command: list[str], tmp_path: Path
+) -> None:
+    """Ctrl+C in the command's first half-second (its modules loading, here right after
+    Trio's, as `-X importtime` reports them): no traceback; the process ends by SIGINT, as
+    an interrupted command does (a supervisor counts a worker ended so as drained)."""
+    store = f"sqlite:///{tmp_path / 'orders.db'}"
+    argv = [sys.executable, "-m", "order_pipeline", *command, "--store", store]
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as command_process:
+        assert command_process.stderr is not None
+        for line in command_process.stderr:  # one line per module imported, as it is
+            if re.search(r"\|\s+trio$", line.rstrip()):
+                break
+        command_process.send_signal(signal.SIGINT)
+        _, stderr = command_process.communicate(timeout=EXIT_TIMEOUT_S)
+
+    assert command_process.returncode == -signal.SIGINT
+    assert "Traceback" not in stderr, stderr[-2000:]
 
 
 def test_the_license_is_the_mit_license_pyproject_names() -> None:
