@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -36,6 +37,7 @@ from order_pipeline.server import Readiness, Settings
 
 from .conftest import serving
 from .launch import serve_argv
+from .pg import admin, postgres_url, with_params
 from .server_process import (
     ServerProcess,
     StartServer,
@@ -43,7 +45,7 @@ from .server_process import (
     wait_for_steps_in_flight,
     wait_for_url,
 )
-from .test_supervisor import pid_of_start
+from .test_supervisor import pid_of_start, poll, supervisor_lines
 
 WAIT_S = 20  # for something a subprocess does
 # Payment and courier done at once; the vendor runs long past the test.
@@ -353,6 +355,81 @@ async def test_a_second_signal_to_the_supervisor_cuts_every_workers_drain_short(
     assert len(counts) == 2, "\n".join(messages(server))
     assert sum(cancelled for cancelled, _ in counts) == 4
     assert all(status == 1 for cancelled, status in counts if cancelled)
+    assert server.errors() == []
+
+
+@pytest.mark.postgres
+async def test_a_second_signal_makes_the_supervisor_exit_1_though_every_worker_drained_in_full(
+    start_server: StartServer, schema: str
+) -> None:
+    """--workers 2, SIGTERM twice, the second once both workers are past their drain: each
+    worker exits 0 (its drain was over, the signal came too late to cut it short), yet the
+    supervisor exits 1, as it does whenever an operator cut the drain short.
+
+    A worker's drain ends with its lease's release (DELETE FROM leases): a trigger of the
+    test's own holds that DELETE on an advisory lock the test holds, so each worker waits
+    there, no task of it hearing signals any more, until the supervisor has forwarded the
+    second."""
+    app = f"drain-test-{uuid.uuid4().hex[:12]}"
+    url = with_params(postgres_url(schema=schema), application_name=app)
+    server = await start_server(
+        "--workers", "2", "--no-access-log", "--store", url, check_exit=False
+    )  # fmt: skip # flags and their values in pairs
+    workers = [await pid_of_start(server, number, 1) for number in range(2)]
+    gate = uuid.uuid4().int >> 65  # an advisory lock's key (a bigint) of this test's own
+    cut_short = ("warning", "received SIGTERM while draining: cutting the workers' drains short")
+    test_conn = await trio.to_thread.run_sync(admin)
+
+    def run(query: str, *args: object) -> list[tuple[Any, ...]]:
+        cursor = test_conn.execute(query, args)
+        return cursor.fetchall() if cursor.description else []
+
+    try:
+        await trio.to_thread.run_sync(run, f"SET search_path TO {schema}")
+        await trio.to_thread.run_sync(
+            run,
+            "CREATE FUNCTION hold_release() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " PERFORM set_config('lock_timeout', '0', true);"  # the store's is 2 s
+            f" PERFORM pg_advisory_xact_lock_shared({gate}); RETURN OLD; END $$",
+        )
+        await trio.to_thread.run_sync(
+            run,
+            "CREATE TRIGGER hold_release BEFORE DELETE ON leases"
+            " FOR EACH ROW EXECUTE FUNCTION hold_release()",
+        )
+        await trio.to_thread.run_sync(run, "SELECT pg_advisory_lock(%s)", gate)
+        server.process.send_signal(signal.SIGTERM)
+
+        async def releases_held() -> bool:
+            rows = await trio.to_thread.run_sync(
+                run,
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                " AND wait_event = 'advisory' AND query LIKE 'DELETE FROM leases%%'",
+                app,
+            )
+            return rows == [(2,)]
+
+        with trio.fail_after(WAIT_S):
+            while not await releases_held():  # noqa: ASYNC110  # the server's state: no Event tells it
+                await trio.sleep(0.02)
+        server.process.send_signal(signal.SIGTERM)
+        await poll(lambda: cut_short in supervisor_lines(server))
+    finally:
+        await trio.to_thread.run_sync(test_conn.close)  # the lock released, the releases go on
+    with trio.fail_after(WAIT_S):
+        code = await server.process.wait()
+
+    mine = supervisor_lines(server)
+    assert code == 1, mine
+    exits = [("info", f"worker {n} (pid {pid}) exited with 0") for n, pid in enumerate(workers)]
+    # Both still running when the second signal came, and both ended with 0:
+    assert mine.index(cut_short) < min(mine.index(line) for line in exits)
+    assert mine[-1] == (
+        "info",
+        "workers drained (each worker logged its own counts); exit status 1",
+    )
+    last = [m for m in messages(server) if m.startswith("drained orders: ")]
+    assert last == ["drained orders: 0, cancelled: 0; exit status 0"] * 2
     assert server.errors() == []
 
 

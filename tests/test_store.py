@@ -1682,6 +1682,65 @@ async def test_two_hosts_claiming_at_once_take_disjoint_orders_covering_all(sche
                 assert order.owner == stored.owner == owner
 
 
+@asynccontextmanager
+async def table_locked(schema: str, table: str, mode: str) -> AsyncIterator[None]:
+    """Hold `table` locked in `mode` (LOCK TABLE, in a transaction of the test's own)."""
+    locker = await trio.to_thread.run_sync(admin)
+    try:
+        await trio.to_thread.run_sync(locker.execute, f"SET search_path TO {schema}")
+        await trio.to_thread.run_sync(locker.execute, "BEGIN")
+        await trio.to_thread.run_sync(locker.execute, f"LOCK TABLE {table} IN {mode} MODE")
+        yield
+        await trio.to_thread.run_sync(locker.execute, "ROLLBACK")
+    finally:
+        await trio.to_thread.run_sync(locker.close)
+
+
+@pytest.mark.postgres
+async def test_a_claim_leaves_an_order_whose_owner_s_lease_is_committed_while_it_locks(
+    schema: str,
+) -> None:
+    """A claim locks its candidates (SELECT ... FOR UPDATE SKIP LOCKED), then takes them by
+    an UPDATE that checks each owner's lease again, in a snapshot of its own: a lease
+    committed between the two (the owner's renewal; or, as `_claim` says, the lease of a
+    host whose claim of the order committed while the locking statement ran, which that
+    statement's snapshot does not see) keeps the order with its owner. The test holds the
+    claim between its two statements with a SHARE lock on the orders table, which the
+    locking SELECT's ROW SHARE passes and the UPDATE's ROW EXCLUSIVE waits for (its
+    snapshot is taken once it has the lock); the owner's lease commits meanwhile."""
+    app = application()
+    url = with_params(postgres_url(schema=schema), application_name=app)
+    async with postgres_stores(url, 1) as (claimer,), postgres_stores(url, 1) as (owner,):
+        await begun(owner, "k-1", owner="w-late")  # its lease not (yet) renewed: dead
+        await claimer.renew_lease("me", 60.0)
+        claims: list[list[StoredOrder]] = []
+
+        async def claim() -> None:
+            claims.append(await claimer.claim_interrupted("me", 10))
+
+        async def update_waits() -> bool:
+            rows = await sql(
+                "SELECT query FROM pg_stat_activity WHERE application_name = %s"
+                " AND wait_event_type = 'Lock'",
+                app,
+            )
+            return [query.split()[:2] for (query,) in rows] == [["UPDATE", "orders"]]
+
+        async with trio.open_nursery() as nursery, table_locked(schema, "orders", "SHARE"):
+            nursery.start_soon(claim)
+            await wait_for(update_waits, "the claim's UPDATE to wait, k-1 locked by its SELECT")
+            await owner.renew_lease("w-late", 60.0)
+        assert claims == [[]]
+        order = await owner.get("k-1")
+        assert order is not None
+        assert (order.owner, order.state) == ("w-late", RUNNING)
+        # Claimable but for that lease: once it lapses, the same claim takes the order.
+        await owner.release_lease("w-late")
+        assert [(o.key, o.owner) for o in await claimer.claim_interrupted("me", 10)] == [
+            ("k-1", "me")
+        ]
+
+
 @pytest.mark.postgres
 async def test_leases_and_times_are_the_database_clocks(
     monkeypatch: pytest.MonkeyPatch, schema: str

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from order_pipeline.handoff import LISTEN_FD_ENV, MULTIPROC_ENV, READY_FD_ENV, Handoff
-from order_pipeline.supervisor import RESTART_LIMIT, RESTART_WINDOW_S
+from order_pipeline.settings import Settings
+from order_pipeline.supervisor import RESTART_LIMIT, RESTART_WINDOW_S, _Supervisor
 
 from . import rawhttp
 from .server_process import ServerProcess, StartServer, wait_for_steps_in_flight
@@ -375,3 +377,37 @@ async def test_a_worker_of_a_supervisor_without_a_lifeline_serves_on(
     with trio.move_on_after(3600) as waited:
         await handoff.wait_for_supervisor_to_end()
     assert waited.cancelled_caught
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [(b"x", 0), (b"x", 0), (b"x", 1), (b"x", 1), (b"xx", 1)],
+        [(b"x", 0), (b"xx", 1), (b"x", 1)],  # the last two read together
+        [(b"xxx", 1), (b"x", 1)],
+    ],
+    ids=["one-by-one", "two-at-once", "all-at-once"],
+)
+async def test_the_supervisor_says_it_serves_once_the_last_worker_does_and_once_only(
+    chunks: list[tuple[bytes, int]],
+) -> None:
+    """Each worker writes a byte to the ready pipe once it serves: with three workers, the
+    "Running on" line (`on_serving`) comes with the third byte, however the bytes are read,
+    not with an earlier one (tools take it to mean that the server answers); a worker
+    restarted later, saying so again, does not bring a second line."""
+    ready_read, ready_write = os.pipe()
+    supervisor = _Supervisor(Settings(workers=3), [], [], (ready_write, -1), "")
+    said: list[None] = []
+    try:
+        async with trio.lowlevel.FdStream(ready_read) as ready, trio.open_nursery() as nursery:
+            watching = await nursery.start(
+                supervisor.watch_readiness, ready, lambda: said.append(None)
+            )
+            written = 0
+            for chunk, lines in chunks:
+                written += os.write(ready_write, chunk)
+                await trio.testing.wait_all_tasks_blocked()  # the watcher has read it
+                assert len(said) == lines, f"{len(said)} line(s) after {written} byte(s)"
+            watching.cancel()
+    finally:
+        os.close(ready_write)
