@@ -1,6 +1,7 @@
 """What a worker inherits from its supervisor: its own listening socket, the metrics directory,
 a pipe to say that it serves, a pipe that tells it when the supervisor ends, and every
-setting, all through the environment; and the two signals by which the supervisor stops it.
+setting, all through the environment; the two signals by which the supervisor stops it; and
+the signals by which an operator stops a server, supervisor or lone.
 
 The supervisor writes it (`Handoff.environ`) and the worker's entry point reads
 it, once (`Handoff.from_environ`); nothing else reads these variables. The
@@ -27,6 +28,7 @@ __all__ = [
     "LISTEN_FD_ENV",
     "MULTIPROC_ENV",
     "READY_FD_ENV",
+    "STOP_SIGNALS",
     "Handoff",
 ]
 
@@ -43,6 +45,10 @@ LIFELINE_FD_ENV: Final = "ORDER_PIPELINE_LIFELINE_FD"
 # same signal twice, from both, would take it for a second one and cut its drain short.
 DRAIN_SIGNAL: Final = signal.SIGUSR1
 CUT_SHORT_SIGNAL: Final = signal.SIGUSR2
+# What starts a drain (and, heard again, cuts it short): an orchestrator's stop, a Ctrl+C,
+# and a terminal or ssh session that hangs up (which would otherwise kill the server, its
+# orders unanswered). A worker ignores the two a terminal sends its whole group.
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # prometheus-client reads this one itself, when it is imported: it must be in the
 # worker's environment before then, not only handed to `Metrics`.
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"

@@ -6,7 +6,7 @@ command line and the supervisor's handoff are read once, logging is set up, the
 address is bound and the store opened (either failing is one line on stderr,
 not a traceback: status 1 for the address, 2 for the store), the garbage
 collector is tuned, the first and last lines are logged ("Running on ..." with
-what is in use; what the drain finished and the exit status), SIGTERM and SIGINT
+what is in use; what the drain finished and the exit status), SIGTERM, SIGINT and SIGHUP
 are received (the first starts the drain, a second cuts it short: exit 1; a worker's
 are its supervisor's, `receive_signals`), and a
 draining process that outlives its hard deadline is ended.
@@ -29,7 +29,7 @@ import attrs
 import trio
 
 from .cli import VERSION, ListOrders, parse_command
-from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff
+from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, STOP_SIGNALS, Handoff
 from .listing import list_orders
 from .logs import configure_logging
 from .metrics import Metrics
@@ -287,7 +287,7 @@ async def drain_when_supervisor_ends(handoff: Handoff, readiness: Readiness) -> 
 
 
 async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None = None) -> None:
-    """Serve on `listen_fd` until SIGTERM or SIGINT and the drain after it; exit 1 if a
+    """Serve on `listen_fd` until SIGTERM, SIGINT or SIGHUP and the drain after it; exit 1 if a
     second signal cut the drain short.
 
     A worker (`handoff` given) tells its supervisor when it serves; a lone
@@ -296,12 +296,13 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
     metrics_dir = handoff.metrics_dir if handoff else None
     count = DrainCount(metrics_dir)
     # A worker is stopped by its supervisor's DRAIN_SIGNAL and CUT_SHORT_SIGNAL (handoff.py),
-    # or by SIGTERMs of its own (`receive_signals`). It ignores SIGINT: a terminal's Ctrl+C
-    # reaches every process of the foreground group, its supervisor included, which tells it.
+    # or by SIGTERMs of its own (`receive_signals`). It ignores SIGINT and SIGHUP: a
+    # terminal's Ctrl+C or hang-up reaches every process of the foreground group, its
+    # supervisor included, which tells it.
     if handoff:
         signals: tuple[int, ...] = (signal.SIGTERM, DRAIN_SIGNAL, CUT_SHORT_SIGNAL)
     else:
-        signals = (signal.SIGTERM, signal.SIGINT)
+        signals = STOP_SIGNALS
     configure_tracing()  # once per serving process, before assemble: README, "Tracing"
 
     def exit_as_crashed(message: str) -> None:
@@ -318,7 +319,7 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
         # Received from here until the drain is over, so that no signal meets its default
         # action (death by SIGTERM, KeyboardInterrupt) while orders may run; one left unread
         # when the receiver closes is ignored, not redelivered to that action.
-        for signum in (signal.SIGINT, *signals):
+        for signum in (*STOP_SIGNALS, *signals):
             signal.signal(signum, signal.SIG_IGN)
         with trio.open_signal_receiver(*signals) as received:
             async with trio.open_nursery() as nursery:

@@ -177,14 +177,14 @@ class Settings:
     drain_delay: float = setting(
         0.0,
         _seconds(zero_ok=True),
-        "on SIGTERM or SIGINT, how long the server still accepts and serves while /readyz answers "
-        "503, so that a load balancer takes it out of rotation before it stops accepting",
+        "on SIGTERM, SIGINT or SIGHUP, how long the server still accepts and serves while /readyz "
+        "answers 503, so that a load balancer takes it out of rotation before it stops accepting",
     )
     shutdown_grace: float = setting(
         15.0,
         _seconds(zero_ok=True),
-        "on SIGTERM or SIGINT, how long in-flight orders may finish once the server stops "
-        "accepting (after the drain delay); a second signal cancels them at once",
+        "on SIGTERM, SIGINT or SIGHUP, how long in-flight orders may finish once the server "
+        "stops accepting (after the drain delay); a second signal cancels them at once",
     )
     log_level: str = setting("info", _choice(*LOG_LEVELS), "lowest level logged")
     log_format: str = setting(

@@ -8,14 +8,14 @@ the connections the kernel queues on a dead worker's socket wait there until its
 restart serves them; if the drain begins first, closing the socket resets them.
 
 Hypercorn's own multi-process mode is not graceful (the first worker to exit
-makes the parent terminate the others). On SIGTERM or SIGINT this supervisor
+makes the parent terminate the others). On SIGTERM, SIGINT or SIGHUP this supervisor
 tells every worker to drain (`DRAIN_SIGNAL`), lets each drain on its own, waits
 for them with a hard deadline, and restarts a worker that dies while serving. A
 second signal cuts every worker's drain short (`CUT_SHORT_SIGNAL`; status 1).
 Signals of their own, not SIGTERM: a signal sent to the whole process group
-(systemd's default KillMode, a terminal's Ctrl+C) reaches each worker too, and a
+(systemd's default KillMode, a terminal's Ctrl+C or hang-up) reaches each worker too, and a
 worker that heard the same signal from both would take it for a second one; a
-worker ignores SIGINT, and a SIGTERM it hears besides its supervisor's word only
+worker ignores SIGINT and SIGHUP, and a SIGTERM it hears besides its supervisor's word only
 starts its drain (a second SIGTERM cuts it short).
 A worker that keeps dying (`RESTART_LIMIT`
 deaths within `RESTART_WINDOW_S`) is not restarted again: the supervisor drains
@@ -46,14 +46,14 @@ from typing import Final
 import attrs
 import trio
 
-from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff
+from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, STOP_SIGNALS, Handoff
 from .settings import Settings
 
 __all__ = ["supervise"]
 
 # How a worker that drained in full ends: with 0, or, still starting (no handler yet, so no
 # order taken), by the default action of a signal to its process group or of its drain.
-DRAINED: Final = frozenset({0, -signal.SIGTERM, -signal.SIGINT, -DRAIN_SIGNAL})
+DRAINED: Final = frozenset({0, *(-signum for signum in STOP_SIGNALS), -DRAIN_SIGNAL})
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ RESTART_WINDOW_S: Final = 60.0
 async def supervise(
     settings: Settings, sockets: Sequence[socket.socket], on_serving: Callable[[], None]
 ) -> int:
-    """Serve `sockets` with `settings.workers` processes, one each, until SIGTERM or SIGINT,
+    """Serve `sockets` with `settings.workers` processes, one each, until SIGTERM, SIGINT or SIGHUP,
     then drain them.
 
     `on_serving` is called once every worker serves. Returns the exit status: 1 if a
@@ -122,9 +122,9 @@ class _Supervisor:
         # Received until every worker has exited; one left unread then is ignored, not
         # redelivered to its default action (death by SIGTERM, KeyboardInterrupt): the drain
         # is over. (A worker started meanwhile inherits the default actions, not this.)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, signal.SIG_IGN)
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             async with trio.open_nursery() as forwarding:
                 async with trio.open_nursery() as nursery:
                     watching = await nursery.start(self.watch_readiness, ready, on_serving)

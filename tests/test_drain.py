@@ -212,12 +212,15 @@ async def test_which_signals_cut_a_drain_short(
     assert (serving.cancel_called, readiness.interrupted) == (cut_short, cut_short)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name
+)
 async def test_a_signal_to_the_process_group_drains_every_worker_once_with_the_delay(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
     """--workers 2 --drain-delay 2, one signal to the whole process group (Ctrl+C at the
-    terminal; SIGTERM from systemd's default KillMode or `kill -- -PGID`): each worker acts on
+    terminal, SIGHUP as it hangs up; SIGTERM from systemd's default KillMode or
+    `kill -- -PGID`): each worker acts on
     it once (its supervisor's word), so it drains rather than cutting the drain short: new
     connections get /readyz 503 and new orders 200, the order in flight 200."""
     flags = ("--workers", "2", "--drain-delay", "2", "--no-access-log")
@@ -246,14 +249,17 @@ async def test_a_signal_to_the_process_group_drains_every_worker_once_with_the_d
     )
 
 
-async def test_a_group_sigterm_while_a_worker_starts_is_a_clean_drain(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+async def test_a_group_signal_while_a_worker_starts_is_a_clean_drain(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
     """A worker still starting (restarted after a death) has no signal handler yet: a SIGTERM
-    to the process group ends it by the default action, before it could take an order. That
-    is no failed drain: the supervisor exits 0 (it gave 1 at random before)."""
+    (or SIGHUP) to the process group ends it by the default action, before it could take an
+    order. That is no failed drain: the supervisor exits 0 (it gave 1 at random before)."""
     async with own_process_group(tmp_path, "--workers", "2", "--no-access-log") as server:
         os.kill(await pid_of_start(server, 0, 1), signal.SIGKILL)
         await pid_of_start(server, 0, 2)  # restarted a second later; now importing
-        os.killpg(server.process.pid, signal.SIGTERM)
+        os.killpg(server.process.pid, signum)
         with trio.fail_after(WAIT_S):
             code = await server.process.wait()
 
@@ -263,13 +269,16 @@ async def test_a_group_sigterm_while_a_worker_starts_is_a_clean_drain(tmp_path: 
     )
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name
+)
 async def test_a_second_signal_cancels_and_undoes_the_orders_in_flight(
     start_server: StartServer, signum: signal.Signals
 ) -> None:
-    """SIGTERM (or SIGINT) twice with three long orders in flight: at the second, each order is
-    cancelled, its payment and courier undone, logged canceled with a warning; the process
-    exits 1 at once (not 60 s later, nor at its 25 s hard deadline); the store says the same."""
+    """SIGTERM (or SIGINT, or SIGHUP) twice with three long orders in flight: at the second,
+    each order is cancelled, its payment and courier undone, logged canceled with a warning;
+    the process exits 1 at once (not 60 s later, nor at its 25 s hard deadline); the store
+    says the same."""
     server = await start_server("--no-access-log", check_exit=False)
     outcomes: list[int | str] = []
     async with trio.open_nursery() as nursery:

@@ -214,7 +214,7 @@ def test_help_lists_every_setting_with_default_and_env(capsys: pytest.CaptureFix
         "integer from 1 to 64, or auto (one per CPU this process may use) [",
         "--port PORT port to listen on; 0 picks a free one: an integer from 0 to 65535 [",
         "[env ORDER_PIPELINE_ACCESS_LOG: true or false; default true]",
-        "--shutdown-grace SHUTDOWN_GRACE on SIGTERM or SIGINT, how long",
+        "--shutdown-grace SHUTDOWN_GRACE on SIGTERM, SIGINT or SIGHUP, how long",
         "--courier-pool-size COURIER_POOL_SIZE couriers available at once, per worker process: "
         "an integer; below 1 counts as 1, above 128 as 128 [",
     ],

@@ -871,12 +871,15 @@ async def test_an_unopenable_path_is_refused(tmp_path: Path, where: str) -> None
 
 
 @contextmanager
-def read_only(path: Path) -> Iterator[None]:
+def read_only(path: Path, mode: int = 0o444) -> Iterator[None]:
     """`path` not writable, even by root (immutable: chattr +i), for the block."""
     if os.geteuid() != 0:
-        path.chmod(0o444)
-        yield
-        path.chmod(0o644)
+        was = path.stat().st_mode
+        path.chmod(mode)
+        try:
+            yield
+        finally:
+            path.chmod(was)
         return
     if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is refused here: root cannot make a file read-only otherwise")
@@ -910,6 +913,41 @@ async def test_an_operator_lists_a_store_file_that_cannot_be_written(tmp_path: P
         async with open_store(f"sqlite:///{path}", reader=True) as reading:
             listed = await reading.list_orders()
     assert [(o.key, o.state) for o, _ in listed] == [("k-1", FINISHED)]
+
+
+async def test_an_operator_lists_a_store_while_another_process_holds_its_write_lock(
+    tmp_path: Path,
+) -> None:
+    """A reader (`order-pipeline orders`) takes no write lock: it lists while a server commits
+    (a listing that took it stalled every commit of the servers on the file for as long)."""
+    path = tmp_path / "orders.db"
+    async with SqliteStore(path) as store:
+        order = await begun(store)
+        await store.finish("k-1", order.attempt_id, 200, b"{}", None)
+    with closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO leases VALUES ('w-2', 0)")
+        async with SqliteStore(path, reader=True, busy_timeout=0.2) as reading:
+            listed = await reading.list_orders()
+        other.execute("ROLLBACK")
+    assert [(o.key, o.state) for o, _ in listed] == [("k-1", FINISHED)]
+
+
+async def test_an_operator_lists_a_store_in_a_directory_that_cannot_be_written(
+    tmp_path: Path,
+) -> None:
+    """A reader opens a store whose directory it may not write (a copy on a read-only mount),
+    where SQLite cannot make the WAL's -shm file."""
+    path = tmp_path / "store" / "orders.db"
+    path.parent.mkdir()
+    async with SqliteStore(path) as store:
+        order = await begun(store)
+        await store.finish("k-1", order.attempt_id, 200, b"{}", None)
+    with read_only(path.parent, mode=0o555):
+        async with open_store(f"sqlite:///{path}", reader=True) as reading:
+            listed = await reading.list_orders()
+    assert [(o.key, o.state) for o, _ in listed] == [("k-1", FINISHED)]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["orders.db"]
 
 
 async def test_a_locked_file_is_unavailable_then_recovers(tmp_path: Path) -> None:

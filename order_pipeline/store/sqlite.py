@@ -169,7 +169,9 @@ class SqliteStore(WriterThread[Conn]):
             if _identity(self.path) != self._file:
                 raise _FileGone()
             self._replies.transaction_begins()
-            conn.execute("BEGIN IMMEDIATE")
+            # A reader's listing must not take the write lock: held for the whole listing, it
+            # stalled every commit of the servers on the file (and their lease renewals).
+            conn.execute("BEGIN" if self.reader else "BEGIN IMMEDIATE")
             for op in ops:
                 op.error = None
                 try:
@@ -318,6 +320,14 @@ def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
     version = _check_read_only(path) if head else 0
     if version == 0 and reader:  # no file, an empty one, or a database with no store in it
         raise StoreError(f"{path}: no order store there (check --store and the directory)")
+    if reader and version == SCHEMA_VERSION:
+        # Nothing to create or migrate: no write lock (a listing does not wait for a server's
+        # commits, nor they for it), and, where the file or its directory cannot be written
+        # (a copy on a read-only mount), a read-only connection.
+        try:
+            return _connect_reader(path, busy_timeout)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot open the store: {exc}") from exc
     try:
         conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     except sqlite3.Error as exc:
@@ -349,14 +359,42 @@ def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
     return conn
 
 
+def _connect_reader(path: Path, busy_timeout: float) -> Conn:
+    """A connection that only reads: read-write where it can be (closing it as the last one
+    then tidies the WAL away, as a server's does), else read-only."""
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master")  # SQLite opens the -shm file here
+    except sqlite3.OperationalError:
+        conn.close()
+        return _connect_read_only(path)
+    return conn
+
+
+def _connect_read_only(path: Path) -> Conn:
+    """A read-only connection to `path`. A WAL database needs its -shm file, which SQLite
+    cannot make in a directory it may not write (a read-only mount): with no WAL beside the
+    file (nothing uncommitted to it), the file alone is the whole store, read as immutable."""
+    # file:// and the path's own bytes: a path may begin with // or not be UTF-8.
+    uri = f"file://{quote(os.fsencode(path.absolute()))}"
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master")  # SQLite opens the -shm file here
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        wal = path.with_name(path.name + "-wal")
+        if exc.sqlite_errorcode != sqlite3.SQLITE_CANTOPEN or wal.exists():
+            raise
+        conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
+    return conn
+
+
 def _check_read_only(path: Path) -> int:
     """The file's schema version (0: no store yet), or StoreError if the file is not ours to
     use, read on a read-only connection: refusing it must not write it (closing a read-write
     one would checkpoint a WAL left beside it)."""
-    # file:// and the path's own bytes: a path may begin with // or not be UTF-8.
-    uri = f"file://{quote(os.fsencode(path.absolute()))}?mode=ro"
     try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        conn = _connect_read_only(path)
         with closing(conn), _transaction(conn, "BEGIN"):  # one snapshot for the reads
             return _schema_version(conn, path)
     except sqlite3.Error as exc:
