@@ -41,7 +41,6 @@ from .model import (
     Attempt,
     Compensation,
     CompensationStatus,
-    ErrorInfo,
     OrderRequest,
     OrderResult,
     Reply,
@@ -51,7 +50,7 @@ from .model import (
     new_id,
 )
 from .orchestrator import Pipeline
-from .serialization import converter, dump_reply, parse_order
+from .serialization import converter, dump_reply, encode_error, parse_order
 from .store import RUNNING, Begun, Existing, OrderStore, StoredOrder, StoreUnavailable
 
 __all__ = ["Answer", "OnRefused", "OrderDesk", "canonical"]
@@ -92,10 +91,9 @@ def canonical(order: OrderRequest) -> bytes:
 
 
 def _error(kind: str, message: str | None = None, *, key: str | None = None) -> Answer:
-    entry = lookup(kind)
-    reason = message or entry.message
-    body = dump_reply(Reply("error", error=ErrorInfo(kind, reason)))
-    return Answer(entry.status, body, key, entry.retry_after, refused=kind, reason=reason)
+    reason = message or lookup(kind).message
+    status, body = encode_error(kind, reason)
+    return Answer(status, body, key, lookup(kind).retry_after, refused=kind, reason=reason)
 
 
 def _known_steps(stored: StoredOrder) -> list[StepResult]:

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from .kinds import label
+from .model import STEP_NAMES
 from .store import RUNNING, OrderStore, StoredOrder
 
 __all__ = ["list_orders", "order_summary"]
@@ -24,6 +25,7 @@ def order_summary(order: StoredOrder, net_charge: int) -> dict[str, Any]:
     """One order's line: what it is, how it ended, what was undone, what the ledger holds."""
     finished = order.state != RUNNING
     status = ("ok" if order.kind is None else "error") if finished else RUNNING
+    undone = {s.step: s.compensation for s in order.steps if s.compensation}
     return {
         "key": order.key,
         "order_id": order.order_id,
@@ -32,7 +34,8 @@ def order_summary(order: StoredOrder, net_charge: int) -> dict[str, Any]:
         "attempt": order.attempt,
         "started": _time(order.started_at),
         "finished": _time(order.finished_at),
-        "compensations": {s.step: s.compensation for s in order.steps if s.compensation},
+        # In step order: the records' own is the order in which the steps ended.
+        "compensations": {step: undone[step] for step in STEP_NAMES if step in undone},
         "net_charge": net_charge,
         "needs_attention": order.needs_attention,
     }

@@ -44,6 +44,7 @@ __all__ = [
     "configure_converter",
     "converter",
     "dump_reply",
+    "encode_error",
     "encode_result",
     "make_converter",
     "parse_order",
@@ -199,7 +200,18 @@ def encode_result(result: OrderResult) -> tuple[int, bytes]:
     """An order's reply as it is sent and stored: HTTP status and body."""
     if result.kind is None:
         return 200, dump_reply(Reply("ok", result.order_id, result.steps))
-    error = ErrorInfo(result.kind, lookup(result.kind).message)
-    return lookup(result.kind).status, dump_reply(
-        Reply("error", result.order_id, result.steps, error)
-    )
+    return encode_error(result.kind, order_id=result.order_id, steps=result.steps)
+
+
+def encode_error(
+    kind: str,
+    message: str | None = None,
+    *,
+    order_id: str | None = None,
+    steps: tuple[StepResult, ...] | None = None,
+) -> tuple[int, bytes]:
+    """Every error reply (of an order, of a refusal, of the transport): the kind's HTTP status
+    and the one error shape, with the kind's message unless a more precise one is given."""
+    entry = lookup(kind)
+    error = ErrorInfo(kind, message or entry.message)
+    return entry.status, dump_reply(Reply("error", order_id, steps, error))

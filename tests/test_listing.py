@@ -12,8 +12,9 @@ from pathlib import Path
 
 import trio
 
+from order_pipeline.listing import order_summary
 from order_pipeline.server import Settings, assemble
-from order_pipeline.store import SqliteStore
+from order_pipeline.store import FINISHED, SqliteStore, StepRecord, StoredOrder
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -75,6 +76,24 @@ async def test_needs_attention_shows_only_those_as_text(tmp_path: Path) -> None:
     assert line.startswith("k-stuck  order=stuck  error  kind=compensation_failed")
     assert "compensations=payment=error,vendor=ok" in line
     assert line.endswith("net_charge=40  NEEDS ATTENTION")
+
+
+def test_compensations_are_listed_in_step_order() -> None:
+    """Payment, vendor, courier, whichever step's record came first (the order in which the
+    steps ended, which varies from run to run): an operator's lines compare as text."""
+    order = StoredOrder(
+        "k-1", "o-1", "h", b"{}", 1, "a-1", "w-1", FINISHED, 0.0, 1.0, 500, b"{}",
+        "compensation_failed",
+        steps=(
+            StepRecord("courier", "error", "no_courier"),
+            StepRecord("vendor", "ok", compensation="ok"),
+            StepRecord("payment", "ok", compensation="error"),
+        ),
+    )  # fmt: skip # the record's fields in their order
+
+    summary = order_summary(order, 40)
+
+    assert list(summary["compensations"].items()) == [("payment", "error"), ("vendor", "ok")]
 
 
 async def test_a_file_that_is_not_a_store_exits_2_and_stays_as_it_was(tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ from werkzeug.exceptions import HTTPException
 
 from ..desk import Answer, OnRefused
 from ..kinds import BAD_REQUEST, HTTP_ERROR, INTERNAL, NOT_FOUND, kind_of_status, lookup
-from ..model import ErrorInfo, OrderRequest, Reply
-from ..serialization import InvalidOrder, dump_reply, parse_order
+from ..model import OrderRequest
+from ..serialization import InvalidOrder, encode_error, parse_order
 from .asgi import closing_after_ambiguous_framing, finish_responses_shielded, with_request_ids
 
 __all__ = ["IDEMPOTENCY_KEY", "MAX_BODY_BYTES", "OrderDesk", "create_app"]
@@ -55,22 +55,11 @@ def _json(body: bytes, status: int, headers: dict[str, str] | None = None) -> Re
 RETRY_AFTER: Final = {"Retry-After": "1"}
 
 
-def _reply(
-    reply: Reply, status: int, *, retry_after: bool = False, headers: dict[str, str] | None = None
-) -> Response:
-    if retry_after:
-        headers = {**(headers or {}), **RETRY_AFTER}
-    return _json(dump_reply(reply), status, headers)
-
-
 def error_response(
     kind: str, message: str | None = None, *, order_id: str | None = None
 ) -> Response:
-    entry = lookup(kind)
-    error = ErrorInfo(kind, message or entry.message)
-    return _reply(
-        Reply("error", order_id, error=error), entry.status, retry_after=entry.retry_after
-    )
+    status, body = encode_error(kind, message, order_id=order_id)
+    return _json(body, status, RETRY_AFTER if lookup(kind).retry_after else None)
 
 
 def answer_response(answer: Answer) -> Response:
@@ -180,7 +169,8 @@ def create_app(
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
         if status in _BODY_UNREAD and in_request and request.http_version.startswith("1."):
             headers["Connection"] = "close"  # hypercorn closes it: say so (RFC 9110 §15.5.9)
-        return _reply(Reply("error", error=ErrorInfo(kind, message)), status, headers=headers)
+        _, body = encode_error(kind, message)  # the status is the framework's own
+        return _json(body, status, headers)
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
