@@ -195,6 +195,8 @@ class OrderDesk:
                     )
                 else:
                     begun = Existing(again)
+            if isinstance(begun, Begun):  # the last try's begin: run it, never leave it unrun
+                return await self._run(order, key, begun.order)
             return _error(ORDER_IN_PROGRESS, key=key)
         except StoreUnavailable as exc:
             log.warning("order %r refused: the store is unavailable (%s)", order.order_id, exc)

@@ -34,12 +34,14 @@ from order_pipeline.store import (
     MemoryStore,
     SqliteStore,
     StepRecord,
+    StoredOrder,
     StoreUnavailable,
 )
 
 from .conftest import make_order
+from .pg import postgres_url
 from .test_openapi import check
-from .test_store import begun
+from .test_store import begun, postgres_store
 
 ORDER: dict[str, Any] = {"order_id": "o-1", "amount": 250}
 SLOW = {"payment": 1000, "vendor": 1000, "courier": 1000}
@@ -500,6 +502,44 @@ async def test_retries_of_an_interrupted_order_at_once_run_it_once(
     assert (await store.get("k-11")).attempt == 2  # type: ignore[union-attr] # it exists
 
 
+class _RacedStore(SqliteStore):
+    """A real SQLite store where, each time this process goes to restart an interrupted key,
+    another process has just restarted it, been interrupted again and been undone; the third
+    time, the order was then forgotten (retention) too, so the key is new again."""
+
+    races = 0
+
+    async def restart(self, key: str, owner: str, expected_attempt: int) -> StoredOrder | None:
+        self.races += 1
+        other = await super().restart(key, "other", expected_attempt)
+        assert other is not None
+        await self.finish(key, other.attempt_id, 503, b"{}", "interrupted")
+        if self.races == desk.RESTART_TRIES:
+            assert await self.purge(-1.0, 10) == 1
+        return await super().restart(key, owner, expected_attempt)  # None: the attempt moved
+
+
+async def test_a_key_freed_as_the_last_restart_try_loses_its_race_is_run(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """The last of the desk's tries to restart an interrupted key finds it forgotten, and
+    begins it anew: that order runs (it was begun, then left running unrun, answered 409,
+    until this process's recovery undid it seconds later)."""
+    async with _RacedStore(tmp_path / "orders.db") as store:
+        attempt_id = await orphan(store, "k-1", charged=False)
+        await store.finish("k-1", attempt_id, 503, b"{}", "interrupted")
+        assembly = assemble(Settings(), store=store)
+
+        status, body, _ = await post(assembly, make_order_body(), key="k-1")
+
+        assert store.races == desk.RESTART_TRIES
+        assert (status, json.loads(body)["status"]) == (200, "ok")
+        assert await store.net_charge("k-1") == 70
+        stored = await store.get("k-1")
+        assert stored is not None
+        assert (stored.state, stored.attempt) == (FINISHED, 1)
+
+
 async def test_a_cancelled_order_s_record_survives_a_moment_s_outage(
     assembly: Assembly, store: SqliteStore, tmp_path: Path
 ) -> None:
@@ -900,3 +940,24 @@ async def test_an_order_whose_final_record_meets_a_lock_is_503_and_keeps_its_cha
         assert (status, json.loads(body)["status"]) == (200, "ok")
         assert headers["Idempotent-Replayed"] == "true"
         assert await store.net_charge("k-1") == ORDER["amount"]
+
+
+@pytest.mark.parametrize("path", ["/order/%00", "/order/k%00-1", "/order/a%20b", "/order/%C3%A9"])
+async def test_lookup_of_a_key_no_order_can_hold_is_404(assembly: Assembly, path: str) -> None:
+    """A key that is no Idempotency-Key (nor a server-made one) is 404, not looked up."""
+    status, body = await get(assembly, path)
+
+    assert status == 404
+    assert body["error"] == {"kind": "not_found", "message": "no order with this key"}
+
+
+@pytest.mark.postgres
+async def test_lookup_of_a_key_with_a_nul_is_404_on_postgres(schema: str) -> None:
+    """PostgreSQL's text cannot hold a NUL: looking such a key up was a 500 with a traceback
+    logged (anyone could flood the error log) and a pooled connection replaced."""
+    async with postgres_store(postgres_url(schema=schema)) as store:
+        assembly = assemble(Settings(), store=store)
+        status, body = await get(assembly, "/order/k%00-1")
+
+    assert status == 404
+    assert body["error"] == {"kind": "not_found", "message": "no order with this key"}

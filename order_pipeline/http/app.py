@@ -133,6 +133,10 @@ def create_app(
 
     @app.get("/order/<key>", provide_automatic_options=False)
     async def order_status(key: str) -> Response:
+        # Every key an order holds is an Idempotency-Key (a server-made one too: hex), so any
+        # other is unknown without asking the store, which may not take it (a NUL: PostgreSQL).
+        if not _VALID_KEY.fullmatch(key):
+            return error_response(NOT_FOUND, "no order with this key")
         return answer_response(await desk.look_up(key))
 
     @app.get("/healthz", provide_automatic_options=False)
