@@ -50,7 +50,7 @@ from .model import (
     new_id,
 )
 from .orchestrator import Pipeline
-from .serialization import converter, dump_reply, encode_error, parse_order
+from .serialization import compact, converter, dump_reply, encode_error, parse_order
 from .store import RUNNING, Begun, Existing, OrderStore, StoredOrder, StoreUnavailable
 
 __all__ = ["Answer", "OnRefused", "OrderDesk", "canonical"]
@@ -87,7 +87,7 @@ class Answer:
 
 def canonical(order: OrderRequest) -> bytes:
     """The order as it is stored and compared: parsed, so spacing and key order do not count."""
-    return orjson.dumps(converter.unstructure(order), option=orjson.OPT_SORT_KEYS)
+    return compact(orjson.dumps(converter.unstructure(order), option=orjson.OPT_SORT_KEYS))
 
 
 def _error(kind: str, message: str | None = None, *, key: str | None = None) -> Answer:

@@ -7,10 +7,13 @@ time, where a mutation tester can switch it.
 
 from __future__ import annotations
 
+import tracemalloc
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from order_pipeline.desk import canonical
 from order_pipeline.model import (
     INT64_MAX,
     INT64_MIN,
@@ -19,11 +22,18 @@ from order_pipeline.model import (
     CompensationStatus,
     ErrorInfo,
     OrderId,
+    OrderResult,
     Reply,
     StepResult,
     StepStatus,
 )
-from order_pipeline.serialization import InvalidOrder, dump_reply, make_converter, parse_order
+from order_pipeline.serialization import (
+    InvalidOrder,
+    dump_reply,
+    encode_result,
+    make_converter,
+    parse_order,
+)
 
 from .test_http import BAD_BODIES
 
@@ -206,3 +216,22 @@ def test_a_compact_body_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_order(compact, make_converter()).order_id == "o"
     assert parse_order(spaced, make_converter()).order_id == "o"
     assert parsed_again == [spaced]
+
+
+def test_a_reply_and_an_order_body_hold_about_their_own_size() -> None:
+    """Replies and canonical bodies are kept (RepliesWritten, the memory store's orders):
+    each must hold about its length, not the 4 KiB buffer orjson wrote it into."""
+    result = OrderResult(
+        "o-1", tuple(StepResult(n, StepStatus.OK, 5) for n in ("payment", "vendor", "courier"))
+    )
+    order = parse_order(b'{"order_id": "o-1", "amount": 250}')
+    makers: list[Callable[[], bytes]] = [lambda: encode_result(result)[1], lambda: canonical(order)]
+    tracemalloc.start()
+    try:
+        for make in makers:
+            before = tracemalloc.get_traced_memory()[0]
+            kept = [make() for _ in range(200)]
+            per_item = (tracemalloc.get_traced_memory()[0] - before) / len(kept)
+            assert per_item < 2 * len(kept[0]) + 200, per_item
+    finally:
+        tracemalloc.stop()
