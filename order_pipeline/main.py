@@ -3,7 +3,7 @@ supervisor of N workers, or the orders' listing.
 
 Everything that concerns the process rather than the service lives here: the
 command line and the supervisor's handoff are read once, logging is set up, the
-address is bound and the store opened (either failing is one line on stderr,
+address is bound (`sockets.py`) and the store opened (either failing is one line on stderr,
 not a traceback: status 1 for the address, 2 for the store), the garbage
 collector is tuned, the first and last lines are logged ("Running on ..." with
 what is in use; what the drain finished and the exit status), SIGTERM, SIGINT and SIGHUP
@@ -14,7 +14,6 @@ draining process that outlives its hard deadline is ended.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import logging
@@ -34,9 +33,10 @@ from .listing import list_orders
 from .logs import configure_logging
 from .metrics import Metrics
 from .model import OrderResult
-from .server import LISTEN_BACKLOG, Readiness, assemble, serve
+from .server import Readiness, assemble, serve
 from .services.pool import MAX_SIZE, MIN_SIZE, clamp_size
 from .settings import Settings
+from .sockets import CannotListen, listen, url_of
 from .store import StoreError, open_store, shown_url
 from .supervisor import supervise
 from .tracing import configure_tracing
@@ -55,69 +55,6 @@ BAD_STORE: Final = 2
 # A drain cut short by a second signal: its orders were cancelled (and undone) rather than
 # finished, as when it overruns its hard deadline; a script or unit sees it was not clean.
 INTERRUPTED_DRAIN: Final = 1
-
-
-class CannotListen(Exception):
-    """The address to serve cannot be bound: the operator's to fix, so one line, not a trace."""
-
-
-def listen(settings: Settings) -> list[socket.socket]:
-    """The listening sockets, one per worker, bound before anything else starts (no store file
-    is created).
-
-    Left to hypercorn, the bind fails inside its nursery and the cause arrives as a
-    45-line ExceptionGroup; bound here, it is known to be the address's.
-    """
-    host, port = settings.host, settings.port
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        family, _, _, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        first = socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
-        if settings.workers == 1:
-            return [first]
-        return _reuseport_group(first, settings.workers)
-    except socket.gaierror as exc:
-        cause = f"cannot resolve the host ({_lower_first(exc.strerror)})"
-        raise CannotListen(f"cannot listen on {where}: {cause}") from None
-    except OSError as exc:
-        # os.strerror: create_server's own strerror repeats the address, as a Python tuple.
-        cause = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise CannotListen(f"cannot listen on {where}: {_lower_first(cause)}") from None
-
-
-def _reuseport_group(probe: socket.socket, size: int) -> list[socket.socket]:
-    """`size` sockets with SO_REUSEPORT on `probe`'s address (its port, if port 0 asked for any),
-    so that the kernel spreads new connections over them, rather than the first worker to wake
-    taking most of a burst from one shared socket. `probe` is closed.
-
-    `probe` was bound without SO_REUSEPORT, which proves the address free: on Linux a socket
-    with it joins, silently, any group of the same user on the address, another
-    order-pipeline's included.
-    """
-    family, address = probe.family, probe.getsockname()
-    probe.close()
-    with contextlib.ExitStack() as bound:  # if one cannot be bound, those before are closed
-        group = [
-            bound.enter_context(
-                socket.create_server(
-                    address, family=family, backlog=LISTEN_BACKLOG, reuse_port=True
-                )
-            )
-            for _ in range(size)
-        ]
-        bound.pop_all()
-    return group
-
-
-def _lower_first(text: str | None) -> str:
-    return (text or "")[:1].lower() + (text or "")[1:]
-
-
-def _url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def warn_if_clamped(settings: Settings) -> None:
@@ -232,7 +169,7 @@ async def run(settings: Settings, listening: list[socket.socket] | Handoff) -> N
         return
     async with open_store(settings.store):  # create or upgrade it once, before the workers
         pass
-    on_serving = functools.partial(log_running, _url(listening[0]), settings)
+    on_serving = functools.partial(log_running, url_of(listening[0]), settings)
     status = await supervise(settings, listening, on_serving)
     # At info: a worker given up on has had its error line.
     log.info(

@@ -19,7 +19,10 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("domain services", {"services", "desk"}),
     ("operations", {"settings", "logs", "metrics", "reporting", "tracing"}),
     ("HTTP transport", {"http"}),
-    ("composition root and process", {"server", "handoff", "supervisor", "main", "cli", "listing"}),
+    (
+        "composition root and process",
+        {"server", "sockets", "handoff", "supervisor", "main", "cli", "listing"},
+    ),
 ]
 LAYER_OF = {top: index for index, (_, tops) in enumerate(LAYERS) for top in tops}
 
