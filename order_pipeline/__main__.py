@@ -17,10 +17,20 @@ def run() -> None:
         from .main import main
 
         main()
-    except* KeyboardInterrupt:  # in a group when Trio raised it inside a nursery
+    except BaseException as exc:
+        if not _only_interrupted(exc):
+            raise  # a SystemExit keeps its status, an error its traceback
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         raise SystemExit(128 + signal.SIGINT) from None  # if the kill has not ended it yet
+
+
+def _only_interrupted(exc: BaseException) -> bool:
+    """A KeyboardInterrupt, alone or in a group (Trio raised it inside a nursery) of nothing
+    else: anything besides it is not lost to a quiet exit."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(KeyboardInterrupt)[1] is None
+    return isinstance(exc, KeyboardInterrupt)
 
 
 if __name__ == "__main__":

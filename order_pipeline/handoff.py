@@ -28,8 +28,8 @@ __all__ = [
     "LISTEN_FD_ENV",
     "MULTIPROC_ENV",
     "READY_FD_ENV",
-    "STOP_SIGNALS",
     "Handoff",
+    "stop_signals",
 ]
 
 # A worker serves the listening socket it inherited as this file descriptor.
@@ -45,13 +45,19 @@ LIFELINE_FD_ENV: Final = "ORDER_PIPELINE_LIFELINE_FD"
 # same signal twice, from both, would take it for a second one and cut its drain short.
 DRAIN_SIGNAL: Final = signal.SIGUSR1
 CUT_SHORT_SIGNAL: Final = signal.SIGUSR2
-# What starts a drain (and, heard again, cuts it short): an orchestrator's stop, a Ctrl+C,
-# and a terminal or ssh session that hangs up (which would otherwise kill the server, its
-# orders unanswered). A worker ignores the two a terminal sends its whole group.
-STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # prometheus-client reads this one itself, when it is imported: it must be in the
 # worker's environment before then, not only handed to `Metrics`.
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def stop_signals() -> tuple[int, ...]:
+    """What starts a drain (and, heard again, cuts it short): an orchestrator's stop, a Ctrl+C,
+    and a terminal or ssh session that hangs up (which would otherwise kill the server, its
+    orders unanswered); but not SIGHUP if the process was started ignoring it (`nohup`: its
+    operator means it to outlive the terminal). Read before the process sets any of them.
+    A worker ignores the two a terminal sends its whole group, and hears its supervisor."""
+    hang_up = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGTERM, signal.SIGINT, *hang_up)
 
 
 @attrs.frozen

@@ -21,6 +21,10 @@ def _time(seconds: float | None) -> str | None:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
 
 
+def _step_order(step: str) -> int:
+    return STEP_NAMES.index(step) if step in STEP_NAMES else len(STEP_NAMES)
+
+
 def order_summary(order: StoredOrder, net_charge: int) -> dict[str, Any]:
     """One order's line: what it is, how it ended, what was undone, what the ledger holds."""
     finished = order.state != RUNNING
@@ -34,8 +38,9 @@ def order_summary(order: StoredOrder, net_charge: int) -> dict[str, Any]:
         "attempt": order.attempt,
         "started": _time(order.started_at),
         "finished": _time(order.finished_at),
-        # In step order: the records' own is the order in which the steps ended.
-        "compensations": {step: undone[step] for step in STEP_NAMES if step in undone},
+        # In step order (the records' own is the order in which the steps ended); a step
+        # this version does not know (a newer one's record) after them, as recorded.
+        "compensations": {step: undone[step] for step in sorted(undone, key=_step_order)},
         "net_charge": net_charge,
         "needs_attention": order.needs_attention,
     }

@@ -28,7 +28,7 @@ import attrs
 import trio
 
 from .cli import VERSION, ListOrders, parse_command
-from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, STOP_SIGNALS, Handoff
+from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff, stop_signals
 from .listing import list_orders
 from .logs import configure_logging
 from .metrics import Metrics
@@ -239,7 +239,7 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
     if handoff:
         signals: tuple[int, ...] = (signal.SIGTERM, DRAIN_SIGNAL, CUT_SHORT_SIGNAL)
     else:
-        signals = STOP_SIGNALS
+        signals = stop_signals()
     configure_tracing()  # once per serving process, before assemble: README, "Tracing"
 
     def exit_as_crashed(message: str) -> None:
@@ -256,7 +256,7 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
         # Received from here until the drain is over, so that no signal meets its default
         # action (death by SIGTERM, KeyboardInterrupt) while orders may run; one left unread
         # when the receiver closes is ignored, not redelivered to that action.
-        for signum in (*STOP_SIGNALS, *signals):
+        for signum in (signal.SIGINT, signal.SIGHUP, *signals):
             signal.signal(signum, signal.SIG_IGN)
         with trio.open_signal_receiver(*signals) as received:
             async with trio.open_nursery() as nursery:

@@ -181,6 +181,25 @@ class _OneConnection(TCPServer):
         except Exception:
             log.exception("a connection failed in the HTTP server: closed it alone")
 
+    async def _close(self) -> None:
+        """Hypercorn's close, its EOF sent under the lock its writes take.
+
+        `send_eof` holds the stream across a checkpoint; hypercorn calls it without
+        `send_lock`, so a write by the other task (the app's reply, or the reader's 400 when
+        a client ends its body early) raised BusyResourceError: "Error in ASGI Framework",
+        or the connection's handler failing. A write under way (or waiting to start) keeps
+        the lock: the stream is closed without the EOF, as hypercorn does when send_eof
+        finds it busy, and that write ends in ClosedResourceError, which hypercorn handles.
+        """
+        if self.send_lock.locked():
+            await self.stream.aclose()
+            return
+        self.send_lock.acquire_nowait()
+        try:
+            await super()._close()
+        finally:
+            self.send_lock.release()
+
 
 # Hypercorn's Trio worker calls the handler by the name it imported: should a later
 # hypercorn stop doing so, fail here rather than lose _OneConnection silently.

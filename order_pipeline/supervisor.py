@@ -46,14 +46,14 @@ from typing import Final
 import attrs
 import trio
 
-from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, STOP_SIGNALS, Handoff
+from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff, stop_signals
 from .settings import Settings
 
 __all__ = ["supervise"]
 
 # How a worker that drained in full ends: with 0, or, still starting (no handler yet, so no
 # order taken), by the default action of a signal to its process group or of its drain.
-DRAINED: Final = frozenset({0, *(-signum for signum in STOP_SIGNALS), -DRAIN_SIGNAL})
+DRAINED: Final = frozenset({0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP, -DRAIN_SIGNAL})
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,10 @@ class _Supervisor:
         # Received until every worker has exited; one left unread then is ignored, not
         # redelivered to its default action (death by SIGTERM, KeyboardInterrupt): the drain
         # is over. (A worker started meanwhile inherits the default actions, not this.)
-        for stop in STOP_SIGNALS:
+        stops = stop_signals()
+        for stop in stops:
             signal.signal(stop, signal.SIG_IGN)
-        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        with trio.open_signal_receiver(*stops) as signals:
             async with trio.open_nursery() as forwarding:
                 async with trio.open_nursery() as nursery:
                     watching = await nursery.start(self.watch_readiness, ready, on_serving)

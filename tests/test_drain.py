@@ -140,9 +140,12 @@ async def test_during_the_drain_delay_new_connections_are_served_and_readyz_says
 
 
 @asynccontextmanager
-async def own_process_group(tmp_path: Path, *flags: str) -> AsyncIterator[ServerProcess]:
+async def own_process_group(
+    tmp_path: Path, *flags: str, ignoring_sighup: bool = False
+) -> AsyncIterator[ServerProcess]:
     """The real server in a process group of its own, as a shell runs a job: `os.killpg` on it
-    is what a terminal's Ctrl+C does. Killed, group and all, if the test leaves it running."""
+    is what a terminal's Ctrl+C does. Killed, group and all, if the test leaves it running.
+    `ignoring_sighup`: started as `nohup` starts it."""
     fd, name = tempfile.mkstemp(dir=tmp_path, suffix=".log")
     store = f"sqlite:///{name.removesuffix('.log')}.db"
     try:
@@ -151,6 +154,9 @@ async def own_process_group(tmp_path: Path, *flags: str) -> AsyncIterator[Server
             stdout=fd,
             stderr=fd,
             process_group=0,
+            preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+            if ignoring_sighup
+            else None,
         )
     finally:
         os.close(fd)
@@ -247,6 +253,28 @@ async def test_a_signal_to_the_process_group_drains_every_worker_once_with_the_d
     assert messages(server)[-1] == (
         "workers drained (each worker logged its own counts); exit status 0"
     )
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_server_started_by_nohup_outlives_the_terminal_s_hang_up(
+    tmp_path: Path, workers: str
+) -> None:
+    """`nohup order-pipeline serve &`: SIGHUP ignored from the start, as its operator meant
+    (to outlive the terminal). A hang-up to its process group then neither drains nor ends
+    it, with or without workers: it serves on, and drains on SIGTERM as usual."""
+    flags = ("--workers", workers, "--no-access-log")
+    async with own_process_group(tmp_path, *flags, ignoring_sighup=True) as server:
+        os.killpg(server.process.pid, signal.SIGHUP)
+        outcomes: list[int | str] = []
+        await post(server.url, {"order_id": "after-hang-up", "amount": 1}, outcomes)
+        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
+            ready = (await client.get("/readyz")).status_code
+        server.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(WAIT_S):
+            code = await server.process.wait()
+
+    assert (outcomes, ready, code) == ([200], 200, 0)
+    assert not [m for m in messages(server) if "SIGHUP" in m]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)

@@ -8,9 +8,11 @@ import attrs
 import httpx
 import pytest
 import trio
+from hypercorn.config import Config
+from hypercorn.events import Closed, RawData
 
 from order_pipeline.cli import parse_args, parse_command
-from order_pipeline.server import Settings, hypercorn_config
+from order_pipeline.server import Settings, _OneConnection, hypercorn_config
 
 from .conftest import serving
 from .timings import NO_DELAY
@@ -276,3 +278,33 @@ def test_a_usage_error_is_one_line_and_a_pointer_to_help(
     with pytest.raises(SystemExit) as exited:
         parse_command(argv, environ={})
     assert (exited.value.code, capsys.readouterr().err) == (2, expected)
+
+
+class _ProtocolStub:
+    """Stands in for hypercorn's protocol: hears what the connection tells it."""
+
+    async def handle(self, event: object) -> None:
+        pass
+
+
+async def test_a_close_racing_a_write_of_the_reply_is_no_busy_error() -> None:
+    """Hypercorn closes a connection (its reader, on a body the client ended early; or the
+    app's task, after a reply that left the body unread) with `send_eof`, which holds the
+    stream across a checkpoint, without the lock its writes take: the other task's write of
+    a reply then raised BusyResourceError ("Error in ASGI Framework", or the connection's
+    handler failing). Which task runs first after the checkpoint is Trio's coin toss, so
+    the two are raced 40 times: each time the write now ends as on a closed stream."""
+    for _ in range(40):
+        ours, theirs = trio.socket.socketpair()
+        with theirs:
+            server = _OneConnection(
+                None,  # type: ignore[arg-type] # neither app, context nor state is used here
+                Config(),
+                None,  # type: ignore[arg-type]
+                None,  # type: ignore[arg-type]
+                trio.SocketStream(ours),  # type: ignore[arg-type]
+            )
+            server.protocol = _ProtocolStub()  # type: ignore[assignment]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.protocol_send, RawData(b"HTTP/1.1 413 \r\n\r\n"))
+                nursery.start_soon(server.protocol_send, Closed())

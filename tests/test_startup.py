@@ -23,6 +23,7 @@ import pytest
 import trio
 
 import order_pipeline
+import order_pipeline.__main__
 from order_pipeline.cli import parse_command
 
 from .server_process import (
@@ -155,6 +156,35 @@ def test_a_ctrl_c_while_the_modules_load_ends_the_command_quietly(
 
     assert command_process.returncode == -signal.SIGINT
     assert "Traceback" not in stderr, stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        BaseExceptionGroup("in a nursery", [KeyboardInterrupt(), ValueError("a bug")]),
+        BaseExceptionGroup("in a nursery", [KeyboardInterrupt(), SystemExit(1)]),
+        SystemExit(2),
+    ],
+    ids=["with-an-error", "with-an-exit", "an-exit"],
+)
+def test_only_a_ctrl_c_alone_ends_the_command_quietly(
+    raised: BaseException, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error or an exit status raised beside a KeyboardInterrupt (one exception group from
+    Trio) is not lost to the quiet end by SIGINT: it goes on as raised."""
+    killed: list[int] = []
+
+    def main() -> None:
+        raise raised
+
+    monkeypatch.setattr("order_pipeline.main.main", main)
+    monkeypatch.setattr(os, "kill", lambda pid, signum: killed.append(signum))
+    monkeypatch.setattr(signal, "signal", lambda signum, action: None)  # this process's own
+
+    with pytest.raises(BaseException) as ended:  # noqa: PT011 # exactly `raised`, checked below
+        order_pipeline.__main__.run()
+
+    assert (ended.value, killed) == (raised, [])
 
 
 def test_the_license_is_the_mit_license_pyproject_names() -> None:

@@ -903,8 +903,8 @@ async def test_a_store_file_that_cannot_be_written_is_refused_at_open(tmp_path: 
 
 
 async def test_an_operator_lists_a_store_file_that_cannot_be_written(tmp_path: Path) -> None:
-    """A reader (`order-pipeline orders`) opens a store it may not write (a copy on a
-    read-only mount, another user's file), where a server is refused."""
+    """A reader (`order-pipeline orders`) opens a store file it may not write (another user's,
+    in a directory it may write), where a server is refused."""
     path = tmp_path / "orders.db"
     async with SqliteStore(path) as store:
         order = await begun(store)
@@ -933,21 +933,28 @@ async def test_an_operator_lists_a_store_while_another_process_holds_its_write_l
     assert [(o.key, o.state) for o, _ in listed] == [("k-1", FINISHED)]
 
 
-async def test_an_operator_lists_a_store_in_a_directory_that_cannot_be_written(
+async def test_a_store_in_a_directory_that_cannot_be_written_is_refused_saying_why(
     tmp_path: Path,
 ) -> None:
-    """A reader opens a store whose directory it may not write (a copy on a read-only mount),
-    where SQLite cannot make the WAL's -shm file."""
+    """SQLite reads a WAL database only where it may make the -shm file beside it: a store in
+    a directory that cannot be written (a read-only mount) is refused, to a reader too, in
+    one line that says what to do, and left as it was. (Reading it `immutable`, without
+    locks, would read garbage while a server writes it through another mount.)"""
     path = tmp_path / "store" / "orders.db"
     path.parent.mkdir()
     async with SqliteStore(path) as store:
         order = await begun(store)
         await store.finish("k-1", order.attempt_id, 200, b"{}", None)
+    content = path.read_bytes()
     with read_only(path.parent, mode=0o555):
-        async with open_store(f"sqlite:///{path}", reader=True) as reading:
-            listed = await reading.list_orders()
-    assert [(o.key, o.state) for o, _ in listed] == [("k-1", FINISHED)]
+        for reader in (True, False):
+            with pytest.raises(StoreError) as refused:
+                async with open_store(f"sqlite:///{path}", reader=reader):
+                    pass
+            assert "copy the file, with its -wal, to a writable directory" in str(refused.value)
+            assert "\n" not in str(refused.value)
     assert sorted(p.name for p in path.parent.iterdir()) == ["orders.db"]
+    assert path.read_bytes() == content
 
 
 async def test_a_locked_file_is_unavailable_then_recovers(tmp_path: Path) -> None:

@@ -322,16 +322,16 @@ def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
         raise StoreError(f"{path}: no order store there (check --store and the directory)")
     if reader and version == SCHEMA_VERSION:
         # Nothing to create or migrate: no write lock (a listing does not wait for a server's
-        # commits, nor they for it), and, where the file or its directory cannot be written
-        # (a copy on a read-only mount), a read-only connection.
+        # commits, nor they for it), and, where the file cannot be written (another user's),
+        # a read-only connection.
         try:
             return _connect_reader(path, busy_timeout)
         except sqlite3.Error as exc:
-            raise StoreError(f"{path}: cannot open the store: {exc}") from exc
+            raise _cannot_open(path, exc) from exc
     try:
         conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     except sqlite3.Error as exc:
-        raise StoreError(f"{path}: cannot open the store: {exc}") from exc
+        raise _cannot_open(path, exc) from exc
     try:
         _retry_busy(conn, "PRAGMA journal_mode = WAL", time.monotonic() + busy_timeout)
         conn.execute("PRAGMA synchronous = FULL")
@@ -352,7 +352,7 @@ def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
         conn.execute("PRAGMA busy_timeout = 0")
     except sqlite3.Error as exc:
         conn.close()
-        raise StoreError(f"{path}: cannot open the store: {exc}") from exc
+        raise _cannot_open(path, exc) from exc
     except BaseException:
         conn.close()
         raise
@@ -361,32 +361,43 @@ def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
 
 def _connect_reader(path: Path, busy_timeout: float) -> Conn:
     """A connection that only reads: read-write where it can be (closing it as the last one
-    then tidies the WAL away, as a server's does), else read-only."""
+    then tidies the WAL away, as a server's does), else read-only (a file it may not write).
+
+    Never `immutable`, which would read without locks: a server may write the file through
+    another mount. So a store whose directory cannot be written is refused (`_cannot_open`).
+    """
     conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     try:
         conn.execute("SELECT count(*) FROM sqlite_master")  # SQLite opens the -shm file here
+        return conn
     except sqlite3.OperationalError:
         conn.close()
-        return _connect_read_only(path)
+    conn = _connect_read_only(path)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
 def _connect_read_only(path: Path) -> Conn:
-    """A read-only connection to `path`. A WAL database needs its -shm file, which SQLite
-    cannot make in a directory it may not write (a read-only mount): with no WAL beside the
-    file (nothing uncommitted to it), the file alone is the whole store, read as immutable."""
     # file:// and the path's own bytes: a path may begin with // or not be UTF-8.
-    uri = f"file://{quote(os.fsencode(path.absolute()))}"
-    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)
-    try:
-        conn.execute("SELECT count(*) FROM sqlite_master")  # SQLite opens the -shm file here
-    except sqlite3.OperationalError as exc:
-        conn.close()
-        wal = path.with_name(path.name + "-wal")
-        if exc.sqlite_errorcode != sqlite3.SQLITE_CANTOPEN or wal.exists():
-            raise
-        conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
-    return conn
+    uri = f"file://{quote(os.fsencode(path.absolute()))}?mode=ro"
+    return sqlite3.connect(uri, uri=True, isolation_level=None)
+
+
+def _cannot_open(path: Path, exc: sqlite3.Error) -> StoreError:
+    """Why the file cannot be opened, in one line. SQLite reads or writes a WAL database only
+    where it may create the -shm file beside it: a directory it may not write, a read-only
+    mount, or a copy of the file there, is refused, and the operator told what to do."""
+    hint = ""
+    if exc.sqlite_errorcode in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY_DIRECTORY):
+        hint = (
+            f" (SQLite must be able to write beside it in {path.parent}: on a read-only"
+            " mount, copy the file, with its -wal, to a writable directory)"
+        )
+    return StoreError(f"{path}: cannot open the store: {exc}{hint}")
 
 
 def _check_read_only(path: Path) -> int:
@@ -398,7 +409,7 @@ def _check_read_only(path: Path) -> int:
         with closing(conn), _transaction(conn, "BEGIN"):  # one snapshot for the reads
             return _schema_version(conn, path)
     except sqlite3.Error as exc:
-        raise StoreError(f"{path}: cannot open the store: {exc}") from exc
+        raise _cannot_open(path, exc) from exc
 
 
 @contextmanager
