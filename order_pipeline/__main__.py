@@ -19,7 +19,7 @@ def run() -> None:
         main()
     except BaseException as exc:
         if not _only_interrupted(exc):
-            raise  # a SystemExit keeps its status, an error its traceback
+            raise  # a bare SystemExit keeps its status, an error its traceback
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         raise SystemExit(128 + signal.SIGINT) from None  # if the kill has not ended it yet

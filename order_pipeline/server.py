@@ -199,6 +199,7 @@ class _OneConnection(TCPServer):
             await super()._close()
         finally:
             self.send_lock.release()
+            await self.stream.aclose()  # closed even if cancelled at send_eof's checkpoint
 
 
 # Hypercorn's Trio worker calls the handler by the name it imported: should a later

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +27,10 @@ from .server_process import StartServer, server_factory
 # `nox -s fuzz` loads the fuzz profile: FUZZ_EXAMPLES (5,000) examples for every test
 # marked `fuzz`, whatever number the test asks for in an ordinary run (`examples`).
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "5000"))
+# A server keeps an inherited ignored SIGHUP ignored (nohup); the tests that send it need the
+# servers they start to inherit its default, whatever this runner was started with.
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
 settings.register_profile("default", deadline=None)
 settings.register_profile(
     "fuzz",

@@ -317,7 +317,7 @@ def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
         raise StoreError(f"{path}: cannot open the store: {exc.strerror}") from exc
     if head and head != _HEADER:  # SQLite would take a short file for an empty database
         raise StoreError(f"{path}: cannot open the store: file is not a database")
-    version = _check_read_only(path) if head else 0
+    version = _check_read_only(path, reader=reader) if head else 0
     if version == 0 and reader:  # no file, an empty one, or a database with no store in it
         raise StoreError(f"{path}: no order store there (check --store and the directory)")
     if reader and version == SCHEMA_VERSION:
@@ -327,11 +327,11 @@ def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
         try:
             return _connect_reader(path, busy_timeout)
         except sqlite3.Error as exc:
-            raise _cannot_open(path, exc) from exc
+            raise _cannot_open(path, exc, reader=True) from exc
     try:
         conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     except sqlite3.Error as exc:
-        raise _cannot_open(path, exc) from exc
+        raise _cannot_open(path, exc, reader=False) from exc
     try:
         _retry_busy(conn, "PRAGMA journal_mode = WAL", time.monotonic() + busy_timeout)
         conn.execute("PRAGMA synchronous = FULL")
@@ -352,7 +352,7 @@ def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
         conn.execute("PRAGMA busy_timeout = 0")
     except sqlite3.Error as exc:
         conn.close()
-        raise _cannot_open(path, exc) from exc
+        raise _cannot_open(path, exc, reader=False) from exc
     except BaseException:
         conn.close()
         raise
@@ -387,20 +387,19 @@ def _connect_read_only(path: Path) -> Conn:
     return sqlite3.connect(uri, uri=True, isolation_level=None)
 
 
-def _cannot_open(path: Path, exc: sqlite3.Error) -> StoreError:
+def _cannot_open(path: Path, exc: sqlite3.Error, *, reader: bool) -> StoreError:
     """Why the file cannot be opened, in one line. SQLite reads or writes a WAL database only
-    where it may create the -shm file beside it: a directory it may not write, a read-only
-    mount, or a copy of the file there, is refused, and the operator told what to do."""
+    where it may create its -wal and -shm files beside it: in a directory it may not write
+    (a read-only mount), a server is refused, and so is a reader, who can list a copy."""
     hint = ""
     if exc.sqlite_errorcode in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY_DIRECTORY):
-        hint = (
-            f" (SQLite must be able to write beside it in {path.parent}: on a read-only"
-            " mount, copy the file, with its -wal, to a writable directory)"
-        )
+        copy = "; or list a copy of the file, with its -wal, in a writable directory"
+        hint = f" (SQLite must be able to write its -wal and -shm files in {path.parent}"
+        hint += f"{copy if reader else ''})"
     return StoreError(f"{path}: cannot open the store: {exc}{hint}")
 
 
-def _check_read_only(path: Path) -> int:
+def _check_read_only(path: Path, *, reader: bool) -> int:
     """The file's schema version (0: no store yet), or StoreError if the file is not ours to
     use, read on a read-only connection: refusing it must not write it (closing a read-write
     one would checkpoint a WAL left beside it)."""
@@ -409,7 +408,7 @@ def _check_read_only(path: Path) -> int:
         with closing(conn), _transaction(conn, "BEGIN"):  # one snapshot for the reads
             return _schema_version(conn, path)
     except sqlite3.Error as exc:
-        raise _cannot_open(path, exc) from exc
+        raise _cannot_open(path, exc, reader=reader) from exc
 
 
 @contextmanager
