@@ -91,9 +91,10 @@ def canonical(order: OrderRequest) -> bytes:
 
 
 def _error(kind: str, message: str | None = None, *, key: str | None = None) -> Answer:
-    reason = message or lookup(kind).message
+    entry = lookup(kind)
+    reason = message or entry.message
     status, body = encode_error(kind, reason)
-    return Answer(status, body, key, lookup(kind).retry_after, refused=kind, reason=reason)
+    return Answer(status, body, key, entry.retry_after, refused=kind, reason=reason)
 
 
 def _known_steps(stored: StoredOrder) -> list[StepResult]:

@@ -116,6 +116,11 @@ class StoreError(Exception):
     """The store cannot be opened: bad URL, unopenable path, or not this store's database."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An error's text on one line (libpq's span several), for a message that must keep to one."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class OrderStore(Protocol):
     """Durable orders, their steps, the owners' leases and the payment ledger.
 

@@ -109,6 +109,7 @@ from .base import (
     StoredOrder,
     StoreError,
     StoreUnavailable,
+    one_line,
     step_row,
 )
 from .urls import postgres_params, shown_url
@@ -344,7 +345,7 @@ class PostgresStore(WriterThread[Conn]):
                 else:
                     _migrate(conn, self.where)
         except psycopg.Error as exc:
-            raise StoreError(f"{self.where}: cannot open the store: {_one_line(exc)}") from None
+            raise StoreError(f"{self.where}: cannot open the store: {one_line(exc)}") from None
         pool: Pool = psycopg_pool.ConnectionPool(
             self._conninfo,
             kwargs={"autocommit": True},  # transactions are the batches' own BEGIN and COMMIT
@@ -400,7 +401,7 @@ class PostgresStore(WriterThread[Conn]):
                 if tries == _TRIES:
                     _fail(todo, self._unavailable(why))
                     break
-                logger.info("%s: running a batch again: %s", self.where, _one_line(why))
+                logger.info("%s: running a batch again: %s", self.where, one_line(why))
                 time.sleep(random.uniform(0, _BACKOFF_S * tries))  # the writer thread's own
             todo = again
 
@@ -518,7 +519,7 @@ class PostgresStore(WriterThread[Conn]):
                         return status
                     time.sleep(0.01)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            return f"unknown: {_one_line(exc)}"
+            return f"unknown: {one_line(exc)}"
 
     def _unavailable(
         self,
@@ -526,7 +527,7 @@ class PostgresStore(WriterThread[Conn]):
         what: str = "could not commit",
         kind: type[StoreUnavailable] = StoreUnavailable,
     ) -> StoreUnavailable:
-        error = kind(f"{self.where}: {what}: {_one_line(exc)}")
+        error = kind(f"{self.where}: {what}: {one_line(exc)}")
         error.__cause__ = exc
         return error
 
@@ -716,10 +717,6 @@ def _where(params: dict[str, Any], url: str) -> str:
 def _rolled_back(exc: Exception) -> bool:
     """A deadlock's victim or a serialization failure (SQLSTATE class 40): worth a rerun."""
     return isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("40")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _batch_error(exc: Exception) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from .base import StoreError
+from .base import StoreError, one_line
 
 __all__ = ["NOT_SHOWN", "postgres_params", "shown_url"]
 
@@ -39,5 +39,5 @@ def postgres_params(url: str) -> dict[str, Any]:
     try:
         return conninfo_to_dict(url)
     except Error as exc:
-        cause = " ".join(str(exc).split()).replace(url, shown)  # libpq may quote it whole
+        cause = one_line(exc).replace(url, shown)  # libpq may quote it whole
         raise StoreError(f"{shown}: not a valid PostgreSQL URL: {cause}") from None
