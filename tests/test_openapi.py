@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import re
 from typing import Any
 
 import jsonschema
 import pytest
+import regress
 import trio
 from quart.typing import TestClientProtocol as Client
 
 from order_pipeline import kinds
+from order_pipeline.serialization import InvalidOrder, parse_order
 from order_pipeline.server import Settings, assemble
 
 # The one copy of the document: the package's, which the app serves.
@@ -101,3 +104,25 @@ def test_the_kinds_defined_mapped_and_documented_are_the_same() -> None:
     assert len(documented) == len(set(documented))
     assert set(kinds.KINDS) == defined
     assert set(documented) == defined
+
+
+# Every character some regex engine calls whitespace: Python's (str.isspace) and ECMAScript's,
+# whose `\s` a client's JSON Schema validator uses (it adds U+FEFF, lacks U+001C-U+001F, U+0085).
+_SPACES = {c for c in map(chr, range(0x3001)) if c.isspace()} | {"\ufeff"}
+
+
+@pytest.mark.parametrize("order_id", sorted(_SPACES | {c + "x" + c for c in _SPACES} | {"x", "\0"}))
+def test_the_document_and_the_server_agree_on_a_blank_order_id(order_id: str) -> None:
+    """The document's order_id pattern means the same in Python's regex engine and in
+    ECMAScript's (JSON Schema's own, which a client's validator may use): it accepts exactly
+    the order ids the server does."""
+    pattern = DOC["components"]["schemas"]["OrderRequest"]["properties"]["order_id"]["pattern"]
+    try:
+        parse_order(json.dumps({"order_id": order_id, "amount": 5}).encode())
+        accepted = True
+    except InvalidOrder:
+        accepted = False
+
+    assert accepted == (bool(order_id.strip()) and "\0" not in order_id)
+    assert (re.search(pattern, order_id) is not None) == accepted
+    assert (regress.Regex(pattern).find(order_id) is not None) == accepted
