@@ -95,7 +95,7 @@ KINDS: Final[Mapping[str, Kind]] = {
     ORDER_IN_PROGRESS: Kind(409, "an order with this key is still running", retry_after=True),
     IDEMPOTENCY_KEY_REUSED: Kind(422, "this key was used for a different order"),
     STORE_UNAVAILABLE: Kind(503, "orders cannot be recorded now", retry_after=True),
-    INTERRUPTED: Kind(503, "the order was interrupted and undone; send it again"),
+    INTERRUPTED: Kind(503, "the order was interrupted and undone; send it again", retry_after=True),
 }
 
 _SUCCESS: Final = Kind(200, OK)

@@ -108,7 +108,10 @@ class Metrics:
         if result.cancelled:
             self.canceled.inc()
         for step in result.steps:
-            self._child(self.step_seconds, step.name, step.status).observe(step.duration_ms / 1000)
+            if not result.recovered:  # timed by a process that died, or never ended
+                self._child(self.step_seconds, step.name, step.status).observe(
+                    step.duration_ms / 1000
+                )
             if step.compensation is not None:
                 self._child(self.compensations, step.name, step.compensation.status).inc()
 

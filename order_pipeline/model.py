@@ -116,6 +116,9 @@ class OrderResult:
     # Cancelled from outside (its client left, or the drain gave up on it): no reply is sent,
     # whatever the kind (`compensation_failed` if undoing it failed too).
     cancelled: bool = False
+    # Undone by recovery after its process died: its steps were not timed here (a step with no
+    # record is given as ok in 0 ms, to be undone), so they are not step observations.
+    recovered: bool = False
 
     @property
     def ok(self) -> bool:

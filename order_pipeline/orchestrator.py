@@ -182,9 +182,13 @@ class _OrderRun:
             for i in indexes
         )
 
-    def result(self, kind: str | None, *, cancelled: bool = False) -> OrderResult:
+    def result(
+        self, kind: str | None, *, cancelled: bool = False, recovered: bool = False
+    ) -> OrderResult:
         duration = _ms(trio.current_time() - self.started)
-        return OrderResult(self.order.order_id, tuple(self.results), kind, duration, cancelled)
+        return OrderResult(
+            self.order.order_id, tuple(self.results), kind, duration, cancelled, recovered
+        )
 
 
 @attrs.frozen
@@ -225,6 +229,8 @@ class Pipeline:
                 kind = run.failure or (TIMEOUT if deadline.cancelled_caught else None)
             if kind is not None and not await self._compensate(run):
                 kind = COMPENSATION_FAILED
+            # Cancelled while the (shielded) compensations ran: no reply will be sent either.
+            cancelled = cancelled or _caller_cancelled()
             result = run.result(kind, cancelled=cancelled)
             self.report(result)
         return result
@@ -253,7 +259,7 @@ class Pipeline:
                 run.results[index] = attrs.evolve(step, compensation=None)
         if not await self._compensate(run):
             kind = COMPENSATION_FAILED
-        result = run.result(kind)
+        result = run.result(kind, recovered=True)
         if report:
             self.report(result)
         return result

@@ -157,6 +157,24 @@ async def test_an_outer_cancellation_whose_undoing_fails_is_still_cancelled(
     assert (result.kind, result.cancelled) == ("compensation_failed", True)
 
 
+async def test_an_order_cancelled_while_it_is_undone_keeps_its_kind_and_is_cancelled(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The vendor failed at 100 ms, and its client left while the payment's refund ran
+    (shielded): the refund still ends, the kind stays the vendor's, and the order is marked
+    cancelled, since no reply will be sent."""
+    recorder = Recorder()
+    pipeline = recorder.pipeline()
+    order = make_order(amount=5, fail_step="vendor", delay_ms={"payment": 0, "vendor": 100})
+
+    with trio.move_on_after(0.1 + UNDO_MS["payment"] / 2000):
+        await pipeline.process(order)
+
+    (result,) = recorder.finished
+    assert (result.kind, result.cancelled) == ("vendor_unavailable", True)
+    assert compensations(result)["payment"] == UNDONE["payment"]
+
+
 async def test_an_order_that_fails_by_itself_is_not_cancelled(
     autojump_clock: trio.abc.Clock,
 ) -> None:

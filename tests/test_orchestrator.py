@@ -410,7 +410,9 @@ async def test_undo_reports_its_kind_or_compensation_failed(
     not_undone = await both.undo(order, [paid, StepResult("courier", OK, 100)], "interrupted")
 
     refunded = Compensation(CompensationStatus.OK, 0)
-    assert undone == OrderResult("o-1", (attrs.evolve(paid, compensation=refunded),), "interrupted")
+    assert undone == OrderResult(
+        "o-1", (attrs.evolve(paid, compensation=refunded),), "interrupted", recovered=True
+    )
     assert not_undone.kind == "compensation_failed"
     assert [s.compensation for s in not_undone.steps] == [
         refunded,
