@@ -65,6 +65,9 @@ RECOVERY_BATCH: Final = 1000
 PURGE_BATCH: Final = 1000
 # A key that comes back interrupted is restarted by one caller; the others re-read it.
 RESTART_TRIES: Final = 3
+# `running_of`'s age for "of any age": started before ten years from now, so that an order
+# begun just before the store's clock stepped back (its start then in the future) is in it.
+ANY_AGE: Final = -10 * 365 * 86_400.0
 
 
 OnRefused = Callable[[str, int, "str | None", str], None]
@@ -335,7 +338,8 @@ class OrderDesk:
     async def _left_running(self) -> list[StoredOrder]:
         """Our orders running, older than a lease, that we do not work on, twice in a row."""
         if self._held_records:  # those no longer running (of any age) have landed
-            self._held_records &= {o.key for o in await self.store.running_of(self.owner, 0.0)}
+            running = await self.store.running_of(self.owner, ANY_AGE)
+            self._held_records &= {o.key for o in running}
         ours = await self.store.running_of(self.owner, self.lease_timeout)
         busy = self._working.keys() | self._held_records
         seen = {o.key for o in ours if o.key not in busy}

@@ -112,6 +112,65 @@ class StoreUnavailable(Exception):
     may_have_taken_effect = False
 
 
+# A jump of the store's clock (the one leases are measured on) against this process's
+# monotonic clock larger than this is a step (NTP's, a resume from suspend), not a slew (at
+# most 0.5 ms a second) or the noise of reading the two.
+CLOCK_STEP_S: Final = 0.5
+# After a step, no order is claimed until every live owner has renewed its lease on the
+# stepped clock: at least this long (a lease is renewed every second or less), and the
+# claimer's own lease length.
+CLOCK_STEP_WAIT_S: Final = 2.0
+
+
+@attrs.define
+class ClockWatch:
+    """Tells a claim whether the leases may be judged by the clock they were written with.
+
+    Leases are measured on a wall clock (SQLite's: the host's; PostgreSQL's: the database's
+    `now()`), which an NTP step or a resume from suspend moves at once. Stepped forward, every
+    lease looks expired until its owner renews it: a claim then would take and undo the orders
+    that live processes are running. Stepped back, a lease written before the step looks
+    alive for as long again: a process that died then would keep its orders (and their money)
+    until the clock caught up. So each claim first `observe`s the clock against this process's
+    monotonic one; after a step, `stale` has it claim nothing until the owners have had time
+    to renew, and then take as dead the owners whose lease has not changed since the step.
+    Used by the writer thread only.
+    """
+
+    _offset: float | None = None
+    _stepped: bool = False
+    _seen: dict[str, float] | None = None  # the leases as they were after the step
+    _seen_at: float = 0.0  # monotonic
+
+    @property
+    def stepped(self) -> bool:
+        return self._stepped
+
+    def observe(self, clock: float, monotonic: float) -> None:
+        offset = clock - monotonic
+        if self._offset is not None and abs(offset - self._offset) > CLOCK_STEP_S:
+            self._stepped, self._seen = True, None  # (again, for a second step)
+        self._offset = offset
+
+    def stale(
+        self, leases: dict[str, float], now: float, monotonic: float, wait: float
+    ) -> set[str] | None:
+        """After a step, the owners to take as dead although their lease looks alive (those
+        renewed by nobody since the step), or None: claim nothing yet. `leases` are every
+        owner's expiry and `now` the clock's time, as the claim reads them."""
+        if not self._stepped:
+            return set()
+        if self._seen is None:
+            self._seen, self._seen_at = dict(leases), monotonic
+            return None
+        if monotonic < self._seen_at + max(wait, CLOCK_STEP_WAIT_S):
+            return None
+        stale = {owner for owner, expires in leases.items() if self._seen.get(owner) == expires}
+        if all(leases[owner] <= now for owner in stale):  # the clock alone judges them now
+            self._stepped, self._seen = False, None
+        return stale
+
+
 class StoreError(Exception):
     """The store cannot be opened: bad URL, unopenable path, or not this store's database."""
 

@@ -99,10 +99,12 @@ from psycopg.conninfo import make_conninfo
 from ..kinds import COMPENSATION_FAILED, INTERRUPTED
 from ..model import new_id
 from .base import (
+    CLOCK_STEP_S,
     FAILED_COMPENSATIONS,
     FINISHED,
     RUNNING,
     Begun,
+    ClockWatch,
     Existing,
     FinishedReply,
     StepRecord,
@@ -297,6 +299,10 @@ class PostgresStore(WriterThread[Conn]):
         self._deadline = math.inf  # the batch being run's, on time.monotonic()'s clock
         self._steps = RowsWrittenTogether(self, _record_steps)
         self._replies = RepliesWritten()  # what finish_soon wrote, for finished_reply
+        # Leases are on the database's clock, whose steps the claims watch for (ClockWatch);
+        # the longest lease this process renewed.
+        self._clock = ClockWatch()
+        self._lease_length = 0.0
         params = postgres_params(url)
         self.where = _where(params, url)  # the URL without password or options, for messages
         params.setdefault("connect_timeout", max(2, round(timeout)))
@@ -611,6 +617,7 @@ class PostgresStore(WriterThread[Conn]):
         return await self._call(lambda conn: _list_orders(conn, needs_attention))
 
     async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109  # a lease's length
+        self._lease_length = max(self._lease_length, timeout)
         await self._call(lambda conn: _execute(conn, _RENEW, (owner, timeout)))
 
     async def release_lease(self, owner: str) -> None:
@@ -619,7 +626,30 @@ class PostgresStore(WriterThread[Conn]):
         )
 
     async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
-        return await self._call(lambda conn: _claim(conn, owner, limit))
+        wait = self._lease_length
+
+        def claim(conn: Conn) -> list[StoredOrder]:
+            # The database's clock against ours: clock_timestamp(), the time it answers at
+            # (now(), the transaction's start, may be long before in a slow batch), against
+            # the middle of the round trip; not at all from a slow one (a stall of ours, or a
+            # batch's statements answered before it), which could pass for a step.
+            before = time.monotonic()
+            row = conn.execute(_CLOCK).fetchone()
+            after = time.monotonic()
+            assert row is not None
+            if after - before < CLOCK_STEP_S / 2:
+                self._clock.observe(row[0], (before + after) / 2)
+            stale: set[str] | None = set()
+            if self._clock.stepped:
+                rows = conn.execute(_LEASES).fetchall()
+                leases = {lease_owner: expires for lease_owner, expires, _ in rows}
+                now = rows[0][2] if rows else -math.inf
+                stale = self._clock.stale(leases, now, time.monotonic(), wait)
+            if stale is None:  # the database's clock stepped: the owners renew on it first
+                return []
+            return _claim(conn, owner, limit, stale)
+
+        return await self._call(claim)
 
     async def running_of(self, owner: str, older_than: float) -> list[StoredOrder]:
         return await self._call(lambda conn: _running_of(conn, owner, older_than))
@@ -814,7 +844,17 @@ _WITH_STEPS = (
     " LEFT JOIN steps ON steps.attempt_id = orders.attempt_id"
 )
 _LIVE_LEASES = "SELECT owner FROM leases WHERE expires_at > now()"
-_DEAD_OWNER = f"state = '{RUNNING}' AND owner <> %(me)s AND owner NOT IN ({_LIVE_LEASES})"
+# Running orders of another owner without a live lease, or whose lease nobody renewed since
+# the database's clock stepped back (`stale`: ClockWatch).
+_DEAD_OR_STALE_OWNER = (
+    f"state = '{RUNNING}' AND owner <> %(me)s"
+    f" AND (owner NOT IN ({_LIVE_LEASES}) OR owner = ANY(%(stale)s::text[]))"
+)
+_CLOCK = "SELECT extract(epoch FROM clock_timestamp())::float8"
+_LEASES = (
+    "SELECT owner, extract(epoch FROM expires_at)::float8, extract(epoch FROM now())::float8"
+    " FROM leases"
+)
 
 
 def _execute(conn: Conn, sql: str, args: tuple[Any, ...]) -> None:
@@ -938,7 +978,7 @@ def _list_orders(conn: Conn, needs_attention: bool) -> list[tuple[StoredOrder, i
     ]
 
 
-def _claim(conn: Conn, owner: str, limit: int) -> list[StoredOrder]:
+def _claim(conn: Conn, owner: str, limit: int, stale: set[str]) -> list[StoredOrder]:
     """Take up to `limit` orders of dead owners, each for one claimer only.
 
     First lock candidates, skipping rows another claimer holds. Then take those still
@@ -946,15 +986,16 @@ def _claim(conn: Conn, owner: str, limit: int) -> list[StoredOrder]:
     sees the lease of a claimer that took one of them and committed while we were locking (the
     first statement's snapshot can predate that lease, and would let us take the order too).
     """
-    args = {"me": owner, "limit": limit}
+    args = {"me": owner, "limit": limit, "stale": sorted(stale)}
     locked = conn.execute(
-        f"SELECT key FROM orders WHERE {_DEAD_OWNER} LIMIT %(limit)s FOR UPDATE SKIP LOCKED",
+        f"SELECT key FROM orders WHERE {_DEAD_OR_STALE_OWNER} LIMIT %(limit)s"
+        " FOR UPDATE SKIP LOCKED",
         args,
     ).fetchall()
     if not locked:
         return []
     rows = conn.execute(
-        f"UPDATE orders SET owner = %(me)s WHERE key = ANY(%(keys)s) AND {_DEAD_OWNER}"
+        f"UPDATE orders SET owner = %(me)s WHERE key = ANY(%(keys)s) AND {_DEAD_OR_STALE_OWNER}"
         f" RETURNING {_ORDER}",
         {**args, "keys": [row[0] for row in locked]},
     ).fetchall()

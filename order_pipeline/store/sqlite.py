@@ -52,6 +52,7 @@ from .base import (
     FINISHED,
     RUNNING,
     Begun,
+    ClockWatch,
     Existing,
     FinishedReply,
     StepRecord,
@@ -145,12 +146,23 @@ class SqliteStore(WriterThread[Conn]):
         self._file: tuple[int, int] | None  # the file it opened (`_identity`), checked each batch
         self._replies = RepliesWritten()  # what finish_soon wrote, for finished_reply
         self._steps = RowsWrittenTogether(self, _record_steps)
+        # Leases are on the host's wall clock, which every process of the file shares; the
+        # watch finds its steps (base.ClockWatch). The longest lease this process renewed.
+        self._clock = ClockWatch()
+        self._lease_length = 0.0
 
     # -- in the writer thread -------------------------------------------------------------
 
     def _open(self) -> None:
         self._conn = _connect(self.path, self.busy_timeout, reader=self.reader)
         self._file = _identity(self.path)
+        self._now()  # the clock as it was at the start, to find a step before the first claim
+
+    def _now(self) -> float:
+        """The wall clock leases are measured on, watched for steps (in the writer thread)."""
+        now = time.time()
+        self._clock.observe(now, time.monotonic())
+        return now
 
     def _close(self) -> None:
         self._conn.close()
@@ -265,7 +277,8 @@ class SqliteStore(WriterThread[Conn]):
         return await self._call(lambda conn: _list_orders(conn, needs_attention, now))
 
     async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109 (a lease's length)
-        await self._call(lambda conn: _execute(conn, _RENEW, (owner, time.time() + timeout)))
+        self._lease_length = max(self._lease_length, timeout)
+        await self._call(lambda conn: _execute(conn, _RENEW, (owner, self._now() + timeout)))
 
     async def release_lease(self, owner: str) -> None:
         await self._call(
@@ -273,8 +286,19 @@ class SqliteStore(WriterThread[Conn]):
         )
 
     async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
-        now = time.time()
-        return await self._call(lambda conn: _claim(conn, owner, limit, now))
+        wait = self._lease_length
+
+        def claim(conn: Conn) -> list[StoredOrder]:
+            now = self._now()
+            stale: set[str] | None = set()
+            if self._clock.stepped:
+                leases = dict(conn.execute("SELECT owner, expires_at FROM leases").fetchall())
+                stale = self._clock.stale(leases, now, time.monotonic(), wait)
+            if stale is None:  # the wall clock stepped: the owners renew on it first
+                return []
+            return _claim(conn, owner, limit, now, stale)
+
+        return await self._call(claim)
 
     async def running_of(self, owner: str, older_than: float) -> list[StoredOrder]:
         started_before = time.time() - older_than
@@ -628,12 +652,15 @@ def _list_orders(conn: Conn, needs_attention: bool, now: float) -> list[tuple[St
     ]
 
 
-def _claim(conn: Conn, owner: str, limit: int, now: float) -> list[StoredOrder]:
+def _claim(conn: Conn, owner: str, limit: int, now: float, stale: set[str]) -> list[StoredOrder]:
+    """Orders of owners without a live lease, or whose lease nobody renewed since the clock
+    stepped back (`stale`: ClockWatch)."""
     rows = conn.execute(
         f"UPDATE orders SET owner = ?1 WHERE key IN (SELECT key FROM orders WHERE state = ?2"
-        " AND owner != ?1 AND owner NOT IN (SELECT owner FROM leases WHERE expires_at > ?3)"
+        " AND owner != ?1 AND owner NOT IN (SELECT owner FROM leases WHERE expires_at > ?3"
+        " AND owner NOT IN (SELECT value FROM json_each(?5)))"
         f" LIMIT ?4) RETURNING {_ORDER}",
-        (owner, RUNNING, now, limit),
+        (owner, RUNNING, now, limit, orjson.dumps(sorted(stale)).decode()),
     ).fetchall()
     return [_order(conn, row) for row in rows]
 
