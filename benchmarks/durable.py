@@ -37,7 +37,15 @@ from order_pipeline.model import STEP_NAMES, OrderRequest
 from order_pipeline.serialization import converter
 from order_pipeline.server import assemble
 from order_pipeline.settings import Settings
-from order_pipeline.store import RUNNING, Begun, MemoryStore, OrderStore, SqliteStore, StepRecord
+from order_pipeline.store import (
+    RUNNING,
+    Begun,
+    MemoryStore,
+    OrderStore,
+    SqliteStore,
+    StepRecord,
+    every_order,
+)
 
 # Long enough that every order has started before the first ends, on a slow machine too
 # (the peak it waits for is every order in its steps at once).
@@ -75,7 +83,7 @@ async def inflight(store: OrderStore, orders: int) -> dict[str, Any]:
         await assembly.tracker.wait_for(lambda running: running == 2 * orders)
         peak_kb = rss_kb()
     cpu = time.process_time() - started
-    net = sum([net for _, net in await store.list_orders()])
+    net = sum([net for _, net in [listed async for listed in every_order(store)]])
     assert statuses == [200] * orders, set(statuses)
     assert net == orders, net
     return {
@@ -124,7 +132,7 @@ async def recovery(orders: int) -> dict[str, Any]:
                 await trio.sleep(0.5)
             elapsed = time.monotonic() - started
             nursery.cancel_scope.cancel()
-        listed = await store.list_orders()
+        listed = [listed async for listed in every_order(store)]
     assert {o.kind for o, _ in listed} == {"interrupted"}, {o.kind for o, _ in listed}
     assert sum(net for _, net in listed) == 0
     assert all({s.step for s in o.steps} == set(STEP_NAMES) for o, _ in listed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,7 +11,7 @@ import orjson
 
 from .kinds import label
 from .model import STEP_NAMES
-from .store import RUNNING, OrderStore, StoredOrder
+from .store import LIST_PAGE, RUNNING, OrderStore, StoredOrder, every_order
 
 __all__ = ["list_orders", "order_summary"]
 
@@ -63,11 +64,21 @@ def _text(line: dict[str, Any]) -> str:
 
 
 async def list_orders(
-    store: OrderStore, *, needs_attention: bool, as_json: bool, write: Callable[[str], Any]
+    store: OrderStore,
+    *,
+    needs_attention: bool,
+    as_json: bool,
+    write: Callable[[str], Any],
+    page: int = LIST_PAGE,
 ) -> int:
-    """Write one line per stored order (or per order needing attention); return the count."""
-    orders = await store.list_orders(needs_attention=needs_attention)
-    for order, net_charge in orders:
-        line = order_summary(order, net_charge)
-        write(orjson.dumps(line).decode() if as_json else _text(line))
-    return len(orders)
+    """Write one line per stored order (or per order needing attention), oldest start first;
+    return the count. The store is read a page at a time, each page written before the next
+    is read: the first line comes at once, and memory holds one page, however many orders
+    the store keeps (a day of them may be millions)."""
+    count = 0
+    async with aclosing(every_order(store, needs_attention=needs_attention, page=page)) as orders:
+        async for order, net_charge in orders:
+            line = order_summary(order, net_charge)
+            write(orjson.dumps(line).decode() if as_json else _text(line))
+            count += 1
+    return count

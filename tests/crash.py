@@ -10,12 +10,17 @@ from typing import Any, Final
 import httpx
 import trio
 
-from order_pipeline.store import RUNNING, OrderStore, StoredOrder
+from order_pipeline.store import RUNNING, OrderStore, StoredOrder, every_order
 
 from .server_process import ServerProcess
 
 # Paid at once; still waiting for vendor and courier when the server is killed.
 PAID_THEN_SLOW: Final = {"payment": 0, "vendor": 2000, "courier": 2000}
+
+
+async def all_orders(store: OrderStore) -> list[tuple[StoredOrder, int]]:
+    """Every stored order with its net charge, read page by page."""
+    return [listed async for listed in every_order(store)]
 
 
 def paid_orders(prefix: str, count: int) -> dict[str, dict[str, Any]]:
@@ -48,9 +53,9 @@ async def kill_with_paid_orders_in_flight(
             nursery.start_soon(send, http, key)
         # Another process's store: there is no event to wait on, so poll it.
         with trio.fail_after(20):
-            while sum(net for _, net in await store.list_orders()) < total:  # noqa: ASYNC110 # poll
+            while sum(net for _, net in await all_orders(store)) < total:  # noqa: ASYNC110 # poll
                 await trio.sleep(0.1)
-        stored = await store.list_orders()
+        stored = await all_orders(store)
         server.process.kill()
     assert await server.process.wait() == -9
     return stored
@@ -60,7 +65,7 @@ async def wait_until_none_running(store: OrderStore, within: float) -> float:
     """Seconds until no stored order runs any more (polled), failing past `within`."""
     started = trio.current_time()
     with trio.fail_after(within):
-        while any(o.state == RUNNING for o, _ in await store.list_orders()):  # noqa: ASYNC110 # poll
+        while any(o.state == RUNNING for o, _ in await all_orders(store)):  # noqa: ASYNC110 # poll
             await trio.sleep(0.1)
     return trio.current_time() - started
 

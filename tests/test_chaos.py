@@ -31,7 +31,7 @@ import pytest
 import trio
 
 from order_pipeline.model import STEP_NAMES
-from order_pipeline.store import FINISHED, RUNNING, open_store
+from order_pipeline.store import FINISHED, RUNNING, OrderStore, StoredOrder, every_order, open_store
 
 from . import pg
 from .launch import serve_argv
@@ -46,6 +46,11 @@ LEASE_S = 2.0
 SEED = int(os.environ.get("CHAOS_SEED", "0")) or random.randrange(1, 2**32)
 # Replies that say "not yet": the client tries again with the same key.
 NOT_FINAL = {"order_in_progress", "store_unavailable"}
+
+
+async def all_orders(store: OrderStore) -> list[tuple[StoredOrder, int]]:
+    """Every stored order with its net charge, read page by page."""
+    return [listed async for listed in every_order(store)]
 
 
 @attrs.define
@@ -187,11 +192,11 @@ async def test_kills_at_random_lose_no_order_and_no_money(
     async with open_store(store_url) as store:
         with trio.fail_after(LEASE_S + 10):
             # Another process's store: there is no event to wait on, so poll it.
-            while any(o.state == RUNNING for o, _ in await store.list_orders()):  # noqa: ASYNC110 # see above
+            while any(o.state == RUNNING for o, _ in await all_orders(store)):  # noqa: ASYNC110 # see above
                 await trio.sleep(0.2)
         for host in hosts:
             assert await host.stop() == 0
-        stored = {o.key: (o, net) for o, net in await store.list_orders()}
+        stored = {o.key: (o, net) for o, net in await all_orders(store)}
 
     assert set(got) == set(orders)
     assert set(stored) == set(orders)

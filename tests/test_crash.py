@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from order_pipeline.store import FINISHED, SqliteStore
+from order_pipeline.store import FINISHED, SqliteStore, every_order
 
 from .crash import kill_with_paid_orders_in_flight, paid_orders, send_again, wait_until_none_running
 from .server_process import StartServer
@@ -79,7 +79,7 @@ async def test_sigkill_with_200_orders_in_flight_then_a_restart_undoes_them(
         second = await start_server(*flags)
         recovered_in = await wait_until_none_running(store, LEASE_S + 2)
 
-        stored = {o.key: (o, net) for o, net in await store.list_orders()}
+        stored = {o.key: (o, net) for o, net in [listed async for listed in every_order(store)]}
         assert set(stored) == set(orders)
         for key, (order, net) in stored.items():
             assert (order.state, order.kind, order.http_status, net) == (

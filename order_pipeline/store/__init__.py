@@ -18,6 +18,7 @@ import attrs
 
 from .base import (
     FINISHED,
+    LIST_PAGE,
     RUNNING,
     Begun,
     Existing,
@@ -27,6 +28,7 @@ from .base import (
     StoredOrder,
     StoreError,
     StoreUnavailable,
+    every_order,
 )
 from .memory import MemoryStore
 from .process import StoreProcess
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FINISHED",
+    "LIST_PAGE",
     "RUNNING",
     "Begun",
     "Existing",
@@ -51,6 +54,7 @@ __all__ = [
     "StoreURL",
     "StoreUnavailable",
     "StoredOrder",
+    "every_order",
     "open_store",
     "parse_store_url",
     "shown_url",

@@ -7,6 +7,7 @@ died is found (its owner's lease expired) and compensated by a live process.
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import Final, Protocol
 
 import attrs
@@ -98,6 +99,10 @@ class FinishedReply:
     http_status: int
     reply: bytes
     kind: str | None
+
+
+# Orders a page of `list_orders` holds unless told otherwise: a few MB of Python objects.
+LIST_PAGE: Final = 1000
 
 
 class StoreUnavailable(Exception):
@@ -243,9 +248,20 @@ class OrderStore(Protocol):
         or once another attempt has begun. Waits, as `get` does, for what was queued before."""
         ...
 
-    async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
-        """Every order (or those needing attention) with the ledger's net charge of its key;
-        a running order whose owner holds no live lease is marked `abandoned`."""
+    async def list_orders(
+        self,
+        *,
+        needs_attention: bool = False,
+        after: tuple[float, str] | None = None,
+        limit: int = LIST_PAGE,
+    ) -> list[tuple[StoredOrder, int]]:
+        """One page of the orders (or of those needing attention), oldest start first: up to
+        `limit` of them, ordered by (started_at, key), keys compared by code point, strictly
+        after `after` (the last one's (started_at, key) of the page before; None: from the
+        first), each with the ledger's net charge of its key; a running order whose owner
+        holds no live lease is marked `abandoned`. Each page is read on its own (a short
+        transaction, an index's range): a listing holds one page at a time however many
+        orders are stored. `every_order` reads them all."""
         ...
 
     async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109 (a lease's length)
@@ -290,3 +306,21 @@ class OrderStore(Protocol):
         may be held, an operator's to resolve (`order-pipeline orders --needs-attention`
         lists it until then)."""
         ...
+
+
+async def every_order(
+    store: OrderStore, *, needs_attention: bool = False, page: int = LIST_PAGE
+) -> AsyncGenerator[tuple[StoredOrder, int]]:
+    """Every order (or every one needing attention) as `list_orders` gives them, a page at a
+    time until a short one: memory bounded by a page, however many are stored. Pages are
+    read apart, so an order restarted meanwhile (its new attempt starts later) may come
+    twice, and one begun meanwhile comes at the end or not at all."""
+    after: tuple[float, str] | None = None
+    while True:
+        orders = await store.list_orders(needs_attention=needs_attention, after=after, limit=page)
+        for listed in orders:
+            yield listed
+        if len(orders) < page:
+            return
+        last = orders[-1][0]
+        after = (last.started_at, last.key)

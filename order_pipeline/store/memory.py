@@ -17,6 +17,7 @@ from ..kinds import COMPENSATION_FAILED, INTERRUPTED
 from ..model import new_id
 from .base import (
     FINISHED,
+    LIST_PAGE,
     RUNNING,
     Begun,
     Existing,
@@ -142,20 +143,30 @@ class MemoryStore:
         assert o.reply is not None
         return FinishedReply(o.http_status, o.reply, o.kind)
 
-    async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
+    async def list_orders(
+        self,
+        *,
+        needs_attention: bool = False,
+        after: tuple[float, str] | None = None,
+        limit: int = LIST_PAGE,
+    ) -> list[tuple[StoredOrder, int]]:
         await trio.lowlevel.checkpoint()
         now = time.time()
-        orders = [
-            attrs.evolve(
-                self._with_steps(o),
-                abandoned=o.state == RUNNING and self._lease_lapsed(o.owner, now),
+        found = sorted(
+            (o for o in self._orders.values() if after is None or (o.started_at, o.key) > after),
+            key=lambda o: (o.started_at, o.key),
+        )  # every order a page, as it is only the tests' and benchmarks' store
+        page: list[tuple[StoredOrder, int]] = []
+        for stored in found:
+            if len(page) == limit:
+                break
+            order = attrs.evolve(
+                self._with_steps(stored),
+                abandoned=stored.state == RUNNING and self._lease_lapsed(stored.owner, now),
             )
-            for o in self._orders.values()
-        ]
-        orders.sort(key=lambda o: o.started_at)
-        return [
-            (o, self._net_charge(o.key)) for o in orders if o.needs_attention or not needs_attention
-        ]
+            if order.needs_attention or not needs_attention:
+                page.append((order, self._net_charge(order.key)))
+        return page
 
     def _lease_lapsed(self, owner: str, now: float) -> bool:
         """`owner` holds no live lease (none, or expired by `now`)."""

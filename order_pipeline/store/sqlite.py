@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
-import attrs
 import orjson
 
 from ..kinds import COMPENSATION_FAILED, INTERRUPTED
@@ -50,6 +49,7 @@ from ..model import new_id
 from .base import (
     FAILED_COMPENSATIONS,
     FINISHED,
+    LIST_PAGE,
     RUNNING,
     Begun,
     ClockWatch,
@@ -69,9 +69,10 @@ _HEADER: Final = b"SQLite format 3\x00"
 # Between two tries for the write lock another process holds: about one commit of theirs.
 _BUSY_PAUSE_S: Final = 0.0005
 APPLICATION_ID: Final = 0x6F726470  # "ordp": tells our files from other SQLite databases
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 # _MIGRATIONS[v] takes a database from user_version v to v + 1, statement by statement
-# (executescript would commit the surrounding transaction).
+# (executescript would commit the surrounding transaction). A migration runs under the write
+# lock, as the process that opens the file first finds it; every other waits for it.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
         """CREATE TABLE orders (
@@ -110,6 +111,9 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )""",
         "CREATE INDEX ledger_key ON ledger (key)",
     ),
+    # 2: the listing's order, so that each of its pages is a range of this index (not a scan
+    # and a sort of every order); key's BINARY collation compares UTF-8 bytes: code points.
+    ("CREATE INDEX orders_started ON orders (started_at, key)",),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -272,9 +276,15 @@ class SqliteStore(WriterThread[Conn]):
 
         return await self._call(read)
 
-    async def list_orders(self, *, needs_attention: bool = False) -> list[tuple[StoredOrder, int]]:
+    async def list_orders(
+        self,
+        *,
+        needs_attention: bool = False,
+        after: tuple[float, str] | None = None,
+        limit: int = LIST_PAGE,
+    ) -> list[tuple[StoredOrder, int]]:
         now = time.time()
-        return await self._call(lambda conn: _list_orders(conn, needs_attention, now))
+        return await self._call(lambda conn: _list_orders(conn, needs_attention, after, limit, now))
 
     async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109 (a lease's length)
         self._lease_length = max(self._lease_length, timeout)
@@ -344,7 +354,15 @@ def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
     version = _check_read_only(path, reader=reader) if head else 0
     if version == 0 and reader:  # no file, an empty one, or a database with no store in it
         raise StoreError(f"{path}: no order store there (check --store and the directory)")
-    if reader and version == SCHEMA_VERSION:
+    if reader and version < SCHEMA_VERSION:
+        # Not upgraded by a reader: a migration holds the write lock while it builds an index
+        # (a server's commits would wait for a listing), and servers of the older version
+        # would then refuse the file. As on PostgreSQL.
+        raise StoreError(
+            f"{path}: the order store's schema is version {version}, older than this"
+            f" program's {SCHEMA_VERSION}: a server of this version upgrades it"
+        )
+    if reader:
         # Nothing to create or migrate: no write lock (a listing does not wait for a server's
         # commits, nor they for it), and, where the file cannot be written (another user's),
         # a read-only connection.
@@ -366,10 +384,9 @@ def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
                     conn.execute(statement)
             if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            if version < SCHEMA_VERSION or not reader:
-                # Written at every open of a server's, so that a file it may not write
-                # (read-only, on a read-only mount) is refused here, not at its first commit.
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # Written at every open of a server's, so that a file it may not write (read-only,
+            # on a read-only mount) is refused here, not at its first commit.
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         # From here the writer waits for the write lock itself (`_attempt`), in short pauses:
         # SQLite's own busy handler sleeps 1, 2, 5, 10 ms and more between tries, which made
         # two workers on one file slower than one.
@@ -630,25 +647,50 @@ def _record_steps(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
     conn.execute(_RECORD_STEPS, (orjson.dumps(rows).decode(),))
 
 
-def _list_orders(conn: Conn, needs_attention: bool, now: float) -> list[tuple[StoredOrder, int]]:
+def _list_orders(
+    conn: Conn, needs_attention: bool, after: tuple[float, str] | None, limit: int, now: float
+) -> list[tuple[StoredOrder, int]]:
     abandoned = (
-        f"(state = '{RUNNING}' AND owner NOT IN (SELECT owner FROM leases WHERE expires_at > ?))"
+        f"(state = '{RUNNING}' AND owner NOT IN (SELECT owner FROM leases WHERE expires_at > :now))"
     )
-    args: tuple[str | float, ...] = (now,)
-    where = ""
+    conditions = []
+    if after is not None:  # a range of orders_started
+        conditions.append("(started_at, key) > (:after_at, :after_key)")
     if needs_attention:
-        where = (
-            f"WHERE {abandoned} OR kind = ? OR EXISTS (SELECT 1 FROM steps"
-            " WHERE steps.attempt_id = orders.attempt_id AND compensation IN (?, ?))"
+        conditions.append(
+            f"({abandoned} OR kind = :failed OR EXISTS (SELECT 1 FROM steps"
+            " WHERE steps.attempt_id = orders.attempt_id AND compensation IN (:undo1, :undo2)))"
         )
-        args = (now, now, COMPENSATION_FAILED, *FAILED_COMPENSATIONS)
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    args = {
+        "now": now,
+        "after_at": after[0] if after else None,
+        "after_key": after[1] if after else None,
+        "failed": COMPENSATION_FAILED,
+        "undo1": FAILED_COMPENSATIONS[0],
+        "undo2": FAILED_COMPENSATIONS[1],
+        "limit": limit,
+    }
     rows = conn.execute(
         f"SELECT {_ORDER}, {abandoned}, (SELECT coalesce(sum(amount), 0) FROM ledger"
-        f" WHERE ledger.key = orders.key AND refunded = 0) FROM orders {where} ORDER BY started_at",
+        f" WHERE ledger.key = orders.key AND refunded = 0) FROM orders {where}"
+        " ORDER BY started_at, key LIMIT :limit",
         args,
     ).fetchall()
+    # The page's steps in one statement, not one per order.
+    steps: dict[str, list[StepRecord]] = {}
+    for attempt_id, *step in conn.execute(
+        f"SELECT attempt_id, {_STEP} FROM steps"
+        " WHERE attempt_id IN (SELECT value FROM json_each(?)) ORDER BY rowid",
+        (orjson.dumps([row[5] for row in rows]).decode(),),
+    ):
+        steps.setdefault(attempt_id, []).append(StepRecord(*step))
     return [
-        (attrs.evolve(_order(conn, row[:-2]), abandoned=bool(row[-2])), row[-1]) for row in rows
+        (
+            _new_order(*row[:-2], steps=tuple(steps.get(row[5], ())), abandoned=bool(row[-2])),
+            row[-1],
+        )
+        for row in rows
     ]
 
 
