@@ -9,12 +9,14 @@ import subprocess
 import sys
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 
-from order_pipeline.listing import order_summary
+from order_pipeline.listing import list_orders, order_summary
 from order_pipeline.server import Settings, assemble
-from order_pipeline.store import FINISHED, SqliteStore, StepRecord, StoredOrder
+from order_pipeline.store import FINISHED, MemoryStore, SqliteStore, StepRecord, StoredOrder
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -184,3 +186,38 @@ async def test_a_reader_that_stops_early_is_not_an_error(tmp_path: Path) -> None
     await fill(db)
 
     assert await trio.to_thread.run_sync(listing_to_a_closed_pipe, db) == (0, "")
+
+
+async def test_the_listing_writes_its_first_line_before_it_has_read_every_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A store is listed a page at a time, each page written before the next is read: the
+    first line comes once one page is read, not every order (a day of a busy store is
+    millions), and every order is written once, oldest start first."""
+    store = MemoryStore()
+    for n in range(2500):
+        await store.begin(f"k-{n:04}", f"o-{n}", "hash", b"{}", "w-1")
+    pages: list[int] = []  # the orders of each page the listing asked for
+    real = store.list_orders
+
+    async def counted(**query: Any) -> list[tuple[StoredOrder, int]]:
+        page = await real(**query)
+        pages.append(len(page))
+        return page
+
+    monkeypatch.setattr(store, "list_orders", counted)
+    read_at_first_line: list[int] = []
+    keys: list[str] = []
+
+    def write(line: str) -> None:
+        if not keys:
+            read_at_first_line.append(sum(pages))
+        keys.append(json.loads(line)["key"])
+
+    count = await list_orders(store, needs_attention=False, as_json=True, write=write)
+
+    assert count == 2500
+    assert keys == [f"k-{n:04}" for n in range(2500)]
+    assert len(pages) > 1
+    assert read_at_first_line == [pages[0]]
+    assert pages[0] < 2500

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, closing, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import orjson
 import pytest
@@ -50,6 +50,7 @@ from order_pipeline.store import (
     StoreProcess,
     StoreUnavailable,
     StoreURL,
+    every_order,
     open_store,
     parse_store_url,
     process,
@@ -455,6 +456,75 @@ async def test_list_orders_with_ledger_and_needs_attention(store: OrderStore) ->
     assert [o.steps[0].compensation for o, _ in attention if o.key == "k-slow"] == ["timeout"]
 
 
+async def _start_orders_at(store_url: str, starts: dict[str, float]) -> None:
+    """Set stored orders' started_at (unix seconds) behind the store's back, on its database."""
+    if store_url.startswith("sqlite:///"):
+        path = store_url.removeprefix("sqlite:///")
+
+        def write() -> None:
+            with closing(sqlite3.connect(path, timeout=5.0)) as conn, conn:
+                rows = [(at, key) for key, at in starts.items()]
+                conn.executemany("UPDATE orders SET started_at = ? WHERE key = ?", rows)
+
+        await trio.to_thread.run_sync(write)
+        return
+    schema = unquote(store_url).partition("search_path=")[2]
+    for key, at in starts.items():
+        await sql(
+            "UPDATE orders SET started_at = to_timestamp(%s) WHERE key = %s", at, key, schema=schema
+        )
+
+
+async def test_list_orders_pages_cover_every_order_once_in_order(
+    store: OrderStore, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages of any size, each after the last one's (started_at, key), give every order once,
+    oldest start first, ties by key (by code point: "K" < "_" < "a" < "é"), each with its own
+    steps and net charge; with needs_attention, every such order once, the same way."""
+    keys = [f"{prefix}-{n}" for n in range(5) for prefix in ("k", "K", "k_", "é", "kA")]
+    starts = {key: 1_750_000_000.0 + (n % 4) * 0.001 for n, key in enumerate(keys)}  # ties
+    for n, key in enumerate(keys):
+        if store_url == "memory":  # a store of this process: its clock
+            monkeypatch.setattr(time, "time", lambda at=starts[key]: at)
+        order = await begun(store, key)
+        monkeypatch.undo()
+        store.record_step(key, order.attempt_id, StepRecord("payment", "ok", detail=key))
+        await store.charge(order.attempt_id, key, n)
+        if n % 3 == 0:  # its refund failed: it needs attention
+            store.record_step(
+                key, order.attempt_id, StepRecord("vendor", "ok", compensation="error")
+            )
+            await store.finish(key, order.attempt_id, 500, b"{}", "compensation_failed")
+        else:
+            await store.finish(key, order.attempt_id, 200, b"{}", None)
+    if store_url != "memory":
+        await _start_orders_at(store_url, starts)
+    expected = sorted(keys, key=lambda k: (starts[k], k.encode()))
+    attention = [k for k in expected if keys.index(k) % 3 == 0]
+
+    for needs_attention, wanted in ((False, expected), (True, attention)):
+        for size in (1, 2, 7, len(wanted), len(wanted) + 1, 1000):
+            pages, after = [], None
+            while True:
+                page = await store.list_orders(
+                    needs_attention=needs_attention, after=after, limit=size
+                )
+                pages.append(page)
+                if len(page) < size:
+                    break
+                after = (page[-1][0].started_at, page[-1][0].key)
+            listed = [listing for page in pages for listing in page]
+            assert [o.key for o, _ in listed] == wanted, (needs_attention, size)
+            assert all(len(page) == size for page in pages[:-1])
+            for order, net in listed:
+                assert order.started_at == pytest.approx(starts[order.key], abs=1e-6)
+                assert order.steps[0] == StepRecord("payment", "ok", detail=order.key)
+                assert net == keys.index(order.key)
+                assert order.needs_attention == (keys.index(order.key) % 3 == 0)
+    every = [o.key async for o, _ in every_order(store, page=3)]
+    assert every == expected
+
+
 async def test_purge_forgets_old_finished_orders_only(store: OrderStore) -> None:
     """Purge removes finished orders older than the retention with their steps and ledger
     rows, at most `limit` a call; not one that needs attention (its money may be held: the
@@ -750,6 +820,97 @@ async def test_an_empty_file_becomes_a_store(tmp_path: Path) -> None:
     async with SqliteStore(path) as store:
         order = await begun(store)
         assert await store.get("k-1") == order
+
+
+@contextmanager
+def sqlite_code_of_version_1() -> Iterator[None]:
+    """The SQLite store as a program that knows only schema version 1 runs it."""
+    from order_pipeline.store import sqlite
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sqlite, "SCHEMA_VERSION", 1)
+        patch.setattr(sqlite, "_MIGRATIONS", sqlite._MIGRATIONS[:1])
+        yield
+
+
+async def version_1_orders(store: OrderStore) -> list[tuple[StoredOrder, int]]:
+    """Orders of every shape, in a store of the first version: what an upgrade must keep."""
+    await interrupted(store, "k-interrupted")
+    paid = await begun(store, "k-paid")
+    await store.charge(paid.attempt_id, "k-paid", 1299)
+    store.record_step("k-paid", paid.attempt_id, StepRecord("payment", "ok", duration_ms=3))
+    await store.finish("k-paid", paid.attempt_id, 200, b'{"status":"ok"}', None)
+    await begun(store, "k-running", owner="w-gone")
+    return await store.list_orders()
+
+
+def _sqlite_indexes(path: Path) -> list[str]:
+    with closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql NOTNULL")
+        return sorted(name for (name,) in rows)
+
+
+async def test_a_version_1_file_is_upgraded_with_its_orders(tmp_path: Path) -> None:
+    """A store made by a program of schema version 1, holding orders, opened by this one: the
+    listing's index is built, user_version is 2, every order, step and charge is kept; the
+    program of version 1 then refuses it (newer than it knows), untouched."""
+    path = tmp_path / "orders.db"
+    with sqlite_code_of_version_1():
+        async with SqliteStore(path) as old:
+            before = await version_1_orders(old)
+    assert "orders_started" not in _sqlite_indexes(path)
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+
+    async with SqliteStore(path) as store:
+        assert [(o.key, o, net) for o, net in await store.list_orders()] == [
+            (o.key, o, net) for o, net in sorted(before, key=lambda b: (b[0].started_at, b[0].key))
+        ]
+        assert await store.get("k-paid") == next(o for o, _ in before if o.key == "k-paid")
+    assert "orders_started" in _sqlite_indexes(path)
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (2,)
+    upgraded = path.read_bytes()
+    with sqlite_code_of_version_1(), pytest.raises(StoreError, match="newer than this program"):
+        async with SqliteStore(path):
+            pass
+    assert path.read_bytes() == upgraded
+
+
+async def test_stores_opening_one_version_1_file_at_once_upgrade_it_once(tmp_path: Path) -> None:
+    """Four stores (as four processes starting) on one store of version 1: all open, each
+    sees every order; one of them built the index, the others found it built (re-checked
+    under the write lock)."""
+    path = tmp_path / "orders.db"
+    with sqlite_code_of_version_1():
+        async with SqliteStore(path) as old:
+            before = {o.key for o, _ in await version_1_orders(old)}
+    stores = [SqliteStore(path) for _ in range(4)]
+    try:
+        async with trio.open_nursery() as nursery:
+            for store in stores:
+                nursery.start_soon(store.__aenter__)
+        for store in stores:
+            assert {o.key for o, _ in await store.list_orders()} == before
+    finally:
+        for store in stores:
+            await store.aclose()
+    assert _sqlite_indexes(path).count("orders_started") == 1
+
+
+async def test_a_reader_refuses_a_version_1_file_and_leaves_it_as_it_was(tmp_path: Path) -> None:
+    """An operator's listing does not upgrade a store (its index build would hold the write
+    lock, and servers of version 1 would then refuse the file): one line saying a server of
+    this version upgrades it; the file's bytes unchanged."""
+    path = tmp_path / "orders.db"
+    with sqlite_code_of_version_1():
+        async with SqliteStore(path) as old:
+            await version_1_orders(old)
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="version 1, older than this program's 2: a server"):
+        async with open_store(f"sqlite:///{path}", reader=True):
+            pass
+    assert path.read_bytes() == before
 
 
 def _names(directory: Path) -> list[str]:
@@ -1828,6 +1989,65 @@ async def test_stores_opening_one_new_schema_at_once_migrate_it_once(schema: str
     ]
     async with postgres_stores(postgres_url(schema=schema), 1) as (again,):
         assert await again.get("k-1") == order  # opened again: kept, not migrated again
+
+
+@contextmanager
+def postgres_code_of_version_1() -> Iterator[None]:
+    """The PostgreSQL store as a program that knows only schema version 1 runs it."""
+    from order_pipeline.store import postgres
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(postgres, "SCHEMA_VERSION", 1)
+        patch.setattr(postgres, "_MIGRATIONS", postgres._MIGRATIONS[:1])
+        yield
+
+
+async def _pg_indexes(schema: str) -> list[str]:
+    rows = await sql("SELECT indexname::text FROM pg_indexes WHERE schemaname = %s", schema)
+    return sorted(name for (name,) in rows)
+
+
+@pytest.mark.postgres
+async def test_a_version_1_schema_is_upgraded_with_its_orders(schema: str) -> None:
+    """A schema made by a program of version 1, holding orders: a reader of this version
+    refuses it; a store of this version upgrades it (the index, version 2), every order kept;
+    the program of version 1 then refuses it."""
+    from order_pipeline.store.postgres import VERSION_TABLE
+
+    url = postgres_url(schema=schema)
+    with postgres_code_of_version_1():
+        async with open_store(url) as old:
+            before = await version_1_orders(old)
+    assert "orders_started" not in await _pg_indexes(schema)
+    with pytest.raises(StoreError, match="version 1, older than this program's 2"):
+        async with open_store(url, reader=True):
+            pass
+
+    async with open_store(url) as store:
+        assert [(o.key, o, net) for o, net in await store.list_orders()] == [
+            (o.key, o, net) for o, net in sorted(before, key=lambda b: (b[0].started_at, b[0].key))
+        ]
+    assert "orders_started" in await _pg_indexes(schema)
+    assert await sql(f"SELECT version FROM {VERSION_TABLE}", schema=schema) == [(2,)]
+    async with open_store(url, reader=True) as reading:
+        assert len(await reading.list_orders()) == len(before)
+    with postgres_code_of_version_1(), pytest.raises(StoreError, match="newer than this program"):
+        async with open_store(url):
+            pass
+
+
+@pytest.mark.postgres
+async def test_stores_opening_one_version_1_schema_at_once_upgrade_it_once(schema: str) -> None:
+    """Four stores (four hosts starting) on a schema of version 1: all open and see every
+    order; one upgraded it under the migration lock, the others found it done."""
+    url = postgres_url(schema=schema)
+    with postgres_code_of_version_1():
+        async with open_store(url) as old:
+            before = {o.key for o, _ in await version_1_orders(old)}
+    async with postgres_stores(url, 4) as stores:
+        for store in stores:
+            assert {o.key for o, _ in await store.list_orders()} == before
+    assert (await _pg_indexes(schema)).count("orders_started") == 1
 
 
 async def _tables(schema: str) -> list[str]:
