@@ -83,7 +83,7 @@ async def inflight(store: OrderStore, orders: int) -> dict[str, Any]:
         await assembly.tracker.wait_for(lambda running: running == 2 * orders)
         peak_kb = rss_kb()
     cpu = time.process_time() - started
-    net = sum([net for _, net in [listed async for listed in every_order(store)]])
+    net = sum([net async for _, net in every_order(store)])
     assert statuses == [200] * orders, set(statuses)
     assert net == orders, net
     return {
@@ -132,7 +132,7 @@ async def recovery(orders: int) -> dict[str, Any]:
                 await trio.sleep(0.5)
             elapsed = time.monotonic() - started
             nursery.cancel_scope.cancel()
-        listed = [listed async for listed in every_order(store)]
+        listed = [order async for order in every_order(store)]
     assert {o.kind for o, _ in listed} == {"interrupted"}, {o.kind for o, _ in listed}
     assert sum(net for _, net in listed) == 0
     assert all({s.step for s in o.steps} == set(STEP_NAMES) for o, _ in listed)

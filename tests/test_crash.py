@@ -79,7 +79,7 @@ async def test_sigkill_with_200_orders_in_flight_then_a_restart_undoes_them(
         second = await start_server(*flags)
         recovered_in = await wait_until_none_running(store, LEASE_S + 2)
 
-        stored = {o.key: (o, net) for o, net in [listed async for listed in every_order(store)]}
+        stored = {o.key: (o, net) async for o, net in every_order(store)}
         assert set(stored) == set(orders)
         for key, (order, net) in stored.items():
             assert (order.state, order.kind, order.http_status, net) == (

@@ -116,7 +116,7 @@ async def test_a_host_killed_with_200_orders_in_flight_is_undone_by_the_other(
         # The survivor claims them once the dead host's lease expires.
         recovered_in = await wait_until_none_running(store, LEASE_S + 2)
 
-        after = {o.key: (o, net) for o, net in [listed async for listed in every_order(store)]}
+        after = {o.key: (o, net) async for o, net in every_order(store)}
         assert set(after) == set(orders)
         owners = {o.owner for o, _ in after.values()}
         assert len(owners) == 1  # one claimer: the survivor
@@ -139,7 +139,7 @@ async def test_a_host_killed_with_200_orders_in_flight_is_undone_by_the_other(
             assert "Idempotent-Replayed" not in response.headers, key
             assert json.loads(response.content)["status"] == "ok"
             assert await store.net_charge(key) == orders[key]["amount"], key
-        attempts = {o.key: o.attempt for o, _ in [listed async for listed in every_order(store)]}
+        attempts = {o.key: o.attempt async for o, _ in every_order(store)}
         assert attempts == dict.fromkeys(orders, 2)
     print(f"hosts: {ORDERS} orders of a killed host recovered by the other in {recovered_in:.2f} s")
 
