@@ -852,8 +852,7 @@ _RECORD_STEPS = f"""
 """
 # Orders with their current attempt's steps (NULLs for an order without any), in order.
 _WITH_STEPS = (
-    f"SELECT {_ORDER}, {{extra}} {_STEP} FROM orders"
-    " LEFT JOIN steps ON steps.attempt_id = orders.attempt_id"
+    f"SELECT {_ORDER}, {_STEP} FROM orders LEFT JOIN steps ON steps.attempt_id = orders.attempt_id"
 )
 _LIVE_LEASES = "SELECT owner FROM leases WHERE expires_at > now()"
 # Running orders of another owner without a live lease, or whose lease nobody renewed since
@@ -873,26 +872,23 @@ def _execute(conn: Conn, sql: str, args: tuple[Any, ...]) -> None:
     conn.execute(sql, args)
 
 
-def _orders(rows: Iterable[tuple[Any, ...]], extra: int = 0) -> list[tuple[StoredOrder, Any]]:
-    """Orders (and `extra` columns) from rows of _WITH_STEPS, one per order, steps grouped."""
+def _orders(rows: Iterable[tuple[Any, ...]]) -> list[StoredOrder]:
+    """Orders from rows of _WITH_STEPS, one per order, steps grouped."""
     found: dict[str, tuple[tuple[Any, ...], list[StepRecord]]] = {}
     for row in rows:
-        head, step = row[: _ORDER_FIELDS + extra], row[_ORDER_FIELDS + extra :]
+        head, step = row[:_ORDER_FIELDS], row[_ORDER_FIELDS:]
         steps = found.setdefault(head[0], (head, []))[1]
         if step[0] is not None:
             steps.append(StepRecord(*step))
-    return [
-        (_new_order(*head[:_ORDER_FIELDS], steps=tuple(steps)), head[_ORDER_FIELDS:])
-        for head, steps in found.values()
-    ]
+    return [_new_order(*head, steps=tuple(steps)) for head, steps in found.values()]
 
 
 def _get(conn: Conn, key: str) -> StoredOrder | None:
     rows = conn.execute(
-        _WITH_STEPS.format(extra="") + " WHERE orders.key = %s ORDER BY steps.seq",
+        _WITH_STEPS + " WHERE orders.key = %s ORDER BY steps.seq",
         (key,),
     ).fetchall()
-    return _orders(rows)[0][0] if rows else None
+    return _orders(rows)[0] if rows else None
 
 
 _FINISHED_REPLY = (
@@ -1046,12 +1042,12 @@ def _claim(conn: Conn, owner: str, limit: int, stale: set[str]) -> list[StoredOr
 
 def _running_of(conn: Conn, owner: str, older_than: float) -> list[StoredOrder]:
     rows = conn.execute(
-        _WITH_STEPS.format(extra="") + f" WHERE orders.state = '{RUNNING}' AND orders.owner = %s"
+        _WITH_STEPS + f" WHERE orders.state = '{RUNNING}' AND orders.owner = %s"
         " AND orders.started_at < now() - make_interval(secs => %s)"
         " ORDER BY orders.key, steps.seq",
         (owner, older_than),
     ).fetchall()
-    return [order for order, _ in _orders(rows)]
+    return _orders(rows)
 
 
 def _purge(conn: Conn, older_than: float, limit: int) -> int:
