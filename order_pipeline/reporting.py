@@ -18,11 +18,12 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import attrs
+import orjson
 
-from .kinds import label, lookup
+from .kinds import label
 from .metrics import Metrics
 from .model import OrderResult, StepResult, current_attempt
-from .serialization import converter, encode_result
+from .serialization import compact, result_reply
 from .store import OrderStore, StepRecord
 
 __all__ = ["ORDERS_LOGGER", "OrderReporter"]
@@ -55,15 +56,17 @@ def _log_order(
     http_status: int | None,
     duration_ms: int,
     steps: Iterable[StepResult],
+    unstructured: Iterable[dict[str, Any]],
 ) -> None:
-    """The one line of an order that ran; `http_status` None: nothing was sent."""
+    """The one line of an order that ran; `http_status` None: nothing was sent. `unstructured`
+    is `steps` as the order's reply has them."""
     fields: dict[str, Any] = {
         "order_id": order_id,
         "status": "ok" if kind is None else "error",
         "kind": label(kind),
         "http_status": http_status,
         "duration_ms": duration_ms,
-        "steps": [converter.unstructure(s) for s in steps],
+        "steps": list(unstructured),
     }
     summary = ", ".join(_step_summary(s) for s in steps)
     message = _summary(order_id, kind, http_status, duration_ms, summary)
@@ -115,18 +118,19 @@ class OrderReporter:
 
     def finished(self, result: OrderResult) -> None:
         """An order that ran: succeeded, failed, timed out, was cancelled or was recovered."""
-        status = lookup(result.kind).status
+        status, reply = result_reply(result)
         # A cancelled order's client is gone (or the drain gave up on it): no reply is sent.
         sent = None if result.cancelled else status
-        _log_order(result.order_id, result.kind, sent, result.duration_ms, result.steps)
+        steps = reply["steps"]
+        _log_order(result.order_id, result.kind, sent, result.duration_ms, result.steps, steps)
         if result.cancelled and self.cancelled_by_drain():
             _log_cancelled_by_drain(result)
         self.metrics.observe_order(result, label(result.kind), status)
         attempt = current_attempt.get()
         if attempt is not None:
-            status, reply = encode_result(result)
+            body = compact(orjson.dumps(reply))  # serialization.encode_result's body
             self.store.finish_soon(
-                attempt.key, attempt.id, status, reply, result.kind, owner=attempt.owner
+                attempt.key, attempt.id, status, body, result.kind, owner=attempt.owner
             )
 
     def refused(self, kind: str, http_status: int, order_id: str | None, reason: str) -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "encode_result",
     "make_converter",
     "parse_order",
+    "result_reply",
 ]
 
 
@@ -204,11 +205,19 @@ def dump_reply(reply: Reply, using: OrjsonConverter = converter) -> bytes:
     return compact(using.dumps(reply))
 
 
+def result_reply(result: OrderResult) -> tuple[int, dict[str, Any]]:
+    """An order's reply as a JSON document, and its HTTP status: its `steps` are the order's
+    log line's too, unstructured once for both."""
+    if result.kind is None:
+        return 200, converter.unstructure(Reply("ok", result.order_id, result.steps))
+    status, reply = _error_reply(result.kind, None, result.order_id, result.steps)
+    return status, converter.unstructure(reply)
+
+
 def encode_result(result: OrderResult) -> tuple[int, bytes]:
     """An order's reply as it is sent and stored: HTTP status and body."""
-    if result.kind is None:
-        return 200, dump_reply(Reply("ok", result.order_id, result.steps))
-    return encode_error(result.kind, order_id=result.order_id, steps=result.steps)
+    status, document = result_reply(result)
+    return status, compact(orjson.dumps(document))
 
 
 def encode_error(
@@ -220,6 +229,12 @@ def encode_error(
 ) -> tuple[int, bytes]:
     """Every error reply (of an order, of a refusal, of the transport): the kind's HTTP status
     and the one error shape, with the kind's message unless a more precise one is given."""
+    status, reply = _error_reply(kind, message, order_id, steps)
+    return status, dump_reply(reply)
+
+
+def _error_reply(
+    kind: str, message: str | None, order_id: str | None, steps: tuple[StepResult, ...] | None
+) -> tuple[int, Reply]:
     entry = lookup(kind)
-    error = ErrorInfo(kind, message or entry.message)
-    return entry.status, dump_reply(Reply("error", order_id, steps, error))
+    return entry.status, Reply("error", order_id, steps, ErrorInfo(kind, message or entry.message))
