@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from quart_trio import QuartTrio
 
+from order_pipeline.desk import Answer
 from order_pipeline.http import create_app
-from order_pipeline.http.app import MAX_BODY_BYTES
+from order_pipeline.http.app import MAX_BODY_BYTES, answer_response
 from order_pipeline.http.asgi import closing_after_ambiguous_framing
 
 from .fakes import StubProcessor
@@ -243,3 +244,25 @@ async def test_only_http1_requests_framed_two_ways_have_their_connection_closed(
         await wrapped({"type": "http", "http_version": version, "headers": framing}, None, send)
 
     assert [message["headers"] for message in sent] == [[(b"connection", b"close")], []]
+
+
+@pytest.mark.parametrize(
+    ("key", "location"),
+    [
+        ("0f3a9c", "/order/0f3a9c"),
+        ("a.b_c~d-e", "/order/a.b_c~d-e"),
+        ("...", "/order/..."),
+        ("a:b", "/order/a%3Ab"),
+        (".", "/order/%2E"),
+        ("..", "/order/%2E%2E"),
+    ],
+)
+def test_a_reply_locates_its_order_by_its_key_as_one_path_segment(key: str, location: str) -> None:
+    """Content-Location: a key of unreserved characters as it is, any other percent-encoded,
+    and `.` and `..`, which a client would resolve, encoded too."""
+    response = answer_response(Answer(200, b"{}", key, replayed=True))
+
+    assert response.headers["Content-Location"] == location
+    assert list(response.headers.keys()) == [
+        "Content-Location", "Idempotent-Replayed", "Content-Type", "Content-Length",
+    ]  # fmt: skip # the header names in order, on one line

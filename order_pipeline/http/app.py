@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from quart import Response, has_request_context, request
 from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from ..desk import Answer, OnRefused
@@ -34,6 +35,8 @@ BODY_TIMEOUT_S: Final = 10
 _BODY_UNREAD: Final = (413, 408)
 IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 _VALID_KEY: Final = re.compile(r"[A-Za-z0-9._~:-]{1,255}")
+# What `quote` leaves alone (RFC 3986's unreserved characters).
+_PLAIN_SEGMENT: Final = re.compile(r"[A-Za-z0-9._~-]+")
 BAD_KEY: Final = f"{IDEMPOTENCY_KEY} must be 1 to 255 characters of A-Z a-z 0-9 . _ ~ : -"
 KEY_TWICE: Final = f"{IDEMPOTENCY_KEY} must be given once"
 
@@ -48,7 +51,7 @@ class OrderDesk(Protocol):
     async def look_up(self, key: str) -> Answer: ...
 
 
-def _json(body: bytes, status: int, headers: dict[str, str] | None = None) -> Response:
+def _json(body: bytes, status: int, headers: Headers | dict[str, str] | None = None) -> Response:
     return Response(body, status, headers, content_type="application/json")
 
 
@@ -63,13 +66,15 @@ def error_response(
 
 
 def answer_response(answer: Answer) -> Response:
-    headers = {}
+    # Headers of our own, which the response takes as they are: a dict it would copy through
+    # Werkzeug's general `extend` (8,000 instructions a request).
+    headers = Headers()
     if answer.retry_after:
         headers.update(RETRY_AFTER)
     if answer.key is not None:
-        headers["Content-Location"] = "/order/" + _path_segment(answer.key)
+        headers.add("Content-Location", "/order/" + _path_segment(answer.key))
     if answer.replayed:
-        headers["Idempotent-Replayed"] = "true"
+        headers.add("Idempotent-Replayed", "true")
     return _json(answer.body, answer.status, headers)
 
 
@@ -77,6 +82,8 @@ def _path_segment(key: str) -> str:
     """`key` as one path segment; `.` and `..` percent-encoded, which clients would resolve."""
     if key in (".", ".."):
         return key.replace(".", "%2E")
+    if _PLAIN_SEGMENT.fullmatch(key):  # every server-made key: quote would return it as it is
+        return key
     return quote(key, safe="")
 
 
