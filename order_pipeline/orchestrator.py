@@ -90,13 +90,19 @@ class _OrderRun:
     order: OrderRequest
     steps: Sequence[Step]
     on_step: OnStep
-    started: float = attrs.field(factory=trio.current_time)
+    # The run's clock, read directly: `trio.current_time()` looks it up anew each time.
+    clock: trio.abc.Clock = attrs.field(factory=trio.lowlevel.current_clock)
+    started: float = attrs.field(init=False)
     results: list[StepResult] = attrs.field(init=False)
     failure: str | None = None
     # Steps that failed but may have done their work (`model.may_have_taken_effect`): undone
     # as if they had succeeded, and reported once that is over (until then, unrecorded, they
     # count for recovery as steps that may have run).
     uncertain: set[int] = attrs.field(factory=set)
+
+    @started.default
+    def _now(self) -> float:
+        return self.clock.current_time()
 
     @results.default
     def _placeholders(self) -> list[StepResult]:
@@ -106,7 +112,7 @@ class _OrderRun:
     async def run_step(self, index: int, order_scope: trio.CancelScope) -> None:
         """Run one step; the first step to fail records its kind and cancels `order_scope`."""
         step = self.steps[index]
-        started = trio.current_time()
+        started = self.clock.current_time()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("order %r: %s started", self.order.order_id, step.name)
         # Anything but a return or an Exception (that is, trio.Cancelled) leaves it canceled.
@@ -124,7 +130,7 @@ class _OrderRun:
                 self.failure = detail
                 order_scope.cancel()
         finally:
-            duration = _ms(trio.current_time() - started)
+            duration = _ms(self.clock.current_time() - started)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("order %r: %s ended %s", self.order.order_id, step.name, status)
             result = StepResult(step.name, status, duration, detail)
@@ -154,7 +160,7 @@ class _OrderRun:
         """Run one step's compensation and record how it ended."""
         step = self.steps[index]
         assert step.compensate is not None
-        started = trio.current_time()
+        started = self.clock.current_time()
         # Only the compensation deadline can cancel this task: that is a timeout.
         status, why = CompensationStatus.TIMEOUT, ""
         try:
@@ -167,7 +173,7 @@ class _OrderRun:
                     "order %r: compensating %s raised", self.order.order_id, step.name, exc_info=exc
                 )
         finally:
-            compensation = Compensation(status, _ms(trio.current_time() - started))
+            compensation = Compensation(status, _ms(self.clock.current_time() - started))
             self.ended(index, attrs.evolve(self.results[index], compensation=compensation))
             if status is not CompensationStatus.OK:
                 attempt = current_attempt.get()
@@ -193,7 +199,7 @@ class _OrderRun:
     def result(
         self, kind: str | None, *, cancelled: bool = False, recovered: bool = False
     ) -> OrderResult:
-        duration = _ms(trio.current_time() - self.started)
+        duration = _ms(self.clock.current_time() - self.started)
         return OrderResult(
             self.order.order_id, tuple(self.results), kind, duration, cancelled, recovered
         )
