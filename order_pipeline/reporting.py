@@ -18,12 +18,11 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import attrs
-import orjson
 
 from .kinds import label
 from .metrics import Metrics
 from .model import OrderResult, StepResult, current_attempt
-from .serialization import compact, result_reply
+from .serialization import dump_document, result_reply
 from .store import OrderStore, StepRecord
 
 __all__ = ["ORDERS_LOGGER", "OrderReporter"]
@@ -128,7 +127,7 @@ class OrderReporter:
         self.metrics.observe_order(result, label(result.kind), status)
         attempt = current_attempt.get()
         if attempt is not None:
-            body = compact(orjson.dumps(reply))  # serialization.encode_result's body
+            body = dump_document(reply)
             self.store.finish_soon(
                 attempt.key, attempt.id, status, body, result.kind, owner=attempt.owner
             )

@@ -44,6 +44,7 @@ __all__ = [
     "compact",
     "configure_converter",
     "converter",
+    "dump_document",
     "dump_reply",
     "encode_error",
     "encode_result",
@@ -217,7 +218,12 @@ def result_reply(result: OrderResult) -> tuple[int, dict[str, Any]]:
 def encode_result(result: OrderResult) -> tuple[int, bytes]:
     """An order's reply as it is sent and stored: HTTP status and body."""
     status, document = result_reply(result)
-    return status, compact(orjson.dumps(document))
+    return status, dump_document(document)
+
+
+def dump_document(document: dict[str, Any]) -> bytes:
+    """A reply made by `result_reply`, as `encode_result` sends and stores it."""
+    return compact(orjson.dumps(document))
 
 
 def encode_error(
