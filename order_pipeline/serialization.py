@@ -227,20 +227,18 @@ def dump_document(document: dict[str, Any]) -> bytes:
 
 
 def encode_error(
-    kind: str,
-    message: str | None = None,
-    *,
-    order_id: str | None = None,
-    steps: tuple[StepResult, ...] | None = None,
+    kind: str, message: str | None = None, *, order_id: str | None = None
 ) -> tuple[int, bytes]:
-    """Every error reply (of an order, of a refusal, of the transport): the kind's HTTP status
-    and the one error shape, with the kind's message unless a more precise one is given."""
-    status, reply = _error_reply(kind, message, order_id, steps)
+    """Every error reply but an order's (`encode_result`): of a refusal, of the transport. The
+    kind's HTTP status and the one error shape, with the kind's message unless a more precise
+    one is given."""
+    status, reply = _error_reply(kind, message, order_id, None)
     return status, dump_reply(reply)
 
 
 def _error_reply(
     kind: str, message: str | None, order_id: str | None, steps: tuple[StepResult, ...] | None
 ) -> tuple[int, Reply]:
+    """The one error shape, for `encode_error` and `result_reply`."""
     entry = lookup(kind)
     return entry.status, Reply("error", order_id, steps, ErrorInfo(kind, message or entry.message))
