@@ -988,19 +988,12 @@ def _list_orders(
         ' ORDER BY started_at, key COLLATE "C" LIMIT %(limit)s',
         args,
     ).fetchall()
-    # The page's steps in one statement, as `_claim` reads them.
-    steps: dict[str, list[StepRecord]] = {}
-    if rows:
-        for attempt_id, *step in conn.execute(
-            f"SELECT attempt_id, {_STEP} FROM steps WHERE attempt_id = ANY(%s) ORDER BY seq",
-            ([row[5] for row in rows],),
-        ):
-            steps.setdefault(attempt_id, []).append(StepRecord(*step))
+    steps = _steps_of(conn, [row[5] for row in rows])
     return [
         (
             _new_order(
                 *row[:_ORDER_FIELDS],
-                steps=tuple(steps.get(row[5], ())),
+                steps=steps.get(row[5], ()),
                 abandoned=bool(row[_ORDER_FIELDS + 1]),
             ),
             int(row[_ORDER_FIELDS]),
@@ -1030,14 +1023,20 @@ def _claim(conn: Conn, owner: str, limit: int, stale: set[str]) -> list[StoredOr
         f" RETURNING {_ORDER}",
         {**args, "keys": [row[0] for row in locked]},
     ).fetchall()
+    steps = _steps_of(conn, [row[5] for row in rows])
+    return [_new_order(*row, steps=steps.get(row[5], ())) for row in rows]
+
+
+def _steps_of(conn: Conn, attempt_ids: list[str]) -> dict[str, tuple[StepRecord, ...]]:
+    """The step records of these attempts, in one statement (not one per order)."""
     steps: dict[str, list[StepRecord]] = {}
-    if rows:
+    if attempt_ids:
         for attempt_id, *step in conn.execute(
             f"SELECT attempt_id, {_STEP} FROM steps WHERE attempt_id = ANY(%s) ORDER BY seq",
-            ([row[5] for row in rows],),
+            (attempt_ids,),
         ):
             steps.setdefault(attempt_id, []).append(StepRecord(*step))
-    return [_new_order(*row, steps=tuple(steps.get(row[5], ()))) for row in rows]
+    return {attempt_id: tuple(records) for attempt_id, records in steps.items()}
 
 
 def _running_of(conn: Conn, owner: str, older_than: float) -> list[StoredOrder]:
