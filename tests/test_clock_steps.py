@@ -232,6 +232,44 @@ async def test_a_backward_step_of_the_database_s_clock_keeps_no_dead_host_s_orde
 # -- the desk's own orders ------------------------------------------------------------------
 
 
+@pytest.mark.postgres
+async def test_a_step_seen_through_a_slow_round_trip_hands_no_live_order_over(
+    schema: str,
+) -> None:
+    """The database's clock steps 10 s forward, and each `clock_timestamp()` round trip then
+    takes 0.3 s (the database just resumed, or is loaded): the claim must still see the step
+    (within the round trip's error) and take nothing. It skipped the look on a round trip
+    over 0.25 s and, every lease looking expired, took host B's live order."""
+    async with (
+        stepping_database(schema) as (url, step),
+        postgres_stores(url, 2) as (host_a, host_b),
+    ):
+        with admin() as conn:
+            conn.execute(f"CREATE TABLE {schema}.slow (on_ boolean NOT NULL)")
+            conn.execute(f"INSERT INTO {schema}.slow VALUES (false)")
+            conn.execute(
+                f"CREATE OR REPLACE FUNCTION {schema}.clock_timestamp() RETURNS timestamptz"
+                " LANGUAGE plpgsql VOLATILE AS $$ BEGIN"
+                f" IF (SELECT on_ FROM {schema}.slow) THEN PERFORM pg_sleep(0.3); END IF;"
+                f" RETURN pg_catalog.clock_timestamp() + (SELECT shift FROM {schema}.clock_shift);"
+                " END $$"
+            )
+        await host_b.renew_lease("live", 5.0)
+        await begun(host_b, "k-live", owner="live")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(renewing, every=1.0), host_b, "live", 5.0)
+            await claims_for(host_a, "me", 0.3)  # a baseline, fast round trips
+            with admin() as conn:
+                conn.execute(f"UPDATE {schema}.slow SET on_ = true")
+            await step(10.0)
+            taken = await claims_for(host_a, "me", 0.5)
+            nursery.cancel_scope.cancel()
+        live = await host_b.get("k-live")
+        assert live is not None
+        assert taken == set()
+        assert (live.state, live.owner) == (RUNNING, "live")
+
+
 async def test_a_backward_step_does_not_drop_an_order_whose_final_record_is_held(
     wall: Callable[[float], None],
 ) -> None:

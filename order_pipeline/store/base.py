@@ -143,6 +143,7 @@ class ClockWatch:
     """
 
     _offset: float | None = None
+    _error: float = 0.0  # how far the last offset may be off, either way
     _stepped: bool = False
     _seen: dict[str, float] | None = None  # the leases as they were after the step
     _seen_at: float = 0.0  # monotonic
@@ -151,11 +152,15 @@ class ClockWatch:
     def stepped(self) -> bool:
         return self._stepped
 
-    def observe(self, clock: float, monotonic: float) -> None:
+    def observe(self, clock: float, monotonic: float, *, error: float = 0.0) -> None:
+        """`clock` read at `monotonic`, give or take `error` (half a round trip to the
+        database): a step is a change of their offset beyond both readings' errors."""
         offset = clock - monotonic
-        if self._offset is not None and abs(offset - self._offset) > CLOCK_STEP_S:
+        if self._offset is not None and abs(offset - self._offset) > (
+            CLOCK_STEP_S + error + self._error
+        ):
             self._stepped, self._seen = True, None  # (again, for a second step)
-        self._offset = offset
+        self._offset, self._error = offset, error
 
     def stale(
         self, leases: dict[str, float], now: float, monotonic: float, wait: float

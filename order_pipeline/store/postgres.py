@@ -98,7 +98,6 @@ from psycopg.conninfo import make_conninfo
 from ..kinds import COMPENSATION_FAILED, INTERRUPTED
 from ..model import new_id
 from .base import (
-    CLOCK_STEP_S,
     FAILED_COMPENSATIONS,
     FINISHED,
     LIST_PAGE,
@@ -643,14 +642,14 @@ class PostgresStore(WriterThread[Conn]):
         def claim(conn: Conn) -> list[StoredOrder]:
             # The database's clock against ours: clock_timestamp(), the time it answers at
             # (now(), the transaction's start, may be long before in a slow batch), against
-            # the middle of the round trip; not at all from a slow one (a stall of ours, or a
-            # batch's statements answered before it), which could pass for a step.
+            # the middle of the round trip, give or take half of it: a slow round trip (a
+            # stall of ours, a database just resumed) widens what passes for a step, and never
+            # skips the look (the claim would then judge leases by a clock just stepped).
             before = time.monotonic()
             row = conn.execute(_CLOCK).fetchone()
             after = time.monotonic()
             assert row is not None
-            if after - before < CLOCK_STEP_S / 2:
-                self._clock.observe(row[0], (before + after) / 2)
+            self._clock.observe(row[0], (before + after) / 2, error=(after - before) / 2)
             stale: set[str] | None = set()
             if self._clock.stepped:
                 rows = conn.execute(_LEASES).fetchall()
