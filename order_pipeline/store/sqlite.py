@@ -582,20 +582,29 @@ def _execute(conn: Conn, sql: str, args: tuple[Any, ...]) -> None:
     conn.execute(sql, args)
 
 
-def _steps(conn: Conn, attempt_id: str) -> tuple[StepRecord, ...]:
-    rows = conn.execute(
-        f"SELECT {_STEP} FROM steps WHERE attempt_id = ? ORDER BY rowid", (attempt_id,)
-    )
-    return tuple(StepRecord(*row) for row in rows)
+def _steps_of(conn: Conn, attempt_ids: list[str]) -> dict[str, tuple[StepRecord, ...]]:
+    """The step records of these attempts, each in the order recorded, in one statement (not
+    one per order)."""
+    steps: dict[str, list[StepRecord]] = {}
+    if attempt_ids:
+        for attempt_id, *step in conn.execute(
+            f"SELECT attempt_id, {_STEP} FROM steps"
+            " WHERE attempt_id IN (SELECT value FROM json_each(?)) ORDER BY rowid",
+            (orjson.dumps(attempt_ids).decode(),),
+        ):
+            steps.setdefault(attempt_id, []).append(StepRecord(*step))
+    return {attempt_id: tuple(records) for attempt_id, records in steps.items()}
 
 
-def _order(conn: Conn, row: tuple[Any, ...]) -> StoredOrder:
-    return _new_order(*row, steps=_steps(conn, row[5]))
+def _orders(conn: Conn, rows: list[tuple[Any, ...]]) -> list[StoredOrder]:
+    """Orders from rows of _ORDER's columns, with their steps."""
+    steps = _steps_of(conn, [row[5] for row in rows])
+    return [_new_order(*row, steps=steps.get(row[5], ())) for row in rows]
 
 
 def _get(conn: Conn, key: str) -> StoredOrder | None:
     row = conn.execute(f"SELECT {_ORDER} FROM orders WHERE key = ?", (key,)).fetchone()
-    return None if row is None else _order(conn, row)
+    return None if row is None else _orders(conn, [row])[0]
 
 
 def _finished_reply(conn: Conn, key: str, attempt_id: str) -> FinishedReply | None:
@@ -677,17 +686,10 @@ def _list_orders(
         " ORDER BY started_at, key LIMIT :limit",
         args,
     ).fetchall()
-    # The page's steps in one statement, not one per order.
-    steps: dict[str, list[StepRecord]] = {}
-    for attempt_id, *step in conn.execute(
-        f"SELECT attempt_id, {_STEP} FROM steps"
-        " WHERE attempt_id IN (SELECT value FROM json_each(?)) ORDER BY rowid",
-        (orjson.dumps([row[5] for row in rows]).decode(),),
-    ):
-        steps.setdefault(attempt_id, []).append(StepRecord(*step))
+    steps = _steps_of(conn, [row[5] for row in rows])
     return [
         (
-            _new_order(*row[:-2], steps=tuple(steps.get(row[5], ())), abandoned=bool(row[-2])),
+            _new_order(*row[:-2], steps=steps.get(row[5], ()), abandoned=bool(row[-2])),
             row[-1],
         )
         for row in rows
@@ -704,7 +706,7 @@ def _claim(conn: Conn, owner: str, limit: int, now: float, stale: set[str]) -> l
         f" LIMIT ?4) RETURNING {_ORDER}",
         (owner, RUNNING, now, limit, orjson.dumps(sorted(stale)).decode()),
     ).fetchall()
-    return [_order(conn, row) for row in rows]
+    return _orders(conn, rows)
 
 
 def _running_of(conn: Conn, owner: str, started_before: float) -> list[StoredOrder]:
@@ -712,7 +714,7 @@ def _running_of(conn: Conn, owner: str, started_before: float) -> list[StoredOrd
         f"SELECT {_ORDER} FROM orders WHERE state = ? AND owner = ? AND started_at < ?",
         (RUNNING, owner, started_before),
     ).fetchall()
-    return [_order(conn, row) for row in rows]
+    return _orders(conn, rows)
 
 
 def _purge(conn: Conn, finished_before: float, limit: int) -> int:
