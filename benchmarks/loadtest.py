@@ -302,6 +302,11 @@ def durable() -> dict[str, Any]:
     }
 
 
+def closed_loop_wait(run: dict[str, Any], connections: int = 100) -> float:
+    """The mean time (ms) each of `connections` clients waits for an answer at `run`'s rate."""
+    return 1000 * connections / run["rps"]
+
+
 def ratios(runs: dict[str, Any], inflight: dict[str, Any]) -> dict[str, float]:
     """The figures to read, all from one round: every ratio compares runs made minutes apart."""
     s1, s2, s3 = runs["S1"]["rps"], runs["S2"], runs["S3"]
@@ -320,11 +325,20 @@ def ratios(runs: dict[str, Any], inflight: dict[str, Any]) -> dict[str, float]:
         "S2 p50, SQLite store minus memory store (ms)": (
             s2["p50_ms"] - runs["S2_memory_store"]["p50_ms"]
         ),
+        # Little's law: a closed loop of N connections that the CPU, not the 200 ms
+        # critical path, limits answers each in N / rate on average; so a store that costs
+        # CPU moves S2's p50 by this much even if its commits took no time at all.
+        "S2 p50 gap, SQLite minus memory, that their rates alone explain (ms)": (
+            closed_loop_wait(runs["S2"]) - closed_loop_wait(runs["S2_memory_store"])
+        ),
         "S1 PostgreSQL store / memory store": (
             runs["S1_postgres_store"]["rps"] / runs["S1_memory_store"]["rps"]
         ),
         "S2 p50, PostgreSQL store minus memory store (ms)": (
             runs["S2_postgres_store"]["p50_ms"] - runs["S2_memory_store"]["p50_ms"]
+        ),
+        "S2 p50 gap, PostgreSQL minus memory, that their rates alone explain (ms)": (
+            closed_loop_wait(runs["S2_postgres_store"]) - closed_loop_wait(runs["S2_memory_store"])
         ),
         "S1, two hosts on PostgreSQL / one host": (
             runs["S1_postgres_2_hosts"]["rps"] / runs["S1_postgres_store"]["rps"]
