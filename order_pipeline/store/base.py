@@ -7,7 +7,8 @@ died is found (its owner's lease expired) and compensated by a live process.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import time
+from collections.abc import AsyncGenerator, Callable
 from typing import Final, Protocol
 
 import attrs
@@ -137,20 +138,17 @@ class ClockWatch:
     that live processes are running. Stepped back, a lease written before the step looks
     alive for as long again: a process that died then would keep its orders (and their money)
     until the clock caught up. So each claim first `observe`s the clock against this process's
-    monotonic one; after a step, `stale` has it claim nothing until the owners have had time
-    to renew, and then take as dead the owners whose lease has not changed since the step.
-    Used by the writer thread only.
+    monotonic one; after a step, `owners_to_take` has it claim nothing until the owners have
+    had time to renew, and then take as dead the owners whose lease has not changed since.
+    Used by the writer thread only, but for `renewed`.
     """
 
+    _lease: float = 0.0  # the longest lease this process renewed: how long owners may take
     _offset: float | None = None
     _error: float = 0.0  # how far the last offset may be off, either way
     _stepped: bool = False
     _seen: dict[str, float] | None = None  # the leases as they were after the step
     _seen_at: float = 0.0  # monotonic
-
-    @property
-    def stepped(self) -> bool:
-        return self._stepped
 
     def observe(self, clock: float, monotonic: float, *, error: float = 0.0) -> None:
         """`clock` read at `monotonic`, give or take `error` (half a round trip to the
@@ -161,6 +159,22 @@ class ClockWatch:
         ):
             self._stepped, self._seen = True, None  # (again, for a second step)
         self._offset, self._error = offset, error
+
+    def renewed(self, lease: float) -> None:
+        """This process renewed a lease of `lease` seconds (from the Trio thread): after a
+        step, the owners are given at least the longest such lease to renew theirs."""
+        self._lease = max(self._lease, lease)
+
+    def owners_to_take(
+        self, read_leases: Callable[[], tuple[dict[str, float], float]]
+    ) -> set[str] | None:
+        """A claim's owners to take as dead although their lease looks alive: none unless the
+        clock stepped (then `read_leases`, every owner's expiry and the clock's time, and
+        `stale`); None: claim nothing yet."""
+        if not self._stepped:
+            return set()
+        leases, now = read_leases()
+        return self.stale(leases, now, time.monotonic(), self._lease)
 
     def stale(
         self, leases: dict[str, float], now: float, monotonic: float, wait: float

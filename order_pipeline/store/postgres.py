@@ -304,10 +304,8 @@ class PostgresStore(WriterThread[Conn]):
         self._deadline = math.inf  # the batch being run's, on time.monotonic()'s clock
         self._steps = RowsWrittenTogether(self, _record_steps)
         self._replies = RepliesWritten()  # what finish_soon wrote, for finished_reply
-        # Leases are on the database's clock, whose steps the claims watch for (ClockWatch);
-        # the longest lease this process renewed.
+        # Leases are on the database's clock, whose steps the claims watch for (ClockWatch).
         self._clock = ClockWatch()
-        self._lease_length = 0.0
         params = postgres_params(url)
         self.where = _where(params, url)  # the URL without password or options, for messages
         params.setdefault("connect_timeout", max(2, round(timeout)))
@@ -628,7 +626,7 @@ class PostgresStore(WriterThread[Conn]):
         return await self._call(lambda conn: _list_orders(conn, needs_attention, after, limit))
 
     async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109  # a lease's length
-        self._lease_length = max(self._lease_length, timeout)
+        self._clock.renewed(timeout)
         await self._call(lambda conn: _execute(conn, _RENEW, (owner, timeout)))
 
     async def release_lease(self, owner: str) -> None:
@@ -637,8 +635,6 @@ class PostgresStore(WriterThread[Conn]):
         )
 
     async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
-        wait = self._lease_length
-
         def claim(conn: Conn) -> list[StoredOrder]:
             # The database's clock against ours: clock_timestamp(), the time it answers at
             # (now(), the transaction's start, may be long before in a slow batch), against
@@ -650,12 +646,7 @@ class PostgresStore(WriterThread[Conn]):
             after = time.monotonic()
             assert row is not None
             self._clock.observe(row[0], (before + after) / 2, error=(after - before) / 2)
-            stale: set[str] | None = set()
-            if self._clock.stepped:
-                rows = conn.execute(_LEASES).fetchall()
-                leases = {lease_owner: expires for lease_owner, expires, _ in rows}
-                now = rows[0][2] if rows else -math.inf
-                stale = self._clock.stale(leases, now, time.monotonic(), wait)
+            stale = self._clock.owners_to_take(lambda: _leases(conn))
             if stale is None:  # the database's clock stepped: the owners renew on it first
                 return []
             return _claim(conn, owner, limit, stale)
@@ -865,6 +856,12 @@ _LEASES = (
     "SELECT owner, extract(epoch FROM expires_at)::float8, extract(epoch FROM now())::float8"
     " FROM leases"
 )
+
+
+def _leases(conn: Conn) -> tuple[dict[str, float], float]:
+    """Every owner's lease expiry, and the database's `now()` (minus infinity if none)."""
+    rows = conn.execute(_LEASES).fetchall()
+    return {owner: expires for owner, expires, _ in rows}, rows[0][2] if rows else -math.inf
 
 
 def _execute(conn: Conn, sql: str, args: tuple[Any, ...]) -> None:

@@ -151,9 +151,8 @@ class SqliteStore(WriterThread[Conn]):
         self._replies = RepliesWritten()  # what finish_soon wrote, for finished_reply
         self._steps = RowsWrittenTogether(self, _record_steps)
         # Leases are on the host's wall clock, which every process of the file shares; the
-        # watch finds its steps (base.ClockWatch). The longest lease this process renewed.
+        # watch finds its steps (base.ClockWatch).
         self._clock = ClockWatch()
-        self._lease_length = 0.0
 
     # -- in the writer thread -------------------------------------------------------------
 
@@ -287,7 +286,7 @@ class SqliteStore(WriterThread[Conn]):
         return await self._call(lambda conn: _list_orders(conn, needs_attention, after, limit, now))
 
     async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109 (a lease's length)
-        self._lease_length = max(self._lease_length, timeout)
+        self._clock.renewed(timeout)
         await self._call(lambda conn: _execute(conn, _RENEW, (owner, self._now() + timeout)))
 
     async def release_lease(self, owner: str) -> None:
@@ -296,14 +295,11 @@ class SqliteStore(WriterThread[Conn]):
         )
 
     async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
-        wait = self._lease_length
-
         def claim(conn: Conn) -> list[StoredOrder]:
             now = self._now()
-            stale: set[str] | None = set()
-            if self._clock.stepped:
-                leases = dict(conn.execute("SELECT owner, expires_at FROM leases").fetchall())
-                stale = self._clock.stale(leases, now, time.monotonic(), wait)
+            stale = self._clock.owners_to_take(
+                lambda: (dict(conn.execute("SELECT owner, expires_at FROM leases")), now)
+            )
             if stale is None:  # the wall clock stepped: the owners renew on it first
                 return []
             return _claim(conn, owner, limit, now, stale)
