@@ -39,7 +39,7 @@ from .settings import Settings
 from .sockets import CannotListen, listen, url_of
 from .store import StoreError, open_store, shown_url
 from .supervisor import supervise
-from .tracing import configure_tracing
+from .tracing import configure_tracing, flush_spans
 
 __all__ = ["main", "run"]
 
@@ -283,7 +283,8 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
                         log_running(url, settings)
                 nursery.cancel_scope.cancel()
             await assembly.desk.release()
-    hard_deadline.cancel()  # only now: releasing the lease and closing the store may stall
+    await flush_spans()
+    hard_deadline.cancel()  # only now: the lease's release, the store's close, the flush may stall
     status = INTERRUPTED_DRAIN if assembly.readiness.interrupted else 0
     count.log_last_line(status)
     if status:

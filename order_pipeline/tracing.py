@@ -37,6 +37,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Final
 
 import attrs
+import trio
 from opentelemetry import context, trace
 from opentelemetry.trace import Status, StatusCode
 
@@ -54,6 +55,8 @@ __all__ = [
     "TracedPipeline",
     "Tracing",
     "configure_tracing",
+    "export_timeout",
+    "flush_spans",
     "span_exporter_from_env",
     "tracer_provider",
 ]
@@ -61,6 +64,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TRACER_NAME: Final = "order_pipeline"
+# The OTLP exporter's default timeout of one export, seconds (OTEL_EXPORTER_OTLP_TIMEOUT).
+EXPORT_TIMEOUT_S: Final = 10.0
 SERVICE_NAME: Final = "order-pipeline"
 
 # Span names.
@@ -324,3 +329,32 @@ def configure_tracing(environ: Mapping[str, str] = os.environ) -> bool:
     trace.set_tracer_provider(tracer_provider(exporter))
     log.info("tracing on: exporting spans with %s", type(exporter).__name__)
     return True
+
+
+def export_timeout(environ: Mapping[str, str] = os.environ) -> float:
+    """Seconds one export may take, read as the OTLP exporter reads them: in seconds, from
+    OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, else OTEL_EXPORTER_OTLP_TIMEOUT, else 10."""
+    raw = environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or environ.get(
+        "OTEL_EXPORTER_OTLP_TIMEOUT"
+    )
+    try:
+        return float(raw) if raw else EXPORT_TIMEOUT_S
+    except ValueError:
+        return EXPORT_TIMEOUT_S
+
+
+async def flush_spans(environ: Mapping[str, str] = os.environ) -> None:
+    """Export the spans still queued and shut the tracer provider down, waiting at most one
+    export's timeout (`export_timeout`): what a collector has not taken by then is dropped.
+
+    A serving process calls it once its drain is over, while its hard deadline still holds.
+    Left to the SDK's own shutdown at interpreter exit, the wait was out of the hard
+    deadline's reach, and every stop signal was ignored by then: its batch processor waits
+    up to 30 s for its thread, which sends the queue 512 spans at a time, each batch with a
+    timeout of its own (a collector that never answered held a drained server 30 s)."""
+    shutdown = getattr(trace.get_tracer_provider(), "shutdown", None)
+    if shutdown is None:  # tracing is off: the API's provider has nothing to flush
+        return
+    with trio.move_on_after(export_timeout(environ)):
+        # Abandoned at the timeout: the SDK's thread still sending is a daemon thread.
+        await trio.to_thread.run_sync(shutdown, abandon_on_cancel=True)

@@ -548,3 +548,34 @@ async def test_the_hard_deadline_holds_while_a_stalled_store_is_released_and_clo
     assert code == 1, (took, messages(server))
     assert 6 <= took < 8, took  # at 6 s, before the stalled calls end
     assert "drain did not finish by its hard deadline: exiting" in messages(server)
+
+
+async def test_spans_a_collector_never_takes_hold_the_exit_one_export_timeout_at_most(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tracing to a collector that accepts connections but never answers, one export's
+    timeout 1 s, each span a batch of its own: the 40 spans of 10 orders still queued at
+    SIGTERM are sent for 1 s at most, then dropped, and the drained server exits 0 in a few
+    seconds. (Left to the SDK's flush at interpreter exit, it took 30 s, past the hard
+    deadline, with a second SIGTERM ignored.)"""
+    collector = trio.socket.socket()
+    await collector.bind(("127.0.0.1", 0))
+    collector.listen(100)  # the kernel accepts its connections; nothing ever reads them
+    with collector:
+        monkeypatch.setenv(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.getsockname()[1]}"
+        )
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+        monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1")
+        server = await start_server("--no-access-log", check_exit=False, expect_errors=True)
+        outcomes: list[int | str] = []
+        async with trio.open_nursery() as nursery:
+            for n in range(10):
+                order = {"order_id": f"o-{n}", "amount": 1, "delay_ms": LONG | {"vendor": 0}}
+                nursery.start_soon(post, server.url, order, outcomes)
+        code, took = await exit_after_signal(server, signal.SIGTERM)
+
+    assert outcomes == [200] * 10
+    assert code == 0
+    assert took < 1 + 5, took  # the flush's 1 s, and the drain's and interpreter's own
+    assert "drained orders: 0, cancelled: 0; exit status 0" in messages(server)

@@ -64,6 +64,7 @@ from order_pipeline.tracing import (
     TracedPipeline,
     Tracing,
     configure_tracing,
+    export_timeout,
     span_exporter_from_env,
     tracer_provider,
 )
@@ -656,6 +657,22 @@ def test_otlp_when_named_or_an_endpoint_is_set(
 def endpoint_of(exporter: SpanExporter) -> object:
     assert isinstance(exporter, OTLPSpanExporter)
     return exporter._endpoint  # private, but the one place the exporter shows it
+
+
+@pytest.mark.parametrize(
+    ("environ", "seconds"),
+    [
+        ({}, 10),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "3"}, 3),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "3", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2.5"}, 2.5),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "soon"}, 10),  # as the exporter: its default
+    ],
+)
+def test_the_flush_at_exit_waits_one_exports_timeout(
+    environ: dict[str, str], seconds: float
+) -> None:
+    """What `flush_spans` waits at most: the exporter's timeout, read as the exporter does."""
+    assert export_timeout(environ) == seconds
 
 
 def test_console_exporter_on_request(otel_environ: pytest.MonkeyPatch) -> None:
