@@ -177,6 +177,8 @@ class _Supervisor:
             finally:
                 if process.returncode is None:  # the hard deadline passed
                     log.error("worker %d (pid %d) still draining: killing it", number, process.pid)
+                    # Here, not below: the deadline's Cancelled leaves this task at this block.
+                    self.drained_in_full = False
                     process.kill()
                     with trio.CancelScope(shield=True):
                         code = await process.wait()

@@ -268,6 +268,32 @@ async def test_a_worker_killed_during_the_drain_makes_the_exit_status_1(
     )
 
 
+async def test_a_worker_killed_at_the_hard_deadline_makes_the_exit_status_1(
+    start_server: StartServer,
+) -> None:
+    """A worker that cannot end its drain (SIGSTOPped: its own hard deadline cannot run) is
+    killed by the supervisor at the hard deadline (grace 0 + compensations 1 + 5 s): not a
+    drain in full, so the supervisor exits 1; the other worker drains and exits 0."""
+    server = await start_server(
+        "--workers", "2", "--no-access-log", "--shutdown-grace", "0",
+        "--compensation-timeout", "1", expect_errors=True, check_exit=False,
+    )  # fmt: skip # flags and their values in pairs
+    stuck = await pid_of_start(server, 0, 1)
+    os.kill(stuck, signal.SIGSTOP)
+    server.process.send_signal(signal.SIGTERM)
+    with trio.fail_after(WAIT_S):
+        code = await server.process.wait()
+
+    assert ("error", f"worker 0 (pid {stuck}) still draining: killing it") in supervisor_lines(
+        server
+    )
+    assert code == 1
+    assert supervisor_lines(server)[-1] == (
+        "info",
+        "workers drained (each worker logged its own counts); exit status 1",
+    )
+
+
 async def test_a_worker_that_keeps_dying_is_given_up_on(start_server: StartServer) -> None:
     """A worker dead RESTART_LIMIT times is not restarted: the other drains its order, exit 1."""
     server = await start_server(
