@@ -33,6 +33,7 @@ __all__ = [
     "REQUEST_TIMEOUT",
     "STORE_UNAVAILABLE",
     "TIMEOUT",
+    "UNSUPPORTED_MEDIA_TYPE",
     "VENDOR_UNAVAILABLE",
     "Kind",
     "kind_of",
@@ -67,6 +68,7 @@ NOT_FOUND: Final = "not_found"
 METHOD_NOT_ALLOWED: Final = "method_not_allowed"
 REQUEST_TIMEOUT: Final = "request_timeout"
 PAYLOAD_TOO_LARGE: Final = "payload_too_large"
+UNSUPPORTED_MEDIA_TYPE: Final = "unsupported_media_type"
 HTTP_ERROR: Final = "http_error"
 """Any other status the framework answers by itself; the reply keeps that status."""
 # Decided by the order desk and its store.
@@ -91,6 +93,9 @@ KINDS: Final[Mapping[str, Kind]] = {
     METHOD_NOT_ALLOWED: Kind(405, "method not allowed"),
     REQUEST_TIMEOUT: Kind(408, "request body not received in time"),
     PAYLOAD_TOO_LARGE: Kind(413, "request body too large"),
+    UNSUPPORTED_MEDIA_TYPE: Kind(
+        415, "request body's Content-Encoding is not supported: send it uncompressed"
+    ),
     HTTP_ERROR: Kind(500, "http error"),
     ORDER_IN_PROGRESS: Kind(409, "an order with this key is still running", retry_after=True),
     IDEMPOTENCY_KEY_REUSED: Kind(422, "this key was used for a different order"),

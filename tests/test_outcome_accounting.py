@@ -6,6 +6,7 @@ same kind and status, for every order run, refused or cancelled (README, "Logs" 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -57,6 +58,11 @@ async def _slow_body(assembly: Assembly) -> Response:
         return await connection.as_response()
 
 
+def _compressed(assembly: Assembly) -> Awaitable[Response]:
+    headers = {"Content-Encoding": "gzip"}
+    return assembly.app.test_client().post("/order", data=gzip.compress(b"{}"), headers=headers)
+
+
 async def _while_running(assembly: Assembly, then: Callable[[], Awaitable[Response]]) -> Response:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(partial(_post, assembly, {**ORDER, "delay_ms": LONG}, "k-busy"))
@@ -82,6 +88,7 @@ OUTCOMES: list[
     ("bad key", (), lambda a: _post(a, ORDER, "a b"), ("bad_request", 400)),
     ("too large", (), lambda a: _post(a, b" " * (64 * 1024 + 1)), ("payload_too_large", 413)),
     ("too slow", (), _slow_body, ("request_timeout", 408)),
+    ("compressed", (), _compressed, ("unsupported_media_type", 415)),
     ("store down", ("begin",), lambda a: _post(a, ORDER, "k-1"), ("store_unavailable", 503)),
     ("ledger down", ("charge",), lambda a: _post(a, ORDER, "k-1"), ("store_unavailable", 503)),
     # Ran, its result not recorded yet: the line and count of its own result (README, "Logs").

@@ -34,7 +34,7 @@ ORDER: dict[str, Any] = {"order_id": "o-1", "amount": 250}
 LONG = {"payment": 60_000, "vendor": 60_000, "courier": 60_000}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 # The headers whose presence the README promises on some replies and not on others.
-_PROMISED = ("Retry-After", "Content-Location", "Idempotent-Replayed", "Allow")
+_PROMISED = ("Retry-After", "Content-Location", "Idempotent-Replayed", "Allow", "Accept-Encoding")
 
 
 class FlakyStore(MemoryStore):
@@ -75,6 +75,7 @@ class Expect:
     retry_after: bool = False
     replayed: bool = False
     allow: frozenset[str] | None = None
+    accept_encoding: str | None = None
     media: str = "application/json"
 
 
@@ -124,6 +125,7 @@ async def verify(response: Response, method: str, template: str, expect: Expect)
     wanted = {
         "Retry-After": "1" if expect.retry_after else None,
         "Idempotent-Replayed": "true" if expect.replayed else None,
+        "Accept-Encoding": expect.accept_encoding,
     }
     for name, value in wanted.items():
         if response.headers.get(name) != value:
@@ -381,6 +383,31 @@ async def test_a_body_over_the_limit_is_413() -> None:
     )
     await verify(response, "POST", "/order", Expect(413, "payload_too_large"))
     assert response.headers["Connection"] == "close"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "GZIP", "br", "identity, gzip", "x-custom"])
+async def test_a_body_with_a_content_coding_is_415(coding: str) -> None:
+    """A body the client says it compressed is refused before anything else is read of it
+    (here a plain JSON order that would run): 415, `Accept-Encoding: identity`, no order."""
+    store = MemoryStore()
+    client = assemble(Settings(), store=store).app.test_client()
+    headers = {"Idempotency-Key": "k-coded", "Content-Encoding": coding}
+    response = await client.post("/order", data=json.dumps(ORDER).encode(), headers=headers)
+    await verify(
+        response,
+        "POST",
+        "/order",
+        Expect(415, "unsupported_media_type", accept_encoding="identity"),
+    )
+    assert await store.get("k-coded") is None
+
+
+@pytest.mark.parametrize("coding", ["identity", "Identity", " identity ", ""])
+async def test_a_body_sent_as_is_is_read_whatever_the_header_says_of_it(coding: str) -> None:
+    client = assemble(Settings()).app.test_client()
+    headers = {"Idempotency-Key": "k-plain", "Content-Encoding": coding}
+    response = await client.post("/order", data=json.dumps(ORDER).encode(), headers=headers)
+    await verify(response, "POST", "/order", Expect(200, content_location=r"/order/k-plain"))
 
 
 async def test_a_body_too_slow_to_arrive_is_408(autojump_clock: trio.abc.Clock) -> None:

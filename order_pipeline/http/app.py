@@ -21,7 +21,15 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from ..desk import Answer, OnRefused
-from ..kinds import BAD_REQUEST, HTTP_ERROR, INTERNAL, NOT_FOUND, kind_of_status, lookup
+from ..kinds import (
+    BAD_REQUEST,
+    HTTP_ERROR,
+    INTERNAL,
+    NOT_FOUND,
+    UNSUPPORTED_MEDIA_TYPE,
+    kind_of_status,
+    lookup,
+)
 from ..model import OrderRequest
 from ..serialization import InvalidOrder, encode_error, parse_order
 from .asgi import closing_after_ambiguous_framing, finish_responses_shielded, with_request_ids
@@ -78,6 +86,15 @@ def answer_response(answer: Answer) -> Response:
     return _json(answer.body, answer.status, headers)
 
 
+def _plain(content_encodings: list[str]) -> bool:
+    """Whether a body with these Content-Encoding lines is as sent: none, or only identity."""
+    return all(
+        coding.strip().lower() in ("", "identity")
+        for line in content_encodings
+        for coding in line.split(",")
+    )
+
+
 def _path_segment(key: str) -> str:
     """`key` as one path segment; `.` and `..` percent-encoded, which clients would resolve."""
     if key in (".", ".."):
@@ -124,6 +141,14 @@ def create_app(
     @app.post("/order", provide_automatic_options=False)
     async def order() -> Response:
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        if not _plain(request.headers.getlist("Content-Encoding")):
+            # Compressed (or so it says): read as JSON, it would be refused as not JSON, or,
+            # if it were JSON after all, run although the client meant other bytes.
+            unsupported = lookup(UNSUPPORTED_MEDIA_TYPE)
+            on_refused(UNSUPPORTED_MEDIA_TYPE, unsupported.status, None, unsupported.message)
+            refusal = error_response(UNSUPPORTED_MEDIA_TYPE)
+            refusal.headers["Accept-Encoding"] = "identity"  # RFC 9110 §15.5.16
+            return refusal
         keys = request.headers.getlist(IDEMPOTENCY_KEY)
         key = keys[0] if keys else None
         # Two lines mean "a, b" (RFC 9110), which is not one key: a proxy might take the other.
