@@ -51,7 +51,15 @@ from .model import (
 )
 from .orchestrator import Pipeline
 from .serialization import compact, converter, dump_reply, encode_error, parse_order
-from .store import RUNNING, Begun, Existing, OrderStore, StoredOrder, StoreUnavailable
+from .store import (
+    RUNNING,
+    Begun,
+    Existing,
+    OrderStore,
+    StoredOrder,
+    StoreError,
+    StoreUnavailable,
+)
 
 __all__ = ["Answer", "OnRefused", "OrderDesk", "canonical"]
 
@@ -283,6 +291,14 @@ class OrderDesk:
             nursery.start_soon(self._recover_forever)
             nursery.start_soon(self._purge_forever)
             task_status.started()
+
+    async def take_lease(self) -> None:
+        """Take this process's first lease, before it serves; StoreError (a start-up failure:
+        one line, status 2) if the store cannot commit it, as if it could not be opened."""
+        try:
+            await self.store.renew_lease(self.owner, self.lease_timeout)
+        except StoreUnavailable as exc:
+            raise StoreError(f"cannot take this process's lease: {exc}") from None
 
     async def release(self) -> None:
         """Give up the lease at a clean exit, so nothing waits for it to expire."""

@@ -253,6 +253,9 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
         assembly = assemble(settings, store=store, metrics=count)
         hard_deadline = start_hard_deadline(assembly.readiness, settings, count)
         tune_garbage_collector()
+        # Outside the nurseries below: a store that opened but cannot commit the lease is a
+        # start-up failure of one line (StoreError), not an exception group.
+        await assembly.desk.take_lease()
         # Received from here until the drain is over, so that no signal meets its default
         # action (death by SIGTERM, KeyboardInterrupt) while orders may run; one left unread
         # when the receiver closes is ignored, not redelivered to that action.

@@ -7,6 +7,7 @@ what is pinned is what a person sees: the exit status and stderr.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import re
@@ -25,7 +26,9 @@ import trio
 import order_pipeline
 import order_pipeline.__main__
 from order_pipeline.cli import parse_command
+from order_pipeline.store import open_store
 
+from .pg import admin, postgres_url, with_params
 from .server_process import (
     RUNNING,
     ServerProcess,
@@ -270,3 +273,53 @@ async def test_the_last_line_counts_drained_and_cancelled_orders(
     assert server.log_lines()[-1]["message"] == last
     if grace == "15":
         assert statuses == [200]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_read_only_postgresql_database_is_one_line_and_status_2(
+    schema: str, workers: str
+) -> None:
+    """A database the store may not write (a hot standby, `default_transaction_read_only` on
+    the role or the database; here the URL sets it for the session as they would) is refused
+    at start, in one line, status 2, as one that cannot be reached: not a traceback at the
+    first lease, nor a server that answers every order 503. The schema exists already (an
+    earlier start made it), so opening it writes nothing."""
+    url = postgres_url(schema=schema)
+    async with open_store(url):
+        pass
+    read_only = with_params(url, options="-cdefault_transaction_read_only=on")
+    done = await trio.to_thread.run_sync(
+        functools.partial(run_serve, "--port", "0", "--workers", workers, store=read_only)
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("order-pipeline: postgresql://"), done.stderr
+    assert "read-only" in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+
+
+@pytest.mark.postgres
+async def test_a_lease_that_cannot_be_taken_at_start_is_one_line_and_status_2(
+    schema: str,
+) -> None:
+    """The store opens, but this process's first lease cannot be committed (here an
+    operator's LOCK TABLE on the leases, held past the store's lock wait): its last line
+    names the lease and why, status 2, not an exception group's traceback."""
+    url = postgres_url(schema=schema)
+    async with open_store(url):
+        pass
+    locker = await trio.to_thread.run_sync(admin)
+    try:
+        await trio.to_thread.run_sync(locker.execute, f"SET search_path TO {schema}")
+        await trio.to_thread.run_sync(locker.execute, "BEGIN")
+        await trio.to_thread.run_sync(locker.execute, "LOCK TABLE leases IN ACCESS EXCLUSIVE MODE")
+        done = await trio.to_thread.run_sync(functools.partial(run_serve, "--port", "0", store=url))
+    finally:
+        await trio.to_thread.run_sync(locker.close)
+
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.splitlines()[-1]  # after the store's own warnings, if any
+    assert last.startswith("order-pipeline: cannot take this process's lease: postgresql://")
+    assert "lock timeout" in last

@@ -677,6 +677,14 @@ def _migrate(conn: Conn, where: str) -> None:
     # Another host's migration (or an operator's lock) is waited for, but not forever.
     conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{MIGRATION_WAIT:g}s",))
     with conn.transaction():
+        # A database it may not write (a hot standby; default_transaction_read_only on the
+        # role or the database) is refused now, as SQLite refuses a file it may not write:
+        # with the schema made already, opening it writes nothing that would tell.
+        if conn.execute("SHOW transaction_read_only").fetchone() == ("on",):
+            raise StoreError(
+                f"{where}: cannot open the store: the database is read-only (a standby, or"
+                " default_transaction_read_only set for the role or the database)"
+            )
         version = _schema_version(conn, where)
         if version == SCHEMA_VERSION:
             return  # the usual case: no lock taken
