@@ -2311,6 +2311,41 @@ async def test_a_lock_held_past_the_timeout_fails_only_the_operation_that_waited
 
 
 @pytest.mark.postgres
+async def test_a_statement_timeout_of_the_role_does_not_fail_a_whole_batch_at_a_lock(
+    schema: str,
+) -> None:
+    """An operator's statement_timeout for the store's role (here the URL's options set it
+    for the session, as `ALTER ROLE ... SET statement_timeout` would), shorter than the
+    store's lock wait, must not turn a row lock held by another transaction into a failure
+    of the whole batch: the final record that met the lock is held, alone; the lease's
+    renewal and another order's step record beside it commit (else a live host loses its
+    lease, and every batch fails, for as long as a frozen host holds one order's row)."""
+    url = with_params(postgres_url(schema=schema), options="-cstatement_timeout=100")
+    async with postgres_stores(url, 1, timeout=0.3) as (store,):
+        first = await begun(store)
+        second = await begun(store, "k-2")
+        async with row_locked(schema, "k-1"):
+            # One batch: the held records ride on the renewal.
+            store.finish_soon("k-1", first.attempt_id, 200, b"{}", None)
+            store.record_step("k-2", second.attempt_id, StepRecord("payment", "ok"))
+            await store.renew_lease("w-1", 60.0)
+            (lease,) = await sql(
+                f"SELECT extract(epoch FROM expires_at - now())::float8 FROM {schema}.leases"
+            )
+            still_running = await store.get("k-1")
+            stepped = await store.get("k-2")
+        assert lease[0] > 50  # renewed while the lock was held
+        assert still_running is not None
+        assert still_running.state == RUNNING
+        assert stepped is not None
+        assert stepped.steps == (StepRecord("payment", "ok"),)
+        await store.renew_lease("w-1", 60.0)  # the lock gone: carries the held final record
+        done = await store.get("k-1")
+        assert done is not None
+        assert (done.state, done.http_status) == (FINISHED, 200)
+
+
+@pytest.mark.postgres
 async def test_many_locks_held_past_the_timeout_do_not_hold_the_lease_s_renewal(
     schema: str,
 ) -> None:

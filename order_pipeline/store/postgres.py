@@ -384,9 +384,14 @@ class PostgresStore(WriterThread[Conn]):
         # index over every finished order, not by its key (S1: 0.68 ms of the database's CPU
         # per order, 0.23 ms planned each time); an ANALYZE would replace it, if autovacuum
         # runs, which a server may not.
+        # No statement_timeout (an operator's, for the role or the database): the store bounds
+        # its own waits (lock_timeout; the watchdog), and a statement timeout shorter than the
+        # lock wait would cancel a wait for another transaction's row lock as a failure of the
+        # whole batch (QueryCanceled), the lease's renewal with it, not of the one operation.
         lock_timeout = f"{max(1, round(min(self.timeout, LOCK_WAIT_S) * 1000))}ms"
         conn.execute(
             "SELECT set_config('lock_timeout', %s, false),"
+            " set_config('statement_timeout', '0', false),"
             " set_config('plan_cache_mode', 'force_custom_plan', false)",
             (lock_timeout,),
         )
@@ -674,8 +679,12 @@ class PostgresStore(WriterThread[Conn]):
 
 def _migrate(conn: Conn, where: str) -> None:
     """Create or upgrade the schema in the first schema of the search_path, once."""
-    # Another host's migration (or an operator's lock) is waited for, but not forever.
-    conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{MIGRATION_WAIT:g}s",))
+    # Another host's migration (or an operator's lock) is waited for, but not forever; an
+    # operator's statement_timeout would cut that wait, or an index's build, short.
+    conn.execute(
+        "SELECT set_config('lock_timeout', %s, false), set_config('statement_timeout', '0', false)",
+        (f"{MIGRATION_WAIT:g}s",),
+    )
     with conn.transaction():
         # A database it may not write (a hot standby; default_transaction_read_only on the
         # role or the database) is refused now, as SQLite refuses a file it may not write:
