@@ -1904,8 +1904,11 @@ async def table_locked(schema: str, table: str, mode: str) -> AsyncIterator[None
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize(
+    "isolation", ["", "repeatable\\ read", "serializable"], ids=["default", "rr", "serializable"]
+)
 async def test_a_claim_leaves_an_order_whose_owner_s_lease_is_committed_while_it_locks(
-    schema: str,
+    schema: str, isolation: str
 ) -> None:
     """A claim locks its candidates (SELECT ... FOR UPDATE SKIP LOCKED), then takes them by
     an UPDATE that checks each owner's lease again, in a snapshot of its own: a lease
@@ -1914,9 +1917,13 @@ async def test_a_claim_leaves_an_order_whose_owner_s_lease_is_committed_while_it
     statement's snapshot does not see) keeps the order with its owner. The test holds the
     claim between its two statements with a SHARE lock on the orders table, which the
     locking SELECT's ROW SHARE passes and the UPDATE's ROW EXCLUSIVE waits for (its
-    snapshot is taken once it has the lock); the owner's lease commits meanwhile."""
+    snapshot is taken once it has the lock); the owner's lease commits meanwhile. The same
+    with a stricter default_transaction_isolation set for the store's role or database (here
+    by the URL), where a statement's snapshot would be its transaction's."""
     app = application()
     url = with_params(postgres_url(schema=schema), application_name=app)
+    if isolation:
+        url = with_params(url, options=f"-cdefault_transaction_isolation={isolation}")
     async with postgres_stores(url, 1) as (claimer,), postgres_stores(url, 1) as (owner,):
         await begun(owner, "k-1", owner="w-late")  # its lease not (yet) renewed: dead
         await claimer.renew_lease("me", 60.0)

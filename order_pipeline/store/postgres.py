@@ -388,10 +388,14 @@ class PostgresStore(WriterThread[Conn]):
         # its own waits (lock_timeout; the watchdog), and a statement timeout shorter than the
         # lock wait would cancel a wait for another transaction's row lock as a failure of the
         # whole batch (QueryCanceled), the lease's renewal with it, not of the one operation.
+        # READ COMMITTED whatever the role's or database's default_transaction_isolation: a
+        # claim's UPDATE must judge leases in a snapshot of its own (`_claim`); in a stricter
+        # level it is the transaction's, and a lease renewed meanwhile goes unseen.
         lock_timeout = f"{max(1, round(min(self.timeout, LOCK_WAIT_S) * 1000))}ms"
         conn.execute(
             "SELECT set_config('lock_timeout', %s, false),"
             " set_config('statement_timeout', '0', false),"
+            " set_config('default_transaction_isolation', 'read committed', false),"
             " set_config('plan_cache_mode', 'force_custom_plan', false)",
             (lock_timeout,),
         )
