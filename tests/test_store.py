@@ -2472,6 +2472,46 @@ async def test_a_batch_run_again_for_an_operation_s_error_still_waits_for_locks(
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("digits", ["0", "-3"])
+async def test_a_role_s_extra_float_digits_leaves_the_listing_s_pages_whole(
+    schema: str, digits: str
+) -> None:
+    """extra_float_digits set for the store's role or database (here by the URL) below 1
+    would print float8 rounded (15 significant digits at 0, 12 at -3): an order's start
+    read back so is not its start, and a page after it skips orders or, rounded down,
+    lists the same ones for ever. The store's sessions print them exactly."""
+    url = with_params(postgres_url(schema=schema), options=f"-cextra_float_digits={digits}")
+    keys = [f"k-{n}" for n in range(12)]
+    async with open_store(url) as store:
+        for key in keys:
+            await begun(store, key)
+        for n, key in enumerate(keys):  # microseconds apart, and milliseconds
+            at = 1_750_000_000.123456 + (n // 2) * 0.000001 + (n % 2) * 0.004
+            await sql(
+                "UPDATE orders SET started_at = to_timestamp(%s) WHERE key = %s",
+                at,
+                key,
+                schema=schema,
+            )
+        expected = [
+            key
+            for (key,) in await sql(
+                'SELECT key FROM orders ORDER BY started_at, key COLLATE "C"', schema=schema
+            )
+        ]
+        for size in (1, 2, 3):
+            listed: list[str] = []
+            after = None
+            for _ in range(len(keys) + 1):  # bounded: a page that repeats itself ends it
+                page = await store.list_orders(after=after, limit=size)
+                listed += [order.key for order, _ in page]
+                if len(page) < size:
+                    break
+                after = (page[-1][0].started_at, page[-1][0].key)
+            assert listed == expected, size
+
+
+@pytest.mark.postgres
 async def test_an_operator_s_listing_never_makes_a_postgresql_schema(schema: str) -> None:
     """A reader (`order-pipeline orders`) of an empty schema, a typo of its search_path, is
     refused and creates nothing there; of a store, it lists it."""

@@ -391,11 +391,14 @@ class PostgresStore(WriterThread[Conn]):
         # READ COMMITTED whatever the role's or database's default_transaction_isolation: a
         # claim's UPDATE must judge leases in a snapshot of its own (`_claim`); in a stricter
         # level it is the transaction's, and a lease renewed meanwhile goes unseen.
+        # extra_float_digits 1 (the default; below it float8 is printed rounded): an order's
+        # start read back as float8 seconds is a listing page's bound, which must be exact.
         lock_timeout = f"{max(1, round(min(self.timeout, LOCK_WAIT_S) * 1000))}ms"
         conn.execute(
             "SELECT set_config('lock_timeout', %s, false),"
             " set_config('statement_timeout', '0', false),"
             " set_config('default_transaction_isolation', 'read committed', false),"
+            " set_config('extra_float_digits', '1', false),"
             " set_config('plan_cache_mode', 'force_custom_plan', false)",
             (lock_timeout,),
         )
