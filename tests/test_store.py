@@ -1956,6 +1956,34 @@ async def test_a_claim_leaves_an_order_whose_owner_s_lease_is_committed_while_it
 
 
 @pytest.mark.postgres
+async def test_no_order_is_claimed_while_leases_cannot_be_renewed(schema: str) -> None:
+    """An operator's lock on the leases table that stops writes but not reads (LOCK TABLE
+    leases IN EXCLUSIVE MODE; SHARE, as a CREATE INDEX takes) stops every renewal, the
+    database reachable all along: a claim must not then judge owners dead by leases nobody
+    could renew. It waits for that lock as a renewal does, and fails alone (recovery paused),
+    so a live host's running order stays its own."""
+    async with postgres_stores(postgres_url(schema=schema), 2, timeout=0.3) as (owner, claimer):
+        await owner.renew_lease("w-a", 0.5)
+        await begun(owner, "k-1", owner="w-a")
+
+        async def lapsed() -> bool:
+            live = await sql("SELECT count(*) FROM leases WHERE expires_at > now()", schema=schema)
+            return live == [(0,)]
+
+        async with table_locked(schema, "leases", "EXCLUSIVE"):
+            with pytest.raises(StoreUnavailable, match="lock timeout"):
+                await owner.renew_lease("w-a", 0.5)
+            await wait_for(lapsed, "the owner's lease to lapse, unrenewable")
+            with pytest.raises(StoreUnavailable, match="lock timeout"):
+                await claimer.claim_interrupted("w-b", 10)
+        await owner.renew_lease("w-a", 60.0)
+        assert await claimer.claim_interrupted("w-b", 10) == []
+        order = await owner.get("k-1")
+        assert order is not None
+        assert (order.owner, order.state) == ("w-a", RUNNING)
+
+
+@pytest.mark.postgres
 async def test_leases_and_times_are_the_database_clocks(
     monkeypatch: pytest.MonkeyPatch, schema: str
 ) -> None:

@@ -1029,7 +1029,13 @@ def _claim(conn: Conn, owner: str, limit: int, stale: set[str]) -> list[StoredOr
     claimable, judged by a statement of its own: its snapshot, newer than every lock we got,
     sees the lease of a claimer that took one of them and committed while we were locking (the
     first statement's snapshot can predate that lease, and would let us take the order too).
+
+    Before both, the lock a renewal takes on the leases table (ROW EXCLUSIVE, which neither
+    renewals nor claims conflict with): a lock that stops renewals but not reads (an
+    operator's LOCK TABLE, a DDL) stops claims too, rather than let them judge owners dead by
+    leases nobody could renew; the claim then fails alone at lock_timeout.
     """
+    conn.execute("LOCK TABLE leases IN ROW EXCLUSIVE MODE")
     args = {"me": owner, "limit": limit, "stale": sorted(stale)}
     locked = conn.execute(
         f"SELECT key FROM orders WHERE {_DEAD_OR_STALE_OWNER} LIMIT %(limit)s"
