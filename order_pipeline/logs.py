@@ -3,20 +3,45 @@
 `request_id` is a context variable: the HTTP layer sets it for each request, and
 Trio copies the context into every task the request starts, so the order's step
 and compensation logs carry it too.
+
+Lines are written by a thread of their own (`BufferedHandler`), never by the thread
+that logs: a reader of stderr that stops reading would otherwise stop the Trio thread
+in write(), and with it the serving, the drain and the hard deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
+import os
 import sys
+import threading
+import time
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import orjson
 
-__all__ = ["JsonFormatter", "configure_logging", "request_id"]
+__all__ = [
+    "BufferedHandler",
+    "JsonFormatter",
+    "configure_logging",
+    "flush_logs",
+    "request_id",
+    "write_line",
+]
+
+# The writer thread writes what has accumulated this often (or once WAKE_AT lines wait): one
+# write of many lines, and no hand-over to another thread per line (docs/performance.md).
+PERIOD_S: Final = 0.05
+WAKE_AT: Final = 512
+# Lines waiting to be written, those being written included: a burst of thousands (orders'
+# lines are about 600 bytes: 6 MB at most). Past it a line is dropped and counted.
+CAPACITY: Final = 10_000
+# How long a flush (at exit) waits for a stream that takes nothing before it gives up.
+EXIT_WAIT_S: Final = 2.0
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -78,10 +103,178 @@ class TextFormatter(logging.Formatter):
         return " ".join(p for p in (text, f"request_id={rid}" if rid else "", extra) if p)
 
 
+class BufferedHandler(logging.Handler):
+    """Formats each record on the thread that logs it (where its request ID is) and leaves
+    the line to a daemon writer thread, which wakes every `period` seconds (sooner once
+    WAKE_AT lines wait) and writes all that waits at once.
+
+    A stream that does not take lines (a stalled reader of a pipe) then stops only the
+    writer: past `capacity` waiting lines, each new one is dropped and counted, and the
+    next line kept is preceded by one that says how many were dropped. `flush` (and so
+    `close`, and `logging.shutdown` at exit) waits at most `exit_wait` seconds, and not at
+    all again until the stream takes a line. A stream with a file descriptor is written
+    with os.write, so that the writer, blocked, holds no lock of the stream's that the
+    interpreter's exit would wait for.
+    """
+
+    def __init__(
+        self,
+        stream: IO[str],
+        *,
+        period: float = PERIOD_S,
+        capacity: int = CAPACITY,
+        exit_wait: float = EXIT_WAIT_S,
+    ) -> None:
+        super().__init__()
+        self.stream = stream
+        self._period, self._capacity, self._exit_wait = period, capacity, exit_wait
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._errors = getattr(stream, "errors", None) or "strict"
+        try:
+            self._fd: int | None = stream.fileno()
+            stream.flush()  # what it holds comes first
+        except (AttributeError, OSError, ValueError):  # io.StringIO, pytest's capsys
+            self._fd = None
+        self._lock = threading.Lock()  # what follows (held briefly: a list's append or swap)
+        self._written_more = threading.Condition(self._lock)
+        self._lines: list[str] = []
+        self._writing = 0  # lines the writer has taken and not yet written
+        self._written = 0
+        self._dropped = 0
+        self._stalled = False  # a flush gave up: the next does not wait
+        self._closed = False
+        self._wake = threading.Lock()  # held but when released to wake the writer early
+        self._wake.acquire()
+        self._writer = threading.Thread(target=self._write_forever, name="log writer", daemon=True)
+        self._writer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        with self._lock:
+            waiting = len(self._lines)
+            if self._closed or waiting + self._writing >= self._capacity:
+                self._dropped += 1
+                return
+            if self._dropped:
+                self._say_dropped()
+            self._lines.append(line)
+        if waiting + 1 == WAKE_AT:
+            self._wake_writer()
+
+    def put_line(self, text: str) -> None:
+        """`text` as written, a line of its own after those logged before (not formatted)."""
+        with self._lock:
+            self._lines.append(text + "\n")
+
+    def flush(self) -> None:
+        """Wait until what was logged before is written: at most `exit_wait` seconds."""
+        with self._lock:
+            if self._dropped:
+                self._say_dropped()
+            target = self._written + self._writing + len(self._lines)
+            if self._written >= target or self._stalled or self._closed:
+                return
+        self._wake_writer()
+        with self._written_more:
+            if not self._written_more.wait_for(lambda: self._written >= target, self._exit_wait):
+                self._stalled = True
+
+    def close(self) -> None:
+        """Flush (for at most `exit_wait` seconds), then end the writer; later lines are
+        dropped."""
+        self.flush()
+        with self._lock:
+            self._closed = True
+        self._wake_writer()
+        super().close()
+
+    def _say_dropped(self) -> None:
+        """Queue the line that says how many lines were dropped (with `_lock` held)."""
+        dropped, self._dropped = self._dropped, 0
+        record = logging.makeLogRecord(
+            {
+                "name": __name__,
+                "levelno": logging.WARNING,
+                "levelname": "WARNING",
+                "msg": "%d log lines dropped: stderr was not read",
+                "args": (dropped,),
+                "fields": {"dropped": dropped},
+            }
+        )
+        self._lines.append(self.format(record) + "\n")
+
+    def _wake_writer(self) -> None:
+        with contextlib.suppress(RuntimeError):  # already released: the writer is waking
+            self._wake.release()
+
+    def _write_forever(self) -> None:
+        while True:
+            self._wake.acquire(timeout=self._period)
+            if not (self._lines or self._closed):  # read without the lock: a hint, idle
+                continue
+            with self._lock:
+                batch, self._lines = self._lines, []
+                self._writing = len(batch)
+                closed = self._closed
+            if batch:
+                self._write("".join(batch))
+                with self._written_more:
+                    self._written += self._writing
+                    self._writing = 0
+                    self._stalled = False
+                    self._written_more.notify_all()
+            if closed:
+                return
+
+    def _write(self, text: str) -> None:
+        """Write `text` whole, however long the stream takes; a stream that is gone (EPIPE, a
+        closed file) has nobody to tell: the text is dropped."""
+        try:
+            if self._fd is None:
+                self.stream.write(text)
+                self.stream.flush()
+                return
+            data = memoryview(text.encode(self._encoding, self._errors))
+            while data:
+                try:
+                    data = data[os.write(self._fd, data) :]
+                except BlockingIOError:  # a non-blocking descriptor: wait, as a blocking one
+                    time.sleep(self._period)
+        except (OSError, ValueError):
+            pass
+
+
+def _buffered_handlers() -> list[BufferedHandler]:
+    return [h for h in logging.getLogger().handlers if isinstance(h, BufferedHandler)]
+
+
+def flush_logs() -> None:
+    """Write what the log holds before the process ends (`os._exit` skips `logging.shutdown`),
+    or before something else writes to stderr: at most EXIT_WAIT_S."""
+    for handler in _buffered_handlers():
+        handler.flush()
+
+
+def write_line(text: str) -> None:
+    """`text` on stderr, after the log lines before it and, like them, without waiting on a
+    stderr nobody reads (a command's last words before it exits)."""
+    handlers = _buffered_handlers()
+    if not handlers:
+        print(text, file=sys.stderr)
+        return
+    handlers[0].put_line(text)
+    handlers[0].flush()
+
+
 def configure_logging(
     level: str = "info", fmt: str = "json", stream: IO[str] | None = None
 ) -> None:
-    """Send every log record to `stream` (stderr) in `fmt`, from `level` up.
+    """Send every log record to `stream` (stderr) in `fmt`, from `level` up, through a
+    `BufferedHandler`; a handler this replaces is closed (flushed).
 
     Records skip what no line of ours shows (the caller's file and line, the
     thread, the multiprocessing name): the logging HOWTO's "Optimization" switches,
@@ -90,10 +283,12 @@ def configure_logging(
     logging._srcfile = None  # documented in the HOWTO, though private
     logging.logThreads = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = BufferedHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_RequestIdFilter())
     root = logging.getLogger()
+    for replaced in _buffered_handlers():
+        replaced.close()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Its warnings are about a caller's malformed `tracestate` (left out anyway): one line per

@@ -30,7 +30,7 @@ import trio
 from .cli import VERSION, ListOrders, parse_command
 from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff, stop_signals
 from .listing import list_orders
-from .logs import configure_logging
+from .logs import configure_logging, flush_logs, write_line
 from .metrics import Metrics
 from .model import OrderResult
 from .server import Readiness, assemble, serve
@@ -137,6 +137,7 @@ async def exit_at_hard_deadline(
     await trio.sleep(settings.hard_exit_delay)
     log.error("drain did not finish by its hard deadline: exiting")
     count.log_last_line(1)
+    flush_logs()  # os._exit skips logging.shutdown
     os._exit(1)
 
 
@@ -247,6 +248,7 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
         (it did, in its own process); its orders in flight are recovered by lease."""
         log.error("%s: exiting, the orders in flight are recovered by lease", message)
         count.log_last_line(1)
+        flush_logs()  # os._exit skips logging.shutdown
         os._exit(1)
 
     async with open_store(settings.store, on_store_process_lost=exit_as_crashed) as store:
@@ -325,8 +327,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         # interrupts the start-up (KeyboardInterrupt: __main__.run ends the process quietly).
         trio.run(run, command, listening)
     except CannotListen as exc:
-        print(f"order-pipeline: {exc}", file=sys.stderr)
+        write_line(f"order-pipeline: {exc}")
         raise SystemExit(CANNOT_LISTEN) from None
     except StoreError as exc:
-        print(f"order-pipeline: {exc}", file=sys.stderr)
+        write_line(f"order-pipeline: {exc}")
         raise SystemExit(BAD_STORE) from None
+    finally:
+        # Before a traceback, or the death by SIGINT of `__main__.run`, is written or happens.
+        flush_logs()

@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from order_pipeline.logs import JsonFormatter, configure_logging
+from order_pipeline.logs import BufferedHandler, JsonFormatter, configure_logging, flush_logs
 from order_pipeline.metrics import LIVE_REFRESH_S, Metrics
 from order_pipeline.server import Settings, assemble
 from order_pipeline.services import CourierPool
@@ -27,6 +27,14 @@ from .server_process import StartServer
 from .timings import DELAY_MS, NO_DELAY, UNDO_MS
 
 
+class _Written(io.StringIO):
+    """A log's stream whose value is read once the log's writer thread has written it."""
+
+    def getvalue(self) -> str:
+        flush_logs()
+        return super().getvalue()
+
+
 @pytest.fixture(name="log_to")
 def _log_to() -> Iterator[Callable[[str], io.StringIO]]:
     """Send logs in a format to a string for the test, then put logging back as it was."""
@@ -34,11 +42,14 @@ def _log_to() -> Iterator[Callable[[str], io.StringIO]]:
     handlers, level = root.handlers[:], root.level
 
     def log_to(fmt: str) -> io.StringIO:
-        stream = io.StringIO()
+        stream = _Written()
         configure_logging("info", fmt, stream)
         return stream
 
     yield log_to
+    for handler in root.handlers:
+        if isinstance(handler, BufferedHandler):
+            handler.close()  # its writer thread ends
     root.handlers[:] = handlers
     root.setLevel(level)
 

@@ -1,0 +1,210 @@
+"""The log's writer thread: lines as they were, in order; a stalled stderr stops nothing."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import logging
+import os
+import signal
+import struct
+import sys
+import termios
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from order_pipeline.logs import BufferedHandler, JsonFormatter, configure_logging, flush_logs
+from order_pipeline.logs import request_id as request_id_var
+from order_pipeline.settings import Settings
+
+from .launch import RUNNING, serve_argv
+from .server_process import START_TIMEOUT_S, WAIT_S
+
+PIPE_BUFFER = 65536  # Linux's default pipe capacity
+
+
+@pytest.fixture(name="root_restored")
+def _root_restored() -> Iterator[logging.Logger]:
+    """The root logger, put back as it was after the test (its writer threads ended)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield root
+    for handler in root.handlers:
+        if isinstance(handler, BufferedHandler):
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+class Blocking(io.StringIO):
+    """A stream whose write blocks until `flowing` is set, as a pipe nobody reads does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flowing = threading.Event()
+        self.blocked = threading.Event()  # a write is waiting
+
+    def write(self, text: str) -> int:
+        if not self.flowing.is_set():
+            self.blocked.set()
+            self.flowing.wait()
+        return super().write(text)
+
+
+def log_many(logger: logging.Logger, count: int) -> None:
+    for n in range(count):
+        request_id_var.set(f"r-{n}" if n % 2 else None)
+        fields = {"n": n, "text": "é ☃ \x1b", "none": None}
+        if n % 500 == 7:
+            try:
+                raise ValueError(f"boom {n}")
+            except ValueError:
+                logger.exception("failed %d", n, extra={"fields": fields})
+        else:
+            logger.info("line %d: é", n, extra={"fields": fields})
+    request_id_var.set(None)
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_lines_are_in_order_and_as_a_stream_handler_writes_them(
+    fmt: str, tmp_path: Path, root_restored: logging.Logger
+) -> None:
+    """Byte for byte what logging.StreamHandler writes of the same records, in their order,
+    across batches (more lines than wake the writer early)."""
+    with (tmp_path / "buffered").open("w") as buffered, (tmp_path / "direct").open("w") as direct:
+        configure_logging("info", fmt, buffered)
+        (handler,) = root_restored.handlers
+        reference = logging.StreamHandler(direct)
+        reference.setFormatter(handler.formatter)
+        reference.filters = handler.filters
+        root_restored.addHandler(reference)
+
+        log_many(logging.getLogger("order_pipeline.test"), 2000)
+        flush_logs()
+
+    written = (tmp_path / "buffered").read_bytes()
+    assert written == (tmp_path / "direct").read_bytes()
+    assert written.count(b"\n") >= 2000
+
+
+def test_a_full_buffer_drops_lines_and_then_says_how_many(root_restored: logging.Logger) -> None:
+    """Past its capacity (the lines being written included) a line is dropped and counted; the
+    next line kept comes after one that says how many, in the log's format."""
+    stream = Blocking()
+    handler = BufferedHandler(stream, capacity=10, period=0.01)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("order_pipeline.test.drops")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        logger.warning("first")
+        assert stream.blocked.wait(WAIT_S)  # the writer holds "first", blocked writing it
+        for n in range(15):
+            logger.warning("burst %d", n)  # 9 fit beside "first": 6 dropped
+        stream.flowing.set()
+        handler.flush()  # once the stream takes lines again, the count comes first
+        logger.warning("after")
+        handler.flush()
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+        handler.close()
+
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["message"] for line in lines] == [
+        "first",
+        *(f"burst {n}" for n in range(9)),
+        "6 log lines dropped: stderr was not read",
+        "after",
+    ]
+    assert (lines[-2]["level"], lines[-2]["logger"], lines[-2]["dropped"]) == (
+        "warning",
+        "order_pipeline.logs",
+        6,
+    )
+
+
+def test_the_exit_flush_gives_up_on_a_stream_that_takes_nothing() -> None:
+    """A flush waits at most its `exit_wait` for a blocked stream, and then, while it stays
+    blocked, not at all (logging.shutdown flushes and closes each handler)."""
+    stream = Blocking()
+    handler = BufferedHandler(stream, exit_wait=0.2)
+    handler.setFormatter(JsonFormatter())
+    try:
+        handler.handle(logging.makeLogRecord({"msg": "never written"}))
+        assert stream.blocked.wait(WAIT_S)
+
+        began = time.monotonic()
+        handler.flush()
+        first = time.monotonic() - began
+        handler.close()
+        second = time.monotonic() - began - first
+    finally:
+        stream.flowing.set()
+
+    assert 0.2 <= first < 2
+    assert second < 0.2  # it did not wait its exit_wait again
+    handler._writer.join(WAIT_S)  # once the stream takes its line, the closed writer ends
+    assert not handler._writer.is_alive()
+
+
+def unread_bytes(fd: int) -> int:
+    """How many bytes wait in the pipe whose read end is `fd`."""
+    (count,) = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))
+    return int(count)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_server_whose_stderr_is_not_read_serves_and_stops_in_time(
+    workers: int, tmp_path: Path
+) -> None:
+    """stderr a pipe nobody reads once the server listens: it still answers every order after
+    the pipe is full, and SIGTERM still ends it within its hard deadline (the supervisor too,
+    with --workers 2)."""
+    flags = ["--shutdown-grace", "1", "--compensation-timeout", "1", "--workers", str(workers)]
+    flags += ["--no-access-log", "--store", f"sqlite:///{tmp_path / 'orders.db'}"]
+    hard_deadline = Settings(shutdown_grace=1, compensation_timeout=1).hard_exit_delay
+    read_end, write_end = os.pipe()
+    try:
+        process = await trio.lowlevel.open_process(
+            serve_argv(sys.executable, *flags),
+            stdout=write_end,
+            stderr=write_end,
+        )
+    finally:
+        os.close(write_end)
+    try:
+        output = trio.lowlevel.FdStream(os.dup(read_end))
+        log = b""
+        with trio.fail_after(START_TIMEOUT_S):
+            while not (running := RUNNING.search(log.decode(errors="replace"))):
+                data = await output.receive_some()
+                assert data, f"exited before listening: {log.decode(errors='replace')}"
+                log += data
+        await output.aclose()  # from here on nobody reads the pipe
+
+        body = {"order_id": "o", "amount": 1, "delay_ms": {"payment": 0, "vendor": 0, "courier": 0}}
+        async with httpx.AsyncClient(base_url=running.group(1), timeout=WAIT_S) as client:
+            for n in range(400):  # about 600 bytes of log each: 4 pipes' worth
+                with trio.fail_after(WAIT_S):
+                    reply = await client.post("/order", json=dict(body, order_id=f"o-{n}"))
+                assert reply.status_code == 200
+        # Full: 16 pages, some part-filled by the writes before; 400 orders logged 4 times that.
+        assert unread_bytes(read_end) > PIPE_BUFFER // 2
+
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(hard_deadline):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()  # its workers, if any, drain once it is gone
+            with trio.CancelScope(shield=True):
+                await process.wait()
+        os.close(read_end)
