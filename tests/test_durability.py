@@ -32,6 +32,7 @@ from order_pipeline.store import (
     RUNNING,
     Begun,
     MemoryStore,
+    OrderStore,
     SqliteStore,
     StepRecord,
     StoredOrder,
@@ -45,6 +46,7 @@ from .test_store import begun, postgres_store
 
 ORDER: dict[str, Any] = {"order_id": "o-1", "amount": 250}
 SLOW = {"payment": 1000, "vendor": 1000, "courier": 1000}
+DESK_LOGGER = desk.log.name
 
 
 @pytest.fixture(name="store")
@@ -224,7 +226,7 @@ async def test_lookup_of_an_unknown_key_is_404(assembly: Assembly) -> None:
     assert body["error"] == {"kind": "not_found", "message": "no order with this key"}
 
 
-async def orphan(store: SqliteStore, key: str, charged: bool) -> str:
+async def orphan(store: OrderStore, key: str, charged: bool) -> str:
     """An order left running by a process that died after its payment (or before any step)."""
     order = make_order("o-orphan", amount=70)
     body = canonical(order)
@@ -607,12 +609,13 @@ async def test_a_store_outage_during_the_payment_is_503_store_unavailable(
 
 
 async def test_an_interrupted_order_this_version_cannot_read_is_left_for_an_operator(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An interrupted order whose body this version cannot parse (a newer version's field, a
     damaged record) is recorded compensation_failed for an operator; recovery, the lease and
     the other orders' recovery go on (it ended the process before, in every restart). Its
-    lookup, with no step known, is an answer the OpenAPI document allows."""
+    lookup, with no step known, is an answer the OpenAPI document allows. The error logged
+    names its key and why, without a traceback (the record's fault, not a bug)."""
     store = MemoryStore()
     await store.begin("k-new", "o-1", "h", b'{"order_id": "o-1", "amount": 5, "tip": 1}', "gone")
     body = canonical(make_order("o-2", amount=5))
@@ -620,11 +623,17 @@ async def test_an_interrupted_order_this_version_cannot_read_is_left_for_an_oper
     assembly = assemble(Settings(), store=store)
     desk = assembly.desk
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(desk.maintain)
-        await trio.sleep(5)
-        nursery.cancel_scope.cancel()
+    with caplog.at_level(logging.ERROR, logger=DESK_LOGGER):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(desk.maintain)
+            await trio.sleep(5)
+            nursery.cancel_scope.cancel()
 
+    [error] = [r for r in caplog.records if r.name == DESK_LOGGER]
+    assert error.getMessage() == (
+        "interrupted order 'k-new' cannot be undone by this process: unknown field(s): 'tip' @ $"
+    )
+    assert not error.exc_info
     unreadable, undone = await store.get("k-new"), await store.get("k-old")
     assert unreadable is not None
     assert undone is not None
@@ -961,3 +970,355 @@ async def test_lookup_of_a_key_with_a_nul_is_404_on_postgres(schema: str) -> Non
 
     assert status == 404
     assert body["error"] == {"kind": "not_found", "message": "no order with this key"}
+
+
+async def test_a_refused_order_s_line_says_why(
+    assembly: Assembly, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An order answered without running (its key taken by another order) has its one line
+    in the orders log, giving the reason its reply gives."""
+    await post(assembly, ORDER, key="k-1")
+
+    with caplog.at_level(logging.INFO, logger=ORDERS_LOGGER):
+        status, body, _ = await post(assembly, {**ORDER, "amount": 251}, key="k-1")
+
+    message = json.loads(body)["error"]["message"]
+    assert (status, message) == (422, "this key was used for a different order")
+    lines = [r.getMessage() for r in caplog.records if r.name == ORDERS_LOGGER]
+    assert lines == [f"order o-1 refused 422 idempotency_key_reused: {message}"]
+
+
+async def test_lookup_of_an_orphaned_order_shows_its_failed_step_s_detail(
+    assembly: Assembly, store: SqliteStore
+) -> None:
+    """A dead process's order whose payment failed (recorded) before it died: until it is
+    recovered, GET /order/{key} says running, and the failed step carries its kind."""
+    attempt_id = await orphan(store, "k-1", charged=False)
+    store.record_step("k-1", attempt_id, StepRecord("payment", "error", "payment_declined", 150))
+
+    status, body = await get(assembly, "/order/k-1")
+
+    assert status == 200
+    assert body["status"] == "running"
+    assert body["steps"] == [
+        {"name": "payment", "status": "error", "duration_ms": 150, "detail": "payment_declined"}
+    ]
+
+
+async def test_recovery_keeps_the_compensations_done_before_the_crash(
+    store: SqliteStore, autojump_clock: trio.abc.Clock
+) -> None:
+    """A dead process had refunded the payment and cancelled the vendor (recorded), not yet
+    released the courier (no record: it may have run). Recovery undoes only the courier; the
+    order's reply shows the two earlier compensations as recorded, and the courier's step,
+    of which nothing is known, as taking no time."""
+    events: list[tuple[str, str]] = []
+    desk = _noting(assemble(Settings(lease_timeout=2.0), store=store).desk, events)
+    attempt_id = await orphan(store, "k-1", charged=True)
+    await store.refund(attempt_id, "k-1")
+    store.record_step("k-1", attempt_id, StepRecord("payment", "ok", None, 150, "ok", 33))
+    store.record_step("k-1", attempt_id, StepRecord("vendor", "ok", None, 200, "ok", 0))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(desk.maintain)
+        await trio.sleep(2)
+        nursery.cancel_scope.cancel()
+    stored = await store.get("k-1")
+
+    assert stored is not None
+    assert (stored.state, stored.kind) == (FINISHED, "interrupted")
+    assert events == [("courier", "undone")]
+    assert stored.reply is not None
+    steps = {s["name"]: s for s in json.loads(stored.reply)["steps"]}
+    assert steps["payment"]["compensation"] == {"status": "ok", "duration_ms": 33}
+    assert steps["vendor"]["compensation"] == {"status": "ok", "duration_ms": 0}
+    assert (steps["courier"]["status"], steps["courier"]["duration_ms"]) == ("ok", 0)
+    assert steps["courier"]["compensation"]["status"] == "ok"
+    assert await store.net_charge("k-1") == 0
+
+
+class _OneLostReply(MemoryStore):
+    """The memory store, where reading back the final reply of `lost` fails once (its commit
+    failed: the record is held for the next one, which here lands at once)."""
+
+    lost = "k-held"
+
+    async def finished_reply(self, key: str, attempt_id: str) -> Any:
+        if key == self.lost:
+            self.lost = ""
+            raise StoreUnavailable("the commit failed (a test's)")
+        return await super().finished_reply(key, attempt_id)
+
+
+async def test_an_order_left_running_is_recovered_while_another_s_reply_was_not_read_back(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An order whose reply could not be read back is answered 503, logged naming it, and its
+    key is left alone by this process's recovery only while it runs; it does not shield this
+    process's other orders: one left running (a begin whose COMMIT answer was lost) is still
+    recovered, seen twice, and refunded."""
+    store = _OneLostReply()
+    desk = assemble(Settings(lease_timeout=2.0), store=store).desk
+    fast = make_order("o-held", amount=5, delay_ms=dict.fromkeys(STEP_NAMES, 0))
+    with caplog.at_level(logging.WARNING, logger=DESK_LOGGER):
+        answer = await desk.submit(fast, "k-held")
+    warnings = [r.getMessage() for r in caplog.records if r.name == DESK_LOGGER]
+    assert (answer.status, json.loads(answer.body)["error"]["kind"]) == (503, "store_unavailable")
+    assert warnings == ["order 'o-held': its result could not be recorded yet"]
+    left = make_order("o-left", amount=70)
+    body = canonical(left)
+    begun = await store.begin(
+        "k-left", left.order_id, hashlib.sha256(body).hexdigest(), body, desk.owner
+    )
+    assert isinstance(begun, Begun)
+    await store.charge(begun.order.attempt_id, "k-left", 70)
+    store._orders["k-left"] = attrs.evolve(begun.order, started_at=begun.order.started_at - 60)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(desk.maintain)
+        await trio.sleep(3)
+        nursery.cancel_scope.cancel()
+
+    held, recovered = await store.get("k-held"), await store.get("k-left")
+    assert held is not None
+    assert (held.state, held.http_status) == (FINISHED, 200)
+    assert recovered is not None
+    assert (recovered.state, recovered.kind) == (FINISHED, "interrupted")
+    assert await store.net_charge("k-left") == 0
+    assert await store.net_charge("k-held") == 5
+
+
+async def test_a_key_this_process_recovered_is_recovered_by_it_again(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once this process has recovered a dead process's order, the key is no longer one it
+    works on: when its own retry of the key is left running (a restart whose COMMIT answer
+    was lost), its recovery undoes that attempt too, and says so."""
+    store = MemoryStore()
+    desk = assemble(Settings(lease_timeout=2.0), store=store).desk
+    await orphan(store, "k-1", charged=True)
+
+    with caplog.at_level(logging.WARNING, logger=DESK_LOGGER):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(desk.maintain)
+            await trio.sleep(0.5)
+            first = await store.get("k-1")
+            assert first is not None
+            assert (first.kind, await store.net_charge("k-1")) == ("interrupted", 0)
+            again = await store.restart("k-1", desk.owner, first.attempt)
+            assert again is not None
+            await store.charge(again.attempt_id, "k-1", 70)
+            store._orders["k-1"] = attrs.evolve(again, started_at=again.started_at - 60)
+            await trio.sleep(3)
+            nursery.cancel_scope.cancel()
+
+    second = await store.get("k-1")
+
+    assert second is not None
+    assert (second.attempt, second.state, second.kind) == (2, FINISHED, "interrupted")
+    assert await store.net_charge("k-1") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == DESK_LOGGER]
+    assert warnings == [
+        "recovering 1 interrupted order(s)",
+        "recovering 1 order(s) this process left running",
+    ]
+
+
+async def test_a_lease_that_cannot_be_released_is_a_warning_naming_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exit whose lease release fails is not an error (the lease expires by itself); a
+    warning names the lease, so an operator knows why its orders wait for the lease timeout."""
+
+    class Unreleasable(MemoryStore):
+        async def release_lease(self, owner: str) -> None:
+            raise StoreUnavailable("the store is gone (a test's)")
+
+    desk = assemble(Settings(), store=Unreleasable()).desk
+    with caplog.at_level(logging.WARNING, logger=DESK_LOGGER):
+        await desk.release()
+
+    warnings = [r.getMessage() for r in caplog.records if r.name == DESK_LOGGER]
+    assert warnings == [f"could not release the lease of {desk.owner}"]
+
+
+async def test_a_backlog_of_interrupted_orders_is_recovered_a_batch_after_another(
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A dead process's orders, more than a batch: a batch that comes back full is followed
+    by the next at once, not a second later, and each batch is a warning counting it."""
+    monkeypatch.setattr(desk, "RECOVERY_BATCH", 2)
+    store = MemoryStore()
+    for n in range(5):
+        await orphan(store, f"k-{n}", charged=True)
+    recovering = assemble(Settings(lease_timeout=2.0), store=store).desk
+
+    with caplog.at_level(logging.WARNING, logger=DESK_LOGGER):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(recovering.maintain)
+            await trio.sleep(0.9)  # each batch's refunds take 80 ms
+            recovered = [await store.get(f"k-{n}") for n in range(5)]
+            nursery.cancel_scope.cancel()
+
+    assert [o.kind for o in recovered if o is not None] == ["interrupted"] * 5
+    assert [await store.net_charge(f"k-{n}") for n in range(5)] == [0] * 5
+    warnings = [r.getMessage() for r in caplog.records if r.name == DESK_LOGGER]
+    assert warnings == [
+        "recovering 2 interrupted order(s)",
+        "recovering 2 interrupted order(s)",
+        "recovering 1 interrupted order(s)",
+    ]
+
+
+class _Outage(MemoryStore):
+    """The memory store, which refuses the lease's renewal (but a process's first, taken at
+    its start) and the recovery's calls while `down`, and reading an order back while
+    `reads_down`."""
+
+    down = False
+    reads_down = False
+    leases = 0
+
+    async def get(self, key: str) -> StoredOrder | None:
+        if self.reads_down:
+            raise StoreUnavailable("the store is down (a test's)")
+        return await super().get(key)
+
+    def _refuse(self) -> None:
+        if self.down:
+            raise StoreUnavailable("the store is down (a test's)")
+
+    async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109 # a lease's length
+        self.leases += 1
+        if self.leases > 1:
+            self._refuse()
+        await super().renew_lease(owner, timeout)
+
+    async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
+        self._refuse()
+        return await super().claim_interrupted(owner, limit)
+
+    async def running_of(self, owner: str, older_than: float) -> list[StoredOrder]:
+        self._refuse()
+        return await super().running_of(owner, older_than)
+
+
+async def test_recovery_pauses_through_an_outage_saying_why_and_goes_on_after_it(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the store refuses the lease's renewal and the recovery's calls, each failure is a
+    warning saying why, and the process goes on trying; once the store is back, a dead
+    process's order is recovered."""
+    store = _Outage()
+    await orphan(store, "k-1", charged=True)
+    recovering = assemble(Settings(lease_timeout=2.0), store=store).desk
+    store.down = True
+
+    with caplog.at_level(logging.WARNING, logger=DESK_LOGGER):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(recovering.maintain)
+            await trio.sleep(1.5)
+            during = await store.get("k-1")
+            store.down = False
+            await trio.sleep(1.5)
+            nursery.cancel_scope.cancel()
+
+    assert during is not None
+    assert during.state == RUNNING
+    recovered = await store.get("k-1")
+    assert recovered is not None
+    assert recovered.kind == "interrupted"
+    assert await store.net_charge("k-1") == 0
+    warnings = {r.getMessage() for r in caplog.records if r.name == DESK_LOGGER}
+    assert warnings == {
+        "could not renew this process's lease: the store is down (a test's)",
+        "recovery paused: the store is down (a test's)",
+        "recovering 1 interrupted order(s)",
+    }
+
+
+async def test_a_long_retention_purges_once_a_minute(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retention of a day looks for expired orders once a minute, not once a day."""
+    store = MemoryStore()
+    purges: list[float] = []
+    purge = store.purge
+
+    async def noted_purge(older_than: float, limit: int) -> int:
+        purges.append(trio.current_time())
+        return await purge(older_than, limit)
+
+    monkeypatch.setattr(store, "purge", noted_purge)
+    assembly = assemble(Settings(retention=86_400.0), store=store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(assembly.desk.maintain)
+        await trio.sleep(630)
+        nursery.cancel_scope.cancel()
+
+    assert [later - earlier for earlier, later in itertools.pairwise(purges)] == [60.0] * 10
+
+
+async def test_recovered_orders_whose_records_cannot_be_read_back_are_a_warning(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Recovery reads the last order of a batch back to wait for the commit of their final
+    records; if that fails, a warning says the records are not committed yet, and the
+    recovery goes on."""
+    store = _Outage()
+    await orphan(store, "k-1", charged=True)
+    recovering = assemble(Settings(lease_timeout=2.0), store=store).desk
+    store.reads_down = True
+
+    with caplog.at_level(logging.WARNING, logger=DESK_LOGGER):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(recovering.maintain)
+            await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+
+    store.reads_down = False
+    warnings = [r.getMessage() for r in caplog.records if r.name == DESK_LOGGER]
+    assert warnings == [
+        "recovering 1 interrupted order(s)",
+        "recovered orders could not be recorded yet",
+    ]
+    recovered = await store.get("k-1")
+    assert recovered is not None
+    assert recovered.kind == "interrupted"
+
+
+async def test_a_purge_cut_short_by_an_outage_counts_what_it_forgot_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store fails after a batch of expired orders was deleted: the purge stops with a
+    warning saying why, and counts (and logs) the orders it did forget."""
+    monkeypatch.setattr(desk, "PURGE_BATCH", 2)
+    store = MemoryStore()
+    for n in range(5):
+        order = await begun(store, f"k-{n}")
+        await store.finish(f"k-{n}", order.attempt_id, 200, b"{}", None)
+    purge = store.purge
+    batches = 0
+
+    async def failing_purge(older_than: float, limit: int) -> int:
+        nonlocal batches
+        batches += 1
+        if batches > 1:
+            raise StoreUnavailable("the store is down (a test's)")
+        return await purge(older_than, limit)
+
+    monkeypatch.setattr(store, "purge", failing_purge)
+    forgetting = assemble(Settings(retention=0.001), store=store).desk
+    await trio.sleep(0.01)
+
+    with caplog.at_level(logging.INFO, logger=DESK_LOGGER):
+        assert await forgetting.forget_expired() == 2
+
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == DESK_LOGGER]
+    assert lines == [
+        ("WARNING", "could not forget expired orders: the store is down (a test's)"),
+        ("INFO", "forgot 2 order(s) finished over 0.001 s ago"),
+    ]
+    assert len(await store.list_orders()) == 3
