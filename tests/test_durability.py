@@ -23,10 +23,11 @@ from werkzeug.datastructures import Headers
 
 from order_pipeline import desk
 from order_pipeline.desk import OrderDesk, canonical
-from order_pipeline.model import STEP_NAMES, OrderRequest
+from order_pipeline.model import STEP_NAMES, OrderRequest, StepError
 from order_pipeline.orchestrator import Step
 from order_pipeline.reporting import ORDERS_LOGGER
 from order_pipeline.server import Assembly, Settings, assemble
+from order_pipeline.services.vendor import VENDOR_CANCEL_FAILED
 from order_pipeline.store import (
     FINISHED,
     RUNNING,
@@ -1322,3 +1323,45 @@ async def test_a_purge_cut_short_by_an_outage_counts_what_it_forgot_and_says_why
         ("INFO", "forgot 2 order(s) finished over 0.001 s ago"),
     ]
     assert len(await store.list_orders()) == 3
+
+
+async def test_a_recovery_taken_over_leaves_the_claimant_s_records_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A process recovering a dead process's order stalls (its vendor compensation hangs) and
+    its lease lapses: another process claims the order, undoes it and records it. When the
+    first one's compensation ends after that (failed, here), its outcome is not recorded
+    over the claimant's: the record of each step is the claimant's."""
+    store = MemoryStore()
+    await orphan(store, "k-1", charged=True)
+    stalled = trio.Event()
+    first = assemble(Settings(lease_timeout=2.0), store=store).desk
+
+    async def stuck_cancel(order: OrderRequest) -> None:
+        await stalled.wait()
+        raise StepError(VENDOR_CANCEL_FAILED)
+
+    steps = [
+        attrs.evolve(s, compensate=stuck_cancel) if s.name == "vendor" else s
+        for s in first.pipeline.steps
+    ]
+    first = attrs.evolve(first, pipeline=attrs.evolve(first.pipeline, steps=steps))
+    claimant = assemble(Settings(lease_timeout=2.0), store=store).desk
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first.maintain)
+        await trio.sleep(0.5)  # claimed by the first; its vendor compensation hangs
+        assert (await store.get("k-1")).owner == first.owner  # type: ignore[union-attr] # it exists
+        await store.release_lease(first.owner)  # its lease lapsed (a stall)
+        await nursery.start(claimant.maintain)
+        while (await store.get("k-1")).state == RUNNING:  # type: ignore[union-attr] # noqa: ASYNC110
+            await trio.sleep(0.1)
+        stalled.set()  # the first one's compensation ends, failed
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    stored = await store.get("k-1")
+
+    assert stored is not None
+    assert (stored.owner, stored.kind) == (claimant.owner, "interrupted")
+    assert {s.step: s.compensation for s in stored.steps} == dict.fromkeys(STEP_NAMES, "ok")
+    assert await store.net_charge("k-1") == 0
