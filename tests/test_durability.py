@@ -1365,3 +1365,54 @@ async def test_a_recovery_taken_over_leaves_the_claimant_s_records_alone(
     assert (stored.owner, stored.kind) == (claimant.owner, "interrupted")
     assert {s.step: s.compensation for s in stored.steps} == dict.fromkeys(STEP_NAMES, "ok")
     assert await store.net_charge("k-1") == 0
+
+
+async def test_an_order_taken_over_is_recorded_by_its_claimant_not_by_its_first_run(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process whose lease lapsed runs on while another claims its order and undoes it
+    slowly (a 2 s refund). The first run ends ok meanwhile: its final record must not land
+    over the claimant's (the key would replay ok with the money refunded). It answers 409
+    (the claimant's record not there yet), undoes its steps, says so, and has its one order
+    line, not a second one as if refused; the key ends interrupted, by the claimant, and a
+    retry runs it again."""
+    store = MemoryStore()
+    first = assemble(Settings(), store=store).desk  # it holds no lease
+    claimant = assemble(Settings(), store=store).desk
+    order = make_order(
+        "o-1", amount=70, delay_ms={"vendor": 1000}, compensation_delay_ms={"payment": 2000}
+    )
+    answers: list[desk.Answer] = []
+
+    async def send() -> None:
+        answers.append(await first.submit(order, "k-1"))
+
+    with caplog.at_level(logging.INFO):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            await trio.sleep(0.5)  # payment and courier done, the vendor not yet
+            await nursery.start(claimant.maintain)  # claims k-1; its refund takes 2 s
+            while not answers:  # noqa: ASYNC110 # the first run ends at 1 s
+                await trio.sleep(0.1)
+            while (await store.get("k-1")).state == RUNNING:  # type: ignore[union-attr] # noqa: ASYNC110
+                await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+    stored = await store.get("k-1")
+
+    assert stored is not None
+    assert (stored.kind, stored.owner) == ("interrupted", claimant.owner)
+    [answer] = answers
+    assert (answer.status, json.loads(answer.body)["error"]["kind"]) == (409, "order_in_progress")
+    assert await store.net_charge("k-1") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == DESK_LOGGER]
+    assert "order 'o-1' was taken over by another process: undoing it" in warnings
+    lines = [r.getMessage() for r in caplog.records if r.name == ORDERS_LOGGER]
+    assert [line.split(" in ")[0] for line in lines] == [
+        "order o-1 ok 200",  # the first run's
+        "order o-1 interrupted 503",  # the claimant's recovery
+    ], lines
+
+    retry = await claimant.submit(order, "k-1")
+
+    assert retry.status == 200
+    assert await store.net_charge("k-1") == 70
