@@ -1092,12 +1092,14 @@ async def test_an_order_left_running_is_recovered_while_another_s_reply_was_not_
 async def test_a_key_this_process_recovered_is_recovered_by_it_again(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Once this process has recovered a dead process's order, the key is no longer one it
-    works on: when its own retry of the key is left running (a restart whose COMMIT answer
-    was lost), its recovery undoes that attempt too, and says so."""
+    """Once this process has answered a retry of a dead process's order (409) and recovered
+    it, the key is no longer one it works on: when its own retry of the key is left running
+    (a restart whose COMMIT answer was lost), its recovery undoes that attempt too, and says
+    so."""
     store = MemoryStore()
     desk = assemble(Settings(lease_timeout=2.0), store=store).desk
     await orphan(store, "k-1", charged=True)
+    assert (await desk.submit(make_order("o-orphan", amount=70), "k-1")).status == 409
 
     with caplog.at_level(logging.WARNING, logger=DESK_LOGGER):
         async with trio.open_nursery() as nursery:
@@ -1403,6 +1405,7 @@ async def test_an_order_taken_over_is_recorded_by_its_claimant_not_by_its_first_
     assert (stored.kind, stored.owner) == ("interrupted", claimant.owner)
     [answer] = answers
     assert (answer.status, json.loads(answer.body)["error"]["kind"]) == (409, "order_in_progress")
+    assert answer.key == "k-1"  # its Content-Location
     assert await store.net_charge("k-1") == 0
     warnings = [r.getMessage() for r in caplog.records if r.name == DESK_LOGGER]
     assert "order 'o-1' was taken over by another process: undoing it" in warnings
@@ -1415,4 +1418,39 @@ async def test_an_order_taken_over_is_recorded_by_its_claimant_not_by_its_first_
     retry = await claimant.submit(order, "k-1")
 
     assert retry.status == 200
+    assert await store.net_charge("k-1") == 70
+
+
+async def test_a_retry_of_an_order_still_running_leaves_it_to_its_run(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An order that runs longer than a lease, retried meanwhile (409): the retry's end does
+    not make this process take the order for one it left running, which its recovery would
+    undo under its run; the run ends ok, charged once."""
+    store = MemoryStore()
+    serving = assemble(Settings(lease_timeout=2.0), store=store).desk
+    order = make_order("o-1", amount=70, delay_ms={"vendor": 5000})
+    answers: list[desk.Answer] = []
+
+    async def send() -> None:
+        answers.append(await serving.submit(order, "k-1"))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serving.maintain)
+        nursery.start_soon(send)
+        await trio.sleep(0.2)
+        running = await store.get("k-1")
+        assert running is not None
+        # Begun a minute ago, as far as the store's clock goes (the autojump clock is not it).
+        store._orders["k-1"] = attrs.evolve(running, started_at=running.started_at - 60)
+        assert (await serving.submit(order, "k-1")).status == 409
+        while not answers:  # noqa: ASYNC110 # the run ends at 5 s
+            await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+    [answer] = answers
+    assert (answer.status, json.loads(answer.body)["status"]) == (200, "ok")
+    stored = await store.get("k-1")
+    assert stored is not None
+    assert (stored.kind, stored.http_status) == (None, 200)
     assert await store.net_charge("k-1") == 70
