@@ -1454,3 +1454,60 @@ async def test_a_retry_of_an_order_still_running_leaves_it_to_its_run(
     assert stored is not None
     assert (stored.kind, stored.http_status) == (None, 200)
     assert await store.net_charge("k-1") == 70
+
+
+class _HeldRecord(MemoryStore):
+    """The memory store, where an order's final record is held (its commit failed: a row
+    locked past the lock timeout) until `land()`, and the first read of an order after that
+    fails too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[Any, ...]] = []
+        self.reads_down = False
+
+    def finish_soon(self, *args: Any, **kwargs: Any) -> None:
+        self.held.append((args, kwargs))
+        self.reads_down = True
+
+    async def get(self, key: str) -> StoredOrder | None:
+        if self.reads_down:
+            self.reads_down = False
+            raise StoreUnavailable("the store is down (a test's)")
+        return await super().get(key)
+
+    def land(self) -> None:
+        for args, kwargs in self.held:
+            super().finish_soon(*args, **kwargs)
+
+
+async def test_an_order_whose_record_is_held_and_unread_is_not_recovered_by_its_process(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An order ran ok, but its final record is held for a later commit and the store could
+    not be read to tell whether another process took it over (answered 409). Its process's
+    recovery must leave it alone while it stays running (the held record, ok, would land
+    after the refund, and a retry replay ok with the money back); once the record lands, the
+    charge stands and a retry replays it."""
+    store = _HeldRecord()
+    serving = assemble(Settings(lease_timeout=2.0), store=store).desk
+    order = make_order("o-1", amount=70, delay_ms=dict.fromkeys(STEP_NAMES, 0))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serving.maintain)
+        answer = await serving.submit(order, "k-1")
+        running = await store.get("k-1")
+        assert running is not None
+        # Begun a minute ago, as far as the store's clock goes (the autojump clock is not it).
+        store._orders["k-1"] = attrs.evolve(running, started_at=running.started_at - 60)
+        await trio.sleep(3)  # three recovery rounds
+        still = await store.get("k-1")
+        store.land()
+        nursery.cancel_scope.cancel()
+
+    assert (answer.status, json.loads(answer.body)["error"]["kind"]) == (409, "order_in_progress")
+    assert still is not None
+    assert still.state == RUNNING
+    assert await store.net_charge("k-1") == 70
+    replay = await serving.submit(order, "k-1")
+    assert (replay.status, replay.replayed) == (200, True)
