@@ -511,13 +511,14 @@ class _RacedStore(SqliteStore):
     time, the order was then forgotten (retention) too, so the key is new again."""
 
     races = 0
+    forgotten_at = desk.RESTART_TRIES  # the race after which the key is forgotten
 
     async def restart(self, key: str, owner: str, expected_attempt: int) -> StoredOrder | None:
         self.races += 1
         other = await super().restart(key, "other", expected_attempt)
         assert other is not None
         await self.finish(key, other.attempt_id, 503, b"{}", "interrupted")
-        if self.races == desk.RESTART_TRIES:
+        if self.races == self.forgotten_at:
             assert await self.purge(-1.0, 10) == 1
         return await super().restart(key, owner, expected_attempt)  # None: the attempt moved
 
@@ -541,6 +542,32 @@ async def test_a_key_freed_as_the_last_restart_try_loses_its_race_is_run(
         stored = await store.get("k-1")
         assert stored is not None
         assert (stored.state, stored.attempt) == (FINISHED, 1)
+
+
+class _AlwaysRaced(_RacedStore):
+    """As _RacedStore, but the key is never forgotten: every restart loses its race."""
+
+    forgotten_at = 0
+
+
+async def test_an_interrupted_key_whose_every_restart_loses_its_race_is_409(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Each of the desk's tries to restart an interrupted key finds another process restarted
+    it first (and was interrupted again): after the last, the retry is told the order is in
+    progress (409, Retry-After), and runs nothing."""
+    async with _AlwaysRaced(tmp_path / "orders.db") as store:
+        attempt_id = await orphan(store, "k-1", charged=False)
+        await store.finish("k-1", attempt_id, 503, b"{}", "interrupted")
+        assembly = assemble(Settings(), store=store)
+
+        status, body, headers = await post(assembly, make_order_body(), key="k-1")
+
+        assert store.races == desk.RESTART_TRIES
+        assert (status, json.loads(body)["error"]["kind"]) == (409, "order_in_progress")
+        assert headers["Retry-After"] == "1"
+        assert headers["Content-Location"] == "/order/k-1"
+        assert await store.net_charge("k-1") == 0
 
 
 async def test_a_cancelled_order_s_record_survives_a_moment_s_outage(
