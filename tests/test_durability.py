@@ -1538,3 +1538,24 @@ async def test_an_order_whose_record_is_held_and_unread_is_not_recovered_by_its_
     assert await store.net_charge("k-1") == 70
     replay = await serving.submit(order, "k-1")
     assert (replay.status, replay.replayed) == (200, True)
+
+
+async def test_an_order_the_store_cannot_begin_is_a_warning_naming_it_and_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An order refused because the store cannot record it (503) is a warning naming the
+    order and the store's error, besides its refused line."""
+
+    class Unwritable(MemoryStore):
+        async def begin(self, *args: Any) -> Any:
+            raise StoreUnavailable("database is locked (a test's)")
+
+    refusing = assemble(Settings(), store=Unwritable()).desk
+    with caplog.at_level(logging.WARNING, logger=DESK_LOGGER):
+        answer = await refusing.submit(make_order("o-1", amount=5), "k-1")
+
+    assert (answer.status, answer.refused) == (503, "store_unavailable")
+    warnings = [r.getMessage() for r in caplog.records if r.name == DESK_LOGGER]
+    assert warnings == [
+        "order 'o-1' refused: the store is unavailable (database is locked (a test's))"
+    ]
