@@ -93,6 +93,22 @@ async def test_a_retry_gets_the_first_reply_and_runs_nothing(
     assert await store.net_charge("k-1") == 250  # charged once
 
 
+async def test_a_retry_spelling_a_map_s_keys_in_another_order_is_replayed(
+    assembly: Assembly, autojump_clock: trio.abc.Clock
+) -> None:
+    """The order is compared as parsed, maps included: a retry listing `delay_ms`'s steps in
+    another order is the same order (replayed), not another one under the key (422)."""
+    first = b'{"order_id": "o-1", "amount": 250, "delay_ms": {"payment": 1, "vendor": 2}}'
+    again = b'{"order_id": "o-1", "amount": 250, "delay_ms": {"vendor": 2, "payment": 1}}'
+    status, body, _ = await post(assembly, first, key="k-1")
+
+    replay_status, replay_body, headers = await post(assembly, again, key="k-1")
+
+    assert (status, replay_status) == (200, 200)
+    assert replay_body == body
+    assert headers["Idempotent-Replayed"] == "true"
+
+
 async def test_a_failure_is_replayed_too(
     assembly: Assembly, store: SqliteStore, autojump_clock: trio.abc.Clock
 ) -> None:
