@@ -30,7 +30,9 @@ nothing: an order's path is the one it had before tracing existed.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -338,9 +340,12 @@ def export_timeout(environ: Mapping[str, str] = os.environ) -> float:
         "OTEL_EXPORTER_OTLP_TIMEOUT"
     )
     try:
-        return float(raw) if raw else EXPORT_TIMEOUT_S
+        seconds = float(raw) if raw else EXPORT_TIMEOUT_S
     except ValueError:
         return EXPORT_TIMEOUT_S
+    # A negative or NaN wait would fail the flush (and the exit's last line); an infinite one
+    # would make it unbounded.
+    return seconds if 0 <= seconds < math.inf else EXPORT_TIMEOUT_S
 
 
 async def flush_spans(environ: Mapping[str, str] = os.environ) -> None:
@@ -358,3 +363,6 @@ async def flush_spans(environ: Mapping[str, str] = os.environ) -> None:
     with trio.move_on_after(export_timeout(environ)):
         # Abandoned at the timeout: the SDK's thread still sending is a daemon thread.
         await trio.to_thread.run_sync(shutdown, abandon_on_cancel=True)
+    # Not again at interpreter exit: the provider unregisters it only once it has returned,
+    # and before SDK 1.34 a second shutdown waits for the whole queue, with no timeout.
+    atexit.unregister(shutdown)

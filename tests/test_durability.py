@@ -866,6 +866,17 @@ async def test_an_order_this_process_left_running_is_recovered_by_it(
     assert await store.net_charge("k-16") == 250
 
 
+async def left_running(store: MemoryStore, owner: str, key: str) -> None:
+    """An order of `owner`'s under `key`, charged 70, begun a minute ago, that nothing runs
+    (its process left it: its task gone, its final record lost)."""
+    left = make_order("o-left", amount=70)
+    body = canonical(left)
+    begun = await store.begin(key, left.order_id, hashlib.sha256(body).hexdigest(), body, owner)
+    assert isinstance(begun, Begun)
+    await store.charge(begun.order.attempt_id, key, 70)
+    store._orders[key] = attrs.evolve(begun.order, started_at=begun.order.started_at - 60)
+
+
 async def test_an_order_of_its_own_left_running_is_recovered_only_when_seen_twice(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -874,14 +885,7 @@ async def test_an_order_of_its_own_left_running_is_recovered_only_when_seen_twic
     later, it is undone."""
     store = MemoryStore()
     desk = assemble(Settings(lease_timeout=2.0), store=store).desk
-    left = make_order("o-left", amount=70)
-    body = canonical(left)
-    begun = await store.begin(
-        "k-1", left.order_id, hashlib.sha256(body).hexdigest(), body, desk.owner
-    )
-    assert isinstance(begun, Begun)
-    await store.charge(begun.order.attempt_id, "k-1", 70)
-    store._orders["k-1"] = attrs.evolve(begun.order, started_at=begun.order.started_at - 60)
+    await left_running(store, desk.owner, "k-1")
 
     async with trio.open_nursery() as nursery:
         await nursery.start(desk.maintain)  # its first look at once
@@ -1109,14 +1113,7 @@ async def test_an_order_left_running_is_recovered_while_another_s_reply_was_not_
     warnings = [r.getMessage() for r in caplog.records if r.name == DESK_LOGGER]
     assert (answer.status, json.loads(answer.body)["error"]["kind"]) == (503, "store_unavailable")
     assert warnings == ["order 'o-held': its result could not be recorded yet"]
-    left = make_order("o-left", amount=70)
-    body = canonical(left)
-    begun = await store.begin(
-        "k-left", left.order_id, hashlib.sha256(body).hexdigest(), body, desk.owner
-    )
-    assert isinstance(begun, Begun)
-    await store.charge(begun.order.attempt_id, "k-left", 70)
-    store._orders["k-left"] = attrs.evolve(begun.order, started_at=begun.order.started_at - 60)
+    await left_running(store, desk.owner, "k-left")
 
     async with trio.open_nursery() as nursery:
         await nursery.start(desk.maintain)

@@ -2085,6 +2085,56 @@ async def test_stores_opening_one_version_1_schema_at_once_upgrade_it_once(schem
     assert (await _pg_indexes(schema)).count("orders_started") == 1
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("isolation", ["repeatable\\ read", "serializable"], ids=["rr", "ser"])
+async def test_hosts_making_a_schema_at_once_under_a_stricter_isolation_make_it_once(
+    schema: str, isolation: str
+) -> None:
+    """Two hosts open a new schema at once, their role's default_transaction_isolation
+    stricter than read committed (set here by the URL): the one that waited for the other's
+    migration must find it done. It read the version again in its first read's snapshot,
+    from before that migration, made the tables again and failed to open (DuplicateTable:
+    exit 2). Both are held at the migration lock until both wait there."""
+    from order_pipeline.store.postgres import MIGRATION_LOCK, VERSION_TABLE
+
+    url = with_params(
+        postgres_url(schema=schema), options=f"-cdefault_transaction_isolation={isolation}"
+    )
+    holder = await trio.to_thread.run_sync(admin)
+    stores = [postgres_store(url) for _ in range(2)]
+    try:
+        await trio.to_thread.run_sync(
+            holder.execute, "SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,)
+        )
+        async with trio.open_nursery() as nursery:
+            for store in stores:
+                nursery.start_soon(store.__aenter__)
+            with trio.fail_after(20):
+                while await _waiting_for(MIGRATION_LOCK) < len(stores):  # noqa: ASYNC110 # the database's state
+                    await trio.sleep(0.05)
+            await trio.to_thread.run_sync(
+                holder.execute, "SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,)
+            )
+        for store in stores:
+            assert await store.get("k-none") is None  # open, and on one schema
+        assert await sql(f"SELECT count(*) FROM {VERSION_TABLE}", schema=schema) == [(1,)]
+    finally:
+        await trio.to_thread.run_sync(holder.close)
+        for store in stores:
+            await store.aclose()
+
+
+async def _waiting_for(advisory_lock: int) -> int:
+    """How many sessions wait for the advisory lock (a bigint key: its high and low halves)."""
+    rows = await sql(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        " AND classid::bigint = %s AND objid::bigint = %s",
+        advisory_lock >> 32,
+        advisory_lock & 0xFFFFFFFF,
+    )
+    return int(rows[0][0])
+
+
 async def _tables(schema: str) -> list[str]:
     rows = await sql(
         "SELECT table_name::text FROM information_schema.tables WHERE table_schema = %s",

@@ -10,10 +10,12 @@ each as it ends), which pins the order of events as well.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
@@ -29,6 +31,7 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SimpleSpanProcessor,
     SpanExporter,
+    SpanExportResult,
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
@@ -65,6 +68,7 @@ from order_pipeline.tracing import (
     Tracing,
     configure_tracing,
     export_timeout,
+    flush_spans,
     span_exporter_from_env,
     tracer_provider,
 )
@@ -666,6 +670,10 @@ def endpoint_of(exporter: SpanExporter) -> object:
         ({"OTEL_EXPORTER_OTLP_TIMEOUT": "3"}, 3),
         ({"OTEL_EXPORTER_OTLP_TIMEOUT": "3", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2.5"}, 2.5),
         ({"OTEL_EXPORTER_OTLP_TIMEOUT": "soon"}, 10),  # as the exporter: its default
+        # A wait the flush cannot take (it failed the exit's last line), or an unbounded one.
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "-1"}, 10),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "nan"}, 10),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "inf"}, 10),
     ],
 )
 def test_the_flush_at_exit_waits_one_exports_timeout(
@@ -673,6 +681,42 @@ def test_the_flush_at_exit_waits_one_exports_timeout(
 ) -> None:
     """What `flush_spans` waits at most: the exporter's timeout, read as the exporter does."""
     assert export_timeout(environ) == seconds
+
+
+class _Stuck(SpanExporter):
+    """A collector that takes nothing until the test lets it."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.release.wait(10)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.release.set()
+
+
+async def test_a_flush_given_up_on_is_not_run_again_at_exit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`flush_spans` gives up on a collector that takes nothing after the export timeout; the
+    provider's own flush at interpreter exit must not run then (before SDK 1.34 it waits for
+    the whole queue with no timeout, after the hard deadline and with every signal ignored)."""
+    exporter = _Stuck()
+    provider = tracer_provider(exporter)  # registers its shutdown to run at exit
+    provider.get_tracer("test").start_span("one").end()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    unregistered: list[object] = []
+    monkeypatch.setattr(atexit, "unregister", unregistered.append)
+    try:
+        started = time.monotonic()
+        await flush_spans({"OTEL_EXPORTER_OTLP_TIMEOUT": "0.2"})
+
+        assert time.monotonic() - started < 5
+        assert provider.shutdown in unregistered  # (the provider unregisters it only once done)
+    finally:
+        exporter.release.set()
 
 
 def test_console_exporter_on_request(otel_environ: pytest.MonkeyPatch) -> None:

@@ -687,9 +687,12 @@ class PostgresStore(WriterThread[Conn]):
 def _migrate(conn: Conn, where: str) -> None:
     """Create or upgrade the schema in the first schema of the search_path, once."""
     # Another host's migration (or an operator's lock) is waited for, but not forever; an
-    # operator's statement_timeout would cut that wait, or an index's build, short.
+    # operator's statement_timeout would cut that wait, or an index's build, short; and a
+    # stricter default isolation would have the version read again after the lock (below)
+    # in the first read's snapshot, from before that host's migration.
     conn.execute(
-        "SELECT set_config('lock_timeout', %s, false), set_config('statement_timeout', '0', false)",
+        "SELECT set_config('lock_timeout', %s, false), set_config('statement_timeout', '0', false),"
+        " set_config('default_transaction_isolation', 'read committed', false)",
         (f"{MIGRATION_WAIT:g}s",),
     )
     with conn.transaction():
