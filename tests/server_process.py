@@ -38,6 +38,17 @@ class ServerProcess:
         lines = self.log_path.read_text(errors="replace").splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
 
+    async def wait_for_lines(
+        self, enough: Callable[[list[dict[str, Any]]], bool]
+    ) -> list[dict[str, Any]]:
+        """The log's lines once `enough` holds of them. The server's log writer thread writes
+        a line within 50 ms of its being logged (`logs.BufferedHandler`), so an order's reply
+        can arrive before its line; at exit every line is written."""
+        with trio.fail_after(WAIT_S):
+            while not enough(lines := self.log_lines()):  # noqa: ASYNC110 # another process's file
+                await trio.sleep(POLL_S)
+        return lines
+
     def errors(self) -> list[dict[str, Any]]:
         return [line for line in self.log_lines() if line["level"] in ("error", "critical")]
 

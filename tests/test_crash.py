@@ -56,6 +56,7 @@ async def test_a_hundred_clients_with_one_new_key_run_it_once(
     )  # replays are the same bytes
     async with SqliteStore(db) as store:
         assert await store.net_charge("one") == 40
+    assert await server.stop() == 0  # every line written
     orders = [line for line in server.log_lines() if line["logger"] == "order_pipeline.orders"]
     assert [line["kind"] for line in orders if line["kind"] == "ok"] == ["ok"]
 

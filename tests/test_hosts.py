@@ -42,12 +42,11 @@ def _url(schema: str) -> str:
 
 def order_lines(*hosts: ServerProcess) -> list[dict[str, Any]]:
     """The one log line per order of every host (the orders that ran or were undone there)."""
-    return [
-        line
-        for host in hosts
-        for line in host.log_lines()
-        if line["logger"] == "order_pipeline.orders" and "kind" in line
-    ]
+    return [line for host in hosts for line in order_lines_of(host.log_lines())]
+
+
+def order_lines_of(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [line for line in lines if line["logger"] == "order_pipeline.orders" and "kind" in line]
 
 
 async def test_one_new_key_sent_to_both_hosts_at_once_runs_once(
@@ -91,6 +90,8 @@ async def test_one_new_key_sent_to_both_hosts_at_once_runs_once(
     assert json.loads(ran[0].content)["status"] == "ok"
     async with open_store(url) as store:
         assert await store.net_charge("one") == 40
+    for server in hosts:
+        assert await server.stop() == 0  # every line written
     assert [line["kind"] for line in order_lines(*hosts) if line["kind"] == "ok"] == ["ok"]
     print(f"hosts: one key, {PER_HOST} requests to each host: {[dict(c) for c in by_host]}")
 
@@ -128,8 +129,12 @@ async def test_a_host_killed_with_200_orders_in_flight_is_undone_by_the_other(
                 503,
                 0,
             ), key
-        undone = [line for line in order_lines(survivor) if line["kind"] == "interrupted"]
-        assert len(undone) == ORDERS
+
+        def interrupted(lines: list[dict[str, Any]]) -> int:
+            return sum(1 for line in order_lines_of(lines) if line["kind"] == "interrupted")
+
+        logged = await survivor.wait_for_lines(lambda lines: interrupted(lines) >= ORDERS)
+        assert interrupted(logged) == ORDERS
 
         retried = await send_again(survivor.url, orders)
 

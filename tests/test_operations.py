@@ -491,8 +491,12 @@ async def test_workers_both_serve_and_sum_their_metrics(start_server: StartServe
             nursery.start_soon(order, n)
 
     assert statuses == [200] * 60
-    pids = {line["pid"] for line in server.log_lines() if line["logger"] == "order_pipeline.orders"}
-    assert len(pids) == 2
+
+    def order_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [line for line in lines if line["logger"] == "order_pipeline.orders"]
+
+    lines = order_lines(await server.wait_for_lines(lambda ls: len(order_lines(ls)) >= 60))
+    assert len({line["pid"] for line in lines}) == 2
     for _ in range(6):  # fresh connections: each scrape may land on either worker
         async with httpx.AsyncClient(base_url=server.url) as client:
             text = (await client.get("/metrics")).text
