@@ -11,6 +11,7 @@ in write(), and with it the serving, the drain and the hard deadline.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import contextvars
 import json
@@ -42,6 +43,20 @@ WAKE_AT: Final = 512
 CAPACITY: Final = 10_000
 # How long a flush (at exit) waits for a stream that takes nothing before it gives up.
 EXIT_WAIT_S: Final = 2.0
+
+
+def _json_escape(error: UnicodeError) -> tuple[str, int]:
+    """Characters an encoding lacks as JSON's escapes (`\\u00e9`), valid in a JSON line's
+    strings, where every such character of ours is (and readable in a text line)."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    escaped = error.object[error.start : error.end].encode("utf-16-be", "surrogatepass")
+    units = (escaped[n : n + 2].hex() for n in range(0, len(escaped), 2))
+    return "".join(f"\\u{unit}" for unit in units), error.end
+
+
+_JSON_ESCAPE: Final = "order_pipeline.json_escape"
+codecs.register_error(_JSON_ESCAPE, _json_escape)
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -129,7 +144,9 @@ class BufferedHandler(logging.Handler):
         self.stream = stream
         self._period, self._capacity, self._exit_wait = period, capacity, exit_wait
         self._encoding = getattr(stream, "encoding", None) or "utf-8"
-        self._errors = getattr(stream, "errors", None) or "strict"
+        # A character the encoding lacks is escaped, not an error: a batch is written at once,
+        # and an error would lose every line of it.
+        self._errors = _JSON_ESCAPE
         try:
             self._fd: int | None = stream.fileno()
             stream.flush()  # what it holds comes first

@@ -94,6 +94,28 @@ def test_lines_are_in_order_and_as_a_stream_handler_writes_them(
     assert written.count(b"\n") >= 2000
 
 
+def test_a_character_the_stream_cannot_encode_loses_no_line(
+    tmp_path: Path, root_restored: logging.Logger
+) -> None:
+    """On a stream of strict ASCII (PYTHONIOENCODING=ascii:strict) a line with "é" and "😀" is
+    written with JSON's escapes, and the lines of its batch with it (before: the batch's
+    encoding error lost every line of it)."""
+    with (tmp_path / "log").open("w", encoding="ascii", errors="strict") as stream:
+        configure_logging("info", "json", stream)
+        logger = logging.getLogger("order_pipeline.test.ascii")
+        logger.info("before")
+        logger.info("caf\u00e9 \U0001f600")
+        logger.info("after")
+        flush_logs()
+
+    lines = (tmp_path / "log").read_bytes().splitlines()
+    assert [json.loads(line)["message"] for line in lines] == [
+        "before",
+        "caf\u00e9 \U0001f600",
+        "after",
+    ]
+
+
 def test_a_full_buffer_drops_lines_and_then_says_how_many(root_restored: logging.Logger) -> None:
     """Past its capacity (the lines being written included) a line is dropped and counted; the
     next line kept comes after one that says how many, in the log's format."""
