@@ -90,6 +90,11 @@ KINDS: Final[dict[str, tuple[int, str, bool]]] = {
     "not_found": (404, "no such endpoint", False),
     "method_not_allowed": (405, "method not allowed", False),
     "payload_too_large": (413, "request body too large", False),
+    "unsupported_media_type": (
+        415,
+        "request body's Content-Encoding is not supported: send it uncompressed",
+        False,
+    ),
     "http_error": (500, "http error", False),
 }
 STEP_KINDS: Final = {"payment": "payment_declined", "vendor": "vendor_unavailable",
@@ -343,6 +348,11 @@ def make_app(services: Services, cancel_on_disconnect: bool) -> FastAPI:
         body = await request.body()
         if len(body) > MAX_BODY:
             return reply("payload_too_large")
+        codings = ",".join(request.headers.getlist("content-encoding")).split(",")
+        if any(coding.strip().lower() not in ("", "identity") for coding in codings):
+            response = reply("unsupported_media_type")
+            response.headers["Accept-Encoding"] = "identity"
+            return response
         try:
             parsed = parse_order(body)
         except Invalid as exc:
