@@ -30,6 +30,7 @@ __all__ = [
     "JsonFormatter",
     "configure_logging",
     "flush_logs",
+    "log_stray_reports",
     "request_id",
     "write_line",
 ]
@@ -311,3 +312,30 @@ def configure_logging(
     # Its warnings are about a caller's malformed `tracestate` (left out anyway): one line per
     # such request would let any client fill the log.
     logging.getLogger("opentelemetry.trace.span").setLevel(logging.ERROR)
+
+
+def log_stray_reports() -> None:
+    """Warnings, exceptions Python can only report (`sys.unraisablehook`: "Exception ignored
+    in") and those that end a thread go to the log, as lines of it: Python writes them
+    straight to stderr, from the thread that met them, which a stderr nobody reads would
+    then stop (the Trio thread, and with it the serving, the drain and the hard deadline)."""
+    logging.captureWarnings(True)
+    sys.unraisablehook = _log_unraisable
+    threading.excepthook = _log_thread_exception
+
+
+_stray = logging.getLogger(__name__)
+
+
+def _log_unraisable(report: Any) -> None:  # sys.UnraisableHookArgs
+    exc_info = (report.exc_type, report.exc_value, report.exc_traceback)
+    where = f": {report.object!r}" if report.object is not None else ""
+    _stray.error("%s%s", report.err_msg or "Exception ignored in", where, exc_info=exc_info)
+
+
+def _log_thread_exception(report: threading.ExceptHookArgs) -> None:
+    if report.exc_type is SystemExit:  # as threading's own hook: a thread's quiet end
+        return
+    name = report.thread.name if report.thread is not None else "a thread"
+    exc_info = (report.exc_type, report.exc_value, report.exc_traceback)
+    _stray.error("exception in thread %s", name, exc_info=exc_info)  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ import trio
 from .cli import VERSION, ListOrders, parse_command
 from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff, stop_signals
 from .listing import list_orders
-from .logs import configure_logging, flush_logs, write_line
+from .logs import configure_logging, flush_logs, log_stray_reports, write_line
 from .metrics import Metrics
 from .model import OrderResult
 from .server import Readiness, assemble, serve
@@ -321,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         handoff = Handoff.from_environ(os.environ)
         configure_logging(command.log_level, command.log_format)
+        log_stray_reports()
         logging.getLogger("hypercorn.error").addFilter(_not_hypercorns_running_line)
         listening = handoff or listen(command)
         # Once the store is open, serve_here() or supervise() receives SIGINT; one before

@@ -7,8 +7,10 @@ import io
 import json
 import logging
 import os
+import select
 import signal
 import struct
+import subprocess
 import sys
 import termios
 import threading
@@ -175,6 +177,78 @@ def test_the_exit_flush_gives_up_on_a_stream_that_takes_nothing() -> None:
     assert second < 0.2  # it did not wait its exit_wait again
     handler._writer.join(WAIT_S)  # once the stream takes its line, the closed writer ends
     assert not handler._writer.is_alive()
+
+
+# Logs as a server does, fills stderr with more than a pipe holds, then meets a warning, an
+# exception Python can only report, and one that ends a thread; says "alive" on stdout.
+STRAY_REPORTS = """
+import logging, os, sys, threading, warnings
+from order_pipeline.logs import configure_logging, flush_logs, log_stray_reports
+
+configure_logging("info", "json")
+if sys.argv[1] == "logged":
+    log_stray_reports()
+for n in range(int(sys.argv[2])):
+    logging.getLogger("filler").info("%d %s", n, "x" * 100)
+flush_logs()
+warnings.simplefilter("always")
+warnings.warn("stray warning", RuntimeWarning)
+
+class Broken:
+    def __del__(self):
+        raise ValueError("stray unraisable")
+
+Broken()
+def fail():
+    raise KeyError("stray thread")
+
+thread = threading.Thread(target=fail, name="stray")
+thread.start()
+thread.join()
+print("alive", flush=True)
+flush_logs()
+os._exit(0)
+"""
+
+
+def run_stray_reports(how: str, lines: int, stderr: int) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-c", STRAY_REPORTS, how, str(lines)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr)
+
+
+def test_warnings_and_stray_exceptions_are_log_lines(tmp_path: Path) -> None:
+    """A warning, an "Exception ignored in" and a thread's exception are JSON lines of the
+    log, each with its traceback, not text on stderr beside them."""
+    with (tmp_path / "stderr").open("wb") as stderr:
+        process = run_stray_reports("logged", 0, stderr.fileno())
+        out, _ = process.communicate(timeout=WAIT_S)
+    assert out == b"alive\n"
+
+    lines = [json.loads(line) for line in (tmp_path / "stderr").read_bytes().splitlines()]
+    warning, unraisable, thread = lines
+    assert (warning["logger"], warning["level"]) == ("py.warnings", "warning")
+    assert "RuntimeWarning: stray warning" in warning["message"]
+    assert unraisable["message"].startswith("Exception ignored in: <function Broken.__del__")
+    assert "ValueError: stray unraisable" in unraisable["traceback"]
+    assert thread["message"] == "exception in thread stray"
+    assert "KeyError: 'stray thread'" in thread["traceback"]
+
+
+def test_a_warning_does_not_stop_a_process_whose_stderr_is_not_read() -> None:
+    """With stderr a full pipe nobody reads, a warning and the rest go to the log, which
+    drops them, and the thread that met them goes on (before: Python wrote its reports to
+    the pipe itself, and the thread blocked there for good)."""
+    read_end, write_end = os.pipe()
+    try:
+        with run_stray_reports("logged", 2000, write_end) as process:  # 200 KB: it fills
+            os.close(write_end)
+            assert process.stdout is not None
+            ready, _, _ = select.select([process.stdout], [], [], WAIT_S)
+            said = process.stdout.readline() if ready else b"nothing"
+            process.kill()
+    finally:
+        os.close(read_end)
+    assert said == b"alive\n"
 
 
 def unread_bytes(fd: int) -> int:
