@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import IO, Any, Final
 
 import orjson
@@ -316,12 +317,14 @@ def configure_logging(
 
 def log_stray_reports() -> None:
     """Warnings, exceptions Python can only report (`sys.unraisablehook`: "Exception ignored
-    in") and those that end a thread go to the log, as lines of it: Python writes them
-    straight to stderr, from the thread that met them, which a stderr nobody reads would
-    then stop (the Trio thread, and with it the serving, the drain and the hard deadline)."""
+    in"), those that end a thread and the one that ends the process go to the log, as lines
+    of it: Python writes them straight to stderr, from the thread that met them, which a
+    stderr nobody reads would then stop (the Trio thread, and with it the serving, the drain
+    and the hard deadline; at a crash, the exit)."""
     logging.captureWarnings(True)
     sys.unraisablehook = _log_unraisable
     threading.excepthook = _log_thread_exception
+    sys.excepthook = _log_uncaught
 
 
 _stray = logging.getLogger(__name__)
@@ -339,3 +342,9 @@ def _log_thread_exception(report: threading.ExceptHookArgs) -> None:
     name = report.thread.name if report.thread is not None else "a thread"
     exc_info = (report.exc_type, report.exc_value, report.exc_traceback)
     _stray.error("exception in thread %s", name, exc_info=exc_info)  # type: ignore[arg-type]
+
+
+def _log_uncaught(
+    exc_type: type[BaseException], exc: BaseException, traceback: TracebackType | None
+) -> None:
+    _stray.critical("uncaught exception: the process ends", exc_info=(exc_type, exc, traceback))

@@ -180,7 +180,8 @@ def test_the_exit_flush_gives_up_on_a_stream_that_takes_nothing() -> None:
 
 
 # Logs as a server does, fills stderr with more than a pipe holds, then meets a warning, an
-# exception Python can only report, and one that ends a thread; says "alive" on stdout.
+# exception Python can only report, and one that ends a thread; says "alive" on stdout, and
+# crashes.
 STRAY_REPORTS = """
 import logging, os, sys, threading, warnings
 from order_pipeline.logs import configure_logging, flush_logs, log_stray_reports
@@ -206,8 +207,7 @@ thread = threading.Thread(target=fail, name="stray")
 thread.start()
 thread.join()
 print("alive", flush=True)
-flush_logs()
-os._exit(0)
+raise RuntimeError("stray crash")
 """
 
 
@@ -217,27 +217,32 @@ def run_stray_reports(how: str, lines: int, stderr: int) -> subprocess.Popen[byt
 
 
 def test_warnings_and_stray_exceptions_are_log_lines(tmp_path: Path) -> None:
-    """A warning, an "Exception ignored in" and a thread's exception are JSON lines of the
-    log, each with its traceback, not text on stderr beside them."""
+    """A warning, an "Exception ignored in", a thread's exception and the process's own are
+    JSON lines of the log, each with its traceback, not text on stderr beside them."""
     with (tmp_path / "stderr").open("wb") as stderr:
         process = run_stray_reports("logged", 0, stderr.fileno())
         out, _ = process.communicate(timeout=WAIT_S)
-    assert out == b"alive\n"
+    assert (out, process.returncode) == (b"alive\n", 1)
 
     lines = [json.loads(line) for line in (tmp_path / "stderr").read_bytes().splitlines()]
-    warning, unraisable, thread = lines
+    warning, unraisable, thread, crash = lines
     assert (warning["logger"], warning["level"]) == ("py.warnings", "warning")
     assert "RuntimeWarning: stray warning" in warning["message"]
     assert unraisable["message"].startswith("Exception ignored in: <function Broken.__del__")
     assert "ValueError: stray unraisable" in unraisable["traceback"]
     assert thread["message"] == "exception in thread stray"
     assert "KeyError: 'stray thread'" in thread["traceback"]
+    assert (crash["level"], crash["message"]) == (
+        "critical",
+        "uncaught exception: the process ends",
+    )
+    assert "RuntimeError: stray crash" in crash["traceback"]
 
 
 def test_a_warning_does_not_stop_a_process_whose_stderr_is_not_read() -> None:
     """With stderr a full pipe nobody reads, a warning and the rest go to the log, which
-    drops them, and the thread that met them goes on (before: Python wrote its reports to
-    the pipe itself, and the thread blocked there for good)."""
+    drops them: the thread that met them goes on, and the crash ends the process (before:
+    Python wrote its reports to the pipe itself, and the thread blocked there for good)."""
     read_end, write_end = os.pipe()
     try:
         with run_stray_reports("logged", 2000, write_end) as process:  # 200 KB: it fills
@@ -245,10 +250,14 @@ def test_a_warning_does_not_stop_a_process_whose_stderr_is_not_read() -> None:
             assert process.stdout is not None
             ready, _, _ = select.select([process.stdout], [], [], WAIT_S)
             said = process.stdout.readline() if ready else b"nothing"
+            try:  # the crash's line is dropped too, and the exit waits 2 s for the log
+                exit_status = process.wait(WAIT_S)
+            except subprocess.TimeoutExpired:
+                exit_status = None
             process.kill()
     finally:
         os.close(read_end)
-    assert said == b"alive\n"
+    assert (said, exit_status) == (b"alive\n", 1)
 
 
 def unread_bytes(fd: int) -> int:
