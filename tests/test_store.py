@@ -1144,6 +1144,40 @@ async def test_a_locked_file_is_unavailable_then_recovers(tmp_path: Path) -> Non
         assert await store.get("k-2") is None
 
 
+async def test_a_sqlite_purge_reads_the_expired_orders_only(tmp_path: Path) -> None:
+    """A purge holds the write lock, and every order's commit behind it, for as long as its
+    statement runs: it must read the expired orders (a range of orders_finished_at), not
+    every finished one. 20,000 orders within the retention and one past it: the purge of
+    that one takes a few thousand SQLite instructions, not one pass per finished order (it
+    took over a million through orders_state_owner, about 100 ms a batch at 500,000)."""
+    async with SqliteStore(tmp_path / "orders.db") as store:
+        now = time.time()
+
+        def fill(conn: sqlite3.Connection) -> None:
+            rows = [(f"r-{i}", f"a-{i}", f"w-{i % 7}", now) for i in range(20_000)]
+            rows.append(("k-old", "a-old", "w-old", now - 7200))
+            conn.executemany(
+                "INSERT INTO orders (key, order_id, request_hash, body, attempt, attempt_id,"
+                " owner, state, started_at, finished_at, http_status, reply)"
+                f" VALUES (?1, 'o', 'h', x'', 1, ?2, ?3, '{FINISHED}', ?4, ?4, 200, x'')",
+                rows,
+            )
+
+        await store._call(fill)
+        instructions = 0
+
+        def count() -> int:
+            nonlocal instructions
+            instructions += 1000
+            return 0
+
+        await store._call(lambda conn: conn.set_progress_handler(count, 1000))
+        assert await store.purge(3600.0, 1000) == 1
+        await store._call(lambda conn: conn.set_progress_handler(None, 0))
+        assert await store.get("k-old") is None
+    assert instructions < 20_000, instructions  # 120,000 through orders_state_owner
+
+
 async def test_an_operation_failing_alone_leaves_its_sqlite_batch_alone(tmp_path: Path) -> None:
     """In one batch, a charge SQLite cannot take (an amount past 64 bits) raises its own
     error; the begins around it are committed all the same."""
