@@ -20,7 +20,8 @@ starts its drain (a second SIGTERM cuts it short).
 A worker that keeps dying (`RESTART_LIMIT`
 deaths within `RESTART_WINDOW_S`) is not restarted again: the supervisor drains
 the others and exits with status 1. The workers share one prometheus-client
-multiprocess directory, so `/metrics` sums all of them.
+multiprocess directory, so `/metrics` sums all of them (an exited worker's counts too,
+in one file of every exited worker's: `metrics.retire_worker`).
 
 Each worker writes a byte to a pipe once it serves (`Handoff.say_serving`): the
 supervisor says "Running on" only when all of them do, since tools take that
@@ -61,6 +62,10 @@ RESTART_PAUSE_S: Final = 1.0
 # A worker that dies this many times within this many seconds is given up on.
 RESTART_LIMIT: Final = 5
 RESTART_WINDOW_S: Final = 60.0
+# A dead worker's metrics files are merged when no scrape reads them; tried for a second at
+# most (a worker stopped in a scrape), then left: counted all the same, in files of their own.
+RETIRE_TRIES: Final = 100
+RETIRE_PAUSE_S: Final = 0.01
 
 
 async def supervise(
@@ -165,7 +170,7 @@ class _Supervisor:
 
     async def worker(self, number: int) -> None:
         """Run worker `number`, restarting it while serving, until the drain or giving up."""
-        from prometheus_client.multiprocess import mark_process_dead
+        from .metrics import retire_worker  # imports prometheus-client: only with workers
 
         deaths: deque[float] = deque(maxlen=RESTART_LIMIT)
         while True:
@@ -183,7 +188,11 @@ class _Supervisor:
                     with trio.CancelScope(shield=True):
                         code = await process.wait()
                 self.running.discard(process)
-                mark_process_dead(process.pid, self.metrics_dir)  # type: ignore[no-untyped-call] # untyped upstream
+                for _ in range(RETIRE_TRIES):  # a scrape holds the lock for milliseconds
+                    if retire_worker(process.pid, self.metrics_dir):
+                        break
+                    with trio.CancelScope(shield=True):
+                        await trio.sleep(RETIRE_PAUSE_S)
             if self.stopping:
                 log.info("worker %d (pid %d) exited with %d", number, process.pid, code)
                 if code not in DRAINED:

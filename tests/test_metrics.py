@@ -4,11 +4,14 @@ of a store process."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 
-from order_pipeline.metrics import Metrics
+from order_pipeline import metrics
+from order_pipeline.metrics import Metrics, retire_worker
 from order_pipeline.server import assemble
 from order_pipeline.store import StoreProcess
 
@@ -110,3 +113,42 @@ async def test_only_requests_to_post_an_order_count_as_refused_orders() -> None:
     assert counted == [
         'order_pipeline_orders_total{http_status="413",kind="payload_too_large"} 1.0'
     ]
+
+
+def test_retired_workers_are_counted_once_and_a_scrape_holds_their_files(tmp_path: Path) -> None:
+    """Two worker processes that counted 3 and 4 orders and exited: retired, their counts are
+    in one pair of files and summed (7); a retirement while a scrape holds the directory's
+    lock leaves the worker's files alone (False), to be tried again."""
+    directory = str(tmp_path)
+    count = (
+        "import sys; from order_pipeline.metrics import Metrics; m = Metrics(sys.argv[1]);"
+        " [m.count_order('ok', 200) for _ in range(int(sys.argv[2]))];"
+        " m.order_seconds.labels('ok').observe(0.1); print(__import__('os').getpid())"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory}
+    pids = [
+        int(subprocess.check_output([sys.executable, "-c", count, directory, n], env=env))
+        for n in ("3", "4")
+    ]
+    scraper = Metrics(directory)
+
+    def counted() -> float:
+        text = scraper.exposition()[0].decode()
+        return sum(
+            float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line.startswith("order_pipeline_orders_total{")
+        )
+
+    assert counted() == 7
+    with metrics._locked(directory, exclusive=False):  # a scrape under way
+        assert not retire_worker(pids[0], directory)
+    assert f"counter_{pids[0]}.db" in os.listdir(directory)
+    assert all(retire_worker(pid, directory) for pid in pids)
+    assert counted() == 7
+    assert sorted(os.listdir(directory)) == [
+        "counter_retired.db", "histogram_retired.db", metrics.LOCK_FILE,
+    ]  # fmt: skip
+    assert 'order_pipeline_order_duration_seconds_count{kind="ok"} 2.0' in (
+        scraper.exposition()[0].decode()
+    )

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -437,3 +438,44 @@ async def test_the_supervisor_says_it_serves_once_the_last_worker_does_and_once_
             watching.cancel()
     finally:
         os.close(ready_write)
+
+
+def orders_counted(text: str) -> float:
+    """The sum of `order_pipeline_orders_total` over its labels, in a scrape."""
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("order_pipeline_orders_total{")
+    )
+
+
+async def test_a_dead_workers_counts_stay_and_its_files_go(start_server: StartServer) -> None:
+    """Worker 0 SIGKILLed three times, after two orders each: every scrape still counts every
+    order (a counter never goes down), and the metrics directory holds no file of a dead
+    worker (each restart left two that every scrape read: the directory grew without end),
+    only the live workers' and the one pair of every exited worker's counts."""
+    server = await start_server("--workers", "2", "--no-access-log", expect_errors=True)
+    other = await pid_of_start(server, 1, 1)
+    metrics_dir = environ_of(other)[MULTIPROC_ENV]
+    body = json.dumps({"order_id": "o-1", "amount": 100, "delay_ms": {"payment": 0}}).encode()
+    counted: list[float] = []
+    dead: list[int] = []
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        for death in range(1, 4):
+            doomed = await pid_of_start(server, 0, death)
+            for _ in range(2):
+                stream = await connection_to(server, doomed, [doomed, other])
+                assert await exchange(stream, rawhttp.request(body)) == 200
+            counted.append(orders_counted((await client.get("/metrics")).text))
+            os.kill(doomed, signal.SIGKILL)
+            died = ("error", f"worker 0 (pid {doomed}) died with -9: restarting")
+            await poll(lambda: died in supervisor_lines(server))  # noqa: B023 (awaited here)
+            dead.append(doomed)
+            counted.append(orders_counted((await client.get("/metrics")).text))
+        await pid_of_start(server, 0, 4)
+        counted.append(orders_counted((await client.get("/metrics")).text))
+
+    assert counted == [2, 2, 4, 4, 6, 6, 6]
+    files = {name for name in os.listdir(metrics_dir) if name.endswith(".db")}
+    assert not [name for name in files if any(name.endswith(f"_{pid}.db") for pid in dead)]
+    assert {"counter_retired.db", "histogram_retired.db"} <= files
