@@ -121,16 +121,21 @@ class OrderReporter:
         # A cancelled order's client is gone (or the drain gave up on it): no reply is sent.
         sent = None if result.cancelled else status
         steps = reply["steps"]
-        _log_order(result.order_id, result.kind, sent, result.duration_ms, result.steps, steps)
-        if result.cancelled and self.cancelled_by_drain():
-            _log_cancelled_by_drain(result)
-        self.metrics.observe_order(result, label(result.kind), status)
+        # The record first: metrics that raise (prometheus-client's multiprocess files are
+        # opened on first use, which fails with EMFILE under a low `ulimit -n`) must not leave
+        # the order running under this process's live lease, where nobody recovers it.
         attempt = current_attempt.get()
-        if attempt is not None:
-            body = dump_document(reply)
-            self.store.finish_soon(
-                attempt.key, attempt.id, status, body, result.kind, owner=attempt.owner
-            )
+        try:
+            if attempt is not None:
+                body = dump_document(reply)
+                self.store.finish_soon(
+                    attempt.key, attempt.id, status, body, result.kind, owner=attempt.owner
+                )
+        finally:  # a store already closed (StoreUnavailable) still leaves the line and count
+            _log_order(result.order_id, result.kind, sent, result.duration_ms, result.steps, steps)
+            if result.cancelled and self.cancelled_by_drain():
+                _log_cancelled_by_drain(result)
+            self.metrics.observe_order(result, label(result.kind), status)
 
     def refused(self, kind: str, http_status: int, order_id: str | None, reason: str) -> None:
         """An order answered without running: a bad body, too large, too slow to arrive, its

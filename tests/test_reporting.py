@@ -93,6 +93,34 @@ async def test_a_finished_order_is_recorded_with_its_reply(
     assert found.kind == "vendor_unavailable"
 
 
+class _MetricsOutOfFiles(Metrics):
+    """Metrics whose first observation cannot open its file: prometheus-client's multiprocess
+    mode (`--workers`) opens one per metric type and process when first used, and under a
+    low `ulimit -n` with every descriptor held by connections that fails (EMFILE)."""
+
+    def observe_order(self, result: OrderResult, kind: str, http_status: int) -> None:
+        raise OSError(24, "Too many open files")
+
+
+async def test_an_order_whose_metrics_fail_is_still_recorded(store: MemoryStore) -> None:
+    """Metrics that raise do not cost the order its final record: unrecorded, it stayed
+    running under the live owner's lease (its client answered 503, a retry 409, for as long
+    as the process lived) and was then undone as interrupted though every step succeeded."""
+    reporter = OrderReporter(_MetricsOutOfFiles(), store)
+    stored = await begin(store, "me")
+    with (
+        working_for(Attempt(KEY, stored.attempt_id, "me")),
+        pytest.raises(OSError, match="Too many open files"),
+    ):
+        reporter.finished(RESULT)
+
+    found = await store.get(KEY)
+
+    assert found is not None
+    assert found.state == "finished"
+    assert (found.http_status, found.reply) == encode_result(RESULT)
+
+
 async def test_an_order_claimed_by_another_process_is_left_to_it(
     store: MemoryStore, reporter: OrderReporter
 ) -> None:
