@@ -318,6 +318,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 sys.stdout.flush()
             except BrokenPipeError:  # `| head`: the reader has what it wanted
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except OSError as exc:  # `> file` on a full disk, an I/O error: one line, status 1
+                # Nothing more to stdout: the interpreter's own flush at exit would fail again.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                write_line(
+                    f"order-pipeline orders: cannot write the listing: {exc.strerror or exc}"
+                )
+                raise SystemExit(1) from None
             return
         handoff = Handoff.from_environ(os.environ)
         configure_logging(command.log_level, command.log_format)

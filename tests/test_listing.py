@@ -188,6 +188,27 @@ async def test_a_reader_that_stops_early_is_not_an_error(tmp_path: Path) -> None
     assert await trio.to_thread.run_sync(listing_to_a_closed_pipe, db) == (0, "")
 
 
+def listing_to_a_full_disk(db: Path) -> tuple[int, str]:
+    """`orders > /dev/full` (stdout on a full disk): its status and stderr."""
+    argv = [sys.executable, "-m", "order_pipeline", "orders", "--store", f"sqlite:///{db}"]
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, timeout=60, check=False)
+    return done.returncode, done.stderr.decode()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+async def test_a_listing_that_cannot_be_written_says_so_in_one_line(tmp_path: Path) -> None:
+    """Stdout on a full disk (`> /dev/full`): one line naming the cause and status 1, not a
+    traceback (nor status 0: the operator's file lacks the orders)."""
+    db = tmp_path / "orders.db"
+    await fill(db)
+
+    status, stderr = await trio.to_thread.run_sync(listing_to_a_full_disk, db)
+
+    assert status == 1
+    assert stderr == "order-pipeline orders: cannot write the listing: No space left on device\n"
+
+
 async def test_the_listing_writes_its_first_line_before_it_has_read_every_order(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
