@@ -313,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = parse_command(argv)
     try:
         if isinstance(command, ListOrders):
+            if sys.stdout is None:  # `>&-`: print would drop every line, and flush fail
+                write_line("order-pipeline orders: cannot write the listing: stdout is closed")
+                raise SystemExit(1)
             try:
                 trio.run(show_orders, command)
                 sys.stdout.flush()

@@ -209,6 +209,27 @@ async def test_a_listing_that_cannot_be_written_says_so_in_one_line(tmp_path: Pa
     assert stderr == "order-pipeline orders: cannot write the listing: No space left on device\n"
 
 
+def listing_to_a_closed_stdout(db: Path) -> tuple[int, str]:
+    """`orders >&-` (stdout closed, as some supervisors and cron set-ups leave it): its status
+    and stderr."""
+    argv = [sys.executable, "-m", "order_pipeline", "orders", "--store", f"sqlite:///{db}"]
+    shell = ["sh", "-c", 'exec "$@" >&-', "sh", *argv]
+    done = subprocess.run(shell, capture_output=True, timeout=60, check=False)
+    return done.returncode, done.stderr.decode()
+
+
+async def test_a_listing_to_a_closed_stdout_says_so_in_one_line(tmp_path: Path) -> None:
+    """With stdout closed Python has no `sys.stdout`: the listing went nowhere and the command
+    ended in an AttributeError's traceback; it is one line and status 1."""
+    db = tmp_path / "orders.db"
+    await fill(db)
+
+    status, stderr = await trio.to_thread.run_sync(listing_to_a_closed_stdout, db)
+
+    assert status == 1
+    assert stderr == "order-pipeline orders: cannot write the listing: stdout is closed\n"
+
+
 async def test_the_listing_writes_its_first_line_before_it_has_read_every_order(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
