@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import queue
+import resource
 import signal
 import socket
 import sqlite3
@@ -56,7 +57,7 @@ from order_pipeline.store import (
     process,
     shown_url,
 )
-from order_pipeline.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, _is_busy
+from order_pipeline.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, _connect, _is_busy
 from order_pipeline.store.writer import Op
 
 from . import pg
@@ -1092,6 +1093,38 @@ async def test_an_operator_lists_a_store_while_another_process_holds_its_write_l
             listed = await reading.list_orders()
         other.execute("ROLLBACK")
     assert [(o.key, o.state) for o, _ in listed] == [("k-1", FINISHED)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+def test_a_store_that_cannot_open_its_wal_for_want_of_descriptors_says_so(tmp_path: Path) -> None:
+    """Under a low `ulimit -n` SQLite cannot open the -wal beside the file (EMFILE): the line
+    names the limit, not a directory that cannot be written (it was writable), which sent the
+    operator to check permissions that were fine."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    said = []
+    for spare in range(8):  # descriptors left free: too few for the file, its -wal, its -shm
+        path = tmp_path / f"orders-{spare}.db"
+        top = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 16
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+        held: list[int] = []
+        try:
+            with suppress(OSError):
+                while len(held) < top:  # every descriptor below the limit taken
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            for _ in range(spare):
+                os.close(held.pop())
+            _connect(path, 1.0).close()
+        except StoreError as exc:
+            said.append(str(exc))
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    cannot_open = [line for line in said if "unable to open database file" in line]
+    assert cannot_open, said
+    for line in cannot_open:
+        assert "ulimit -n" in line
+        assert "must be able to write its -wal and -shm files" not in line
 
 
 async def test_a_store_in_a_directory_that_cannot_be_written_is_refused_saying_why(

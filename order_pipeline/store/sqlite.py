@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -429,7 +430,12 @@ def _cannot_open(path: Path, exc: sqlite3.Error, *, reader: bool) -> StoreError:
     where it may create its -wal and -shm files beside it: in a directory it may not write
     (a read-only mount), a server is refused, and so is a reader, who can list a copy."""
     hint = ""
-    if exc.sqlite_errorcode in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY_DIRECTORY):
+    cantopen = exc.sqlite_errorcode in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY_DIRECTORY)
+    if cantopen and os.access(path.parent, os.W_OK):
+        # Not the directory: under a low `ulimit -n` SQLite cannot open its -wal (EMFILE).
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        hint = f" (its directory is writable: is the open-files limit, ulimit -n {limit}, too low?)"
+    elif cantopen:
         copy = "; or list a copy of the file, with its -wal, in a writable directory"
         hint = f" (SQLite must be able to write its -wal and -shm files in {path.parent}"
         hint += f"{copy if reader else ''})"
