@@ -150,7 +150,8 @@ class Settings:
         _int_in(
             -(2**31),
             2**31,
-            f"an integer; below {MIN_SIZE} counts as {MIN_SIZE}, above {MAX_SIZE} as {MAX_SIZE}",
+            f"an integer from {-(2**31)} to {2**31}; below {MIN_SIZE} counts as {MIN_SIZE}, "
+            f"above {MAX_SIZE} as {MAX_SIZE}",
         ),
         "couriers available at once, per worker process",
     )

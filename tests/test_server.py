@@ -156,6 +156,13 @@ def test_workers_auto_counts_every_cpu_where_there_is_no_affinity(
         (["serve", "--host", " "], {}, "--host: must be a host name or address, not ' '"),
         (["serve", "--shutdown-grace", "-1"], {}, "--shutdown-grace: must be a non-negative"),
         (["serve", "--courier-pool-size", "many"], {}, "--courier-pool-size: must be an integer"),
+        # An integer all the same: the message must say the range it is outside of.
+        (
+            ["serve", "--courier-pool-size", "2147483649"],
+            {},
+            "--courier-pool-size: must be an integer from -2147483648 to 2147483648; below 1 "
+            "counts as 1, above 128 as 128, not '2147483649'",
+        ),
         (["serve", "--payment-delay-ms", "600001"], {}, "--payment-delay-ms: must be an integer"),
         (["serve", "--log-format", "xml"], {}, "--log-format: must be one of json, text"),
         (["serve"], {"ORDER_PIPELINE_PORT": "eighty"}, "ORDER_PIPELINE_PORT: must be an integer"),
@@ -218,7 +225,7 @@ def test_help_lists_every_setting_with_default_and_env(capsys: pytest.CaptureFix
         "[env ORDER_PIPELINE_ACCESS_LOG: true or false; default true]",
         "--shutdown-grace SHUTDOWN_GRACE on SIGTERM, SIGINT or SIGHUP, how long",
         "--courier-pool-size COURIER_POOL_SIZE couriers available at once, per worker process: "
-        "an integer; below 1 counts as 1, above 128 as 128 [",
+        "an integer from -2147483648 to 2147483648; below 1 counts as 1, above 128 as 128 [",
     ],
 )
 def test_help_says_every_choice_and_range(phrase: str, capsys: pytest.CaptureFixture[str]) -> None:
