@@ -3172,3 +3172,15 @@ async def test_a_store_process_is_not_taken_for_dead_when_the_server_itself_was_
                 break
     assert paused == 5
     assert lost == []
+
+
+def test_a_wal_that_cannot_be_opened_is_named_not_the_open_files_limit(tmp_path: Path) -> None:
+    """SQLite cannot open a -wal beside the file that is not a file (or another user's, mode
+    600): the line names it, not the open-files limit (ample here), nor the directory."""
+    path = tmp_path / "orders.db"
+    _connect(path, 1.0).close()
+    Path(f"{path}-wal").mkdir()
+    with pytest.raises(StoreError) as raised:
+        _connect(path, 1.0).close()
+    assert "ulimit -n" not in str(raised.value), raised.value
+    assert f"{path}-wal" in str(raised.value), raised.value

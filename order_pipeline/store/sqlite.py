@@ -431,7 +431,15 @@ def _cannot_open(path: Path, exc: sqlite3.Error, *, reader: bool) -> StoreError:
     (a read-only mount), a server is refused, and so is a reader, who can list a copy."""
     hint = ""
     cantopen = exc.sqlite_errorcode in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY_DIRECTORY)
-    if cantopen and os.access(path.parent, os.W_OK):
+    unusable = [
+        name
+        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm"))
+        if name.exists() and not (name.is_file() and os.access(name, os.R_OK | os.W_OK))
+    ]
+    if cantopen and unusable:
+        # Not the limit: a -wal or -shm left by another user (or not a file) cannot be opened.
+        hint = f" ({unusable[0]} cannot be opened for reading and writing: check its owner)"
+    elif cantopen and os.access(path.parent, os.W_OK):
         # Not the directory: under a low `ulimit -n` SQLite cannot open its -wal (EMFILE).
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         hint = f" (its directory is writable: is the open-files limit, ulimit -n {limit}, too low?)"
