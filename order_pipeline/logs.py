@@ -330,7 +330,18 @@ def log_stray_reports() -> None:
 _stray = logging.getLogger(__name__)
 
 
+def _log_closed() -> bool:
+    """The log is closed (`logging.shutdown`, at exit), and would drop a report unsaid: one
+    met in the interpreter's finalization (an object's `__del__`, a daemon thread) goes to
+    Python's own hook, on stderr, unless the log found stderr unread (stalled)."""
+    handlers = _buffered_handlers()
+    return bool(handlers) and all(h._closed and not h._stalled for h in handlers)
+
+
 def _log_unraisable(report: Any) -> None:  # sys.UnraisableHookArgs
+    if _log_closed():
+        sys.__unraisablehook__(report)
+        return
     exc_info = (report.exc_type, report.exc_value, report.exc_traceback)
     where = f": {report.object!r}" if report.object is not None else ""
     _stray.error("%s%s", report.err_msg or "Exception ignored in", where, exc_info=exc_info)
@@ -338,6 +349,9 @@ def _log_unraisable(report: Any) -> None:  # sys.UnraisableHookArgs
 
 def _log_thread_exception(report: threading.ExceptHookArgs) -> None:
     if report.exc_type is SystemExit:  # as threading's own hook: a thread's quiet end
+        return
+    if _log_closed():
+        threading.__excepthook__(report)
         return
     name = report.thread.name if report.thread is not None else "a thread"
     exc_info = (report.exc_type, report.exc_value, report.exc_traceback)
@@ -347,4 +361,7 @@ def _log_thread_exception(report: threading.ExceptHookArgs) -> None:
 def _log_uncaught(
     exc_type: type[BaseException], exc: BaseException, traceback: TracebackType | None
 ) -> None:
+    if _log_closed():
+        sys.__excepthook__(exc_type, exc, traceback)
+        return
     _stray.critical("uncaught exception: the process ends", exc_info=(exc_type, exc, traceback))

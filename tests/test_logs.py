@@ -313,3 +313,22 @@ async def test_a_server_whose_stderr_is_not_read_serves_and_stops_in_time(
             with trio.CancelScope(shield=True):
                 await process.wait()
         os.close(read_end)
+
+
+def test_an_exception_ignored_at_exit_after_the_log_closed_is_not_lost(tmp_path: Path) -> None:
+    """An object whose `__del__` raises as the interpreter finalizes, after `logging.shutdown`
+    closed the log: its "Exception ignored in" is on stderr, as Python writes it (before: the
+    closed log dropped it, and nothing said so)."""
+    script = (
+        "from order_pipeline.logs import configure_logging, log_stray_reports\n"
+        "configure_logging('info', 'json')\n"
+        "log_stray_reports()\n"
+        "class Broken:\n"
+        "    def __del__(self):\n"
+        "        raise ValueError('raised at exit')\n"
+        "kept = Broken()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=WAIT_S, check=False
+    )
+    assert b"ValueError: raised at exit" in done.stderr, done.stderr
