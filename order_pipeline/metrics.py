@@ -219,7 +219,7 @@ def retire_worker(pid: int, directory: str) -> bool:
     exited worker's, then its own removed, so that the directory does not grow with
     every restart. Called by the supervisor, once the worker is gone. False if a scrape
     held the lock: the worker's files are left as they are (counted all the same), for the
-    caller to try again."""
+    caller to try again. OSError (a full filesystem): the files are left as they are."""
     mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]  # untyped upstream
     try:
         with _locked(directory, exclusive=True):
@@ -245,6 +245,18 @@ def _retire(pid: int, directory: str) -> None:
         making = os.path.join(directory, f"{kind}_{RETIRED}.making")
         with suppress(FileNotFoundError):
             os.remove(making)
+        # Its space taken first, as much as both files (the merge fits, never growing it): a
+        # write to the mmap of a page a full filesystem cannot give is SIGBUS, the end of the
+        # supervisor; posix_fallocate says ENOSPC (an OSError: the files are left as they are).
+        size = sum(os.path.getsize(path) for path in (retired, dead) if os.path.exists(path))
+        fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError:
+            os.remove(making)
+            raise
+        finally:
+            os.close(fd)
         merged = MmapedDict(making)  # type: ignore[no-untyped-call]  # untyped upstream
         try:
             for key, (value, timestamp) in totals.items():

@@ -189,7 +189,11 @@ class _Supervisor:
                         code = await process.wait()
                 self.running.discard(process)
                 for _ in range(RETIRE_TRIES):  # a scrape holds the lock for milliseconds
-                    if retire_worker(process.pid, self.metrics_dir):
+                    try:
+                        if retire_worker(process.pid, self.metrics_dir):
+                            break
+                    except OSError as exc:  # a full disk: its files are counted all the same
+                        log.warning("worker %d's metrics files are left: %s", number, exc)
                         break
                     with trio.CancelScope(shield=True):
                         await trio.sleep(RETIRE_PAUSE_S)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from order_pipeline import metrics
 from order_pipeline.metrics import Metrics, retire_worker
@@ -152,3 +153,55 @@ def test_retired_workers_are_counted_once_and_a_scrape_holds_their_files(tmp_pat
     assert 'order_pipeline_order_duration_seconds_count{kind="ok"} 2.0' in (
         scraper.exposition()[0].decode()
     )
+
+
+# A worker that counted, exited and lost its gauges (mark_process_dead); then the filesystem
+# of the metrics directory fills up, and the worker is retired.
+RETIRE_ON_A_FULL_DISK = """
+import os, subprocess, sys
+from prometheus_client.multiprocess import mark_process_dead
+from order_pipeline.metrics import retire_worker
+
+directory = sys.argv[1]
+count = (
+    "import sys; from order_pipeline.metrics import Metrics; m = Metrics(sys.argv[1]);"
+    " m.count_order('ok', 200); m.order_seconds.labels('ok').observe(0.1);"
+    " print(__import__('os').getpid())"
+)
+env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory}
+pid = int(subprocess.check_output([sys.executable, "-c", count, directory], env=env))
+mark_process_dead(pid, directory)
+fd = os.open(os.path.join(directory, "filler"), os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, bytes(4096))
+except OSError:
+    pass
+try:
+    retire_worker(pid, directory)
+except OSError as exc:
+    print("OSError", exc.errno == 28, sorted(os.listdir(directory)))
+"""
+
+
+def test_a_retirement_on_a_full_filesystem_raises_not_sigbus(tmp_path: Path) -> None:
+    """The merged file is written through an mmap: on a full filesystem (a tmpfs of 512 KB
+    here) its first page is SIGBUS, which ended the supervisor (status 135, no drain, its
+    directory left behind). Its space is allocated first: an OSError, the files left."""
+    script = tmp_path / "retire.py"
+    script.write_text(RETIRE_ON_A_FULL_DISK)
+    mount = tmp_path / "full"
+    mount.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    shell = f'mount -t tmpfs -o size=512k tmpfs "$1" && exec "{sys.executable}" "$2" "$1"'
+    argv = ["unshare", "--mount", "sh", "-c", shell, "sh", str(mount), str(script)]
+    try:
+        done = subprocess.run(argv, capture_output=True, env=env, timeout=60, check=False)
+    except FileNotFoundError:
+        pytest.skip("no unshare")
+    if b"mount" in done.stderr or b"unshare" in done.stderr:
+        pytest.skip(f"no tmpfs of our own: {done.stderr!r}")
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.startswith(b"OSError True"), done.stdout
+    assert b"counter_" in done.stdout
+    assert b".making" not in done.stdout
