@@ -296,11 +296,30 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
         raise SystemExit(status)
 
 
+class _Unwritable(Exception):
+    """Stdout did not take the listing (a full disk, an I/O error): not any other OSError of
+    the read, which is not the listing's writing to name."""
+
+
+def _write_listing(line: str | None = None) -> None:
+    """`print(line)` (or, without one, the final flush), its OSError an `_Unwritable`;
+    a reader that stopped early (BrokenPipeError) is left as it is."""
+    try:
+        if line is None:
+            sys.stdout.flush()
+        else:
+            print(line)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _Unwritable(exc.strerror or str(exc)) from exc
+
+
 async def show_orders(query: ListOrders) -> None:
     """An operator's read: a store that does not exist is refused, not created."""
     async with open_store(query.store, reader=True) as store:
         await list_orders(
-            store, needs_attention=query.needs_attention, as_json=query.json, write=print
+            store, needs_attention=query.needs_attention, as_json=query.json, write=_write_listing
         )
 
 
@@ -318,15 +337,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise SystemExit(1)
             try:
                 trio.run(show_orders, command)
-                sys.stdout.flush()
+                _write_listing()
             except BrokenPipeError:  # `| head`: the reader has what it wanted
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            except OSError as exc:  # `> file` on a full disk, an I/O error: one line, status 1
+            except _Unwritable as exc:  # `> file` on a full disk, an I/O error: one line, status 1
                 # Nothing more to stdout: the interpreter's own flush at exit would fail again.
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                write_line(
-                    f"order-pipeline orders: cannot write the listing: {exc.strerror or exc}"
-                )
+                write_line(f"order-pipeline orders: cannot write the listing: {exc}")
                 raise SystemExit(1) from None
             return
         handoff = Handoff.from_environ(os.environ)

@@ -263,3 +263,21 @@ async def test_the_listing_writes_its_first_line_before_it_has_read_every_order(
     assert len(pages) > 1
     assert read_at_first_line == [pages[0]]
     assert pages[0] < 2500
+
+
+def test_an_oserror_of_the_read_is_not_called_a_listing_that_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError before any line is written (here EMFILE opening the store, as under `ulimit
+    -n 7`) is not 'cannot write the listing: Too many open files': stdout took everything."""
+    from order_pipeline import main
+
+    def no_descriptors(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(main, "open_store", no_descriptors)
+    said: list[str] = []
+    monkeypatch.setattr(main, "write_line", said.append)
+    with pytest.raises(OSError, match="Too many open files"):
+        main.main(["orders", "--store", f"sqlite:///{tmp_path / 'orders.db'}"])
+    assert not [line for line in said if "cannot write the listing" in line]
