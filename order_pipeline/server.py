@@ -20,9 +20,12 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 import attrs
+import h2.events
+import hypercorn.protocol
 import hypercorn.trio.run
 import trio
 from hypercorn.config import Config
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.trio.tcp_server import TCPServer
 from quart_trio import QuartTrio
@@ -202,10 +205,38 @@ class _OneConnection(TCPServer):
             await self.stream.aclose()  # closed even if cancelled at send_eof's checkpoint
 
 
+class _H2Protocol(H2Protocol):
+    """Hypercorn's HTTP/2 protocol, dropping the DATA of a stream it has already closed.
+
+    A reply that goes out before its request's body is in (413 on a Content-Length over the
+    limit, 408) closes the stream; the client's DATA after it made hypercorn's h2 code raise
+    KeyError, which ended the connection and so cancelled every other order on it (HTTP/2
+    multiplexes many, from one client or from every client of a proxy). Such DATA is
+    acknowledged, so the connection's flow-control window is not lost, and dropped.
+    """
+
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        batch: list[h2.events.Event] = []
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                if batch:
+                    await super()._handle_events(batch)
+                    batch = []
+                if event.stream_id not in self.streams:  # still gone after that batch
+                    self.connection.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id
+                    )
+                    continue
+            batch.append(event)
+        await super()._handle_events(batch)
+
+
 # Hypercorn's Trio worker calls the handler by the name it imported: should a later
 # hypercorn stop doing so, fail here rather than lose _OneConnection silently.
 assert hypercorn.trio.run.TCPServer in (TCPServer, _OneConnection)  # type: ignore[attr-defined]
 hypercorn.trio.run.TCPServer = _OneConnection  # type: ignore[attr-defined] # see _OneConnection
+assert hypercorn.protocol.H2Protocol in (H2Protocol, _H2Protocol)  # type: ignore[attr-defined]
+hypercorn.protocol.H2Protocol = _H2Protocol  # type: ignore[attr-defined] # see _H2Protocol
 
 
 async def serve(
