@@ -20,11 +20,15 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 import attrs
+import h2.errors
 import h2.events
+import h2.settings
 import hypercorn.protocol
 import hypercorn.trio.run
 import trio
 from hypercorn.config import Config
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.trio.tcp_server import TCPServer
@@ -206,7 +210,9 @@ class _OneConnection(TCPServer):
 
 
 class _H2Protocol(H2Protocol):
-    """Hypercorn's HTTP/2 protocol, dropping the DATA of a stream it has already closed.
+    """Hypercorn's HTTP/2 protocol, dropping the DATA of a stream it has already closed, and
+    refusing a stream opened during the drain as REFUSED_STREAM, and ending a stream's reply
+    before the drain closes its connection.
 
     A reply that goes out before its request's body is in (413 on a Content-Length over the
     limit, 408) closes the stream; the client's DATA after it made hypercorn's h2 code raise
@@ -218,6 +224,15 @@ class _H2Protocol(H2Protocol):
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         batch: list[h2.events.Event] = []
         for event in events:
+            if isinstance(event, h2.events.RequestReceived) and self.context.terminated.is_set():
+                # Draining: hypercorn resets a new stream with NO_ERROR, which leaves the client
+                # unsure whether its order ran; REFUSED_STREAM says it did not, so a retry
+                # elsewhere is safe (RFC 9113 §8.7), as a refused connection says on HTTP/1.1.
+                self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                self.connection.update_settings(
+                    {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0}
+                )
+                continue
             if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
                 if batch:
                     await super()._handle_events(batch)
@@ -229,6 +244,22 @@ class _H2Protocol(H2Protocol):
                     continue
             batch.append(event)
         await super()._handle_events(batch)
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        """Hypercorn's, but a stream's end is sent before the drain's GOAWAY can close the
+        connection. Its reply ends with the last chunk handed to the send task, which frames
+        it after a checkpoint; the stream's close ran meanwhile, and in a drain, the last
+        stream gone, closed the connection: the reply lost its END_STREAM, a client's error
+        although the order was answered and counted drained."""
+        if isinstance(event, StreamClosed) and self.context.terminated.is_set():
+            while self._ending(event.stream_id):  # noqa: ASYNC110 # no event to wait for
+                await trio.sleep(0.001)  # the send task deletes the buffer at END_STREAM
+        await super().stream_send(event)
+
+    def _ending(self, stream_id: int) -> bool:
+        """Whether the stream's reply is whole but its END_STREAM not yet sent."""
+        buffer = self.stream_buffers.get(stream_id)
+        return not self.closed and buffer is not None and buffer._complete
 
 
 # Hypercorn's Trio worker calls the handler by the name it imported: should a later

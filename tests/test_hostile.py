@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 from collections.abc import Callable
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import httpx
 import trio
@@ -261,3 +263,88 @@ async def test_an_http2_body_over_the_limit_leaves_the_other_streams_orders_alon
             conn.send_data(too_large, b"x" * 1_000)  # the client sends on, as clients do
             await until(lambda: first in ended)
     assert statuses == {first: 200, too_large: 413}
+
+
+async def test_an_http2_stream_opened_during_the_drain_is_refused_as_not_processed(
+    start_server: StartServer,
+) -> None:
+    """On HTTP/1.1 an order sent once the drain has begun meets a refused connection: surely
+    not run. On an HTTP/2 connection already open, hypercorn reset its stream with NO_ERROR,
+    which does not say whether it ran; now REFUSED_STREAM says it did not (RFC 9113 §8.7).
+    The order in flight on that connection is answered, and the server exits 0."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    stream = await trio.open_tcp_stream(*address(server.url))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    statuses: dict[int, int] = {}
+    ended: set[int] = set()
+    resets: dict[int, int] = {}
+
+    def start(order: dict[str, object]) -> int:
+        sid = conn.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":path", "/order"), (":scheme", "http"),
+                   (":authority", "127.0.0.1")]  # fmt: skip
+        conn.send_headers(sid, headers)
+        conn.send_data(sid, json.dumps(order).encode(), end_stream=True)
+        return sid
+
+    async def until(done: Callable[[], bool]) -> None:
+        while not done():
+            await stream.send_all(conn.data_to_send())
+            data = await stream.receive_some(65_536)
+            assert data, f"the connection ended; answered: {statuses}, reset: {resets}"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    resets[event.stream_id] = event.error_code
+
+    in_flight = {**NORMAL, "order_id": "in-flight", "delay_ms": {**NO_DELAY, "vendor": 1000}}
+    async with stream:
+        with trio.fail_after(10):
+            first = start(in_flight)
+            await stream.send_all(conn.data_to_send())
+            await wait_for_steps_in_flight(server.url, 1)
+            server.process.send_signal(signal.SIGTERM)
+            await server.wait_for_lines(
+                lambda lines: any("draining" in x["message"] for x in lines)
+            )
+            await trio.sleep(0.2)  # hypercorn stops taking streams once the (0 s) drain delay ends
+            late = start({**NORMAL, "order_id": "late"})
+            await until(lambda: first in ended and late in resets)
+    assert statuses == {first: 200}
+    assert resets == {late: h2.errors.ErrorCodes.REFUSED_STREAM}
+    with trio.fail_after(10):
+        assert await server.process.wait() == 0  # the drain's own end: no second signal
+    assert not [x for x in server.log_lines() if x.get("order_id") == "late"]
+
+
+async def test_http2_replies_in_flight_at_a_drain_end_whole(start_server: StartServer) -> None:
+    """A drain closes an HTTP/2 connection once its last stream is gone; that close raced the
+    reply's END_STREAM (framed by hypercorn's send task after a checkpoint), so a client got
+    a reply without its end (httpx: RemoteProtocolError, ConnectionTerminated) for an order
+    logged ok and counted drained. 24 connections, one order in flight on each."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    in_flight = {**NORMAL, "delay_ms": {**NO_DELAY, "vendor": 1000}}
+    outcomes: list[int | str] = []
+
+    async def order(n: int) -> None:
+        async with httpx.AsyncClient(base_url=server.url, http1=False, http2=True) as client:
+            try:
+                reply = await client.post("/order", json={**in_flight, "order_id": f"d{n}"})
+                outcomes.append(reply.status_code)
+            except httpx.TransportError as exc:
+                outcomes.append(repr(exc))
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for n in range(24):
+                nursery.start_soon(order, n)
+            await wait_for_steps_in_flight(server.url, 24)  # the vendors
+            server.process.send_signal(signal.SIGTERM)
+        assert await server.process.wait() == 0
+    assert outcomes == [200] * 24
