@@ -241,9 +241,20 @@ class _H2Protocol(H2Protocol):
                     self.connection.acknowledge_received_data(
                         event.flow_controlled_length, event.stream_id
                     )
+                    self._stop_sending(event.stream_id)
                     continue
             batch.append(event)
         await super()._handle_events(batch)
+
+    def _stop_sending(self, stream_id: int) -> None:
+        """Reset with NO_ERROR a stream whose reply is all sent but whose client sends on
+        (RFC 9113 §8.1). The acknowledgement above also reopens the stream's own window, so
+        the client could otherwise upload for ever what is dropped; h2 itself drops (and
+        acknowledges on the connection) any DATA that follows the reset. A stream whose
+        reply is not all sent yet is left alone: a reset now would lose that reply."""
+        stream = self.connection.streams.get(stream_id)
+        if stream is not None and stream.open and stream_id not in self.stream_buffers:
+            self.connection.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
 
     async def stream_send(self, event: StreamEvent) -> None:
         """Hypercorn's, but a stream's end is sent before the drain's GOAWAY can close the

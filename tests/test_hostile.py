@@ -265,6 +265,58 @@ async def test_an_http2_body_over_the_limit_leaves_the_other_streams_orders_alon
     assert statuses == {first: 200, too_large: 413}
 
 
+async def test_an_http2_body_sent_on_after_its_reply_is_stopped(
+    start_server: StartServer,
+) -> None:
+    """The DATA of a stream already answered (413) is dropped, and acknowledged; the
+    acknowledgement reopened the stream's own window too, so a client could upload for ever
+    what the server drops. Once the reply is all sent, the stream is reset with NO_ERROR
+    (RFC 9113 §8.1): the client stops, well within its first window."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    stream = await trio.open_tcp_stream(*address(server.url))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    headers = [(":method", "POST"), (":path", "/order"), (":scheme", "http"),
+               (":authority", "127.0.0.1"), ("content-length", "10000000")]  # fmt: skip
+    conn.send_headers(sid, headers)
+    statuses: dict[int, int] = {}
+    ended: set[int] = set()
+    resets: dict[int, int] = {}
+    sent = 0
+    async with stream:
+        with trio.fail_after(10):
+            while sid not in resets and sent < 1_000_000:
+                room = 0
+                if sid in ended:  # the 413 is whole: send on, as far as the windows allow
+                    room = min(conn.local_flow_control_window(sid), 16_384)
+                    if room:
+                        conn.send_data(sid, b"x" * room)
+                        sent += room
+                await stream.send_all(conn.data_to_send())
+                data = None
+                with trio.move_on_after(0.01 if room else 2):
+                    data = await stream.receive_some(65_536)
+                if data is None:
+                    continue
+                assert data, f"the connection ended; answered: {statuses}"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended.add(event.stream_id)
+                    elif isinstance(event, h2.events.StreamReset):
+                        resets[event.stream_id] = event.error_code
+    assert statuses == {sid: 413}
+    assert resets == {sid: h2.errors.ErrorCodes.NO_ERROR}, f"{sent} bytes taken after the 413"
+    assert sent <= 65_535
+    assert server.process.returncode is None
+
+
 async def test_an_http2_stream_opened_during_the_drain_is_refused_as_not_processed(
     start_server: StartServer,
 ) -> None:
