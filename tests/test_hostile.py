@@ -26,6 +26,61 @@ from .timings import NO_DELAY
 NORMAL = {"order_id": "normal", "amount": 1, "delay_ms": NO_DELAY}
 CHUNK = b"%x\r\n%s\r\n"
 
+
+class RawH2:
+    """One HTTP/2 connection driven frame by frame with h2's client: what httpx would not
+    send (DATA after a reply, a stream during a drain), and each stream's status, end and
+    reset as they come."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.statuses: dict[int, int] = {}
+        self.ended: set[int] = set()
+        self.resets: dict[int, int] = {}
+
+    def post(self, body: bytes | None, *extra: tuple[str, str], end: bool = True) -> int:
+        """A `POST /order` stream, with `body` (within the first window) unless None."""
+        sid = self.conn.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":path", "/order"), (":scheme", "http"),
+                   (":authority", "127.0.0.1"), *extra]  # fmt: skip
+        self.conn.send_headers(sid, headers)
+        if body is not None:
+            self.conn.send_data(sid, body, end_stream=end)
+        return sid
+
+    async def flush(self) -> None:
+        await self.stream.send_all(self.conn.data_to_send())
+
+    async def receive(self) -> None:
+        """One read, its events taken in (DATA acknowledged); the connection must not end."""
+        data = await self.stream.receive_some(65_536)
+        assert data, f"the connection ended; answered: {self.statuses}, reset: {self.resets}"
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                self.statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                self.ended.add(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                self.resets[event.stream_id] = event.error_code
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            await self.flush()
+            await self.receive()
+
+
+async def accepts_connections(url: str) -> bool:
+    try:
+        await (await trio.open_tcp_stream(*address(url))).aclose()
+    except OSError:
+        return False
+    return True
+
+
 CASES: dict[str, bytes] = {
     "truncated body, then half-close": request(
         b'{"order_id": "t"', extra=b"Content-Length: 100\r\n"
@@ -224,45 +279,19 @@ async def test_an_http2_body_over_the_limit_leaves_the_other_streams_orders_alon
     the rest, DATA of a stream hypercorn has closed, failed its h2 code (a KeyError) and so
     ended the connection: every other order on it was cancelled. Now only that stream ends."""
     server = await start_server("--no-access-log", "--store", "memory")
-    stream = await trio.open_tcp_stream(*address(server.url))
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    statuses: dict[int, int] = {}
-    ended: set[int] = set()
-
-    def start(body: bytes, *extra: tuple[str, str], end: bool = True) -> int:
-        sid = conn.get_next_available_stream_id()
-        headers = [(":method", "POST"), (":path", "/order"), (":scheme", "http"),
-                   (":authority", "127.0.0.1"), *extra]  # fmt: skip
-        conn.send_headers(sid, headers)
-        conn.send_data(sid, body, end_stream=end)  # within the first window
-        return sid
-
-    async def until(done: Callable[[], bool]) -> None:
-        while not done():
-            await stream.send_all(conn.data_to_send())
-            data = await stream.receive_some(65_536)
-            assert data, f"the connection ended; answered: {statuses}"
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived):
-                    statuses[event.stream_id] = int(dict(event.headers)[b":status"])
-                elif isinstance(event, h2.events.DataReceived):
-                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, h2.events.StreamEnded):
-                    ended.add(event.stream_id)
-
     in_flight = {**NORMAL, "order_id": "in-flight", "delay_ms": {**NO_DELAY, "vendor": 500}}
-    async with stream:
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
         with trio.fail_after(10):
-            first = start(json.dumps(in_flight).encode())
-            await stream.send_all(conn.data_to_send())
+            first = client.post(json.dumps(in_flight).encode())
+            await client.flush()
             await wait_for_steps_in_flight(server.url, 1)
             # Its Content-Length is over the limit: the 413 comes before the rest of the body.
-            too_large = start(b"x" * 1_000, ("content-length", "70000"), end=False)
-            await until(lambda: too_large in statuses)
-            conn.send_data(too_large, b"x" * 1_000)  # the client sends on, as clients do
-            await until(lambda: first in ended)
-    assert statuses == {first: 200, too_large: 413}
+            too_large = client.post(b"x" * 1_000, ("content-length", "70000"), end=False)
+            await client.until(lambda: too_large in client.statuses)
+            client.conn.send_data(too_large, b"x" * 1_000)  # the client sends on, as clients do
+            await client.until(lambda: first in client.ended)
+    assert client.statuses == {first: 200, too_large: 413}
 
 
 async def test_an_http2_body_sent_on_after_its_reply_is_stopped(
@@ -273,46 +302,25 @@ async def test_an_http2_body_sent_on_after_its_reply_is_stopped(
     what the server drops. Once the reply is all sent, the stream is reset with NO_ERROR
     (RFC 9113 §8.1): the client stops, well within its first window."""
     server = await start_server("--no-access-log", "--store", "memory")
-    stream = await trio.open_tcp_stream(*address(server.url))
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    sid = conn.get_next_available_stream_id()
-    headers = [(":method", "POST"), (":path", "/order"), (":scheme", "http"),
-               (":authority", "127.0.0.1"), ("content-length", "10000000")]  # fmt: skip
-    conn.send_headers(sid, headers)
-    statuses: dict[int, int] = {}
-    ended: set[int] = set()
-    resets: dict[int, int] = {}
     sent = 0
-    async with stream:
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        sid = client.post(None, ("content-length", "10000000"))
         with trio.fail_after(10):
-            while sid not in resets and sent < 1_000_000:
+            while sid not in client.resets and sent < 1_000_000:
                 room = 0
-                if sid in ended:  # the 413 is whole: send on, as far as the windows allow
-                    room = min(conn.local_flow_control_window(sid), 16_384)
+                if sid in client.ended:  # the 413 is whole: send on, as far as windows allow
+                    room = min(client.conn.local_flow_control_window(sid), 16_384)
                     if room:
-                        conn.send_data(sid, b"x" * room)
+                        client.conn.send_data(sid, b"x" * room)
                         sent += room
-                await stream.send_all(conn.data_to_send())
-                data = None
+                await client.flush()
                 with trio.move_on_after(0.01 if room else 2):
-                    data = await stream.receive_some(65_536)
-                if data is None:
-                    continue
-                assert data, f"the connection ended; answered: {statuses}"
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.ResponseReceived):
-                        statuses[event.stream_id] = int(dict(event.headers)[b":status"])
-                    elif isinstance(event, h2.events.DataReceived):
-                        conn.acknowledge_received_data(
-                            event.flow_controlled_length, event.stream_id
-                        )
-                    elif isinstance(event, h2.events.StreamEnded):
-                        ended.add(event.stream_id)
-                    elif isinstance(event, h2.events.StreamReset):
-                        resets[event.stream_id] = event.error_code
-    assert statuses == {sid: 413}
-    assert resets == {sid: h2.errors.ErrorCodes.NO_ERROR}, f"{sent} bytes taken after the 413"
+                    await client.receive()
+    assert client.statuses == {sid: 413}
+    assert client.resets == {sid: h2.errors.ErrorCodes.NO_ERROR}, (
+        f"{sent} bytes taken after the 413"
+    )
     assert sent <= 65_535
     assert server.process.returncode is None
 
@@ -325,51 +333,22 @@ async def test_an_http2_stream_opened_during_the_drain_is_refused_as_not_process
     which does not say whether it ran; now REFUSED_STREAM says it did not (RFC 9113 §8.7).
     The order in flight on that connection is answered, and the server exits 0."""
     server = await start_server("--no-access-log", "--store", "memory")
-    stream = await trio.open_tcp_stream(*address(server.url))
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    statuses: dict[int, int] = {}
-    ended: set[int] = set()
-    resets: dict[int, int] = {}
-
-    def start(order: dict[str, object]) -> int:
-        sid = conn.get_next_available_stream_id()
-        headers = [(":method", "POST"), (":path", "/order"), (":scheme", "http"),
-                   (":authority", "127.0.0.1")]  # fmt: skip
-        conn.send_headers(sid, headers)
-        conn.send_data(sid, json.dumps(order).encode(), end_stream=True)
-        return sid
-
-    async def until(done: Callable[[], bool]) -> None:
-        while not done():
-            await stream.send_all(conn.data_to_send())
-            data = await stream.receive_some(65_536)
-            assert data, f"the connection ended; answered: {statuses}, reset: {resets}"
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived):
-                    statuses[event.stream_id] = int(dict(event.headers)[b":status"])
-                elif isinstance(event, h2.events.DataReceived):
-                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, h2.events.StreamEnded):
-                    ended.add(event.stream_id)
-                elif isinstance(event, h2.events.StreamReset):
-                    resets[event.stream_id] = event.error_code
-
     in_flight = {**NORMAL, "order_id": "in-flight", "delay_ms": {**NO_DELAY, "vendor": 1000}}
-    async with stream:
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
         with trio.fail_after(10):
-            first = start(in_flight)
-            await stream.send_all(conn.data_to_send())
+            first = client.post(json.dumps(in_flight).encode())
+            await client.flush()
             await wait_for_steps_in_flight(server.url, 1)
             server.process.send_signal(signal.SIGTERM)
-            await server.wait_for_lines(
-                lambda lines: any("draining" in x["message"] for x in lines)
-            )
-            await trio.sleep(0.2)  # hypercorn stops taking streams once the (0 s) drain delay ends
-            late = start({**NORMAL, "order_id": "late"})
-            await until(lambda: first in ended and late in resets)
-    assert statuses == {first: 200}
-    assert resets == {late: h2.errors.ErrorCodes.REFUSED_STREAM}
+            # Hypercorn stops taking streams as it stops listening, once the (0 s) drain
+            # delay ends: a new connection is refused then.
+            while await accepts_connections(server.url):  # noqa: ASYNC110 # another process
+                await trio.sleep(0.01)
+            late = client.post(json.dumps({**NORMAL, "order_id": "late"}).encode())
+            await client.until(lambda: first in client.ended and late in client.resets)
+    assert client.statuses == {first: 200}
+    assert client.resets == {late: h2.errors.ErrorCodes.REFUSED_STREAM}
     with trio.fail_after(10):
         assert await server.process.wait() == 0  # the drain's own end: no second signal
     assert not [x for x in server.log_lines() if x.get("order_id") == "late"]
