@@ -322,12 +322,20 @@ def log_stray_reports() -> None:
     stderr nobody reads would then stop (the Trio thread, and with it the serving, the drain
     and the hard deadline; at a crash, the exit)."""
     logging.captureWarnings(True)
+    logging.getLogger("py.warnings").addFilter(_without_final_newline)
     sys.unraisablehook = _log_unraisable
     threading.excepthook = _log_thread_exception
     sys.excepthook = _log_uncaught
 
 
 _stray = logging.getLogger(__name__)
+
+
+def _without_final_newline(record: logging.LogRecord) -> bool:
+    """A warning's text (`warnings.formatwarning`) ends with a newline: a blank line after it
+    in the text format, and a stray "\\n" in the JSON one."""
+    record.msg, record.args = record.getMessage().rstrip("\n"), None
+    return True
 
 
 def _log_closed() -> bool:

@@ -227,7 +227,7 @@ def test_warnings_and_stray_exceptions_are_log_lines(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in (tmp_path / "stderr").read_bytes().splitlines()]
     warning, unraisable, thread, crash = lines
     assert (warning["logger"], warning["level"]) == ("py.warnings", "warning")
-    assert "RuntimeWarning: stray warning" in warning["message"]
+    assert warning["message"].endswith("RuntimeWarning: stray warning")  # no blank line after
     assert unraisable["message"].startswith("Exception ignored in: <function Broken.__del__")
     assert "ValueError: stray unraisable" in unraisable["traceback"]
     assert thread["message"] == "exception in thread stray"
