@@ -182,6 +182,11 @@ def test_workers_auto_counts_every_cpu_where_there_is_no_affinity(
             "--store memory: each worker would keep orders of its own",
         ),
         (["serve", "--workers", "2"], {"ORDER_PIPELINE_STORE": "memory"}, "--store memory:"),
+        (
+            ["serve"],
+            {"ORDER_PIPELINE_STORE": "sqlite:///orders.db "},
+            "ORDER_PIPELINE_STORE: 'sqlite:///orders.db ': a sqlite:/// URL names a file alone",
+        ),
     ],
 )
 def test_bad_values_exit_2_naming_the_setting(

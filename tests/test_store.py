@@ -691,11 +691,20 @@ async def test_a_bad_postgresql_url_is_refused_without_its_password(url: str) ->
 
 
 @pytest.mark.parametrize(
-    "url", ["sqlite:///orders.db?mode=ro", "sqlite:///orders.db#x", "sqlite:///orders\n.db"]
+    "url",
+    [
+        "sqlite:///orders.db?mode=ro",
+        "sqlite:///orders.db#x",
+        "sqlite:///orders\n.db",
+        # A space an env file or a YAML value kept: `orders.db ` is another, new file.
+        "sqlite:///orders.db ",
+        "sqlite:/// orders.db",
+    ],
 )
 def test_a_sqlite_url_names_a_file_alone(url: str) -> None:
-    """What would be URI syntax, or a control character, is refused rather than taken into
-    the file's name (which would open a new, empty store under that name)."""
+    """What would be URI syntax, a control character, or a space at either end, is refused
+    rather than taken into the file's name (which would open a new, empty store under that
+    name)."""
     with pytest.raises(StoreError, match="names a file alone"):
         parse_store_url(url)
 

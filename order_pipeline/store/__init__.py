@@ -81,10 +81,12 @@ def parse_store_url(url: str) -> StoreURL:
         return StoreURL("memory")
     if url.startswith(_SQLITE) and url[len(_SQLITE) :] not in ("", "/", ":memory:"):
         path = url[len(_SQLITE) :]
-        if any(c in "?#" or not c.isprintable() for c in path):
-            # Taken as part of the file's name, `?mode=ro` would make a new store elsewhere.
+        if path != path.strip() or any(c in "?#" or not c.isprintable() for c in path):
+            # Taken as part of the file's name, `?mode=ro` would make a new store elsewhere;
+            # so would a space an env file kept at the end (`orders.db `).
             raise StoreError(
-                f"{url!r}: a sqlite:/// URL names a file alone: no ?, # or control characters"
+                f"{url!r}: a sqlite:/// URL names a file alone: no ?, # or control characters,"
+                " no space at either end"
             )
         return StoreURL("sqlite", Path(path))
     if url.startswith(_POSTGRES):
