@@ -43,8 +43,17 @@ class Parse:
         return value
 
 
+def _plain(text: str) -> bool:
+    """Digits as an operator types them: Python's int() and float() also take `1_000` and
+    any script's digits (`٣` for 3), which the help does not promise, nor would a shell or
+    another tool reading the same variable take them so."""
+    return text.isascii() and "_" not in text
+
+
 def _int_in(low: int, high: int, accepts: str | None = None) -> Parse:
     def read(text: str) -> int | None:
+        if not _plain(text):
+            return None
         try:
             value = int(text)
         except ValueError:
@@ -86,6 +95,8 @@ LEASE_TIMEOUT_MIN: Final = 0.5
 
 def _seconds(*, zero_ok: bool, least: float = 0.0) -> Parse:
     def read(text: str) -> float | None:
+        if not _plain(text):
+            return None
         try:
             value = float(text)
         except ValueError:

@@ -164,6 +164,12 @@ def test_workers_auto_counts_every_cpu_where_there_is_no_affinity(
             "counts as 1, above 128 as 128, not '2147483649'",
         ),
         (["serve", "--payment-delay-ms", "600001"], {}, "--payment-delay-ms: must be an integer"),
+        # Python's spellings, which the help does not promise and a shell would not read so.
+        (["serve", "--port", "٣"], {}, "--port: must be an integer from 0 to 65535, not '٣'"),
+        (["serve"], {"ORDER_PIPELINE_WORKERS": "\uff12"}, "ORDER_PIPELINE_WORKERS: must be an"),
+        (["serve", "--courier-queue-limit", "1_000"], {}, "--courier-queue-limit: must be an"),
+        (["serve", "--retention", "86_400"], {}, "--retention: must be a positive number"),
+        (["serve"], {"ORDER_PIPELINE_LEASE_TIMEOUT": "\u0665"}, "LEASE_TIMEOUT: must be"),
         (["serve", "--log-format", "xml"], {}, "--log-format: must be one of json, text"),
         (["serve"], {"ORDER_PIPELINE_PORT": "eighty"}, "ORDER_PIPELINE_PORT: must be an integer"),
         (["serve"], {"ORDER_PIPELINE_ACCESS_LOG": "maybe"}, "ORDER_PIPELINE_ACCESS_LOG: must be"),
