@@ -134,6 +134,11 @@ def parse_command(
         )
         if store is None:
             return ListOrders(Settings().store, args.needs_attention, args.json)
+        if store == "memory":  # a new, empty one here, like a path that holds none: refused
+            command.error(
+                f"{source}: memory: a memory store is its server's own, inside that process;"
+                " there is none here to list"
+            )
         try:
             return ListOrders(_parse_store(store), args.needs_attention, args.json)
         except ValueError as exc:

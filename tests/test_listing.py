@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 
+from order_pipeline.cli import parse_command
 from order_pipeline.listing import list_orders, order_summary
 from order_pipeline.server import Settings, assemble
 from order_pipeline.store import FINISHED, MemoryStore, SqliteStore, StepRecord, StoredOrder
@@ -123,6 +124,27 @@ def test_a_bad_store_in_the_environment_is_named_as_such() -> None:
 
     assert done.returncode == 2
     assert "error: ORDER_PIPELINE_STORE: 'bogus': unsupported store URL" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "named"),
+    [
+        (["orders", "--store", "memory"], {}, "--store"),
+        (["orders", "--json"], {"ORDER_PIPELINE_STORE": "memory"}, "ORDER_PIPELINE_STORE"),
+    ],
+)
+def test_a_memory_store_is_refused_not_listed_as_empty(
+    argv: list[str], environ: dict[str, str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A memory store is inside its server's process: `orders` would read a new, empty one of
+    its own, and an operator (whose environment set `memory` for a server) read "no orders"."""
+    with pytest.raises(SystemExit) as exited:
+        parse_command(argv, environ=environ)
+
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        f"order-pipeline orders: error: {named}: memory: a memory store is its server's own"
+    )
 
 
 async def test_a_store_that_does_not_exist_is_refused_not_created(tmp_path: Path) -> None:
