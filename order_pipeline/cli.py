@@ -8,6 +8,7 @@ flag overrides (the operator's environment is wrong either way).
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.metadata
 import os
 import sys
@@ -17,9 +18,9 @@ from typing import Any, Final, NoReturn
 
 import attrs
 
-from .settings import Parse, Settings
+from .settings import ENV_PREFIX, Parse, Settings
 
-__all__ = ["VERSION", "ListOrders", "parse_args", "parse_command"]
+__all__ = ["VERSION", "ListOrders", "misspelt_variables", "parse_args", "parse_command"]
 
 VERSION: Final = importlib.metadata.version("order-pipeline")
 
@@ -154,6 +155,20 @@ def parse_args(
     if not isinstance(command, Settings):
         raise SystemExit("not the serve command")
     return command
+
+
+def misspelt_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each `ORDER_PIPELINE_*` variable whose name is no setting's but close to
+    one's (`ORDER_PIPELINE_RETENTON`): a flag so misspelt exits 2, a variable is ignored,
+    and its setting stays at the default unsaid. Other names under the prefix (a tool's
+    own, the tests') are left alone."""
+    settings = [field.name.upper() for field in attrs.fields(Settings)]
+    return [
+        f"{name} is no setting: ignored (meant {ENV_PREFIX}{close}?)"
+        for name in sorted(environ)
+        if name.startswith(ENV_PREFIX) and name.removeprefix(ENV_PREFIX) not in settings
+        for close in difflib.get_close_matches(name.removeprefix(ENV_PREFIX), settings, n=1)
+    ]
 
 
 def _parse_store(text: str) -> str:

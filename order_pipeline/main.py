@@ -27,7 +27,7 @@ from typing import Final
 import attrs
 import trio
 
-from .cli import VERSION, ListOrders, parse_command
+from .cli import VERSION, ListOrders, misspelt_variables, parse_command
 from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff, stop_signals
 from .listing import list_orders
 from .logs import configure_logging, flush_logs, log_stray_reports, write_line
@@ -335,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if sys.stdout is None:  # `>&-`: print would drop every line, and flush fail
                 write_line("order-pipeline orders: cannot write the listing: stdout is closed")
                 raise SystemExit(1)
+            for warning in misspelt_variables(os.environ):
+                write_line(f"order-pipeline orders: warning: {warning}")
             try:
                 trio.run(show_orders, command)
                 _write_listing()
@@ -350,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         configure_logging(command.log_level, command.log_format)
         log_stray_reports()
         logging.getLogger("hypercorn.error").addFilter(_not_hypercorns_running_line)
+        if handoff is None:  # a worker's environment is its supervisor's: said there
+            for warning in misspelt_variables(os.environ):
+                log.warning("%s", warning)
         listening = handoff or listen(command)
         # Once the store is open, serve_here() or supervise() receives SIGINT; one before
         # interrupts the start-up (KeyboardInterrupt: __main__.run ends the process quietly).

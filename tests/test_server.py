@@ -11,7 +11,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, RawData
 
-from order_pipeline.cli import parse_args, parse_command
+from order_pipeline.cli import misspelt_variables, parse_args, parse_command
 from order_pipeline.server import Settings, _OneConnection, hypercorn_config
 
 from .conftest import serving
@@ -203,6 +203,24 @@ def test_bad_values_exit_2_naming_the_setting(
         parse_args(argv, environ=environ)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_only_a_variable_close_to_a_settings_name_is_taken_for_a_typo() -> None:
+    """A misspelt setting is warned of, naming the one meant; a setting, or another name
+    under the prefix (the tests', a supervisor's handoff), is not."""
+    environ = {
+        "ORDER_PIPELINE_PROT": "9000",
+        "ORDER_PIPELINE_WORKER": "4",
+        "ORDER_PIPELINE_PORT": "9001",
+        "ORDER_PIPELINE_REQUIRE_POSTGRES": "1",
+        "ORDER_PIPELINE_LISTEN_FD": "3",
+        "ORDER_PIPELINE_LIFELINE_FD": "5",
+        "PROT": "1",
+    }
+    assert misspelt_variables(environ) == [
+        "ORDER_PIPELINE_PROT is no setting: ignored (meant ORDER_PIPELINE_PORT?)",
+        "ORDER_PIPELINE_WORKER is no setting: ignored (meant ORDER_PIPELINE_WORKERS?)",
+    ]
 
 
 def serve_help(capsys: pytest.CaptureFixture[str]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import json
 import os
 import re
 import signal
@@ -69,6 +70,30 @@ def test_a_port_in_use_is_one_line_and_status_1(
         1,
         f"order-pipeline: cannot listen on 127.0.0.1:{taken_port}: address already in use\n",
     )
+
+
+def test_a_misspelt_variable_is_warned_of_at_start(taken_port: int) -> None:
+    """ORDER_PIPELINE_RETENTON (a typo) would leave --retention at a day unsaid: the first
+    line warns of it, naming the variable meant; other names under the prefix are no typo."""
+    env = {
+        **os.environ,
+        "ORDER_PIPELINE_RETENTON": "600",
+        "ORDER_PIPELINE_TEST_POSTGRES": "postgresql://db/test",
+    }
+    argv = [sys.executable, "-m", "order_pipeline", "serve", "--store", "memory"]
+    argv += ["--port", str(taken_port)]  # exits once it has said what it would at start
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=EXIT_TIMEOUT_S, check=False, env=env
+    )
+
+    warnings = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert [(w["level"], w["message"]) for w in warnings] == [
+        (
+            "warning",
+            "ORDER_PIPELINE_RETENTON is no setting: ignored (meant ORDER_PIPELINE_RETENTION?)",
+        )
+    ]
+    assert done.returncode == 1
 
 
 async def test_a_port_another_server_with_workers_serves_is_in_use_too(
