@@ -126,6 +126,12 @@ def _flag(text: str) -> bool | None:
     return None
 
 
+def _host(text: str) -> str | None:
+    """Not blank, no space at either end nor control character (a YAML block's newline):
+    refused here in one line, not split over two by the error of listening on it."""
+    return text if text and text == text.strip() and text.isprintable() else None
+
+
 def _store_url(text: str) -> str:
     try:
         parse_store_url(text)
@@ -145,7 +151,7 @@ class Settings:
 
     host: str = setting(
         "127.0.0.1",
-        Parse("a host name or address", lambda text: text if text.strip() else None),
+        Parse("a host name or address", _host),
         "address to listen on",
     )
     port: int = setting(8080, _int_in(0, 65535), "port to listen on; 0 picks a free one")

@@ -154,6 +154,9 @@ def test_workers_auto_counts_every_cpu_where_there_is_no_affinity(
             "--lease-timeout: must be a number of seconds from 0.5 to 315360000 (ten years)",
         ),
         (["serve", "--host", " "], {}, "--host: must be a host name or address, not ' '"),
+        # A YAML block scalar's newline: the error of listening on it took two lines.
+        (["serve"], {"ORDER_PIPELINE_HOST": "0.0.0.0\n"}, "must be a host name or address, not"),
+        (["serve", "--host", " 127.0.0.1"], {}, "--host: must be a host name or address, not"),
         (["serve", "--shutdown-grace", "-1"], {}, "--shutdown-grace: must be a non-negative"),
         (["serve", "--courier-pool-size", "many"], {}, "--courier-pool-size: must be an integer"),
         # An integer all the same: the message must say the range it is outside of.
