@@ -710,6 +710,21 @@ def test_a_sqlite_url_names_a_file_alone(url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "url",
+    ["postgresql://orders:s3cret@db.example/orders\n", "postgresql://orders:s3cret@db\texample/o"],
+)
+def test_a_postgresql_url_with_a_control_character_is_refused(url: str) -> None:
+    """libpq would take it into the database's or the host's name, and fail to connect later
+    in a message split over lines; it is refused at once, in one line without the password."""
+    pytest.importorskip("psycopg")
+    with pytest.raises(StoreError, match="holds no control characters") as raised:
+        parse_store_url(url)
+    assert "s3cret" not in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert "\t" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
     ("url", "shown"),
     [
         ("postgresql://orders:s3cret@db.example:5433/orders", "postgresql://db.example:5433"),

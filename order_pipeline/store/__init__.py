@@ -90,6 +90,10 @@ def parse_store_url(url: str) -> StoreURL:
             )
         return StoreURL("sqlite", Path(path))
     if url.startswith(_POSTGRES):
+        if not url.isprintable():
+            # libpq takes a YAML block's newline into the database's name (or the host's):
+            # a failure to connect later, its message split over two lines.
+            raise StoreError(f"{shown_url(url)!r}: a store URL holds no control characters")
         postgres_params(url)  # refused here if libpq would refuse it
         return StoreURL("postgresql", url=url)
     raise StoreError(
