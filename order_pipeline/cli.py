@@ -159,15 +159,15 @@ def parse_args(
 
 def misspelt_variables(environ: Mapping[str, str]) -> list[str]:
     """A warning for each `ORDER_PIPELINE_*` variable whose name is no setting's but close to
-    one's (`ORDER_PIPELINE_RETENTON`): a flag so misspelt exits 2, a variable is ignored,
-    and its setting stays at the default unsaid. Other names under the prefix (a tool's
-    own, the tests') are left alone."""
+    one's (`ORDER_PIPELINE_RETENTON`, `order_pipeline_port`: names are case-sensitive): a
+    flag so misspelt exits 2, a variable is ignored, and its setting stays at the default
+    unsaid. Other names under the prefix (a tool's own, the tests') are left alone."""
     settings = [field.name.upper() for field in attrs.fields(Settings)]
     return [
         f"{name} is no setting: ignored (meant {ENV_PREFIX}{close}?)"
         for name in sorted(environ)
-        if name.startswith(ENV_PREFIX) and name.removeprefix(ENV_PREFIX) not in settings
-        for close in difflib.get_close_matches(name.removeprefix(ENV_PREFIX), settings, n=1)
+        if name.upper().startswith(ENV_PREFIX) and name not in map(Settings.env_name, settings)
+        for close in difflib.get_close_matches(name.upper().removeprefix(ENV_PREFIX), settings, 1)
     ]
 
 

@@ -219,10 +219,13 @@ def test_only_a_variable_close_to_a_settings_name_is_taken_for_a_typo() -> None:
         "ORDER_PIPELINE_LISTEN_FD": "3",
         "ORDER_PIPELINE_LIFELINE_FD": "5",
         "PROT": "1",
+        # Variables' names are case-sensitive: this one sets nothing.
+        "order_pipeline_store": "sqlite:///elsewhere.db",
     }
     assert misspelt_variables(environ) == [
         "ORDER_PIPELINE_PROT is no setting: ignored (meant ORDER_PIPELINE_PORT?)",
         "ORDER_PIPELINE_WORKER is no setting: ignored (meant ORDER_PIPELINE_WORKERS?)",
+        "order_pipeline_store is no setting: ignored (meant ORDER_PIPELINE_STORE?)",
     ]
 
 
