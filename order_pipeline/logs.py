@@ -17,6 +17,7 @@ import contextvars
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -102,15 +103,28 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+# Line breaks (Python's, a terminal's, Unicode's) and the other control characters.
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]  # \n, \x1b, \u2028
+
+
 class TextFormatter(logging.Formatter):
     """For people: a record's message, then its fields as key=value.
 
     A record made with `extra={"summary": True}` (an order's line) says it all in
-    its message already, so its fields are left to the JSON format.
+    its message already, so its fields are left to the JSON format. A message holds what
+    clients sent (an order_id, a decoded path in hypercorn's access line): its control
+    characters are escaped, so that a client cannot end a line and forge the next one.
     """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _CONTROL.sub(_escaped, super().formatMessage(record))
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)

@@ -347,6 +347,38 @@ async def test_text_log_format_is_one_short_line_per_order(
     assert f"payment ok {DELAY_MS['payment']} ms (undone ok {UNDO_MS['payment']} ms)" in failed
 
 
+async def test_a_client_cannot_forge_a_text_log_line(
+    log_to: Callable[[str], io.StringIO], autojump_clock: trio.abc.Clock
+) -> None:
+    """What a client wrote (an order_id; a path, which hypercorn's access line has decoded:
+    `/order/%0A...`) reaches a text line with its line breaks and terminal escapes escaped:
+    each record is one line, and none is forged. A traceback keeps its lines."""
+    stream = log_to("text")
+    forged = "\n2026-11-28 15:26:17,727 ERROR order_pipeline.desk: forged"
+    client = assemble().app.test_client()
+
+    await client.post("/order", json={"order_id": "f-1" + forged + "\u2028\x1b[2J", "amount": 1})
+    logging.getLogger("hypercorn.access").info('"GET /order/%s 1.1" 404', forged + "\r\x85")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("t").exception("failed\nagain")
+
+    lines = stream.getvalue().split("\n")
+    assert not any(x.startswith("2026-11-28 15:26:17,727") for x in lines)
+    (order,) = [x for x in lines if "order_pipeline.orders" in x]
+    assert (
+        r"order f-1\n2026-11-28 15:26:17,727 ERROR order_pipeline.desk: forged\u2028\x1b[2J ok "
+        in order
+    )
+    (access,) = [x for x in lines if "hypercorn.access" in x]
+    assert access.endswith(
+        r'"GET /order/\n2026-11-28 15:26:17,727 ERROR order_pipeline.desk: forged\r\x85 1.1" 404'
+    )
+    assert r"ERROR t: failed\nagain" in stream.getvalue()
+    assert "Traceback (most recent call last):\n" in stream.getvalue()
+
+
 async def test_refused_and_cancelled_orders_say_why_and_what_was_sent(
     log_to: Callable[[str], io.StringIO], autojump_clock: trio.abc.Clock
 ) -> None:
