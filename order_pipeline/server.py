@@ -17,19 +17,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import h2.errors
 import h2.events
 import h2.settings
+import h11
 import hypercorn.protocol
 import hypercorn.trio.run
 import trio
 from hypercorn.config import Config
+from hypercorn.events import Closed
+from hypercorn.events import Event as ConnectionEvent
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.trio.tcp_server import TCPServer
 from quart_trio import QuartTrio
@@ -209,6 +213,39 @@ class _OneConnection(TCPServer):
             await self.stream.aclose()  # closed even if cancelled at send_eof's checkpoint
 
 
+class _H11Protocol(H11Protocol):
+    """Hypercorn's HTTP/1.1 protocol, ending a reply under way before it closes the connection
+    on the client's protocol error.
+
+    A reply can go out before its request's body is all in (413 on the Content-Length, 408),
+    and closes the connection; h11 then takes any byte after that body (a pipelined request,
+    a stray CRLF) as an error, on which hypercorn closed the connection at once: the client
+    had the reply's head but not the body its Content-Length promised. The close waits for
+    the reply's end instead, where hypercorn closes the connection anyway (nothing after the
+    error is read as a request).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        close_or_write = self.send
+
+        async def send(event: ConnectionEvent) -> None:
+            if not (isinstance(event, Closed) and self._replying()):
+                await close_or_write(event)
+
+        self.send = send
+
+    def _replying(self) -> bool:
+        """Whether a reply's head is sent but not its end, and its stream is still open: a
+        stream that ends mid-reply (its app failed) is closed at once, as before."""
+        connection = self.connection
+        return (
+            self.stream is not None
+            and isinstance(connection, h11.Connection)
+            and connection.our_state is h11.SEND_BODY
+        )
+
+
 class _H2Protocol(H2Protocol):
     """Hypercorn's HTTP/2 protocol, dropping the DATA of a stream it has already closed, and
     refusing a stream opened during the drain as REFUSED_STREAM, and ending a stream's reply
@@ -279,6 +316,8 @@ assert hypercorn.trio.run.TCPServer in (TCPServer, _OneConnection)  # type: igno
 hypercorn.trio.run.TCPServer = _OneConnection  # type: ignore[attr-defined] # see _OneConnection
 assert hypercorn.protocol.H2Protocol in (H2Protocol, _H2Protocol)  # type: ignore[attr-defined]
 hypercorn.protocol.H2Protocol = _H2Protocol  # type: ignore[attr-defined] # see _H2Protocol
+assert hypercorn.protocol.H11Protocol in (H11Protocol, _H11Protocol)  # type: ignore[attr-defined]
+hypercorn.protocol.H11Protocol = _H11Protocol  # type: ignore[attr-defined] # see _H11Protocol
 
 
 async def serve(

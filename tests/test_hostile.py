@@ -216,6 +216,26 @@ async def test_a_request_framed_two_ways_is_answered_then_its_connection_closed(
     assert reply.headers["connection"] == "close"
 
 
+async def test_a_reply_that_closes_its_connection_is_sent_whole_whatever_follows(
+    start_server: StartServer,
+) -> None:
+    """A 413 goes out as soon as the Content-Length says too much, with `Connection: close`;
+    bytes after that body (a pipelined request, even a stray CRLF) were a protocol error to
+    hypercorn, which closed the connection mid-reply: the client got the 413's head and none
+    of the body its Content-Length promised. Now the reply is whole, and nothing after it
+    is served."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    too_large = request(b" " * 70_000, close=False)
+    pipelined = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+
+    for after in (pipelined, b"\r\n"):
+        answer = await exchange(server.url, too_large + after)
+        reply = parse(answer)
+        assert (reply.status, reply.headers["connection"]) == (413, "close")
+        assert reply.json()["error"]["kind"] == "payload_too_large"
+        assert answer.count(b"HTTP/1.1 ") == 1
+
+
 async def test_an_http2_request_hypercorn_fails_on_ends_its_connection_alone(
     start_server: StartServer,
 ) -> None:

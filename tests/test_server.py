@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from functools import partial
+from typing import Any
 
 import attrs
 import httpx
@@ -10,11 +12,13 @@ import pytest
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, RawData
+from hypercorn.trio import serve as hypercorn_serve
 
 from order_pipeline.cli import misspelt_variables, parse_args, parse_command
 from order_pipeline.server import Settings, _OneConnection, hypercorn_config
 
 from .conftest import serving
+from .rawhttp import exchange
 from .timings import NO_DELAY
 
 
@@ -350,3 +354,31 @@ async def test_a_close_racing_a_write_of_the_reply_is_no_busy_error() -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server.protocol_send, RawData(b"HTTP/1.1 413 \r\n\r\n"))
                 nursery.start_soon(server.protocol_send, Closed())
+
+
+async def test_a_reply_its_app_leaves_unfinished_still_closes_its_connection() -> None:
+    """_H11Protocol holds hypercorn's close back while a reply is under way; a reply whose
+    app ends before the reply does (here it raises) is not under way any more: the
+    connection closes at once, and is not left open with the reply cut short."""
+
+    async def cut_short(scope: Any, receive: Any, send: Any) -> None:
+        while scope["type"] == "lifespan":
+            message = (await receive())["type"]
+            await send({"type": f"{message}.complete"})
+            if message == "lifespan.shutdown":
+                return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"10")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"12345", "more_body": True})
+        raise RuntimeError("the app failed mid-reply")
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.errorlog = None  # the app's error, expected
+    async with trio.open_nursery() as nursery:
+        (url,) = await nursery.start(partial(hypercorn_serve, cut_short, config, mode="asgi"))
+        with trio.fail_after(5):
+            answer = await exchange(url, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b"\r\n\r\n12345")  # and the connection closed
