@@ -189,6 +189,12 @@ async def test_specific_hostile_answers(start_server: StartServer) -> None:
     assert await status(CASES["10,000 levels of nesting"]) == 400
     assert await status(CASES["a number of 10,000 digits"]) == 400
     assert await status(CASES["Content-Length shorter than the body"]) == 400
+    # Two Content-Lengths that agree frame the body one way: read as one. Two that differ
+    # cannot frame it: hypercorn's bare 400.
+    body = json.dumps(NORMAL).encode()
+    for lengths, answer in (((len(body), len(body)), 200), ((len(body), 3), 400)):
+        extra = b"".join(b"Content-Length: %d\r\n" % n for n in lengths)
+        assert await status(request(body, extra=extra)) == answer
     # A keep-alive request: the reply says the connection closes (the body was not read).
     chunks = b"".join(CHUNK % (8192, b" " * 8192) for _ in range(9)) + b"0\r\n\r\n"
     chunked = request(chunks, extra=b"Transfer-Encoding: chunked\r\n", close=False)
