@@ -174,6 +174,17 @@ def _refuse_duplicate_keys(body: bytes, document: dict[str, Any]) -> None:
         raise InvalidOrder("body is nested too deeply") from None
 
 
+def _why_not_json(body: bytes, error: orjson.JSONDecodeError) -> str:
+    """orjson's reason, but for bytes that are not UTF-8 (Latin-1, say, whatever the
+    Content-Type's charset) the byte and where: orjson's speaks of a str, surrogates and
+    char 0 wherever the byte is."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"not UTF-8 (byte 0x{body[bad.start]:02x} at {bad.start}); JSON is UTF-8"
+    return str(error)
+
+
 def parse_order(body: bytes, using: cattrs.Converter = converter) -> OrderRequest:
     """Turn a request body into a valid order, or raise `InvalidOrder`.
 
@@ -183,7 +194,7 @@ def parse_order(body: bytes, using: cattrs.Converter = converter) -> OrderReques
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidOrder(f"body is not valid JSON: {exc}") from None
+        raise InvalidOrder(f"body is not valid JSON: {_why_not_json(body, exc)}") from None
     if not isinstance(document, dict):
         raise InvalidOrder("body must be a JSON object")
     _refuse_duplicate_keys(body, document)

@@ -86,6 +86,10 @@ BAD_BODIES = [
     ("null", None, "must be a JSON object"),
     ("NaN", None, "not valid JSON"),
     (b"\xff\xfe{}", None, "not valid JSON"),
+    # Latin-1 (whatever the Content-Type's charset), UTF-16: orjson's reason spoke of "str"
+    # and "surrogates".
+    ('{"order_id": "café"}'.encode("latin-1"), None, "not valid JSON: not UTF-8 (byte 0xe9 at 17)"),
+    ('{"order_id": "o"}'.encode("utf-16"), None, "not valid JSON: not UTF-8 (byte 0xff at 0)"),
     ("[" * 10_000 + "]" * 10_000, None, "not valid JSON"),
     ('{"order_id": "o", "amount": ' + "9" * 10_000 + "}", None, "not valid JSON"),
     ("{}", None, "required field missing @ $.order_id"),
