@@ -36,10 +36,12 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.typing import H11SendableEvent
 from quart_trio import QuartTrio
 
 from .desk import OrderDesk
 from .http import create_app
+from .http.app import MAX_BODY_BYTES
 from .metrics import Metrics
 from .orchestrator import Pipeline, Step
 from .reporting import OrderReporter
@@ -214,8 +216,14 @@ class _OneConnection(TCPServer):
 
 
 class _H11Protocol(H11Protocol):
-    """Hypercorn's HTTP/1.1 protocol, ending a reply under way before it closes the connection
+    """Hypercorn's HTTP/1.1 protocol, answering `Expect: 100-continue` for a body over the
+    limit with its 413 alone, and ending a reply under way before it closes the connection
     on the client's protocol error.
+
+    Hypercorn sends a 100 to every request that expects one, before the app sees it: a
+    client whose Content-Length the app refuses (413) was told to send the body first
+    (curl expects a 100 for every body over 1 MB). The app's 413 comes instead, and the
+    client sends nothing (RFC 9110 §10.1.1).
 
     A reply can go out before its request's body is all in (413 on the Content-Length, 408),
     and closes the connection; h11 then takes any byte after that body (a pipelined request,
@@ -227,6 +235,7 @@ class _H11Protocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._body_refused = False
         close_or_write = self.send
 
         async def send(event: ConnectionEvent) -> None:
@@ -234,6 +243,21 @@ class _H11Protocol(H11Protocol):
                 await close_or_write(event)
 
         self.send = send
+
+    async def _create_stream(self, request: h11.Request) -> None:
+        self._body_refused = any(
+            name == b"content-length" and int(value) > MAX_BODY_BYTES
+            for name, value in request.headers  # h11 has made it one number
+        )
+        await super()._create_stream(request)
+
+    async def _send_h11_event(self, event: H11SendableEvent) -> None:
+        if not (
+            isinstance(event, h11.InformationalResponse)
+            and event.status_code == 100
+            and self._body_refused
+        ):
+            await super()._send_h11_event(event)
 
     def _replying(self) -> bool:
         """Whether a reply's head is sent but not its end, and its stream is still open: a

@@ -242,6 +242,32 @@ async def test_a_reply_that_closes_its_connection_is_sent_whole_whatever_follows
         assert answer.count(b"HTTP/1.1 ") == 1
 
 
+async def test_a_body_too_large_to_take_is_refused_before_the_client_sends_it(
+    start_server: StartServer,
+) -> None:
+    """`Expect: 100-continue` asks whether to send the body; one whose Content-Length is over
+    the limit would be refused, so the answer is the 413 at once (RFC 9110 §10.1.1), not a
+    100 that has the client send it all first (curl asks so of every body over 1 MB). A
+    body within the limit gets its 100, and its order runs."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    expect = b"Expect: 100-continue\r\n"
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        too_large = request(b"", extra=expect + b"Content-Length: 70000\r\n")
+        await stream.send_all(too_large)  # its head alone: the client waits
+        with trio.fail_after(5):
+            reply = parse(await read_all(stream))
+    assert (reply.status, reply.json()["error"]["kind"]) == (413, "payload_too_large")
+
+    body = json.dumps(NORMAL).encode()
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        await stream.send_all(request(b"", extra=expect + b"Content-Length: %d\r\n" % len(body)))
+        with trio.fail_after(5):
+            assert (await stream.receive_some(65_536)).startswith(b"HTTP/1.1 100 ")
+            await stream.send_all(body)
+            reply = parse(await read_all(stream))
+    assert (reply.status, reply.json()["order_id"]) == (200, "normal")
+
+
 async def test_an_http2_request_hypercorn_fails_on_ends_its_connection_alone(
     start_server: StartServer,
 ) -> None:
