@@ -36,6 +36,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
 
 from order_pipeline.desk import OrderDesk
 from order_pipeline.http import create_app
@@ -479,7 +480,7 @@ def traced_app(traces: Traces) -> QuartTrio:
     return create_app(desk, on_refused=reporter.refused)
 
 
-async def post_order(app: QuartTrio, headers: dict[str, str]) -> int:
+async def post_order(app: QuartTrio, headers: dict[str, str] | Headers) -> int:
     body = b'{"order_id": "o-7", "amount": 3}'
     response = await app.test_client().post("/order", data=body, headers=headers)
     return response.status_code
@@ -567,6 +568,30 @@ def test_tracestate_headers_are_combined_within_their_limit() -> None:
     assert combined == {"traceparent": [TRACEPARENT], "tracestate": ["a=1", "b=2"]}
     assert too_long == one_too_long == {"traceparent": [TRACEPARENT]}
     assert orphan is None
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        f"00-{CALLER_TRACE + 1:032x}-{CALLER_SPAN:016x}-01",  # another caller's
+        TRACEPARENT,  # the same one again
+        "garbage",
+        f"00-{CALLER_TRACE:032x}-{CALLER_SPAN:016x}-01-{'0' * 600}",  # over 512 characters
+    ],
+)
+async def test_two_traceparent_headers_start_a_trace_of_our_own(
+    traces: Traces, second: str
+) -> None:
+    """A request with two traceparent headers has no one parent (their combined value is not
+    a traceparent): a new trace, as the W3C test suite's test_traceparent_duplicated expects,
+    whichever comes first and however long."""
+    for pair in ((TRACEPARENT, second), (second, TRACEPARENT)):
+        headers = Headers([("traceparent", value) for value in pair])
+        assert await post_order(traced_app(traces), headers) == 200
+
+    orders = [span for span in traces.spans() if span.name == "order"]
+    assert [span.parent for span in orders] == [None, None]
+    assert CALLER_TRACE not in {trace_id(span) for span in orders}
 
 
 def test_the_request_id_header_is_read_as_before() -> None:

@@ -59,19 +59,26 @@ _TRACE_CONTEXT: Final = TraceContextTextMapPropagator()
 
 
 def _ids_of(scope: HTTPScope) -> tuple[bytes, dict[str, list[str]] | None]:
-    """The request's ID, and its W3C trace-context headers if it has a traceparent."""
+    """The request's ID, and its W3C trace-context headers if it has one traceparent: the
+    propagator would continue the first of two, which name no one parent."""
     given: bytes | None = None
     carrier: dict[str, list[str]] | None = None
+    parents = 0
     for name, value in scope["headers"]:  # ASGI header names are lower-case
         if name == REQUEST_ID_HEADER:
             if given is None:  # the first one decides
                 given = bytes(value) if _VALID_REQUEST_ID.fullmatch(value) else b""
-        elif name in (TRACEPARENT_HEADER, TRACESTATE_HEADER) and len(value) <= _TRACE_HEADER_MAX:
+        elif name == TRACEPARENT_HEADER:
+            parents += 1  # counted however long: two are no parent (test_traceparent_duplicated)
+            if len(value) <= _TRACE_HEADER_MAX:
+                carrier = carrier or {}
+                carrier.setdefault("traceparent", []).append(value.decode("latin-1"))
+        elif name == TRACESTATE_HEADER and len(value) <= _TRACE_HEADER_MAX:
             carrier = carrier or {}
-            carrier.setdefault(name.decode(), []).append(value.decode("latin-1"))
+            carrier.setdefault("tracestate", []).append(value.decode("latin-1"))
     if carrier is not None:
-        if "traceparent" not in carrier:
-            carrier = None  # no parent to continue
+        if parents != 1 or "traceparent" not in carrier:
+            carrier = None  # no one parent to continue
         elif sum(len(v) + 1 for v in carrier.get("tracestate", ())) > _TRACE_HEADER_MAX + 1:
             del carrier["tracestate"]  # too long in all: the parent without it
     return given or new_id().encode(), carrier
