@@ -325,10 +325,18 @@ def tracer_provider(exporter: SpanExporter) -> TracerProvider:
 def configure_tracing(environ: Mapping[str, str] = os.environ) -> bool:
     """Install the global tracer provider that the `OTEL_*` environment asks for; whether
     tracing is on. Once per process, before `Tracing.from_global()` (that is, `assemble`)."""
-    exporter = span_exporter_from_env(environ)
-    if exporter is None:
+    # The SDK warns about most OTEL_* values it cannot follow and uses its default, but raises
+    # ValueError for some: a span limit (OTEL_SPAN_*_LIMIT, OTEL_ATTRIBUTE_*_LIMIT) as its
+    # module loads or its provider is made, a batching out of range (OTEL_BSP_*).
+    try:
+        exporter = span_exporter_from_env(environ)
+        if exporter is None:
+            return False
+        provider = tracer_provider(exporter)
+    except ValueError as exc:
+        log.warning("tracing cannot be set up as OTEL_* asks (%s): tracing is off", exc)
         return False
-    trace.set_tracer_provider(tracer_provider(exporter))
+    trace.set_tracer_provider(provider)
     log.info("tracing on: exporting spans with %s", type(exporter).__name__)
     return True
 

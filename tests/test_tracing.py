@@ -14,6 +14,7 @@ import atexit
 import inspect
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -811,3 +812,54 @@ def test_a_provider_batches_what_it_exports() -> None:
     provider.force_flush()
     assert [span.name for span in exporter.get_finished_spans()] == ["one"]
     provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    "batching",
+    [
+        {"OTEL_BSP_SCHEDULE_DELAY": "0"},
+        {"OTEL_BSP_MAX_QUEUE_SIZE": "0"},
+        {"OTEL_BSP_MAX_QUEUE_SIZE": "10", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "100"},
+    ],
+)
+def test_batching_the_sdk_refuses_is_a_warning_and_off(
+    otel_environ: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, batching: dict[str, str]
+) -> None:
+    """OTEL_BSP_* values the SDK's batch processor refuses (it raises ValueError, where it
+    defaults an unparsable one) leave tracing off with one warning saying why; they ended
+    the server at its start with a traceback."""
+    installed: list[trace.TracerProvider] = []
+    otel_environ.setattr(trace, "set_tracer_provider", installed.append)
+    otel_environ.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    for name, value in batching.items():
+        otel_environ.setenv(name, value)
+
+    assert configure_tracing(os.environ) is False
+
+    assert installed == []
+    (warning,) = [r for r in caplog.records if r.name == "order_pipeline.tracing"]
+    assert warning.levelno == logging.WARNING
+    assert "tracing is off" in warning.getMessage()
+
+
+def test_a_limit_the_sdk_refuses_as_it_loads_is_a_warning_and_off() -> None:
+    """OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT=-1 makes the SDK raise ValueError as its module is
+    imported, which happens when tracing is asked for: in a process of its own here (this
+    one has the SDK loaded). One warning and off, not a traceback that ends the server."""
+    environ = {
+        **os.environ,
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "-1",
+    }
+    code = (
+        "import logging; logging.basicConfig(format='%(levelname)s %(message)s')\n"
+        "from order_pipeline.tracing import configure_tracing\n"
+        "print(configure_tracing())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=60
+    )
+
+    assert (done.returncode, done.stdout) == (0, "False\n"), done.stderr
+    assert done.stderr.startswith("WARNING tracing cannot be set up as OTEL_* asks")
+    assert done.stderr.count("\n") == 1
