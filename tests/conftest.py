@@ -143,9 +143,12 @@ def _schema() -> str:
 
 @pytest.fixture(autouse=True)
 def _drop_schemas() -> Iterator[None]:
-    """Drop the schemas the test made (after its stores closed: this fixture ends last)."""
+    """Drop the schemas and databases the test made (after its stores closed: this fixture
+    ends last)."""
     yield
-    if pg.schemas:
+    if pg.schemas or pg.databases:
         with pg.admin() as conn:
             while pg.schemas:
                 conn.execute(f"DROP SCHEMA IF EXISTS {pg.schemas.pop()} CASCADE")
+            while pg.databases:
+                conn.execute(f"DROP DATABASE IF EXISTS {pg.databases.pop()} WITH (FORCE)")

@@ -26,6 +26,7 @@ POSTGRES_URL = os.environ.get(
 )
 REQUIRE_POSTGRES = os.environ.get("ORDER_PIPELINE_REQUIRE_POSTGRES") == "1"
 schemas: list[str] = []  # made by new_schema, dropped after the test (tests/conftest.py)
+databases: list[str] = []  # made by new_database, dropped after the test too
 
 
 @functools.cache
@@ -77,6 +78,20 @@ def new_schema() -> str:
         conn.execute(f"CREATE SCHEMA {schema}")
     schemas.append(schema)
     return schema
+
+
+def new_database(encoding: str) -> str:
+    """A URL of a new, empty database of `encoding` on the test server (an operator's, made
+    without ENCODING 'UTF8'), dropped after the test (tests/conftest.py)."""
+    need_postgres()
+    name = f"order_store_test_{uuid.uuid4().hex[:16]}"
+    with admin() as conn:
+        conn.execute(
+            f"CREATE DATABASE {name} ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C'"
+            " TEMPLATE template0"
+        )
+    databases.append(name)
+    return urlsplit(POSTGRES_URL)._replace(path=f"/{name}").geturl()
 
 
 def postgres_url(_: Path | None = None, *, schema: str | None = None) -> str:

@@ -37,9 +37,11 @@ from order_pipeline.store import (
     SqliteStore,
     StepRecord,
     StoredOrder,
+    StoreError,
     StoreUnavailable,
 )
 
+from . import pg
 from .conftest import make_order
 from .pg import postgres_url
 from .test_openapi import check
@@ -1018,6 +1020,44 @@ async def test_lookup_of_a_key_with_a_nul_is_404_on_postgres(schema: str) -> Non
 
     assert status == 404
     assert body["error"] == {"kind": "not_found", "message": "no order with this key"}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("encoding", "client_encoding"), [("SQL_ASCII", None), ("UTF8", "LATIN1")], ids=str
+)
+async def test_every_order_id_is_kept_whatever_the_encodings(
+    encoding: str, client_encoding: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database made without ENCODING 'UTF8' under the C locale is SQL_ASCII (initdb's
+    default there), whose text psycopg read back as bytes: every order was charged, then
+    answered 500 and left running for ever (its final record and recovery failing on the
+    bytes). With PGCLIENTENCODING=LATIN1, an order_id of other characters was a 500 and a
+    traceback. The store now speaks UTF-8 to the database, whatever either says."""
+    if client_encoding is not None:
+        monkeypatch.setenv("PGCLIENTENCODING", client_encoding)
+    async with postgres_store(pg.new_database(encoding)) as store:
+        assembly = assemble(Settings(), store=store)
+        order = {"order_id": "caf\u00e9 \u20ac \U0001f600", "amount": 250}
+        first = await post(assembly, order, key="k-1")
+        again = await post(assembly, order, key="k-1")
+        status, shown = await get(assembly, "/order/k-1")
+        net = await store.net_charge("k-1")
+
+    assert first[:2] == (200, again[1])
+    assert (again[0], again[2]["Idempotent-Replayed"]) == (200, "true")
+    assert (status, shown) == (200, json.loads(first[1]))
+    assert shown["order_id"] == order["order_id"]
+    assert net == 250
+
+
+@pytest.mark.postgres
+async def test_a_database_that_cannot_hold_every_order_id_is_refused_at_open() -> None:
+    """A LATIN1 database cannot hold an order_id of other characters: they were a 500 and a
+    traceback each (the other stores take them); now the store is refused as it opens."""
+    with pytest.raises(StoreError, match=r"encoding is LATIN1.*UTF8"):
+        async with postgres_store(pg.new_database("LATIN1")):
+            pass
 
 
 async def test_a_refused_order_s_line_says_why(

@@ -125,6 +125,9 @@ TABLES: Final = ("orders", "steps", "leases", "ledger")
 MIGRATION_LOCK: Final = 0x6F726470_00000001
 MIGRATION_WAIT: Final = 60.0  # s, for the lock of another host's migration
 MIN_SERVER_VERSION: Final = 130000  # pg_xact_status, pg_current_xact_id_if_assigned
+# Database encodings that hold any text the client sends as UTF-8 (SQL_ASCII as its bytes);
+# another (LATIN1, say) refuses characters it lacks, so an order_id of them would fail.
+_ENCODINGS: Final = ("UTF8", "SQL_ASCII")
 _TRIES: Final = 5  # runs of one batch (deadlocks, lost connections) before StoreUnavailable
 # Before a batch runs again, a pause of up to this many seconds times its tries: two hosts'
 # batches that deadlocked would otherwise run again at once and meet the same way.
@@ -318,6 +321,9 @@ class PostgresStore(WriterThread[Conn]):
         params.setdefault("keepalives_interval", 5)
         params.setdefault("keepalives_count", 3)
         params.setdefault("tcp_user_timeout", max(1000, round(2 * timeout * 1000)))  # ms
+        # Text as UTF-8, whatever the database's encoding (SQL_ASCII's, read back as bytes
+        # otherwise), the URL's or PGCLIENTENCODING: every order_id goes in and comes back.
+        params["client_encoding"] = "UTF8"
         self._conninfo = make_conninfo("", **params)
         self._pool: Pool  # the writer thread's, from _open
         self._watchdog: _Watchdog | None = None  # from _open, unless a reader
@@ -348,6 +354,13 @@ class PostgresStore(WriterThread[Conn]):
                     raise StoreError(
                         f"{self.where}: cannot open the store: PostgreSQL"
                         f" {conn.info.server_version // 10000} is too old, 13 or newer needed"
+                    )
+                encoding = conn.info.parameter_status("server_encoding")
+                if encoding not in _ENCODINGS:
+                    raise StoreError(
+                        f"{self.where}: cannot open the store: the database's encoding is"
+                        f" {encoding}, which cannot hold every order_id:"
+                        " create it with ENCODING 'UTF8'"
                     )
                 if self.reader:
                     _check_readable(conn, self.where)
