@@ -28,7 +28,7 @@ import hypercorn.protocol
 import hypercorn.trio.run
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed
+from hypercorn.events import Closed, RawData
 from hypercorn.events import Event as ConnectionEvent
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import StreamClosed
@@ -230,19 +230,34 @@ class _H11Protocol(H11Protocol):
     a stray CRLF) as an error, on which hypercorn closed the connection at once: the client
     had the reply's head but not the body its Content-Length promised. The close waits for
     the reply's end instead, where hypercorn closes the connection anyway (nothing after the
-    error is read as a request).
+    error is read as a request). Until then what the client sends is not read: h11 would keep
+    it all, for as long as the reply takes (for ever if the client does not read it).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._body_refused = False
+        self._closing: trio.Event | None = None  # set when the close held back is made
         close_or_write = self.send
 
         async def send(event: ConnectionEvent) -> None:
-            if not (isinstance(event, Closed) and self._replying()):
-                await close_or_write(event)
+            if isinstance(event, Closed):
+                if self._replying():
+                    self._closing = self._closing or trio.Event()
+                    return
+                if self._closing is not None:
+                    self._closing.set()
+            await close_or_write(event)
 
         self.send = send
+
+    async def handle(self, event: ConnectionEvent) -> None:
+        if self._closing is not None:
+            if isinstance(event, RawData):  # after the error: held back by TCP, not kept
+                await self._closing.wait()
+                return
+            self._closing.set()  # Closed: the client is gone (a write failed)
+        await super().handle(event)
 
     async def _create_stream(self, request: h11.Request) -> None:
         self._body_refused = any(

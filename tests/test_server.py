@@ -18,7 +18,7 @@ from order_pipeline.cli import misspelt_variables, parse_args, parse_command
 from order_pipeline.server import Settings, _OneConnection, hypercorn_config
 
 from .conftest import serving
-from .rawhttp import exchange
+from .rawhttp import address, exchange
 from .timings import NO_DELAY
 
 
@@ -382,3 +382,52 @@ async def test_a_reply_its_app_leaves_unfinished_still_closes_its_connection() -
         nursery.cancel_scope.cancel()
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(b"\r\n\r\n12345")  # and the connection closed
+
+
+async def test_what_a_client_sends_after_its_error_waits_while_a_reply_is_held() -> None:
+    """The close that a client's protocol error asks for waits for the reply under way; what
+    the client sends meanwhile is not read (TCP holds it back), where it was kept in memory
+    until the reply's end, or for ever if the client did not read the reply: 300 MB sent
+    after a bad chunk grew the server by 300 MB. The reply then ends whole, and closes."""
+    under_way, finish = trio.Event(), trio.Event()
+
+    async def held(scope: Any, receive: Any, send: Any) -> None:
+        while scope["type"] == "lifespan":
+            message = (await receive())["type"]
+            await send({"type": f"{message}.complete"})
+            if message == "lifespan.shutdown":
+                return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"10")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"12345", "more_body": True})
+        under_way.set()
+        await finish.wait()  # as a reply whose client does not read it
+        await send({"type": "http.response.body", "body": b"67890"})
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.errorlog = None
+    flood, chunk = 64 * 2**20, b"x" * 2**16
+    async with trio.open_nursery() as nursery:
+        (url,) = await nursery.start(partial(hypercorn_serve, held, config, mode="asgi"))
+        with trio.socket.socket() as client:
+            await client.connect(address(url))
+            await client.send(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+            with trio.fail_after(5):
+                await under_way.wait()
+            await client.send(b"zz\r\n")  # not a chunk's size: h11's error mid-reply
+            sent = 0
+            while sent < flood:
+                with trio.move_on_after(1):  # the server reads nothing more: the kernel's
+                    sent += await client.send(chunk)  # buffers fill, and the sends stop
+                    continue
+                break
+            finish.set()
+            answer = b""
+            with trio.fail_after(5):
+                while data := await client.recv(2**16):
+                    answer += data
+        nursery.cancel_scope.cancel()
+    assert sent < flood / 4
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b"\r\n\r\n1234567890")  # whole, and then the connection closed
