@@ -260,9 +260,11 @@ class _H11Protocol(H11Protocol):
         await super().handle(event)
 
     async def _create_stream(self, request: h11.Request) -> None:
-        self._body_refused = any(
-            name == b"content-length" and int(value) > MAX_BODY_BYTES
-            for name, value in request.headers  # h11 has made it one number
+        # h11 has made a Content-Length one number; with chunks it is no size (RFC 9112 §6.1).
+        headers = dict(request.headers)
+        self._body_refused = (
+            b"transfer-encoding" not in headers
+            and int(headers.get(b"content-length", 0)) > MAX_BODY_BYTES
         )
         await super()._create_stream(request)
 

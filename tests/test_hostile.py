@@ -267,6 +267,17 @@ async def test_a_body_too_large_to_take_is_refused_before_the_client_sends_it(
             reply = parse(await read_all(stream))
     assert (reply.status, reply.json()["order_id"]) == (200, "normal")
 
+    # Framed by its chunks, a request's Content-Length is no size (RFC 9112 §6.1): it gets
+    # its 100 however large that says, where it waited for none (curl: a second).
+    framing = expect + b"Transfer-Encoding: chunked\r\nContent-Length: 70000\r\n"
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        await stream.send_all(request(b"", extra=framing))
+        with trio.fail_after(5):
+            assert (await stream.receive_some(65_536)).startswith(b"HTTP/1.1 100 ")
+            await stream.send_all(CHUNK % (len(body), body) + b"0\r\n\r\n")
+            reply = parse(await read_all(stream))
+    assert (reply.status, reply.json()["order_id"]) == (200, "normal")
+
 
 async def test_an_http2_request_hypercorn_fails_on_ends_its_connection_alone(
     start_server: StartServer,
