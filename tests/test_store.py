@@ -1802,6 +1802,46 @@ async def test_frames_larger_than_the_socket_takes_at_once_cross_whole(tmp_path:
     assert lost == []
 
 
+class _Frames:
+    """A store process's side of the socket pair, given the frames it reads one at a time
+    (as they arrive when the server's sends are read apart); what it sends is kept."""
+
+    def __init__(self, *reads: list[Any]) -> None:
+        self._reads = list(reads)
+        self.sent: list[Any] = []
+
+    def receive(self) -> list[Any]:
+        return self._reads.pop(0) if self._reads else []
+
+    def send(self, message: Any) -> None:
+        self.sent.append(message)
+
+
+async def test_a_close_read_apart_from_its_held_frame_tries_a_held_record_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The close sends what is held (here nothing) and its end as two frames, which the store
+    process may read apart: the first, carrying no call, runs nothing, so a final record held
+    since an outage is tried once, at the end, not once more first (on an unreachable
+    database, 5 s more of a drain: a server on PostgreSQL whose database was down exited 1 at
+    its hard deadline, instead of 0, in one run of two)."""
+    path = tmp_path / "orders.db"
+    async with SqliteStore(path) as opened:
+        order = await begun(opened)
+    store = SqliteStore(path, busy_timeout=0.2)
+    store._open_driven()
+    finish: process.Call = (None, "finish_soon", ("k-1", order.attempt_id, 200, b"{}", None), {})
+    with closing(sqlite3.connect(path, isolation_level=None)) as locker:
+        locker.execute("BEGIN IMMEDIATE")  # an outage: every commit fails, the record is kept
+        try:
+            process._serve_calls(store, _Frames([[finish]], [[]], [None]), [])  # type: ignore[arg-type]
+        finally:
+            store._close()
+    held = "1 record(s) not stored yet, held for the next commit"
+    assert caplog.text.count(held) == 1
+    assert caplog.text.count("a queued record not stored: ") == 1
+
+
 async def _kill_after(store: StoreProcess, seconds: float) -> None:
     await trio.sleep(seconds)
     assert store._process is not None

@@ -527,13 +527,17 @@ def _serve_calls(store: WriterThread[Any], wire: _Wire, messages: list[Any]) -> 
                 for op in again:
                     log_lost(op)
                 return
+            called = False
             for message in messages:
                 if message is None:
                     closing = True
                     continue
                 for call_id, name, args, kwargs in message:
+                    called = True
                     _start(store, call_id, name, args, kwargs, suspended, replies)
             messages = []
+            if not (called or closing):  # the close's held frame, read apart from its end:
+                continue  # no call for them to ride on, and trying them now adds a batch
             store._hold_again(again)  # they ride on what has come
             again = []
         ops, store._riding = store._riding, []
