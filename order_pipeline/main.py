@@ -37,7 +37,7 @@ from .server import Readiness, assemble, serve
 from .services.pool import MAX_SIZE, MIN_SIZE, clamp_size
 from .settings import Settings
 from .sockets import CannotListen, listen, url_of
-from .store import StoreError, open_store, shown_url
+from .store import StoreError, StoreUnavailable, open_store, shown_url
 from .supervisor import supervise
 from .tracing import configure_tracing, flush_spans
 
@@ -346,6 +346,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 # Nothing more to stdout: the interpreter's own flush at exit would fail again.
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 write_line(f"order-pipeline orders: cannot write the listing: {exc}")
+                raise SystemExit(1) from None
+            except StoreUnavailable as exc:  # opened, then a page could not be read: the
+                # database gone, a lock past the wait. The lines written stand; status 1.
+                write_line(f"order-pipeline orders: cannot read the store: {exc}")
                 raise SystemExit(1) from None
             return
         handoff = Handoff.from_environ(os.environ)

@@ -17,7 +17,16 @@ import trio
 from order_pipeline.cli import parse_command
 from order_pipeline.listing import list_orders, order_summary
 from order_pipeline.server import Settings, assemble
-from order_pipeline.store import FINISHED, MemoryStore, SqliteStore, StepRecord, StoredOrder
+from order_pipeline.store import (
+    FINISHED,
+    MemoryStore,
+    SqliteStore,
+    StepRecord,
+    StoredOrder,
+    open_store,
+)
+
+from .pg import admin, postgres_url
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -303,3 +312,30 @@ def test_an_oserror_of_the_read_is_not_called_a_listing_that_cannot_be_written(
     with pytest.raises(OSError, match="Too many open files"):
         main.main(["orders", "--store", f"sqlite:///{tmp_path / 'orders.db'}"])
     assert not [line for line in said if "cannot write the listing" in line]
+
+
+@pytest.mark.postgres
+async def test_a_store_that_cannot_be_read_meanwhile_ends_the_listing_in_one_line(
+    schema: str,
+) -> None:
+    """The store opens, but a page cannot be read (here another transaction's lock on the
+    orders table, held past the store's lock wait, as an operator's LOCK TABLE or a VACUUM
+    FULL holds it; likewise a database gone meanwhile): one line naming why and status 1,
+    not a traceback."""
+    url = postgres_url(schema=schema)
+    async with open_store(url) as store:
+        await store.begin("k-1", "o-1", "hash", b"{}", "w-1")
+    locker = await trio.to_thread.run_sync(admin)
+    try:
+        await trio.to_thread.run_sync(locker.execute, f"SET search_path TO {schema}")
+        await trio.to_thread.run_sync(locker.execute, "BEGIN")
+        await trio.to_thread.run_sync(locker.execute, "LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        done = await trio.to_thread.run_sync(orders_command, "--store", url)
+    finally:
+        await trio.to_thread.run_sync(locker.close)
+
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.splitlines()[-1]  # after the store's own warnings, if any
+    assert last.startswith("order-pipeline orders: cannot read the store: postgresql://")
+    assert "lock timeout" in last
