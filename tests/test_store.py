@@ -1842,6 +1842,30 @@ async def test_a_close_read_apart_from_its_held_frame_tries_a_held_record_once(
     assert caplog.text.count("a queued record not stored: ") == 1
 
 
+async def test_a_close_with_records_riding_on_it_tries_a_held_record_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A final record held since an outage, and a step record riding on the close (an order
+    that ended during the drain): the close tries them once, in one batch (one busy wait of
+    SQLite's, 5 s), not once for the records and again at the end (10 s; every run of four)."""
+    path = tmp_path / "orders.db"
+    lost: list[str] = []
+    async with StoreProcess(f"sqlite:///{path}", lost.append) as store:
+        order = await begun(store)
+        with closing(sqlite3.connect(path, isolation_level=None)) as locker:
+            locker.execute("BEGIN IMMEDIATE")  # an outage: every commit fails
+            store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
+            with trio.fail_after(20), pytest.raises(StoreUnavailable, match="locked"):
+                await store.renew_lease("w-1", 5)  # fails: the record is held again
+            store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok"))
+            with trio.fail_after(20):
+                await store.aclose()
+    assert lost == []
+    held = "1 record(s) not stored yet, held for the next commit"
+    assert caplog.text.count(held) == 1
+    assert caplog.text.count("a queued record not stored: ") == 1
+
+
 async def _kill_after(store: StoreProcess, seconds: float) -> None:
     await trio.sleep(seconds)
     assert store._process is not None

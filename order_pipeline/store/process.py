@@ -192,8 +192,9 @@ class StoreProcess:
             return
         self._serving = False
         self._closing = True
-        self._send(self._frame_held())
-        self._send(_frame(None))
+        # One piece, read at once: a close's held records read apart from its end would be
+        # run as a batch of their own, then tried again at the end (see `_serve_calls`).
+        self._send(self._frame_held() + _frame(None))
         with trio.CancelScope(shield=True):
             await self._ended.wait()
             status = await self._process.wait()
