@@ -9,12 +9,12 @@ restart serves them; if the drain begins first, closing the socket resets them.
 
 Hypercorn's own multi-process mode is not graceful (the first worker to exit
 makes the parent terminate the others). On SIGTERM, SIGINT or SIGHUP this supervisor
-tells every worker to drain (`DRAIN_SIGNAL`), lets each drain on its own, waits
-for them with a hard deadline, and restarts a worker that dies while serving. A
-second signal cuts every worker's drain short (`CUT_SHORT_SIGNAL`; status 1).
-Signals of their own, not SIGTERM: a signal sent to the whole process group
-(systemd's default KillMode, a terminal's Ctrl+C or hang-up) reaches each worker too, and a
-worker that heard the same signal from both would take it for a second one; a
+tells every worker to drain (`DRAIN_SIGNAL`), lets each drain on its own (and end itself at
+its hard deadline), kills one still running a little after that (`KILL_AFTER_DEADLINE_S`),
+and restarts a worker that dies while serving. A second signal cuts every worker's drain
+short (`CUT_SHORT_SIGNAL`; status 1). Signals of their own, not SIGTERM: a signal sent to
+the whole process group (systemd's default KillMode, a terminal's Ctrl+C or hang-up) reaches
+each worker too, and a worker that heard the same signal from both would take it for a second one; a
 worker ignores SIGINT and SIGHUP, and a SIGTERM it hears besides its supervisor's word only
 starts its drain (a second SIGTERM cuts it short).
 A worker that keeps dying (`RESTART_LIMIT`
@@ -48,6 +48,7 @@ import attrs
 import trio
 
 from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff, stop_signals
+from .logs import EXIT_WAIT_S
 from .settings import Settings
 
 __all__ = ["supervise"]
@@ -59,6 +60,10 @@ DRAINED: Final = frozenset({0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP, 
 log = logging.getLogger(__name__)
 
 RESTART_PAUSE_S: Final = 1.0
+# A worker still draining at the hard deadline ends itself there, with its error line and its
+# last line (written within EXIT_WAIT_S), as a lone server does; killed at the same moment, it
+# lost them. Only one that cannot end itself (stopped, say) is killed, this much later.
+KILL_AFTER_DEADLINE_S: Final = EXIT_WAIT_S + 1.0
 # A worker that dies this many times within this many seconds is given up on.
 RESTART_LIMIT: Final = 5
 RESTART_WINDOW_S: Final = 60.0
@@ -149,7 +154,9 @@ class _Supervisor:
                     for process in self.running:
                         process.send_signal(DRAIN_SIGNAL)
                     forwarding.start_soon(self.forward_later_signals, signals)
-                    deadline = trio.current_time() + self.settings.hard_exit_delay
+                    deadline = (
+                        trio.current_time() + self.settings.hard_exit_delay + KILL_AFTER_DEADLINE_S
+                    )
                     nursery.cancel_scope.deadline = deadline
                 forwarding.cancel_scope.cancel()
         return 0 if self.drained_in_full and not (self.gave_up or self.interrupted) else 1

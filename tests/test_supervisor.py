@@ -9,11 +9,13 @@ that must be in flight on the worker that drains are sent on connections it acce
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
 import signal
+import sqlite3
 from collections import Counter
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -273,8 +275,8 @@ async def test_a_worker_killed_at_the_hard_deadline_makes_the_exit_status_1(
     start_server: StartServer,
 ) -> None:
     """A worker that cannot end its drain (SIGSTOPped: its own hard deadline cannot run) is
-    killed by the supervisor at the hard deadline (grace 0 + compensations 1 + 5 s): not a
-    drain in full, so the supervisor exits 1; the other worker drains and exits 0."""
+    killed by the supervisor 3 s after the hard deadline (grace 0 + compensations 1 + 5 s):
+    not a drain in full, so the supervisor exits 1; the other worker drains and exits 0."""
     server = await start_server(
         "--workers", "2", "--no-access-log", "--shutdown-grace", "0",
         "--compensation-timeout", "1", expect_errors=True, check_exit=False,
@@ -289,6 +291,47 @@ async def test_a_worker_killed_at_the_hard_deadline_makes_the_exit_status_1(
         server
     )
     assert code == 1
+    assert supervisor_lines(server)[-1] == (
+        "info",
+        "workers drained (each worker logged its own counts); exit status 1",
+    )
+
+
+async def test_a_worker_that_overruns_its_drain_ends_itself_with_its_last_line(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """Another process holds the SQLite file's write lock: each worker's last store calls wait
+    past the hard deadline (grace 0 + compensations 1 + 5 s), as a lone server's do
+    (tests/test_drain.py). Each worker, alive, ends itself there with its error line and its
+    last line, as a lone server does; the supervisor, whose own deadline came a few
+    milliseconds sooner, killed them first, and those lines were lost."""
+    db = tmp_path / "stalled.db"
+    server = await start_server(
+        "--workers", "2", "--no-access-log", "--store", f"sqlite:///{db}",
+        "--shutdown-grace", "0", "--compensation-timeout", "1",
+        expect_errors=True, check_exit=False,
+    )  # fmt: skip # flags and their values in pairs
+    workers = [await pid_of_start(server, 0, 1), await pid_of_start(server, 1, 1)]
+    locker = await trio.to_thread.run_sync(
+        functools.partial(sqlite3.connect, db, timeout=10, isolation_level=None)
+    )
+    try:
+        await trio.to_thread.run_sync(locker.execute, "BEGIN IMMEDIATE")
+        await trio.sleep(2.5)  # each worker's renewal (every second) waits for the lock by then
+        server.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(WAIT_S):
+            code = await server.process.wait()
+    finally:
+        await trio.to_thread.run_sync(locker.close)
+
+    assert code == 1
+    for number, pid in enumerate(workers):
+        own = [line["message"] for line in server.log_lines() if line["pid"] == pid]
+        assert own[-2:] == [
+            "drain did not finish by its hard deadline: exiting",
+            "drained orders: 0, cancelled: 0; exit status 1",
+        ], own
+        assert ("info", f"worker {number} (pid {pid}) exited with 1") in supervisor_lines(server)
     assert supervisor_lines(server)[-1] == (
         "info",
         "workers drained (each worker logged its own counts); exit status 1",
