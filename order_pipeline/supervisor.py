@@ -60,6 +60,11 @@ DRAINED: Final = frozenset({0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP, 
 log = logging.getLogger(__name__)
 
 RESTART_PAUSE_S: Final = 1.0
+# How a worker ends by a signal to its whole process group, which tells its supervisor to
+# drain too: still starting, by the signal's default action; serving, by its own drain. Such an
+# end is judged once the supervisor's own copy of the signal had a moment to be read.
+ENDED_BY_STOP_SIGNAL: Final = frozenset({0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP})
+STOP_SIGNAL_WAIT_S: Final = 0.1
 # A worker still draining at the hard deadline ends itself there, with its error line and its
 # last line (written within EXIT_WAIT_S), as a lone server does; killed at the same moment, it
 # lost them. Only one that cannot end itself (stopped, say) is killed, this much later.
@@ -117,7 +122,9 @@ class _Supervisor:
     shared_fds: tuple[int, int]  # every worker's besides its socket: handoff.py's pipes
     metrics_dir: str
     running: set[trio.Process] = attrs.field(factory=set)
-    stopping: bool = False  # the drain has begun: the sockets are closed
+    # Set as the drain begins (the sockets are closed, or about to be): it also ends a worker's
+    # restart pause, and the wait of a worker's end by a stop signal.
+    stopping: trio.Event = attrs.field(factory=trio.Event)
     gave_up: bool = False  # on a worker that kept dying
     interrupted: bool = False  # a second signal cut the drain short
     drained_in_full: bool = True  # every worker has ended as DRAINED allows
@@ -146,7 +153,7 @@ class _Supervisor:
                             name = signal.Signals(signum).name
                             log.info("received %s: draining the workers", name)
                             break
-                    self.stopping = True
+                    self.stopping.set()
                     watching.cancel()
                     async with self.spawning:
                         for sock in self.sockets:
@@ -164,7 +171,7 @@ class _Supervisor:
     async def start(self, number: int) -> trio.Process | None:
         """A new process for worker `number`, or None once the drain has begun."""
         async with self.spawning:
-            if self.stopping:  # the sockets are closed
+            if self.stopping.is_set():  # the sockets are closed
                 return None
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "order_pipeline", "serve"],
@@ -204,7 +211,10 @@ class _Supervisor:
                         break
                     with trio.CancelScope(shield=True):
                         await trio.sleep(RETIRE_PAUSE_S)
-            if self.stopping:
+            if code in ENDED_BY_STOP_SIGNAL:  # the supervisor's copy may still be unread
+                with trio.move_on_after(STOP_SIGNAL_WAIT_S):
+                    await self.stopping.wait()
+            if self.stopping.is_set():
                 log.info("worker %d (pid %d) exited with %d", number, process.pid, code)
                 if code not in DRAINED:
                     self.drained_in_full = False
@@ -224,7 +234,8 @@ class _Supervisor:
                 self.waiting.cancel()
                 return
             log.error("worker %d (pid %d) died with %d: restarting", number, process.pid, code)
-            await trio.sleep(RESTART_PAUSE_S)
+            with trio.move_on_after(RESTART_PAUSE_S):
+                await self.stopping.wait()
 
     async def watch_readiness(
         self,

@@ -9,6 +9,7 @@ that must be in flight on the worker that drains are sent on connections it acce
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -338,6 +339,61 @@ async def test_a_worker_that_overruns_its_drain_ends_itself_with_its_last_line(
     )
 
 
+def has_open(pid: int, path: Path) -> bool:
+    """Whether process `pid` has the file `path` open."""
+    try:
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except FileNotFoundError:  # a descriptor closed meanwhile
+        return False
+
+
+@pytest.mark.parametrize("phase", ["starting", "serving"])
+async def test_a_worker_ended_by_the_groups_stop_signal_is_not_taken_for_dead(
+    start_server: StartServer, tmp_path: Path, phase: str
+) -> None:
+    """A signal to the whole process group (a Ctrl+C, systemd's stop) ends a worker still
+    starting by its default action (-15), and a serving one by its own drain (0). A supervisor
+    that saw that end before its own copy of the signal (busy, or here stopped, meanwhile)
+    logged `died with ...: restarting` at error and counted a death, although the drain
+    ended that worker, cleanly. The worker restarted after a death is held in its start by a
+    SQLite file another process locks."""
+    db = tmp_path / "locked.db"
+    server = await start_server(
+        "--workers", "2", "--no-access-log", "--store", f"sqlite:///{db}",
+        expect_errors=True, check_exit=False,
+    )  # fmt: skip # flags and their values in pairs
+    first = await pid_of_start(server, 0, 1)
+    errors: list[str] = []
+    async with contextlib.AsyncExitStack() as stack:
+        if phase == "starting":
+            locker = await trio.to_thread.run_sync(
+                functools.partial(sqlite3.connect, db, timeout=10, isolation_level=None)
+            )
+            stack.push_async_callback(trio.to_thread.run_sync, locker.close)
+            await trio.to_thread.run_sync(locker.execute, "BEGIN IMMEDIATE")
+            os.kill(first, signal.SIGKILL)
+            errors.append(f"worker 0 (pid {first}) died with -9: restarting")
+            ended = await pid_of_start(server, 0, 2)
+            await poll(lambda: has_open(ended, db))  # it waits for the lock to take its lease
+        else:
+            ended = first
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            await poll(lambda: state(server.process.pid) == "T")
+            os.kill(ended, signal.SIGTERM)  # the group's signal, to each in turn
+            server.process.send_signal(signal.SIGTERM)
+            await poll(lambda: exited(ended))
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+    with trio.fail_after(WAIT_S):
+        code = await server.process.wait()
+
+    assert [line["message"] for line in server.errors()] == errors
+    status = -signal.SIGTERM if phase == "starting" else 0
+    assert ("info", f"worker 0 (pid {ended}) exited with {status}") in supervisor_lines(server)
+    assert code == 0
+
+
 async def test_a_worker_that_keeps_dying_is_given_up_on(start_server: StartServer) -> None:
     """A worker dead RESTART_LIMIT times is not restarted: the other drains its order, exit 1."""
     server = await start_server(
@@ -376,13 +432,18 @@ def environ_of(pid: int) -> dict[str, str]:
         return {name.decode(): value.decode() for name, _, value in pairs}
 
 
-def exited(pid: int) -> bool:
-    """Whether process `pid` has ended: gone, or a zombie its new parent has not reaped."""
+def state(pid: int) -> str:
+    """Process `pid`'s state letter in /proc (Z: a zombie, T: stopped), or "" once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] == "Z"
+            return stat.read().rpartition(")")[2].split()[0]
     except FileNotFoundError:
-        return True
+        return ""
+
+
+def exited(pid: int) -> bool:
+    """Whether process `pid` has ended: gone, or a zombie its new parent has not reaped."""
+    return state(pid) in ("Z", "")
 
 
 async def test_workers_whose_supervisor_is_killed_drain_and_exit(
