@@ -188,7 +188,17 @@ class _Supervisor:
 
         deaths: deque[float] = deque(maxlen=RESTART_LIMIT)
         while True:
-            process = await self.start(number)
+            try:
+                process = await self.start(number)
+            except OSError as exc:
+                # No process to be had (a limit on processes, memory or files; an executable an
+                # upgrade removed): a death like any other, not a crash that kills the others.
+                if self.gives_up(number, deaths, f"not started: {exc}"):
+                    return
+                log.error("worker %d could not be started (%s): restarting", number, exc)
+                with trio.move_on_after(RESTART_PAUSE_S):
+                    await self.stopping.wait()
+                continue
             if process is None:  # the drain began during the restart pause
                 return
             try:
@@ -219,23 +229,25 @@ class _Supervisor:
                 if code not in DRAINED:
                     self.drained_in_full = False
                 return
-            deaths.append(trio.current_time())
-            if len(deaths) == RESTART_LIMIT and deaths[-1] - deaths[0] <= RESTART_WINDOW_S:
-                log.error(
-                    "worker %d died %d times within %g s (the last, pid %d, with %d): "
-                    "giving up, draining the others",
-                    number,
-                    RESTART_LIMIT,
-                    RESTART_WINDOW_S,
-                    process.pid,
-                    code,
-                )
-                self.gave_up = True
-                self.waiting.cancel()
+            if self.gives_up(number, deaths, f"pid {process.pid}, with {code}"):
                 return
             log.error("worker %d (pid %d) died with %d: restarting", number, process.pid, code)
             with trio.move_on_after(RESTART_PAUSE_S):
                 await self.stopping.wait()
+
+    def gives_up(self, number: int, deaths: deque[float], last: str) -> bool:
+        """Count a death of worker `number` (`last` says which) in `deaths`; whether it is one
+        too many, in which case the drain of the others begins."""
+        deaths.append(trio.current_time())
+        if len(deaths) < RESTART_LIMIT or deaths[-1] - deaths[0] > RESTART_WINDOW_S:
+            return False
+        log.error(
+            "worker %d died %d times within %g s (the last, %s): giving up, draining the others",
+            number, RESTART_LIMIT, RESTART_WINDOW_S, last,
+        )  # fmt: skip # the message, then its arguments
+        self.gave_up = True
+        self.waiting.cancel()
+        return True
 
     async def watch_readiness(
         self,

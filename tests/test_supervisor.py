@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import sqlite3
@@ -391,6 +392,55 @@ async def test_a_worker_ended_by_the_groups_stop_signal_is_not_taken_for_dead(
     assert [line["message"] for line in server.errors()] == errors
     status = -signal.SIGTERM if phase == "starting" else 0
     assert ("info", f"worker 0 (pid {ended}) exited with {status}") in supervisor_lines(server)
+    assert code == 0
+
+
+async def test_a_worker_that_cannot_be_started_again_is_retried_and_the_others_serve_on(
+    start_server: StartServer,
+) -> None:
+    """Worker 0 SIGKILLed while the supervisor can open no file (its limit lowered to what it
+    holds; a process or memory limit, or an executable removed by an upgrade, fail alike): its
+    restart fails. That failure crashed the supervisor, with a traceback, and it SIGKILLed
+    worker 1 with its order in flight. It is now a death like any other: logged, tried again
+    a second later (here once the limit is back), and worker 1's order gets its 200."""
+    server = await start_server(
+        "--workers", "2", "--no-access-log", expect_errors=True, check_exit=False
+    )
+    doomed, other = await pid_of_start(server, 0, 1), await pid_of_start(server, 1, 1)
+    supervisor = server.process.pid
+    limit = resource.prlimit(supervisor, resource.RLIMIT_NOFILE)
+    outcomes: list[int | str] = []
+    async with trio.open_nursery() as nursery:
+        stream = await connection_to(server, other, [doomed, other])
+        nursery.start_soon(order, stream, "served-on", outcomes)
+        await wait_for_steps_in_flight(server.url, 3)
+        held = len(os.listdir(f"/proc/{supervisor}/fd"))
+        resource.prlimit(supervisor, resource.RLIMIT_NOFILE, (held, limit[1]))
+        try:
+            os.kill(doomed, signal.SIGKILL)
+            await poll(
+                lambda: (
+                    server.process.poll() is not None
+                    or any("could not be started" in m for _, m in supervisor_lines(server))
+                )
+            )
+        finally:
+            if server.process.poll() is None:
+                resource.prlimit(supervisor, resource.RLIMIT_NOFILE, limit)
+        assert server.process.poll() is None, supervisor_lines(server)[-3:]
+        restarted = await pid_of_start(server, 0, 2)
+    assert outcomes == [200]
+    code = await server.stop()
+
+    errors = [message for level, message in supervisor_lines(server) if level == "error"]
+    assert errors[0] == f"worker 0 (pid {doomed}) died with -9: restarting"
+    assert re.fullmatch(
+        r"worker 0 could not be started \(\[Errno 24\] Too many open files\): restarting",
+        errors[1],
+    ), errors
+    assert len(errors) == 2, errors  # one failed start: the limit was back for the next
+    exits = [m for _, m in supervisor_lines(server) if m.startswith(f"worker 0 (pid {restarted})")]
+    assert len(exits) == 1, exits  # the restart ran until the drain (still starting, or serving)
     assert code == 0
 
 
