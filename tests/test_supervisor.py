@@ -395,6 +395,26 @@ async def test_a_worker_ended_by_the_groups_stop_signal_is_not_taken_for_dead(
     assert code == 0
 
 
+async def test_a_worker_sigtermed_alone_drains_and_is_restarted(
+    start_server: StartServer,
+) -> None:
+    """SIGTERM to one worker alone (no drain of the supervisor's follows) drains that worker,
+    which ends with 0, as a worker ended by the group's stop signal does: once the supervisor
+    has waited for its own copy of a signal that never comes, it is a death, restarted."""
+    server = await start_server("--workers", "2", "--no-access-log", expect_errors=True)
+    first = await pid_of_start(server, 0, 1)
+    os.kill(first, signal.SIGTERM)
+    restarted = await pid_of_start(server, 0, 2)
+    code = await server.stop()
+
+    assert restarted != first
+    died = f"worker 0 (pid {first}) died with 0: restarting"
+    assert [line["message"] for line in server.errors()] == [died]
+    exits = [m for _, m in supervisor_lines(server) if m.startswith(f"worker 0 (pid {restarted})")]
+    assert len(exits) == 1, exits  # the restart ran until the drain (still starting, or serving)
+    assert code == 0
+
+
 async def test_a_worker_that_cannot_be_started_again_is_retried_and_the_others_serve_on(
     start_server: StartServer,
 ) -> None:
