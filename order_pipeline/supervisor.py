@@ -221,7 +221,9 @@ class _Supervisor:
                         break
                     with trio.CancelScope(shield=True):
                         await trio.sleep(RETIRE_PAUSE_S)
-            if code in ENDED_BY_STOP_SIGNAL:  # the supervisor's copy may still be unread
+            # The supervisor's copy of a stop signal may be unread yet; once the drain has begun,
+            # no checkpoint here, where the kill deadline's cancellation would drop the line.
+            if code in ENDED_BY_STOP_SIGNAL and not self.stopping.is_set():
                 with trio.move_on_after(STOP_SIGNAL_WAIT_S):
                     await self.stopping.wait()
             if self.stopping.is_set():
