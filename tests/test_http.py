@@ -6,12 +6,13 @@ import json
 from typing import Any
 
 import pytest
+import trio
 from quart_trio import QuartTrio
 
 from order_pipeline.desk import Answer
 from order_pipeline.http import create_app
 from order_pipeline.http.app import MAX_BODY_BYTES, answer_response
-from order_pipeline.http.asgi import closing_after_ambiguous_framing
+from order_pipeline.http.asgi import closing_after_ambiguous_framing, finish_responses_shielded
 
 from .fakes import StubProcessor
 
@@ -248,6 +249,49 @@ async def test_only_http1_requests_framed_two_ways_have_their_connection_closed(
         await wrapped({"type": "http", "http_version": version, "headers": framing}, None, send)
 
     assert [message["headers"] for message in sent] == [[(b"connection", b"close")], []]
+
+
+async def test_an_order_framed_two_ways_runs_and_its_connection_closes(
+    app: QuartTrio, processor: StubProcessor
+) -> None:
+    """The app behind the framing check gets the request whole: the order runs, its reply is
+    the usual one, with `Connection: close`."""
+    body = b'{"order_id": "o-2", "amount": 5}'
+    headers = {"Transfer-Encoding": "chunked", "Content-Length": str(len(body))}
+
+    response = await app.test_client().post("/order", data=body, headers=headers)
+
+    assert response.status_code == 200
+    assert response.headers["Connection"] == "close"
+    assert (await response.get_json())["order_id"] == "o-2"
+    assert [o.order_id for o in processor.seen] == ["o-2"]
+
+
+async def test_only_the_last_body_send_of_a_response_outlives_a_cancel() -> None:
+    """hypercorn closes or keeps the connection inside the last `http.response.body` send
+    (`more_body` false, or absent: ASGI's default), which a cancel must not cut short; every
+    other send stays cancellable, so that a request cancelled mid-reply stops at once."""
+    messages: list[Any] = [
+        {"type": "http.response.start", "status": 200, "headers": []},
+        {"type": "http.response.body", "body": b"{}", "more_body": True},
+        {"type": "http.response.body", "body": b"", "more_body": False},
+        {"type": "http.response.body", "body": b""},
+    ]
+    sent: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        for message in messages:
+            with trio.CancelScope() as cancelled:
+                cancelled.cancel()
+                await send(message)
+
+    async def send(message: Any) -> None:
+        await trio.lowlevel.checkpoint()
+        sent.append(message)
+
+    await finish_responses_shielded(app)({"type": "http"}, None, send)
+
+    assert sent == messages[2:]
 
 
 @pytest.mark.parametrize(

@@ -402,7 +402,9 @@ async def test_a_body_with_a_content_coding_is_415(coding: str) -> None:
     assert await store.get("k-coded") is None
 
 
-@pytest.mark.parametrize("coding", ["identity", "Identity", " identity ", ""])
+@pytest.mark.parametrize(
+    "coding", ["identity", "Identity", " identity ", "", "identity, identity", "identity,identity"]
+)
 async def test_a_body_sent_as_is_is_read_whatever_the_header_says_of_it(coding: str) -> None:
     client = assemble(Settings()).app.test_client()
     headers = {"Idempotency-Key": "k-plain", "Content-Encoding": coding}

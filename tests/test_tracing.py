@@ -550,6 +550,21 @@ async def test_an_oversized_tracestate_is_dropped_but_the_parent_kept(traces: Tr
     assert order.context.trace_state.to_header() == ""
 
 
+@pytest.mark.parametrize(("length", "continued"), [(512, True), (513, False)])
+async def test_a_traceparent_is_continued_up_to_the_propagators_limit(
+    traces: Traces, length: int, continued: bool
+) -> None:
+    """A later version's traceparent may carry more fields: one of 512 characters, the
+    propagator's limit, continues the caller's trace; a longer one is ignored."""
+    prefix = f"01-{CALLER_TRACE:032x}-{CALLER_SPAN:016x}-01-"
+    headers = {"traceparent": prefix + "0" * (length - len(prefix))}
+
+    assert await post_order(traced_app(traces), headers) == 200
+
+    order = traces.named()["order"]
+    assert (order.parent is not None and order.parent.trace_id == CALLER_TRACE) is continued
+
+
 def ids_of(*headers: tuple[bytes, bytes]) -> tuple[bytes, dict[str, list[str]] | None]:
     """What the middleware reads of a request with `headers`: its ID and trace context."""
     return _ids_of(cast(HTTPScope, {"headers": list(headers)}))
@@ -565,9 +580,20 @@ def test_tracestate_headers_are_combined_within_their_limit() -> None:
     _, too_long = ids_of(parent, (b"tracestate", half), (b"tracestate", half))
     _, one_too_long = ids_of(parent, (b"tracestate", b"a=" + b"1" * 600))
     _, orphan = ids_of((b"tracestate", b"a=1"))
+    # The propagator's limit is 512 characters, the combining comma included: at it, kept.
+    one_at_limit = b"a=" + b"1" * 510
+    _, at_limit = ids_of(parent, (b"tracestate", one_at_limit))
+    two_at_limit = (b"a=" + b"1" * 253, b"b=" + b"2" * 254)
+    _, both_at_limit = ids_of(parent, *((b"tracestate", value) for value in two_at_limit))
+    _, just_over = ids_of(parent, (b"tracestate", b"a=" + b"1" * 254), (b"tracestate", half[:256]))
 
     assert combined == {"traceparent": [TRACEPARENT], "tracestate": ["a=1", "b=2"]}
-    assert too_long == one_too_long == {"traceparent": [TRACEPARENT]}
+    assert at_limit == {"traceparent": [TRACEPARENT], "tracestate": [one_at_limit.decode()]}
+    assert both_at_limit == {
+        "traceparent": [TRACEPARENT],
+        "tracestate": [value.decode() for value in two_at_limit],
+    }
+    assert too_long == one_too_long == just_over == {"traceparent": [TRACEPARENT]}
     assert orphan is None
 
 
