@@ -93,6 +93,19 @@ def test_every_setting_has_an_environment_variable() -> None:
     assert parse_args(["serve"], environ=environ) == FROM_FLAGS
 
 
+def test_every_range_takes_both_its_ends() -> None:
+    """The ranges `--help` and the errors state are inclusive, ten years of seconds too."""
+    argv = [
+        "serve", "--port", "65535", "--workers", "64", "--courier-queue-limit", "0",
+        "--lease-timeout", "0.5", "--retention", "315360000", "--drain-delay", "0",
+    ]  # fmt: skip # flags and their values in pairs, as on a command line
+    settings = parse_args(argv, environ={})
+
+    assert (settings.port, settings.workers, settings.courier_queue_limit) == (65535, 64, 0)
+    assert (settings.lease_timeout, settings.retention) == (0.5, 315_360_000)
+    assert parse_args(["serve", "--port", "0"], environ={}).port == 0
+
+
 def test_flag_wins_over_environment() -> None:
     """A flag beats its environment variable, which beats the default."""
     environ = {"ORDER_PIPELINE_PORT": "9000", "ORDER_PIPELINE_COURIER_POOL_SIZE": "12"}
@@ -118,13 +131,26 @@ def test_workers_auto_stays_within_1_to_64(
     assert parse_args(["serve", "--workers", "auto"], environ={}).workers == workers
 
 
+@pytest.mark.parametrize(("cpus", "workers"), [(3, 3), (None, 1)])
 def test_workers_auto_counts_every_cpu_where_there_is_no_affinity(
-    monkeypatch: pytest.MonkeyPatch,
+    cpus: int | None, workers: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without sched_getaffinity (macOS), `auto` is os.cpu_count()."""
+    """Without sched_getaffinity (macOS), `auto` is os.cpu_count(); one where that is unknown."""
     monkeypatch.delattr(os, "sched_getaffinity")
-    monkeypatch.setattr(os, "cpu_count", lambda: 3)
-    assert parse_args(["serve", "--workers", "auto"], environ={}).workers == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert parse_args(["serve", "--workers", "auto"], environ={}).workers == workers
+
+
+@pytest.mark.parametrize(
+    ("value", "on"),
+    [(v, True) for v in ("true", "TRUE", "1", "yes", "Yes", "on", "ON")]
+    + [(v, False) for v in ("false", "False", "0", "no", "NO", "off", "Off")],
+)
+def test_the_access_log_variable_takes_the_usual_spellings_in_any_case(
+    value: str, on: bool
+) -> None:
+    """ORDER_PIPELINE_ACCESS_LOG: true/false (README), and 1/0, yes/no, on/off, in any case."""
+    assert parse_args(["serve"], environ={"ORDER_PIPELINE_ACCESS_LOG": value}).access_log is on
 
 
 @pytest.mark.parametrize(
