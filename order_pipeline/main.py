@@ -354,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         handoff = Handoff.from_environ(os.environ)
         configure_logging(command.log_level, command.log_format)
+        # This module's lines (`Running on`, the drain's start, the last line) at any level:
+        # tools wait for the first, which also says the port 0 picked; the last says how it ended.
+        log.setLevel(min(logging.INFO, logging.getLogger().level))
         log_stray_reports()
         logging.getLogger("hypercorn.error").addFilter(_not_hypercorns_running_line)
         if handoff is None:  # a worker's environment is its supervisor's: said there

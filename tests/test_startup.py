@@ -271,6 +271,27 @@ async def test_workers_say_running_once_with_per_worker_totals(start_server: Sta
     assert mine[-1] == "workers drained (each worker logged its own counts); exit status 0"
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_the_first_and_last_lines_are_logged_at_any_level(
+    start_server: StartServer, workers: str
+) -> None:
+    """`--log-level error`: the "Running on" line still comes (tools wait for it, and it says
+    which port 0 picked) and so do the drain's start and the last line; no other info line."""
+    server = await start_server("--log-level", "error", "--workers", workers)  # waits for it
+    assert await server.stop() == 0
+    lines = server.log_lines()
+    assert len(running_lines(server)) == 1
+    assert {line["level"] for line in lines} == {"info"}
+    drained = "drained orders: 0, cancelled: 0; exit status 0"
+    if workers == "1":
+        assert [line["message"] for line in lines][1:] == ["received SIGTERM: draining", drained]
+    else:  # each worker says its last line, and the supervisor its own, last
+        assert [line["message"] for line in lines].count(drained) == 2
+        assert lines[-1]["message"] == (
+            "workers drained (each worker logged its own counts); exit status 0"
+        )
+
+
 async def post_slow_order(url: str, statuses: list[int | str]) -> None:
     body = {"order_id": "slow", "amount": 100, "delay_ms": SLOW}
     await post(url, body, statuses, within=EXIT_TIMEOUT_S)
