@@ -12,11 +12,14 @@ from __future__ import annotations
 import functools
 import os
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import pytest
+import trio
 
 if TYPE_CHECKING:
     import psycopg
@@ -101,3 +104,18 @@ def postgres_url(_: Path | None = None, *, schema: str | None = None) -> str:
     is where the store creates its tables: each test has its own, dropped after it.
     """
     return with_params(POSTGRES_URL, options=f"-csearch_path={schema or new_schema()}")
+
+
+@asynccontextmanager
+async def table_locked(schema: str, table: str, mode: str) -> AsyncIterator[None]:
+    """Hold `table` locked in `mode` (LOCK TABLE, in a transaction of the test's own),
+    as an operator's LOCK TABLE or a VACUUM FULL would."""
+    locker = await trio.to_thread.run_sync(admin)
+    try:
+        await trio.to_thread.run_sync(locker.execute, f"SET search_path TO {schema}")
+        await trio.to_thread.run_sync(locker.execute, "BEGIN")
+        await trio.to_thread.run_sync(locker.execute, f"LOCK TABLE {table} IN {mode} MODE")
+        yield
+        await trio.to_thread.run_sync(locker.execute, "ROLLBACK")
+    finally:
+        await trio.to_thread.run_sync(locker.close)

@@ -26,7 +26,7 @@ from order_pipeline.store import (
     open_store,
 )
 
-from .pg import admin, postgres_url
+from .pg import postgres_url, table_locked
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -325,14 +325,8 @@ async def test_a_store_that_cannot_be_read_meanwhile_ends_the_listing_in_one_lin
     url = postgres_url(schema=schema)
     async with open_store(url) as store:
         await store.begin("k-1", "o-1", "hash", b"{}", "w-1")
-    locker = await trio.to_thread.run_sync(admin)
-    try:
-        await trio.to_thread.run_sync(locker.execute, f"SET search_path TO {schema}")
-        await trio.to_thread.run_sync(locker.execute, "BEGIN")
-        await trio.to_thread.run_sync(locker.execute, "LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+    async with table_locked(schema, "orders", "ACCESS EXCLUSIVE"):
         done = await trio.to_thread.run_sync(orders_command, "--store", url)
-    finally:
-        await trio.to_thread.run_sync(locker.close)
 
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr

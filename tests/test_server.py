@@ -382,21 +382,28 @@ async def test_a_close_racing_a_write_of_the_reply_is_no_busy_error() -> None:
                 nursery.start_soon(server.protocol_send, Closed())
 
 
+async def half_a_reply(scope: Any, receive: Any, send: Any) -> bool:
+    """An ASGI app's start: the lifespan served (False once it ends), or the first half of a
+    10-byte reply sent (True), the reply then under way."""
+    while scope["type"] == "lifespan":
+        message = (await receive())["type"]
+        await send({"type": f"{message}.complete"})
+        if message == "lifespan.shutdown":
+            return False
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"10")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": b"12345", "more_body": True})
+    return True
+
+
 async def test_a_reply_its_app_leaves_unfinished_still_closes_its_connection() -> None:
     """_H11Protocol holds hypercorn's close back while a reply is under way; a reply whose
     app ends before the reply does (here it raises) is not under way any more: the
     connection closes at once, and is not left open with the reply cut short."""
 
     async def cut_short(scope: Any, receive: Any, send: Any) -> None:
-        while scope["type"] == "lifespan":
-            message = (await receive())["type"]
-            await send({"type": f"{message}.complete"})
-            if message == "lifespan.shutdown":
-                return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", b"10")]})  # fmt: skip
-        await send({"type": "http.response.body", "body": b"12345", "more_body": True})
-        raise RuntimeError("the app failed mid-reply")
+        if await half_a_reply(scope, receive, send):
+            raise RuntimeError("the app failed mid-reply")
 
     config = Config()
     config.bind = ["127.0.0.1:0"]
@@ -418,14 +425,8 @@ async def test_what_a_client_sends_after_its_error_waits_while_a_reply_is_held()
     under_way, finish = trio.Event(), trio.Event()
 
     async def held(scope: Any, receive: Any, send: Any) -> None:
-        while scope["type"] == "lifespan":
-            message = (await receive())["type"]
-            await send({"type": f"{message}.complete"})
-            if message == "lifespan.shutdown":
-                return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", b"10")]})  # fmt: skip
-        await send({"type": "http.response.body", "body": b"12345", "more_body": True})
+        if not await half_a_reply(scope, receive, send):
+            return
         under_way.set()
         await finish.wait()  # as a reply whose client does not read it
         await send({"type": "http.response.body", "body": b"67890"})

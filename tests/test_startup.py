@@ -29,7 +29,7 @@ import order_pipeline.__main__
 from order_pipeline.cli import parse_command
 from order_pipeline.store import open_store
 
-from .pg import admin, postgres_url, with_params
+from .pg import postgres_url, table_locked, with_params
 from .server_process import (
     RUNNING,
     ServerProcess,
@@ -355,14 +355,8 @@ async def test_a_lease_that_cannot_be_taken_at_start_is_one_line_and_status_2(
     url = postgres_url(schema=schema)
     async with open_store(url):
         pass
-    locker = await trio.to_thread.run_sync(admin)
-    try:
-        await trio.to_thread.run_sync(locker.execute, f"SET search_path TO {schema}")
-        await trio.to_thread.run_sync(locker.execute, "BEGIN")
-        await trio.to_thread.run_sync(locker.execute, "LOCK TABLE leases IN ACCESS EXCLUSIVE MODE")
+    async with table_locked(schema, "leases", "ACCESS EXCLUSIVE"):
         done = await trio.to_thread.run_sync(functools.partial(run_serve, "--port", "0", store=url))
-    finally:
-        await trio.to_thread.run_sync(locker.close)
 
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr

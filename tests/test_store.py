@@ -62,7 +62,7 @@ from order_pipeline.store.writer import Op
 
 from . import pg
 from .conftest import examples
-from .pg import POSTGRES_URL, admin, postgres_url, with_params
+from .pg import POSTGRES_URL, admin, postgres_url, table_locked, with_params
 
 if TYPE_CHECKING:
     import psycopg
@@ -2042,20 +2042,6 @@ async def test_two_hosts_claiming_at_once_take_disjoint_orders_covering_all(sche
                 stored = await b.get(order.key)
                 assert stored is not None
                 assert order.owner == stored.owner == owner
-
-
-@asynccontextmanager
-async def table_locked(schema: str, table: str, mode: str) -> AsyncIterator[None]:
-    """Hold `table` locked in `mode` (LOCK TABLE, in a transaction of the test's own)."""
-    locker = await trio.to_thread.run_sync(admin)
-    try:
-        await trio.to_thread.run_sync(locker.execute, f"SET search_path TO {schema}")
-        await trio.to_thread.run_sync(locker.execute, "BEGIN")
-        await trio.to_thread.run_sync(locker.execute, f"LOCK TABLE {table} IN {mode} MODE")
-        yield
-        await trio.to_thread.run_sync(locker.execute, "ROLLBACK")
-    finally:
-        await trio.to_thread.run_sync(locker.close)
 
 
 @pytest.mark.postgres
