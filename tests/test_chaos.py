@@ -9,9 +9,12 @@ amount if it ended ok and 0 otherwise (unless its refund was made to fail);
 nothing left running; nothing needs attention unless a compensation was made
 to fail. `nox -s chaos` runs it; CHAOS_ORDERS and CHAOS_KILLS set its size.
 
-It runs twice: one host on a SQLite file, and two hosts (two server processes)
-on one PostgreSQL database, clients spreading their requests over both and the
-kills falling on either.
+It runs three times: one host on a SQLite file; one host with `--workers 2` on
+a SQLite file, where most kills fall on one worker (the supervisor restarts it, and
+its orders are recovered once its lease lapses, by the other worker or its restart)
+and the others on the supervisor with its workers (their process group), started
+again; and two hosts (two server processes) on one PostgreSQL database, clients
+spreading their requests over both and the kills falling on either.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -32,6 +36,7 @@ import trio
 
 from order_pipeline.model import STEP_NAMES
 from order_pipeline.store import FINISHED, RUNNING, OrderStore, StoredOrder, every_order, open_store
+from order_pipeline.supervisor import RESTART_LIMIT, RESTART_WINDOW_S
 
 from . import pg
 from .launch import serve_argv
@@ -46,6 +51,9 @@ LEASE_S = 2.0
 SEED = int(os.environ.get("CHAOS_SEED", "0")) or random.randrange(1, 2**32)
 # Replies that say "not yet": the client tries again with the same key.
 NOT_FINAL = {"order_in_progress", "store_unavailable"}
+# With --workers: how often a kill takes the supervisor with its workers, not one worker.
+GROUP_KILL_SHARE = 0.25
+WORKER_STARTED = re.compile(rb"worker (\d+) started \(pid (\d+)\)")
 
 
 async def all_orders(store: OrderStore) -> list[tuple[StoredOrder, int]]:
@@ -55,33 +63,89 @@ async def all_orders(store: OrderStore) -> list[tuple[StoredOrder, int]]:
 
 @attrs.define
 class Server:
-    """One host's server process, started again after each kill."""
+    """One host's server process, started again after each kill; with `workers`, a supervisor
+    in a process group of its own, whose workers are killed one at a time as well."""
 
     store_url: str
     log_dir: Path
     name: str
+    workers: int = 1
     process: trio.Process | None = None
     url: str = ""
     up: trio.Event = attrs.Factory(trio.Event)
     starts: int = 0
+    worker_kills: int = 0
+    # The current supervisor's kills of each worker, by trio time: kept under its restart limit.
+    killed_at: dict[int, list[float]] = attrs.Factory(dict)
+
+    @property
+    def log(self) -> Path:
+        return self.log_dir / f"{self.name}-{self.starts}.log"
 
     async def start(self) -> None:
         self.starts += 1
-        log = self.log_dir / f"{self.name}-{self.starts}.log"
+        self.killed_at = {}
         argv = serve_argv(
             sys.executable, "--store", self.store_url, "--lease-timeout", str(LEASE_S),
-            "--no-access-log", "--courier-pool-size", "128",
+            "--no-access-log", "--courier-pool-size", "128", "--workers", str(self.workers),
         )  # fmt: skip # one flag and its value a pair
-        with log.open("wb") as out:
-            self.process = await trio.lowlevel.open_process(argv, stdout=out, stderr=out)
-        self.url = await wait_for_url(self.process, trio.Path(log))
+        with self.log.open("wb") as out:
+            self.process = await trio.lowlevel.open_process(
+                argv,
+                stdout=out,
+                stderr=out,
+                # A supervisor killed leaves its metrics directory: here, not in /tmp.
+                env={**os.environ, "TMPDIR": str(self.log_dir)},
+                start_new_session=self.workers > 1,
+            )
+        self.url = await wait_for_url(self.process, trio.Path(self.log))
         self.up.set()
 
     async def kill(self) -> None:
+        """SIGKILL the server: with workers, the supervisor and its workers at once."""
         assert self.process is not None
         self.up = trio.Event()
-        self.process.kill()
+        if self.workers > 1:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        else:
+            self.process.kill()
         await self.process.wait()
+
+    async def strike(self, rng: random.Random) -> None:
+        """One kill: of one live worker, mostly, if it has the restarts to spare (a worker
+        that keeps dying is given up on, by design); else of the server, started again."""
+        if self.workers > 1 and rng.random() >= GROUP_KILL_SHARE:
+            now = trio.current_time()
+            spare = [
+                (number, pid)
+                for number, pid in self.live_workers().items()
+                if sum(now - t < RESTART_WINDOW_S for t in self.killed_at.get(number, []))
+                < RESTART_LIMIT - 1
+            ]
+            if spare:
+                number, pid = rng.choice(sorted(spare))
+                os.kill(pid, signal.SIGKILL)
+                self.killed_at.setdefault(number, []).append(now)
+                self.worker_kills += 1
+                return
+        await self.kill()
+        await self.start()
+
+    def live_workers(self) -> dict[int, int]:
+        """Each worker's latest pid, from the supervisor's `worker N started (pid P)` lines,
+        if that process is still the supervisor's child (not one being restarted)."""
+        assert self.process is not None
+        latest = {int(n): int(pid) for n, pid in WORKER_STARTED.findall(self.log.read_bytes())}
+        live = {}
+        for number, pid in latest.items():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except FileNotFoundError:
+                continue
+            state, ppid = stat.rpartition(")")[2].split()[:2]
+            if state != "Z" and int(ppid) == self.process.pid:
+                live[number] = pid
+        return live
 
     async def stop(self) -> int:
         assert self.process is not None
@@ -131,13 +195,17 @@ async def client(
 
 
 @pytest.fixture(
-    name="cluster", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+    name="cluster",
+    params=["sqlite", "workers", pytest.param("postgresql", marks=pytest.mark.postgres)],
 )
-def _cluster(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, int]:
-    """(store URL, number of hosts): one host on a SQLite file, or two on one PostgreSQL."""
+def _cluster(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, int, int]:
+    """(store URL, number of hosts, workers per host): one host on a SQLite file, one with
+    two workers on a SQLite file, or two on one PostgreSQL."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'orders.db'}", 1
-    return pg.postgres_url(), 2
+        return f"sqlite:///{tmp_path / 'orders.db'}", 1, 1
+    if request.param == "workers":
+        return f"sqlite:///{tmp_path / 'orders.db'}", 1, 2
+    return pg.postgres_url(), 2, 1
 
 
 @pytest.fixture(name="reaped")
@@ -148,20 +216,22 @@ async def _reaped() -> AsyncIterator[list[Server]]:
     yield servers
     for server in servers:
         if server.process is not None and server.process.returncode is None:
-            server.process.kill()
             with trio.CancelScope(shield=True):
-                await server.process.wait()
+                await server.kill()
 
 
 @pytest.mark.skipif(ORDERS < 1, reason="CHAOS_ORDERS is 0")
 async def test_kills_at_random_lose_no_order_and_no_money(
-    tmp_path: Path, cluster: tuple[str, int], reaped: list[Server]
+    tmp_path: Path, cluster: tuple[str, int, int], reaped: list[Server]
 ) -> None:
     """N orders, K SIGKILLs: one final result per key, the ledger matches, nothing left over."""
-    store_url, host_count = cluster
+    store_url, host_count, workers = cluster
     rng = random.Random(SEED)
-    print(f"chaos: {ORDERS} orders, {KILLS} kills, {host_count} host(s), seed {SEED}")
-    hosts = [Server(store_url, tmp_path, f"host-{n}") for n in range(host_count)]
+    print(
+        f"chaos: {ORDERS} orders, {KILLS} kills, {host_count} host(s) of {workers} worker(s), "
+        f"seed {SEED}"
+    )
+    hosts = [Server(store_url, tmp_path, f"host-{n}", workers) for n in range(host_count)]
     reaped.extend(hosts)
     orders = {f"key-{n}-{rng.randrange(10**9)}": random_order(rng, n) for n in range(ORDERS)}
     got: dict[str, tuple[int, bytes]] = {}
@@ -171,9 +241,7 @@ async def test_kills_at_random_lose_no_order_and_no_money(
     async def killer() -> None:
         for _ in range(KILLS):
             await trio.sleep(rng.uniform(0.3, 1.5))
-            victim = rng.choice(hosts)
-            await victim.kill()
-            await victim.start()
+            await rng.choice(hosts).strike(rng)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(killer)
@@ -220,8 +288,11 @@ async def test_kills_at_random_lose_no_order_and_no_money(
         if record.needs_attention:
             attention.append(key)
             assert "fail_compensation" in order, key
+    worker_kills = sum(h.worker_kills for h in hosts)
+    server_kills = sum(h.starts for h in hosts) - host_count
+    kinds = f" ({worker_kills} of one worker, {server_kills} of a server)" if workers > 1 else ""
     print(
-        f"chaos: {len(got)} orders, {sum(h.starts for h in hosts) - host_count} kills over "
+        f"chaos: {len(got)} orders, {server_kills + worker_kills} kills{kinds} over "
         f"{host_count} host(s), "
         f"{sum(1 for o, _ in stored.values() if o.attempt > 1)} run again after an interruption, "
         f"{len(attention)} need attention (each with a compensation made to fail)"
