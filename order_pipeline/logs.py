@@ -28,10 +28,12 @@ from typing import IO, Any, Final
 import orjson
 
 __all__ = [
+    "ANY_LEVEL",
     "BufferedHandler",
     "JsonFormatter",
     "configure_logging",
     "flush_logs",
+    "log_at_any_level",
     "log_stray_reports",
     "request_id",
     "write_line",
@@ -60,6 +62,10 @@ def _json_escape(error: UnicodeError) -> tuple[str, int]:
 
 _JSON_ESCAPE: Final = "order_pipeline.json_escape"
 codecs.register_error(_JSON_ESCAPE, _json_escape)
+
+# `extra=ANY_LEVEL`: a line of the server's life ("Running on", the drain's start, the last
+# line), logged whatever `--log-level` (README) by a logger given to `log_at_any_level`.
+ANY_LEVEL: Final = {"any_level": True}
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -327,6 +333,19 @@ def configure_logging(
     # Its warnings are about a caller's malformed `tracestate` (left out anyway): one line per
     # such request would let any client fill the log.
     logging.getLogger("opentelemetry.trace.span").setLevel(logging.ERROR)
+
+
+def log_at_any_level(*loggers: logging.Logger) -> None:
+    """Let `loggers` log their `ANY_LEVEL` lines below the level `configure_logging` set
+    (down to info), and only those: their other lines still meet that level."""
+    level = logging.getLogger().level
+    for logger in loggers:
+        logger.setLevel(min(logging.INFO, level))
+        logger.addFilter(_marked_or_at_level)
+
+
+def _marked_or_at_level(record: logging.LogRecord) -> bool:
+    return getattr(record, "any_level", False) or record.levelno >= logging.getLogger().level
 
 
 def log_stray_reports() -> None:

@@ -30,7 +30,14 @@ import trio
 from .cli import VERSION, ListOrders, misspelt_variables, parse_command
 from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff, stop_signals
 from .listing import list_orders
-from .logs import configure_logging, flush_logs, log_stray_reports, write_line
+from .logs import (
+    ANY_LEVEL,
+    configure_logging,
+    flush_logs,
+    log_at_any_level,
+    log_stray_reports,
+    write_line,
+)
 from .metrics import Metrics
 from .model import OrderResult
 from .server import Readiness, assemble, serve
@@ -38,6 +45,7 @@ from .services.pool import MAX_SIZE, MIN_SIZE, clamp_size
 from .settings import Settings
 from .sockets import CannotListen, listen, url_of
 from .store import StoreError, StoreUnavailable, open_store, shown_url
+from .supervisor import log as supervisor_log
 from .supervisor import supervise
 from .tracing import configure_tracing, flush_spans
 
@@ -80,7 +88,7 @@ def log_running(url: str, settings: Settings) -> None:
     if settings.workers == 1:
         log.info(
             "Running on %s (order-pipeline %s, pid %d)",
-            url, VERSION, os.getpid(), extra={"fields": fields},
+            url, VERSION, os.getpid(), extra={"fields": fields, **ANY_LEVEL},
         )  # fmt: skip # the message, then its arguments
         return
     log.info(
@@ -88,7 +96,7 @@ def log_running(url: str, settings: Settings) -> None:
         "%d, queue limit %d; in all: %d couriers, %d waiting orders",
         url, settings.workers, VERSION, os.getpid(), used.courier_pool_size,
         used.courier_queue_limit, settings.workers * used.courier_pool_size,
-        settings.workers * used.courier_queue_limit, extra={"fields": fields},
+        settings.workers * used.courier_queue_limit, extra={"fields": fields, **ANY_LEVEL},
     )  # fmt: skip # the message, then its arguments
 
 
@@ -116,7 +124,7 @@ class DrainCount(Metrics):
         fields = {"drained": self.drained, "canceled": canceled, "exit_status": status}
         log.info(
             "drained orders: %d, cancelled: %d; exit status %d",
-            self.drained, canceled, status, extra={"fields": fields},
+            self.drained, canceled, status, extra={"fields": fields, **ANY_LEVEL},
         )  # fmt: skip # the message, then its arguments
 
 
@@ -175,7 +183,7 @@ async def run(settings: Settings, listening: list[socket.socket] | Handoff) -> N
     # At info: a worker given up on has had its error line.
     log.info(
         "workers drained (each worker logged its own counts); exit status %d", status,
-        extra={"fields": {"exit_status": status}},
+        extra={"fields": {"exit_status": status}, **ANY_LEVEL},
     )  # fmt: skip # the message, then its arguments
     if status:
         raise SystemExit(status)
@@ -212,7 +220,7 @@ async def receive_signals(
             readiness.interrupt()
             serving.cancel()
         elif readiness.is_ready():
-            log.info("received %s: draining", name)
+            log.info("received %s: draining", name, extra=ANY_LEVEL)
             readiness.start_draining()
 
 
@@ -220,7 +228,7 @@ async def drain_when_supervisor_ends(handoff: Handoff, readiness: Readiness) -> 
     """A worker's: drain, as on SIGTERM, once its supervisor has ended (killed, it sends
     no signal)."""
     await handoff.wait_for_supervisor_to_end()
-    log.warning("the supervisor is gone: draining")
+    log.warning("the supervisor is gone: draining", extra=ANY_LEVEL)
     readiness.start_draining()
 
 
@@ -354,9 +362,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         handoff = Handoff.from_environ(os.environ)
         configure_logging(command.log_level, command.log_format)
-        # This module's lines (`Running on`, the drain's start, the last line) at any level:
-        # tools wait for the first, which also says the port 0 picked; the last says how it ended.
-        log.setLevel(min(logging.INFO, logging.getLogger().level))
+        # `Running on`, the drain's start, the last line at any level: tools wait for the
+        # first, which also says the port 0 picked; the last says how it ended.
+        log_at_any_level(log, supervisor_log)
         log_stray_reports()
         logging.getLogger("hypercorn.error").addFilter(_not_hypercorns_running_line)
         if handoff is None:  # a worker's environment is its supervisor's: said there

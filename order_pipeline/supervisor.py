@@ -48,7 +48,7 @@ import attrs
 import trio
 
 from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff, stop_signals
-from .logs import EXIT_WAIT_S
+from .logs import ANY_LEVEL, EXIT_WAIT_S
 from .settings import Settings
 
 __all__ = ["supervise"]
@@ -151,7 +151,7 @@ class _Supervisor:
                     with self.waiting:
                         async for signum in signals:
                             name = signal.Signals(signum).name
-                            log.info("received %s: draining the workers", name)
+                            log.info("received %s: draining the workers", name, extra=ANY_LEVEL)
                             break
                     self.stopping.set()
                     watching.cancel()

@@ -276,20 +276,28 @@ async def test_the_first_and_last_lines_are_logged_at_any_level(
     start_server: StartServer, workers: str
 ) -> None:
     """`--log-level error`: the "Running on" line still comes (tools wait for it, and it says
-    which port 0 picked) and so do the drain's start and the last line; no other info line."""
-    server = await start_server("--log-level", "error", "--workers", workers)  # waits for it
+    which port 0 picked) and so do the drain's start and the last line, the supervisor's as
+    well as each worker's; no other line (not the clamped pool size's warning)."""
+    server = await start_server(  # waits for the Running on line
+        "--log-level", "error", "--workers", workers, "--courier-pool-size", "0"
+    )
     assert await server.stop() == 0
     lines = server.log_lines()
     assert len(running_lines(server)) == 1
     assert {line["level"] for line in lines} == {"info"}
     drained = "drained orders: 0, cancelled: 0; exit status 0"
+    messages = [line["message"] for line in lines]
     if workers == "1":
-        assert [line["message"] for line in lines][1:] == ["received SIGTERM: draining", drained]
-    else:  # each worker says its last line, and the supervisor its own, last
-        assert [line["message"] for line in lines].count(drained) == 2
-        assert lines[-1]["message"] == (
-            "workers drained (each worker logged its own counts); exit status 0"
-        )
+        assert messages[1:] == ["received SIGTERM: draining", drained]
+    else:  # the supervisor's drain, each worker's and its last line, then the supervisor's
+        pid = server.process.pid
+        mine = [line["message"] for line in lines if line["pid"] == pid]
+        assert mine[1:] == [
+            "received SIGTERM: draining the workers",
+            "workers drained (each worker logged its own counts); exit status 0",
+        ]
+        assert messages.count("received SIGUSR1: draining") == messages.count(drained) == 2
+        assert messages[-1] == mine[-1]
 
 
 async def post_slow_order(url: str, statuses: list[int | str]) -> None:
