@@ -73,6 +73,16 @@ class RawH2:
             await self.receive()
 
 
+async def an_order_in_flight(client: RawH2, url: str, *, vendor_ms: int) -> int:
+    """POST an order on `client` and wait until its steps run (its vendor step takes
+    `vendor_ms`); its stream's id."""
+    order = {**NORMAL, "order_id": "in-flight", "delay_ms": {**NO_DELAY, "vendor": vendor_ms}}
+    stream_id = client.post(json.dumps(order).encode())
+    await client.flush()
+    await wait_for_steps_in_flight(url, 1)
+    return stream_id
+
+
 async def accepts_connections(url: str) -> bool:
     try:
         await (await trio.open_tcp_stream(*address(url))).aclose()
@@ -342,13 +352,10 @@ async def test_an_http2_body_over_the_limit_leaves_the_other_streams_orders_alon
     the rest, DATA of a stream hypercorn has closed, failed its h2 code (a KeyError) and so
     ended the connection: every other order on it was cancelled. Now only that stream ends."""
     server = await start_server("--no-access-log", "--store", "memory")
-    in_flight = {**NORMAL, "order_id": "in-flight", "delay_ms": {**NO_DELAY, "vendor": 500}}
     async with await trio.open_tcp_stream(*address(server.url)) as stream:
         client = RawH2(stream)
         with trio.fail_after(10):
-            first = client.post(json.dumps(in_flight).encode())
-            await client.flush()
-            await wait_for_steps_in_flight(server.url, 1)
+            first = await an_order_in_flight(client, server.url, vendor_ms=500)
             # Its Content-Length is over the limit: the 413 comes before the rest of the body.
             too_large = client.post(b"x" * 1_000, ("content-length", "70000"), end=False)
             await client.until(lambda: too_large in client.statuses)
@@ -396,13 +403,10 @@ async def test_an_http2_stream_opened_during_the_drain_is_refused_as_not_process
     which does not say whether it ran; now REFUSED_STREAM says it did not (RFC 9113 §8.7).
     The order in flight on that connection is answered, and the server exits 0."""
     server = await start_server("--no-access-log", "--store", "memory")
-    in_flight = {**NORMAL, "order_id": "in-flight", "delay_ms": {**NO_DELAY, "vendor": 1000}}
     async with await trio.open_tcp_stream(*address(server.url)) as stream:
         client = RawH2(stream)
         with trio.fail_after(10):
-            first = client.post(json.dumps(in_flight).encode())
-            await client.flush()
-            await wait_for_steps_in_flight(server.url, 1)
+            first = await an_order_in_flight(client, server.url, vendor_ms=1000)
             server.process.send_signal(signal.SIGTERM)
             # Hypercorn stops taking streams as it stops listening, once the (0 s) drain
             # delay ends: a new connection is refused then.
