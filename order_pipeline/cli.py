@@ -163,10 +163,11 @@ def misspelt_variables(environ: Mapping[str, str]) -> list[str]:
     flag so misspelt exits 2, a variable is ignored, and its setting stays at the default
     unsaid. Other names under the prefix (a tool's own, the tests') are left alone."""
     settings = [field.name.upper() for field in attrs.fields(Settings)]
+    known = {Settings.env_name(setting) for setting in settings}
     return [
         f"{name} is no setting: ignored (meant {ENV_PREFIX}{close}?)"
         for name in sorted(environ)
-        if name.upper().startswith(ENV_PREFIX) and name not in map(Settings.env_name, settings)
+        if name.upper().startswith(ENV_PREFIX) and name not in known
         for close in difflib.get_close_matches(name.upper().removeprefix(ENV_PREFIX), settings, 1)
     ]
 
