@@ -2887,6 +2887,40 @@ async def test_a_commit_whose_answer_is_lost_is_looked_up(committed: bool, schem
 
 
 @pytest.mark.postgres
+async def test_a_lookup_whose_connection_is_lost_asks_again_on_another(schema: str) -> None:
+    """The answer to COMMIT is lost, and so is the connection the store then asks on (the
+    database restarting, a pooler dropping connections): it asks again on a new one within
+    its `timeout`, and the batch's results stand (Begun), rather than giving up at once and
+    calling a committed charge one that may have taken effect."""
+    import psycopg
+
+    from order_pipeline.store.postgres import PostgresStore
+
+    class LosesACommitThenALookup(PostgresStore):
+        lookups = 0
+
+        def _commit(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+            super()._commit(conn)
+            if self.lookups == 0:
+                self.lookups = 1
+                conn.close()
+                raise psycopg.OperationalError("the answer to COMMIT was lost (a test's)")
+
+        def _bounded(self, conn: psycopg.Connection[tuple[Any, ...]], deadline: float) -> Any:
+            if self.lookups == 1:  # the lookup's first connection, about to ask
+                self.lookups = 2
+                with admin() as other:
+                    other.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+            return super()._bounded(conn, deadline)
+
+    async with LosesACommitThenALookup(postgres_url(schema=schema)) as store:
+        result = await store.begin("k-1", "o-1", "hash-1", BODY, "w-1")
+        assert isinstance(result, Begun)
+        assert store.lookups == 2
+        assert await store.get("k-1") == result.order
+
+
+@pytest.mark.postgres
 async def test_a_commit_whose_outcome_cannot_be_looked_up_may_have_taken_effect(
     schema: str,
 ) -> None:

@@ -536,24 +536,31 @@ class PostgresStore(WriterThread[Conn]):
         if xid is None:
             return "aborted"  # it wrote nothing, so running it again is safe
         deadline = time.monotonic() + self.timeout
-        try:
-            with self._pool.connection() as conn, self._bounded(conn, deadline + self.timeout):
-                # Its backend may not know yet that we are gone: end it (and the transaction,
-                # if the COMMIT never arrived) rather than wait for it; the xid tells it from
-                # another backend that got its pid since.
-                conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE pid = %s AND backend_xid = xid(%s::xid8)",
-                    (backend_pid, xid),
-                )
-                while True:
-                    row = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
-                    status = "unknown" if row is None or row[0] is None else str(row[0])
-                    if status != "in progress" or time.monotonic() > deadline:
-                        return status
-                    time.sleep(0.01)
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            return f"unknown: {one_line(exc)}"
+        while True:  # on a new connection each time one is lost (the database restarting)
+            wait = max(0.0, deadline - time.monotonic())
+            try:
+                with (
+                    self._pool.connection(timeout=wait) as conn,
+                    self._bounded(conn, deadline + self.timeout),
+                ):
+                    # Its backend may not know yet that we are gone: end it (and the
+                    # transaction, if the COMMIT never arrived) rather than wait for it; the
+                    # xid tells it from another backend that got its pid since.
+                    conn.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE pid = %s AND backend_xid = xid(%s::xid8)",
+                        (backend_pid, xid),
+                    )
+                    while True:
+                        row = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+                        status = "unknown" if row is None or row[0] is None else str(row[0])
+                        if status != "in progress" or time.monotonic() > deadline:
+                            return status
+                        time.sleep(0.01)
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+                if time.monotonic() >= deadline:
+                    return f"unknown: {one_line(exc)}"
+                time.sleep(0.01)
 
     def _unavailable(
         self,
