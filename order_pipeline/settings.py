@@ -7,6 +7,7 @@ from this class, so a new setting is one new field here.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable
 from typing import Any, Final
@@ -128,7 +129,15 @@ def _flag(text: str) -> bool | None:
 
 def _host(text: str) -> str | None:
     """Not blank, no space at either end nor control character (a YAML block's newline):
-    refused here in one line, not split over two by the error of listening on it."""
+    refused here in one line, not split over two by the error of listening on it. An IPv6
+    address may come in a URL's brackets (`[::1]`); they are dropped, and other brackets
+    refused (listening on `[::1]` failed as `[[::1]]`)."""
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            ipaddress.IPv6Address(text[1:-1])
+        except ValueError:
+            return None
+        return text[1:-1]
     return text if text and text == text.strip() and text.isprintable() else None
 
 

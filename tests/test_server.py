@@ -113,6 +113,14 @@ def test_flag_wins_over_environment() -> None:
     assert (settings.port, settings.courier_pool_size, settings.workers) == (9001, 12, 1)
 
 
+def test_an_ipv6_host_may_be_written_in_brackets_as_in_a_url() -> None:
+    """`--host [::1]`, as copied from `http://[::1]:8080`, is the address `::1`; listening
+    on the bracketed text failed with its brackets doubled (`[[::1]]:8080`)."""
+    assert parse_args(["serve", "--host", "[::1]"], environ={}).host == "::1"
+    assert parse_args(["serve"], environ={"ORDER_PIPELINE_HOST": "[fe80::1]"}).host == "fe80::1"
+    assert parse_args(["serve", "--host", "::1"], environ={}).host == "::1"
+
+
 def test_workers_auto_is_one_per_cpu_this_process_may_use() -> None:
     """--workers auto (or the variable, in any case) is the CPUs of the process's affinity,
     resolved as it is parsed: everything after sees a number."""
@@ -187,6 +195,8 @@ def test_the_access_log_variable_takes_the_usual_spellings_in_any_case(
         # A YAML block scalar's newline: the error of listening on it took two lines.
         (["serve"], {"ORDER_PIPELINE_HOST": "0.0.0.0\n"}, "must be a host name or address, not"),
         (["serve", "--host", " 127.0.0.1"], {}, "--host: must be a host name or address, not"),
+        (["serve", "--host", "[127.0.0.1]"], {}, "--host: must be a host name or address, not"),
+        (["serve", "--host", "[localhost]"], {}, "--host: must be a host name or address, not"),
         (["serve", "--shutdown-grace", "-1"], {}, "--shutdown-grace: must be a non-negative"),
         (["serve", "--courier-pool-size", "many"], {}, "--courier-pool-size: must be an integer"),
         # An integer all the same: the message must say the range it is outside of.
