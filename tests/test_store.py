@@ -2537,6 +2537,21 @@ async def test_a_lock_held_past_the_timeout_fails_only_the_operation_that_waited
 
 
 @pytest.mark.postgres
+async def test_a_statement_timeout_of_the_role_does_not_fail_a_reader_s_opening(
+    schema: str,
+) -> None:
+    """`orders` (a reader) opened on a role whose statement_timeout is shorter than its
+    schema check failed at once (QueryCanceled, at open), where the server's own opening and
+    every connection of both turn an operator's statement_timeout off."""
+    url = postgres_url(schema=schema)
+    async with open_store(url) as store:
+        await begun(store)
+    # The URL's options set it for the session, as `ALTER ROLE ... SET` would for the role.
+    async with open_store(with_params(url, options="-cstatement_timeout=1"), reader=True) as r:
+        assert [o.key for o, _ in await r.list_orders()] == ["k-1"]
+
+
+@pytest.mark.postgres
 async def test_a_statement_timeout_of_the_role_does_not_fail_a_whole_batch_at_a_lock(
     schema: str,
 ) -> None:

@@ -363,6 +363,9 @@ class PostgresStore(WriterThread[Conn]):
                         " create it with ENCODING 'UTF8'"
                     )
                 if self.reader:
+                    # An operator's statement_timeout would cut the schema check short, as
+                    # it would the migration's waits (`_migrate` turns it off too).
+                    conn.execute("SELECT set_config('statement_timeout', '0', false)")
                     _check_readable(conn, self.where)
                 else:
                     _migrate(conn, self.where)
