@@ -20,12 +20,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import attrs
+import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import h2.settings
 import h11
 import hypercorn.protocol
 import hypercorn.trio.run
+import hyperframe.frame
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, RawData
@@ -287,6 +290,29 @@ class _H11Protocol(H11Protocol):
         )
 
 
+def _body_length_as_stream_error(connection: h2.connection.H2Connection) -> None:
+    """Have `connection` take DATA beyond a stream's Content-Length (or short of it at its
+    END_STREAM) as the stream error RFC 9113 §8.1.1 makes it: that stream is reset with
+    PROTOCOL_ERROR and its DATA acknowledged on the connection. h2 raises a connection error:
+    its GOAWAY ended the connection, and so cancelled (and undid) every other order on it."""
+    receive = connection._frame_dispatch_table[hyperframe.frame.DataFrame]
+
+    def receive_data_frame(frame: Any) -> Any:
+        try:
+            return receive(frame)
+        except h2.exceptions.InvalidBodyLengthError:
+            code = h2.errors.ErrorCodes.PROTOCOL_ERROR
+            connection.reset_stream(frame.stream_id, code)
+            connection.acknowledge_received_data(frame.flow_controlled_length, frame.stream_id)
+            return [], [
+                h2.events.StreamReset(
+                    stream_id=frame.stream_id, error_code=code, remote_reset=False
+                )
+            ]
+
+    connection._frame_dispatch_table[hyperframe.frame.DataFrame] = receive_data_frame
+
+
 class _H2Protocol(H2Protocol):
     """Hypercorn's HTTP/2 protocol, dropping the DATA of a stream it has already closed, and
     refusing a stream opened during the drain as REFUSED_STREAM, and ending a stream's reply
@@ -298,6 +324,10 @@ class _H2Protocol(H2Protocol):
     multiplexes many, from one client or from every client of a proxy). Such DATA is
     acknowledged, so the connection's flow-control window is not lost, and dropped.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _body_length_as_stream_error(self.connection)
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         batch: list[h2.events.Event] = []

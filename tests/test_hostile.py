@@ -364,6 +364,30 @@ async def test_an_http2_body_over_the_limit_leaves_the_other_streams_orders_alon
     assert client.statuses == {first: 200, too_large: 413}
 
 
+async def test_an_http2_body_longer_than_its_content_length_ends_its_stream_alone(
+    start_server: StartServer,
+) -> None:
+    """DATA beyond a stream's Content-Length (or short of it at END_STREAM) makes a malformed
+    request, a stream error (RFC 9113 §8.1.1); h2 raised it as a connection error, so the
+    GOAWAY cancelled and undid every other order on the connection. Now that stream alone is
+    reset (PROTOCOL_ERROR), runs nothing, and the order in flight beside it is answered."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    body = json.dumps({**NORMAL, "order_id": "lying"}).encode()
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=500)
+            longer = client.post(body, ("content-length", str(len(body) - 5)))
+            shorter = client.post(body, ("content-length", str(len(body) + 5)))
+            await client.until(lambda: first in client.ended)
+            after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
+            await client.until(lambda: after in client.ended and len(client.resets) == 2)
+    assert client.statuses == {first: 200, after: 200}
+    error = h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert client.resets == {longer: error, shorter: error}
+    assert not [x for x in server.log_lines() if x.get("order_id") == "lying"]
+
+
 async def test_an_http2_body_sent_on_after_its_reply_is_stopped(
     start_server: StartServer,
 ) -> None:
