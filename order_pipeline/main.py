@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 # Young-generation collections per allocation: CPython's default (700) makes the
 # collector run every few requests; see docs/performance.md for what this bought.
 GC_THRESHOLDS: Final = (50_000, 20, 100)
+# How often the accept loop's "out of descriptors" line may be said while it lasts.
+ACCEPT_ERROR_EVERY_S: Final = 60.0
 # Exit statuses: 1 for an address that cannot be listened on (as for a drain that
 # overran); 2 for a bad setting or store, like any usage error.
 CANNOT_LISTEN: Final = 1
@@ -336,6 +339,24 @@ def _not_hypercorns_running_line(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Running on ")
 
 
+class _AcceptErrorsSeldom(logging.Filter):
+    """trio's accept loop, out of descriptors (EMFILE: a low `ulimit -n`) or memory, logs it
+    at error with its traceback every 0.1 s while it lasts: ten times a second the same.
+    Said once a minute, without the traceback (trio's own, always the same)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next = float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + ACCEPT_ERROR_EVERY_S
+        record.exc_info = record.exc_text = None
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     command = parse_command(argv)
     try:
@@ -367,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_at_any_level(log, supervisor_log)
         log_stray_reports()
         logging.getLogger("hypercorn.error").addFilter(_not_hypercorns_running_line)
+        logging.getLogger("trio.serve_listeners").addFilter(_AcceptErrorsSeldom())
         if handoff is None:  # a worker's environment is its supervisor's: said there
             for warning in misspelt_variables(os.environ):
                 log.warning("%s", warning)
