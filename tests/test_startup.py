@@ -329,6 +329,43 @@ async def test_the_last_line_counts_drained_and_cancelled_orders(
         assert statuses == [200]
 
 
+async def test_a_store_on_a_full_disk_says_the_disk_is_full(tmp_path: Path) -> None:
+    """A store file on a file system with no space left (a tmpfs of 512 KB filled, in a
+    mount namespace of the test's own): SQLite cannot make its -shm file and says `disk I/O
+    error`, which an operator reads as a failing disk. The line says the disk is full."""
+    async with open_store(f"sqlite:///{tmp_path / 'orders.db'}"):
+        pass
+    mount = tmp_path / "full"
+    mount.mkdir()
+    shell = (
+        'mount -t tmpfs -o size=512k tmpfs "$1" && cp "$2" "$1/orders.db"'
+        ' && { dd if=/dev/zero of="$1/filler" bs=4k 2>/dev/null; true; }'
+        f' && exec "{sys.executable}" -m order_pipeline serve --port 0'
+        ' --store "sqlite:///$1/orders.db"'
+    )
+    argv = ["unshare", "--mount", "sh", "-c", shell, "sh", str(mount), str(tmp_path / "orders.db")]
+    try:
+        done = await trio.to_thread.run_sync(
+            functools.partial(
+                subprocess.run,
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=EXIT_TIMEOUT_S,
+                check=False,
+            )
+        )
+    except FileNotFoundError:
+        pytest.skip("no unshare")
+    if "mount" in done.stderr or "unshare" in done.stderr:
+        pytest.skip(f"no tmpfs of our own: {done.stderr!r}")
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"order-pipeline: {mount}/orders.db: cannot open the store:")
+    assert "(no space left: 0 KB free in " in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_read_only_postgresql_database_is_one_line_and_status_2(

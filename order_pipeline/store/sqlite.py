@@ -69,6 +69,9 @@ logger = logging.getLogger(__name__)
 _HEADER: Final = b"SQLite format 3\x00"
 # Between two tries for the write lock another process holds: about one commit of theirs.
 _BUSY_PAUSE_S: Final = 0.0005
+# Room a server's store needs beside its file: the WAL grows to about 4 MB between
+# checkpoints (1,000 pages of 4 KB, SQLite's default), and the -shm takes 32 KB.
+WAL_ROOM: Final = 4 * 1024 * 1024
 APPLICATION_ID: Final = 0x6F726470  # "ordp": tells our files from other SQLite databases
 SCHEMA_VERSION: Final = 2
 # _MIGRATIONS[v] takes a database from user_version v to v + 1, statement by statement
@@ -447,7 +450,22 @@ def _cannot_open(path: Path, exc: sqlite3.Error, *, reader: bool) -> StoreError:
         copy = "; or list a copy of the file, with its -wal, in a writable directory"
         hint = f" (SQLite must be able to write its -wal and -shm files in {path.parent}"
         hint += f"{copy if reader else ''})"
+    elif exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL):
+        # A -shm that cannot grow is `disk I/O error` to SQLite: not a failing disk.
+        free = _free_bytes(path.parent)
+        if free is not None and free < WAL_ROOM:
+            hint = f" (no space left: {free // 1024} KB free in {path.parent}, and the store"
+            hint += " needs room beside the file for its -wal and -shm: a server about 4 MB)"
     return StoreError(f"{path}: cannot open the store: {exc}{hint}")
+
+
+def _free_bytes(directory: Path) -> int | None:
+    """Bytes this process may still write in `directory`'s file system; None if unknown."""
+    try:
+        found = os.statvfs(directory)
+    except OSError:
+        return None
+    return found.f_bavail * found.f_frsize
 
 
 def _check_read_only(path: Path, *, reader: bool) -> int:
