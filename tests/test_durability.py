@@ -802,6 +802,37 @@ async def test_a_backlog_of_expired_orders_is_forgotten_a_batch_at_a_time(
     assert await store.list_orders() == []
 
 
+async def test_a_backlog_leaves_the_store_to_the_orders_half_the_time(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between two batches of a backlog the purge waits as long as the last batch took, so
+    the orders being served have the store's writer at least half the time. Back to back,
+    a backlog of 958,000 orders (a retention shortened on a store of a million) held the
+    SQLite writer for 75 s, the orders' median 6 ms to 220-370 ms meanwhile."""
+    monkeypatch.setattr(desk, "PURGE_BATCH", 2)
+    store = MemoryStore()
+    for n in range(5):
+        order = await begun(store, f"k-{n}")
+        await store.finish(f"k-{n}", order.attempt_id, 200, b"{}", None)
+    purge = store.purge
+    batches: list[tuple[float, float]] = []
+
+    async def slow_purge(older_than: float, limit: int) -> int:
+        started = trio.current_time()
+        await trio.sleep(0.07 * (len(batches) + 1))  # a batch's cost, each longer
+        batches.append((started, trio.current_time()))
+        return await purge(older_than, limit)
+
+    monkeypatch.setattr(store, "purge", slow_purge)
+    forgetting = assemble(Settings(retention=0.001), store=store).desk
+    await trio.sleep(0.01)
+
+    assert await forgetting.forget_expired() == 5
+    assert len(batches) == 3
+    for (started, ended), (next_started, _) in itertools.pairwise(batches):
+        assert next_started - ended == pytest.approx(ended - started)
+
+
 async def test_a_tiny_retention_purges_once_a_second(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
