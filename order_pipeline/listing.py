@@ -73,8 +73,9 @@ async def list_orders(
 ) -> int:
     """Write one line per stored order (or per order needing attention), oldest start first;
     return the count. The store is read a page at a time, each page written before the next
-    is read: the first line comes at once, and memory holds one page, however many orders
-    the store keeps (a day of them may be millions)."""
+    is read: memory holds one page, however many orders the store keeps (a day of them may
+    be millions), and the first line comes at once (with `needs_attention`, once a page of
+    them is found: where few need it, that reads through many)."""
     count = 0
     async with aclosing(every_order(store, needs_attention=needs_attention, page=page)) as orders:
         async for order, net_charge in orders:
