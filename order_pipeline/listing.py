@@ -26,11 +26,25 @@ def _step_order(step: str) -> int:
     return STEP_NAMES.index(step) if step in STEP_NAMES else len(STEP_NAMES)
 
 
+def _undone_in(reply: bytes | None) -> dict[str, str]:
+    """Each compensation a finished order's reply gives: a store outage drops the step
+    records of the batch it failed, while the final record, held, is written later."""
+    try:
+        steps = orjson.loads(reply or b"{}").get("steps", ())
+        return {
+            step["name"]: step["compensation"]["status"] for step in steps if "compensation" in step
+        }
+    except (ValueError, TypeError, KeyError, AttributeError):  # not a reply of this shape
+        return {}
+
+
 def order_summary(order: StoredOrder, net_charge: int) -> dict[str, Any]:
     """One order's line: what it is, how it ended, what was undone, what the ledger holds."""
     finished = order.state != RUNNING
     status = ("ok" if order.kind is None else "error") if finished else RUNNING
-    undone = {s.step: s.compensation for s in order.steps if s.compensation}
+    undone = _undone_in(order.reply) | {
+        s.step: s.compensation for s in order.steps if s.compensation
+    }
     return {
         "key": order.key,
         "order_id": order.order_id,

@@ -16,9 +16,13 @@ import trio
 
 from order_pipeline.cli import parse_command
 from order_pipeline.listing import list_orders, order_summary
+from order_pipeline.model import Compensation, OrderResult, StepResult, StepStatus
+from order_pipeline.model import CompensationStatus as Undone
+from order_pipeline.serialization import encode_result
 from order_pipeline.server import Settings, assemble
 from order_pipeline.store import (
     FINISHED,
+    Begun,
     MemoryStore,
     SqliteStore,
     StepRecord,
@@ -88,6 +92,34 @@ async def test_needs_attention_shows_only_those_as_text(tmp_path: Path) -> None:
     assert line.startswith("k-stuck  order=stuck  error  kind=compensation_failed")
     assert "compensations=payment=error,vendor=ok" in line
     assert line.endswith("net_charge=40  NEEDS ATTENTION")
+
+
+async def test_compensations_lost_with_their_records_are_read_from_the_reply(
+    tmp_path: Path,
+) -> None:
+    """A store outage drops the step records of the batch it failed, while the order's final
+    record is held and written later (the disk-full hunt: 2 orders of 300): the reply holds
+    every compensation, and the operator's line must show the one that failed, not `-`."""
+    result = OrderResult(
+        "stuck",
+        (
+            StepResult("payment", StepStatus.OK, 150, compensation=Compensation(Undone.ERROR, 80)),
+            StepResult("vendor", StepStatus.OK, 200, compensation=Compensation(Undone.OK, 50)),
+            StepResult("courier", StepStatus.ERROR, 300, "no_courier"),
+        ),
+        "compensation_failed",
+    )
+    status, reply = encode_result(result)
+    async with SqliteStore(tmp_path / "orders.db") as store:
+        begun = await store.begin("k-stuck", "stuck", "h", b"{}", "w-1")
+        assert isinstance(begun, Begun)
+        await store.finish("k-stuck", begun.order.attempt_id, status, reply, result.kind)
+        lines: list[str] = []
+        await list_orders(store, needs_attention=True, as_json=False, write=lines.append)
+
+    (line,) = lines
+    assert "kind=compensation_failed" in line
+    assert "compensations=payment=error,vendor=ok" in line
 
 
 def test_compensations_are_listed_in_step_order() -> None:
