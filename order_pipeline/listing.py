@@ -42,9 +42,9 @@ def order_summary(order: StoredOrder, net_charge: int) -> dict[str, Any]:
     """One order's line: what it is, how it ended, what was undone, what the ledger holds."""
     finished = order.state != RUNNING
     status = ("ok" if order.kind is None else "error") if finished else RUNNING
-    undone = _undone_in(order.reply) | {
-        s.step: s.compensation for s in order.steps if s.compensation
-    }
+    undone = {s.step: s.compensation for s in order.steps if s.compensation}
+    if order.kind is not None:  # a failed order (only they are undone) that may have lost some
+        undone = _undone_in(order.reply) | undone
     return {
         "key": order.key,
         "order_id": order.order_id,
