@@ -25,6 +25,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import h11
 import hypercorn.protocol
 import hypercorn.trio.run
@@ -290,6 +291,16 @@ class _H11Protocol(H11Protocol):
         )
 
 
+def _reset_malformed(
+    connection: h2.connection.H2Connection, stream_id: int
+) -> list[h2.events.Event]:
+    """Reset a stream whose request is malformed, as RFC 9113 §8.1.1 has it: PROTOCOL_ERROR on
+    that stream alone; the event tells hypercorn, which ignores a stream it has not seen."""
+    code = h2.errors.ErrorCodes.PROTOCOL_ERROR
+    connection.reset_stream(stream_id, code)
+    return [h2.events.StreamReset(stream_id=stream_id, error_code=code, remote_reset=False)]
+
+
 def _body_length_as_stream_error(connection: h2.connection.H2Connection) -> None:
     """Have `connection` take DATA beyond a stream's Content-Length (or short of it at its
     END_STREAM) as the stream error RFC 9113 §8.1.1 makes it: that stream is reset with
@@ -301,16 +312,41 @@ def _body_length_as_stream_error(connection: h2.connection.H2Connection) -> None
         try:
             return receive(frame)
         except h2.exceptions.InvalidBodyLengthError:
-            code = h2.errors.ErrorCodes.PROTOCOL_ERROR
-            connection.reset_stream(frame.stream_id, code)
+            events = _reset_malformed(connection, frame.stream_id)
             connection.acknowledge_received_data(frame.flow_controlled_length, frame.stream_id)
-            return [], [
-                h2.events.StreamReset(
-                    stream_id=frame.stream_id, error_code=code, remote_reset=False
-                )
-            ]
+            return [], events
 
     connection._frame_dispatch_table[hyperframe.frame.DataFrame] = receive_data_frame
+
+
+def _header_fields_as_stream_error(connection: h2.connection.H2Connection) -> None:
+    """Have `connection` take request headers (or trailers) whose fields h2 refuses (RFC 9113
+    §8.2: an upper-case name, a connection-specific field, a space at a value's end, a
+    Content-Length not a number, trailers without END_STREAM) as the stream error §8.1.1
+    makes them, as `_body_length_as_stream_error` does DATA; h2 raises them as connection
+    errors. A header block that does not decode stays one: the connection's HPACK state is
+    lost (§4.3). h2 raises a plain ProtocolError for both; the fields are refused only once
+    the block is decoded and its stream taken, and, unlike the stream's state machine
+    refusing the frame, they leave that stream open."""
+    receive = connection._frame_dispatch_table[hyperframe.frame.HeadersFrame]
+    get_or_create_stream = connection._get_or_create_stream
+    taken: list[h2.stream.H2Stream] = []  # the stream of the HEADERS frame being received
+
+    def take_stream(stream_id: int, allowed: h2.connection.AllowedStreamIDs) -> h2.stream.H2Stream:
+        taken.append(get_or_create_stream(stream_id, allowed))
+        return taken[-1]
+
+    def receive_headers_frame(frame: Any) -> Any:
+        taken.clear()
+        try:
+            return receive(frame)
+        except h2.exceptions.ProtocolError as error:
+            if type(error) is not h2.exceptions.ProtocolError or not taken or not taken[0].open:
+                raise  # a subclass is another error (h2 handles some itself)
+            return [], _reset_malformed(connection, frame.stream_id)
+
+    connection._get_or_create_stream = take_stream  # type: ignore[assignment,method-assign]
+    connection._frame_dispatch_table[hyperframe.frame.HeadersFrame] = receive_headers_frame
 
 
 class _H2Protocol(H2Protocol):
@@ -328,6 +364,7 @@ class _H2Protocol(H2Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _body_length_as_stream_error(self.connection)
+        _header_fields_as_stream_error(self.connection)
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         batch: list[h2.events.Event] = []

@@ -17,6 +17,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import httpx
+import hyperframe.frame
 import trio
 
 from .rawhttp import address, exchange, parse, post, read_all, request
@@ -39,6 +40,7 @@ class RawH2:
         self.statuses: dict[int, int] = {}
         self.ended: set[int] = set()
         self.resets: dict[int, int] = {}
+        self.goaway: int | None = None  # the error code of the server's GOAWAY
 
     def post(self, body: bytes | None, *extra: tuple[str, str], end: bool = True) -> int:
         """A `POST /order` stream, with `body` (within the first window) unless None."""
@@ -66,6 +68,8 @@ class RawH2:
                 self.ended.add(event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
                 self.resets[event.stream_id] = event.error_code
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.goaway = event.error_code
 
     async def until(self, done: Callable[[], bool]) -> None:
         while not done():
@@ -386,6 +390,59 @@ async def test_an_http2_body_longer_than_its_content_length_ends_its_stream_alon
     error = h2.errors.ErrorCodes.PROTOCOL_ERROR
     assert client.resets == {longer: error, shorter: error}
     assert not [x for x in server.log_lines() if x.get("order_id") == "lying"]
+
+
+async def test_http2_request_headers_h2_refuses_reset_their_stream_alone(
+    start_server: StartServer,
+) -> None:
+    """Request headers h2 refuses (RFC 9113 §8.2: an upper-case name, a connection-specific
+    field, a value with a space at an end, a Content-Length not a number) make a malformed
+    request, a stream error (§8.1.1); h2 raised a connection error, and its GOAWAY cancelled
+    and undid every other order on the connection. Now that stream alone is reset
+    (PROTOCOL_ERROR), its order not run, and the order in flight beside it is answered;
+    so too for trailers h2 refuses on a stream whose body is under way."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    refused = [("Upper-Case", "x"), ("connection", "close"), ("te", "chunked"),
+               ("transfer-encoding", "chunked"), ("x-pad", " x"), ("x-pad", "x "),
+               ("content-length", "ten")]  # fmt: skip
+    body = json.dumps({**NORMAL, "order_id": "malformed"}).encode()
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        client.conn.config.normalize_outbound_headers = False  # send them as they are
+        client.conn.config.validate_outbound_headers = False
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=500)
+            bad = [client.post(body, field) for field in refused]
+            trailed = client.post(body, end=False)
+            client.conn.send_headers(trailed, [("connection", "close")], end_stream=True)
+            await client.until(lambda: first in client.ended)
+            after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
+            await client.until(lambda: after in client.ended and trailed in client.resets)
+    assert client.statuses == {first: 200, after: 200}
+    assert client.resets == dict.fromkeys([*bad, trailed], h2.errors.ErrorCodes.PROTOCOL_ERROR)
+    assert not [x for x in server.log_lines() if x.get("order_id") == "malformed"]
+
+
+async def test_an_http2_header_block_hpack_cannot_decode_still_ends_the_connection(
+    start_server: StartServer,
+) -> None:
+    """A header block HPACK cannot decode leaves the connection's decoding state unknown,
+    so it stays a connection error (RFC 9113 §4.3), a request's or a trailer's."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    for trailer in (False, True):
+        async with await trio.open_tcp_stream(*address(server.url)) as stream:
+            client = RawH2(stream)
+            sid = client.post(b"{", end=False)
+            await client.flush()
+            flags = ("END_HEADERS", "END_STREAM")
+            garbage = hyperframe.frame.HeadersFrame(sid if trailer else sid + 2, flags=flags)
+            garbage.data = b"\xff\xff\xff\xff"  # an index no table has
+            await stream.send_all(garbage.serialize())
+            with trio.fail_after(10):
+                while client.goaway is None:
+                    await client.receive()
+        assert client.goaway == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert (await post(server.url, NORMAL)).status == 200
 
 
 async def test_an_http2_body_sent_on_after_its_reply_is_stopped(
