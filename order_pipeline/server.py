@@ -366,6 +366,23 @@ class _H2Protocol(H2Protocol):
         _body_length_as_stream_error(self.connection)
         _header_fields_as_stream_error(self.connection)
 
+    async def handle(self, event: ConnectionEvent) -> None:
+        await super().handle(event)
+        if isinstance(event, Closed):
+            await self.give_up_replies()
+
+    async def give_up_replies(self) -> None:
+        """Release every reply still waiting to be sent; this connection will send nothing more.
+
+        A reply held back by its client's flow-control window (one that reads none of it)
+        waits, shielded (`finish_responses_shielded`), for the send task to take it; hypercorn
+        ends that task with the connection but not the wait, so the connection's handler
+        never ended: its socket and tasks stayed for good, and a drain overran to its hard
+        deadline. No checkpoint (the buffers set events): this runs when cancelled too."""
+        self.closed = True
+        for buffer in self.stream_buffers.values():
+            await buffer.close()
+
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         batch: list[h2.events.Event] = []
         for event in events:

@@ -16,6 +16,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 import httpx
 import hyperframe.frame
 import trio
@@ -474,6 +475,36 @@ async def test_an_http2_body_sent_on_after_its_reply_is_stopped(
     )
     assert sent <= 65_535
     assert server.process.returncode is None
+
+
+def a_reply_not_read(client: RawH2) -> int:
+    """GET /healthz on `client`, which sets its flow-control window to 0: the reply's body
+    cannot be sent, as for a client that reads none of it; the stream's id."""
+    client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    sid = client.conn.get_next_available_stream_id()
+    headers = [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"),
+               (":authority", "127.0.0.1")]  # fmt: skip
+    client.conn.send_headers(sid, headers, end_stream=True)
+    return sid
+
+
+async def test_an_http2_reply_not_read_is_given_up_when_its_client_goes(
+    start_server: StartServer,
+) -> None:
+    """A reply held back by its client's flow-control window waited for ever to be sent, even
+    once the client had gone: hypercorn's send task ended with the connection, not the wait,
+    so the connection kept its socket and tasks (one file descriptor per such client) and a
+    drain overran to its hard deadline (exit 1). The reply is now given up with its
+    connection."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        sid = a_reply_not_read(client)
+        with trio.fail_after(10):
+            await client.until(lambda: sid in client.statuses)
+    server.process.send_signal(signal.SIGTERM)
+    with trio.fail_after(5):  # the hard deadline is 20 s away
+        assert await server.process.wait() == 0
 
 
 async def test_an_http2_stream_opened_during_the_drain_is_refused_as_not_processed(
