@@ -198,6 +198,17 @@ class _OneConnection(TCPServer):
         except Exception:
             log.exception("a connection failed in the HTTP server: closed it alone")
 
+    async def _read_data(self) -> None:
+        """Hypercorn's reads, but cancelled (the drain's grace is over, or a second signal),
+        an HTTP/2 reply its client does not read is given up: it waited, shielded, to be
+        sent, and held the drain to its hard deadline (the order was final and recorded)."""
+        try:
+            await super()._read_data()
+        except trio.Cancelled:
+            if isinstance(self.protocol.protocol, _H2Protocol):
+                await self.protocol.protocol.give_up_replies()
+            raise
+
     async def _close(self) -> None:
         """Hypercorn's close, its EOF sent under the lock its writes take.
 

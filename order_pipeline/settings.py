@@ -20,7 +20,8 @@ from .store import StoreError, parse_store_url
 
 ENV_PREFIX: Final = "ORDER_PIPELINE_"
 # Past the drain, only a client that never reads its reply can hold a process
-# (hypercorn sends shielded); this much later the process is ended anyway.
+# (hypercorn writes to the socket shielded; over HTTP/2 such a reply is given up at the
+# grace's end); this much later the process is ended anyway.
 HARD_EXIT_MARGIN_S: Final = 5.0
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("json", "text")

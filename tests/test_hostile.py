@@ -507,6 +507,29 @@ async def test_an_http2_reply_not_read_is_given_up_when_its_client_goes(
         assert await server.process.wait() == 0
 
 
+async def test_an_http2_reply_not_read_ends_the_drain_at_its_grace(
+    start_server: StartServer,
+) -> None:
+    """An order whose reply its client does not read (window 0): final and recorded, yet
+    its connection held the drain to its hard deadline (exit 1), where HTTP/1.1 sends a
+    reply this small at once. At the grace's end the reply is given up and its connection
+    closed: the drain ends there, exit 0."""
+    server = await start_server("--no-access-log", "--store", "memory", "--shutdown-grace", "1")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        sid = client.post(json.dumps(NORMAL).encode())
+        with trio.fail_after(10):
+            await client.until(lambda: sid in client.statuses)
+        server.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(5):  # the grace is 1 s, the hard deadline 11 s
+            while client.goaway is None:
+                await client.receive()
+            assert await server.process.wait() == 0
+    assert (client.statuses, client.ended) == ({sid: 200}, set())
+    assert [x["status"] for x in server.log_lines() if x.get("order_id") == "normal"] == ["ok"]
+
+
 async def test_an_http2_stream_opened_during_the_drain_is_refused_as_not_processed(
     start_server: StartServer,
 ) -> None:
