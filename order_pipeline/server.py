@@ -369,7 +369,8 @@ class _H2Protocol(H2Protocol):
     limit, 408) closes the stream; the client's DATA after it made hypercorn's h2 code raise
     KeyError, which ended the connection and so cancelled every other order on it (HTTP/2
     multiplexes many, from one client or from every client of a proxy). Such DATA is
-    acknowledged, so the connection's flow-control window is not lost, and dropped.
+    acknowledged, so the connection's flow-control window is not lost, and dropped; also when
+    the stream closed while earlier frames of the same read were taken in.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -395,7 +396,6 @@ class _H2Protocol(H2Protocol):
             await buffer.close()
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
-        batch: list[h2.events.Event] = []
         for event in events:
             if isinstance(event, h2.events.RequestReceived) and self.context.terminated.is_set():
                 # Draining: hypercorn resets a new stream with NO_ERROR, which leaves the client
@@ -406,18 +406,17 @@ class _H2Protocol(H2Protocol):
                     {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0}
                 )
                 continue
+            # Each event is handed over alone, right after this look: taking in one DATA frame
+            # may let the app reply and close its stream, so a look at the read's start would
+            # not hold for the frames after it in the same read.
             if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
-                if batch:
-                    await super()._handle_events(batch)
-                    batch = []
-                if event.stream_id not in self.streams:  # still gone after that batch
-                    self.connection.acknowledge_received_data(
-                        event.flow_controlled_length, event.stream_id
-                    )
-                    self._stop_sending(event.stream_id)
-                    continue
-            batch.append(event)
-        await super()._handle_events(batch)
+                self.connection.acknowledge_received_data(
+                    event.flow_controlled_length, event.stream_id
+                )
+                self._stop_sending(event.stream_id)
+                continue
+            await super()._handle_events([event])
+        await self._flush()  # what the resets and acknowledgements above wrote
 
     def _stop_sending(self, stream_id: int) -> None:
         """Reset with NO_ERROR a stream whose reply is all sent but whose client sends on
