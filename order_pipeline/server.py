@@ -401,7 +401,14 @@ class _H2Protocol(H2Protocol):
                 # Draining: hypercorn resets a new stream with NO_ERROR, which leaves the client
                 # unsure whether its order ran; REFUSED_STREAM says it did not, so a retry
                 # elsewhere is safe (RFC 9113 §8.7), as a refused connection says on HTTP/1.1.
-                self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                # One closed in the same read (its client's RST_STREAM, a body short of its
+                # length) is left so: resetting it raised StreamClosedError, ending the
+                # connection with every order on it.
+                stream = self.connection.streams.get(event.stream_id)  # gone: closed
+                if stream is not None and not stream.closed:
+                    self.connection.reset_stream(
+                        event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM
+                    )
                 self.connection.update_settings(
                     {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0}
                 )

@@ -19,6 +19,7 @@ import h2.events
 import h2.settings
 import httpx
 import hyperframe.frame
+import pytest
 import trio
 
 from .rawhttp import address, exchange, parse, post, read_all, request
@@ -572,6 +573,36 @@ async def test_an_http2_stream_opened_during_the_drain_is_refused_as_not_process
     assert client.resets == {late: h2.errors.ErrorCodes.REFUSED_STREAM}
     with trio.fail_after(10):
         assert await server.process.wait() == 0  # the drain's own end: no second signal
+    assert not [x for x in server.log_lines() if x.get("order_id") == "late"]
+
+
+@pytest.mark.parametrize("closed_by", ["its client's reset", "a body short of its length"])
+async def test_an_http2_stream_closed_as_it_opens_during_the_drain_is_left_closed(
+    start_server: StartServer, closed_by: str
+) -> None:
+    """A stream opened during the drain whose HEADERS come in one read with its end (the
+    client's RST_STREAM, or DATA short of its Content-Length, which resets it) was already
+    closed when the drain's REFUSED_STREAM was sent on it: h2 raised StreamClosedError,
+    which ended the connection, cancelling and undoing the order in flight on it."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    body = json.dumps({**NORMAL, "order_id": "late"}).encode()
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=1000)
+            server.process.send_signal(signal.SIGTERM)
+            while await accepts_connections(server.url):  # noqa: ASYNC110 # another process
+                await trio.sleep(0.01)
+            if closed_by == "its client's reset":
+                late = client.post(body, end=False)
+                client.conn.reset_stream(late)
+            else:
+                late = client.post(body, ("content-length", str(len(body) + 5)))
+            await client.until(lambda: first in client.ended)
+    assert client.statuses == {first: 200}
+    with trio.fail_after(10):
+        assert await server.process.wait() == 0
+    assert [x["message"] for x in server.log_lines() if x["level"] == "error"] == []
     assert not [x for x in server.log_lines() if x.get("order_id") == "late"]
 
 
