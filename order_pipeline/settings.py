@@ -132,13 +132,15 @@ def _host(text: str) -> str | None:
     """Not blank, no space at either end nor control character (a YAML block's newline):
     refused here in one line, not split over two by the error of listening on it. An IPv6
     address may come in a URL's brackets (`[::1]`); they are dropped, and other brackets
-    refused (listening on `[::1]` failed as `[[::1]]`)."""
+    refused (listening on `[::1]` failed as `[[::1]]`, on `[::1]:8080` as `[[::1]:8080]`)."""
     if text.startswith("[") and text.endswith("]"):
         try:
             ipaddress.IPv6Address(text[1:-1])
         except ValueError:
             return None
         return text[1:-1]
+    if "[" in text or "]" in text:  # in no host name or address
+        return None
     return text if text and text == text.strip() and text.isprintable() else None
 
 

@@ -197,6 +197,10 @@ def test_the_access_log_variable_takes_the_usual_spellings_in_any_case(
         (["serve", "--host", " 127.0.0.1"], {}, "--host: must be a host name or address, not"),
         (["serve", "--host", "[127.0.0.1]"], {}, "--host: must be a host name or address, not"),
         (["serve", "--host", "[localhost]"], {}, "--host: must be a host name or address, not"),
+        # A URL's host and port, or a bracket left out: listening failed, brackets doubled.
+        (["serve", "--host", "[::1]:8080"], {}, "--host: must be a host name or address, not"),
+        (["serve", "--host", "[::1"], {}, "--host: must be a host name or address, not"),
+        (["serve", "--host", "::1]"], {}, "--host: must be a host name or address, not"),
         (["serve", "--shutdown-grace", "-1"], {}, "--shutdown-grace: must be a non-negative"),
         (["serve", "--courier-pool-size", "many"], {}, "--courier-pool-size: must be an integer"),
         # An integer all the same: the message must say the range it is outside of.
