@@ -201,13 +201,19 @@ class _OneConnection(TCPServer):
     async def _read_data(self) -> None:
         """Hypercorn's reads, but cancelled (the drain's grace is over, or a second signal),
         an HTTP/2 reply its client does not read is given up: it waited, shielded, to be
-        sent, and held the drain to its hard deadline (the order was final and recorded)."""
+        sent, and held the drain to its hard deadline (the order was final and recorded).
+
+        Once the client has ended the connection (EOF, or a reset), the idle timer is
+        stopped: hypercorn left it running, and it held a connection its client had closed
+        before a request (a load balancer's TCP check), and its descriptor, until the
+        header timeout."""
         try:
             await super()._read_data()
         except trio.Cancelled:
             if isinstance(self.protocol.protocol, _H2Protocol):
                 await self.protocol.protocol.give_up_replies()
             raise
+        await self.idle_task.stop()
 
     async def _close(self) -> None:
         """Hypercorn's close, its EOF sent under the lock its writes take.

@@ -48,3 +48,18 @@ async def test_idle_keep_alive_connection_is_closed(address: tuple[str, int]) ->
             reply = await read_until_closed(stream)
     assert reply.startswith(b"HTTP/1.1 200")
     assert trio.current_time() - started >= HEADER_TIMEOUT_S - 0.5
+
+
+async def test_a_connection_its_client_ends_before_a_request_is_closed_at_once(
+    address: tuple[str, int],
+) -> None:
+    """A client that connects and closes (a load balancer's TCP check, a port scan) or
+    half-closes before sending a request: hypercorn read the EOF but its idle timer held the
+    connection, and its descriptor, in CLOSE-WAIT until the header timeout (20 such
+    connections at `--header-timeout 30`: 20 descriptors for 30 s)."""
+    async with await trio.open_tcp_stream(*address) as stream:
+        await stream.send_eof()
+        started = trio.current_time()
+        with trio.fail_after(HEADER_TIMEOUT_S + 2):
+            assert await read_until_closed(stream) == b""
+    assert trio.current_time() - started < 1
