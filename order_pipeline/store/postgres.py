@@ -287,6 +287,10 @@ class _Watchdog:
             )
 
 
+# The least time left for which a lost COMMIT's outcome is asked again on a new connection.
+_LAST_LOOKUP_S: Final = 0.1
+
+
 class PostgresStore(WriterThread[Conn]):
     """Orders in a PostgreSQL database; `async with PostgresStore(url) as store:` opens it.
 
@@ -561,7 +565,9 @@ class PostgresStore(WriterThread[Conn]):
                             return status
                         time.sleep(0.01)
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-                if time.monotonic() >= deadline:
+                # Not again with next to no time left: its error would be a pool's "after
+                # 0.00 sec", not why the connections were lost.
+                if time.monotonic() >= deadline - _LAST_LOOKUP_S:
                     return f"unknown: {one_line(exc)}"
                 time.sleep(0.01)
 
