@@ -344,23 +344,31 @@ def _header_fields_as_stream_error(connection: h2.connection.H2Connection) -> No
     errors. A header block that does not decode stays one: the connection's HPACK state is
     lost (§4.3). h2 raises a plain ProtocolError for both; the fields are refused only once
     the block is decoded and its stream taken, and, unlike the stream's state machine
-    refusing the frame, they leave that stream open."""
+    refusing the frame, they leave that stream open, or close it by their END_STREAM
+    (trailers after the reply's end): that stream is over both ways, and they are dropped."""
     receive = connection._frame_dispatch_table[hyperframe.frame.HeadersFrame]
     get_or_create_stream = connection._get_or_create_stream
-    taken: list[h2.stream.H2Stream] = []  # the stream of the HEADERS frame being received
+    # The stream of the HEADERS frame being received, and whether it was open before it.
+    taken: list[tuple[h2.stream.H2Stream, bool]] = []
 
     def take_stream(stream_id: int, allowed: h2.connection.AllowedStreamIDs) -> h2.stream.H2Stream:
-        taken.append(get_or_create_stream(stream_id, allowed))
-        return taken[-1]
+        stream = get_or_create_stream(stream_id, allowed)
+        taken.append((stream, stream.open))
+        return stream
 
     def receive_headers_frame(frame: Any) -> Any:
         taken.clear()
         try:
             return receive(frame)
         except h2.exceptions.ProtocolError as error:
-            if type(error) is not h2.exceptions.ProtocolError or not taken or not taken[0].open:
+            if type(error) is not h2.exceptions.ProtocolError or not taken:
                 raise  # a subclass is another error (h2 handles some itself)
-            return [], _reset_malformed(connection, frame.stream_id)
+            stream, was_open = taken[0]
+            if stream.open:
+                return [], _reset_malformed(connection, frame.stream_id)
+            if was_open and stream.closed_by is h2.stream.StreamClosedBy.RECV_END_STREAM:
+                return [], []  # closed: no frame may follow (RFC 9113 §5.1), a reset neither
+            raise
 
     connection._get_or_create_stream = take_stream  # type: ignore[assignment,method-assign]
     connection._frame_dispatch_table[hyperframe.frame.HeadersFrame] = receive_headers_frame

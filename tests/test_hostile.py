@@ -444,6 +444,30 @@ async def test_http2_request_headers_h2_refuses_reset_their_stream_alone(
     assert not [x for x in server.log_lines() if x.get("order_id") == "malformed"]
 
 
+async def test_http2_trailers_h2_refuses_after_the_reply_end_their_stream_alone(
+    start_server: StartServer,
+) -> None:
+    """Trailers h2 refuses that end a stream whose reply is already out (a 413 on its
+    Content-Length): their END_STREAM closes the stream before h2 checks the fields, so the
+    refusal stayed a connection error, the GOAWAY cancelling and undoing the order in flight
+    beside it. The stream is over both ways: the trailers are dropped, the others answered."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        client.conn.config.normalize_outbound_headers = False  # send them as they are
+        client.conn.config.validate_outbound_headers = False
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=500)
+            too_large = client.post(None, ("content-length", "70000"))
+            await client.until(lambda: too_large in client.ended)  # its 413, whole
+            client.conn.send_headers(too_large, [("connection", "close")], end_stream=True)
+            await client.until(lambda: first in client.ended)
+            after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
+            await client.until(lambda: after in client.ended)
+    assert client.statuses == {first: 200, too_large: 413, after: 200}
+    assert client.goaway is None
+
+
 async def test_an_http2_header_block_hpack_cannot_decode_still_ends_the_connection(
     start_server: StartServer,
 ) -> None:
