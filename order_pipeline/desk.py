@@ -388,7 +388,8 @@ class OrderDesk:
         """Delete the orders finished over the retention ago, a batch at a time; their count.
 
         Between two batches it waits as long as the last one took: a backlog (a retention
-        shortened) leaves the store to the orders being served half the time. Back to back,
+        shortened) leaves the store to the orders being served half the time (this
+        process's purge; every worker and host runs one). Back to back,
         958,000 orders held a SQLite store's writer for 75 s, their median 6 to 300 ms."""
         forgotten = 0
         try:
