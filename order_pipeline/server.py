@@ -374,6 +374,10 @@ def _header_fields_as_stream_error(connection: h2.connection.H2Connection) -> No
     connection._frame_dispatch_table[hyperframe.frame.HeadersFrame] = receive_headers_frame
 
 
+def _has_path(request: h2.events.RequestReceived) -> bool:
+    return any(name == b":path" for name, _ in request.headers or ())
+
+
 class _H2Protocol(H2Protocol):
     """Hypercorn's HTTP/2 protocol, dropping the DATA of a stream it has already closed, and
     refusing a stream opened during the drain as REFUSED_STREAM, and ending a stream's reply
@@ -426,6 +430,14 @@ class _H2Protocol(H2Protocol):
                 self.connection.update_settings(
                     {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0}
                 )
+                continue
+            if isinstance(event, h2.events.RequestReceived) and not _has_path(event):
+                # CONNECT (RFC 9113 §8.5) has no :path: hypercorn's h2 code failed on it (an
+                # UnboundLocalError), ending the connection with every order on it. No route
+                # takes it: 405 on its stream, and what it sends after is dropped (below).
+                stream = self.connection.streams.get(event.stream_id)  # gone: closed
+                if stream is not None and not stream.closed:
+                    self.connection.send_headers(event.stream_id, [(b":status", b"405")], True)
                 continue
             # Each event is handed over alone, right after this look: taking in one DATA frame
             # may let the app reply and close its stream, so a look at the read's start would

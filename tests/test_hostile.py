@@ -655,3 +655,22 @@ async def test_http2_replies_in_flight_at_a_drain_end_whole(start_server: StartS
             server.process.send_signal(signal.SIGTERM)
         assert await server.process.wait() == 0
     assert outcomes == [200] * 24
+
+
+async def test_an_http2_connect_request_is_refused_on_its_stream_alone(
+    start_server: StartServer,
+) -> None:
+    """A CONNECT request (RFC 9113 §8.5) has no :path; hypercorn's h2 code failed on it (an
+    UnboundLocalError), which ended the connection, cancelling and undoing the order in flight
+    beside it. It is answered 405, on its stream alone, and the connection serves on."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=500)
+            connect = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(connect, [(":method", "CONNECT"), (":authority", "x:443")])
+            await client.until(lambda: first in client.ended)
+            after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
+            await client.until(lambda: after in client.ended)
+    assert client.statuses == {first: 200, connect: 405, after: 200}
