@@ -14,6 +14,7 @@ says where the drain is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ import h11
 import hypercorn.protocol
 import hypercorn.trio.run
 import hyperframe.frame
+import priority.priority
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, RawData
@@ -450,6 +452,18 @@ class _H2Protocol(H2Protocol):
                 continue
             await super()._handle_events([event])
         await self._flush()  # what the resets and acknowledgements above wrote
+
+    async def _priority_updated(self, event: h2.events.PriorityUpdated) -> None:
+        """Hypercorn's, for its own streams alone, and only as far as its priority tree takes
+        it. PRIORITY frames may name any stream, idle ones too (RFC 9113 §6.3): hypercorn put
+        each in its tree, which refuses a 1,001st, and that error ended the connection with
+        every order on it. Priority is a hint (deprecated by RFC 9113 §5.3): dropped."""
+        if event.stream_id not in self.streams:
+            return
+        if event.depends_on not in self.streams:
+            event.depends_on = 0  # the root
+        with contextlib.suppress(priority.priority.PriorityError):
+            await super()._priority_updated(event)
 
     def _stop_sending(self, stream_id: int) -> None:
         """Reset with NO_ERROR a stream whose reply is all sent but whose client sends on

@@ -674,3 +674,27 @@ async def test_an_http2_connect_request_is_refused_on_its_stream_alone(
             after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
             await client.until(lambda: after in client.ended)
     assert client.statuses == {first: 200, connect: 405, after: 200}
+
+
+async def test_http2_priority_frames_on_many_streams_leave_the_connection_alone(
+    start_server: StartServer,
+) -> None:
+    """PRIORITY frames may name any stream, idle ones too (RFC 9113 §5.1, §6.3); hypercorn
+    keeps each in its priority tree, which refuses a 1,001st: the error failed hypercorn's
+    h2 code ("a connection failed"), ending the connection, cancelling and undoing the order
+    in flight on it. Priority is a hint: what the tree cannot take is ignored."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=500)
+            frames = []
+            for n in range(1_001):
+                frames.append(hyperframe.frame.PriorityFrame(101 + 2 * n, depends_on=first))
+                frames.append(hyperframe.frame.PriorityFrame(first, depends_on=3001 + 2 * n))
+            await stream.send_all(b"".join(f.serialize() for f in frames))
+            await client.until(lambda: first in client.ended)
+            client.conn.highest_outbound_stream_id = 5001  # past the ids named above
+            after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
+            await client.until(lambda: after in client.ended)
+    assert client.statuses == {first: 200, after: 200}
