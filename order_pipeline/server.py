@@ -320,6 +320,23 @@ def _reset_malformed(
     return [h2.events.StreamReset(stream_id=stream_id, error_code=code, remote_reset=False)]
 
 
+def _refuse_stream(connection: h2.connection.H2Connection, frame: Any) -> Any:
+    """Refuse a stream opened past SETTINGS_MAX_CONCURRENT_STREAMS: the stream error RFC 9113
+    §5.1.2 makes it (REFUSED_STREAM: not processed, safe to retry). h2 raised a connection
+    error: its GOAWAY cancelled and undid every order on the connection. The header block is
+    decoded all the same, to keep HPACK's state (§4.3), and the stream is closed by the reset,
+    so that h2 resets what follows on it rather than end the connection."""
+    h2.connection._decode_headers(connection.decoder, frame.data)
+    connection.highest_inbound_stream_id = max(
+        connection.highest_inbound_stream_id, frame.stream_id
+    )
+    connection._closed_streams[frame.stream_id] = h2.stream.StreamClosedBy.SEND_RST_STREAM
+    reset = hyperframe.frame.RstStreamFrame(frame.stream_id)
+    reset.error_code = h2.errors.ErrorCodes.REFUSED_STREAM
+    connection._prepare_for_sending([reset])
+    return [], []
+
+
 def _body_length_as_stream_error(connection: h2.connection.H2Connection) -> None:
     """Have `connection` take DATA beyond a stream's Content-Length (or short of it at its
     END_STREAM) as the stream error RFC 9113 §8.1.1 makes it: that stream is reset with
@@ -362,6 +379,8 @@ def _header_fields_as_stream_error(connection: h2.connection.H2Connection) -> No
         taken.clear()
         try:
             return receive(frame)
+        except h2.exceptions.TooManyStreamsError:
+            return _refuse_stream(connection, frame)
         except h2.exceptions.ProtocolError as error:
             if type(error) is not h2.exceptions.ProtocolError or not taken:
                 raise  # a subclass is another error (h2 handles some itself)

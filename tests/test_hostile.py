@@ -698,3 +698,29 @@ async def test_http2_priority_frames_on_many_streams_leave_the_connection_alone(
             after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
             await client.until(lambda: after in client.ended)
     assert client.statuses == {first: 200, after: 200}
+
+
+async def test_an_http2_stream_over_the_concurrency_limit_is_refused_alone(
+    start_server: StartServer,
+) -> None:
+    """A stream opened past the server's SETTINGS_MAX_CONCURRENT_STREAMS (100) is a stream
+    error (RFC 9113 §5.1.2); h2 raised a connection error, whose GOAWAY cancelled and undid
+    the 100 orders in flight on the connection. It is refused alone (REFUSED_STREAM: not
+    processed, safe to retry), and the orders are answered."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(20):
+            first = await an_order_in_flight(client, server.url, vendor_ms=1000)
+            await client.receive()  # the server's SETTINGS, acknowledged with the next flush
+            order = {**NORMAL, "delay_ms": {**NO_DELAY, "vendor": 1000}}
+            others = [client.post(json.dumps({**order, "order_id": f"o{n}"}).encode())
+                      for n in range(99)]  # fmt: skip
+            await client.flush()
+            # A client that does not keep to the limit: its h2 takes the server's as 1,000.
+            limit = {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1_000}
+            client.conn.remote_settings = h2.settings.Settings(False, initial_values=limit)
+            extra = client.post(json.dumps({**NORMAL, "order_id": "extra"}).encode())
+            await client.until(lambda: {first, *others} <= client.ended)
+    assert client.statuses == dict.fromkeys([first, *others], 200)
+    assert client.resets == {extra: h2.errors.ErrorCodes.REFUSED_STREAM}
