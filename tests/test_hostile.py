@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from .rawhttp import address, exchange, parse, post, read_all, request
-from .server_process import StartServer, wait_for_steps_in_flight
+from .server_process import ServerProcess, StartServer, wait_for_steps_in_flight
 from .timings import NO_DELAY
 
 NORMAL = {"order_id": "normal", "amount": 1, "delay_ms": NO_DELAY}
@@ -95,6 +95,17 @@ async def accepts_connections(url: str) -> bool:
     except OSError:
         return False
     return True
+
+
+async def draining_with_an_order_in_flight(client: RawH2, server: ServerProcess) -> int:
+    """Put an order in flight on `client` (its vendor step 1 s), SIGTERM the server, and
+    wait until it stops taking connections (its 0 s drain delay over): streams opened on
+    `client` from now on meet the drain. The order's stream id."""
+    first = await an_order_in_flight(client, server.url, vendor_ms=1000)
+    server.process.send_signal(signal.SIGTERM)
+    while await accepts_connections(server.url):  # noqa: ASYNC110 # another process
+        await trio.sleep(0.01)
+    return first
 
 
 CASES: dict[str, bytes] = {
@@ -585,12 +596,9 @@ async def test_an_http2_stream_opened_during_the_drain_is_refused_as_not_process
     async with await trio.open_tcp_stream(*address(server.url)) as stream:
         client = RawH2(stream)
         with trio.fail_after(10):
-            first = await an_order_in_flight(client, server.url, vendor_ms=1000)
-            server.process.send_signal(signal.SIGTERM)
             # Hypercorn stops taking streams as it stops listening, once the (0 s) drain
             # delay ends: a new connection is refused then.
-            while await accepts_connections(server.url):  # noqa: ASYNC110 # another process
-                await trio.sleep(0.01)
+            first = await draining_with_an_order_in_flight(client, server)
             late = client.post(json.dumps({**NORMAL, "order_id": "late"}).encode())
             await client.until(lambda: first in client.ended and late in client.resets)
     assert client.statuses == {first: 200}
@@ -613,10 +621,7 @@ async def test_an_http2_stream_closed_as_it_opens_during_the_drain_is_left_close
     async with await trio.open_tcp_stream(*address(server.url)) as stream:
         client = RawH2(stream)
         with trio.fail_after(10):
-            first = await an_order_in_flight(client, server.url, vendor_ms=1000)
-            server.process.send_signal(signal.SIGTERM)
-            while await accepts_connections(server.url):  # noqa: ASYNC110 # another process
-                await trio.sleep(0.01)
+            first = await draining_with_an_order_in_flight(client, server)
             if closed_by == "its client's reset":
                 late = client.post(body, end=False)
                 client.conn.reset_stream(late)
