@@ -693,6 +693,38 @@ async def test_an_interrupted_order_this_version_cannot_read_is_left_for_an_oper
     assert json.loads(reply)["steps"] == []
 
 
+async def test_an_interrupted_order_that_meets_a_bug_is_logged_with_its_traceback(
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unlike a record this version cannot read, a bug met while reading an interrupted order
+    is logged with its traceback, for the one who fixes it; the order is still left for an
+    operator, and recovery goes on."""
+
+    def broken(body: bytes) -> OrderRequest:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(desk, "parse_order", broken)
+    store = MemoryStore()
+    await store.begin("k-1", "o-1", "h", canonical(make_order("o-1", amount=5)), "gone")
+    recovering = assemble(Settings(), store=store).desk
+
+    with caplog.at_level(logging.ERROR, logger=DESK_LOGGER):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(recovering.maintain)
+            await trio.sleep(5)
+            nursery.cancel_scope.cancel()
+
+    [error] = [r for r in caplog.records if r.name == DESK_LOGGER]
+    assert error.getMessage() == "interrupted order 'k-1' cannot be undone by this process: a bug"
+    assert error.exc_info is not None
+    assert error.exc_info[0] is RuntimeError
+    stored = await store.get("k-1")
+    assert stored is not None
+    assert (stored.state, stored.kind) == (FINISHED, "compensation_failed")
+
+
 def _noting(desk: OrderDesk, events: list[tuple[str, str]]) -> OrderDesk:
     """`desk` with each step and compensation of its pipeline noting when it took effect."""
 
@@ -1236,6 +1268,24 @@ async def test_a_key_this_process_recovered_is_recovered_by_it_again(
         "recovering 1 interrupted order(s)",
         "recovering 1 order(s) this process left running",
     ]
+
+
+async def test_a_process_s_first_lease_keeps_its_orders_and_one_not_taken_stops_it() -> None:
+    """Before it serves, a process takes its lease: its orders are then no other's to
+    claim. A store that cannot take it is a start-up error saying so (one line, status 2)."""
+    store = MemoryStore()
+    serving = assemble(Settings(), store=store).desk
+    await serving.take_lease()
+    await store.begin("k-1", "o-1", "h", b"{}", serving.owner)
+    assert await store.claim_interrupted("another", 10) == []
+
+    class Unwritable(MemoryStore):
+        async def renew_lease(self, owner: str, timeout: float) -> None:  # noqa: ASYNC109
+            raise StoreUnavailable("the store is gone (a test's)")
+
+    with pytest.raises(StoreError) as raised:
+        await assemble(Settings(), store=Unwritable()).desk.take_lease()
+    assert str(raised.value) == "cannot take this process's lease: the store is gone (a test's)"
 
 
 async def test_a_lease_that_cannot_be_released_is_a_warning_naming_it(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -365,3 +366,46 @@ async def test_a_store_that_cannot_be_read_meanwhile_ends_the_listing_in_one_lin
     last = done.stderr.splitlines()[-1]  # after the store's own warnings, if any
     assert last.startswith("order-pipeline orders: cannot read the store: postgresql://")
     assert "lock timeout" in last
+
+
+async def test_each_line_says_how_its_order_stands_in_utc(tmp_path: Path) -> None:
+    """The lines `orders` writes (`list_orders`, here in this process): ok, failed, needing
+    attention, still running; times in UTC whatever the host's zone; an order_id that would
+    break the line quoted; --needs-attention keeps only that one."""
+    db = tmp_path / "orders.db"
+    await fill(db)
+    async with SqliteStore(db) as store:
+        await store.renew_lease("w-1", 60.0)  # its process lives: it needs no attention
+        await store.begin("k-running", "still\nrunning", "h", b"{}", "w-1")
+        text: list[str] = []
+        as_json: list[str] = []
+        attention: list[str] = []
+        count = await list_orders(store, needs_attention=False, as_json=False, write=text.append)
+        await list_orders(store, needs_attention=False, as_json=True, write=as_json.append)
+        await list_orders(store, needs_attention=True, as_json=False, write=attention.append)
+
+    assert count == 4
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00"
+    assert [line.split()[0] for line in text] == ["k-ok", "k-stuck", "k-declined", "k-running"]
+    expected = [
+        rf"k-ok  order=ok  ok  kind=ok  attempt=1  started={stamp}  finished={stamp}"
+        r"  compensations=-  net_charge=30",
+        rf"k-stuck  order=stuck  error  kind=compensation_failed  attempt=1  started={stamp}"
+        rf"  finished={stamp}  compensations=payment=error,vendor=ok  net_charge=40"
+        r"  NEEDS ATTENTION",
+        rf"k-declined  order=declined  error  kind=payment_declined  attempt=1  started={stamp}"
+        rf"  finished={stamp}  compensations=\S+  net_charge=0",
+        rf'k-running  order="still\\nrunning"  running  kind=-  attempt=1  started={stamp}'
+        r"  finished=-  compensations=-  net_charge=0",
+    ]
+    for line, pattern in zip(text, expected, strict=True):
+        assert re.fullmatch(pattern, line), line
+    assert attention == [text[1]]
+    running = json.loads(as_json[-1])
+    assert re.fullmatch(stamp, running.pop("started"))
+    assert running == {
+        "key": "k-running", "order_id": "still\nrunning", "status": "running", "kind": None,
+        "attempt": 1, "finished": None, "compensations": {}, "net_charge": 0,
+        "needs_attention": False,
+    }  # fmt: skip
+    assert [json.loads(line)["net_charge"] for line in as_json] == [30, 40, 0, 0]
