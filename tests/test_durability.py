@@ -834,6 +834,15 @@ async def test_a_backlog_of_expired_orders_is_forgotten_a_batch_at_a_time(
     assert await store.list_orders() == []
 
 
+async def five_finished_orders() -> MemoryStore:
+    """A store of five orders finished now (keys k-0 to k-4), to be purged in batches."""
+    store = MemoryStore()
+    for n in range(5):
+        order = await begun(store, f"k-{n}")
+        await store.finish(f"k-{n}", order.attempt_id, 200, b"{}", None)
+    return store
+
+
 async def test_a_backlog_leaves_the_store_to_the_orders_half_the_time(
     autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -842,10 +851,7 @@ async def test_a_backlog_leaves_the_store_to_the_orders_half_the_time(
     a backlog of 958,000 orders (a retention shortened on a store of a million) held the
     SQLite writer for 75 s, the orders' median 6 ms to 220-370 ms meanwhile."""
     monkeypatch.setattr(desk, "PURGE_BATCH", 2)
-    store = MemoryStore()
-    for n in range(5):
-        order = await begun(store, f"k-{n}")
-        await store.finish(f"k-{n}", order.attempt_id, 200, b"{}", None)
+    store = await five_finished_orders()
     purge = store.purge
     batches: list[tuple[float, float]] = []
 
@@ -1459,10 +1465,7 @@ async def test_a_purge_cut_short_by_an_outage_counts_what_it_forgot_and_says_why
     """The store fails after a batch of expired orders was deleted: the purge stops with a
     warning saying why, and counts (and logs) the orders it did forget."""
     monkeypatch.setattr(desk, "PURGE_BATCH", 2)
-    store = MemoryStore()
-    for n in range(5):
-        order = await begun(store, f"k-{n}")
-        await store.finish(f"k-{n}", order.attempt_id, 200, b"{}", None)
+    store = await five_finished_orders()
     purge = store.purge
     batches = 0
 
