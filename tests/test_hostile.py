@@ -35,9 +35,15 @@ class RawH2:
     send (DATA after a reply, a stream during a drain), and each stream's status, end and
     reset as they come."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, *, as_given: bool = False) -> None:
+        """`as_given`: header fields are sent as they are, even those h2 would refuse."""
         self.stream = stream
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        config = h2.config.H2Configuration(
+            client_side=True,
+            normalize_outbound_headers=not as_given,
+            validate_outbound_headers=not as_given,
+        )
+        self.conn = h2.connection.H2Connection(config)
         self.conn.initiate_connection()
         self.statuses: dict[int, int] = {}
         self.ended: set[int] = set()
@@ -439,9 +445,7 @@ async def test_http2_request_headers_h2_refuses_reset_their_stream_alone(
                ("content-length", "ten")]  # fmt: skip
     body = json.dumps({**NORMAL, "order_id": "malformed"}).encode()
     async with await trio.open_tcp_stream(*address(server.url)) as stream:
-        client = RawH2(stream)
-        client.conn.config.normalize_outbound_headers = False  # send them as they are
-        client.conn.config.validate_outbound_headers = False
+        client = RawH2(stream, as_given=True)
         with trio.fail_after(10):
             first = await an_order_in_flight(client, server.url, vendor_ms=500)
             bad = [client.post(body, field) for field in refused]
@@ -464,9 +468,7 @@ async def test_http2_trailers_h2_refuses_after_the_reply_end_their_stream_alone(
     beside it. The stream is over both ways: the trailers are dropped, the others answered."""
     server = await start_server("--no-access-log", "--store", "memory")
     async with await trio.open_tcp_stream(*address(server.url)) as stream:
-        client = RawH2(stream)
-        client.conn.config.normalize_outbound_headers = False  # send them as they are
-        client.conn.config.validate_outbound_headers = False
+        client = RawH2(stream, as_given=True)
         with trio.fail_after(10):
             first = await an_order_in_flight(client, server.url, vendor_ms=500)
             too_large = client.post(None, ("content-length", "70000"))
