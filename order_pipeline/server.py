@@ -34,7 +34,7 @@ import hyperframe.frame
 import priority.priority
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed, RawData, Updated
 from hypercorn.events import Event as ConnectionEvent
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import StreamClosed
@@ -194,6 +194,8 @@ class _OneConnection(TCPServer):
     code, pgjones/hypercorn#334). Cancellation still passes.
     """
 
+    _reads_ended = False  # the client has ended the connection (EOF, or a reset)
+
     async def run(self) -> None:
         try:
             await super().run()
@@ -206,16 +208,26 @@ class _OneConnection(TCPServer):
         sent, and held the drain to its hard deadline (the order was final and recorded).
 
         Once the client has ended the connection (EOF, or a reset), the idle timer is
-        stopped: hypercorn left it running, and it held a connection its client had closed
-        before a request (a load balancer's TCP check), and its descriptor, until the
-        header timeout."""
+        stopped, and not restarted (`protocol_send`): hypercorn left it running, and it held
+        a connection its client had closed before a request (a load balancer's TCP check),
+        and its descriptor, until the header timeout."""
         try:
             await super()._read_data()
         except trio.Cancelled:
             if isinstance(self.protocol.protocol, _H2Protocol):
                 await self.protocol.protocol.give_up_replies()
             raise
+        self._reads_ended = True
         await self.idle_task.stop()
+
+    async def protocol_send(self, event: ConnectionEvent) -> None:
+        """Hypercorn's, but once the reads have ended the idle timer stays stopped: an HTTP/2
+        reply given up after its client left (held back by its window) ends its stream, and
+        the connection, idle again, restarted the timer, which held it until the header
+        timeout. Nothing is left to wait for: the connection closes when its tasks end."""
+        if isinstance(event, Updated) and self._reads_ended:
+            return
+        await super().protocol_send(event)
 
     async def _close(self) -> None:
         """Hypercorn's close, its EOF sent under the lock its writes take.

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 import pytest
 import trio
 
@@ -62,4 +66,30 @@ async def test_a_connection_its_client_ends_before_a_request_is_closed_at_once(
         started = trio.current_time()
         with trio.fail_after(HEADER_TIMEOUT_S + 2):
             assert await read_until_closed(stream) == b""
+    assert trio.current_time() - started < 1
+
+
+async def test_an_http2_client_gone_with_its_reply_held_back_is_closed_at_once(
+    address: tuple[str, int],
+) -> None:
+    """An HTTP/2 reply its client's window holds back is given up when the client ends the
+    connection; hypercorn then restarted its idle timer (no stream left: idle), which held
+    the connection, and its descriptor, until the header timeout, as before a request."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    client.send_headers(1, [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"),
+                            (":authority", "x")], end_stream=True)  # fmt: skip
+    async with await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(client.data_to_send())
+        with trio.fail_after(2):  # the reply's head; its body waits for window
+            while not any(
+                isinstance(event, h2.events.ResponseReceived)
+                for event in client.receive_data(await stream.receive_some(65536))
+            ):
+                pass
+        await stream.send_eof()
+        started = trio.current_time()
+        with trio.fail_after(HEADER_TIMEOUT_S + 2):
+            await read_until_closed(stream)
     assert trio.current_time() - started < 1
