@@ -337,8 +337,16 @@ def _refuse_stream(connection: h2.connection.H2Connection, frame: Any) -> Any:
     §5.1.2 makes it (REFUSED_STREAM: not processed, safe to retry). h2 raised a connection
     error: its GOAWAY cancelled and undid every order on the connection. The header block is
     decoded all the same, to keep HPACK's state (§4.3), and the stream is closed by the reset,
-    so that h2 resets what follows on it rather than end the connection."""
+    so that h2 resets what follows on it rather than end the connection. A stream id the
+    client may not open (even, or not above one already seen: a stream closed, or skipped)
+    is h2's error, as below the limit: refused, it read as one not processed."""
     h2.connection._decode_headers(connection.decoder, frame.data)
+    if frame.stream_id % 2 == 0:
+        raise h2.exceptions.ProtocolError("Invalid stream ID for peer.")
+    if frame.stream_id <= connection.highest_inbound_stream_id:
+        raise h2.exceptions.StreamIDTooLowError(
+            frame.stream_id, connection.highest_inbound_stream_id
+        )
     connection.highest_inbound_stream_id = max(
         connection.highest_inbound_stream_id, frame.stream_id
     )

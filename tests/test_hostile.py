@@ -731,3 +731,34 @@ async def test_an_http2_stream_over_the_concurrency_limit_is_refused_alone(
             await client.until(lambda: {first, *others} <= client.ended)
     assert client.statuses == dict.fromkeys([first, *others], 200)
     assert client.resets == {extra: h2.errors.ErrorCodes.REFUSED_STREAM}
+
+
+@pytest.mark.parametrize("stream_id", [201, 206], ids=["below one seen", "even"])
+async def test_an_http2_stream_id_the_client_may_not_open_stays_a_connection_error(
+    start_server: StartServer, stream_id: int
+) -> None:
+    """Past the concurrency limit too, a HEADERS frame on a stream id the client may not
+    open (not above one already seen, or even: RFC 9113 §5.1.1) is the connection error
+    PROTOCOL_ERROR it is below the limit; it was refused as a new stream (REFUSED_STREAM:
+    not processed, safe to retry), also on a stream already answered."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(10):
+            await client.flush()
+            await client.receive()  # the server's SETTINGS
+            for _ in range(100):  # the limit reached: streams without their body
+                client.post(None)
+            limit = {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1_000}
+            client.conn.remote_settings = h2.settings.Settings(False, initial_values=limit)
+            client.conn.highest_outbound_stream_id = 201
+            refused = client.post(None)
+            await client.until(lambda: refused in client.resets)
+            frame = hyperframe.frame.HeadersFrame(stream_id, flags=["END_HEADERS"])
+            request = [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"),
+                       (":authority", "127.0.0.1")]  # fmt: skip
+            frame.data = client.conn.encoder.encode(request)
+            await stream.send_all(frame.serialize())
+            await client.until(lambda: client.goaway is not None)
+    assert client.resets == {refused: h2.errors.ErrorCodes.REFUSED_STREAM}
+    assert client.goaway == h2.errors.ErrorCodes.PROTOCOL_ERROR
