@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("HTTP transport", {"http"}),
     (
         "composition root and process",
-        {"server", "sockets", "handoff", "supervisor", "main", "cli", "listing"},
+        {"server", "connections", "sockets", "handoff", "supervisor", "main", "cli", "listing"},
     ),
 ]
 LAYER_OF = {top: index for index, (_, tops) in enumerate(LAYERS) for top in tops}

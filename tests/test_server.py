@@ -15,7 +15,8 @@ from hypercorn.events import Closed, RawData
 from hypercorn.trio import serve as hypercorn_serve
 
 from order_pipeline.cli import misspelt_variables, parse_args, parse_command
-from order_pipeline.server import Settings, _OneConnection, hypercorn_config
+from order_pipeline.connections import _OneConnection
+from order_pipeline.server import Settings, hypercorn_config
 
 from .conftest import serving
 from .rawhttp import address, exchange

@@ -1,0 +1,402 @@
+"""Hypercorn's connection handling, mended where it failed a connection, or every order on it.
+
+`install` puts these in hypercorn's place; `server` does it when imported. One connection's
+unexpected error ends that connection alone (`_OneConnection`); over HTTP/1.1 a reply under
+way ends whole before a close, and a body over the limit gets its 413 instead of a 100
+(`_H11Protocol`); over HTTP/2 a malformed stream is that stream's error alone, as RFC 9113
+makes it, not the whole connection's, and a reply its client does not read is given up
+when the client goes or the drain's grace ends (`_H2Protocol`). They rely on hypercorn
+0.17's and h2 4's internals: a later version that renames them fails tests/test_hostile.py
+and tests/test_server.py, not silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import h2.stream
+import h11
+import hypercorn.protocol
+import hypercorn.trio.run
+import hyperframe.frame
+import priority.priority
+import trio
+from hypercorn.events import Closed, RawData, Updated
+from hypercorn.events import Event as ConnectionEvent
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.typing import H11SendableEvent
+
+from .http.app import MAX_BODY_BYTES
+
+__all__ = ["install"]
+
+log = logging.getLogger(__name__)
+
+
+class _OneConnection(TCPServer):
+    """Hypercorn's handler of one connection, whose unexpected error ends that connection alone.
+
+    Hypercorn's Trio worker serves every connection in one nursery, so an error in one
+    connection's handler ended the server, orders in flight included; one HTTP/2 request
+    was enough (a body sent on after the 413 that refused it: a KeyError in hypercorn's h2
+    code, pgjones/hypercorn#334). Cancellation still passes.
+    """
+
+    _reads_ended = False  # the client has ended the connection (EOF, or a reset)
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except Exception:
+            log.exception("a connection failed in the HTTP server: closed it alone")
+
+    async def _read_data(self) -> None:
+        """Hypercorn's reads, but cancelled (the drain's grace is over, or a second signal),
+        an HTTP/2 reply its client does not read is given up: it waited, shielded, to be
+        sent, and held the drain to its hard deadline (the order was final and recorded).
+
+        Once the client has ended the connection (EOF, or a reset), the idle timer is
+        stopped, and not restarted (`protocol_send`): hypercorn left it running, and it held
+        a connection its client had closed before a request (a load balancer's TCP check),
+        and its descriptor, until the header timeout."""
+        try:
+            await super()._read_data()
+        except trio.Cancelled:
+            if isinstance(self.protocol.protocol, _H2Protocol):
+                await self.protocol.protocol.give_up_replies()
+            raise
+        self._reads_ended = True
+        await self.idle_task.stop()
+
+    async def protocol_send(self, event: ConnectionEvent) -> None:
+        """Hypercorn's, but once the reads have ended the idle timer stays stopped: an HTTP/2
+        reply given up after its client left (held back by its window) ends its stream, and
+        the connection, idle again, restarted the timer, which held it until the header
+        timeout. Nothing is left to wait for: the connection closes when its tasks end."""
+        if isinstance(event, Updated) and self._reads_ended:
+            return
+        await super().protocol_send(event)
+
+    async def _close(self) -> None:
+        """Hypercorn's close, its EOF sent under the lock its writes take.
+
+        `send_eof` holds the stream across a checkpoint; hypercorn calls it without
+        `send_lock`, so a write by the other task (the app's reply, or the reader's 400 when
+        a client ends its body early) raised BusyResourceError: "Error in ASGI Framework",
+        or the connection's handler failing. A write under way (or waiting to start) keeps
+        the lock: the stream is closed without the EOF, as hypercorn does when send_eof
+        finds it busy, and that write ends in ClosedResourceError, which hypercorn handles.
+        """
+        if self.send_lock.locked():
+            await self.stream.aclose()
+            return
+        self.send_lock.acquire_nowait()
+        try:
+            await super()._close()
+        finally:
+            self.send_lock.release()
+            await self.stream.aclose()  # closed even if cancelled at send_eof's checkpoint
+
+
+class _H11Protocol(H11Protocol):
+    """Hypercorn's HTTP/1.1 protocol, answering `Expect: 100-continue` for a body over the
+    limit with its 413 alone, and ending a reply under way before it closes the connection
+    on the client's protocol error.
+
+    Hypercorn sends a 100 to every request that expects one, before the app sees it: a
+    client whose Content-Length the app refuses (413) was told to send the body first
+    (curl expects a 100 for every body over 1 MB). The app's 413 comes instead, and the
+    client sends nothing (RFC 9110 §10.1.1).
+
+    A reply can go out before its request's body is all in (413 on the Content-Length, 408),
+    and closes the connection; h11 then takes any byte after that body (a pipelined request,
+    a stray CRLF) as an error, on which hypercorn closed the connection at once: the client
+    had the reply's head but not the body its Content-Length promised. The close waits for
+    the reply's end instead, where hypercorn closes the connection anyway (nothing after the
+    error is read as a request). Until then what the client sends is not read: h11 would keep
+    it all, for as long as the reply takes (for ever if the client does not read it).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._body_refused = False
+        self._closing: trio.Event | None = None  # set when the close held back is made
+        close_or_write = self.send
+
+        async def send(event: ConnectionEvent) -> None:
+            if isinstance(event, Closed):
+                if self._replying():
+                    self._closing = self._closing or trio.Event()
+                    return
+                if self._closing is not None:
+                    self._closing.set()
+            await close_or_write(event)
+
+        self.send = send
+
+    async def handle(self, event: ConnectionEvent) -> None:
+        if self._closing is not None:
+            if isinstance(event, RawData):  # after the error: held back by TCP, not kept
+                await self._closing.wait()
+                return
+            self._closing.set()  # Closed: the client is gone (a write failed)
+        await super().handle(event)
+
+    async def _create_stream(self, request: h11.Request) -> None:
+        # h11 has made a Content-Length one number; with chunks it is no size (RFC 9112 §6.1).
+        headers = dict(request.headers)
+        self._body_refused = (
+            b"transfer-encoding" not in headers
+            and int(headers.get(b"content-length", 0)) > MAX_BODY_BYTES
+        )
+        await super()._create_stream(request)
+
+    async def _send_h11_event(self, event: H11SendableEvent) -> None:
+        if not (
+            isinstance(event, h11.InformationalResponse)
+            and event.status_code == 100
+            and self._body_refused
+        ):
+            await super()._send_h11_event(event)
+
+    def _replying(self) -> bool:
+        """Whether a reply's head is sent but not its end, and its stream is still open: a
+        stream that ends mid-reply (its app failed) is closed at once, as before."""
+        connection = self.connection
+        return (
+            self.stream is not None
+            and isinstance(connection, h11.Connection)
+            and connection.our_state is h11.SEND_BODY
+        )
+
+
+def _reset_malformed(
+    connection: h2.connection.H2Connection, stream_id: int
+) -> list[h2.events.Event]:
+    """Reset a stream whose request is malformed, as RFC 9113 §8.1.1 has it: PROTOCOL_ERROR on
+    that stream alone; the event tells hypercorn, which ignores a stream it has not seen."""
+    code = h2.errors.ErrorCodes.PROTOCOL_ERROR
+    connection.reset_stream(stream_id, code)
+    return [h2.events.StreamReset(stream_id=stream_id, error_code=code, remote_reset=False)]
+
+
+def _refuse_stream(connection: h2.connection.H2Connection, frame: Any) -> Any:
+    """Refuse a stream opened past SETTINGS_MAX_CONCURRENT_STREAMS: the stream error RFC 9113
+    §5.1.2 makes it (REFUSED_STREAM: not processed, safe to retry). h2 raised a connection
+    error: its GOAWAY cancelled and undid every order on the connection. The header block is
+    decoded all the same, to keep HPACK's state (§4.3), and the stream is closed by the reset,
+    so that h2 resets what follows on it rather than end the connection. A stream id the
+    client may not open (even, or not above one already seen: a stream closed, or skipped)
+    is h2's error, as below the limit: refused, it read as one not processed."""
+    h2.connection._decode_headers(connection.decoder, frame.data)
+    if frame.stream_id % 2 == 0:
+        raise h2.exceptions.ProtocolError("Invalid stream ID for peer.")
+    if frame.stream_id <= connection.highest_inbound_stream_id:
+        raise h2.exceptions.StreamIDTooLowError(
+            frame.stream_id, connection.highest_inbound_stream_id
+        )
+    connection.highest_inbound_stream_id = max(
+        connection.highest_inbound_stream_id, frame.stream_id
+    )
+    connection._closed_streams[frame.stream_id] = h2.stream.StreamClosedBy.SEND_RST_STREAM
+    reset = hyperframe.frame.RstStreamFrame(frame.stream_id)
+    reset.error_code = h2.errors.ErrorCodes.REFUSED_STREAM
+    connection._prepare_for_sending([reset])
+    return [], []
+
+
+def _body_length_as_stream_error(connection: h2.connection.H2Connection) -> None:
+    """Have `connection` take DATA beyond a stream's Content-Length (or short of it at its
+    END_STREAM) as the stream error RFC 9113 §8.1.1 makes it: that stream is reset with
+    PROTOCOL_ERROR and its DATA acknowledged on the connection. h2 raises a connection error:
+    its GOAWAY ended the connection, and so cancelled (and undid) every other order on it."""
+    receive = connection._frame_dispatch_table[hyperframe.frame.DataFrame]
+
+    def receive_data_frame(frame: Any) -> Any:
+        try:
+            return receive(frame)
+        except h2.exceptions.InvalidBodyLengthError:
+            events = _reset_malformed(connection, frame.stream_id)
+            connection.acknowledge_received_data(frame.flow_controlled_length, frame.stream_id)
+            return [], events
+
+    connection._frame_dispatch_table[hyperframe.frame.DataFrame] = receive_data_frame
+
+
+def _header_fields_as_stream_error(connection: h2.connection.H2Connection) -> None:
+    """Have `connection` take request headers (or trailers) whose fields h2 refuses (RFC 9113
+    §8.2: an upper-case name, a connection-specific field, a space at a value's end, a
+    Content-Length not a number, trailers without END_STREAM) as the stream error §8.1.1
+    makes them, as `_body_length_as_stream_error` does DATA; h2 raises them as connection
+    errors. A header block that does not decode stays one: the connection's HPACK state is
+    lost (§4.3). h2 raises a plain ProtocolError for both; the fields are refused only once
+    the block is decoded and its stream taken, and, unlike the stream's state machine
+    refusing the frame, they leave that stream open, or close it by their END_STREAM
+    (trailers after the reply's end): that stream is over both ways, and they are dropped."""
+    receive = connection._frame_dispatch_table[hyperframe.frame.HeadersFrame]
+    get_or_create_stream = connection._get_or_create_stream
+    # The stream of the HEADERS frame being received, and whether it was open before it.
+    taken: list[tuple[h2.stream.H2Stream, bool]] = []
+
+    def take_stream(stream_id: int, allowed: h2.connection.AllowedStreamIDs) -> h2.stream.H2Stream:
+        stream = get_or_create_stream(stream_id, allowed)
+        taken.append((stream, stream.open))
+        return stream
+
+    def receive_headers_frame(frame: Any) -> Any:
+        taken.clear()
+        try:
+            return receive(frame)
+        except h2.exceptions.TooManyStreamsError:
+            return _refuse_stream(connection, frame)
+        except h2.exceptions.ProtocolError as error:
+            if type(error) is not h2.exceptions.ProtocolError or not taken:
+                raise  # a subclass is another error (h2 handles some itself)
+            stream, was_open = taken[0]
+            if stream.open:
+                return [], _reset_malformed(connection, frame.stream_id)
+            if was_open and stream.closed_by is h2.stream.StreamClosedBy.RECV_END_STREAM:
+                return [], []  # closed: no frame may follow (RFC 9113 §5.1), a reset neither
+            raise
+
+    connection._get_or_create_stream = take_stream  # type: ignore[assignment,method-assign]
+    connection._frame_dispatch_table[hyperframe.frame.HeadersFrame] = receive_headers_frame
+
+
+def _has_path(request: h2.events.RequestReceived) -> bool:
+    return any(name == b":path" for name, _ in request.headers or ())
+
+
+class _H2Protocol(H2Protocol):
+    """Hypercorn's HTTP/2 protocol, dropping the DATA of a stream it has already closed, and
+    refusing a stream opened during the drain as REFUSED_STREAM, and ending a stream's reply
+    before the drain closes its connection.
+
+    A reply that goes out before its request's body is in (413 on a Content-Length over the
+    limit, 408) closes the stream; the client's DATA after it made hypercorn's h2 code raise
+    KeyError, which ended the connection and so cancelled every other order on it (HTTP/2
+    multiplexes many, from one client or from every client of a proxy). Such DATA is
+    acknowledged, so the connection's flow-control window is not lost, and dropped; also when
+    the stream closed while earlier frames of the same read were taken in.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _body_length_as_stream_error(self.connection)
+        _header_fields_as_stream_error(self.connection)
+
+    async def handle(self, event: ConnectionEvent) -> None:
+        await super().handle(event)
+        if isinstance(event, Closed):
+            await self.give_up_replies()
+
+    async def give_up_replies(self) -> None:
+        """Release every reply still waiting to be sent; this connection will send nothing more.
+
+        A reply held back by its client's flow-control window (one that reads none of it)
+        waits, shielded (`finish_responses_shielded`), for the send task to take it; hypercorn
+        ends that task with the connection but not the wait, so the connection's handler
+        never ended: its socket and tasks stayed for good, and a drain overran to its hard
+        deadline. No checkpoint (the buffers set events): this runs when cancelled too."""
+        self.closed = True
+        for buffer in self.stream_buffers.values():
+            await buffer.close()
+
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived) and self.context.terminated.is_set():
+                # Draining: hypercorn resets a new stream with NO_ERROR, which leaves the client
+                # unsure whether its order ran; REFUSED_STREAM says it did not, so a retry
+                # elsewhere is safe (RFC 9113 §8.7), as a refused connection says on HTTP/1.1.
+                # One closed in the same read (its client's RST_STREAM, a body short of its
+                # length) is left so: resetting it raised StreamClosedError, ending the
+                # connection with every order on it.
+                stream = self.connection.streams.get(event.stream_id)  # gone: closed
+                if stream is not None and not stream.closed:
+                    self.connection.reset_stream(
+                        event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM
+                    )
+                self.connection.update_settings(
+                    {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0}
+                )
+                continue
+            if isinstance(event, h2.events.RequestReceived) and not _has_path(event):
+                # CONNECT (RFC 9113 §8.5) has no :path: hypercorn's h2 code failed on it (an
+                # UnboundLocalError), ending the connection with every order on it. No route
+                # takes it: 405 on its stream, and what it sends after is dropped (below).
+                stream = self.connection.streams.get(event.stream_id)  # gone: closed
+                if stream is not None and not stream.closed:
+                    self.connection.send_headers(event.stream_id, [(b":status", b"405")], True)
+                continue
+            # Each event is handed over alone, right after this look: taking in one DATA frame
+            # may let the app reply and close its stream, so a look at the read's start would
+            # not hold for the frames after it in the same read.
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                self.connection.acknowledge_received_data(
+                    event.flow_controlled_length, event.stream_id
+                )
+                self._stop_sending(event.stream_id)
+                continue
+            await super()._handle_events([event])
+        await self._flush()  # what the resets and acknowledgements above wrote
+
+    async def _priority_updated(self, event: h2.events.PriorityUpdated) -> None:
+        """Hypercorn's, for its own streams alone, and only as far as its priority tree takes
+        it. PRIORITY frames may name any stream, idle ones too (RFC 9113 §6.3): hypercorn put
+        each in its tree, which refuses a 1,001st, and that error ended the connection with
+        every order on it. Priority is a hint (deprecated by RFC 9113 §5.3): dropped."""
+        if event.stream_id not in self.streams:
+            return
+        if event.depends_on not in self.streams:
+            event.depends_on = 0  # the root
+        with contextlib.suppress(priority.priority.PriorityError):
+            await super()._priority_updated(event)
+
+    def _stop_sending(self, stream_id: int) -> None:
+        """Reset with NO_ERROR a stream whose reply is all sent but whose client sends on
+        (RFC 9113 §8.1). The acknowledgement above also reopens the stream's own window, so
+        the client could otherwise upload for ever what is dropped; h2 itself drops (and
+        acknowledges on the connection) any DATA that follows the reset. A stream whose
+        reply is not all sent yet is left alone: a reset now would lose that reply."""
+        stream = self.connection.streams.get(stream_id)
+        if stream is not None and stream.open and stream_id not in self.stream_buffers:
+            self.connection.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        """Hypercorn's, but a stream's end is sent before the drain's GOAWAY can close the
+        connection. Its reply ends with the last chunk handed to the send task, which frames
+        it after a checkpoint; the stream's close ran meanwhile, and in a drain, the last
+        stream gone, closed the connection: the reply lost its END_STREAM, a client's error
+        although the order was answered and counted drained."""
+        if isinstance(event, StreamClosed) and self.context.terminated.is_set():
+            while self._ending(event.stream_id):  # noqa: ASYNC110 # no event to wait for
+                await trio.sleep(0.001)  # the send task deletes the buffer at END_STREAM
+        await super().stream_send(event)
+
+    def _ending(self, stream_id: int) -> bool:
+        """Whether the stream's reply is whole but its END_STREAM not yet sent."""
+        buffer = self.stream_buffers.get(stream_id)
+        return not self.closed and buffer is not None and buffer._complete
+
+
+def install() -> None:
+    """Put these classes where hypercorn's Trio worker looks them up (it calls each by the
+    name it imported: should a later hypercorn stop doing so, fail here rather than lose
+    them silently). Done once, when `server` is imported."""
+    assert hypercorn.trio.run.TCPServer in (TCPServer, _OneConnection)  # type: ignore[attr-defined]
+    hypercorn.trio.run.TCPServer = _OneConnection  # type: ignore[attr-defined] # see _OneConnection
+    assert hypercorn.protocol.H2Protocol in (H2Protocol, _H2Protocol)  # type: ignore[attr-defined]
+    hypercorn.protocol.H2Protocol = _H2Protocol  # type: ignore[attr-defined] # see _H2Protocol
+    assert hypercorn.protocol.H11Protocol in (H11Protocol, _H11Protocol)  # type: ignore[attr-defined]
+    hypercorn.protocol.H11Protocol = _H11Protocol  # type: ignore[attr-defined] # see _H11Protocol
