@@ -366,10 +366,10 @@ class PostgresStore(WriterThread[Conn]):
                         f" {encoding}, which cannot hold every order_id:"
                         " create it with ENCODING 'UTF8'"
                     )
+                # An operator's statement_timeout would cut the schema check, a migration's
+                # wait for another host's or an index's build short, as `_configure` says.
+                conn.execute("SELECT set_config('statement_timeout', '0', false)")
                 if self.reader:
-                    # An operator's statement_timeout would cut the schema check short, as
-                    # it would the migration's waits (`_migrate` turns it off too).
-                    conn.execute("SELECT set_config('statement_timeout', '0', false)")
                     _check_readable(conn, self.where)
                 else:
                     _migrate(conn, self.where)
@@ -715,12 +715,12 @@ class PostgresStore(WriterThread[Conn]):
 
 def _migrate(conn: Conn, where: str) -> None:
     """Create or upgrade the schema in the first schema of the search_path, once."""
-    # Another host's migration (or an operator's lock) is waited for, but not forever; an
-    # operator's statement_timeout would cut that wait, or an index's build, short; and a
-    # stricter default isolation would have the version read again after the lock (below)
-    # in the first read's snapshot, from before that host's migration.
+    # Another host's migration (or an operator's lock) is waited for, but not forever (the
+    # opening has turned statement_timeout off); and a stricter default isolation would
+    # have the version read again after the lock (below) in the first read's snapshot,
+    # from before that host's migration.
     conn.execute(
-        "SELECT set_config('lock_timeout', %s, false), set_config('statement_timeout', '0', false),"
+        "SELECT set_config('lock_timeout', %s, false),"
         " set_config('default_transaction_isolation', 'read committed', false)",
         (f"{MIGRATION_WAIT:g}s",),
     )
