@@ -322,8 +322,7 @@ class _H2Protocol(H2Protocol):
                 # One closed in the same read (its client's RST_STREAM, a body short of its
                 # length) is left so: resetting it raised StreamClosedError, ending the
                 # connection with every order on it.
-                stream = self.connection.streams.get(event.stream_id)  # gone: closed
-                if stream is not None and not stream.closed:
+                if self._not_closed(event.stream_id):
                     self.connection.reset_stream(
                         event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM
                     )
@@ -335,8 +334,7 @@ class _H2Protocol(H2Protocol):
                 # CONNECT (RFC 9113 §8.5) has no :path: hypercorn's h2 code failed on it (an
                 # UnboundLocalError), ending the connection with every order on it. No route
                 # takes it: 405 on its stream, and what it sends after is dropped (below).
-                stream = self.connection.streams.get(event.stream_id)  # gone: closed
-                if stream is not None and not stream.closed:
+                if self._not_closed(event.stream_id):
                     self.connection.send_headers(event.stream_id, [(b":status", b"405")], True)
                 continue
             # Each event is handed over alone, right after this look: taking in one DATA frame
@@ -350,6 +348,13 @@ class _H2Protocol(H2Protocol):
                 continue
             await super()._handle_events([event])
         await self._flush()  # what the resets and acknowledgements above wrote
+
+    def _not_closed(self, stream_id: int) -> bool:
+        """Whether a frame may still go on the stream: one closed in the same read as its
+        HEADERS (its client's RST_STREAM, a malformed body reset) raises StreamClosedError,
+        which would end the connection with every order on it; h2 forgets it once gone."""
+        stream = self.connection.streams.get(stream_id)
+        return stream is not None and not stream.closed
 
     async def _priority_updated(self, event: h2.events.PriorityUpdated) -> None:
         """Hypercorn's, for its own streams alone, and only as far as its priority tree takes
