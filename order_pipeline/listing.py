@@ -27,8 +27,9 @@ def _step_order(step: str) -> int:
 
 
 def _undone_in(reply: bytes | None) -> dict[str, str]:
-    """Each compensation a finished order's reply gives: a store outage drops the step
-    records of the batch it failed, while the final record, held, is written later."""
+    """Each compensation a finished order's reply gives: step records can be lost where the
+    final record is not (a store that closes while an outage holds them, a store of a version
+    that dropped them in an outage), and the reply says which undo failed."""
     try:
         steps = orjson.loads(reply or b"{}").get("steps", ())
         return {

@@ -334,8 +334,10 @@ class RowsWrittenTogether(Generic[C]):
     batch's records where each was one (each statement costs its Python, and the writer
     thread a wait for the GIL when the database gives it back). Rows are taken with their
     operation, so a batch run again (after an operation failed alone, or the lock was busy)
-    writes them again, and a batch that fails loses them with one line in the log, as it
-    would each on its own.
+    writes them again. An operation whose batch fails for an outage is held again, as a
+    final record is (`kept`), and takes the rows queued since when it is handed over again:
+    they are written in the order they were added. A batch that fails for an error of its
+    own loses them with one line in the log, as it would each on its own.
     """
 
     def __init__(
@@ -353,7 +355,7 @@ class RowsWrittenTogether(Generic[C]):
             self._queued = True
             taking = _Taking(self)
             try:
-                self._store._put(taking.write, None, taking.take)
+                self._store._put(taking.write, None, taking.take, kept=True)
             except StoreUnavailable:
                 self._queued = False  # the row stays, never written: the store is closed
                 raise
@@ -375,7 +377,7 @@ class _Taking(Generic[C]):
         self.rows: list[tuple[Any, ...]] = []
 
     def take(self) -> str:
-        self.rows = self.together._take()
+        self.rows += self.together._take()  # held again after an outage: after its own
         return f"{len(self.rows)} step record(s) written together"
 
     def write(self, conn: C) -> None:
