@@ -18,8 +18,9 @@ statement is sent (`_Later`): one round trip brings them all, one more closes th
 with the transaction's id, and one commits (an operation that reads at once, such as `get`,
 a begin whose key was taken or a finished reply the store no longer holds, adds its own;
 such a late read sees the whole batch, statements queued after it too, which concurrent
-operations may). Every round trip costs
-the writer thread a wait for the GIL, which the Trio thread holds while it is busy. A batch
+operations may). Every round trip costs the writer thread a wait for the GIL, which a Trio
+thread in the same process holds while it is busy (`orders`; a server runs this store in
+its store process, process.py, where nothing else holds it). A batch
 runs without a savepoint per operation (each would cost a round trip): if one operation
 fails by itself (a bug, bad data), the transaction is rolled back and the batch runs again
 statement by statement (in the pipeline an error surfaces at a later read, so whose it was
