@@ -9,8 +9,8 @@ Field", and the journals of Temporal and DBOS.
 
 Each serving process holds a lease in the store (`maintain`). An order whose
 owner's lease expired was interrupted: a live process claims it, undoes every
-step that succeeded or whose outcome was never recorded (or whose error said it
-may have taken effect, and whose undoing failed), and records it
+step that succeeded or whose outcome was never recorded (`unknown`; or whose
+error said it may have taken effect, and whose undoing failed), and records it
 `interrupted` (or `compensation_failed`). Sending that key again runs the
 order again, as a new attempt.
 """
@@ -56,6 +56,7 @@ from .store import (
     Begun,
     Existing,
     OrderStore,
+    StepRecord,
     StoredOrder,
     StoreError,
     StoreUnavailable,
@@ -110,35 +111,37 @@ def _error(kind: str, message: str | None = None, *, key: str | None = None) -> 
     return Answer(status, body, key, entry.retry_after, refused=kind, reason=reason)
 
 
+def _recorded(record: StepRecord, compensation: Compensation | None = None) -> StepResult:
+    """A step as its record tells it. An `unknown` step's record holds 0 for the duration
+    nobody measured (the column is NOT NULL, in every version of the schema)."""
+    status = StepStatus(record.status)
+    duration = None if status is StepStatus.UNKNOWN else record.duration_ms
+    return StepResult(record.step, status, duration, record.detail, compensation)
+
+
 def _known_steps(stored: StoredOrder) -> list[StepResult]:
     """What was recorded of each step, compensations included (`Pipeline.undo` tries again
-    one that did not succeed); a step with no record may have run, so it counts as ok."""
+    one that did not succeed); a step with no record may have run: its outcome is unknown."""
     records = {record.step: record for record in stored.steps}
     known = []
     for name in STEP_NAMES:
         record = records.get(name)
         if record is None:
-            known.append(StepResult(name, StepStatus.OK, 0))
+            known.append(StepResult(name, StepStatus.UNKNOWN, None))
             continue
         compensation = (
             None
             if record.compensation is None
             else Compensation(CompensationStatus(record.compensation), record.compensation_ms or 0)
         )
-        known.append(
-            StepResult(
-                name, StepStatus(record.status), record.duration_ms, record.detail, compensation
-            )
-        )
+        known.append(_recorded(record, compensation))
     return known
 
 
 def _running_reply(stored: StoredOrder) -> bytes:
     records = {record.step: record for record in stored.steps}
     steps = tuple(
-        StepResult(r.step, StepStatus(r.status), r.duration_ms, r.detail)
-        for name in STEP_NAMES
-        if (r := records.get(name)) is not None
+        _recorded(record) for name in STEP_NAMES if (record := records.get(name)) is not None
     )
     return dump_reply(Reply("running", stored.order_id, steps or None))
 

@@ -124,7 +124,8 @@ class Metrics:
         if result.cancelled:
             self.canceled.inc()
         for step in result.steps:
-            if not result.recovered:  # timed by a process that died, or never ended
+            # Timed by a process that died (or by nobody: `unknown`), or never ended.
+            if not result.recovered and step.duration_ms is not None:
                 self._child(self.step_seconds, step.name, step.status).observe(
                     step.duration_ms / 1000
                 )

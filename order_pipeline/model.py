@@ -74,6 +74,9 @@ class StepStatus(enum.StrEnum):
     OK = "ok"
     ERROR = "error"
     CANCELED = "canceled"
+    # Recovery's word for a step whose outcome its dead process never recorded: it may have
+    # taken effect, so it is undone as one that succeeded.
+    UNKNOWN = "unknown"
 
 
 class CompensationStatus(enum.StrEnum):
@@ -94,13 +97,15 @@ class Compensation:
 class StepResult:
     """How one step ended; `detail` is the failure kind, only on `error`.
 
+    `duration_ms` is None exactly on `unknown`: nobody timed that step.
     `compensation` is there only for a step that succeeded in an order that then
-    failed, and so was undone (or that failed but may have done its work).
+    failed, and so was undone (or that failed but may have done its work, or whose
+    outcome is unknown).
     """
 
     name: str
     status: StepStatus
-    duration_ms: int
+    duration_ms: int | None
     detail: str | None = None
     compensation: Compensation | None = None
 
@@ -117,7 +122,7 @@ class OrderResult:
     # whatever the kind (`compensation_failed` if undoing it failed too).
     cancelled: bool = False
     # Undone by recovery after its process died: its steps were not timed here (a step with no
-    # record is given as ok in 0 ms, to be undone), so they are not step observations.
+    # record is given as unknown, untimed, to be undone), so they are not step observations.
     recovered: bool = False
 
     @property

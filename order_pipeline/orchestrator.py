@@ -20,6 +20,7 @@ import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
 
 import attrs
 import trio
@@ -69,6 +70,10 @@ def _why(status: CompensationStatus, kind: str, timeout: float) -> str:
     if kind == INTERNAL:
         return "raised an unexpected error (its traceback is logged)"
     return kind.replace("_", " ")
+
+
+# The statuses of a step that may have done its work: undone when its order fails.
+_MAY_HAVE_RUN: Final = (StepStatus.OK, StepStatus.UNKNOWN)
 
 
 @functools.cache
@@ -150,7 +155,7 @@ class _OrderRun:
         return [
             index
             for index, (step, result) in enumerate(zip(self.steps, self.results, strict=True))
-            if (result.status is StepStatus.OK or index in self.uncertain)
+            if (result.status in _MAY_HAVE_RUN or index in self.uncertain)
             and result.compensation is None
             and step.compensate is not None
         ]
@@ -256,8 +261,8 @@ class Pipeline:
         (`report=False`: to `on_step` only, for a run whose result was reported already).
 
         `known` is what was recorded of each step, in step order. Each step
-        given as ok and not yet compensated is undone: give a step whose
-        outcome nobody recorded as ok, since it may have taken effect. A
+        given as ok or unknown and not yet compensated is undone: give a step
+        whose outcome nobody recorded as unknown, since it may have taken effect. A
         compensation given as not ok is tried again (compensations are
         idempotent, and the money it should have given back may still be held),
         also of a step given as failed: such a step was compensated only

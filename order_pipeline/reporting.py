@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 
 def _step_summary(step: StepResult) -> str:
-    text = f"{step.name} {step.status} {step.duration_ms} ms"
+    text = f"{step.name} {step.status}"
+    if step.duration_ms is not None:  # None: `unknown`, timed by nobody
+        text += f" {step.duration_ms} ms"
     if step.compensation is not None:
         text += f" (undone {step.compensation.status} {step.compensation.duration_ms} ms)"
     return text
@@ -87,12 +89,13 @@ def _log_cancelled_by_drain(result: OrderResult) -> None:
 
 
 def step_record(step: StepResult) -> StepRecord:
+    """A step's record; an `unknown` step's untimed duration as 0 (see `StepRecord`)."""
     compensation = step.compensation
     return StepRecord(
         step.name,
         step.status,
         step.detail,
-        step.duration_ms,
+        0 if step.duration_ms is None else step.duration_ms,
         None if compensation is None else compensation.status,
         None if compensation is None else compensation.duration_ms,
     )

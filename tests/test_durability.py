@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -39,13 +40,14 @@ from order_pipeline.store import (
     StoredOrder,
     StoreError,
     StoreUnavailable,
+    open_store,
 )
 
 from . import pg
 from .conftest import make_order
 from .pg import postgres_url
 from .test_openapi import check
-from .test_store import begun, postgres_store
+from .test_store import BACKENDS, begun, postgres_store
 
 ORDER: dict[str, Any] = {"order_id": "o-1", "amount": 250}
 SLOW = {"payment": 1000, "vendor": 1000, "courier": 1000}
@@ -1168,7 +1170,8 @@ async def test_recovery_keeps_the_compensations_done_before_the_crash(
     """A dead process had refunded the payment and cancelled the vendor (recorded), not yet
     released the courier (no record: it may have run). Recovery undoes only the courier; the
     order's reply shows the two earlier compensations as recorded, and the courier's step,
-    of which nothing is known, as taking no time."""
+    of which nothing is known, as unknown, timed by nobody (it was "ok" in 0 ms: a claim that
+    it had succeeded, and at once)."""
     events: list[tuple[str, str]] = []
     desk = _noting(assemble(Settings(lease_timeout=2.0), store=store).desk, events)
     attempt_id = await orphan(store, "k-1", charged=True)
@@ -1189,9 +1192,109 @@ async def test_recovery_keeps_the_compensations_done_before_the_crash(
     steps = {s["name"]: s for s in json.loads(stored.reply)["steps"]}
     assert steps["payment"]["compensation"] == {"status": "ok", "duration_ms": 33}
     assert steps["vendor"]["compensation"] == {"status": "ok", "duration_ms": 0}
-    assert (steps["courier"]["status"], steps["courier"]["duration_ms"]) == ("ok", 0)
+    assert (steps["courier"]["status"], steps["courier"]["duration_ms"]) == ("unknown", None)
     assert steps["courier"]["compensation"]["status"] == "ok"
     assert await store.net_charge("k-1") == 0
+
+
+# The backends a server runs on; each keeps a step record's status as it was written.
+STORES = ["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.mark.parametrize("backend", STORES)
+async def test_a_step_of_unknown_outcome_is_shown_unknown_wherever_the_order_is(
+    tmp_path: Path,
+    autojump_clock: trio.abc.Clock,
+    caplog: pytest.LogCaptureFixture,
+    backend: str,
+) -> None:
+    """A dead process's order whose payment was recorded, its vendor and courier not (they may
+    have run): recovery undoes all three, and records the two it knows nothing of as
+    `unknown`, with no duration, in their step records, in its reply (as GET /order/{key}
+    shows it, in a shape the OpenAPI document allows) and in its log line: not as "ok" in
+    0 ms, which said they had succeeded, and at once."""
+    async with open_store(BACKENDS[backend](tmp_path)) as store:
+        assembly = assemble(Settings(lease_timeout=2.0), store=store)
+        attempt_id = await orphan(store, "k-1", charged=True)
+
+        with caplog.at_level(logging.INFO, logger=ORDERS_LOGGER):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(assembly.desk.maintain)
+                await trio.sleep(2)
+                nursery.cancel_scope.cancel()
+        stored = await store.get("k-1")
+        response = await assembly.app.test_client().get("/order/k-1")
+        reply = await response.get_data(as_text=False)
+        net = await store.net_charge("k-1")
+
+    assert stored is not None
+    assert (stored.attempt_id, stored.kind, net) == (attempt_id, "interrupted", 0)
+    assert {s.step: (s.status, s.duration_ms, s.compensation) for s in stored.steps} == {
+        "payment": ("ok", 150, "ok"),
+        "vendor": ("unknown", 0, "ok"),  # the column holds a number: the status says none
+        "courier": ("unknown", 0, "ok"),
+    }
+    check("GET", "/order/{key}", response.status_code, reply, response.content_type)
+    assert reply == stored.reply
+    steps = json.loads(reply)["steps"]
+    # The refund's time is the mock clock's jumps while a SQL store's thread refunds it.
+    assert steps[0].pop("compensation")["status"] == "ok"
+    assert steps == [
+        {"name": "payment", "status": "ok", "duration_ms": 150},
+        {"name": "vendor", "status": "unknown", "duration_ms": None,
+         "compensation": {"status": "ok", "duration_ms": 50}},
+        {"name": "courier", "status": "unknown", "duration_ms": None,
+         "compensation": {"status": "ok", "duration_ms": 30}},
+    ]  # fmt: skip # one step a line
+    [line] = [r for r in caplog.records if r.name == ORDERS_LOGGER]
+    assert re.fullmatch(
+        r"order o-orphan interrupted 503 in \d+ ms: payment ok 150 ms \(undone ok \d+ ms\),"
+        r" vendor unknown \(undone ok 50 ms\), courier unknown \(undone ok 30 ms\)",
+        line.getMessage(),
+    )
+    assert line.fields["steps"] == json.loads(reply)["steps"]  # type: ignore[attr-defined] # set by `extra`
+
+
+@pytest.mark.parametrize("backend", STORES)
+@pytest.mark.parametrize("fails_again", [False, True])
+async def test_a_step_recorded_unknown_by_a_recovery_that_died_is_undone_again(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, backend: str, fails_again: bool
+) -> None:
+    """A recovery records a step of unknown outcome as `unknown` when it has undone it; one that
+    died after its refund failed left that record, and the order running. The next recovery
+    reads it back: it refunds again (the charge may be held) and shows the step as unknown
+    still; if the refund fails again, the order is compensation_failed with the charge held."""
+    order = make_order("o-orphan", amount=70, fail_compensation="payment" if fails_again else None)
+    body = canonical(order)
+    async with open_store(BACKENDS[backend](tmp_path)) as store:
+        assembly = assemble(Settings(lease_timeout=2.0), store=store)
+        begun = await store.begin(
+            "k-1", order.order_id, hashlib.sha256(body).hexdigest(), body, "dead-recovery"
+        )
+        assert isinstance(begun, Begun)
+        await store.charge(begun.order.attempt_id, "k-1", 70)
+        failed_refund = StepRecord("payment", "unknown", None, 0, "error", 80)
+        store.record_step("k-1", begun.order.attempt_id, failed_refund)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(assembly.desk.maintain)
+            await trio.sleep(2)
+            nursery.cancel_scope.cancel()
+        stored = await store.get("k-1")
+        net = await store.net_charge("k-1")
+
+    assert stored is not None
+    assert stored.reply is not None
+    payment = json.loads(stored.reply)["steps"][0]
+    assert (payment["status"], payment["duration_ms"]) == ("unknown", None)
+    record = {s.step: s for s in stored.steps}["payment"]
+    assert record.status == "unknown"
+    if fails_again:
+        assert (stored.kind, record.compensation, net) == ("compensation_failed", "error", 70)
+        assert payment["compensation"]["status"] == "error"
+    else:
+        assert (stored.kind, record.compensation, net) == ("interrupted", "ok", 0)
+        assert payment["compensation"]["status"] == "ok"
 
 
 class _OneLostReply(MemoryStore):

@@ -14,6 +14,7 @@ import trio
 from quart.typing import TestClientProtocol as Client
 
 from order_pipeline import kinds
+from order_pipeline.model import StepStatus
 from order_pipeline.serialization import InvalidOrder, parse_order
 from order_pipeline.server import Settings, assemble
 
@@ -104,6 +105,20 @@ def test_the_kinds_defined_mapped_and_documented_are_the_same() -> None:
     assert len(documented) == len(set(documented))
     assert set(kinds.KINDS) == defined
     assert set(documented) == defined
+
+
+def test_the_step_statuses_modelled_and_documented_are_the_same() -> None:
+    """A step's status is one the model has, and only `unknown` (a step recovery knows
+    nothing of) has no duration: null, not an invented 0."""
+    step = {**DOC["components"]["schemas"]["Step"], "components": DOC["components"]}
+    valid = jsonschema.Draft202012Validator(step).is_valid
+
+    assert step["properties"]["status"]["enum"] == [s.value for s in StepStatus]
+    assert valid({"name": "vendor", "status": "unknown", "duration_ms": None})
+    assert not valid({"name": "vendor", "status": "unknown", "duration_ms": 0})
+    for status in ("ok", "error", "canceled"):
+        assert valid({"name": "vendor", "status": status, "duration_ms": 0})
+        assert not valid({"name": "vendor", "status": status, "duration_ms": None})
 
 
 # Every character some regex engine calls whitespace: Python's (str.isspace) and ECMAScript's,

@@ -24,7 +24,12 @@ FAILED_COMPENSATIONS: Final = (CompensationStatus.ERROR.value, CompensationStatu
 
 @attrs.frozen
 class StepRecord:
-    """One step's recorded outcome, and later its compensation's (which replaces it)."""
+    """One step's recorded outcome, and later its compensation's (which replaces it).
+
+    `status` is a `StepStatus`'s value, as text. A step recovery records as `unknown` (its
+    outcome was never recorded) has `duration_ms` 0: the columns are NOT NULL, and a schema
+    migration to let them hold none would lock out every older version in a rolling upgrade.
+    """
 
     step: str
     status: str
