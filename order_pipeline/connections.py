@@ -4,10 +4,11 @@
 unexpected error ends that connection alone (`_OneConnection`); over HTTP/1.1 a reply under
 way ends whole before a close, and a body over the limit gets its 413 instead of a 100
 (`_H11Protocol`); over HTTP/2 a malformed stream is that stream's error alone, as RFC 9113
-makes it, not the whole connection's, and a reply its client does not read is given up
-when the client goes or the drain's grace ends (`_H2Protocol`). They rely on hypercorn
-0.17's and h2 4's internals: a later version that renames them fails tests/test_hostile.py
-and tests/test_server.py, not silently.
+makes it, not the whole connection's, a client's GOAWAY(NO_ERROR) leaves its open streams
+to be answered, and a reply its client does not read is given up when the client goes or
+the drain's grace ends (`_H2Protocol`). They rely on hypercorn 0.17's and h2 4's
+internals: a later version that renames them fails tests/test_hostile.py and
+tests/test_server.py, not silently.
 """
 
 from __future__ import annotations
@@ -274,6 +275,29 @@ def _header_fields_as_stream_error(connection: h2.connection.H2Connection) -> No
     connection._frame_dispatch_table[hyperframe.frame.HeadersFrame] = receive_headers_frame
 
 
+def _graceful_goaway_keeps_streams_open(connection: h2.connection.H2Connection) -> None:
+    """Have `connection` take a GOAWAY(NO_ERROR) as RFC 9113 §6.8 has it: its sender opens no
+    more streams, and those already open go on to their replies, as a client shutting down
+    gracefully expects. h2 took any GOAWAY as the connection's end, sending nothing more and
+    refusing every frame after it (python-hyper/h2#1181): hypercorn closed the connection,
+    cancelling and undoing every order on it. The event is h2's own; `_H2Protocol` closes
+    the connection once the last open stream is answered. A GOAWAY with an error code stays
+    h2's: the client reports a connection error, after which it closes the connection
+    (§5.4.1), and its orders are cancelled as those of any client that leaves."""
+    receive = connection._frame_dispatch_table[hyperframe.frame.GoAwayFrame]
+
+    def receive_goaway_frame(frame: Any) -> Any:
+        if frame.error_code != h2.errors.ErrorCodes.NO_ERROR:
+            return receive(frame)
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors.ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+    connection._frame_dispatch_table[hyperframe.frame.GoAwayFrame] = receive_goaway_frame
+
+
 def _has_path(request: h2.events.RequestReceived) -> bool:
     return any(name == b":path" for name, _ in request.headers or ())
 
@@ -281,7 +305,8 @@ def _has_path(request: h2.events.RequestReceived) -> bool:
 class _H2Protocol(H2Protocol):
     """Hypercorn's HTTP/2 protocol, dropping the DATA of a stream it has already closed, and
     refusing a stream opened during the drain as REFUSED_STREAM, and ending a stream's reply
-    before the drain closes its connection.
+    before the drain closes its connection; a client's GOAWAY(NO_ERROR) is met as the drain
+    is, on that connection alone: its open streams answered, new ones refused, then closed.
 
     A reply that goes out before its request's body is in (413 on a Content-Length over the
     limit, 408) closes the stream; the client's DATA after it made hypercorn's h2 code raise
@@ -291,10 +316,13 @@ class _H2Protocol(H2Protocol):
     the stream closed while earlier frames of the same read were taken in.
     """
 
+    _gone_away = False  # the client's GOAWAY(NO_ERROR) came: it opens no more streams
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _body_length_as_stream_error(self.connection)
         _header_fields_as_stream_error(self.connection)
+        _graceful_goaway_keeps_streams_open(self.connection)
 
     async def handle(self, event: ConnectionEvent) -> None:
         await super().handle(event)
@@ -315,10 +343,22 @@ class _H2Protocol(H2Protocol):
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         for event in events:
-            if isinstance(event, h2.events.RequestReceived) and self.context.terminated.is_set():
+            if (
+                isinstance(event, h2.events.ConnectionTerminated)
+                and event.error_code == h2.errors.ErrorCodes.NO_ERROR
+                and self.streams
+            ):
+                # The client's graceful GOAWAY, streams open: hypercorn closed the connection,
+                # cancelling their orders; they are answered, then it closes.
+                self._gone_away = True
+                continue
+            if isinstance(event, h2.events.RequestReceived) and (
+                self.context.terminated.is_set() or self._gone_away
+            ):
                 # Draining: hypercorn resets a new stream with NO_ERROR, which leaves the client
                 # unsure whether its order ran; REFUSED_STREAM says it did not, so a retry
                 # elsewhere is safe (RFC 9113 §8.7), as a refused connection says on HTTP/1.1.
+                # So too for a stream its client opens after its own GOAWAY.
                 # One closed in the same read (its client's RST_STREAM, a body short of its
                 # length) is left so: resetting it raised StreamClosedError, ending the
                 # connection with every order on it.
@@ -348,6 +388,7 @@ class _H2Protocol(H2Protocol):
                 continue
             await super()._handle_events([event])
         await self._flush()  # what the resets and acknowledgements above wrote
+        await self._close_once_gone_away()  # its client reset the last stream
 
     def _not_closed(self, stream_id: int) -> bool:
         """Whether a frame may still go on the stream: one closed in the same read as its
@@ -383,11 +424,26 @@ class _H2Protocol(H2Protocol):
         connection. Its reply ends with the last chunk handed to the send task, which frames
         it after a checkpoint; the stream's close ran meanwhile, and in a drain, the last
         stream gone, closed the connection: the reply lost its END_STREAM, a client's error
-        although the order was answered and counted drained."""
-        if isinstance(event, StreamClosed) and self.context.terminated.is_set():
+        although the order was answered and counted drained.
+
+        After the client's own GOAWAY the last stream's end closes the connection likewise."""
+        closing = self.context.terminated.is_set() or self._gone_away
+        if isinstance(event, StreamClosed) and closing:
             while self._ending(event.stream_id):  # noqa: ASYNC110 # no event to wait for
                 await trio.sleep(0.001)  # the send task deletes the buffer at END_STREAM
         await super().stream_send(event)
+        if isinstance(event, StreamClosed):
+            await self._close_once_gone_away()
+
+    async def _close_once_gone_away(self) -> None:
+        """After the client's own GOAWAY, close the connection (the server's GOAWAY) once no
+        stream is left open; in a drain hypercorn does so itself."""
+        if self._gone_away and not (
+            self.streams or self.closed or self.context.terminated.is_set()
+        ):
+            self.connection.close_connection()
+            await self._flush()
+            await self.send(Closed())
 
     def _ending(self, stream_id: int) -> bool:
         """Whether the stream's reply is whole but its END_STREAM not yet sent."""

@@ -762,3 +762,100 @@ async def test_an_http2_stream_id_the_client_may_not_open_stays_a_connection_err
             await client.until(lambda: client.goaway is not None)
     assert client.resets == {refused: h2.errors.ErrorCodes.REFUSED_STREAM}
     assert client.goaway == h2.errors.ErrorCodes.PROTOCOL_ERROR
+
+
+def goaway(error_code: int, last_stream_id: int) -> bytes:
+    """A client's GOAWAY, as bytes: h2's client takes its own GOAWAY as the connection's end
+    and would refuse the replies it still waits for (python-hyper/h2#1181)."""
+    frame = hyperframe.frame.GoAwayFrame(0, last_stream_id=last_stream_id, error_code=error_code)
+    return frame.serialize()
+
+
+async def read_until_closed(client: RawH2) -> None:
+    """Take in what the server sends until it closes the connection."""
+    while data := await client.stream.receive_some(65_536):
+        for event in client.conn.receive_data(data):
+            if isinstance(event, h2.events.ConnectionTerminated):
+                client.goaway = event.error_code
+
+
+@pytest.mark.parametrize("last_stream_id", [0, 3], ids=["0", "the highest"])
+async def test_an_http2_client_going_away_gets_the_replies_of_its_open_streams(
+    start_server: StartServer, last_stream_id: int
+) -> None:
+    """A client's GOAWAY(NO_ERROR) says it opens no more streams and takes none of the
+    server's (RFC 9113 §6.8), as a client shutting down gracefully sends it; its open streams
+    go on. h2 took it as the connection's end: hypercorn closed the connection, cancelling
+    and undoing the order in flight on it. Now that order is answered, as is one whose body
+    the client sends after its GOAWAY; a stream it opens after its GOAWAY is refused
+    (REFUSED_STREAM: not run), and the connection is closed (the server's GOAWAY) once the
+    last open stream is answered."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    body = json.dumps({**NORMAL, "order_id": "body-after"}).encode()
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=1000)
+            body_after = client.post(body[:5], end=False)
+            await client.flush()
+            await stream.send_all(goaway(h2.errors.ErrorCodes.NO_ERROR, last_stream_id))
+            client.conn.send_data(body_after, body[5:], end_stream=True)
+            late = client.post(json.dumps({**NORMAL, "order_id": "late"}).encode())
+            await client.until(
+                lambda: {first, body_after} <= client.ended and late in client.resets
+            )
+            await read_until_closed(client)
+    assert client.statuses == {first: 200, body_after: 200}
+    assert client.resets == {late: h2.errors.ErrorCodes.REFUSED_STREAM}
+    assert client.goaway == h2.errors.ErrorCodes.NO_ERROR
+    lines = await server.wait_for_lines(lambda ls: len([x for x in ls if x.get("order_id")]) == 2)
+    statuses = {x["order_id"]: x["status"] for x in lines if x.get("order_id")}
+    assert statuses == {"in-flight": "ok", "body-after": "ok"}  # not "late"
+
+
+async def test_an_http2_client_gone_away_that_resets_its_last_stream_is_closed(
+    start_server: StartServer,
+) -> None:
+    """After its GOAWAY(NO_ERROR) the client resets the one stream it had open: nothing is
+    left to answer, so the connection is closed then (the server's GOAWAY), as when that
+    stream is answered; the order is cancelled, as any whose client resets it."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=1000)
+            await stream.send_all(goaway(h2.errors.ErrorCodes.NO_ERROR, 0))
+            client.conn.reset_stream(first, h2.errors.ErrorCodes.CANCEL)
+            await client.flush()
+            await read_until_closed(client)
+    assert (client.statuses, client.goaway) == ({}, h2.errors.ErrorCodes.NO_ERROR)
+    lines = await server.wait_for_lines(lambda ls: any(x.get("order_id") for x in ls))
+    assert [x["kind"] for x in lines if x.get("order_id") == "in-flight"] == ["canceled"]
+
+
+@pytest.mark.parametrize(
+    "error_code",
+    [h2.errors.ErrorCodes.PROTOCOL_ERROR, h2.errors.ErrorCodes.INTERNAL_ERROR],
+    ids=["PROTOCOL_ERROR", "INTERNAL_ERROR"],
+)
+async def test_an_http2_client_going_away_on_an_error_is_a_client_that_left(
+    start_server: StartServer, error_code: int
+) -> None:
+    """A GOAWAY with an error code is its client's connection error, after which that client
+    closes the connection (RFC 9113 §5.4.1): no reply would reach it. The connection ends at
+    once, and the order in flight on it is cancelled and undone, as for any client that
+    leaves; the server serves on."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=1000)
+            await stream.send_all(goaway(error_code, first))
+            await read_until_closed(client)
+    assert (client.statuses, client.goaway) == ({}, None)
+    lines = await server.wait_for_lines(lambda ls: any(x.get("order_id") for x in ls))
+    [line] = [x for x in lines if x.get("order_id") == "in-flight"]
+    assert (line["status"], line["kind"]) == ("error", "canceled")
+    undone = [s["compensation"]["status"] for s in line["steps"] if "compensation" in s]
+    assert undone == ["ok", "ok"]  # the payment and the courier
+    assert (await post(server.url, NORMAL)).status == 200
