@@ -1478,6 +1478,45 @@ async def test_step_records_whose_commit_failed_ride_on_the_next_call(
         assert stored.steps == (undone, StepRecord("vendor", "ok", None, 7))
 
 
+async def test_step_records_held_from_two_batches_in_a_row_keep_their_order(
+    tmp_path: Path,
+) -> None:
+    """The writer thread runs a batch handed over while the one before it failed before Trio
+    holds that one's step records again: records held from two batches in a row are written
+    in the order they were recorded, the later record of a step last (the earlier batch's,
+    held again in front of the later's, overwrote a compensation with the step it undid)."""
+    path, aside = tmp_path / "orders.db", tmp_path / "aside.db"
+
+    async def fails() -> None:
+        with pytest.raises(StoreUnavailable):
+            await store.renew_lease("w-1", 5)
+
+    async with SqliteStore(path, busy_timeout=30) as store:
+        order = await begun(store)
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")  # the first batch waits for the lock
+            async with trio.open_nursery() as nursery:
+                store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok", None, 5))
+                nursery.start_soon(fails)
+
+                async def first_taken() -> bool:  # its step records taken, the batch waiting
+                    return not store._steps._queued
+
+                await wait_for(first_taken, "the writer to take the first batch")
+                undone = StepRecord("payment", "ok", None, 5, "ok", 3)
+                store.record_step("k-1", order.attempt_id, undone)
+                nursery.start_soon(fails)  # the second batch, handed over behind the first
+                await trio.testing.wait_all_tasks_blocked()
+                path.rename(aside)  # an outage: the first batch fails, then the second
+            aside.rename(path)
+            other.execute("ROLLBACK")
+
+        stored = await store.get("k-1")
+
+    assert stored is not None
+    assert stored.steps == (undone,)
+
+
 async def test_a_batch_that_raises_unexpectedly_fails_its_callers_instead_of_hanging(
     tmp_path: Path,
 ) -> None:
@@ -2633,6 +2672,43 @@ async def test_many_locks_held_past_the_timeout_do_not_hold_the_lease_s_renewal(
         assert took < 2.0, took  # 0.3 s and twelve brief tries, not twelve timeouts
         await store.renew_lease("w-1", 60.0)  # the locks gone, the held records land
         assert {(await store.get(key)).state for key in keys} == {FINISHED}  # type: ignore[union-attr]
+
+
+@pytest.mark.postgres
+async def test_a_step_record_held_at_a_lock_holds_back_no_later_record(schema: str) -> None:
+    """A step record that meets a row lock (the order's steps written by a frozen host's
+    transaction, before this host claimed the order) is held, and lands once the lock is
+    gone; the records queued after it, of other orders, land meanwhile (taken with it, they
+    waited as long: every later record of the host, for as long as the lock was held)."""
+    async with postgres_stores(postgres_url(schema=schema), 1, timeout=0.3) as (store,):
+        first, second = await begun(store), await begun(store, "k-2")
+        store.record_step("k-1", first.attempt_id, StepRecord("payment", "ok"))
+        await store.renew_lease("w-1", 60.0)
+        undone = StepRecord("payment", "ok", compensation="ok", compensation_ms=3)
+        locker = await trio.to_thread.run_sync(admin)
+        try:
+            await trio.to_thread.run_sync(locker.execute, f"SET search_path TO {schema}")
+            await trio.to_thread.run_sync(locker.execute, "BEGIN")
+            await trio.to_thread.run_sync(
+                locker.execute, "UPDATE steps SET status = status WHERE attempt_id = %s",
+                (first.attempt_id,),
+            )  # fmt: skip
+            store.record_step("k-1", first.attempt_id, undone)
+            await store.renew_lease("w-1", 60.0)  # the record meets the lock: held
+            store.record_step("k-2", second.attempt_id, StepRecord("vendor", "ok"))
+            stepped = await store.get("k-2")
+            locked = await store.get("k-1")
+            await trio.to_thread.run_sync(locker.execute, "ROLLBACK")
+        finally:
+            await trio.to_thread.run_sync(locker.close)
+        assert stepped is not None
+        assert stepped.steps == (StepRecord("vendor", "ok"),)
+        assert locked is not None
+        assert locked.steps == (StepRecord("payment", "ok"),)
+        await store.renew_lease("w-1", 60.0)  # the lock gone: carries the held record
+        done = await store.get("k-1")
+        assert done is not None
+        assert done.steps == (undone,)
 
 
 @pytest.mark.postgres

@@ -15,7 +15,8 @@ lease, if that is shorter) and the order desk reads back every reply it sends
 was never durable, and recovery treats a step without a record as one that may have run.
 An order's final record (`finish_soon`) whose commit fails for an outage is held again and
 rides on the next call: lost, it would leave its order running under a live lease, which no
-process recovers while its owner lives.
+process recovers while its owner lives. Step records are held again too, an attempt's in
+the order recorded (`RowsWrittenTogether`).
 
 Cancellation: a call is cancellable until its operation is queued and not after: it then
 waits, shielded, for its batch, so a caller that gets Cancelled knows nothing was written,
@@ -73,9 +74,11 @@ class Op(Generic[C, T]):
     fire-and-forget (record_step, finish_soon). `taken`, if given, is called by the writer
     thread as it takes the operation into a batch, and says what the operation writes.
     `kept`: an operation nobody waits for that is held again if its batch fails for an
-    outage, until it is committed or the store closes (an order's final record)."""
+    outage, until it is committed or the store closes (an order's final record). `settled`,
+    if given, is called where the batches run once an operation nobody waits for has run,
+    before the next batch is taken: with True if it is to be held again."""
 
-    __slots__ = ("error", "fn", "kept", "result", "taken", "waiter", "what")
+    __slots__ = ("error", "fn", "kept", "result", "settled", "taken", "waiter", "what")
     result: T
 
     def __init__(
@@ -85,11 +88,13 @@ class Op(Generic[C, T]):
         taken: Callable[[], str] | None = None,
         *,
         kept: bool = False,
+        settled: Callable[[bool], None] | None = None,
     ) -> None:
         self.fn = fn
         self.waiter = waiter
         self.taken = taken
         self.kept = kept
+        self.settled = settled
         self.what = "a queued record"  # for the log line if it is lost
         self.error: BaseException | None = None
 
@@ -267,10 +272,11 @@ class WriterThread(Generic[C]):
         taken: Callable[[], str] | None = None,
         *,
         kept: bool = False,
+        settled: Callable[[bool], None] | None = None,
     ) -> Op[C, T]:
         if self._closed:
             raise StoreUnavailable(f"{self.where}: the store is closed")
-        op: Op[C, T] = Op(fn, waiter, taken, kept=kept)
+        op: Op[C, T] = Op(fn, waiter, taken, kept=kept, settled=settled)
         self._riding.append(op)
         if waiter is not None:
             self._send_riding()
@@ -299,7 +305,10 @@ class BatchRun:
 def settle_unwaited(op: Op[Any, Any], again: list[Op[Any, Any]], *, closing: bool) -> None:
     """An operation nobody waits for, its batch run: put in `again` to be held again if it is
     kept and an outage stopped it (unless the store is closing); else, if it failed, logged."""
-    if op.to_try_again and not closing:
+    held = op.to_try_again and not closing
+    if op.settled is not None:
+        op.settled(held)
+    if held:
         again.append(op)
     elif op.error is not None:
         log_lost(op)
@@ -334,10 +343,16 @@ class RowsWrittenTogether(Generic[C]):
     batch's records where each was one (each statement costs its Python, and the writer
     thread a wait for the GIL when the database gives it back). Rows are taken with their
     operation, so a batch run again (after an operation failed alone, or the lock was busy)
-    writes them again. An operation whose batch fails for an outage is held again, as a
-    final record is (`kept`), and takes the rows queued since when it is handed over again:
-    they are written in the order they were added. A batch that fails for an error of its
-    own loses them with one line in the log, as it would each on its own.
+    writes them again. An operation whose batch fails for an outage is held again with its
+    rows, as a final record is (`kept`). The rows queued since go with an operation of their
+    own, so they commit even while the held ones cannot (a row lock a frozen host's
+    transaction holds), but for those of an attempt (a row's first field) that a held or
+    running operation has rows of: they are added to that operation's, after them, for
+    `write` writes a later record of a step in the earlier one's place, and the later must
+    win whichever batch commits last (the writer thread may run a batch handed over behind
+    one that failed before Trio holds that one's operations again, ahead of everything). A
+    batch that fails for an error of its own loses them with one line in the log, as it
+    would each on its own.
     """
 
     def __init__(
@@ -347,6 +362,9 @@ class RowsWrittenTogether(Generic[C]):
         self._write = write
         self._rows: deque[tuple[Any, ...]] = deque()  # each append and popleft is atomic
         self._queued = False  # an operation is queued to take them and has not yet
+        # The operations with rows not yet committed: running or held (used where the batches
+        # run only).
+        self._unwritten: set[_Taking[C]] = set()
 
     def add(self, row: tuple[Any, ...]) -> None:
         """Queue `row` (in the Trio thread); StoreUnavailable if the store is closed."""
@@ -355,17 +373,28 @@ class RowsWrittenTogether(Generic[C]):
             self._queued = True
             taking = _Taking(self)
             try:
-                self._store._put(taking.write, None, taking.take, kept=True)
+                self._store._put(taking.write, None, taking.take, kept=True, settled=taking.settled)
             except StoreUnavailable:
                 self._queued = False  # the row stays, never written: the store is closed
                 raise
 
-    def _take(self) -> list[tuple[Any, ...]]:
+    def _take(self, taking: _Taking[C]) -> list[tuple[Any, ...]]:
         self._queued = False  # first: a row added from now on queues an operation of its own
         rows = []
         with suppress(IndexError):
             while True:
                 rows.append(self._rows.popleft())
+        if rows and self._unwritten:  # rare: held again after an outage, or a race
+            holding = {row[0]: other for other in self._unwritten for row in other.rows}
+            own = []
+            for row in rows:
+                if (other := holding.get(row[0])) is not None:
+                    other.rows.append(row)
+                else:
+                    own.append(row)
+            rows = own
+        if rows:
+            self._unwritten.add(taking)
         return rows
 
 
@@ -377,8 +406,13 @@ class _Taking(Generic[C]):
         self.rows: list[tuple[Any, ...]] = []
 
     def take(self) -> str:
-        self.rows += self.together._take()  # held again after an outage: after its own
+        if not self.rows:  # held again with rows: it writes those (see RowsWrittenTogether)
+            self.rows = self.together._take(self)
         return f"{len(self.rows)} step record(s) written together"
+
+    def settled(self, held: bool) -> None:
+        if not held:  # written, or lost with a line in the log
+            self.together._unwritten.discard(self)
 
     def write(self, conn: C) -> None:
         if self.rows:
