@@ -90,7 +90,8 @@ async def list_orders(
     return the count. The store is read a page at a time, each page written before the next
     is read: memory holds one page, however many orders the store keeps (a day of them may
     be millions), and the first line comes at once (with `needs_attention`, once a page of
-    them is found: where few need it, that reads through many)."""
+    them is found among the running and failed orders, which the SQL stores index apart:
+    not by reading every order)."""
     count = 0
     async with aclosing(every_order(store, needs_attention=needs_attention, page=page)) as orders:
         async for order, net_charge in orders:

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, closing, contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import orjson
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
 
     from order_pipeline.store.postgres import PostgresStore
 
+T = TypeVar("T")
 IN_A_STORE_PROCESS = " in a store process"
 BACKENDS: dict[str, Callable[[Path], str]] = {
     "sqlite": lambda tmp: f"sqlite:///{tmp / 'orders.db'}",
@@ -848,25 +849,56 @@ async def test_an_empty_file_becomes_a_store(tmp_path: Path) -> None:
 
 
 @contextmanager
-def sqlite_code_of_version_1() -> Iterator[None]:
-    """The SQLite store as a program that knows only schema version 1 runs it."""
+def sqlite_code_of_version(version: int) -> Iterator[None]:
+    """The SQLite store as a program that knows schema versions up to `version` runs it."""
     from order_pipeline.store import sqlite
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sqlite, "SCHEMA_VERSION", 1)
-        patch.setattr(sqlite, "_MIGRATIONS", sqlite._MIGRATIONS[:1])
+        patch.setattr(sqlite, "SCHEMA_VERSION", version)
+        patch.setattr(sqlite, "_MIGRATIONS", sqlite._MIGRATIONS[:version])
         yield
 
 
-async def version_1_orders(store: OrderStore) -> list[tuple[StoredOrder, int]]:
-    """Orders of every shape, in a store of the first version: what an upgrade must keep."""
+Listed = list[tuple[StoredOrder, int]]
+
+
+async def older_orders(store: OrderStore) -> tuple[Listed, Listed]:
+    """Orders of every shape, in a store of an older version: what an upgrade must keep, and
+    list (every order, and those needing attention) and purge as before. Both listings."""
     await interrupted(store, "k-interrupted")
     paid = await begun(store, "k-paid")
     await store.charge(paid.attempt_id, "k-paid", 1299)
     store.record_step("k-paid", paid.attempt_id, StepRecord("payment", "ok", duration_ms=3))
     await store.finish("k-paid", paid.attempt_id, 200, b'{"status":"ok"}', None)
-    await begun(store, "k-running", owner="w-gone")
-    return await store.list_orders()
+    await begun(store, "k-running", owner="w-gone")  # abandoned: needs attention
+    held = await begun(store, "k-held")
+    await store.charge(held.attempt_id, "k-held", 70)
+    store.record_step("k-held", held.attempt_id, StepRecord("payment", "ok", compensation="error"))
+    await store.finish("k-held", held.attempt_id, 500, b"{}", "compensation_failed")
+    for key, undo in (("k-slow", "timeout"), ("k-undone", "ok")):  # the first needs attention
+        failed = await begun(store, key)
+        store.record_step(key, failed.attempt_id, StepRecord("vendor", "ok", compensation=undo))
+        await store.finish(key, failed.attempt_id, 502, b"{}", "vendor_unavailable")
+    await store.renew_lease("w-live", 60.0)
+    await begun(store, "k-live", owner="w-live")
+    return await store.list_orders(), await store.list_orders(needs_attention=True)
+
+
+async def upgraded_lists_and_purges_as_before(
+    store: OrderStore, everything: Listed, attention: Listed
+) -> None:
+    """The orders of `older_orders`, upgraded: listed as the older version listed them, and
+    purged as it would (every finished one but compensation_failed, whose money is held)."""
+    assert await store.list_orders() == everything
+    assert await store.list_orders(needs_attention=True) == attention
+    assert [o.key for o, _ in attention] == ["k-running", "k-held", "k-slow"]
+    assert await store.get("k-paid") == next(o for o, _ in everything if o.key == "k-paid")
+    assert await store.purge(-60.0, limit=100) == 4  # finished before a minute from now
+    assert [o.key for o, _ in await store.list_orders()] == ["k-running", "k-held", "k-live"]
+    assert [(o.key, net) for o, net in await store.list_orders(needs_attention=True)] == [
+        ("k-running", 0),
+        ("k-held", 70),
+    ]
 
 
 def _sqlite_indexes(path: Path) -> list[str]:
@@ -875,41 +907,54 @@ def _sqlite_indexes(path: Path) -> list[str]:
         return sorted(name for (name,) in rows)
 
 
-async def test_a_version_1_file_is_upgraded_with_its_orders(tmp_path: Path) -> None:
-    """A store made by a program of schema version 1, holding orders, opened by this one: the
-    listing's index is built, user_version is 2, every order, step and charge is kept; the
-    program of version 1 then refuses it (newer than it knows), untouched."""
+_SQLITE_INDEXES = {  # each schema version's own (its tables' primary keys aside)
+    1: ["ledger_key", "orders_finished_at", "orders_state_owner"],
+    2: ["ledger_key", "orders_finished_at", "orders_started", "orders_state_owner"],
+    3: [
+        "ledger_key", "orders_attention", "orders_purgeable", "orders_started",
+        "orders_state_owner",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("older", [1, 2])
+async def test_an_older_file_is_upgraded_with_its_orders(tmp_path: Path, older: int) -> None:
+    """A store made by a program of schema version 1 or 2, holding orders of every shape,
+    opened by this one: the indexes of the versions since are built (orders_finished_at gives
+    way to orders_purgeable), user_version is 3; every order, step and charge is kept, and
+    listed and purged as before; the older program then refuses it (newer than it knows),
+    untouched."""
     path = tmp_path / "orders.db"
-    with sqlite_code_of_version_1():
+    with sqlite_code_of_version(older):
         async with SqliteStore(path) as old:
-            before = await version_1_orders(old)
-    assert "orders_started" not in _sqlite_indexes(path)
+            everything, attention = await older_orders(old)
+    assert _sqlite_indexes(path) == _SQLITE_INDEXES[older]
     with closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (older,)
 
     async with SqliteStore(path) as store:
-        assert [(o.key, o, net) for o, net in await store.list_orders()] == [
-            (o.key, o, net) for o, net in sorted(before, key=lambda b: (b[0].started_at, b[0].key))
-        ]
-        assert await store.get("k-paid") == next(o for o, _ in before if o.key == "k-paid")
-    assert "orders_started" in _sqlite_indexes(path)
+        await upgraded_lists_and_purges_as_before(store, everything, attention)
+    assert _sqlite_indexes(path) == _SQLITE_INDEXES[SCHEMA_VERSION]
     with closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (2,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
     upgraded = path.read_bytes()
-    with sqlite_code_of_version_1(), pytest.raises(StoreError, match="newer than this program"):
+    with sqlite_code_of_version(older), pytest.raises(StoreError, match="newer than this program"):
         async with SqliteStore(path):
             pass
     assert path.read_bytes() == upgraded
 
 
-async def test_stores_opening_one_version_1_file_at_once_upgrade_it_once(tmp_path: Path) -> None:
-    """Four stores (as four processes starting) on one store of version 1: all open, each
-    sees every order; one of them built the index, the others found it built (re-checked
-    under the write lock)."""
+@pytest.mark.parametrize("older", [1, 2])
+async def test_stores_opening_one_older_file_at_once_upgrade_it_once(
+    tmp_path: Path, older: int
+) -> None:
+    """Four stores (as four processes starting) on one store of an older version: all open,
+    each sees every order; one of them built the indexes, the others found them built
+    (re-checked under the write lock)."""
     path = tmp_path / "orders.db"
-    with sqlite_code_of_version_1():
+    with sqlite_code_of_version(older):
         async with SqliteStore(path) as old:
-            before = {o.key for o, _ in await version_1_orders(old)}
+            before = {o.key for o, _ in (await older_orders(old))[0]}
     stores = [SqliteStore(path) for _ in range(4)]
     try:
         async with trio.open_nursery() as nursery:
@@ -920,19 +965,22 @@ async def test_stores_opening_one_version_1_file_at_once_upgrade_it_once(tmp_pat
     finally:
         for store in stores:
             await store.aclose()
-    assert _sqlite_indexes(path).count("orders_started") == 1
+    assert _sqlite_indexes(path) == _SQLITE_INDEXES[SCHEMA_VERSION]
 
 
-async def test_a_reader_refuses_a_version_1_file_and_leaves_it_as_it_was(tmp_path: Path) -> None:
-    """An operator's listing does not upgrade a store (its index build would hold the write
-    lock, and servers of version 1 would then refuse the file): one line saying a server of
-    this version upgrades it; the file's bytes unchanged."""
+@pytest.mark.parametrize("older", [1, 2])
+async def test_a_reader_refuses_an_older_file_and_leaves_it_as_it_was(
+    tmp_path: Path, older: int
+) -> None:
+    """An operator's listing does not upgrade a store (its index builds would hold the write
+    lock, and servers of the older version would then refuse the file): one line saying a
+    server of this version upgrades it; the file's bytes unchanged."""
     path = tmp_path / "orders.db"
-    with sqlite_code_of_version_1():
+    with sqlite_code_of_version(older):
         async with SqliteStore(path) as old:
-            await version_1_orders(old)
+            await older_orders(old)
     before = path.read_bytes()
-    with pytest.raises(StoreError, match="version 1, older than this program's 2: a server"):
+    with pytest.raises(StoreError, match=f"version {older}, older than this program's 3: a server"):
         async with open_store(f"sqlite:///{path}", reader=True):
             pass
     assert path.read_bytes() == before
@@ -1201,38 +1249,125 @@ async def test_a_locked_file_is_unavailable_then_recovers(tmp_path: Path) -> Non
         assert await store.get("k-2") is None
 
 
+Finished = tuple[str, str, float, str | None]  # key, owner, finished_at, kind
+
+
+def _fill(conn: sqlite3.Connection, orders: list[Finished]) -> None:
+    """Finished orders (key, owner, finished_at, kind) straight into the file, fast."""
+    conn.executemany(
+        "INSERT INTO orders (key, order_id, request_hash, body, attempt, attempt_id, owner,"
+        " state, started_at, finished_at, http_status, reply, kind) VALUES"
+        f" (?1, 'o', 'h', x'', 1, 'a-' || ?1, ?2, '{FINISHED}', ?3, ?3, 200, x'', ?4)",
+        orders,
+    )
+
+
+async def _instructions(store: SqliteStore, call: Callable[[], Awaitable[T]]) -> tuple[T, int]:
+    """What `call` returns, and about how many SQLite instructions its statements ran."""
+    instructions = 0
+
+    def count() -> int:
+        nonlocal instructions
+        instructions += 1000
+        return 0
+
+    await store._call(lambda conn: conn.set_progress_handler(count, 1000))
+    try:
+        return await call(), instructions
+    finally:
+        await store._call(lambda conn: conn.set_progress_handler(None, 0))
+
+
 async def test_a_sqlite_purge_reads_the_expired_orders_only(tmp_path: Path) -> None:
     """A purge holds the write lock, and every order's commit behind it, for as long as its
-    statement runs: it must read the expired orders (a range of orders_finished_at), not
-    every finished one. 20,000 orders within the retention and one past it: the purge of
-    that one takes a few thousand SQLite instructions, not one pass per finished order (it
-    took over a million through orders_state_owner, about 100 ms a batch at 500,000)."""
+    statement runs: it must read the expired orders (a range of orders_purgeable), not every
+    finished one, nor the compensation_failed ones it keeps for good, which come first. 20,000
+    orders within the retention, 20,000 kept and one past the retention: the purge of that one
+    takes a few thousand SQLite instructions, not one pass per order (it took over a million
+    through orders_state_owner, about 100 ms a batch at 500,000; and 140,000 past the kept
+    ones through orders_finished_at, about 5 ms a batch)."""
     async with SqliteStore(tmp_path / "orders.db") as store:
         now = time.time()
+        orders: list[Finished] = [(f"r-{i}", f"w-{i % 7}", now, None) for i in range(20_000)]
+        orders += [(f"h-{i}", "w-old", now - 7300, "compensation_failed") for i in range(20_000)]
+        orders.append(("k-old", "w-old", now - 7200, None))
+        await store._call(lambda conn: _fill(conn, orders))
 
-        def fill(conn: sqlite3.Connection) -> None:
-            rows = [(f"r-{i}", f"a-{i}", f"w-{i % 7}", now) for i in range(20_000)]
-            rows.append(("k-old", "a-old", "w-old", now - 7200))
-            conn.executemany(
-                "INSERT INTO orders (key, order_id, request_hash, body, attempt, attempt_id,"
-                " owner, state, started_at, finished_at, http_status, reply)"
-                f" VALUES (?1, 'o', 'h', x'', 1, ?2, ?3, '{FINISHED}', ?4, ?4, 200, x'')",
-                rows,
-            )
-
-        await store._call(fill)
-        instructions = 0
-
-        def count() -> int:
-            nonlocal instructions
-            instructions += 1000
-            return 0
-
-        await store._call(lambda conn: conn.set_progress_handler(count, 1000))
-        assert await store.purge(3600.0, 1000) == 1
-        await store._call(lambda conn: conn.set_progress_handler(None, 0))
+        purged, instructions = await _instructions(store, lambda: store.purge(3600.0, 1000))
+        assert purged == 1
         assert await store.get("k-old") is None
-    assert instructions < 20_000, instructions  # 120,000 through orders_state_owner
+    assert instructions < 20_000, instructions
+
+
+async def test_a_sqlite_page_needing_attention_reads_those_that_may(tmp_path: Path) -> None:
+    """A page of `--needs-attention` is one read transaction, which keeps the WAL from being
+    checkpointed while it lasts (the servers' commits then grow it): it must read the orders
+    that may need attention (running or failed: a range of orders_attention), not every
+    order until a page of them is found. 20,000 orders that finished ok and three that need
+    attention: a few thousand SQLite instructions, not one pass per order (300,000)."""
+    async with SqliteStore(tmp_path / "orders.db") as store:
+        now = time.time()
+        orders: list[Finished] = [
+            (f"k-{i:05}", "w-1", now - 100 + i / 1000, None) for i in range(20_000)
+        ]
+        orders[5_000] = ("k-05000", "w-1", now - 95, "compensation_failed")
+        orders[15_000] = ("k-15000", "w-1", now - 85, "vendor_unavailable")
+        await store._call(lambda conn: _fill(conn, orders))
+        slow = StepRecord("vendor", "ok", compensation="timeout")
+        store.record_step("k-15000", "a-k-15000", slow)
+        await begun(store, "k-running", owner="w-gone")
+
+        page, instructions = await _instructions(
+            store, lambda: store.list_orders(needs_attention=True)
+        )
+        assert [o.key for o, _ in page] == ["k-05000", "k-15000", "k-running"]
+    assert instructions < 20_000, instructions
+
+
+class _Planned:
+    """A SQLite connection that asks for each statement's plan before it runs it."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.plans: dict[str, str] = {}  # the statement's first words: its plan
+
+    def execute(self, sql: str, args: Any = ()) -> sqlite3.Cursor:
+        plan = self.conn.execute(f"EXPLAIN QUERY PLAN {sql}", args).fetchall()
+        self.plans[" ".join(sql.split()[:2])] = "; ".join(row[3] for row in plan)
+        return self.conn.execute(sql, args)
+
+    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+        return self.conn.executemany(sql, rows)
+
+
+async def test_sqlite_plans_read_attention_and_purges_through_their_indexes(
+    tmp_path: Path,
+) -> None:
+    """EXPLAIN QUERY PLAN: a page of `--needs-attention`, the first and those after, is a
+    range of orders_attention (not a scan of orders_started, every order); a purge, a range
+    of orders_purgeable (not of orders_finished_at, which held the orders it keeps)."""
+    from order_pipeline.store import sqlite
+
+    async with SqliteStore(tmp_path / "orders.db") as store:
+        now = time.time()
+        orders: list[Finished] = [
+            (f"k-{i}", "w-1", now - 100 + i, None if i % 9 else "timeout") for i in range(90)
+        ]
+        await store._call(lambda conn: _fill(conn, orders))
+
+        def plans(conn: sqlite3.Connection) -> tuple[str, str, str]:
+            planned = _Planned(conn)
+            sqlite._list_orders(planned, True, None, 1000, now)  # type: ignore[arg-type]
+            first = planned.plans["SELECT key,"]
+            sqlite._list_orders(planned, True, (now - 50, "k-50"), 1000, now)  # type: ignore[arg-type]
+            sqlite._purge(planned, now - 3600, 100)  # type: ignore[arg-type]
+            return first, planned.plans["SELECT key,"], planned.plans["DELETE FROM"]
+
+        first, after, purge = await store._call(plans)
+    assert first.startswith("SCAN orders USING INDEX orders_attention"), first
+    assert after.startswith("SEARCH orders USING INDEX orders_attention ((started_at,key)>"), after
+    assert "orders_started" not in first + after
+    assert "SEARCH orders USING INDEX orders_purgeable (finished_at>? AND finished_at<?)" in purge
 
 
 async def test_an_operation_failing_alone_leaves_its_sqlite_batch_alone(tmp_path: Path) -> None:
@@ -2234,62 +2369,79 @@ async def test_stores_opening_one_new_schema_at_once_migrate_it_once(schema: str
 
 
 @contextmanager
-def postgres_code_of_version_1() -> Iterator[None]:
-    """The PostgreSQL store as a program that knows only schema version 1 runs it."""
+def postgres_code_of_version(version: int) -> Iterator[None]:
+    """The PostgreSQL store as a program that knows schema versions up to `version` runs it."""
     from order_pipeline.store import postgres
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(postgres, "SCHEMA_VERSION", 1)
-        patch.setattr(postgres, "_MIGRATIONS", postgres._MIGRATIONS[:1])
+        patch.setattr(postgres, "SCHEMA_VERSION", version)
+        patch.setattr(postgres, "_MIGRATIONS", postgres._MIGRATIONS[:version])
         yield
 
 
 async def _pg_indexes(schema: str) -> list[str]:
-    rows = await sql("SELECT indexname::text FROM pg_indexes WHERE schemaname = %s", schema)
+    rows = await sql(
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = %s"
+        " AND indexname NOT LIKE '%%_pkey'",
+        schema,
+    )
     return sorted(name for (name,) in rows)
 
 
+_PG_INDEXES = {  # each schema version's own (its tables' primary keys aside)
+    1: ["ledger_key", "orders_finished_at", "orders_state_owner"],
+    2: ["ledger_key", "orders_finished_at", "orders_started", "orders_state_owner"],
+    3: [
+        "ledger_key", "orders_attention", "orders_purgeable", "orders_started",
+        "orders_state_owner", "steps_undo_failed",
+    ],
+}  # fmt: skip
+
+
 @pytest.mark.postgres
-async def test_a_version_1_schema_is_upgraded_with_its_orders(schema: str) -> None:
-    """A schema made by a program of version 1, holding orders: a reader of this version
-    refuses it; a store of this version upgrades it (the index, version 2), every order kept;
-    the program of version 1 then refuses it."""
+@pytest.mark.parametrize("older", [1, 2])
+async def test_an_older_schema_is_upgraded_with_its_orders(schema: str, older: int) -> None:
+    """A schema made by a program of version 1 or 2, holding orders of every shape: a reader
+    of this version refuses it; a store of this version upgrades it (the indexes of the
+    versions since; orders_finished_at gives way to orders_purgeable), every order kept, and
+    listed and purged as before; the older program then refuses it."""
     from order_pipeline.store.postgres import VERSION_TABLE
 
     url = postgres_url(schema=schema)
-    with postgres_code_of_version_1():
+    with postgres_code_of_version(older):
         async with open_store(url) as old:
-            before = await version_1_orders(old)
-    assert "orders_started" not in await _pg_indexes(schema)
-    with pytest.raises(StoreError, match="version 1, older than this program's 2"):
+            everything, attention = await older_orders(old)
+    assert await _pg_indexes(schema) == _PG_INDEXES[older]
+    with pytest.raises(StoreError, match=f"version {older}, older than this program's 3"):
         async with open_store(url, reader=True):
             pass
 
     async with open_store(url) as store:
-        assert [(o.key, o, net) for o, net in await store.list_orders()] == [
-            (o.key, o, net) for o, net in sorted(before, key=lambda b: (b[0].started_at, b[0].key))
-        ]
-    assert "orders_started" in await _pg_indexes(schema)
-    assert await sql(f"SELECT version FROM {VERSION_TABLE}", schema=schema) == [(2,)]
+        await upgraded_lists_and_purges_as_before(store, everything, attention)
+    assert await _pg_indexes(schema) == _PG_INDEXES[3]
+    assert await sql(f"SELECT version FROM {VERSION_TABLE}", schema=schema) == [(3,)]
     async with open_store(url, reader=True) as reading:
-        assert len(await reading.list_orders()) == len(before)
-    with postgres_code_of_version_1(), pytest.raises(StoreError, match="newer than this program"):
+        assert len(await reading.list_orders()) == 3
+    with postgres_code_of_version(older), pytest.raises(StoreError, match="newer than this"):
         async with open_store(url):
             pass
 
 
 @pytest.mark.postgres
-async def test_stores_opening_one_version_1_schema_at_once_upgrade_it_once(schema: str) -> None:
-    """Four stores (four hosts starting) on a schema of version 1: all open and see every
-    order; one upgraded it under the migration lock, the others found it done."""
+@pytest.mark.parametrize("older", [1, 2])
+async def test_stores_opening_one_older_schema_at_once_upgrade_it_once(
+    schema: str, older: int
+) -> None:
+    """Four stores (four hosts starting) on a schema of an older version: all open and see
+    every order; one upgraded it under the migration lock, the others found it done."""
     url = postgres_url(schema=schema)
-    with postgres_code_of_version_1():
+    with postgres_code_of_version(older):
         async with open_store(url) as old:
-            before = {o.key for o, _ in await version_1_orders(old)}
+            before = {o.key for o, _ in (await older_orders(old))[0]}
     async with postgres_stores(url, 4) as stores:
         for store in stores:
             assert {o.key for o, _ in await store.list_orders()} == before
-    assert (await _pg_indexes(schema)).count("orders_started") == 1
+    assert await _pg_indexes(schema) == _PG_INDEXES[3]
 
 
 @pytest.mark.postgres
@@ -3175,6 +3327,68 @@ async def test_orders_are_found_by_key_however_small_the_table_was_at_first(
     assert "Index Cond: (key = " in reply_plan, reply_plan
     assert "Seq Scan on orders" not in steps_plan, steps_plan
     assert "orders_pkey" in steps_plan, steps_plan
+
+
+class _Explained:
+    """A PostgreSQL connection that asks for each statement's plan before it runs it."""
+
+    def __init__(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        self.conn = conn
+        self.plans: dict[str, str] = {}  # the statement's first words: its plan
+
+    def execute(self, query: str, args: Any = None) -> psycopg.Cursor[tuple[Any, ...]]:
+        plan = self.conn.execute(f"EXPLAIN {query}", args).fetchall()
+        self.plans[" ".join(query.split()[:2])] = "\n".join(row[0] for row in plan)
+        return self.conn.execute(query, args)
+
+
+@pytest.mark.postgres
+async def test_postgres_plans_read_attention_and_purges_through_their_indexes(
+    schema: str,
+) -> None:
+    """EXPLAIN: a page of `--needs-attention`, the first and those after, is a range of
+    orders_attention (not every order through orders_started), its failed undos looked up
+    through steps_undo_failed (not every step read), before the table's first ANALYZE and
+    after; a purge, a range of orders_purgeable (not of orders_finished_at, which held the
+    compensation_failed orders it keeps). 20,000 orders, most of them finished ok."""
+    from order_pipeline.store import postgres
+
+    def plans(conn: Any) -> tuple[str, str, str]:
+        explained = _Explained(conn)
+        postgres._list_orders(explained, True, None, 1000)  # type: ignore[arg-type]
+        first = explained.plans["SELECT orders.key,"]
+        after = (time.time() - 1800, "k-")
+        postgres._list_orders(explained, True, after, 1000)  # type: ignore[arg-type]
+        postgres._purge(explained, 3600.0, 100)  # type: ignore[arg-type]
+        return first, explained.plans["SELECT orders.key,"], explained.plans["WITH gone"]
+
+    def fill(conn: Any) -> None:
+        conn.execute(
+            "INSERT INTO orders (key, order_id, request_hash, body, attempt, attempt_id, owner,"
+            " state, started_at, finished_at, http_status, reply, kind)"
+            " SELECT 'k-' || i, 'o', 'h', '', 1, 'a-' || i, 'w-0', 'finished',"
+            " now() - interval '1 hour' + i * interval '1 ms', now(), 200, '',"
+            " CASE WHEN i % 500 = 0 THEN 'compensation_failed' END"
+            " FROM generate_series(1, 20000) AS i"
+        )
+        conn.execute(
+            "INSERT INTO steps (attempt_id, step, status, duration_ms, compensation)"
+            " SELECT 'a-' || i, s, 'ok', 1, CASE WHEN i % 500 = 0 THEN 'error' END"
+            " FROM generate_series(1, 20000) AS i, unnest(array['payment', 'vendor']) AS s"
+        )
+
+    async with postgres_stores(postgres_url(schema=schema), 1) as (store,):
+        await store._call(fill)
+        unanalyzed = await store._call(plans)
+        await sql("ANALYZE orders, steps", schema=schema)  # as autovacuum does soon after
+        first, after, purge = await store._call(plans)
+    for plan in (unanalyzed[0], unanalyzed[1], first, after):
+        assert "Index Scan using orders_attention on orders" in plan, plan
+        assert "orders_started" not in plan, plan
+        assert "Seq Scan on steps" not in plan, plan
+    assert "Index Cond: (ROW(started_at, (key)::text) > ROW(" in after, after
+    # Before any ANALYZE PostgreSQL takes orders_state_owner for `state =`, as it did before.
+    assert "Index Scan using orders_purgeable on orders" in purge, purge
 
 
 # -- a database that stops answering --------------------------------------------------------

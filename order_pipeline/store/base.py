@@ -20,6 +20,11 @@ RUNNING: Final = "running"
 FINISHED: Final = "finished"
 # A compensation that ended so needs a human: the money or goods may not be back.
 FAILED_COMPENSATIONS: Final = (CompensationStatus.ERROR.value, CompensationStatus.TIMEOUT.value)
+# The orders that may need attention (StoredOrder.needs_attention) by their own columns: the
+# running (abandoned, or an undo failed while it runs) and the failed (compensation_failed,
+# or an undo's record failed); an order that finished ok was never undone. In SQL, for the
+# SQL backends' partial index, which a query uses only if it repeats this condition as is.
+MAY_NEED_ATTENTION: Final = f"(state = '{RUNNING}' OR kind IS NOT NULL)"
 
 
 @attrs.frozen
