@@ -49,6 +49,7 @@ class RawH2:
         self.ended: set[int] = set()
         self.resets: dict[int, int] = {}
         self.goaway: int | None = None  # the error code of the server's GOAWAY
+        self.last_stream_id: int | None = None  # and the last stream it says it took
 
     def post(self, body: bytes | None, *extra: tuple[str, str], end: bool = True) -> int:
         """A `POST /order` stream, with `body` (within the first window) unless None."""
@@ -67,6 +68,14 @@ class RawH2:
         """One read, its events taken in (DATA acknowledged); the connection must not end."""
         data = await self.stream.receive_some(65_536)
         assert data, f"the connection ended; answered: {self.statuses}, reset: {self.resets}"
+        self.take_in(data)
+
+    async def until_closed(self) -> None:
+        """Read until the server closes the connection, taking in what comes before."""
+        while data := await self.stream.receive_some(65_536):
+            self.take_in(data)
+
+    def take_in(self, data: bytes) -> None:
         for event in self.conn.receive_data(data):
             if isinstance(event, h2.events.ResponseReceived):
                 self.statuses[event.stream_id] = int(dict(event.headers)[b":status"])
@@ -78,6 +87,7 @@ class RawH2:
                 self.resets[event.stream_id] = event.error_code
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.goaway = event.error_code
+                self.last_stream_id = event.last_stream_id
 
     async def until(self, done: Callable[[], bool]) -> None:
         while not done():
@@ -608,6 +618,30 @@ async def test_an_http2_stream_opened_during_the_drain_is_refused_as_not_process
     with trio.fail_after(10):
         assert await server.process.wait() == 0  # the drain's own end: no second signal
     assert not [x for x in server.log_lines() if x.get("order_id") == "late"]
+
+
+@pytest.mark.parametrize("closed_at", ["the drain", "the idle limit"])
+async def test_an_idle_http2_connection_is_told_goaway_before_it_is_closed(
+    start_server: StartServer, closed_at: str
+) -> None:
+    """An HTTP/2 connection with no stream open was closed without a GOAWAY at the drain (and
+    at the idle limit): a stream its client sent as the close came met a bare close, which
+    does not say whether it ran (httpx: `Server disconnected`, a broken pipe), where a
+    stream opened on a busy connection is refused as not processed. GOAWAY first names the
+    last stream taken (RFC 9113 §6.8, §9.1): a later one surely did not run, and a client
+    retries it elsewhere."""
+    server = await start_server("--no-access-log", "--store", "memory", "--header-timeout", "1")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        sid = client.post(json.dumps(NORMAL).encode())
+        with trio.fail_after(10):
+            await client.until(lambda: sid in client.ended)
+            if closed_at == "the drain":
+                server.process.send_signal(signal.SIGTERM)
+            await client.until_closed()
+    assert (client.statuses, client.goaway, client.last_stream_id) == (
+        {sid: 200}, h2.errors.ErrorCodes.NO_ERROR, sid,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("closed_by", ["its client's reset", "a body short of its length"])
