@@ -343,6 +343,17 @@ class _H2Protocol(H2Protocol):
         _header_fields_as_stream_error(self.connection)
         _graceful_goaway_keeps_streams_open(self.connection)
 
+    async def initiate(
+        self, headers: list[tuple[bytes, bytes]] | None = None, settings: bytes | None = None
+    ) -> None:
+        """Hypercorn's, then the idle timer started again unless a stream runs (an h2c
+        upgrade's). Hypercorn reads the preface as an HTTP/1.1 request (`PRI * HTTP/2.0`),
+        which stopped the timer before the turn to HTTP/2, and only a stream's end started it
+        again: a connection that opened no stream was never closed at the idle limit, and
+        held a drain to its grace."""
+        await super().initiate(headers, settings)
+        await self.send(Updated(idle=self.idle))
+
     async def handle(self, event: ConnectionEvent) -> None:
         await super().handle(event)
         if isinstance(event, Closed):

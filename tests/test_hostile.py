@@ -644,6 +644,34 @@ async def test_an_idle_http2_connection_is_told_goaway_before_it_is_closed(
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("closed_at", ["the drain", "the idle limit"])
+@pytest.mark.parametrize("sent", ["the preface alone", "a header block never ended"])
+async def test_an_http2_connection_that_opens_no_stream_is_closed_as_an_idle_one(
+    start_server: StartServer, closed_at: str, sent: str
+) -> None:
+    """Hypercorn reads the HTTP/2 preface as an HTTP/1.1 request (`PRI * HTTP/2.0`), which
+    stopped the connection's idle timer before it turned to HTTP/2, and only a stream's end
+    started it again: a connection that opened no stream was never closed at the idle limit
+    (a descriptor held for as long as its client liked) and held a drain to its grace (15 s).
+    It is closed as an idle connection is, GOAWAY first, naming no stream."""
+    limit = "1" if closed_at == "the idle limit" else "60"
+    server = await start_server("--no-access-log", "--store", "memory", "--header-timeout", limit)
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        await client.flush()
+        if sent == "a header block never ended":  # no END_HEADERS, no CONTINUATION after it
+            block = hyperframe.frame.HeadersFrame(1)
+            block.data = client.conn.encoder.encode([(":method", "GET"), (":path", "/healthz")])
+            await stream.send_all(block.serialize())
+        with trio.fail_after(5):
+            if closed_at == "the drain":
+                server.process.send_signal(signal.SIGTERM)
+            await client.until_closed()
+            if closed_at == "the drain":
+                assert await server.process.wait() == 0
+    assert (client.goaway, client.last_stream_id) == (h2.errors.ErrorCodes.NO_ERROR, 0)
+
+
 @pytest.mark.parametrize("closed_by", ["its client's reset", "a body short of its length"])
 async def test_an_http2_stream_closed_as_it_opens_during_the_drain_is_left_closed(
     start_server: StartServer, closed_by: str
