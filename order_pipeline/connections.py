@@ -420,6 +420,15 @@ class _H2Protocol(H2Protocol):
         await self._flush()  # what the resets and acknowledgements above wrote
         await self._close_once_gone_away()  # its client reset the last stream
 
+    async def _create_stream(self, request: h2.events.RequestReceived) -> None:
+        """Hypercorn's, the stream not counted toward `keep_alive_max_requests` (1,000): at a
+        connection's 1,001st stream hypercorn sent GOAWAY, after which h2 sends nothing, so
+        that stream got no reply though the GOAWAY named it taken, and the client's next
+        frame ended the connection, cancelling and undoing every order in flight on it.
+        HTTP/1.1 keeps the limit, which closes its connection after a reply, as it should."""
+        await super()._create_stream(request)
+        self.keep_alive_requests = 0
+
     def goaway(self) -> bytes:
         """The GOAWAY (NO_ERROR) that ends this connection, to be sent; nothing if it has ended
         already (its own GOAWAY sent at the drain's last stream, the client's, an error)."""

@@ -795,6 +795,33 @@ async def test_an_http2_stream_over_the_concurrency_limit_is_refused_alone(
     assert client.resets == {extra: h2.errors.ErrorCodes.REFUSED_STREAM}
 
 
+async def test_an_http2_connection_serves_on_past_1000_streams(start_server: StartServer) -> None:
+    """Hypercorn ended an HTTP/2 connection at its 1,001st stream (`keep_alive_max_requests`,
+    which over HTTP/1.1 closes the connection after a reply): its GOAWAY named that stream
+    as taken, but h2 sends nothing after a GOAWAY, so it got no reply, and the client's next
+    frame ended the connection, cancelling and undoing the order in flight on it. An
+    HTTP/2 connection has no such limit now: every stream is answered."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    healthz = [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"),
+               (":authority", "127.0.0.1")]  # fmt: skip
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(20):
+            first = await an_order_in_flight(client, server.url, vendor_ms=5000)
+            gets = []
+            for _ in range(21):  # 50 at a time: within the 100 streams open at once
+                batch: list[int] = []
+                for _ in range(50):
+                    batch.append(client.conn.get_next_available_stream_id())
+                    client.conn.send_headers(batch[-1], healthz, end_stream=True)
+                gets += batch
+                await client.until(lambda: set(batch) <= client.ended)  # noqa: B023 # awaited here
+            await client.until(lambda: first in client.ended)
+    assert len(gets) == 1_050
+    assert client.statuses == dict.fromkeys([first, *gets], 200)
+    assert client.goaway is None
+
+
 @pytest.mark.parametrize("stream_id", [201, 206], ids=["below one seen", "even"])
 async def test_an_http2_stream_id_the_client_may_not_open_stays_a_connection_error(
     start_server: StartServer, stream_id: int
