@@ -5,10 +5,11 @@ unexpected error ends that connection alone (`_OneConnection`); over HTTP/1.1 a 
 way ends whole before a close, and a body over the limit gets its 413 instead of a 100
 (`_H11Protocol`); over HTTP/2 a malformed stream is that stream's error alone, as RFC 9113
 makes it, not the whole connection's, a client's GOAWAY(NO_ERROR) leaves its open streams
-to be answered, a reply its client does not read is given up when the client goes or the
-drain's grace ends (`_H2Protocol`), and a connection closed idle is told GOAWAY first. They
-rely on hypercorn's (0.17, 0.18) and h2 4's internals: a later version that renames them
-fails tests/test_hostile.py and tests/test_server.py, not silently.
+to be answered, a connection with no stream open is closed at the idle limit (GOAWAY
+first), and a reply its client does not read is given up when the client goes or the
+drain's grace ends (`_H2Protocol`). They rely on hypercorn's (0.17, 0.18) and h2 4's
+internals: a later version that renames them fails tests/test_hostile.py and
+tests/test_server.py, not silently.
 """
 
 from __future__ import annotations
@@ -415,6 +416,14 @@ class _H2Protocol(H2Protocol):
                     event.flow_controlled_length, event.stream_id
                 )
                 self._stop_sending(event.stream_id)
+                continue
+            if isinstance(event, h2.events.StreamReset) and event.stream_id in self.streams:
+                # Hypercorn closes the stream but restarts no idle timer, as it does when one is
+                # answered: the last stream reset (by its client, or as malformed), the
+                # connection was held for good, and a drain to the end of its grace.
+                await super()._handle_events([event])
+                if self.idle:
+                    await self.send(Updated(idle=True))
                 continue
             await super()._handle_events([event])
         await self._flush()  # what the resets and acknowledgements above wrote

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import pytest
@@ -93,3 +94,65 @@ async def test_an_http2_client_gone_with_its_reply_held_back_is_closed_at_once(
         with trio.fail_after(HEADER_TIMEOUT_S + 2):
             await read_until_closed(stream)
     assert trio.current_time() - started < 1
+
+
+SHORT_IDLE_S = 1.0  # the header timeout (the idle limit) of the servers below
+
+
+def http2_client(*, stream: str) -> h2.connection.H2Connection:
+    """An HTTP/2 client's first bytes: its preface, then, by `stream`, no stream ("none"), a
+    `GET /healthz` ("answered"), a `POST /order` whose body is still to come that it resets
+    ("reset"), or one whose body runs past its Content-Length, reset by the server as
+    malformed ("malformed")."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    if stream == "answered":
+        client.send_headers(1, [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"),
+                                (":authority", "x")], end_stream=True)  # fmt: skip
+    headers = [(":method", "POST"), (":path", "/order"), (":scheme", "http"),
+               (":authority", "x"), ("content-length", "3")]  # fmt: skip
+    if stream == "reset":
+        client.send_headers(1, headers)
+        client.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+    elif stream == "malformed":
+        client.send_headers(1, headers)
+        client.send_data(1, b'{"a": 1}')
+    return client
+
+
+@pytest.mark.parametrize("stream", ["none", "answered", "reset", "malformed"])
+async def test_an_idle_http2_connection_is_closed_at_the_idle_limit(stream: str) -> None:
+    """An HTTP/2 connection with no stream open is closed at the idle limit, as one whose
+    last stream was answered is: hypercorn restarted its idle timer only when a stream was
+    answered, not when one was reset (by its client, or as malformed), nor when the
+    connection began (HTTP/1.1 had stopped it on the preface): such a connection, and its
+    descriptor, stayed open for good (12 s and more at a 3 s limit)."""
+    settings = Settings(access_log=False, header_timeout=SHORT_IDLE_S)
+    async with serving(settings) as (_, url), await trio.open_tcp_stream(*address(url)) as sock:
+        await sock.send_all(http2_client(stream=stream).data_to_send())
+        started = trio.current_time()
+        with trio.fail_after(SHORT_IDLE_S + 2):
+            await read_until_closed(sock)
+    assert trio.current_time() - started >= SHORT_IDLE_S - 0.5
+
+
+async def test_an_idle_http2_connection_is_closed_when_the_drain_begins() -> None:
+    """An HTTP/2 connection whose client reset its last stream is closed as the drain begins,
+    as any idle connection is; it held the drain to the end of its grace (exit 0 only then)."""
+    settings = Settings(access_log=False, shutdown_grace=5)
+    drain = trio.Event()
+    async with (
+        serving(settings, shutdown_trigger=drain.wait) as (_, url),
+        await trio.open_tcp_stream(*address(url)) as sock,
+    ):
+        client = http2_client(stream="reset")
+        await sock.send_all(client.data_to_send())
+        with trio.fail_after(2):  # its ack of our SETTINGS: it has read our one write
+            while not any(
+                isinstance(event, h2.events.SettingsAcknowledged)
+                for event in client.receive_data(await sock.receive_some(65536))
+            ):
+                pass
+        drain.set()
+        with trio.fail_after(2):
+            await read_until_closed(sock)
