@@ -337,6 +337,7 @@ class _H2Protocol(H2Protocol):
     """
 
     _gone_away = False  # the client's GOAWAY(NO_ERROR) came: it opens no more streams
+    _closing = False  # the connection is being closed after the client's GOAWAY
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -377,10 +378,12 @@ class _H2Protocol(H2Protocol):
             if (
                 isinstance(event, h2.events.ConnectionTerminated)
                 and event.error_code == h2.errors.ErrorCodes.NO_ERROR
-                and self.streams
             ):
-                # The client's graceful GOAWAY, streams open: hypercorn closed the connection,
-                # cancelling their orders; they are answered, then it closes.
+                # The client's graceful GOAWAY: hypercorn closed the connection at once,
+                # cancelling the orders of its open streams, cutting off a reply whose stream
+                # was closed but its END_STREAM not yet sent, and taking a stream that followed
+                # in the same read on the closed connection. The open ones are answered, a new
+                # one refused (below), then the connection closed (`_close_once_gone_away`).
                 self._gone_away = True
                 continue
             if isinstance(event, h2.events.RequestReceived) and (
@@ -496,13 +499,23 @@ class _H2Protocol(H2Protocol):
 
     async def _close_once_gone_away(self) -> None:
         """After the client's own GOAWAY, close the connection (the server's GOAWAY) once no
-        stream is left open; in a drain hypercorn does so itself."""
-        if self._gone_away and not (
-            self.streams or self.closed or self.context.terminated.is_set()
-        ):
-            self.connection.close_connection()
-            await self._flush()
-            await self.send(Closed())
+        stream is left open and every reply's END_STREAM is sent: a stream is closed before
+        the send task sends its END_STREAM, so a GOAWAY read in between found none open and
+        the reply lost its end. The wait ends with the idle timer at the latest (it runs once
+        no stream is open), should the client not read. In a drain hypercorn closes the
+        connection itself. The reader and a stream's task may both come here: the first to
+        close does."""
+        if not self._gone_away or self.context.terminated.is_set():
+            return
+        unsent = self._ending  # a reply whole, its stream closed, its END_STREAM not sent
+        while not self.streams and any(map(unsent, list(self.stream_buffers))):  # noqa: ASYNC110
+            await trio.sleep(0.001)  # no event: the send task deletes the buffer at END_STREAM
+        if self.streams or self.closed or self._closing:
+            return
+        self._closing = True
+        self.connection.close_connection()
+        await self._flush()
+        await self.send(Closed())
 
     def _ending(self, stream_id: int) -> bool:
         """Whether the stream's reply is whole but its END_STREAM not yet sent."""

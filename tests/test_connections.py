@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import h2.config
 import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+import hyperframe.frame
 import pytest
 import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config
+from hypercorn.events import Closed, RawData
+from hypercorn.events import Event as ConnectionEvent
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
 
+from order_pipeline import connections
 from order_pipeline.server import Settings
 
 from .conftest import serving
@@ -156,3 +166,58 @@ async def test_an_idle_http2_connection_is_closed_when_the_drain_begins() -> Non
         drain.set()
         with trio.fail_after(2):
             await read_until_closed(sock)
+
+
+async def reply_ok(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app whose every reply is `200 ok`."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def test_an_http2_client_s_goaway_before_its_reply_s_end_is_sent_waits_for_it() -> None:
+    """A client's GOAWAY(NO_ERROR) read once its stream is closed (the reply handed to the
+    send task whole) but before the send task has sent the reply's end: no stream open, the
+    connection was closed there, and the reply lost its last DATA and END_STREAM. Here the
+    send task's write of that DATA is held, as by a socket whose buffer is full, until the
+    GOAWAY is in; the reply must go out whole, then the server's GOAWAY, then the close."""
+    written = bytearray()  # what reached the client: nothing written after the close
+    closed = trio.Event()
+    released = trio.Event()
+    protocol: connections._H2Protocol
+
+    async def send(event: ConnectionEvent) -> None:
+        """The connection's socket: DATA frames wait for `released`."""
+        if isinstance(event, RawData):
+            if event.data[3] == hyperframe.frame.DataFrame.type:
+                await released.wait()
+            if not closed.is_set():
+                written.extend(event.data)
+        elif isinstance(event, Closed):
+            closed.set()
+            await protocol.handle(Closed())
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                            (":authority", "x")], end_stream=True)  # fmt: skip
+    async with TaskGroup() as task_group:
+        protocol = connections._H2Protocol(
+            ASGIWrapper(reply_ok), Config(), WorkerContext(None), task_group,
+            ConnectionState({}), False, None, None, send,
+        )  # fmt: skip
+        await protocol.initiate()
+        await protocol.handle(RawData(client.data_to_send()))
+        await trio.testing.wait_all_tasks_blocked()  # the send task, at the reply's DATA
+        assert not protocol.streams  # closed by the reply's task
+        goaway = hyperframe.frame.GoAwayFrame(0, error_code=h2.errors.ErrorCodes.NO_ERROR)
+        async with trio.open_nursery() as reader:
+            reader.start_soon(protocol.handle, RawData(goaway.serialize()))
+            await trio.testing.wait_all_tasks_blocked()
+            released.set()
+            with trio.fail_after(5):
+                await closed.wait()
+    events = client.receive_data(bytes(written))
+    data = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    ended = [e.stream_id for e in events if isinstance(e, h2.events.StreamEnded)]
+    goaways = [e.error_code for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert (data, ended, goaways) == (b"ok", [1], [h2.errors.ErrorCodes.NO_ERROR])

@@ -861,10 +861,14 @@ def goaway(error_code: int, last_stream_id: int) -> bytes:
 
 
 async def read_until_closed(client: RawH2) -> None:
-    """Take in what the server sends until it closes the connection."""
+    """Take in what the server sends until it closes the connection (sending nothing)."""
     while data := await client.stream.receive_some(65_536):
         for event in client.conn.receive_data(data):
-            if isinstance(event, h2.events.ConnectionTerminated):
+            if isinstance(event, h2.events.StreamEnded):
+                client.ended.add(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                client.resets[event.stream_id] = event.error_code
+            elif isinstance(event, h2.events.ConnectionTerminated):
                 client.goaway = event.error_code
 
 
@@ -900,6 +904,59 @@ async def test_an_http2_client_going_away_gets_the_replies_of_its_open_streams(
     lines = await server.wait_for_lines(lambda ls: len([x for x in ls if x.get("order_id")]) == 2)
     statuses = {x["order_id"]: x["status"] for x in lines if x.get("order_id")}
     assert statuses == {"in-flight": "ok", "body-after": "ok"}  # not "late"
+
+
+async def test_an_http2_client_going_away_as_its_reply_comes_gets_it_whole_and_a_goaway(
+    start_server: StartServer,
+) -> None:
+    """A client's GOAWAY(NO_ERROR) sent as the head of its stream's reply comes (one that
+    shuts down once its last request is answered): each client gets its reply whole, then
+    the server's GOAWAY. The GOAWAY could reach the server once the stream was closed but
+    before its reply's END_STREAM was sent (tests/test_connections.py holds it there): no
+    stream open, the connection was closed at once, the reply cut off (74 clients of 100 by
+    hand; here, with the access log on, 1 to 20 of 20) and the rest closed with no GOAWAY."""
+    server = await start_server("--store", "memory")
+    cut_off, no_goaway = [], []  # the clients whose reply lost its end; that got no GOAWAY
+    for n in range(20):
+        async with await trio.open_tcp_stream(*address(server.url)) as stream:
+            client = RawH2(stream)
+            with trio.fail_after(10):
+                sid = client.post(json.dumps({**NORMAL, "order_id": f"o-{n}"}).encode())
+                await client.until(lambda: sid in client.statuses)  # noqa: B023 # called here
+                await stream.send_all(goaway(h2.errors.ErrorCodes.NO_ERROR, 0))
+                await read_until_closed(client)
+        assert client.statuses == {sid: 200}
+        if client.ended != {sid}:
+            cut_off.append(n)
+        if client.goaway != h2.errors.ErrorCodes.NO_ERROR:
+            no_goaway.append(n)
+    assert (cut_off, no_goaway) == ([], [])
+
+
+async def test_an_http2_stream_after_its_client_s_goaway_in_the_same_write_is_refused(
+    start_server: StartServer,
+) -> None:
+    """With no stream open, a client's GOAWAY(NO_ERROR) closed the connection at once, and a
+    stream in the same write after it was taken on the closed connection: neither run nor
+    refused, the connection closed with no reset and no GOAWAY. It is refused
+    (REFUSED_STREAM: not run, safe to retry), as after a GOAWAY with streams open, and the
+    server closes the connection with its own GOAWAY."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        preface = client.conn.data_to_send()
+        late = client.post(json.dumps({**NORMAL, "order_id": "late"}).encode())
+        going_away = goaway(h2.errors.ErrorCodes.NO_ERROR, 0)
+        with trio.fail_after(10):
+            await stream.send_all(preface + going_away + client.conn.data_to_send())
+            await read_until_closed(client)
+    assert (client.resets, client.goaway) == (
+        {late: h2.errors.ErrorCodes.REFUSED_STREAM},
+        h2.errors.ErrorCodes.NO_ERROR,
+    )
+    assert (await post(server.url, NORMAL)).status == 200
+    lines = await server.wait_for_lines(lambda ls: any(x.get("order_id") for x in ls))
+    assert [x["order_id"] for x in lines if x.get("order_id")] == ["normal"]
 
 
 async def test_an_http2_client_gone_away_that_resets_its_last_stream_is_closed(
