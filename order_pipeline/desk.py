@@ -53,6 +53,7 @@ from .orchestrator import Pipeline
 from .serialization import compact, converter, dump_reply, encode_error, parse_order
 from .store import (
     RUNNING,
+    UNKNOWN_OUTCOME,
     Begun,
     Existing,
     OrderStore,
@@ -112,11 +113,15 @@ def _error(kind: str, message: str | None = None, *, key: str | None = None) -> 
 
 
 def _recorded(record: StepRecord, compensation: Compensation | None = None) -> StepResult:
-    """A step as its record tells it. An `unknown` step's record holds 0 for the duration
-    nobody measured (the column is NOT NULL, in every version of the schema)."""
+    """A step as its record tells it. An `unknown` step's record says "ok" in 0 ms, marked
+    `UNKNOWN_OUTCOME`, for older versions to read (see `StepRecord`); or, as an unreleased
+    build wrote it, says `unknown`."""
     status = StepStatus(record.status)
-    duration = None if status is StepStatus.UNKNOWN else record.duration_ms
-    return StepResult(record.step, status, duration, record.detail, compensation)
+    if status is StepStatus.UNKNOWN or (
+        status is StepStatus.OK and record.detail == UNKNOWN_OUTCOME
+    ):
+        return StepResult(record.step, StepStatus.UNKNOWN, None, None, compensation)
+    return StepResult(record.step, status, record.duration_ms, record.detail, compensation)
 
 
 def _known_steps(stored: StoredOrder) -> list[StepResult]:

@@ -21,9 +21,9 @@ import attrs
 
 from .kinds import label
 from .metrics import Metrics
-from .model import OrderResult, StepResult, current_attempt
+from .model import OrderResult, StepResult, StepStatus, current_attempt
 from .serialization import dump_document, result_reply
-from .store import OrderStore, StepRecord
+from .store import UNKNOWN_OUTCOME, OrderStore, StepRecord
 
 __all__ = ["ORDERS_LOGGER", "OrderReporter"]
 
@@ -89,13 +89,15 @@ def _log_cancelled_by_drain(result: OrderResult) -> None:
 
 
 def step_record(step: StepResult) -> StepRecord:
-    """A step's record; an `unknown` step's untimed duration as 0 (see `StepRecord`)."""
+    """A step's record; an `unknown` step as "ok" in 0 ms, marked `UNKNOWN_OUTCOME`, which
+    an older version can read (see `StepRecord`)."""
     compensation = step.compensation
+    unknown = step.status is StepStatus.UNKNOWN
     return StepRecord(
         step.name,
-        step.status,
-        step.detail,
-        0 if step.duration_ms is None else step.duration_ms,
+        StepStatus.OK if unknown else step.status,
+        UNKNOWN_OUTCOME if unknown else step.detail,
+        step.duration_ms or 0,  # None only if unknown
         None if compensation is None else compensation.status,
         None if compensation is None else compensation.duration_ms,
     )

@@ -24,14 +24,23 @@ from werkzeug.datastructures import Headers
 
 from order_pipeline import desk
 from order_pipeline.desk import OrderDesk, canonical
-from order_pipeline.model import STEP_NAMES, OrderRequest, StepError
+from order_pipeline.model import (
+    STEP_NAMES,
+    Compensation,
+    CompensationStatus,
+    OrderRequest,
+    StepError,
+    StepResult,
+    StepStatus,
+)
 from order_pipeline.orchestrator import Step
-from order_pipeline.reporting import ORDERS_LOGGER
+from order_pipeline.reporting import ORDERS_LOGGER, step_record
 from order_pipeline.server import Assembly, Settings, assemble
 from order_pipeline.services.vendor import VENDOR_CANCEL_FAILED
 from order_pipeline.store import (
     FINISHED,
     RUNNING,
+    UNKNOWN_OUTCOME,
     Begun,
     MemoryStore,
     OrderStore,
@@ -1199,6 +1208,10 @@ async def test_recovery_keeps_the_compensations_done_before_the_crash(
 
 # The backends a server runs on; each keeps a step record's status as it was written.
 STORES = ["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+# The step statuses a version from before `unknown` reads. One meeting another in a step record
+# (a newer version's recovery died after undoing such a step: a rolling upgrade) gave the order
+# up as compensation_failed, undoing nothing more: the charge held.
+OLDER_STATUSES = ("ok", "error", "canceled")
 
 
 @pytest.mark.parametrize("backend", STORES)
@@ -1209,10 +1222,11 @@ async def test_a_step_of_unknown_outcome_is_shown_unknown_wherever_the_order_is(
     backend: str,
 ) -> None:
     """A dead process's order whose payment was recorded, its vendor and courier not (they may
-    have run): recovery undoes all three, and records the two it knows nothing of as
-    `unknown`, with no duration, in their step records, in its reply (as GET /order/{key}
-    shows it, in a shape the OpenAPI document allows) and in its log line: not as "ok" in
-    0 ms, which said they had succeeded, and at once."""
+    have run): recovery undoes all three, and shows the two it knows nothing of as
+    `unknown`, with no duration, in its reply (as GET /order/{key} shows it, in a shape the
+    OpenAPI document allows) and in its log line: not as "ok" in 0 ms, which said they had
+    succeeded, and at once. Their step records say "ok" in 0 ms marked `UNKNOWN_OUTCOME`:
+    a status an older version can read."""
     async with open_store(BACKENDS[backend](tmp_path)) as store:
         assembly = assemble(Settings(lease_timeout=2.0), store=store)
         attempt_id = await orphan(store, "k-1", charged=True)
@@ -1229,11 +1243,12 @@ async def test_a_step_of_unknown_outcome_is_shown_unknown_wherever_the_order_is(
 
     assert stored is not None
     assert (stored.attempt_id, stored.kind, net) == (attempt_id, "interrupted", 0)
-    assert {s.step: (s.status, s.duration_ms, s.compensation) for s in stored.steps} == {
-        "payment": ("ok", 150, "ok"),
-        "vendor": ("unknown", 0, "ok"),  # the column holds a number: the status says none
-        "courier": ("unknown", 0, "ok"),
+    assert {s.step: (s.status, s.detail, s.duration_ms, s.compensation) for s in stored.steps} == {
+        "payment": ("ok", None, 150, "ok"),
+        "vendor": ("ok", UNKNOWN_OUTCOME, 0, "ok"),  # nobody timed it: the detail says so
+        "courier": ("ok", UNKNOWN_OUTCOME, 0, "ok"),
     }
+    assert all(s.status in OLDER_STATUSES for s in stored.steps)
     check("GET", "/order/{key}", response.status_code, reply, response.content_type)
     assert reply == stored.reply
     steps = json.loads(reply)["steps"]
@@ -1255,15 +1270,30 @@ async def test_a_step_of_unknown_outcome_is_shown_unknown_wherever_the_order_is(
     assert line.fields["steps"] == json.loads(reply)["steps"]  # type: ignore[attr-defined] # set by `extra`
 
 
+# A payment of unknown outcome whose refund failed, recorded as this version records it, and
+# with the status "unknown" (as bd09489 recorded it, before any release).
+_FAILED_REFUND = Compensation(CompensationStatus.ERROR, 80)
+FAILED_REFUNDS = {
+    "recorded": step_record(StepResult("payment", StepStatus.UNKNOWN, None, None, _FAILED_REFUND)),
+    "recorded-unknown": StepRecord("payment", "unknown", None, 0, "error", 80),
+}
+
+
 @pytest.mark.parametrize("backend", STORES)
 @pytest.mark.parametrize("fails_again", [False, True])
+@pytest.mark.parametrize("failed_refund", FAILED_REFUNDS.values(), ids=FAILED_REFUNDS.keys())
 async def test_a_step_recorded_unknown_by_a_recovery_that_died_is_undone_again(
-    tmp_path: Path, autojump_clock: trio.abc.Clock, backend: str, fails_again: bool
+    tmp_path: Path,
+    autojump_clock: trio.abc.Clock,
+    backend: str,
+    fails_again: bool,
+    failed_refund: StepRecord,
 ) -> None:
-    """A recovery records a step of unknown outcome as `unknown` when it has undone it; one that
-    died after its refund failed left that record, and the order running. The next recovery
-    reads it back: it refunds again (the charge may be held) and shows the step as unknown
-    still; if the refund fails again, the order is compensation_failed with the charge held."""
+    """A recovery records a step of unknown outcome when it has undone it; one that died after
+    its refund failed left that record, and the order running (GET /order/{key} shows the step
+    unknown). The next recovery reads it back: it refunds again (the charge may be held) and
+    shows the step as unknown still; if the refund fails again, the order is
+    compensation_failed with the charge held."""
     order = make_order("o-orphan", amount=70, fail_compensation="payment" if fails_again else None)
     body = canonical(order)
     async with open_store(BACKENDS[backend](tmp_path)) as store:
@@ -1273,8 +1303,8 @@ async def test_a_step_recorded_unknown_by_a_recovery_that_died_is_undone_again(
         )
         assert isinstance(begun, Begun)
         await store.charge(begun.order.attempt_id, "k-1", 70)
-        failed_refund = StepRecord("payment", "unknown", None, 0, "error", 80)
         store.record_step("k-1", begun.order.attempt_id, failed_refund)
+        running = await assembly.app.test_client().get("/order/k-1")
 
         async with trio.open_nursery() as nursery:
             await nursery.start(assembly.desk.maintain)
@@ -1283,12 +1313,16 @@ async def test_a_step_recorded_unknown_by_a_recovery_that_died_is_undone_again(
         stored = await store.get("k-1")
         net = await store.net_charge("k-1")
 
+    assert running.status_code == 200
+    assert json.loads(await running.get_data())["steps"] == [
+        {"name": "payment", "status": "unknown", "duration_ms": None}
+    ]
     assert stored is not None
     assert stored.reply is not None
     payment = json.loads(stored.reply)["steps"][0]
     assert (payment["status"], payment["duration_ms"]) == ("unknown", None)
     record = {s.step: s for s in stored.steps}["payment"]
-    assert record.status == "unknown"
+    assert (record.status, record.detail) == ("ok", UNKNOWN_OUTCOME)
     if fails_again:
         assert (stored.kind, record.compensation, net) == ("compensation_failed", "error", 70)
         assert payment["compensation"]["status"] == "error"

@@ -25,15 +25,21 @@ FAILED_COMPENSATIONS: Final = (CompensationStatus.ERROR.value, CompensationStatu
 # or an undo's record failed); an order that finished ok was never undone. In SQL, for the
 # SQL backends' partial index, which a query uses only if it repeats this condition as is.
 MAY_NEED_ATTENTION: Final = f"(state = '{RUNNING}' OR kind IS NOT NULL)"
+# The detail of the record of a step of `unknown` outcome, written with status "ok": a version
+# from before `unknown` reads it as a step that succeeded, undone (or undone again) as such,
+# where a status it does not know made it give the order up undone (a charge held).
+UNKNOWN_OUTCOME: Final = "unknown"
 
 
 @attrs.frozen
 class StepRecord:
     """One step's recorded outcome, and later its compensation's (which replaces it).
 
-    `status` is a `StepStatus`'s value, as text. A step recovery records as `unknown` (its
-    outcome was never recorded) has `duration_ms` 0: the columns are NOT NULL, and a schema
-    migration to let them hold none would lock out every older version in a rolling upgrade.
+    `status` is a `StepStatus`'s value, as text. A step recovery undoes as `unknown` (its
+    outcome was never recorded) is recorded "ok", with the detail `UNKNOWN_OUTCOME` and
+    `duration_ms` 0, as the versions before `unknown` gave such a step: they can read it (the
+    columns are NOT NULL, and a schema migration to let them hold none, or a status they do
+    not know, would lock them out in a rolling upgrade).
     """
 
     step: str
