@@ -114,8 +114,7 @@ def _error(kind: str, message: str | None = None, *, key: str | None = None) -> 
 
 def _recorded(record: StepRecord, compensation: Compensation | None = None) -> StepResult:
     """A step as its record tells it. An `unknown` step's record says "ok" in 0 ms, marked
-    `UNKNOWN_OUTCOME`, for older versions to read (see `StepRecord`); or, as an unreleased
-    build wrote it, says `unknown`."""
+    `UNKNOWN_OUTCOME`, for older versions to read (see `StepRecord`)."""
     status = StepStatus(record.status)
     if status is StepStatus.UNKNOWN or (
         status is StepStatus.OK and record.detail == UNKNOWN_OUTCOME
