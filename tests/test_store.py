@@ -2445,6 +2445,60 @@ async def test_stores_opening_one_older_schema_at_once_upgrade_it_once(
 
 
 @pytest.mark.postgres
+async def test_an_upgrade_that_deadlocks_with_an_older_hosts_batch_is_tried_again(
+    schema: str,
+) -> None:
+    """Version 3's migration locks orders (an index's build), then steps (another's), then
+    orders alone (the dropped index): a batch of an older host still running that wrote a
+    step record, and then writes orders, waits for the migration while the migration waits
+    for it. PostgreSQL ends the one that waited first, here the migration: the new host
+    must try it again (the batch meanwhile commits), not fail to start (it exited 2 with
+    "deadlock detected")."""
+    url = postgres_url(schema=schema)
+    with postgres_code_of_version(2):
+        async with open_store(url) as old:
+            order = await begun(old, "k-1")
+    app = application()
+    batch = await trio.to_thread.run_sync(admin)  # the older host's
+    try:
+
+        async def run(statement: str) -> None:
+            await trio.to_thread.run_sync(batch.execute, statement)
+
+        async def upgrade() -> None:
+            async with open_store(with_params(url, application_name=app)):
+                pass
+
+        async def migration_waits_for_steps() -> bool:
+            rows = await sql(
+                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+                " WHERE application_name = %s AND NOT granted AND relation = %s::regclass",
+                app,
+                f"{schema}.steps",
+            )
+            return bool(rows[0][0])
+
+        await run(f"SET search_path TO {schema}")
+        await run("BEGIN")
+        await run(
+            "INSERT INTO steps (attempt_id, step, status, duration_ms)"
+            f" VALUES ('{order.attempt_id}', 'payment', 'ok', 3)"
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upgrade)
+            await wait_for(migration_waits_for_steps, "the migration to wait for the step record")
+            await run("UPDATE orders SET kind = 'payment_declined' WHERE key = 'k-1'")
+            await run("COMMIT")
+    finally:
+        await trio.to_thread.run_sync(batch.close)
+    assert await _pg_indexes(schema) == _PG_INDEXES[3]
+    async with open_store(url, reader=True) as reading:
+        assert [(o.key, o.kind) for o, _ in await reading.list_orders()] == [
+            ("k-1", "payment_declined")
+        ]
+
+
+@pytest.mark.postgres
 @pytest.mark.parametrize("isolation", ["repeatable\\ read", "serializable"], ids=["rr", "ser"])
 async def test_hosts_making_a_schema_at_once_under_a_stricter_isolation_make_it_once(
     schema: str, isolation: str

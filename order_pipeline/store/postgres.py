@@ -126,6 +126,11 @@ TABLES: Final = ("orders", "steps", "leases", "ledger")
 # Taken around checking and migrating the schema: "ordp" and 1, one constant for every database.
 MIGRATION_LOCK: Final = 0x6F726470_00000001
 MIGRATION_WAIT: Final = 60.0  # s, for the lock of another host's migration
+# A migration locks its tables one after another (version 3: orders, steps, then orders alone
+# to drop an index), so the batch of an older host still running that holds one and waits for
+# another deadlocks with it; PostgreSQL then ends the one that waited first, the batch (run
+# again, as after any deadlock) or the migration, tried again so many times.
+_MIGRATION_TRIES: Final = 5
 MIN_SERVER_VERSION: Final = 130000  # pg_xact_status, pg_current_xact_id_if_assigned
 # Database encodings that hold any text the client sends as UTF-8 (SQL_ASCII as its bytes);
 # another (LATIN1, say) refuses characters it lacks, so an order_id of them would fail.
@@ -743,6 +748,18 @@ def _migrate(conn: Conn, where: str) -> None:
         " set_config('default_transaction_isolation', 'read committed', false)",
         (f"{MIGRATION_WAIT:g}s",),
     )
+    for tries_left in reversed(range(_MIGRATION_TRIES)):
+        try:
+            _migrate_once(conn, where)
+            return
+        except errors.DeadlockDetected:
+            if not tries_left:
+                raise
+            logger.warning("%s: the schema's migration deadlocked: trying it again", where)
+
+
+def _migrate_once(conn: Conn, where: str) -> None:
+    """One try of `_migrate`, in one transaction: all of it or nothing."""
     with conn.transaction():
         # A database it may not write (a hot standby; default_transaction_read_only on the
         # role or the database) is refused now, as SQLite refuses a file it may not write:
