@@ -2499,6 +2499,59 @@ async def test_an_upgrade_that_deadlocks_with_an_older_hosts_batch_is_tried_agai
 
 
 @pytest.mark.postgres
+async def test_an_upgrade_leaves_the_old_index_rather_than_stall_orders_behind_a_reader(
+    schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A transaction that read orders and stays open (a pg_dump's, for as long as the dump
+    runs): dropping orders_finished_at takes the table's exclusive lock, which waits for it
+    while every statement on orders waits behind the drop. The upgrade waits at most
+    LOCK_WAIT_S for that lock, then leaves the index (a warning says to drop it), and a
+    read queued behind the drop is answered. Before, every statement on orders waited
+    through the migration's lock wait (60 s: an older host's reads and writes failed 503
+    all along), and then the host failed to start."""
+    from order_pipeline.store.postgres import VERSION_TABLE
+
+    url = postgres_url(schema=schema)
+    with postgres_code_of_version(2):
+        async with open_store(url) as old:
+            await begun(old, "k-1")
+    app = application()
+    dump = await trio.to_thread.run_sync(admin)
+    try:
+
+        async def run(statement: str) -> None:
+            await trio.to_thread.run_sync(dump.execute, statement)
+
+        async def upgrade() -> None:
+            async with open_store(with_params(url, application_name=app)):
+                pass
+
+        async def drop_waits() -> bool:
+            rows = await sql(
+                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+                " WHERE application_name = %s AND NOT granted AND relation = %s::regclass"
+                " AND mode = 'AccessExclusiveLock'",
+                app,
+                f"{schema}.orders",
+            )
+            return bool(rows[0][0])
+
+        await run(f"SET search_path TO {schema}")
+        await run("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        await run("SELECT count(*) FROM orders")
+        with trio.fail_after(30):  # the migration's own lock wait is 60 s
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(upgrade)
+                await wait_for(drop_waits, "the drop to wait for the orders table")
+                assert await sql("SELECT key FROM orders", schema=schema) == [("k-1",)]
+    finally:
+        await trio.to_thread.run_sync(dump.close)
+    assert await _pg_indexes(schema) == sorted([*_PG_INDEXES[3], "orders_finished_at"])
+    assert await sql(f"SELECT version FROM {VERSION_TABLE}", schema=schema) == [(3,)]
+    assert "index orders_finished_at was left in place" in caplog.text
+
+
+@pytest.mark.postgres
 @pytest.mark.parametrize("isolation", ["repeatable\\ read", "serializable"], ids=["rr", "ser"])
 async def test_hosts_making_a_schema_at_once_under_a_stricter_isolation_make_it_once(
     schema: str, isolation: str

@@ -229,9 +229,10 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         f" WHERE {MAY_NEED_ATTENTION}",
         f"CREATE INDEX steps_undo_failed ON steps (attempt_id) WHERE {_UNDO_FAILED}",
         f"CREATE INDEX orders_purgeable ON orders (finished_at) WHERE {_PURGEABLE}",
-        "DROP INDEX orders_finished_at",
     ),
 )
+# Version 3 also drops orders_finished_at, which orders_purgeable replaces (`_drop_if_free`).
+_REPLACED_BY_3: Final = "orders_finished_at"
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 # In StoredOrder's field order, so StoredOrder(*row) builds one; times as unix seconds.
@@ -777,7 +778,32 @@ def _migrate_once(conn: Conn, where: str) -> None:
         for migration in _MIGRATIONS[version:]:
             for statement in migration:
                 conn.execute(statement)
+        if version < 3 <= SCHEMA_VERSION:  # migration 3 ran
+            _drop_if_free(conn, where, _REPLACED_BY_3)
         conn.execute(f"UPDATE {VERSION_TABLE} SET version = %s", (SCHEMA_VERSION,))
+
+
+def _drop_if_free(conn: Conn, where: str, index: str) -> None:
+    """Drop an index of orders in the migration's transaction, unless its lock is busy.
+
+    DROP INDEX takes the table's exclusive lock, which waits for every transaction that has
+    read orders (a pg_dump's, for as long as it runs) while every statement on orders waits
+    behind it: every host's orders failed with 503 for the migration's lock wait (60 s), and
+    then the host failed to start. So it waits LOCK_WAIT_S at most (above deadlock_timeout,
+    so that a batch that read orders and waits for the migration is found and ended), and
+    past that leaves the index, which costs writes what it did before, for an operator."""
+    try:
+        with conn.transaction():  # a savepoint
+            conn.execute(f"SET LOCAL lock_timeout = '{LOCK_WAIT_S:g}s'")
+            conn.execute(f"DROP INDEX {index}")
+    except errors.LockNotAvailable:
+        logger.warning(
+            "%s: index %s was left in place, another transaction holding orders (a backup?):"
+            " drop it at a quiet time (DROP INDEX CONCURRENTLY %s)",
+            where,
+            index,
+            index,
+        )
 
 
 def _check_readable(conn: Conn, where: str) -> None:
