@@ -488,9 +488,11 @@ class _H2Protocol(H2Protocol):
         stream gone, closed the connection: the reply lost its END_STREAM, a client's error
         although the order was answered and counted drained.
 
-        After the client's own GOAWAY the last stream's end closes the connection likewise."""
-        closing = self.context.terminated.is_set() or self._gone_away
-        if isinstance(event, StreamClosed) and closing:
+        After the client's own GOAWAY the stream is closed at once, and the connection once
+        its END_STREAM is sent (`_close_once_gone_away`): waiting here kept the stream open,
+        so the idle timer stopped, and a client that read nothing held the connection for
+        good, this loop waking 1,000 times a second."""
+        if isinstance(event, StreamClosed) and self.context.terminated.is_set():
             while self._ending(event.stream_id):  # noqa: ASYNC110 # no event to wait for
                 await trio.sleep(0.001)  # the send task deletes the buffer at END_STREAM
         await super().stream_send(event)

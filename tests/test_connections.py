@@ -15,7 +15,7 @@ import pytest
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed, RawData, Updated
 from hypercorn.events import Event as ConnectionEvent
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.worker_context import WorkerContext
@@ -221,3 +221,47 @@ async def test_an_http2_client_s_goaway_before_its_reply_s_end_is_sent_waits_for
     ended = [e.stream_id for e in events if isinstance(e, h2.events.StreamEnded)]
     goaways = [e.error_code for e in events if isinstance(e, h2.events.ConnectionTerminated)]
     assert (data, ended, goaways) == (b"ok", [1], [h2.errors.ErrorCodes.NO_ERROR])
+
+
+async def test_an_http2_client_gone_away_that_reads_nothing_is_left_to_the_idle_limit(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A client's GOAWAY(NO_ERROR) read with its stream open, then the reply's last DATA
+    write held, as by a client that reads nothing (its socket's buffers full): the reply's
+    task waited, polling every 1 ms, for the END_STREAM before closing its stream, so the
+    stream stayed open, the idle timer stopped, and nothing ended the wait. Such a client
+    held its connection for good (20 of them: 20 connections past a 1 s idle limit, 21 % of
+    a core). The stream closes, so the idle timer runs (Updated idle), and its close ends
+    the connection."""
+    idle = trio.Event()  # the idle timer restarted once the stream was open
+    opened = False
+    closing = trio.Event()  # the idle timer's close, which ends a write under way
+    protocol: connections._H2Protocol
+
+    async def send(event: ConnectionEvent) -> None:
+        """The connection's socket, full: a DATA frame's write waits for the close."""
+        nonlocal opened
+        if isinstance(event, RawData) and event.data[3] == hyperframe.frame.DataFrame.type:
+            await closing.wait()
+        elif isinstance(event, Updated):
+            opened = opened or not event.idle
+            if opened and event.idle:
+                idle.set()
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                            (":authority", "x")], end_stream=True)  # fmt: skip
+    goaway = hyperframe.frame.GoAwayFrame(0, error_code=h2.errors.ErrorCodes.NO_ERROR)
+    async with TaskGroup() as task_group:
+        protocol = connections._H2Protocol(
+            ASGIWrapper(reply_ok), Config(), WorkerContext(None), task_group,
+            ConnectionState({}), False, None, None, send,
+        )  # fmt: skip
+        await protocol.initiate()
+        await protocol.handle(RawData(client.data_to_send() + goaway.serialize()))
+        with trio.fail_after(HEADER_TIMEOUT_S):
+            await idle.wait()
+        closing.set()
+        await protocol.handle(Closed())  # as the idle timer's close does
+    assert not protocol.streams
