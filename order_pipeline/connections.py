@@ -99,14 +99,20 @@ class _OneConnection(TCPServer):
         one told GOAWAY first, which names the last stream taken (RFC 9113 §6.8, §9.1): a
         bare close left a client whose stream crossed it unsure whether that stream ran
         (httpx: `Server disconnected`), where the drain refuses one on a busy connection as
-        not processed. Written directly, with a bound: hypercorn shields its writes."""
+        not processed. The GOAWAY waits for the END_STREAM of a reply handed over whole
+        (`replies_ended`), and is written directly; each wait bounded, for a client that
+        reads nothing: hypercorn shields its writes."""
         protocol = self.protocol.protocol
-        goaway = protocol.goaway() if isinstance(protocol, _H2Protocol) else b""
-        if goaway:
+        if isinstance(protocol, _H2Protocol):
             with trio.move_on_after(GOAWAY_WAIT_S):
-                async with self.send_lock:
-                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await self.stream.send_all(goaway)
+                await protocol.replies_ended()
+            with trio.move_on_after(GOAWAY_WAIT_S):
+                if goaway := protocol.goaway():
+                    async with self.send_lock:
+                        with contextlib.suppress(
+                            trio.BrokenResourceError, trio.ClosedResourceError
+                        ):
+                            await self.stream.send_all(goaway)
         await super()._initiate_server_close()
 
     async def _close(self) -> None:
@@ -440,6 +446,14 @@ class _H2Protocol(H2Protocol):
         HTTP/1.1 keeps the limit, which closes its connection after a reply, as it should."""
         await super()._create_stream(request)
         self.keep_alive_requests = 0
+
+    async def replies_ended(self) -> None:
+        """Return once every reply handed over whole has its END_STREAM sent. A stream is
+        closed, and its connection idle, before the send task sends that end, which h2
+        refuses after a GOAWAY: a drain begun in between closed the connection there, and
+        cut the reply off though the GOAWAY named its stream taken."""
+        while any(map(self._ending, list(self.stream_buffers))):  # noqa: ASYNC110
+            await trio.sleep(0.001)  # no event: the send task deletes the buffer at END_STREAM
 
     def goaway(self) -> bytes:
         """The GOAWAY (NO_ERROR) that ends this connection, to be sent; nothing if it has ended

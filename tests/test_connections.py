@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import h2.config
@@ -265,3 +266,77 @@ async def test_an_http2_client_gone_away_that_reads_nothing_is_left_to_the_idle_
         closing.set()
         await protocol.handle(Closed())  # as the idle timer's close does
     assert not protocol.streams
+
+
+class FullSocket:
+    """A connection's socket whose DATA frame writes wait for `released`, as when full; what
+    reaches the client is kept, and nothing after the close."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.released = trio.Event()
+        self.closed = False
+
+    async def send_all(self, data: bytes) -> None:
+        if data[3] == hyperframe.frame.DataFrame.type:
+            await self.released.wait()
+        if self.closed:
+            raise trio.ClosedResourceError
+        self.written.extend(data)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def served_over(
+    socket: FullSocket, app: Any, context: WorkerContext, task_group: TaskGroup
+) -> connections._H2Protocol:
+    """`app` served over HTTP/2 on `socket` as hypercorn's Trio worker does it (its idle timer
+    and close included), but without its reads: the protocol, to be handed the client's."""
+    connection = connections._OneConnection(
+        ASGIWrapper(app),
+        Config(),
+        context,
+        {},
+        socket,  # type: ignore[arg-type]
+    )
+    connection._task_group = task_group
+    protocol = connections._H2Protocol(
+        ASGIWrapper(app), Config(), context, task_group,
+        ConnectionState({}), False, None, None, connection.protocol_send,
+    )  # fmt: skip
+    wrapper = SimpleNamespace(protocol=protocol, handle=protocol.handle)
+    connection.protocol = wrapper  # type: ignore[assignment]
+    return protocol
+
+
+async def test_a_drain_begun_before_a_reply_s_end_is_sent_sends_it_before_the_goaway() -> None:
+    """The drain closes an idle HTTP/2 connection at once, GOAWAY first. A stream is closed
+    (the connection idle) once its reply is handed to the send task whole, before the send
+    task sends the last DATA and its END_STREAM; a drain begun in between closed the
+    connection there, and after its GOAWAY h2 refused the END_STREAM: a reply cut off
+    though the GOAWAY named its stream taken (by hand, 30 clients reading slowly in a GET
+    loop at a drain: 11 or 12 of 30 cut off). Here the last DATA's write is held until the
+    drain has begun; the reply must go out whole, then the GOAWAY."""
+    socket = FullSocket()
+    context = WorkerContext(None)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                            (":authority", "x")], end_stream=True)  # fmt: skip
+    async with TaskGroup() as task_group:
+        protocol = served_over(socket, reply_ok, context, task_group)
+        await protocol.initiate()
+        await protocol.handle(RawData(client.data_to_send()))
+        await trio.testing.wait_all_tasks_blocked()  # the send task, at the reply's DATA
+        assert not protocol.streams  # closed by the reply's task: the idle timer runs
+        await context.terminated.set()  # the drain begins: the idle timer closes
+        await trio.testing.wait_all_tasks_blocked()
+        socket.released.set()
+    events = client.receive_data(bytes(socket.written))
+    ends = [
+        type(e).__name__
+        for e in events
+        if isinstance(e, h2.events.StreamEnded | h2.events.ConnectionTerminated)
+    ]
+    assert ends == ["StreamEnded", "ConnectionTerminated"]
