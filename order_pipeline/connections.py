@@ -101,11 +101,17 @@ class _OneConnection(TCPServer):
         (httpx: `Server disconnected`), where the drain refuses one on a busy connection as
         not processed. The GOAWAY waits for the END_STREAM of a reply handed over whole
         (`replies_ended`), and is written directly; each wait bounded, for a client that
-        reads nothing: hypercorn shields its writes."""
+        reads nothing: hypercorn shields its writes.
+
+        A stream opened as the timer fired (before it stopped the timer) keeps the
+        connection: the close, shielded, ran on, naming that stream taken and cutting it
+        off. Its end restarts the timer, and in a drain closes the connection."""
         protocol = self.protocol.protocol
         if isinstance(protocol, _H2Protocol):
             with trio.move_on_after(GOAWAY_WAIT_S):
                 await protocol.replies_ended()
+            if not protocol.idle:
+                return
             with trio.move_on_after(GOAWAY_WAIT_S):
                 if goaway := protocol.goaway():
                     async with self.send_lock:

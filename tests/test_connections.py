@@ -290,9 +290,10 @@ class FullSocket:
 
 def served_over(
     socket: FullSocket, app: Any, context: WorkerContext, task_group: TaskGroup
-) -> connections._H2Protocol:
+) -> tuple[connections._OneConnection, connections._H2Protocol]:
     """`app` served over HTTP/2 on `socket` as hypercorn's Trio worker does it (its idle timer
-    and close included), but without its reads: the protocol, to be handed the client's."""
+    and close included), but without its reads: the connection, and its protocol, to be
+    handed the client's."""
     connection = connections._OneConnection(
         ASGIWrapper(app),
         Config(),
@@ -307,7 +308,7 @@ def served_over(
     )  # fmt: skip
     wrapper = SimpleNamespace(protocol=protocol, handle=protocol.handle)
     connection.protocol = wrapper  # type: ignore[assignment]
-    return protocol
+    return connection, protocol
 
 
 async def test_a_drain_begun_before_a_reply_s_end_is_sent_sends_it_before_the_goaway() -> None:
@@ -325,7 +326,7 @@ async def test_a_drain_begun_before_a_reply_s_end_is_sent_sends_it_before_the_go
     client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
                             (":authority", "x")], end_stream=True)  # fmt: skip
     async with TaskGroup() as task_group:
-        protocol = served_over(socket, reply_ok, context, task_group)
+        _, protocol = served_over(socket, reply_ok, context, task_group)
         await protocol.initiate()
         await protocol.handle(RawData(client.data_to_send()))
         await trio.testing.wait_all_tasks_blocked()  # the send task, at the reply's DATA
@@ -340,3 +341,43 @@ async def test_a_drain_begun_before_a_reply_s_end_is_sent_sends_it_before_the_go
         if isinstance(e, h2.events.StreamEnded | h2.events.ConnectionTerminated)
     ]
     assert ends == ["StreamEnded", "ConnectionTerminated"]
+
+
+async def test_a_stream_opened_as_the_idle_timer_fires_is_answered_before_the_close() -> None:
+    """The idle timer fires (at the idle limit, or at once as the drain begins) as a new
+    stream's request is taken in, before that stream stops the timer: the timer's close,
+    shielded, ran on with the stream open, its GOAWAY naming that stream taken, then cut
+    it off, the order cancelled as for a client that left (by hand, 30 clients in a GET
+    loop at a drain: a stream open at 1 or 2 of the 30 closes, in each of 3 runs). Here the
+    close runs with the stream open, as the timer's that fired just before it opened; the
+    stream is answered, then the drain's GOAWAY closes the connection."""
+    socket = FullSocket()
+    socket.released.set()
+    context = WorkerContext(None)
+    answer = trio.Event()
+
+    async def reply_when_told(scope: Any, receive: Any, send: Any) -> None:
+        await answer.wait()
+        await reply_ok(scope, receive, send)
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                            (":authority", "x")], end_stream=True)  # fmt: skip
+    async with TaskGroup() as task_group:
+        connection, protocol = served_over(socket, reply_when_told, context, task_group)
+        await protocol.initiate()
+        await protocol.handle(RawData(client.data_to_send()))
+        await context.terminated.set()  # the drain begins
+        async with trio.open_nursery() as timer:
+            timer.start_soon(connection._initiate_server_close)  # it fired as the stream opened
+            await trio.testing.wait_all_tasks_blocked()
+            answer.set()
+    events = client.receive_data(bytes(socket.written))
+    data = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    ends = [
+        type(e).__name__
+        for e in events
+        if isinstance(e, h2.events.StreamEnded | h2.events.ConnectionTerminated)
+    ]
+    assert (data, ends, socket.closed) == (b"ok", ["StreamEnded", "ConnectionTerminated"], True)
