@@ -536,14 +536,12 @@ class _H2Protocol(H2Protocol):
         stream is left open and every reply's END_STREAM is sent: a stream is closed before
         the send task sends its END_STREAM, so a GOAWAY read in between found none open and
         the reply lost its end. The wait ends with the idle timer at the latest (it runs once
-        no stream is open), should the client not read. In a drain hypercorn closes the
-        connection itself. The reader and a stream's task may both come here: the first to
-        close does."""
-        if not self._gone_away or self.context.terminated.is_set():
+        no stream is open), should the client not read. In a drain `stream_send` closes the
+        connection, as any other. The reader and a stream's task may both come here: the
+        first to close does."""
+        if not self._gone_away or self.context.terminated.is_set() or self.streams:
             return
-        unsent = self._ending  # a reply whole, its stream closed, its END_STREAM not sent
-        while not self.streams and any(map(unsent, list(self.stream_buffers))):  # noqa: ASYNC110
-            await trio.sleep(0.001)  # no event: the send task deletes the buffer at END_STREAM
+        await self.replies_ended()
         if self.streams or self.closed or self._closing:
             return
         self._closing = True
