@@ -523,12 +523,17 @@ class _H2Protocol(H2Protocol):
         if not isinstance(event, StreamClosed):
             await super().stream_send(event)
             return
-        await self._close_stream(event.stream_id)  # hypercorn's StreamClosed from here on
-        if self.idle and self.context.terminated.is_set():
-            await self.replies_ended()
-            self.connection.close_connection()
-            await self._flush()
-        await self.send(Updated(idle=self.idle))
+        # Hypercorn's StreamClosed branch from here on, with the errors it ignores there (the
+        # connection closed meanwhile: its GOAWAY made, a client's error GOAWAY).
+        with contextlib.suppress(
+            KeyError, priority.priority.MissingStreamError, h2.exceptions.ProtocolError
+        ):
+            await self._close_stream(event.stream_id)
+            if self.idle and self.context.terminated.is_set():
+                await self.replies_ended()
+                self.connection.close_connection()
+                await self._flush()
+            await self.send(Updated(idle=self.idle))
         await self._close_once_gone_away()
 
     async def _close_once_gone_away(self) -> None:
