@@ -860,18 +860,6 @@ def goaway(error_code: int, last_stream_id: int) -> bytes:
     return frame.serialize()
 
 
-async def read_until_closed(client: RawH2) -> None:
-    """Take in what the server sends until it closes the connection (sending nothing)."""
-    while data := await client.stream.receive_some(65_536):
-        for event in client.conn.receive_data(data):
-            if isinstance(event, h2.events.StreamEnded):
-                client.ended.add(event.stream_id)
-            elif isinstance(event, h2.events.StreamReset):
-                client.resets[event.stream_id] = event.error_code
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                client.goaway = event.error_code
-
-
 @pytest.mark.parametrize("last_stream_id", [0, 3], ids=["0", "the highest"])
 async def test_an_http2_client_going_away_gets_the_replies_of_its_open_streams(
     start_server: StartServer, last_stream_id: int
@@ -897,7 +885,7 @@ async def test_an_http2_client_going_away_gets_the_replies_of_its_open_streams(
             await client.until(
                 lambda: {first, body_after} <= client.ended and late in client.resets
             )
-            await read_until_closed(client)
+            await client.until_closed()
     assert client.statuses == {first: 200, body_after: 200}
     assert client.resets == {late: h2.errors.ErrorCodes.REFUSED_STREAM}
     assert client.goaway == h2.errors.ErrorCodes.NO_ERROR
@@ -924,7 +912,7 @@ async def test_an_http2_client_going_away_as_its_reply_comes_gets_it_whole_and_a
                 sid = client.post(json.dumps({**NORMAL, "order_id": f"o-{n}"}).encode())
                 await client.until(lambda: sid in client.statuses)  # noqa: B023 # called here
                 await stream.send_all(goaway(h2.errors.ErrorCodes.NO_ERROR, 0))
-                await read_until_closed(client)
+                await client.until_closed()
         assert client.statuses == {sid: 200}
         if client.ended != {sid}:
             cut_off.append(n)
@@ -949,7 +937,7 @@ async def test_an_http2_stream_after_its_client_s_goaway_in_the_same_write_is_re
         going_away = goaway(h2.errors.ErrorCodes.NO_ERROR, 0)
         with trio.fail_after(10):
             await stream.send_all(preface + going_away + client.conn.data_to_send())
-            await read_until_closed(client)
+            await client.until_closed()
     assert (client.resets, client.goaway) == (
         {late: h2.errors.ErrorCodes.REFUSED_STREAM},
         h2.errors.ErrorCodes.NO_ERROR,
@@ -973,7 +961,7 @@ async def test_an_http2_client_gone_away_that_resets_its_last_stream_is_closed(
             await stream.send_all(goaway(h2.errors.ErrorCodes.NO_ERROR, 0))
             client.conn.reset_stream(first, h2.errors.ErrorCodes.CANCEL)
             await client.flush()
-            await read_until_closed(client)
+            await client.until_closed()
     assert (client.statuses, client.goaway) == ({}, h2.errors.ErrorCodes.NO_ERROR)
     lines = await server.wait_for_lines(lambda ls: any(x.get("order_id") for x in ls))
     assert [x["kind"] for x in lines if x.get("order_id") == "in-flight"] == ["canceled"]
@@ -997,7 +985,7 @@ async def test_an_http2_client_going_away_on_an_error_is_a_client_that_left(
         with trio.fail_after(10):
             first = await an_order_in_flight(client, server.url, vendor_ms=1000)
             await stream.send_all(goaway(error_code, first))
-            await read_until_closed(client)
+            await client.until_closed()
     assert (client.statuses, client.goaway) == ({}, None)
     lines = await server.wait_for_lines(lambda ls: any(x.get("order_id") for x in ls))
     [line] = [x for x in lines if x.get("order_id") == "in-flight"]
