@@ -175,6 +175,24 @@ async def reply_ok(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+def client_asking_get() -> h2.connection.H2Connection:
+    """An HTTP/2 client whose first stream, 1, is a GET of `/` (sent once its data is)."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                            (":authority", "x")], end_stream=True)  # fmt: skip
+    return client
+
+
+def ends_of(events: list[h2.events.Event]) -> list[str]:
+    """The stream ends and GOAWAYs among a client's events, in order, by name."""
+    return [
+        type(e).__name__
+        for e in events
+        if isinstance(e, h2.events.StreamEnded | h2.events.ConnectionTerminated)
+    ]
+
+
 async def test_an_http2_client_s_goaway_before_its_reply_s_end_is_sent_waits_for_it() -> None:
     """A client's GOAWAY(NO_ERROR) read once its stream is closed (the reply handed to the
     send task whole) but before the send task has sent the reply's end: no stream open, the
@@ -197,10 +215,7 @@ async def test_an_http2_client_s_goaway_before_its_reply_s_end_is_sent_waits_for
             closed.set()
             await protocol.handle(Closed())
 
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
-                            (":authority", "x")], end_stream=True)  # fmt: skip
+    client = client_asking_get()
     async with TaskGroup() as task_group:
         protocol = connections._H2Protocol(
             ASGIWrapper(reply_ok), Config(), WorkerContext(None), task_group,
@@ -249,10 +264,7 @@ async def test_an_http2_client_gone_away_that_reads_nothing_is_left_to_the_idle_
             if opened and event.idle:
                 idle.set()
 
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
-                            (":authority", "x")], end_stream=True)  # fmt: skip
+    client = client_asking_get()
     goaway = hyperframe.frame.GoAwayFrame(0, error_code=h2.errors.ErrorCodes.NO_ERROR)
     async with TaskGroup() as task_group:
         protocol = connections._H2Protocol(
@@ -321,10 +333,7 @@ async def test_a_drain_begun_before_a_reply_s_end_is_sent_sends_it_before_the_go
     drain has begun; the reply must go out whole, then the GOAWAY."""
     socket = FullSocket()
     context = WorkerContext(None)
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
-                            (":authority", "x")], end_stream=True)  # fmt: skip
+    client = client_asking_get()
     async with TaskGroup() as task_group:
         _, protocol = served_over(socket, reply_ok, context, task_group)
         await protocol.initiate()
@@ -335,11 +344,7 @@ async def test_a_drain_begun_before_a_reply_s_end_is_sent_sends_it_before_the_go
         await trio.testing.wait_all_tasks_blocked()
         socket.released.set()
     events = client.receive_data(bytes(socket.written))
-    ends = [
-        type(e).__name__
-        for e in events
-        if isinstance(e, h2.events.StreamEnded | h2.events.ConnectionTerminated)
-    ]
+    ends = ends_of(events)
     assert ends == ["StreamEnded", "ConnectionTerminated"]
 
 
@@ -360,10 +365,7 @@ async def test_a_stream_opened_as_the_idle_timer_fires_is_answered_before_the_cl
         await answer.wait()
         await reply_ok(scope, receive, send)
 
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
-                            (":authority", "x")], end_stream=True)  # fmt: skip
+    client = client_asking_get()
     async with TaskGroup() as task_group:
         connection, protocol = served_over(socket, reply_when_told, context, task_group)
         await protocol.initiate()
@@ -375,11 +377,7 @@ async def test_a_stream_opened_as_the_idle_timer_fires_is_answered_before_the_cl
             answer.set()
     events = client.receive_data(bytes(socket.written))
     data = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
-    ends = [
-        type(e).__name__
-        for e in events
-        if isinstance(e, h2.events.StreamEnded | h2.events.ConnectionTerminated)
-    ]
+    ends = ends_of(events)
     assert (data, ends, socket.closed) == (b"ok", ["StreamEnded", "ConnectionTerminated"], True)
 
 
@@ -393,10 +391,7 @@ async def test_a_drain_begun_as_a_stream_closes_sends_its_reply_s_end_before_the
     DATA's write held till then; the reply must go out whole, then the GOAWAY."""
     socket = FullSocket()
     context = WorkerContext(None)
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
-                            (":authority", "x")], end_stream=True)  # fmt: skip
+    client = client_asking_get()
     async with TaskGroup() as task_group:
         _, protocol = served_over(socket, reply_ok, context, task_group)
         close_stream = protocol._close_stream
@@ -411,11 +406,7 @@ async def test_a_drain_begun_as_a_stream_closes_sends_its_reply_s_end_before_the
         await trio.testing.wait_all_tasks_blocked()  # the send task, at the reply's DATA
         socket.released.set()
     events = client.receive_data(bytes(socket.written))
-    ends = [
-        type(e).__name__
-        for e in events
-        if isinstance(e, h2.events.StreamEnded | h2.events.ConnectionTerminated)
-    ]
+    ends = ends_of(events)
     assert (ends, socket.closed) == (["StreamEnded", "ConnectionTerminated"], True)
 
 
