@@ -175,6 +175,16 @@ async def reply_ok(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+def h2_protocol(
+    app: Any, context: WorkerContext, task_group: TaskGroup, send: Any
+) -> connections._H2Protocol:
+    """Our HTTP/2 protocol serving the ASGI `app`, writing to `send`, without a socket."""
+    return connections._H2Protocol(
+        ASGIWrapper(app), Config(), context, task_group,
+        ConnectionState({}), False, None, None, send,
+    )  # fmt: skip
+
+
 def client_asking_get() -> h2.connection.H2Connection:
     """An HTTP/2 client whose first stream, 1, is a GET of `/` (sent once its data is)."""
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -217,10 +227,7 @@ async def test_an_http2_client_s_goaway_before_its_reply_s_end_is_sent_waits_for
 
     client = client_asking_get()
     async with TaskGroup() as task_group:
-        protocol = connections._H2Protocol(
-            ASGIWrapper(reply_ok), Config(), WorkerContext(None), task_group,
-            ConnectionState({}), False, None, None, send,
-        )  # fmt: skip
+        protocol = h2_protocol(reply_ok, WorkerContext(None), task_group, send)
         await protocol.initiate()
         await protocol.handle(RawData(client.data_to_send()))
         await trio.testing.wait_all_tasks_blocked()  # the send task, at the reply's DATA
@@ -267,10 +274,7 @@ async def test_an_http2_client_gone_away_that_reads_nothing_is_left_to_the_idle_
     client = client_asking_get()
     goaway = hyperframe.frame.GoAwayFrame(0, error_code=h2.errors.ErrorCodes.NO_ERROR)
     async with TaskGroup() as task_group:
-        protocol = connections._H2Protocol(
-            ASGIWrapper(reply_ok), Config(), WorkerContext(None), task_group,
-            ConnectionState({}), False, None, None, send,
-        )  # fmt: skip
+        protocol = h2_protocol(reply_ok, WorkerContext(None), task_group, send)
         await protocol.initiate()
         await protocol.handle(RawData(client.data_to_send() + goaway.serialize()))
         with trio.fail_after(HEADER_TIMEOUT_S):
@@ -314,10 +318,7 @@ def served_over(
         socket,  # type: ignore[arg-type]
     )
     connection._task_group = task_group
-    protocol = connections._H2Protocol(
-        ASGIWrapper(app), Config(), context, task_group,
-        ConnectionState({}), False, None, None, connection.protocol_send,
-    )  # fmt: skip
+    protocol = h2_protocol(app, context, task_group, connection.protocol_send)
     wrapper = SimpleNamespace(protocol=protocol, handle=protocol.handle)
     connection.protocol = wrapper  # type: ignore[assignment]
     return connection, protocol
@@ -429,10 +430,7 @@ async def test_a_stream_crossing_the_idle_close_s_goaway_is_dropped_not_a_protoc
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
     async with TaskGroup() as task_group:
-        protocol = connections._H2Protocol(
-            ASGIWrapper(reply_ok), Config(), WorkerContext(None), task_group,
-            ConnectionState({}), False, None, None, send,
-        )  # fmt: skip
+        protocol = h2_protocol(reply_ok, WorkerContext(None), task_group, send)
         await protocol.initiate()
         await protocol.handle(RawData(client.data_to_send()))
         written.extend(protocol.goaway())  # the idle close's, as `_OneConnection` sends it
