@@ -1501,7 +1501,7 @@ async def test_step_records_of_a_batch_locked_out_are_written_with_the_next(
         with closing(sqlite3.connect(path, isolation_level=None)) as other:
             other.execute("BEGIN IMMEDIATE")
             store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok", None, 5))
-            with pytest.raises(StoreUnavailable):
+            with pytest.raises(StoreUnavailable) as failed:
                 await store.get("k-1")  # in the same batch: both fail
             other.execute("ROLLBACK")
         store.record_step("k-1", order.attempt_id, StepRecord("vendor", "ok", None, 3))
@@ -1510,7 +1510,8 @@ async def test_step_records_of_a_batch_locked_out_are_written_with_the_next(
     assert stored.steps == (
         StepRecord("payment", "ok", None, 5), StepRecord("vendor", "ok", None, 3)
     )  # fmt: skip
-    assert "1 record(s) not stored yet, held for the next commit" in caplog.text
+    held = f"1 record(s) not stored yet, held for the next commit: {failed.value}"
+    assert held in caplog.messages  # the outage's own words, for whoever reads the log
 
 
 @asynccontextmanager
@@ -1613,6 +1614,30 @@ async def test_step_records_whose_commit_failed_ride_on_the_next_call(
         assert stored.steps == (undone, StepRecord("vendor", "ok", None, 7))
 
 
+@pytest.mark.parametrize("in_a_store_process", [False, True])
+async def test_step_records_held_again_hold_back_no_other_order_s(
+    tmp_path: Path, in_a_store_process: bool
+) -> None:
+    """One order's step records held after an outage, another order's recorded since: the next
+    commit writes both (the other's go with an operation of their own, not the held one's)."""
+    path, aside = tmp_path / "orders.db", tmp_path / "aside.db"
+    async with sqlite_here_or_in_a_store_process(path, in_a_store_process) as store:
+        first, second = await begun(store, "k-1"), await begun(store, "k-2")
+        store.record_step("k-1", first.attempt_id, StepRecord("payment", "ok", None, 5))
+        path.rename(aside)  # an outage: every commit fails
+        with pytest.raises(StoreUnavailable):
+            await store.renew_lease("w-1", 5)  # carries the step record
+        aside.rename(path)
+        store.record_step("k-2", second.attempt_id, StepRecord("vendor", "ok", None, 7))
+
+        stored = [await store.get(key) for key in ("k-1", "k-2")]
+
+    assert [order.steps if order else None for order in stored] == [
+        (StepRecord("payment", "ok", None, 5),),
+        (StepRecord("vendor", "ok", None, 7),),
+    ]
+
+
 async def test_step_records_held_from_two_batches_in_a_row_keep_their_order(
     tmp_path: Path,
 ) -> None:
@@ -1653,7 +1678,7 @@ async def test_step_records_held_from_two_batches_in_a_row_keep_their_order(
 
 
 async def test_a_batch_that_raises_unexpectedly_fails_its_callers_instead_of_hanging(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A bug in a backend's batch (an exception out of `_run_batch`) is StoreUnavailable for
     every caller of that batch; the next batch runs as usual."""
@@ -1671,6 +1696,7 @@ async def test_a_batch_that_raises_unexpectedly_fails_its_callers_instead_of_han
         with trio.fail_after(10), pytest.raises(StoreUnavailable, match="a bug"):
             await store.get("k-1")
         assert await store.get("k-1") is None
+    assert f"{store.where}: a batch failed unexpectedly" in caplog.messages
 
 
 async def test_a_final_record_that_meets_a_backend_s_bug_is_not_held_again(
@@ -1694,6 +1720,93 @@ async def test_a_final_record_that_meets_a_backend_s_bug_is_not_held_again(
     assert stored is not None
     assert stored.state == RUNNING
     assert "a queued record not stored: " in caplog.text
+
+
+async def test_a_record_failing_on_its_own_is_logged_lost_not_held_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kept record whose operation fails for an error of its own (not an outage) is lost with
+    a line in the log, not held again: held, it would fail again in every batch it rode on."""
+
+    def refused(conn: sqlite3.Connection) -> None:
+        raise ValueError("refused")
+
+    async with SqliteStore(tmp_path / "orders.db") as store:
+        store._put(refused, None, kept=True)
+        assert await store.get("k-1") is None  # carries it; the rest of the batch commits
+        riding = list(store._riding)
+    assert riding == []
+    assert "a queued record not stored: refused" in caplog.messages
+    assert "held for the next commit" not in caplog.text
+
+
+async def test_records_committed_are_not_held_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A final record and step records that committed are done with: nothing is held for the
+    next commit (held, they would be written again with every batch)."""
+    async with SqliteStore(tmp_path / "orders.db") as store:
+        order = await begun(store)
+        store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok", None, 5))
+        store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
+        stored = await store.get("k-1")
+        riding = list(store._riding)
+    assert stored is not None
+    assert (stored.state, stored.steps) == (FINISHED, (StepRecord("payment", "ok", None, 5),))
+    assert riding == []
+    assert "held for the next commit" not in caplog.text
+
+
+async def test_step_records_recorded_between_two_calls_ride_as_one_operation(
+    tmp_path: Path,
+) -> None:
+    """Step records recorded before a call hands what is held to the writer thread are queued
+    as one operation (one statement in the batch), not one each."""
+    async with SqliteStore(tmp_path / "orders.db") as store:
+        order = await begun(store)
+        for step in ("payment", "vendor", "courier"):
+            store.record_step("k-1", order.attempt_id, StepRecord(step, "ok", None, 1))
+        queued = len(store._riding)
+        stored = await store.get("k-1")
+    assert queued == 1
+    assert stored is not None
+    assert [record.step for record in stored.steps] == ["payment", "vendor", "courier"]
+
+
+async def test_a_record_whose_batch_fails_once_the_close_began_is_logged_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A final record whose batch fails for an outage after the store's close began is not held
+    again (no call will carry it): it is logged as not stored, once."""
+    path, aside = tmp_path / "orders.db", tmp_path / "aside.db"
+
+    async def fails() -> None:
+        with pytest.raises(StoreUnavailable):
+            await store.renew_lease("w-1", 5)
+
+    async def taken() -> bool:  # the batch taken, waiting for the lock
+        return store._queue.empty()
+
+    async with SqliteStore(path, busy_timeout=30) as store:
+        order = await begun(store)
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            async with trio.open_nursery() as nursery:
+                store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
+                nursery.start_soon(fails)  # carries the finish
+                await trio.testing.wait_all_tasks_blocked()
+                await wait_for(taken, "the writer to take the batch")
+                nursery.start_soon(store.aclose)
+                await trio.testing.wait_all_tasks_blocked()  # closing: waits for the thread
+                path.rename(aside)  # an outage: the batch fails
+            aside.rename(path)
+            other.execute("ROLLBACK")
+    assert caplog.text.count("a queued record not stored: ") == 1
+    assert "held for the next commit" not in caplog.text
+    async with SqliteStore(path) as store:
+        stored = await store.get("k-1")
+    assert stored is not None
+    assert stored.state == RUNNING
 
 
 @pytest.mark.parametrize("store_url", SQL_BACKEND_PARAMS, indirect=True)
@@ -1777,8 +1890,9 @@ async def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
         pass
     with pytest.raises(StoreUnavailable, match="closed"):
         await store.get("k-1")
-    with pytest.raises(StoreUnavailable, match="closed"):
-        store.record_step("k-1", "a", StepRecord("payment", "ok"))
+    for step in ("payment", "vendor"):  # each of them, not the first only
+        with pytest.raises(StoreUnavailable, match="closed"):
+            store.record_step("k-1", "a", StepRecord(step, "ok"))
 
 
 def _may_use_sched_batch() -> bool:
