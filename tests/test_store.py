@@ -2593,6 +2593,10 @@ async def test_an_upgrade_that_deadlocks_with_an_older_hosts_batch_is_tried_agai
             return bool(rows[0][0])
 
         await run(f"SET search_path TO {schema}")
+        # The deadlock is found, and its victim chosen, by the first of the two to wait out its
+        # deadlock_timeout (1 s); the batch begins to wait 10 to 25 ms after the migration, a
+        # margin a busy machine's scheduling can undo. The batch looks last, whatever the timing.
+        await run("SET deadlock_timeout = '10s'")
         await run("BEGIN")
         await run(
             "INSERT INTO steps (attempt_id, step, status, duration_ms)"
