@@ -1638,6 +1638,32 @@ async def test_step_records_held_again_hold_back_no_other_order_s(
     ]
 
 
+@pytest.mark.parametrize("in_a_store_process", [False, True])
+async def test_the_log_counts_the_step_records_held_and_lost_not_their_operations(
+    tmp_path: Path, in_a_store_process: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Records of an attempt whose records are held join the held operation, leaving the one
+    queued for them with none: the lines count records, and an operation with none is neither
+    held nor lost (a store closed in an outage logged `0 step record(s) written together not
+    stored` at error, once per such operation, beside the lines of the records lost)."""
+    path, aside = tmp_path / "orders.db", tmp_path / "aside.db"
+    async with sqlite_here_or_in_a_store_process(path, in_a_store_process) as store:
+        order = await begun(store)
+        store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok", None, 5))
+        path.rename(aside)  # an outage: every commit fails
+        with pytest.raises(StoreUnavailable):
+            await store.renew_lease("w-1", 5)  # carries the payment's record: held
+        store.record_step("k-1", order.attempt_id, StepRecord("vendor", "ok", None, 7))
+        store.record_step("k-1", order.attempt_id, StepRecord("courier", "ok", None, 3))
+        with pytest.raises(StoreUnavailable):
+            await store.renew_lease("w-1", 5)  # the vendor's and courier's join the payment's
+    # The store closed while the outage lasts: what it holds is tried once more, and lost.
+    held = [m.split(":")[0] for m in caplog.messages if "held for the next commit" in m]
+    lost = [m.split(":")[0] for m in caplog.messages if "not stored: " in m]
+    assert held[-1] == "3 record(s) not stored yet, held for the next commit"
+    assert lost == ["3 step record(s) written together not stored"]
+
+
 async def test_step_records_held_from_two_batches_in_a_row_keep_their_order(
     tmp_path: Path,
 ) -> None:

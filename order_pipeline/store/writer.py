@@ -72,20 +72,22 @@ T = TypeVar("T")
 class Op(Generic[C, T]):
     """One queued operation; `waiter` (the task to wake once it is committed) is None for
     fire-and-forget (record_step, finish_soon). `taken`, if given, is called by the writer
-    thread as it takes the operation into a batch, and says what the operation writes.
-    `kept`: an operation nobody waits for that is held again if its batch fails for an
-    outage, until it is committed or the store closes (an order's final record). `settled`,
-    if given, is called where the batches run once an operation nobody waits for has run,
-    before the next batch is taken: with True if it is to be held again."""
+    thread as it takes the operation into a batch, to take what it writes. `what` and
+    `records` say what it writes and how many records that is, for the log (one unless its
+    owner says; none, and its batch failing holds and loses nothing). `kept`: an operation
+    nobody waits for that is held again if its batch fails for an outage, until it is
+    committed or the store closes (an order's final record). `settled`, if given, is called
+    where the batches run once an operation nobody waits for has run, before the next batch
+    is taken: with True if it is to be held again."""
 
-    __slots__ = ("error", "fn", "kept", "result", "settled", "taken", "waiter", "what")
+    __slots__ = ("error", "fn", "kept", "records", "result", "settled", "taken", "waiter", "what")
     result: T
 
     def __init__(
         self,
         fn: Callable[[C], T],
         waiter: trio.lowlevel.Task | None,
-        taken: Callable[[], str] | None = None,
+        taken: Callable[[], None] | None = None,
         *,
         kept: bool = False,
         settled: Callable[[bool], None] | None = None,
@@ -96,12 +98,14 @@ class Op(Generic[C, T]):
         self.kept = kept
         self.settled = settled
         self.what = "a queued record"  # for the log line if it is lost
+        self.records = 1
         self.error: BaseException | None = None
 
     @property
     def to_try_again(self) -> bool:
-        """Kept, and not committed for an outage (not for an error of its own)."""
-        return self.kept and isinstance(self.error, StoreUnavailable)
+        """Kept, with records to write, and not committed for an outage (not for an error of
+        its own)."""
+        return self.kept and self.records > 0 and isinstance(self.error, StoreUnavailable)
 
 
 class WriterThread(Generic[C]):
@@ -208,7 +212,7 @@ class WriterThread(Generic[C]):
         """Run what was handed over as one batch, each operation taking what it writes first."""
         for op in ops:
             if op.taken is not None:
-                op.what = op.taken()
+                op.taken()
         try:
             self._run_batch(ops)
         except Exception as exc:  # a backend's bug: none of its callers may hang
@@ -246,8 +250,9 @@ class WriterThread(Generic[C]):
             for op in ops:
                 log_lost(op)
             return
+        records = sum(op.records for op in ops)
         logger.warning(
-            "%d record(s) not stored yet, held for the next commit: %s", len(ops), ops[0].error
+            "%d record(s) not stored yet, held for the next commit: %s", records, ops[0].error
         )
         self._riding[:0] = ops
 
@@ -269,7 +274,7 @@ class WriterThread(Generic[C]):
         self,
         fn: Callable[[C], T],
         waiter: trio.lowlevel.Task | None,
-        taken: Callable[[], str] | None = None,
+        taken: Callable[[], None] | None = None,
         *,
         kept: bool = False,
         settled: Callable[[bool], None] | None = None,
@@ -304,13 +309,14 @@ class BatchRun:
 
 def settle_unwaited(op: Op[Any, Any], again: list[Op[Any, Any]], *, closing: bool) -> None:
     """An operation nobody waits for, its batch run: put in `again` to be held again if it is
-    kept and an outage stopped it (unless the store is closing); else, if it failed, logged."""
+    kept and an outage stopped it (unless the store is closing); else, if it failed with
+    records to write, logged."""
     held = op.to_try_again and not closing
     if op.settled is not None:
         op.settled(held)
     if held:
         again.append(op)
-    elif op.error is not None:
+    elif op.error is not None and op.records:
         log_lost(op)
 
 
@@ -373,7 +379,9 @@ class RowsWrittenTogether(Generic[C]):
             self._queued = True
             taking = _Taking(self)
             try:
-                self._store._put(taking.write, None, taking.take, kept=True, settled=taking.settled)
+                taking.op = self._store._put(
+                    taking.write, None, taking.take, kept=True, settled=taking.settled
+                )
             except StoreUnavailable:
                 self._queued = False  # the row stays, never written: the store is closed
                 raise
@@ -390,6 +398,7 @@ class RowsWrittenTogether(Generic[C]):
             for row in rows:
                 if (other := holding.get(row[0])) is not None:
                     other.rows.append(row)
+                    other.counted()
                 else:
                     own.append(row)
             rows = own
@@ -401,14 +410,22 @@ class RowsWrittenTogether(Generic[C]):
 class _Taking(Generic[C]):
     """One queued operation of `RowsWrittenTogether`, and the rows it took."""
 
+    op: Op[C, None]  # the operation queued, once it is
+
     def __init__(self, together: RowsWrittenTogether[C]) -> None:
         self.together = together
         self.rows: list[tuple[Any, ...]] = []
 
-    def take(self) -> str:
+    def take(self) -> None:
         if not self.rows:  # held again with rows: it writes those (see RowsWrittenTogether)
             self.rows = self.together._take(self)
-        return f"{len(self.rows)} step record(s) written together"
+        self.counted()
+
+    def counted(self) -> None:
+        """Tell the operation's log lines how many rows it writes: none when those queued went
+        to a held operation's (or one taken before took them), more when others join them."""
+        self.op.records = len(self.rows)
+        self.op.what = f"{len(self.rows)} step record(s) written together"
 
     def settled(self, held: bool) -> None:
         if not held:  # written, or lost with a line in the log
