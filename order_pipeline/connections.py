@@ -37,6 +37,7 @@ from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import EventWrapper
 from hypercorn.typing import H11SendableEvent
 
 from .http.app import MAX_BODY_BYTES
@@ -147,6 +148,12 @@ class _H11Protocol(H11Protocol):
     limit with its 413 alone, and ending a reply under way before it closes the connection
     on the client's protocol error.
 
+    Once the connection's close is sent, nothing read is handled: a request read while the
+    reply before it was under way (pipelined, or sent as that reply's end arrived) waits for
+    the reply's cycle to end (h11 PAUSED), and where the drain ends that cycle in the close,
+    hypercorn's reader, woken, found the request PAUSED still and waited again, for good,
+    holding the drain to the end of its grace (`_CanRead`).
+
     Hypercorn sends a 100 to every request that expects one, before the app sees it: a
     client whose Content-Length the app refuses (413) was told to send the body first
     (curl expects a 100 for every body over 1 MB). The app's 413 comes instead, and the
@@ -165,6 +172,8 @@ class _H11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._body_refused = False
         self._closing: trio.Event | None = None  # set when the close held back is made
+        self.reads_over = False  # the close is sent
+        self.can_read = _CanRead(self)
         close_or_write = self.send
 
         async def send(event: ConnectionEvent) -> None:
@@ -174,17 +183,21 @@ class _H11Protocol(H11Protocol):
                     return
                 if self._closing is not None:
                     self._closing.set()
+                self.reads_over = True  # first: a reader woken by the close must see it
             await close_or_write(event)
 
         self.send = send
 
     async def handle(self, event: ConnectionEvent) -> None:
+        if isinstance(event, RawData) and self.reads_over:
+            return  # read as the close was sent
         if self._closing is not None:
             if isinstance(event, RawData):  # after the error: held back by TCP, not kept
                 await self._closing.wait()
                 return
             self._closing.set()  # Closed: the client is gone (a write failed)
-        await super().handle(event)
+        with contextlib.suppress(_ReadsOver):
+            await super().handle(event)
 
     async def _create_stream(self, request: h11.Request) -> None:
         # h11 has made a Content-Length one number; with chunks it is no size (RFC 9112 §6.1).
@@ -212,6 +225,27 @@ class _H11Protocol(H11Protocol):
             and isinstance(connection, h11.Connection)
             and connection.our_state is h11.SEND_BODY
         )
+
+
+class _ReadsOver(Exception):
+    """The HTTP/1.1 connection's close is sent: what its reader read is not a request to run."""
+
+
+class _CanRead(EventWrapper):
+    """Hypercorn's `can_read` of an HTTP/1.1 connection, which its reader waits on while a
+    request it read waits for the reply before it (h11 PAUSED); once the connection's close
+    is sent, the wait ends that request's handling (`_ReadsOver`), where hypercorn's reader,
+    woken by the close, found it PAUSED still and waited again, for good."""
+
+    def __init__(self, protocol: _H11Protocol) -> None:
+        super().__init__()
+        self._protocol = protocol
+
+    async def wait(self) -> None:
+        if not self._protocol.reads_over:
+            await super().wait()
+        if self._protocol.reads_over:
+            raise _ReadsOver
 
 
 def _reset_malformed(
