@@ -56,6 +56,7 @@ from .store import (
     UNKNOWN_OUTCOME,
     Begun,
     Existing,
+    FinishedReply,
     OrderStore,
     StepRecord,
     StoredOrder,
@@ -238,11 +239,17 @@ class OrderDesk:
             return self._not_recorded_yet(order, key)
         if final is None or final.kind == INTERRUPTED:
             ours = await self._holding(attempt)
-            if ours is not None and ours.state == RUNNING and ours.owner == self.owner:
+            if ours is not None and ours.owner == self.owner:
                 # Nobody claimed it: our final record failed alone (a row locked past the
-                # lock timeout) and is held for the next commit (writer.py), not lost.
-                return self._not_recorded_yet(order, key)
-            if ours is not None:
+                # lock timeout) and is held for the next commit (writer.py), not lost; or it
+                # landed since, with the look that read the order (a claim makes the claimer
+                # its owner).
+                if ours.state == RUNNING:
+                    return self._not_recorded_yet(order, key)
+                assert ours.http_status is not None
+                assert ours.reply is not None
+                final = FinishedReply(ours.http_status, ours.reply, ours.kind)
+            elif ours is not None:
                 # Our lease lapsed and another process claimed the order to undo it, while
                 # our run went on: a step of ours that took effect after its undo is ours to
                 # undo (compensations are idempotent). Not once a retry runs the key again:

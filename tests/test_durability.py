@@ -42,6 +42,7 @@ from order_pipeline.store import (
     RUNNING,
     UNKNOWN_OUTCOME,
     Begun,
+    FinishedReply,
     MemoryStore,
     OrderStore,
     SqliteStore,
@@ -1079,6 +1080,61 @@ async def test_an_order_whose_final_record_meets_a_lock_is_503_and_keeps_its_cha
         assert (status, json.loads(body)["status"]) == (200, "ok")
         assert headers["Idempotent-Replayed"] == "true"
         assert await store.net_charge("k-1") == ORDER["amount"]
+
+
+@pytest.mark.postgres
+async def test_an_order_whose_held_final_record_lands_before_the_desk_looks_again_is_not_undone(
+    schema: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An order that succeeded, whose final record met a row lock held past lock_timeout (held
+    for the next commit) and whose reply was not there to read, the lock gone before the desk
+    looks at the order again: that look carries the held record, so the order is finished,
+    under this process. The desk took that for another process's takeover and undid the
+    order (refunded, its compensations recorded) while its record said ok: the client got
+    409, then 200 ok on its retry, and its money back. Seen at 30 orders a second under a
+    LOCK TABLE of 4 s (1 of 420 orders). It is this process's record: its reply is sent."""
+    from .pg import postgres_url
+    from .test_store import postgres_stores, row_locked
+
+    async with postgres_stores(postgres_url(schema=schema), 1, timeout=0.3) as (store,):
+        settings = Settings(payment_delay_ms=0, vendor_delay_ms=0, courier_delay_ms=500)
+        assembly = assemble(settings, store=store)
+        release, released = trio.Event(), trio.Event()
+        read_reply = store.finished_reply
+
+        async def finished_reply(key: str, attempt_id: str) -> FinishedReply | None:
+            reply = await read_reply(key, attempt_id)
+            release.set()  # the lock ends before the desk looks at the order again
+            await released.wait()
+            return reply
+
+        monkeypatch.setattr(store, "finished_reply", finished_reply)
+        answers: list[tuple[int, bytes, Headers]] = []
+
+        async def lock_until_released() -> None:
+            async with row_locked(schema, "k-1"):
+                await release.wait()
+            released.set()
+
+        async def send() -> None:
+            answers.append(await post(assembly, ORDER, key="k-1"))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                while await store.get("k-1") is None:  # noqa: ASYNC110 # begun; courier takes 0.5 s
+                    await trio.sleep(0.01)
+                nursery.start_soon(lock_until_released)
+        stored = await store.get("k-1")
+        charged = await store.net_charge("k-1")
+
+    assert stored is not None
+    status, body, _ = answers[0]
+    assert (status, json.loads(body)["status"]) == (200, "ok")
+    assert (stored.state, stored.kind) == (FINISHED, None)
+    assert [step.compensation for step in stored.steps] == [None, None, None]
+    assert charged == ORDER["amount"]
+    assert "taken over" not in caplog.text
 
 
 @pytest.mark.parametrize("path", ["/order/%00", "/order/k%00-1", "/order/a%20b", "/order/%C3%A9"])
