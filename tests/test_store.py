@@ -2319,6 +2319,19 @@ def application() -> str:
     return f"order-store-test-{uuid.uuid4().hex[:12]}"
 
 
+async def waits_for_a_lock(app: str, relation: str, mode: str | None = None) -> bool:
+    """Whether a connection named `app` waits for a lock on `relation` (of `mode`, if given)."""
+    rows = await sql(
+        "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+        " WHERE application_name = %s AND NOT granted AND relation = %s::regclass"
+        " AND mode = coalesce(%s, mode)",
+        app,
+        relation,
+        mode,
+    )
+    return bool(rows[0][0])
+
+
 @pytest.mark.postgres
 async def test_two_hosts_begin_one_key_once(schema: str) -> None:
     """Two stores on one schema, 50 begins of one key from each at once: exactly one Begun."""
@@ -2610,13 +2623,7 @@ async def test_an_upgrade_that_deadlocks_with_an_older_hosts_batch_is_tried_agai
                 pass
 
         async def migration_waits_for_steps() -> bool:
-            rows = await sql(
-                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
-                " WHERE application_name = %s AND NOT granted AND relation = %s::regclass",
-                app,
-                f"{schema}.steps",
-            )
-            return bool(rows[0][0])
+            return await waits_for_a_lock(app, f"{schema}.steps")
 
         await run(f"SET search_path TO {schema}")
         # The deadlock is found, and its victim chosen, by the first of the two to wait out its
@@ -2671,14 +2678,7 @@ async def test_an_upgrade_leaves_the_old_index_rather_than_stall_orders_behind_a
                 pass
 
         async def drop_waits() -> bool:
-            rows = await sql(
-                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
-                " WHERE application_name = %s AND NOT granted AND relation = %s::regclass"
-                " AND mode = 'AccessExclusiveLock'",
-                app,
-                f"{schema}.orders",
-            )
-            return bool(rows[0][0])
+            return await waits_for_a_lock(app, f"{schema}.orders", "AccessExclusiveLock")
 
         await run(f"SET search_path TO {schema}")
         await run("BEGIN ISOLATION LEVEL REPEATABLE READ")
