@@ -121,6 +121,25 @@ def test_the_step_statuses_modelled_and_documented_are_the_same() -> None:
         assert not valid({"name": "vendor", "status": status, "duration_ms": None})
 
 
+def test_an_ok_reply_has_only_steps_that_ran_and_succeeded() -> None:
+    """An `ok` reply's steps each ended `ok`, timed, with nothing undone: the document
+    allows no other step there (it allowed `unknown` with a null duration, which the
+    server never sends in an `ok` reply, and a client generating its types took)."""
+    success = {**DOC["components"]["schemas"]["OrderSuccess"], "components": DOC["components"]}
+    valid = jsonschema.Draft202012Validator(success).is_valid
+    ran = [{"name": n, "status": "ok", "duration_ms": 3} for n in ("payment", "vendor", "courier")]
+
+    assert valid({"status": "ok", "order_id": "a", "steps": ran})
+    for changed in (
+        {"status": "unknown", "duration_ms": None},
+        {"status": "error", "detail": "payment_declined"},
+        {"status": "canceled"},
+        {"compensation": {"status": "ok", "duration_ms": 1}},
+    ):
+        steps = [{**ran[0], **changed}, *ran[1:]]
+        assert not valid({"status": "ok", "order_id": "a", "steps": steps}), changed
+
+
 # Every character some regex engine calls whitespace: Python's (str.isspace) and ECMAScript's,
 # whose `\s` a client's JSON Schema validator uses (it adds U+FEFF, lacks U+001C-U+001F, U+0085).
 _SPACES = {c for c in map(chr, range(0x3001)) if c.isspace()} | {"\ufeff"}
