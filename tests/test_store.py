@@ -2704,27 +2704,24 @@ async def test_hosts_making_a_schema_at_once_under_a_stricter_isolation_make_it_
     stricter than read committed (set here by the URL): the one that waited for the other's
     migration must find it done. It read the version again in its first read's snapshot,
     from before that migration, made the tables again and failed to open (DuplicateTable:
-    exit 2). Both are held at the migration lock until both wait there."""
-    from order_pipeline.store.postgres import MIGRATION_LOCK, VERSION_TABLE
+    exit 2). Both are held at the schema's migration lock until both wait there."""
+    from order_pipeline.store.postgres import VERSION_TABLE
 
     url = with_params(
         postgres_url(schema=schema), options=f"-cdefault_transaction_isolation={isolation}"
     )
+    lock = await _schema_migration_lock(schema)
     holder = await trio.to_thread.run_sync(admin)
     stores = [postgres_store(url) for _ in range(2)]
     try:
-        await trio.to_thread.run_sync(
-            holder.execute, "SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,)
-        )
+        await trio.to_thread.run_sync(holder.execute, "SELECT pg_advisory_lock(%s)", (lock,))
         async with trio.open_nursery() as nursery:
             for store in stores:
                 nursery.start_soon(store.__aenter__)
             with trio.fail_after(20):
-                while await _waiting_for(MIGRATION_LOCK) < len(stores):  # noqa: ASYNC110 # the database's state
+                while await _waiting_for(lock) < len(stores):  # noqa: ASYNC110 # the database's state
                     await trio.sleep(0.05)
-            await trio.to_thread.run_sync(
-                holder.execute, "SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,)
-            )
+            await trio.to_thread.run_sync(holder.execute, "SELECT pg_advisory_unlock(%s)", (lock,))
         for store in stores:
             assert await store.get("k-none") is None  # open, and on one schema
         assert await sql(f"SELECT count(*) FROM {VERSION_TABLE}", schema=schema) == [(1,)]
@@ -2734,15 +2731,134 @@ async def test_hosts_making_a_schema_at_once_under_a_stricter_isolation_make_it_
             await store.aclose()
 
 
-async def _waiting_for(advisory_lock: int) -> int:
-    """How many sessions wait for the advisory lock (a bigint key: its high and low halves)."""
+async def _schema_migration_lock(schema: str) -> int:
+    """The advisory lock's key a migration of `schema` takes: "ordp" and the schema's oid."""
+    from order_pipeline.store.postgres import SCHEMA_MIGRATION_LOCKS
+
+    rows = await sql("SELECT oid::bigint FROM pg_namespace WHERE nspname = %s", schema)
+    return int(SCHEMA_MIGRATION_LOCKS + rows[0][0])
+
+
+async def _waiting_for(advisory_lock: int | None, app: str | None = None) -> int:
+    """How many sessions (named `app`, if given) wait for the advisory lock (a bigint key: its
+    high and low halves), or for any if it is None."""
+    high, low = (None, None) if advisory_lock is None else divmod(advisory_lock, 1 << 32)
     rows = await sql(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-        " AND classid::bigint = %s AND objid::bigint = %s",
-        advisory_lock >> 32,
-        advisory_lock & 0xFFFFFFFF,
+        "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+        " WHERE locktype = 'advisory' AND NOT granted"
+        " AND classid::bigint = coalesce(%s, classid::bigint)"
+        " AND objid::bigint = coalesce(%s, objid::bigint)"
+        " AND application_name = coalesce(%s, application_name)",
+        high,
+        low,
+        app,
     )
     return int(rows[0][0])
+
+
+@pytest.mark.postgres
+async def test_a_new_schema_opens_while_another_schemas_upgrade_waits(schema: str) -> None:
+    """Two order stores in one database, a schema each (staging and production, say): the
+    upgrade of one, its index's build waiting for a lock on its orders, does not hold up the
+    first start of the other. The migration lock was one key for the whole database: the
+    new schema's store waited for the other's migration, up to the lock wait (60 s), and
+    failed to start."""
+    other = pg.new_schema()
+    other_url = postgres_url(schema=other)
+    with postgres_code_of_version(2):
+        async with open_store(other_url):
+            pass
+    upgrading, starting = application(), application()
+    started = trio.Event()
+
+    async def upgrade() -> None:
+        async with open_store(with_params(other_url, application_name=upgrading)):
+            pass
+
+    async def first_start() -> None:
+        async with open_store(with_params(postgres_url(schema=schema), application_name=starting)):
+            started.set()
+
+    async def upgrade_waits() -> bool:
+        return await waits_for_a_lock(upgrading, f"{other}.orders")
+
+    async def started_or_waits() -> bool:
+        return started.is_set() or await _waiting_for(None, starting) > 0
+
+    # The lock (a batch's, say) is let go first, then the nursery waits for both stores.
+    async with trio.open_nursery() as nursery, table_locked(other, "orders", "ROW EXCLUSIVE"):
+        nursery.start_soon(upgrade)
+        await wait_for(upgrade_waits, "the upgrade's index to wait for the orders table")
+        nursery.start_soon(first_start)
+        await wait_for(started_or_waits, "the new schema's store to start or to wait")
+        waited = not started.is_set()
+    assert not waited, "the new schema's first start waited for the other schema's migration"
+    assert await _pg_indexes(schema) == await _pg_indexes(other) == _PG_INDEXES[3]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("older", [1, 2])
+async def test_an_upgrade_an_older_release_could_make_waits_for_its_migration_lock(
+    schema: str, older: int
+) -> None:
+    """A rolling upgrade: a host of an older release migrates a schema (up to version 2, the
+    newest it knows) under the database's one migration lock alone. A new host upgrading a
+    schema of version 1 takes that lock too, so the two do not migrate it at once (each
+    would build the same index); one of version 2, which no older release migrates, does
+    not wait for it (another schema's migration may hold it)."""
+    from order_pipeline.store.postgres import MIGRATION_LOCK
+
+    url = postgres_url(schema=schema)
+    with postgres_code_of_version(older):
+        async with open_store(url):
+            pass
+    app = application()
+    opened = trio.Event()
+
+    async def upgrade() -> None:
+        async with open_store(with_params(url, application_name=app)):
+            opened.set()
+
+    async def opened_or_waits() -> bool:
+        return opened.is_set() or await _waiting_for(MIGRATION_LOCK, app) > 0
+
+    holder = await trio.to_thread.run_sync(admin)  # the older host's migration's
+    try:
+        await trio.to_thread.run_sync(
+            holder.execute, "SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,)
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upgrade)
+            await wait_for(opened_or_waits, "the upgrade to open the store or to wait")
+            waited = not opened.is_set()
+            await trio.to_thread.run_sync(
+                holder.execute, "SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,)
+            )
+    finally:
+        await trio.to_thread.run_sync(holder.close)
+    assert waited == (older == 1)
+    assert await _pg_indexes(schema) == _PG_INDEXES[3]
+
+
+@pytest.mark.postgres
+async def test_a_schema_whose_version_an_older_host_set_back_is_upgraded_again(
+    schema: str,
+) -> None:
+    """A host of an older release that read the version below 2, and waited for the
+    database's migration lock while another host took the schema to 2, finds it at 2 and
+    writes 2 (its UPDATE, unconditional) after a new host's upgrade to 3, which took the
+    schema's own lock alone. The next start upgrades it again: version 3's indexes are made
+    only if missing (it failed to start: relation "orders_attention" already exists)."""
+    from order_pipeline.store.postgres import VERSION_TABLE
+
+    url = postgres_url(schema=schema)
+    async with open_store(url) as store:
+        order = await begun(store, "k-1")
+    await sql(f"UPDATE {VERSION_TABLE} SET version = 2", schema=schema)  # the older host's
+    async with open_store(url) as store:
+        assert await store.get("k-1") == order
+    assert await sql(f"SELECT version FROM {VERSION_TABLE}", schema=schema) == [(3,)]
+    assert await _pg_indexes(schema) == _PG_INDEXES[3]
 
 
 async def _tables(schema: str) -> list[str]:

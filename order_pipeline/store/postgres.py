@@ -66,9 +66,10 @@ Order timestamps are the database's `now()` too, returned as unix seconds.
 
 Opening (in the thread too) connects once outside the pool, so a wrong host, port, password or
 database is a one-line StoreError naming the host; then creates or migrates the schema in the
-first schema of the search_path (`?options=-csearch_path%3Dname` chooses it) under
-`pg_advisory_xact_lock`, so two hosts starting at once do not both migrate; a schema version
-newer than this program's, or tables of the same names that are not ours, are refused.
+first schema of the search_path (`?options=-csearch_path%3Dname` chooses it) under the
+schema's own `pg_advisory_xact_lock` (and the database's one below version 2, which older
+releases take: `_lock_migration`), so two hosts starting at once do not both migrate; a schema
+version newer than this program's, or tables of the same names that are not ours, are refused.
 
 Cancellation, as for SQLite: a coroutine is cancellable until its operation is queued and not
 after: it waits (shielded) for its batch to commit, so a caller that gets Cancelled knows
@@ -123,8 +124,14 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION: Final = 3
 VERSION_TABLE: Final = "order_pipeline_schema"
 TABLES: Final = ("orders", "steps", "leases", "ledger")
-# Taken around checking and migrating the schema: "ordp" and 1, one constant for every database.
+# Taken around migrating a schema (`_lock_migration`): a schema's own lock, "ordp" and the
+# schema's oid (never 1, a system object's), so that schemas of one database (staging beside
+# production, say) migrate apart; and below OLDER_RELEASES_MIGRATE_TO the database's one
+# lock too, "ordp" and 1, which older releases took alone.
+SCHEMA_MIGRATION_LOCKS: Final = 0x6F726470_00000000
 MIGRATION_LOCK: Final = 0x6F726470_00000001
+# The newest version a release that took MIGRATION_LOCK alone migrates a schema to.
+OLDER_RELEASES_MIGRATE_TO: Final = 2
 MIGRATION_WAIT: Final = 60.0  # s, for the lock of another host's migration
 # A migration locks its tables one after another (version 3: orders, steps, then orders alone
 # to drop an index), so the batch of an older host still running that holds one and waits for
@@ -172,7 +179,9 @@ _PURGEABLE: Final = f"finished_at IS NOT NULL AND kind IS DISTINCT FROM '{COMPEN
 # The step records of failed undos, as their partial index has them and the listing repeats.
 _UNDO_FAILED: Final = f"compensation IN ('{FAILED_COMPENSATIONS[0]}', '{FAILED_COMPENSATIONS[1]}')"
 # _MIGRATIONS[v] takes a schema from version v to v + 1, statement by statement, in the
-# transaction that holds MIGRATION_LOCK (`_migrate`).
+# transaction that holds the migration's locks (`_migrate`). Those from
+# OLDER_RELEASES_MIGRATE_TO on make what is already there again without fail (IF NOT EXISTS):
+# an older host may have set the version back below them (`_lock_migration`).
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
         f"CREATE TABLE {VERSION_TABLE} (version integer NOT NULL)",
@@ -225,10 +234,10 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # step to hash those few); and the purge's range without the orders it keeps, so that
     # it no longer reads past every compensation_failed one at each batch.
     (
-        'CREATE INDEX orders_attention ON orders (started_at, key COLLATE "C")'
+        'CREATE INDEX IF NOT EXISTS orders_attention ON orders (started_at, key COLLATE "C")'
         f" WHERE {MAY_NEED_ATTENTION}",
-        f"CREATE INDEX steps_undo_failed ON steps (attempt_id) WHERE {_UNDO_FAILED}",
-        f"CREATE INDEX orders_purgeable ON orders (finished_at) WHERE {_PURGEABLE}",
+        f"CREATE INDEX IF NOT EXISTS steps_undo_failed ON steps (attempt_id) WHERE {_UNDO_FAILED}",
+        f"CREATE INDEX IF NOT EXISTS orders_purgeable ON orders (finished_at) WHERE {_PURGEABLE}",
     ),
 )
 # Version 3 also drops orders_finished_at, which orders_purgeable replaces (`_drop_if_free`).
@@ -773,14 +782,38 @@ def _migrate_once(conn: Conn, where: str) -> None:
         version = _schema_version(conn, where)
         if version == SCHEMA_VERSION:
             return  # the usual case: no lock taken
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        version = _schema_version(conn, where)  # another host may have done it meanwhile
+        version = _lock_migration(conn, where)
         for migration in _MIGRATIONS[version:]:
             for statement in migration:
                 conn.execute(statement)
         if version < 3 <= SCHEMA_VERSION:  # migration 3 ran
             _drop_if_free(conn, where, _REPLACED_BY_3)
         conn.execute(f"UPDATE {VERSION_TABLE} SET version = %s", (SCHEMA_VERSION,))
+
+
+def _lock_migration(conn: Conn, where: str) -> int:
+    """Take the locks that keep other hosts from migrating the schema at the same time, and
+    return its version read again under them (another host may have migrated it meanwhile).
+
+    The schema's own lock, so that a migration in another schema of the database does not
+    hold this one up (a first start waited for another schema's upgrade, up to the lock
+    wait). Hosts of older releases, still running in a rolling upgrade, take the database's
+    MIGRATION_LOCK alone, and migrate a schema below OLDER_RELEASES_MIGRATE_TO (up to it):
+    below that this takes MIGRATION_LOCK too, always after the schema's own, so that no two
+    hosts wait for each other (and a host that waits for this schema's migration holds up no
+    other schema's). From that version on no older host migrates the schema, but one that
+    read the version below it may still write its own (its UPDATE, unconditional) over this
+    migration's: the next start then makes the newer migrations again (IF NOT EXISTS)."""
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(%s + oid::bigint) FROM pg_namespace"
+        " WHERE nspname = current_schema()",
+        (SCHEMA_MIGRATION_LOCKS,),
+    )
+    version = _schema_version(conn, where)
+    if version < OLDER_RELEASES_MIGRATE_TO:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        version = _schema_version(conn, where)
+    return version
 
 
 def _drop_if_free(conn: Conn, where: str, index: str) -> None:
@@ -795,7 +828,7 @@ def _drop_if_free(conn: Conn, where: str, index: str) -> None:
     try:
         with conn.transaction():  # a savepoint
             conn.execute(f"SET LOCAL lock_timeout = '{LOCK_WAIT_S:g}s'")
-            conn.execute(f"DROP INDEX {index}")
+            conn.execute(f"DROP INDEX IF EXISTS {index}")
     except errors.LockNotAvailable:
         logger.warning(
             "%s: index %s was left in place, another transaction holding orders (a backup?):"
