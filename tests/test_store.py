@@ -170,6 +170,58 @@ async def test_records_from_a_process_that_lost_its_order_are_ignored(store: Ord
     assert stored.steps == (undone,)
 
 
+async def test_records_from_before_an_order_was_claimed_back_take_no_undo_back(
+    store: OrderStore,
+) -> None:
+    """w-1's lease lapsed; w-2 claimed its order, undid its steps and died; w-1 claimed it
+    back. w-1's records from before (held in an outage, or of its run going on) then carry
+    its owner again, and land: they may not take a step's compensation back (a compensated
+    step read as not undone; a failed undo no longer needing attention), and a compensation
+    that failed may not replace one that succeeded (the step is undone: they are idempotent)."""
+    order = await begun(store, owner="w-1")  # w-1 holds no lease: as good as dead
+    (claimed,) = await store.claim_interrupted("w-2", 10)
+    assert claimed.owner == "w-2"
+    refunded = StepRecord("payment", "ok", None, 5, "ok", 3)
+    notified = StepRecord("vendor", "ok", None, 7, "ok", 2)
+    not_cancelled = StepRecord("courier", "ok", None, 4, "error", 8)
+    undone = (refunded, notified, not_cancelled)
+    for record in undone:
+        store.record_step("k-1", order.attempt_id, record, owner="w-2")
+    await store.get("k-1")  # committed; then w-2 dies (it never held a lease either)
+    (back,) = await store.claim_interrupted("w-1", 10)
+    assert back.owner == "w-1"
+
+    for record in (
+        StepRecord("payment", "ok", None, 5),
+        StepRecord("vendor", "ok", None, 7, "timeout", 900),
+        StepRecord("courier", "ok", None, 4),
+    ):
+        store.record_step("k-1", order.attempt_id, record, owner="w-1")
+    stored = await store.get("k-1")
+
+    assert stored is not None
+    assert stored.steps == back.steps == undone
+    assert stored.needs_attention
+
+
+async def test_a_record_taking_an_undo_back_loses_in_one_commit_too(store: OrderStore) -> None:
+    """Records of one step committed together are written as if one after another: the later
+    replaces the earlier unless it would take its undo back (PostgreSQL, which writes one row
+    per step, picks it so)."""
+    order = await begun(store)
+    refunded = StepRecord("payment", "ok", None, 5, "ok", 3)
+    for record in (StepRecord("payment", "ok", None, 5, "error", 9), refunded):
+        store.record_step("k-1", order.attempt_id, record)
+    store.record_step("k-1", order.attempt_id, StepRecord("payment", "ok", None, 5))
+    store.record_step("k-1", order.attempt_id, StepRecord("vendor", "ok", None, 7, "error", 4))
+    store.record_step("k-1", order.attempt_id, StepRecord("vendor", "ok", None, 7))
+
+    stored = await store.get("k-1")
+
+    assert stored is not None
+    assert stored.steps == (refunded, StepRecord("vendor", "ok", None, 7, "error", 4))
+
+
 async def test_a_finish_from_a_process_that_lost_its_order_is_ignored(store: OrderStore) -> None:
     """Once another process has claimed an order, the first one's final record (its own
     reply, by finish and finish_soon) is ignored; the claimer's stands."""
@@ -1701,6 +1753,47 @@ async def test_step_records_held_from_two_batches_in_a_row_keep_their_order(
 
     assert stored is not None
     assert stored.steps == (undone,)
+
+
+async def test_step_records_held_while_an_order_was_taken_over_take_no_undo_back(
+    tmp_path: Path,
+) -> None:
+    """Two processes on one file. w-1's lease lapsed; w-2 claimed its order, recorded its
+    payment refunded and died. w-1's record of the payment, held after an outage, lands once
+    w-1 has claimed the order back: its claim ran in a batch of its own, handed over behind
+    the failed one before Trio held that one's records again, so they commit after it, under
+    w-1's name the order's owner's again. They may not take the refund back (the payment read
+    as not undone)."""
+    path = tmp_path / "orders.db"
+    async with SqliteStore(path, busy_timeout=1.0) as first, SqliteStore(path) as second:
+        order = await begun(first, owner="w-1")  # w-1 holds no lease: its lease lapsed
+        await second.claim_interrupted("w-2", 10)
+        refunded = StepRecord("payment", "ok", None, 5, "ok", 3)
+        second.record_step("k-1", order.attempt_id, refunded, owner="w-2")
+        await second.aclose()  # w-2 dies (it never held a lease either)
+        ran = StepRecord("payment", "ok", None, 5)
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+
+            async def renew_in_an_outage() -> None:
+                with pytest.raises(StoreUnavailable):
+                    await first.renew_lease("w-1", 5)  # carries w-1's record: held again
+                other.execute("ROLLBACK")  # the outage ends while the claim waits for the lock
+
+            async def first_taken() -> bool:  # its step record taken, the batch waiting
+                return not first._steps._queued
+
+            other.execute("BEGIN IMMEDIATE")  # w-1's outage: its batch waits for the lock
+            async with trio.open_nursery() as nursery:
+                first.record_step("k-1", order.attempt_id, ran, owner="w-1")
+                nursery.start_soon(renew_in_an_outage)
+                await wait_for(first_taken, "the writer to take the failing batch")
+                (back,) = await first.claim_interrupted("w-1", 10)  # the batch behind it
+
+        stored = await first.get("k-1")  # commits the held record
+
+    assert back.steps == (refunded,)
+    assert stored is not None
+    assert (stored.owner, stored.steps) == ("w-1", (refunded,))
 
 
 async def test_a_batch_that_raises_unexpectedly_fails_its_callers_instead_of_hanging(

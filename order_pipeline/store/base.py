@@ -62,6 +62,29 @@ def step_row(
     )  # fmt: skip # the table's columns in their order, then the key and the owner
 
 
+def takes_undo_back(stored: str | None, record: str | None) -> bool:
+    """Whether a step record whose compensation is `record` would take back the stored one's
+    (`stored`): a step's compensation only goes forward, none, then failed (error, timeout),
+    then ok. Such a record is older than the stored one, and not written: a process whose
+    lease lapsed in an outage, its order claimed and undone by another that then died, claims
+    the order back (its own name the owner's again), and its records from before (held for
+    the next commit, writer.py; or of its run going on) land after the other's undo. Once a
+    compensation succeeded the step is undone (compensations are idempotent), whatever a
+    record from before says."""
+    return (stored is not None and record is None) or (
+        stored == CompensationStatus.OK and record != CompensationStatus.OK
+    )
+
+
+# `takes_undo_back` as the SQL backends' upsert condition: the stored row `steps`, the record
+# `excluded`; their upsert writes a record only if it takes no undo back.
+NO_UNDO_TAKEN_BACK: Final = (
+    f"(steps.compensation IS NULL OR excluded.compensation = '{CompensationStatus.OK.value}'"
+    " OR (excluded.compensation IS NOT NULL"
+    f" AND steps.compensation <> '{CompensationStatus.OK.value}'))"
+)
+
+
 @attrs.frozen
 class StoredOrder:
     """An order as committed: enough to replay its reply or to run/compensate it again."""
@@ -242,7 +265,8 @@ class OrderStore(Protocol):
     ) -> None:
         """Queue a step's outcome (upsert by attempt and step); the commit of the next call
         that waits for one carries it (see writer.py; at the latest, the store's close).
-        Ignored, as `finish` is, for a stale attempt and for an order claimed by another."""
+        Ignored, as `finish` is, for a stale attempt and for an order claimed by another; and
+        where it would take the step's compensation back (`takes_undo_back`)."""
         ...
 
     async def finish(

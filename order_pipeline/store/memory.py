@@ -24,6 +24,7 @@ from .base import (
     FinishedReply,
     StepRecord,
     StoredOrder,
+    takes_undo_back,
 )
 
 
@@ -90,7 +91,10 @@ class MemoryStore:
         if order is None or order.attempt_id != attempt_id:
             return
         if owner is None or order.owner == owner:
-            self._steps.setdefault(attempt_id, {})[record.step] = record
+            steps = self._steps.setdefault(attempt_id, {})
+            stored = steps.get(record.step)
+            if stored is None or not takes_undo_back(stored.compensation, record.compensation):
+                steps[record.step] = record
 
     async def finish(
         self,

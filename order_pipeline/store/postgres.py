@@ -104,6 +104,7 @@ from .base import (
     FINISHED,
     LIST_PAGE,
     MAY_NEED_ATTENTION,
+    NO_UNDO_TAKEN_BACK,
     RUNNING,
     Begun,
     ClockWatch,
@@ -115,6 +116,7 @@ from .base import (
     StoreUnavailable,
     one_line,
     step_row,
+    takes_undo_back,
 )
 from .urls import postgres_params, shown_url
 from .writer import Op, RepliesWritten, RowsWrittenTogether, WriterThread
@@ -976,10 +978,11 @@ _REFUND = (
 )
 _NET = "SELECT coalesce(sum(amount), 0)::bigint FROM ledger WHERE key = {} AND NOT refunded"
 # Step records as one JSON array of `step_row`s, in order: a record whose attempt is no longer
-# the order's, or whose order another process claimed, is dropped; one row per step (an upsert
-# may not touch a row twice). The attempt is checked by a scalar subquery, a lookup of the
-# key's index per record: the planner made an EXISTS a hash join that read every order, once
-# per batch.
+# the order's, or whose order another process claimed, is dropped, and so is one that would
+# take its step's undo back (base.takes_undo_back: one from before the order was claimed
+# back); one row per step (an upsert may not touch a row twice: `_record_steps`). The attempt
+# is checked by a scalar subquery, a lookup of the key's index per record: the planner made
+# an EXISTS a hash join that read every order, once per batch.
 _RECORD_STEPS = f"""
     INSERT INTO steps (attempt_id, {_STEP})
     SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, (r ->> 4)::bigint, r ->> 5, (r ->> 6)::bigint
@@ -990,6 +993,7 @@ _RECORD_STEPS = f"""
     ON CONFLICT (attempt_id, step) DO UPDATE SET
         status = excluded.status, detail = excluded.detail, duration_ms = excluded.duration_ms,
         compensation = excluded.compensation, compensation_ms = excluded.compensation_ms
+    WHERE {NO_UNDO_TAKEN_BACK}
 """
 # Orders with their current attempt's steps (NULLs for an order without any), in order.
 _WITH_STEPS = (
@@ -1101,8 +1105,13 @@ def _restart(
 
 
 def _record_steps(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
-    # A later record of a step replaces an earlier one, in the earlier one's place.
-    latest = {(row[0], row[1]): row for row in rows}
+    # A later record of a step replaces an earlier one, in the earlier one's place, unless it
+    # would take its undo back: as SQLite's upsert of each in turn.
+    latest: dict[tuple[Any, Any], tuple[Any, ...]] = {}
+    for row in rows:
+        earlier = latest.get(row[:2])
+        if earlier is None or not takes_undo_back(earlier[5], row[5]):
+            latest[row[:2]] = row
     conn.execute(_RECORD_STEPS, (orjson.dumps(list(latest.values())).decode(),))
 
 

@@ -52,6 +52,7 @@ from .base import (
     FINISHED,
     LIST_PAGE,
     MAY_NEED_ATTENTION,
+    NO_UNDO_TAKEN_BACK,
     RUNNING,
     Begun,
     ClockWatch,
@@ -598,7 +599,8 @@ _REFUND = (
 # Step records as one JSON array (text, which every SQLite since 3.9 reads) of `step_row`s, in
 # order (json_extract, not ->>, which needs 3.38). WHERE EXISTS: a record whose attempt is no
 # longer the order's, or whose order another process claimed, is dropped (and it parses the
-# upsert right); a later record of a step updates the earlier one.
+# upsert right); a later record of a step updates the earlier one, unless it would take its
+# undo back (base.takes_undo_back: a record from before the order was claimed back).
 _RECORD_STEPS = f"""
     INSERT INTO steps (attempt_id, {_STEP})
     SELECT json_extract(r.value, '$[0]'), json_extract(r.value, '$[1]'),
@@ -615,6 +617,7 @@ _RECORD_STEPS = f"""
     ON CONFLICT (attempt_id, step) DO UPDATE SET
         status = excluded.status, detail = excluded.detail, duration_ms = excluded.duration_ms,
         compensation = excluded.compensation, compensation_ms = excluded.compensation_ms
+    WHERE {NO_UNDO_TAKEN_BACK}
 """
 _INTERRUPTED = "WHERE key = ? AND state = ? AND kind = ? AND attempt = ?"
 
