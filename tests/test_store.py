@@ -2954,6 +2954,29 @@ async def test_a_schema_whose_version_an_older_host_set_back_is_upgraded_again(
     assert await _pg_indexes(schema) == _PG_INDEXES[3]
 
 
+@pytest.mark.postgres
+async def test_upgrading_again_drops_no_index_of_another_schema_of_the_search_path(
+    schema: str,
+) -> None:
+    """The same, with another store of version 2 in the next schema of the search_path
+    (production, say, not yet upgraded, in public after the role's own schema). The schema's
+    orders_finished_at is gone already: dropping it if it exists, by its name alone, found
+    the other schema's and dropped that one."""
+    from order_pipeline.store.postgres import VERSION_TABLE
+
+    other = pg.new_schema()
+    with postgres_code_of_version(2):
+        async with open_store(postgres_url(schema=other)):
+            pass
+    async with open_store(postgres_url(schema=schema)):
+        pass
+    await sql(f"UPDATE {VERSION_TABLE} SET version = 2", schema=schema)  # the older host's
+    async with open_store(postgres_url(schema=f"{schema},{other}")):
+        pass
+    assert await _pg_indexes(schema) == _PG_INDEXES[3]
+    assert await _pg_indexes(other) == _PG_INDEXES[2]
+
+
 async def _tables(schema: str) -> list[str]:
     rows = await sql(
         "SELECT table_name::text FROM information_schema.tables WHERE table_schema = %s",

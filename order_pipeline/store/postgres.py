@@ -96,6 +96,7 @@ import psycopg
 import psycopg_pool
 from psycopg import errors
 from psycopg.conninfo import make_conninfo
+from psycopg.sql import SQL, Identifier
 
 from ..kinds import COMPENSATION_FAILED, INTERRUPTED
 from ..model import new_id
@@ -826,11 +827,15 @@ def _drop_if_free(conn: Conn, where: str, index: str) -> None:
     behind it: every host's orders failed with 503 for the migration's lock wait (60 s), and
     then the host failed to start. So it waits LOCK_WAIT_S at most (above deadlock_timeout,
     so that a batch that read orders and waits for the migration is found and ended), and
-    past that leaves the index, which costs writes what it did before, for an operator."""
+    past that leaves the index, which costs writes what it did before, for an operator.
+    Named with its schema: one gone already (an older host set the version back) is not
+    looked for in the next schema of the search_path, another store's."""
+    row = conn.execute("SELECT current_schema()").fetchone()
+    assert row is not None
     try:
         with conn.transaction():  # a savepoint
             conn.execute(f"SET LOCAL lock_timeout = '{LOCK_WAIT_S:g}s'")
-            conn.execute(f"DROP INDEX IF EXISTS {index}")
+            conn.execute(SQL("DROP INDEX IF EXISTS {}").format(Identifier(row[0], index)))
     except errors.LockNotAvailable:
         logger.warning(
             "%s: index %s was left in place, another transaction holding orders (a backup?):"
