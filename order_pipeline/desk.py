@@ -50,6 +50,7 @@ from .model import (
     new_id,
 )
 from .orchestrator import Pipeline
+from .seldom import SeldomWarning
 from .serialization import compact, converter, dump_reply, encode_error, parse_order
 from .store import (
     RUNNING,
@@ -68,6 +69,7 @@ __all__ = ["Answer", "OnRefused", "OrderDesk", "canonical"]
 
 log = logging.getLogger(__name__)
 
+
 LEASE_RENEW_S: Final = 1.0
 # Interrupted orders claimed at a time; claimed again at once while a batch comes back full.
 RECOVERY_BATCH: Final = 1000
@@ -85,6 +87,17 @@ ANY_AGE: Final = -10 * 365 * 86_400.0
 
 OnRefused = Callable[[str, int, "str | None", str], None]
 """Hears an order answered without running: (kind, HTTP status, order_id if known, reason)."""
+
+
+def _refusals_line() -> SeldomWarning:
+    """Orders refused for an outage: one line a second or so (each also has its own line on
+    the orders' logger), then one when the store begins orders again."""
+    return SeldomWarning(
+        log,
+        "order %r refused: the store is unavailable (%s)",
+        "the store begins orders again, after %d order(s) refused as unavailable",
+        clock=trio.current_time,
+    )
 
 
 @attrs.frozen
@@ -173,6 +186,7 @@ class OrderDesk:
     # hold it for long). Never recovered here while they run, for the record (ok, say) would
     # land after the undoing, and a retry replay it with the money back.
     _held_records: set[str] = attrs.field(factory=set, init=False)
+    _refusals: SeldomWarning = attrs.field(factory=_refusals_line, init=False)
 
     async def submit(self, order: OrderRequest, key: str | None = None) -> Answer:
         """Run `order` under `key` (a fresh one if None), or answer from what the key holds.
@@ -195,6 +209,7 @@ class OrderDesk:
         request_hash = hashlib.sha256(body).hexdigest()
         try:
             begun = await self.store.begin(key, order.order_id, request_hash, body, self.owner)
+            self._refusals.ended()
             for _ in range(RESTART_TRIES):
                 if isinstance(begun, Begun):
                     return await self._run(order, key, begun.order)
@@ -221,7 +236,7 @@ class OrderDesk:
                 return await self._run(order, key, begun.order)
             return _error(ORDER_IN_PROGRESS, key=key)
         except StoreUnavailable as exc:
-            log.warning("order %r refused: the store is unavailable (%s)", order.order_id, exc)
+            self._refusals.warning(order.order_id, exc)
             return _error(STORE_UNAVAILABLE)
 
     async def _run(self, order: OrderRequest, key: str, stored: StoredOrder) -> Answer:

@@ -21,7 +21,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
@@ -41,6 +40,7 @@ from .logs import (
 )
 from .metrics import Metrics
 from .model import OrderResult
+from .seldom import Seldom, more_like_it
 from .server import Readiness, assemble, serve
 from .services.pool import MAX_SIZE, MIN_SIZE, clamp_size
 from .settings import Settings
@@ -342,18 +342,19 @@ def _not_hypercorns_running_line(record: logging.LogRecord) -> bool:
 class _AcceptErrorsSeldom(logging.Filter):
     """trio's accept loop, out of descriptors (EMFILE: a low `ulimit -n`) or memory, logs it
     at error with its traceback every 0.1 s while it lasts: ten times a second the same.
-    Said once a minute, without the traceback (trio's own, always the same)."""
+    Said once a minute, with how many went unsaid, without the traceback (trio's own,
+    always the same)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._next = float("-inf")
+        self._seldom = Seldom(ACCEPT_ERROR_EVERY_S)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now < self._next:
+        unsaid = self._seldom.due()
+        if unsaid is None:
             return False
-        self._next = now + ACCEPT_ERROR_EVERY_S
         record.exc_info = record.exc_text = None
+        record.msg = f"{record.msg}{more_like_it(unsaid)}"
         return True
 
 

@@ -13,7 +13,7 @@ PACKAGE = Path(order_pipeline.__file__).parent
 
 # Innermost first; a module may import its own layer and the layers before it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("model", {"kinds", "model", "serialization"}),
+    ("model", {"kinds", "model", "seldom", "serialization"}),
     ("store", {"store"}),
     ("orchestration", {"orchestrator"}),
     ("domain services", {"services", "desk"}),

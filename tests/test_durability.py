@@ -1889,3 +1889,41 @@ async def test_an_order_the_store_cannot_begin_is_a_warning_naming_it_and_why(
     assert warnings == [
         "order 'o-1' refused: the store is unavailable (database is locked (a test's))"
     ]
+
+
+async def test_orders_an_outage_refuses_are_a_line_a_second_that_counts_them_all(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.abc.Clock
+) -> None:
+    """Each order refused for an outage (503) was a warning of the desk's, besides its own
+    line on the orders' logger: 30 a second at 30 orders/s, the same words. Now the first is
+    said at once, then one a second at most, the latest, with how many like it went unsaid;
+    the store beginning orders again says those left unsaid, then that it does."""
+
+    class Down(MemoryStore):
+        down = True
+
+        async def begin(self, *args: Any) -> Any:
+            if self.down:
+                raise StoreUnavailable("database is locked (a test's)")
+            return await super().begin(*args)
+
+    store = Down()
+    refusing = assemble(Settings(), store=store).desk
+    with caplog.at_level(logging.WARNING, logger=DESK_LOGGER):
+        for n in range(60):
+            if n == 30:
+                await trio.sleep(1)
+            answer = await refusing.submit(make_order(f"o-{n}", amount=5), f"k-{n}")
+            assert answer.status == 503
+        await trio.sleep(1)
+        store.down = False
+        answer = await refusing.submit(make_order("o-60", amount=5), "k-60")
+
+    assert answer.status == 200
+    unavailable = "refused: the store is unavailable (database is locked (a test's))"
+    assert [r.getMessage() for r in caplog.records if r.name == DESK_LOGGER] == [
+        f"order 'o-0' {unavailable}",
+        f"order 'o-30' {unavailable} (and 29 more like it since the last such line)",
+        f"order 'o-59' {unavailable} (and 28 more like it since the last such line)",
+        "the store begins orders again, after 60 order(s) refused as unavailable",
+    ]

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +25,7 @@ import trio
 
 from order_pipeline.logs import BufferedHandler, JsonFormatter, configure_logging, flush_logs
 from order_pipeline.logs import request_id as request_id_var
+from order_pipeline.seldom import SeldomWarning
 from order_pipeline.settings import Settings
 
 from .launch import RUNNING, serve_argv
@@ -72,6 +74,81 @@ def log_many(logger: logging.Logger, count: int) -> None:
         else:
             logger.info("line %d: é", n, extra={"fields": fields})
     request_id_var.set(None)
+
+
+class Heard(logging.Handler):
+    """Each line logged, with the request ID it was logged under and its fields."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[str, str | None, dict[str, Any]]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", {})
+        self.lines.append((record.getMessage(), request_id_var.get(), fields))
+
+
+@pytest.fixture(name="heard")
+def _heard() -> Iterator[tuple[logging.Logger, Heard]]:
+    logger, heard = logging.getLogger("tests.seldom"), Heard()
+    logger.addHandler(heard)
+    yield logger, heard
+    logger.removeHandler(heard)
+
+
+def test_a_repeated_warning_is_said_at_once_then_a_line_a_second_counting_the_rest(
+    heard: tuple[logging.Logger, Heard],
+) -> None:
+    """The first at once; within the second after a line, none, but counted; the first one
+    after it is said with that count; the end, once a line is due, says the one left unsaid
+    (under its own request ID) and the end; the next one is then said at once."""
+    logger, lines = heard
+    now = [0.0]
+    warning = SeldomWarning(logger, "%d held: %s", "stored, after %d", clock=lambda: now[0])
+    for n in range(5):  # 0 s
+        request_id_var.set(f"r-{n}")
+        warning.warning(n, "locked")
+    now[0] = 1.0
+    warning.warning(5, "locked")
+    now[0] = 1.5
+    for n in range(6, 9):
+        request_id_var.set(f"r-{n}")
+        warning.warning(n, "gone")
+    request_id_var.set("r-end")
+    warning.ended()  # too soon after the line at 1 s: ending, said later
+    assert warning.ending
+    now[0] = 2.0
+    warning.ended()
+    warning.warning(9, "locked")  # another outage: at once
+    request_id_var.set(None)
+
+    more = "more like it since the last such line"
+    assert lines.lines == [
+        ("0 held: locked", "r-0", {}),
+        (f"5 held: locked (and 4 {more})", "r-4", {"more_like_it": 4}),
+        (f"8 held: gone (and 2 {more})", "r-8", {"more_like_it": 2}),
+        ("stored, after 9", "r-end", {"count": 9}),
+        ("9 held: locked", "r-end", {}),
+    ]
+    said = [fields.get("more_like_it", 0) for text, _, fields in lines.lines if "held" in text]
+    assert len(said) + sum(said) == 10
+
+
+def test_a_repeated_warning_left_unsaid_is_said_by_a_flush(
+    heard: tuple[logging.Logger, Heard],
+) -> None:
+    """A store that closes says what it left unsaid (no later line would), not an end."""
+    logger, lines = heard
+    warning = SeldomWarning(logger, "%d held", "stored, after %d", clock=lambda: 0.0)
+    for n in range(1, 4):
+        warning.warning(n)
+    warning.flush()
+    warning.flush()  # nothing more to say
+
+    assert [message for message, _, _ in lines.lines] == [
+        "1 held",
+        "3 held (and 1 more like it since the last such line)",
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["json", "text"])

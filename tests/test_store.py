@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import resource
 import signal
 import socket
@@ -1714,6 +1715,66 @@ async def test_the_log_counts_the_step_records_held_and_lost_not_their_operation
     lost = [m.split(":")[0] for m in caplog.messages if "not stored: " in m]
     assert held[-1] == "3 record(s) not stored yet, held for the next commit"
     assert lost == ["3 step record(s) written together not stored"]
+
+
+def said_and_unsaid(messages: list[str], line: str) -> tuple[int, int]:
+    """How many of `messages` are `line`, and how many like it they say went unsaid."""
+    said = [m for m in messages if line in m]
+    unsaid = [re.search(r"\(and (\d+) more like it since the last such line\)", m) for m in said]
+    return len(said), sum(int(found.group(1)) for found in unsaid if found)
+
+
+@pytest.mark.parametrize("in_a_store_process", [False, True])
+async def test_an_outage_s_failed_batches_are_a_line_a_second_that_counts_them_all(
+    tmp_path: Path, in_a_store_process: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each batch an outage fails holds the records it carried, and logged a line saying so:
+    at 30 orders/s, 30 lines a second of the same words. Now the first is said at once, then
+    one a second at most, the latest, with how many like it went unsaid; the store's close
+    says those left unsaid, so that the lines still count every batch."""
+    path, aside = tmp_path / "orders.db", tmp_path / "aside.db"
+    batches = 40
+    async with sqlite_here_or_in_a_store_process(path, in_a_store_process) as store:
+        order = await begun(store)
+        store.finish_soon("k-1", order.attempt_id, 200, b'{"status":"ok"}', None)
+        path.rename(aside)  # an outage: every commit fails, the final record is held
+        began = time.monotonic()
+        for _ in range(batches):
+            with pytest.raises(StoreUnavailable):
+                await store.renew_lease("w-1", 5)  # carries the held record: held again
+        took = time.monotonic() - began
+    said, unsaid = said_and_unsaid(caplog.messages, "held for the next commit")
+    assert said <= 2 + took  # the first, one a second, the one the close says
+    assert said + unsaid == batches
+
+
+async def test_the_end_of_an_outage_is_a_line_after_the_one_it_left_unsaid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, autojump_clock: trio.abc.Clock
+) -> None:
+    """Once the held records are stored, the log says so (and the line left unsaid before
+    it), once a line is due: an outage that comes and goes is still a line a second."""
+    path, aside = tmp_path / "orders.db", tmp_path / "aside.db"
+    async with SqliteStore(path, busy_timeout=0.2) as store:
+        order = await begun(store)
+        store.finish_soon("k-1", order.attempt_id, 200, b'{"status":"ok"}', None)
+        path.rename(aside)  # an outage: every commit fails, the final record is held
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable) as failed:
+                await store.renew_lease("w-1", 5)
+        aside.rename(path)
+        await store.renew_lease("w-1", 5)  # stores it: too soon after the first line to say
+        await trio.sleep(1)
+        await store.renew_lease("w-1", 5)
+        stored = await store.get("k-1")
+
+    assert stored is not None
+    assert stored.state == FINISHED
+    held = f"1 record(s) not stored yet, held for the next commit: {failed.value}"
+    assert [m for m in caplog.messages if "held" in m] == [
+        held,
+        f"{held} (and 1 more like it since the last such line)",
+        "held records stored, after 3 batch(es) that could not store them",
+    ]
 
 
 async def test_step_records_held_from_two_batches_in_a_row_keep_their_order(

@@ -518,6 +518,7 @@ def _serve_calls(store: WriterThread[Any], wire: _Wire, messages: list[Any]) -> 
     suspended: dict[Op[Any, Any], tuple[int, Coroutine[Any, Any, Any]]] = {}
     closing = False
     again: list[Op[Any, Any]] = []  # kept records to hold again (writer.py `_hold_again`)
+    stored = False  # records held before were stored (writer.py `_hold_again`)
     while True:
         replies: list[tuple[int, bool, Any]] = []
         if not store._riding:  # nothing to run: wait for calls
@@ -525,6 +526,7 @@ def _serve_calls(store: WriterThread[Any], wire: _Wire, messages: list[Any]) -> 
                 return
             messages = messages or wire.receive()
             if not messages:  # the server is gone: nothing more will come
+                store._held_line.flush()
                 for op in again:
                     log_lost(op)
                 return
@@ -539,8 +541,10 @@ def _serve_calls(store: WriterThread[Any], wire: _Wire, messages: list[Any]) -> 
             messages = []
             if not (called or closing):  # the close's held frame, read apart from its end:
                 continue  # no call for them to ride on, and trying them now adds a batch
-            store._hold_again(again)  # they ride on what has come
-            again = []
+            store._hold_again(again, stored)  # they ride on what has come
+            again, stored = [], False
+            if closing:
+                store._held_line.flush()  # what it left unsaid, before what the close loses
         ops, store._riding = store._riding, []
         if ops:
             store._run_handed(ops)
@@ -549,7 +553,7 @@ def _serve_calls(store: WriterThread[Any], wire: _Wire, messages: list[Any]) -> 
                 call_id, coroutine = suspended.pop(op)
                 _advance(call_id, coroutine, suspended, replies)
             else:
-                settle_unwaited(op, again, closing=closing)
+                stored |= settle_unwaited(op, again, closing=closing)
         if replies:
             try:
                 wire.send(("done", replies))

@@ -42,6 +42,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator
 from contextlib import suppress
@@ -50,6 +51,7 @@ from typing import Any, Generic, Self, TypeVar
 
 import trio
 
+from ..seldom import SeldomWarning
 from .base import FinishedReply, StoreUnavailable
 
 __all__ = [
@@ -78,9 +80,11 @@ class Op(Generic[C, T]):
     nobody waits for that is held again if its batch fails for an outage, until it is
     committed or the store closes (an order's final record). `settled`, if given, is called
     where the batches run once an operation nobody waits for has run, before the next batch
-    is taken: with True if it is to be held again."""
+    is taken: with True if it is to be held again. `held`: it has been held again."""
 
-    __slots__ = ("error", "fn", "kept", "records", "result", "settled", "taken", "waiter", "what")
+    __slots__ = (
+        "error", "fn", "held", "kept", "records", "result", "settled", "taken", "waiter", "what"
+    )  # fmt: skip
     result: T
 
     def __init__(
@@ -97,6 +101,7 @@ class Op(Generic[C, T]):
         self.taken = taken
         self.kept = kept
         self.settled = settled
+        self.held = False
         self.what = "a queued record"  # for the log line if it is lost
         self.records = 1
         self.error: BaseException | None = None
@@ -124,6 +129,9 @@ class WriterThread(Generic[C]):
         self._closed = True
         # Operations nobody waits for, held until a call that waits (see the module docstring).
         self._riding: list[Op[C, Any]] = []
+        # Held records' line: a batch's during an outage, about once a second (seldom.py); on
+        # Trio's clock once Trio wakes the batches (`__aenter__`).
+        self._held_line = _held_line(time.monotonic)
         self._open_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         # In a store process (process.py) its loop runs the batches, not a thread: a call's
@@ -143,6 +151,7 @@ class WriterThread(Generic[C]):
 
     async def __aenter__(self) -> Self:
         self._token = trio.lowlevel.current_trio_token()
+        self._held_line = _held_line(trio.current_time)
         opened = trio.Event()
         self._thread = threading.Thread(
             target=self._serve, args=(opened,), name=f"store writer {self.where}", daemon=True
@@ -169,6 +178,7 @@ class WriterThread(Generic[C]):
         if self._closed or self._thread is None:
             return
         self._closed = True
+        self._held_line.flush()  # what it left unsaid, before what the close loses
         self._send_riding()
         self._queue.put(None)
         with trio.CancelScope(shield=True):
@@ -226,34 +236,40 @@ class WriterThread(Generic[C]):
         log what nobody waits for and was lost."""
         waiters: list[trio.lowlevel.Task] = []
         again: list[Op[C, Any]] = []
+        stored = False
         for op in ops:
             if op.waiter is not None:
                 waiters.append(op.waiter)
             else:
-                settle_unwaited(op, again, closing=closing)
-        if waiters or again:
+                stored |= settle_unwaited(op, again, closing=closing)
+        if waiters or again or stored:
             with suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(self._woken, waiters, again)
+                self._token.run_sync_soon(self._woken, waiters, again, stored)
 
-    def _woken(self, waiters: list[trio.lowlevel.Task], again: list[Op[C, Any]]) -> None:
+    def _woken(
+        self, waiters: list[trio.lowlevel.Task], again: list[Op[C, Any]], stored: bool
+    ) -> None:
         for task in waiters:
             trio.lowlevel.reschedule(task)
-        self._hold_again(again)
+        self._hold_again(again, stored)
 
-    def _hold_again(self, ops: list[Op[C, Any]]) -> None:
+    def _hold_again(self, ops: list[Op[C, Any]], stored: bool = False) -> None:
         """Hold `ops` (kept, their batch failed for an outage) again, ahead of what was held
         since: they ride on the next call that waits (the lease renewal, at the latest a
-        second later), so an order's final record is not lost to a moment's outage."""
+        second later), so an order's final record is not lost to a moment's outage.
+        `stored`: the batch stored records held before; with none held again, the outage
+        has ended, which the log says (once the held line is due: `SeldomWarning`)."""
         if not ops:
+            if stored or self._held_line.ending:
+                self._held_line.ended()
             return
         if self._closed:  # nothing will carry them
             for op in ops:
                 log_lost(op)
             return
-        records = sum(op.records for op in ops)
-        logger.warning(
-            "%d record(s) not stored yet, held for the next commit: %s", records, ops[0].error
-        )
+        for op in ops:
+            op.held = True
+        self._held_line.warning(sum(op.records for op in ops), ops[0].error)
         self._riding[:0] = ops
 
     # -- the Trio side --------------------------------------------------------------------
@@ -294,6 +310,16 @@ class WriterThread(Generic[C]):
             self._riding = []
 
 
+def _held_line(clock: Callable[[], float]) -> SeldomWarning:
+    """The line of records held for the next commit, and of their end, on `clock`."""
+    return SeldomWarning(
+        logger,
+        "%d record(s) not stored yet, held for the next commit: %s",
+        "held records stored, after %d batch(es) that could not store them",
+        clock=clock,
+    )
+
+
 class BatchRun:
     """What a call's coroutine awaits in a store process: it yields its operation to the
     process's loop, which resumes it once the operation's batch has run."""
@@ -307,10 +333,10 @@ class BatchRun:
         yield self.op
 
 
-def settle_unwaited(op: Op[Any, Any], again: list[Op[Any, Any]], *, closing: bool) -> None:
+def settle_unwaited(op: Op[Any, Any], again: list[Op[Any, Any]], *, closing: bool) -> bool:
     """An operation nobody waits for, its batch run: put in `again` to be held again if it is
     kept and an outage stopped it (unless the store is closing); else, if it failed with
-    records to write, logged."""
+    records to write, logged. True if it was held before and is now stored."""
     held = op.to_try_again and not closing
     if op.settled is not None:
         op.settled(held)
@@ -318,6 +344,7 @@ def settle_unwaited(op: Op[Any, Any], again: list[Op[Any, Any]], *, closing: boo
         again.append(op)
     elif op.error is not None and op.records:
         log_lost(op)
+    return op.held and op.error is None
 
 
 def log_lost(op: Op[Any, Any]) -> None:
