@@ -2620,8 +2620,12 @@ async def test_no_order_is_claimed_while_leases_cannot_be_renewed(schema: str) -
             return live == [(0,)]
 
         async with table_locked(schema, "leases", "EXCLUSIVE"):
-            with pytest.raises(StoreUnavailable, match="lock timeout"):
+            with pytest.raises(StoreUnavailable, match="lock timeout") as failed:
                 await owner.renew_lease("w-a", 0.5)
+            # The table is locked, no row: what is known is the wait's end (a LOCK TABLE's error
+            # said `a row locked by another`).
+            assert "a lock wait timed out: " in str(failed.value)
+            assert "row" not in str(failed.value)
             await wait_for(lapsed, "the owner's lease to lapse, unrenewable")
             with pytest.raises(StoreUnavailable, match="lock timeout"):
                 await claimer.claim_interrupted("w-b", 10)

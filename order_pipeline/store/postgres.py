@@ -45,8 +45,9 @@ transaction. Whatever makes the whole batch fail is handled for the whole batch:
   outcome of a commit lost so is asked within two `timeout`s more (an operator's listing,
   `reader`, is not bounded: it may take long, and Ctrl+C ends it).
 
-A row lock held by another transaction past `lock_timeout` (at most `LOCK_WAIT_S`) fails the
-operation that waited for it, alone (StoreUnavailable; a final record is held for the next
+A row lock held by another transaction past `lock_timeout` (at most `LOCK_WAIT_S`), or a
+table's (an operator's LOCK TABLE, a DDL: PostgreSQL says only that the wait timed out) fails
+the operation that waited for it, alone (StoreUnavailable; a final record is held for the next
 commit), as an operation's own error does: the batch runs again statement by statement, each
 operation then waiting for a lock only briefly (`_RERUN_LOCK_WAIT_MS`: one that meets a lock
 fails at once, alone), and the others of it, the lease's renewal among them, commit. A batch
@@ -262,8 +263,9 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 Pool = psycopg_pool.ConnectionPool[Conn]
 
 
-class _RowLocked(StoreUnavailable):
-    """An operation met a row lock held past lock_timeout (see the module docstring)."""
+class _LockTimedOut(StoreUnavailable):
+    """An operation waited past lock_timeout for another transaction's lock, a row's or a
+    table's (see the module docstring)."""
 
 
 class _Watchdog:
@@ -463,7 +465,7 @@ class PostgresStore(WriterThread[Conn]):
     def _run_batch(self, ops: list[Op[Conn, Any]]) -> None:
         # A record held again after it met a row lock is likely to meet it again: then the
         # batch runs statement by statement at once (brief lock waits, no pipeline to abort).
-        self._lock_met = any(isinstance(op.error, _RowLocked) for op in ops)
+        self._lock_met = any(isinstance(op.error, _LockTimedOut) for op in ops)
         todo, tries, pipelined = ops, 0, not self._lock_met
         limit = math.inf if self.reader else STALL_TIMEOUTS * self.timeout
         self._deadline = time.monotonic() + limit
@@ -542,7 +544,7 @@ class PostgresStore(WriterThread[Conn]):
         if failed is not None:
             if isinstance(failed.error, errors.LockNotAvailable):
                 self._lock_met = True
-                locked = self._unavailable(failed.error, "a row locked by another", _RowLocked)
+                locked = self._unavailable(failed.error, "a lock wait timed out", _LockTimedOut)
                 failed.error = locked
             return [op for op in ops if op is not failed], None
         if error is None:
