@@ -10,12 +10,16 @@ first), and a reply its client does not read is given up when the client goes or
 drain's grace ends (`_H2Protocol`). They rely on hypercorn's (0.17, 0.18) and h2 4's
 internals: a later version that renames them fails tests/test_hostile.py and
 tests/test_server.py, not silently.
+
+A connection closed is read on, briefly, until its client's end, so that a client still
+sending reads its reply rather than a reset (`_OneConnection._close`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from math import inf
 from typing import Any
 
 import h2.connection
@@ -36,7 +40,7 @@ from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import EventWrapper
 from hypercorn.typing import H11SendableEvent
 
@@ -50,6 +54,10 @@ log = logging.getLogger(__name__)
 # reads nothing (its socket's buffers full) must not hold the close, nor the drain.
 GOAWAY_WAIT_S = 0.1
 
+# How long a closed connection is still read, what comes dropped, for its client's EOF: a
+# client that sends on (or never closes) must not hold the connection, nor the drain.
+LINGER_S = 2.0
+
 
 class _OneConnection(TCPServer):
     """Hypercorn's handler of one connection, whose unexpected error ends that connection alone.
@@ -60,7 +68,9 @@ class _OneConnection(TCPServer):
     code, pgjones/hypercorn#334). Cancellation still passes.
     """
 
-    _reads_ended = False  # the client has ended the connection (EOF, or a reset)
+    _reads_ended = False  # the reads have ended: the client's EOF (or a reset), or the linger's
+    _close_begun = False  # the close has begun: what is read from then on is dropped
+    _lingering: trio.CancelScope | None = None  # the reads, given a deadline by the close
 
     async def run(self) -> None:
         try:
@@ -69,22 +79,40 @@ class _OneConnection(TCPServer):
             log.exception("a connection failed in the HTTP server: closed it alone")
 
     async def _read_data(self) -> None:
-        """Hypercorn's reads, but cancelled (the drain's grace is over, or a second signal),
-        an HTTP/2 reply its client does not read is given up: it waited, shielded, to be
-        sent, and held the drain to its hard deadline (the order was final and recorded).
+        """Hypercorn's reads (its loop, below), but cancelled (the drain's grace is over, or a
+        second signal), an HTTP/2 reply its client does not read is given up: it waited,
+        shielded, to be sent, and held the drain to its hard deadline (the order was final
+        and recorded).
 
-        Once the client has ended the connection (EOF, or a reset), the idle timer is
-        stopped, and not restarted (`protocol_send`): hypercorn left it running, and it held
-        a connection its client had closed before a request (a load balancer's TCP check),
-        and its descriptor, until the header timeout."""
+        Once the close has begun, what is read is dropped, until the client's EOF or the
+        linger's end (`_close`). Once the reads have ended, the idle timer is stopped, and
+        not restarted (`protocol_send`): hypercorn left it running, and it held a connection
+        its client had closed before a request (a load balancer's TCP check), and its
+        descriptor, until the header timeout."""
+        self._lingering = trio.CancelScope()
         try:
-            await super()._read_data()
+            with self._lingering:
+                await self._read_until_the_client_ends()
         except trio.Cancelled:
             if isinstance(self.protocol.protocol, _H2Protocol):
                 await self.protocol.protocol.give_up_replies()
             raise
-        self._reads_ended = True
+        finally:
+            self._reads_ended = True
         await self.idle_task.stop()
+
+    async def _read_until_the_client_ends(self) -> None:
+        while True:
+            try:
+                with trio.fail_after(self.config.read_timeout or inf):
+                    data = await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                break
+            if not self._close_begun:
+                await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())
 
     async def protocol_send(self, event: ConnectionEvent) -> None:
         """Hypercorn's, but once the reads have ended the idle timer stays stopped: an HTTP/2
@@ -120,10 +148,12 @@ class _OneConnection(TCPServer):
                             trio.BrokenResourceError, trio.ClosedResourceError
                         ):
                             await self.stream.send_all(goaway)
-        await super()._initiate_server_close()
+        await self.protocol.handle(Closed())  # hypercorn's, then its close lingers (`_close`)
+        await self._close()
 
     async def _close(self) -> None:
-        """Hypercorn's close, its EOF sent under the lock its writes take.
+        """Hypercorn's close, its EOF sent under the lock its writes take, and then, while
+        the client has not ended the connection, a lingering close (as Apache's and nginx's).
 
         `send_eof` holds the stream across a checkpoint; hypercorn calls it without
         `send_lock`, so a write by the other task (the app's reply, or the reader's 400 when
@@ -131,16 +161,43 @@ class _OneConnection(TCPServer):
         or the connection's handler failing. A write under way (or waiting to start) keeps
         the lock: the stream is closed without the EOF, as hypercorn does when send_eof
         finds it busy, and that write ends in ClosedResourceError, which hypercorn handles.
+
+        A socket closed with bytes unread (a body sent on after its 413, a pipelined request,
+        a stream crossing an HTTP/2 GOAWAY) is reset by the kernel, not ended: the client's
+        write failed (`Broken pipe`, `Connection reset`) before it read its reply, and what
+        of the reply was still in the server's buffers was lost. After the EOF the reader
+        reads on and drops what it reads (`_read_data`), until the client's EOF or for
+        `LINGER_S` at most; the stream is closed once the connection's tasks end. A client
+        already gone (its EOF read) is closed at once; cancellation ends the linger.
         """
+        self._close_begun = True
         if self.send_lock.locked():
             await self.stream.aclose()
             return
+        eof_sent = False
         self.send_lock.acquire_nowait()
         try:
-            await super()._close()
+            with contextlib.suppress(  # hypercorn's, which then closes at once
+                trio.BrokenResourceError,
+                trio.BusyResourceError,
+                trio.ClosedResourceError,
+                AttributeError,  # TLS: no half-close
+            ):
+                await self.stream.send_eof()
+                eof_sent = True
         finally:
             self.send_lock.release()
-            await self.stream.aclose()  # closed even if cancelled at send_eof's checkpoint
+            if not (eof_sent and self._linger()):
+                await self.stream.aclose()  # also if cancelled at send_eof's checkpoint
+
+    def _linger(self) -> bool:
+        """Have the reader read on until the client's EOF, `LINGER_S` at most; False if the
+        reads have ended (or never began), and so nothing is left to wait for."""
+        if self._lingering is None or self._reads_ended:
+            return False
+        end = trio.current_time() + LINGER_S
+        self._lingering.deadline = min(self._lingering.deadline, end)
+        return True
 
 
 class _H11Protocol(H11Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -26,7 +27,7 @@ from order_pipeline import connections
 from order_pipeline.server import Settings
 
 from .conftest import serving
-from .rawhttp import address, request
+from .rawhttp import address, parse, request
 from .server_process import wait_for_steps_in_flight
 
 HEADER_TIMEOUT_S = Settings().header_timeout
@@ -468,3 +469,97 @@ async def test_a_stream_crossing_the_idle_close_s_goaway_is_dropped_not_a_protoc
     events = client.receive_data(bytes(written))
     goaways = [e.error_code for e in events if isinstance(e, h2.events.ConnectionTerminated)]
     assert (goaways, ended.is_set()) == ([h2.errors.ErrorCodes.NO_ERROR], False)
+
+
+BYTES_PAST_THE_BUFFERS = 32 * 1024 * 1024  # more than loopback's socket buffers hold (4 + 6 MiB)
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (request(b"", extra=b"Content-Length: %d\r\n" % BYTES_PAST_THE_BUFFERS), 413),
+        (b"POST /order HTTP/1.1\r\nHost: t\r\nContent-Length: many\r\n\r\n", 400),
+    ],
+    ids=["a body over the limit", "a malformed request"],
+)
+async def test_a_reply_that_closes_its_connection_reaches_a_client_still_sending(
+    address: tuple[str, int], head: bytes, status: int
+) -> None:
+    """A 413 goes out on the Content-Length (a 400 on a malformed request), and the
+    connection is closed, while the client still sends what follows: closed with those bytes
+    unread, the server's kernel reset the connection (RST, not FIN), and the client's write
+    failed (`Broken pipe`) before it read its reply. The server reads on and drops them."""
+    async with await trio.open_tcp_stream(*address) as stream:
+        with trio.fail_after(10):
+            await stream.send_all(head + b" " * BYTES_PAST_THE_BUFFERS)
+            reply = parse(await read_until_closed(stream))
+    assert (reply.status, reply.headers["connection"]) == (status, "close")
+
+
+async def test_a_client_sending_on_after_its_connection_s_close_is_closed_after_the_linger(
+    address: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a client sends after the close is read and dropped for `LINGER_S` at most: one
+    that sends for ever does not hold its connection (nor a drain) beyond that."""
+    monkeypatch.setattr(connections, "LINGER_S", 0.5)
+    head = request(b"", extra=b"Content-Length: %d\r\n" % (2 * BYTES_PAST_THE_BUFFERS))
+    async with await trio.open_tcp_stream(*address) as stream:
+        await stream.send_all(head)
+        started = trio.current_time()
+
+        async def send_for_ever() -> None:
+            while True:
+                await stream.send_all(b" " * 65536)
+
+        with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+            await send_for_ever()
+    assert trio.current_time() - started < 0.5 + 1
+
+
+async def test_an_http2_client_still_sending_at_the_drain_gets_its_goaway() -> None:
+    """An idle HTTP/2 connection is sent GOAWAY and closed as the drain begins: closed with
+    its client's bytes unread (a stream crossing the GOAWAY; here frames of a type the server
+    ignores), it was reset, and the client's write failed (`Broken pipe`) before it read the
+    GOAWAY. The server reads on and drops them: the client reads its GOAWAY, then the end."""
+    unknown_frame = b"\x00\x40\x00\xfa\x00\x00\x00\x00\x00" + bytes(16384)  # RFC 9113 §4.1
+    settings = Settings(access_log=False, shutdown_grace=5)
+    drain = trio.Event()
+    async with (
+        serving(settings, shutdown_trigger=drain.wait) as (_, url),
+        await trio.open_tcp_stream(*address(url)) as sock,
+    ):
+        client = http2_client(stream="none")
+        await sock.send_all(client.data_to_send())
+        with trio.fail_after(2):  # its ack of our SETTINGS: it has read our one write
+            while not any(
+                isinstance(event, h2.events.SettingsAcknowledged)
+                for event in client.receive_data(await sock.receive_some(65536))
+            ):
+                pass
+        drain.set()
+        with trio.fail_after(10):
+            await sock.send_all(unknown_frame * (BYTES_PAST_THE_BUFFERS // len(unknown_frame)))
+            events = client.receive_data(await read_until_closed(sock))
+    (goaway,) = events
+    assert isinstance(goaway, h2.events.ConnectionTerminated)
+    assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+
+
+@pytest.mark.parametrize(("linger", "grace"), [(0.5, 5.0), (5.0, 0.5)])
+async def test_a_client_that_never_ends_its_connection_holds_the_drain_for_the_linger_at_most(
+    monkeypatch: pytest.MonkeyPatch, linger: float, grace: float
+) -> None:
+    """The drain closes an idle keep-alive connection (EOF), then reads on for its client's
+    EOF: one that neither reads nor closes holds the drain for `LINGER_S` at most, and never
+    beyond the grace."""
+    monkeypatch.setattr(connections, "LINGER_S", linger)
+    settings = Settings(access_log=False, shutdown_grace=grace)
+    drain = trio.Event()
+    async with contextlib.AsyncExitStack() as client:  # open after the server has ended
+        async with serving(settings, shutdown_trigger=drain.wait) as (_, url):
+            sock = await client.enter_async_context(await trio.open_tcp_stream(*address(url)))
+            await sock.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await sock.receive_some(65536)).startswith(b"HTTP/1.1 200")
+            drain.set()
+            began = trio.current_time()
+        assert trio.current_time() - began < min(linger, grace) + 0.5
