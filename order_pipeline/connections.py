@@ -223,11 +223,18 @@ class _H11Protocol(H11Protocol):
     the reply's end instead, where hypercorn closes the connection anyway (nothing after the
     error is read as a request). Until then what the client sends is not read: h11 would keep
     it all, for as long as the reply takes (for ever if the client does not read it).
+
+    The client's EOF (a half-close, or a close: the server cannot tell them apart) ends the
+    request whose reply is pending as its client's leaving, as hypercorn does; but a reply
+    whose head had gone out (the app sends it as the EOF is read) lost its body to the
+    close. A reply begun is sent whole before the close; one not begun sends nothing.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._body_refused = False
+        self._ended_by_client = False  # its EOF is read (a half-close, or a close)
+        self._reply_withdrawn = False  # the request's reply not begun at that EOF: none sent
         self._closing: trio.Event | None = None  # set when the close held back is made
         self.reads_over = False  # the close is sent
         self.can_read = _CanRead(self)
@@ -248,6 +255,12 @@ class _H11Protocol(H11Protocol):
     async def handle(self, event: ConnectionEvent) -> None:
         if isinstance(event, RawData) and self.reads_over:
             return  # read as the close was sent
+        if isinstance(event, RawData) and not event.data:
+            self._ended_by_client = True
+        if isinstance(event, Closed) and self._ended_by_client:
+            if self._replying():
+                return  # the reply goes on whole; its end closes (h11 has their side CLOSED)
+            self._reply_withdrawn = True  # first: the app may be sending its head meanwhile
         if self._closing is not None:
             if isinstance(event, RawData):  # after the error: held back by TCP, not kept
                 await self._closing.wait()
@@ -255,6 +268,11 @@ class _H11Protocol(H11Protocol):
             self._closing.set()  # Closed: the client is gone (a write failed)
         with contextlib.suppress(_ReadsOver):
             await super().handle(event)
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if self._reply_withdrawn and not isinstance(event, StreamClosed):
+            return
+        await super().stream_send(event)
 
     async def _create_stream(self, request: h11.Request) -> None:
         # h11 has made a Content-Length one number; with chunks it is no size (RFC 9112 §6.1).

@@ -83,6 +83,40 @@ async def test_a_connection_its_client_ends_before_a_request_is_closed_at_once(
     assert trio.current_time() - started < 1
 
 
+def replies_in(raw: bytes) -> list[bytes]:
+    """The status lines of the HTTP/1.1 replies in `raw`, each checked whole (its body as
+    long as its Content-Length)."""
+    statuses = []
+    while raw:
+        head, _, raw = raw.partition(b"\r\n\r\n")
+        length = int(parse(head + b"\r\n\r\n").headers["content-length"])
+        assert len(raw) >= length, f"a reply cut off: {head!r} then {len(raw)} of {length}"
+        statuses.append(head.partition(b"\r\n")[0])
+        raw = raw[length:]
+    return statuses
+
+
+async def test_a_reply_begun_when_its_client_half_closes_is_sent_whole(
+    address: tuple[str, int],
+) -> None:
+    """A request pipelined behind an order, then the client's half-close: the EOF, read once
+    the order is answered, ended the second request as its client's leaving (README), but
+    its reply's head had gone out (or went out as the EOF was read), and the close cut off
+    its body: the client had a `200` head and none of the body its Content-Length promised
+    (7 of 10 such connections by hand). A reply begun
+    is now sent whole before the close, and one not begun is not sent at all (RFC 9112
+    §9.3.2: the client retries what is unanswered)."""
+    order = b'{"order_id": "o-%d", "amount": 1, "delay_ms": {"payment": 100}}'
+    health = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    for n in range(5):
+        async with await trio.open_tcp_stream(*address) as stream:
+            await stream.send_all(request(order % n, close=False) + health)
+            await stream.send_eof()
+            with trio.fail_after(5):
+                statuses = replies_in(await read_until_closed(stream))
+        assert statuses in ([b"HTTP/1.1 200 "], [b"HTTP/1.1 200 "] * 2)
+
+
 async def test_an_http2_client_gone_with_its_reply_held_back_is_closed_at_once(
     address: tuple[str, int],
 ) -> None:
