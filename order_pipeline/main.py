@@ -22,6 +22,8 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
 
 import attrs
@@ -105,29 +107,41 @@ def log_running(url: str, settings: Settings) -> None:
 
 class DrainCount(Metrics):
     """The service's metrics, also counting the orders that end once the drain has begun:
-    the last line says how many finished and how many were cancelled."""
+    the last line says how many finished, how many the drain cancelled, and how many their
+    clients cancelled (gone, or an HTTP/2 stream reset), which the drain did not give up on."""
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         super().__init__(multiprocess_dir)
         self.draining = False
+        # Whether an order cancelled now was cancelled by the drain: `Readiness`'s, once known.
+        self.cancelled_by_drain: Callable[[], bool] = lambda: True
         self.drained = 0
         self.canceled_in_drain = 0
+        self.canceled_by_client = 0
 
     def observe_order(self, result: OrderResult, kind: str, http_status: int) -> None:
         super().observe_order(result, kind, http_status)
-        if self.draining:
-            if result.cancelled:
-                self.canceled_in_drain += 1
-            else:
-                self.drained += 1
+        if not self.draining:
+            return
+        if not result.cancelled:
+            self.drained += 1
+        elif self.cancelled_by_drain():
+            self.canceled_in_drain += 1
+        else:
+            self.canceled_by_client += 1
 
     def log_last_line(self, status: int) -> None:
         """At info whatever `status`: a drain that overran has had its error line."""
-        canceled = self.canceled_in_drain
-        fields = {"drained": self.drained, "canceled": canceled, "exit_status": status}
+        drained, canceled, by_client = self.drained, self.canceled_in_drain, self.canceled_by_client
+        fields = {
+            "drained": drained,
+            "canceled": canceled,
+            "canceled_by_client": by_client,
+            "exit_status": status,
+        }
         log.info(
-            "drained orders: %d, cancelled: %d; exit status %d",
-            self.drained, canceled, status, extra={"fields": fields, **ANY_LEVEL},
+            "drained orders: %d, cancelled: %d, cancelled by their clients: %d; exit status %d",
+            drained, canceled, by_client, status, extra={"fields": fields, **ANY_LEVEL},
         )  # fmt: skip # the message, then its arguments
 
 
@@ -145,6 +159,7 @@ async def exit_at_hard_deadline(
     `settings.hard_exit_delay` after it began."""
     await readiness.drain_started.wait()
     count.draining = True
+    count.cancelled_by_drain = readiness.cancelled_by_drain
     await trio.sleep(settings.hard_exit_delay)
     log.error("drain did not finish by its hard deadline: exiting")
     count.log_last_line(1)

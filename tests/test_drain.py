@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import h2.errors
 import httpx
 import pytest
 import trio
@@ -38,6 +39,7 @@ from order_pipeline.server import Readiness, Settings
 from .conftest import serving
 from .launch import serve_argv
 from .pg import admin, postgres_url, with_params
+from .rawhttp import address
 from .server_process import (
     ServerProcess,
     StartServer,
@@ -45,6 +47,7 @@ from .server_process import (
     wait_for_steps_in_flight,
     wait_for_url,
 )
+from .test_hostile import RawH2, an_order_in_flight
 from .test_supervisor import pid_of_start, poll, supervisor_lines
 
 WAIT_S = 20  # for something a subprocess does
@@ -136,7 +139,10 @@ async def test_during_the_drain_delay_new_connections_are_served_and_readyz_says
     assert outcomes == [200]
     assert trio.current_time() - signalled >= 4
     assert code == 0
-    assert messages(server)[-1] == "drained orders: 1, cancelled: 0; exit status 0"
+    assert (
+        messages(server)[-1]
+        == "drained orders: 1, cancelled: 0, cancelled by their clients: 0; exit status 0"
+    )
 
 
 @asynccontextmanager
@@ -183,6 +189,32 @@ def test_the_drain_counts_an_order_cancelled_whose_undoing_failed_as_cancelled()
         count.observe_order(result, label(result.kind), lookup(result.kind).status)
 
     assert (count.drained, count.canceled_in_drain) == (1, 2)
+
+
+async def test_an_http2_client_s_own_cancel_during_the_drain_is_not_counted_the_drain_s(
+    start_server: StartServer,
+) -> None:
+    """An HTTP/2 client resets its order's stream (RST_STREAM CANCEL) while the drain waits
+    for it: the order is cancelled by its client, not by the drain (no warning says so),
+    but the last line counted it `cancelled: 1`, the count of orders the drain gave up on.
+    It is counted apart, and the drain, which gave up on nothing, exits 0."""
+    server = await start_server("--no-access-log")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(WAIT_S):
+            order = await an_order_in_flight(client, server.url, vendor_ms=60_000)
+            server.process.send_signal(signal.SIGTERM)
+            await wait_for_log(server, DRAINING)
+            client.conn.reset_stream(order, h2.errors.ErrorCodes.CANCEL)
+            await client.flush()
+            code = await server.process.wait()
+
+    assert code == 0
+    assert [line["kind"] for line in order_lines(server)] == ["canceled"]
+    assert [line for line in server.log_lines() if line["level"] != "info"] == []
+    assert messages(server)[-1] == (
+        "drained orders: 0, cancelled: 0, cancelled by their clients: 1; exit status 0"
+    )
 
 
 TERM, INT = signal.SIGTERM, signal.SIGINT
@@ -339,7 +371,10 @@ async def test_a_second_signal_cancels_and_undoes_the_orders_in_flight(
         for n in range(3)
     ]
     assert server.errors() == []
-    assert messages(server)[-1] == "drained orders: 0, cancelled: 3; exit status 1"
+    assert (
+        messages(server)[-1]
+        == "drained orders: 0, cancelled: 3, cancelled by their clients: 0; exit status 1"
+    )
     stored = stored_orders(server)
     assert [(o["kind"], o["compensations"], o["net_charge"]) for o in stored] == [
         ("canceled", {"payment": "ok", "courier": "ok"}, 0)
@@ -385,7 +420,10 @@ async def test_a_second_signal_to_the_supervisor_cuts_every_workers_drain_short(
     )
     # Each worker's last line; one without orders may have drained before the second signal.
     last = [
-        re.fullmatch(r"drained orders: 0, cancelled: (\d); exit status (\d)", m)
+        re.fullmatch(
+            r"drained orders: 0, cancelled: (\d), cancelled by their clients: 0; exit status (\d)",
+            m,
+        )
         for m in messages(server)
     ]
     counts = sorted((int(m[1]), int(m[2])) for m in last if m)
@@ -466,7 +504,10 @@ async def test_a_second_signal_makes_the_supervisor_exit_1_though_every_worker_d
         "workers drained (each worker logged its own counts); exit status 1",
     )
     last = [m for m in messages(server) if m.startswith("drained orders: ")]
-    assert last == ["drained orders: 0, cancelled: 0; exit status 0"] * 2
+    assert (
+        last
+        == ["drained orders: 0, cancelled: 0, cancelled by their clients: 0; exit status 0"] * 2
+    )
     assert server.errors() == []
 
 
@@ -578,4 +619,7 @@ async def test_spans_a_collector_never_takes_hold_the_exit_one_export_timeout_at
     assert outcomes == [200] * 10
     assert code == 0
     assert took < 1 + 5, took  # the flush's 1 s, and the drain's and interpreter's own
-    assert "drained orders: 0, cancelled: 0; exit status 0" in messages(server)
+    assert (
+        "drained orders: 0, cancelled: 0, cancelled by their clients: 0; exit status 0"
+        in messages(server)
+    )

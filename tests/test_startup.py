@@ -285,7 +285,7 @@ async def test_the_first_and_last_lines_are_logged_at_any_level(
     lines = server.log_lines()
     assert len(running_lines(server)) == 1
     assert {line["level"] for line in lines} == {"info"}
-    drained = "drained orders: 0, cancelled: 0; exit status 0"
+    drained = "drained orders: 0, cancelled: 0, cancelled by their clients: 0; exit status 0"
     messages = [line["message"] for line in lines]
     if workers == "1":
         assert messages[1:] == ["received SIGTERM: draining", drained]
@@ -308,8 +308,8 @@ async def post_slow_order(url: str, statuses: list[int | str]) -> None:
 @pytest.mark.parametrize(
     ("grace", "last"),
     [
-        ("15", "drained orders: 1, cancelled: 0; exit status 0"),
-        ("0", "drained orders: 0, cancelled: 1; exit status 0"),
+        ("15", "drained orders: 1, cancelled: 0, cancelled by their clients: 0; exit status 0"),
+        ("0", "drained orders: 0, cancelled: 1, cancelled by their clients: 0; exit status 0"),
     ],
 )
 async def test_the_last_line_counts_drained_and_cancelled_orders(

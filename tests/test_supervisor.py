@@ -331,7 +331,7 @@ async def test_a_worker_that_overruns_its_drain_ends_itself_with_its_last_line(
         own = [line["message"] for line in server.log_lines() if line["pid"] == pid]
         assert own[-2:] == [
             "drain did not finish by its hard deadline: exiting",
-            "drained orders: 0, cancelled: 0; exit status 1",
+            "drained orders: 0, cancelled: 0, cancelled by their clients: 0; exit status 1",
         ], own
         assert ("info", f"worker {number} (pid {pid}) exited with 1") in supervisor_lines(server)
     assert supervisor_lines(server)[-1] == (
