@@ -233,7 +233,10 @@ async def receive_signals(
             cut_short = not readiness.is_ready()
         heard.add(signum)
         if cut_short:
-            log.warning("received %s while draining: cancelling the orders in flight", name)
+            log.warning(  # at any level: why the last line says exit status 1
+                "received %s while draining: cancelling the orders in flight", name,
+                extra=ANY_LEVEL,
+            )  # fmt: skip # the message, then its arguments
             readiness.start_draining()
             readiness.interrupt()
             serving.cancel()

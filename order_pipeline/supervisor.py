@@ -272,7 +272,10 @@ class _Supervisor:
         """Each signal after the first cuts the workers' drains short: tell them."""
         async for signum in signals:
             name = signal.Signals(signum).name
-            log.warning("received %s while draining: cutting the workers' drains short", name)
+            log.warning(  # at any level: why the last line says exit status 1
+                "received %s while draining: cutting the workers' drains short", name,
+                extra=ANY_LEVEL,
+            )  # fmt: skip # the message, then its arguments
             self.interrupted = True
             for process in self.running:
                 process.send_signal(CUT_SHORT_SIGNAL)

@@ -300,6 +300,45 @@ async def test_the_first_and_last_lines_are_logged_at_any_level(
         assert messages[-1] == mine[-1]
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_drain_cut_short_says_why_at_any_level(
+    start_server: StartServer, workers: str
+) -> None:
+    """`--log-level error`, a second SIGTERM with an order in flight: the last line says
+    `cancelled: 1; exit status 1`, but the warning that says why (the second signal) was
+    left out at that level, so nothing said what cut the drain short. It is logged at any
+    level, as the drain's start is: the lone server's or worker's, and the supervisor's."""
+    flags = ("--log-level", "error", "--no-access-log", "--workers", workers)
+    server = await start_server(*flags, check_exit=False)
+    statuses: list[int | str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(post_slow_order, server.url, statuses)
+        await wait_for_steps_in_flight(server.url, 3, within=EXIT_TIMEOUT_S)
+        server.process.send_signal(signal.SIGTERM)
+        # The drain's start (the worker's too), before the second signal.
+        draining = "received SIGTERM: draining" if workers == "1" else "received SIGUSR1: draining"
+        with trio.fail_after(EXIT_TIMEOUT_S):
+            while True:
+                if draining in messages_of(server):
+                    break
+                await trio.sleep(0.02)
+        assert await server.stop() == 1
+
+    cut_short = "received SIGTERM while draining: cancelling the orders in flight"
+    if workers == "2":
+        cut_short = "received SIGUSR2 while draining: cancelling the orders in flight"
+        assert "received SIGTERM while draining: cutting the workers' drains short" in (
+            messages_of(server)
+        )
+    assert cut_short in messages_of(server)
+    last = "drained orders: 0, cancelled: 1, cancelled by their clients: 0; exit status 1"
+    assert last in messages_of(server)
+
+
+def messages_of(server: ServerProcess) -> list[str]:
+    return [line["message"] for line in server.log_lines()]
+
+
 async def post_slow_order(url: str, statuses: list[int | str]) -> None:
     body = {"order_id": "slow", "amount": 100, "delay_ms": SLOW}
     await post(url, body, statuses, within=EXIT_TIMEOUT_S)
