@@ -377,6 +377,38 @@ async def test_a_websocket_handshake_and_doubled_slashes_get_json_errors(
     assert await answer(b"GET", b"/order//k-1") == (404, "not_found")
 
 
+async def test_a_target_neither_a_path_nor_an_http_uri_is_400(start_server: StartServer) -> None:
+    """RFC 9112 §3.2: a request's target is a path (origin-form), or an absolute URI, which a
+    server must accept, and which here names an http or https resource. Quart made a path of
+    anything: `healthz` and `order/x` (no leading slash) were served as `/healthz` and
+    `/order/x`, and `ftp://t/order` ran an order. Such a target is now 400 `bad_request`,
+    its connection closed; an http(s) URI is served as its path, as before. Leading slashes
+    are one (`//healthz`: Werkzeug strips them to match), and `*` a path no route takes."""
+    server = await start_server("--no-access-log", "--store", "memory")
+
+    async def answer(
+        method: bytes, target: bytes, body: bytes = b"", *, close: bytes = b""
+    ) -> tuple[int, str, str]:
+        head = b"%s %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n"
+        raw = head % (method, target, len(body), close) + body
+        reply = parse(await exchange(server.url, raw))  # the server closes the connection
+        kind = reply.json()["error"]["kind"] if reply.status >= 400 else ""
+        return reply.status, kind, reply.headers.get("connection", "")
+
+    refused = (400, "bad_request", "close")
+    order = json.dumps({**NORMAL, "order_id": "ftp"}).encode()
+    assert await answer(b"GET", b"healthz") == refused
+    assert await answer(b"GET", b"order/x") == refused
+    assert await answer(b"GET", b"ftp://t/healthz") == refused
+    assert await answer(b"POST", b"ftp://t/order", order) == refused
+    assert await answer(b"GET", b"mailto:x") == refused
+    close = b"Connection: close\r\n"
+    for served in (b"http://t/healthz", b"HTTPS://other/healthz", b"//healthz"):
+        assert await answer(b"GET", served, close=close) == (200, "", "close")
+    assert await answer(b"GET", b"*", close=close) == (404, "not_found", "close")
+    assert not [line for line in server.log_lines() if line["logger"] == "order_pipeline.orders"]
+
+
 async def test_an_http2_body_over_the_limit_leaves_the_other_streams_orders_alone(
     start_server: StartServer,
 ) -> None:

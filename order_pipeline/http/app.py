@@ -32,7 +32,12 @@ from ..kinds import (
 )
 from ..model import OrderRequest
 from ..serialization import InvalidOrder, encode_error, parse_order
-from .asgi import closing_after_ambiguous_framing, finish_responses_shielded, with_request_ids
+from .asgi import (
+    closing_after_ambiguous_framing,
+    finish_responses_shielded,
+    refusing_targets_not_served,
+    with_request_ids,
+)
 
 __all__ = ["IDEMPOTENCY_KEY", "MAX_BODY_BYTES", "OrderDesk", "create_app"]
 
@@ -134,7 +139,7 @@ def create_app(
     app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_S
     # Quart's documented way to add ASGI middleware; its test client goes through it too.
     app.asgi_app = finish_responses_shielded(  # type: ignore[method-assign] # Quart types it as a method
-        with_request_ids(closing_after_ambiguous_framing(app.asgi_app))
+        with_request_ids(refusing_targets_not_served(closing_after_ambiguous_framing(app.asgi_app)))
     )
     openapi = _openapi_document()
 

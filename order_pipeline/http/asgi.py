@@ -9,6 +9,9 @@ Quart `before_request` / `after_request` hooks, which cost more per request
 becomes the OpenTelemetry context of the request's task, which Trio copies into
 every task the request starts: the order's span continues the caller's trace.
 
+`refusing_targets_not_served` answers 400 to a request whose target is neither a path nor
+an http(s) URI (RFC 9112 §3.2), before Quart makes a path of it.
+
 `finish_responses_shielded`: hypercorn runs its end-of-response bookkeeping
 (close the connection on `Connection: close`, or start the keep-alive idle
 timer) inside the app's final `send`. Quart-Trio cancels its request nursery as
@@ -35,14 +38,17 @@ from hypercorn.typing import (
 from opentelemetry import context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from ..kinds import BAD_REQUEST
 from ..logs import request_id
 from ..model import new_id
+from ..serialization import encode_error
 
 __all__ = [
     "REQUEST_ID_HEADER",
     "TRACEPARENT_HEADER",
     "closing_after_ambiguous_framing",
     "finish_responses_shielded",
+    "refusing_targets_not_served",
     "with_request_ids",
 ]
 
@@ -56,6 +62,11 @@ _VALID_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
 # would log a warning for each such request.
 _TRACE_HEADER_MAX: Final = 512
 _TRACE_CONTEXT: Final = TraceContextTextMapPropagator()
+# A target served (RFC 9112 §3.2): a path (origin-form); an http or https URI (absolute-form,
+# which a server must accept: Quart drops its scheme and authority); `*` (asterisk-form,
+# OPTIONS's: no route takes it, a 404).
+_SERVED_TARGET: Final = re.compile(rb"/|\*$|https?://", re.IGNORECASE)
+TARGET_NOT_SERVED: Final = "the request target must be a path (/...) or an http or https URI"
 
 
 def _ids_of(scope: HTTPScope) -> tuple[bytes, dict[str, list[str]] | None]:
@@ -110,6 +121,31 @@ def with_request_ids(app: Any) -> Any:
             context.detach(token)
 
     return wrapped
+
+
+def refusing_targets_not_served(app: Any) -> Any:
+    """Wrap an ASGI app so a request whose target is neither a path nor an http(s) URI gets a
+    400 `bad_request`, its connection closed after it (HTTP/1.1). Quart made a path of any
+    target: `healthz` (no leading slash) was served as `/healthz`, and `ftp://t/order` ran
+    an order, a resource of no scheme this server serves."""
+    status, body = encode_error(BAD_REQUEST, TARGET_NOT_SERVED)
+
+    async def wrapped(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] != "http" or _served(scope):
+            await app(scope, receive, send)
+            return
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        if scope["http_version"].startswith("1."):
+            headers.append(_CONNECTION_CLOSE)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return wrapped
+
+
+def _served(scope: HTTPScope) -> bool:
+    target = scope.get("raw_path")  # bytes from hypercorn; None from some other servers
+    return target is None or _SERVED_TARGET.match(target) is not None
 
 
 def closing_after_ambiguous_framing(app: Any) -> Any:
