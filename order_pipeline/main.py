@@ -21,8 +21,6 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
 
