@@ -26,6 +26,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import h2.stream
 import h11
@@ -324,13 +325,44 @@ class _CanRead(EventWrapper):
 
 
 def _reset_malformed(
-    connection: h2.connection.H2Connection, stream_id: int
+    connection: h2.connection.H2Connection,
+    stream_id: int,
+    code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.PROTOCOL_ERROR,
 ) -> list[h2.events.Event]:
-    """Reset a stream whose request is malformed, as RFC 9113 §8.1.1 has it: PROTOCOL_ERROR on
-    that stream alone; the event tells hypercorn, which ignores a stream it has not seen."""
-    code = h2.errors.ErrorCodes.PROTOCOL_ERROR
+    """Reset a stream whose request is malformed, as RFC 9113 §8.1.1 has it (or whose frame
+    is): PROTOCOL_ERROR (or `code`) on that stream alone; the event tells hypercorn, which
+    ignores a stream it has not seen."""
     connection.reset_stream(stream_id, code)
     return [h2.events.StreamReset(stream_id=stream_id, error_code=code, remote_reset=False)]
+
+
+class _StreamErrorFrames(h2.frame_buffer.FrameBuffer):
+    """h2's buffer of frames read, handing over whole a WINDOW_UPDATE of increment 0 on a
+    stream, which RFC 9113 §6.9 makes that stream's error (`_window_update_of_0_as_stream_error`
+    takes it): h2 refused it as it parsed it, a connection error. On stream 0 it stays the
+    connection's error, and within a header block too (§6.10), as h2 has them."""
+
+    def __next__(self) -> hyperframe.frame.Frame:
+        frame = self._stream_error()
+        if frame is None:
+            return super().__next__()
+        self._update_header_buffer(frame)  # raises within a header block
+        return frame
+
+    def _stream_error(self) -> hyperframe.frame.Frame | None:
+        """The first frame, taken out, if it is whole and its stream's error; else None."""
+        header = self._data[:9]
+        if len(header) < 9 or header[3] != hyperframe.frame.WindowUpdateFrame.type:
+            return None
+        length = int.from_bytes(header[:3])
+        stream_id = int.from_bytes(header[5:]) & 0x7FFF_FFFF  # the reserved bit ignored
+        body = self._data[9 : 9 + length]
+        if not stream_id or length != 4 or len(body) < length:
+            return None
+        if int.from_bytes(body) & 0x7FFF_FFFF:
+            return None  # an increment: h2's
+        del self._data[: 9 + length]
+        return hyperframe.frame.WindowUpdateFrame(stream_id, window_increment=0)
 
 
 def _refuse_stream(connection: h2.connection.H2Connection, frame: Any) -> Any:
@@ -374,6 +406,31 @@ def _body_length_as_stream_error(connection: h2.connection.H2Connection) -> None
             return [], events
 
     connection._frame_dispatch_table[hyperframe.frame.DataFrame] = receive_data_frame
+
+
+def _window_update_of_0_as_stream_error(connection: h2.connection.H2Connection) -> None:
+    """Have `connection` take a WINDOW_UPDATE of increment 0 on a stream as the stream error
+    PROTOCOL_ERROR RFC 9113 §6.9 makes it, as `_body_length_as_stream_error` does DATA; h2
+    raised it as a connection error, whose GOAWAY cancelled and undid every order on the
+    connection. On a stream closed it is dropped, as h2 drops any WINDOW_UPDATE there; on
+    one idle it stays h2's connection error (§5.1), as any WINDOW_UPDATE there."""
+    connection.incoming_buffer = _StreamErrorFrames(server=not connection.config.client_side)
+    receive = connection._frame_dispatch_table[hyperframe.frame.WindowUpdateFrame]
+
+    def receive_window_update_frame(frame: Any) -> Any:
+        if frame.window_increment:
+            return receive(frame)
+        try:
+            stream = connection._get_stream_by_id(frame.stream_id)
+        except h2.exceptions.StreamClosedError:
+            return [], []
+        if stream.closed:
+            return [], []
+        return [], _reset_malformed(connection, frame.stream_id)
+
+    connection._frame_dispatch_table[hyperframe.frame.WindowUpdateFrame] = (
+        receive_window_update_frame
+    )
 
 
 def _header_fields_as_stream_error(connection: h2.connection.H2Connection) -> None:
@@ -464,6 +521,7 @@ class _H2Protocol(H2Protocol):
         super().__init__(*args, **kwargs)
         _body_length_as_stream_error(self.connection)
         _header_fields_as_stream_error(self.connection)
+        _window_update_of_0_as_stream_error(self.connection)
         _graceful_goaway_keeps_streams_open(self.connection)
 
     async def initiate(

@@ -801,6 +801,43 @@ async def test_http2_priority_frames_on_many_streams_leave_the_connection_alone(
     assert client.statuses == {first: 200, after: 200}
 
 
+async def test_an_http2_window_update_of_0_on_a_stream_resets_that_stream_alone(
+    start_server: StartServer,
+) -> None:
+    """A WINDOW_UPDATE of increment 0 on a stream is that stream's error (RFC 9113 §6.9,
+    PROTOCOL_ERROR); h2 raised it as the connection's, whose GOAWAY cancelled and undid the
+    order in flight beside it. That stream alone is reset, and the connection serves on."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=500)
+            waiting = client.post(b"{", end=False)  # its body still to come
+            await client.flush()
+            update = hyperframe.frame.WindowUpdateFrame(waiting, window_increment=0)
+            await stream.send_all(update.serialize())
+            await client.until(lambda: first in client.ended)
+            after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
+            await client.until(lambda: after in client.ended and waiting in client.resets)
+    assert client.statuses == {first: 200, after: 200}
+    assert client.resets == {waiting: h2.errors.ErrorCodes.PROTOCOL_ERROR}
+    assert client.goaway is None
+
+
+async def test_an_http2_window_update_of_0_on_stream_0_stays_a_connection_error(
+    start_server: StartServer,
+) -> None:
+    """On stream 0 a WINDOW_UPDATE of increment 0 is the connection's error (RFC 9113 §6.9)."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        await client.flush()
+        await stream.send_all(hyperframe.frame.WindowUpdateFrame(0).serialize())  # increment 0
+        with trio.fail_after(10):
+            await client.until_closed()
+    assert client.goaway == h2.errors.ErrorCodes.PROTOCOL_ERROR
+
+
 async def test_an_http2_stream_over_the_concurrency_limit_is_refused_alone(
     start_server: StartServer,
 ) -> None:
