@@ -433,6 +433,26 @@ def _window_update_of_0_as_stream_error(connection: h2.connection.H2Connection) 
     )
 
 
+def _priority_errors_as_stream_errors(connection: h2.connection.H2Connection) -> None:
+    """Have `connection` take a PRIORITY frame making a stream depend on itself as the stream
+    error PROTOCOL_ERROR RFC 9113 §5.3.1 makes it; h2 raised it as a connection error, whose
+    GOAWAY cancelled and undid every order on the connection. On a stream not open (idle,
+    which no RST_STREAM may name, §6.4; or closed) the frame is dropped: priority is a hint.
+    A HEADERS frame with such a priority is its stream's error already: h2 refuses it once
+    the stream is open (`_header_fields_as_stream_error`)."""
+    receive = connection._frame_dispatch_table[hyperframe.frame.PriorityFrame]
+
+    def receive_priority_frame(frame: Any) -> Any:
+        if frame.depends_on != frame.stream_id:
+            return receive(frame)
+        stream = connection.streams.get(frame.stream_id)
+        if stream is None or stream.closed:
+            return [], []
+        return [], _reset_malformed(connection, frame.stream_id)
+
+    connection._frame_dispatch_table[hyperframe.frame.PriorityFrame] = receive_priority_frame
+
+
 def _header_fields_as_stream_error(connection: h2.connection.H2Connection) -> None:
     """Have `connection` take request headers (or trailers) whose fields h2 refuses (RFC 9113
     §8.2: an upper-case name, a connection-specific field, a space at a value's end, a
@@ -522,6 +542,7 @@ class _H2Protocol(H2Protocol):
         _body_length_as_stream_error(self.connection)
         _header_fields_as_stream_error(self.connection)
         _window_update_of_0_as_stream_error(self.connection)
+        _priority_errors_as_stream_errors(self.connection)
         _graceful_goaway_keeps_streams_open(self.connection)
 
     async def initiate(

@@ -27,6 +27,8 @@ from .server_process import ServerProcess, StartServer, wait_for_steps_in_flight
 from .timings import NO_DELAY
 
 NORMAL = {"order_id": "normal", "amount": 1, "delay_ms": NO_DELAY}
+HEALTHZ = [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"),
+           (":authority", "127.0.0.1")]  # fmt: skip
 CHUNK = b"%x\r\n%s\r\n"
 
 
@@ -836,6 +838,44 @@ async def test_an_http2_window_update_of_0_on_stream_0_stays_a_connection_error(
         with trio.fail_after(10):
             await client.until_closed()
     assert client.goaway == h2.errors.ErrorCodes.PROTOCOL_ERROR
+
+
+async def test_an_http2_stream_made_to_depend_on_itself_is_reset_alone(
+    start_server: StartServer,
+) -> None:
+    """A stream may not depend on itself: a stream error PROTOCOL_ERROR (RFC 9113 §5.3.1).
+    h2 raised a PRIORITY frame saying so as the connection's error, whose GOAWAY cancelled
+    and undid the order in flight beside it. That stream alone is reset (by PRIORITY, or by
+    HEADERS with a priority); on a stream not open, which no RST_STREAM may name (§6.4),
+    the frame is dropped, priority being a hint. The connection serves on."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=500)
+            waiting = client.post(b"{", end=False)  # its body still to come
+            await client.flush()
+            idle = waiting + 100  # no frame has opened it
+            for sid in (waiting, idle):
+                itself = hyperframe.frame.PriorityFrame(sid, depends_on=sid)
+                await stream.send_all(itself.serialize())
+            headed = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(headed, HEALTHZ, end_stream=True, priority_weight=16)
+            headers, length = hyperframe.frame.Frame.parse_frame_header(
+                memoryview(data := client.conn.data_to_send())[:9]
+            )
+            assert isinstance(headers, hyperframe.frame.HeadersFrame)
+            headers.parse_body(memoryview(data)[9 : 9 + length])
+            headers.depends_on = headed  # which h2's client will not send
+            await stream.send_all(headers.serialize())
+            await client.until(lambda: first in client.ended)
+            client.conn.highest_outbound_stream_id = idle
+            after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
+            await client.until(lambda: after in client.ended and len(client.resets) == 2)
+    assert client.statuses == {first: 200, after: 200}
+    error = h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert client.resets == {waiting: error, headed: error}
+    assert client.goaway is None
 
 
 async def test_an_http2_stream_over_the_concurrency_limit_is_refused_alone(
