@@ -51,6 +51,9 @@ __all__ = ["install"]
 
 log = logging.getLogger(__name__)
 
+WINDOW_UPDATE = hyperframe.frame.WindowUpdateFrame.type
+PRIORITY = hyperframe.frame.PriorityFrame.type
+
 # How long a GOAWAY may wait to be written before an idle connection's close: a client that
 # reads nothing (its socket's buffers full) must not hold the close, nor the drain.
 GOAWAY_WAIT_S = 0.1
@@ -338,9 +341,11 @@ def _reset_malformed(
 
 class _StreamErrorFrames(h2.frame_buffer.FrameBuffer):
     """h2's buffer of frames read, handing over whole a WINDOW_UPDATE of increment 0 on a
-    stream, which RFC 9113 §6.9 makes that stream's error (`_window_update_of_0_as_stream_error`
-    takes it): h2 refused it as it parsed it, a connection error. On stream 0 it stays the
-    connection's error, and within a header block too (§6.10), as h2 has them."""
+    stream, and a PRIORITY frame of a length other than 5, which RFC 9113 §6.9 and §6.3 make
+    that stream's error (`_window_update_of_0_as_stream_error` and
+    `_priority_errors_as_stream_errors` take them): h2 refused them as it parsed them, a
+    connection error. On stream 0 they stay the connection's error, and within a header
+    block too (§6.10), or past the frame size limit (§4.2), as h2 has them."""
 
     def __next__(self) -> hyperframe.frame.Frame:
         frame = self._stream_error()
@@ -352,17 +357,25 @@ class _StreamErrorFrames(h2.frame_buffer.FrameBuffer):
     def _stream_error(self) -> hyperframe.frame.Frame | None:
         """The first frame, taken out, if it is whole and its stream's error; else None."""
         header = self._data[:9]
-        if len(header) < 9 or header[3] != hyperframe.frame.WindowUpdateFrame.type:
+        if len(header) < 9 or header[3] not in (WINDOW_UPDATE, PRIORITY):
             return None
         length = int.from_bytes(header[:3])
         stream_id = int.from_bytes(header[5:]) & 0x7FFF_FFFF  # the reserved bit ignored
         body = self._data[9 : 9 + length]
-        if not stream_id or length != 4 or len(body) < length:
+        if not stream_id or len(body) < length or length > self.max_frame_size:
             return None
-        if int.from_bytes(body) & 0x7FFF_FFFF:
-            return None  # an increment: h2's
+        frame: hyperframe.frame.Frame
+        if header[3] == WINDOW_UPDATE:
+            if length != 4 or int.from_bytes(body) & 0x7FFF_FFFF:
+                return None  # an increment, or the connection's FRAME_SIZE_ERROR: h2's
+            frame = hyperframe.frame.WindowUpdateFrame(stream_id, window_increment=0)
+        else:
+            if length == 5:
+                return None
+            frame = hyperframe.frame.PriorityFrame(stream_id)
+            frame.body_len = length  # not 5: the stream's FRAME_SIZE_ERROR
         del self._data[: 9 + length]
-        return hyperframe.frame.WindowUpdateFrame(stream_id, window_increment=0)
+        return frame
 
 
 def _refuse_stream(connection: h2.connection.H2Connection, frame: Any) -> Any:
@@ -413,8 +426,8 @@ def _window_update_of_0_as_stream_error(connection: h2.connection.H2Connection) 
     PROTOCOL_ERROR RFC 9113 §6.9 makes it, as `_body_length_as_stream_error` does DATA; h2
     raised it as a connection error, whose GOAWAY cancelled and undid every order on the
     connection. On a stream closed it is dropped, as h2 drops any WINDOW_UPDATE there; on
-    one idle it stays h2's connection error (§5.1), as any WINDOW_UPDATE there."""
-    connection.incoming_buffer = _StreamErrorFrames(server=not connection.config.client_side)
+    one idle it stays h2's connection error (§5.1), as any WINDOW_UPDATE there. h2 hands
+    such a frame over only from `_StreamErrorFrames`."""
     receive = connection._frame_dispatch_table[hyperframe.frame.WindowUpdateFrame]
 
     def receive_window_update_frame(frame: Any) -> Any:
@@ -434,8 +447,9 @@ def _window_update_of_0_as_stream_error(connection: h2.connection.H2Connection) 
 
 
 def _priority_errors_as_stream_errors(connection: h2.connection.H2Connection) -> None:
-    """Have `connection` take a PRIORITY frame making a stream depend on itself as the stream
-    error PROTOCOL_ERROR RFC 9113 §5.3.1 makes it; h2 raised it as a connection error, whose
+    """Have `connection` take a PRIORITY frame making a stream depend on itself, or of a
+    length other than 5 (`_StreamErrorFrames`), as the stream error RFC 9113 §5.3.1 and §6.3
+    make them (PROTOCOL_ERROR, FRAME_SIZE_ERROR); h2 raised them as connection errors, whose
     GOAWAY cancelled and undid every order on the connection. On a stream not open (idle,
     which no RST_STREAM may name, §6.4; or closed) the frame is dropped: priority is a hint.
     A HEADERS frame with such a priority is its stream's error already: h2 refuses it once
@@ -443,12 +457,16 @@ def _priority_errors_as_stream_errors(connection: h2.connection.H2Connection) ->
     receive = connection._frame_dispatch_table[hyperframe.frame.PriorityFrame]
 
     def receive_priority_frame(frame: Any) -> Any:
-        if frame.depends_on != frame.stream_id:
+        if frame.body_len != 5:
+            code = h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+        elif frame.depends_on == frame.stream_id:
+            code = h2.errors.ErrorCodes.PROTOCOL_ERROR
+        else:
             return receive(frame)
         stream = connection.streams.get(frame.stream_id)
         if stream is None or stream.closed:
             return [], []
-        return [], _reset_malformed(connection, frame.stream_id)
+        return [], _reset_malformed(connection, frame.stream_id, code)
 
     connection._frame_dispatch_table[hyperframe.frame.PriorityFrame] = receive_priority_frame
 
@@ -541,6 +559,7 @@ class _H2Protocol(H2Protocol):
         super().__init__(*args, **kwargs)
         _body_length_as_stream_error(self.connection)
         _header_fields_as_stream_error(self.connection)
+        self.connection.incoming_buffer = _StreamErrorFrames(server=True)  # for the two below
         _window_update_of_0_as_stream_error(self.connection)
         _priority_errors_as_stream_errors(self.connection)
         _graceful_goaway_keeps_streams_open(self.connection)

@@ -878,6 +878,30 @@ async def test_an_http2_stream_made_to_depend_on_itself_is_reset_alone(
     assert client.goaway is None
 
 
+@pytest.mark.parametrize("length", [4, 6])
+async def test_an_http2_priority_frame_of_a_length_other_than_5_resets_its_stream_alone(
+    start_server: StartServer, length: int
+) -> None:
+    """A PRIORITY frame of a length other than 5 is its stream's error FRAME_SIZE_ERROR (RFC
+    9113 §6.3); h2 raised it as the connection's, whose GOAWAY cancelled and undid the order
+    in flight beside it. That stream alone is reset, and the connection serves on."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=500)
+            waiting = client.post(b"{", end=False)  # its body still to come
+            await client.flush()
+            header = length.to_bytes(3, "big") + b"\x02\x00" + waiting.to_bytes(4, "big")
+            await stream.send_all(header + b"\x00" * length)
+            await client.until(lambda: first in client.ended)
+            after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
+            await client.until(lambda: after in client.ended and waiting in client.resets)
+    assert client.statuses == {first: 200, after: 200}
+    assert client.resets == {waiting: h2.errors.ErrorCodes.FRAME_SIZE_ERROR}
+    assert client.goaway is None
+
+
 async def test_an_http2_stream_over_the_concurrency_limit_is_refused_alone(
     start_server: StartServer,
 ) -> None:
