@@ -2,14 +2,14 @@
 
 `install` puts these in hypercorn's place; `server` does it when imported. One connection's
 unexpected error ends that connection alone (`_OneConnection`); over HTTP/1.1 a reply under
-way ends whole before a close, and a body over the limit gets its 413 instead of a 100
-(`_H11Protocol`); over HTTP/2 a malformed stream is that stream's error alone, as RFC 9113
-makes it, not the whole connection's, a client's GOAWAY(NO_ERROR) leaves its open streams
-to be answered, a connection with no stream open is closed at the idle limit (GOAWAY
-first), and a reply its client does not read is given up when the client goes or the
-drain's grace ends (`_H2Protocol`). They rely on hypercorn's (0.17, 0.18) and h2 4's
-internals: a later version that renames them fails tests/test_hostile.py and
-tests/test_server.py, not silently.
+way ends whole before a close, a body over the limit gets its 413 instead of a 100, and an
+h2c upgrade whose settings h2 refuses its 400 instead of a 101 (`_H11Protocol`); over HTTP/2
+a malformed stream is that stream's error alone, as RFC 9113 makes it, not the whole
+connection's, a client's GOAWAY(NO_ERROR) leaves its open streams to be answered, a
+connection with no stream open is closed at the idle limit (GOAWAY first), and a reply its
+client does not read is given up when the client goes or the drain's grace ends
+(`_H2Protocol`). They rely on hypercorn's (0.17, 0.18) and h2 4's internals: a later version
+that renames them fails tests/test_hostile.py and tests/test_server.py, not silently.
 
 A connection closed is read on, briefly, until its client's end, so that a client still
 sending reads its reply rather than a reset (`_OneConnection._close`).
@@ -22,6 +22,7 @@ import logging
 from math import inf
 from typing import Any
 
+import h2.config
 import h2.connection
 import h2.errors
 import h2.events
@@ -32,6 +33,7 @@ import h2.stream
 import h11
 import hypercorn.protocol
 import hypercorn.trio.run
+import hyperframe.exceptions
 import hyperframe.frame
 import priority.priority
 import trio
@@ -287,6 +289,16 @@ class _H11Protocol(H11Protocol):
         )
         await super()._create_stream(request)
 
+    async def _check_protocol(self, event: h11.Request) -> None:
+        """Hypercorn's, but an h2c upgrade whose HTTP2-Settings h2 does not take gets a 400
+        and the connection's close instead of the 101: after the 101 h2 failed on it, and
+        the connection's handler with it (a traceback logged as an error)."""
+        if _h2c_settings_refused(event):
+            await self._send_error_response(400)
+            await self.send(Closed())
+            raise _ReadsOver
+        await super()._check_protocol(event)
+
     async def _send_h11_event(self, event: H11SendableEvent) -> None:
         if not (
             isinstance(event, h11.InformationalResponse)
@@ -304,6 +316,22 @@ class _H11Protocol(H11Protocol):
             and isinstance(connection, h11.Connection)
             and connection.our_state is h11.SEND_BODY
         )
+
+
+def _h2c_settings_refused(request: h11.Request) -> bool:
+    """Whether `request` asks for h2c as hypercorn takes it (`Upgrade: h2c`, no body) with an
+    HTTP2-Settings (the last, as hypercorn reads it) that h2 does not take: not base64url,
+    not 6 bytes a setting, a value out of range (RFC 7540 §3.2.1)."""
+    headers = dict(request.headers)
+    with_body = b"content-length" in headers or b"transfer-encoding" in headers
+    if headers.get(b"upgrade", b"").lower() != b"h2c" or with_body:
+        return False
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    try:
+        connection.initiate_upgrade_connection(headers.get(b"http2-settings"))
+    except (ValueError, hyperframe.exceptions.HyperframeError, h2.exceptions.ProtocolError):
+        return True
+    return False
 
 
 class _ReadsOver(Exception):

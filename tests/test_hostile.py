@@ -411,6 +411,38 @@ async def test_a_target_neither_a_path_nor_an_http_uri_is_400(start_server: Star
     assert not [line for line in server.log_lines() if line["logger"] == "order_pipeline.orders"]
 
 
+def h2c_upgrade(settings: bytes) -> bytes:
+    """A `GET /healthz` asking to go on in HTTP/2 (h2c) with `settings` as its HTTP2-Settings."""
+    return (
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: %s\r\n\r\n" % settings
+    )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [b"not base64!", b"AAAAAA==", b"AASAAAAA"],
+    ids=["not base64url", "4 bytes", "a window over 2^31-1"],
+)
+async def test_an_h2c_upgrade_with_http2_settings_h2_refuses_gets_a_400(
+    start_server: StartServer, settings: bytes
+) -> None:
+    """An h2c upgrade (RFC 7540 §3.2) whose HTTP2-Settings is no SETTINGS payload h2 takes
+    (not base64url, not 6 bytes a setting, a value out of range) got its 101, then h2's
+    error failed the connection: a traceback logged as an error ("a connection failed").
+    It gets a 400 instead of the 101, and its connection is closed; a good one gets its 101."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    reply = parse(await exchange(server.url, h2c_upgrade(settings)))
+    assert (reply.status, reply.headers["connection"]) == (400, "close")
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    good = client.initiate_upgrade_connection()
+    assert good is not None
+    with trio.fail_after(10):
+        async with await trio.open_tcp_stream(*address(server.url)) as stream:
+            await stream.send_all(h2c_upgrade(good))
+            assert (await stream.receive_some(65_536)).startswith(b"HTTP/1.1 101")
+
+
 async def test_an_http2_body_over_the_limit_leaves_the_other_streams_orders_alone(
     start_server: StartServer,
 ) -> None:
