@@ -581,7 +581,6 @@ class _H2Protocol(H2Protocol):
     """
 
     _gone_away = False  # the client's GOAWAY(NO_ERROR) came: it opens no more streams
-    _closing = False  # the connection is being closed after the client's GOAWAY
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -778,13 +777,13 @@ class _H2Protocol(H2Protocol):
         the reply lost its end. The wait ends with the idle timer at the latest (it runs once
         no stream is open), should the client not read. In a drain `stream_send` closes the
         connection, as any other. The reader and a stream's task may both come here: the
-        first to close does."""
+        first to close does, and neither once another close has made the GOAWAY (an idle
+        close, the drain's, waiting for the same END_STREAM): it closes the connection."""
         if not self._gone_away or self.context.terminated.is_set() or self.streams:
             return
         await self.replies_ended()
-        if self.streams or self.closed or self._closing:
+        if self.streams or self.closed or self._goaway_made():
             return
-        self._closing = True
         self.connection.close_connection()
         await self._flush()
         await self.send(Closed())

@@ -597,3 +597,50 @@ async def test_a_client_that_never_ends_its_connection_holds_the_drain_for_the_l
             drain.set()
             began = trio.current_time()
         assert trio.current_time() - began < min(linger, grace) + 0.5
+
+
+async def test_an_idle_close_s_goaway_made_as_a_gone_away_close_waits_is_the_only_one(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A client's GOAWAY(NO_ERROR) read once its stream is closed but before the reply's
+    END_STREAM is sent: the close after it (`_close_once_gone_away`) waits for that end, as
+    an idle close (the drain's, or at the idle limit) begun meanwhile does, each polling.
+    Once the end is sent, the idle close, back first, made its GOAWAY; the other, back
+    next, asked only whether it had closed the connection itself, and made a second GOAWAY
+    and a second close. Here the idle close's GOAWAY is made between the end and that poll;
+    it is the only one, and the close is the idle close's."""
+    written = bytearray()
+    closed = trio.Event()
+    released = trio.Event()
+
+    async def send(event: ConnectionEvent) -> None:
+        """The connection's socket: DATA frames wait for `released`."""
+        if isinstance(event, RawData):
+            if event.data[3] == hyperframe.frame.DataFrame.type:
+                await released.wait()
+            written.extend(event.data)
+        elif isinstance(event, Closed):
+            closed.set()
+
+    client = client_asking_get()
+    goaway = hyperframe.frame.GoAwayFrame(0, error_code=h2.errors.ErrorCodes.NO_ERROR)
+    async with TaskGroup() as task_group:
+        protocol = h2_protocol(reply_ok, WorkerContext(None), task_group, send)
+        await protocol.initiate()
+        await protocol.handle(RawData(client.data_to_send()))
+        await trio.testing.wait_all_tasks_blocked()  # the send task, at the reply's DATA
+        async with trio.open_nursery() as reader:
+            reader.start_soon(protocol.handle, RawData(goaway.serialize()))
+            await trio.testing.wait_all_tasks_blocked()  # its close polls for the reply's end
+            released.set()
+            await trio.testing.wait_all_tasks_blocked()  # the end sent; the poll not back yet
+            written.extend(protocol.goaway())  # the idle close's, as `_OneConnection` sends it
+            mock_clock.jump(0.001)  # the poll comes back
+        await protocol.handle(Closed())  # the idle close's close
+    events = client.receive_data(bytes(written))
+    goaways = [e.error_code for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert (ends_of(events), goaways, closed.is_set()) == (
+        ["StreamEnded", "ConnectionTerminated"],
+        [h2.errors.ErrorCodes.NO_ERROR],
+        False,
+    )
