@@ -176,7 +176,10 @@ class OrderDesk:
     owner: str = attrs.field(factory=new_id)
     # The keys this process works on now (submitting, running or recovering them). An order of
     # ours still running that is not among them was left by a call that committed although we
-    # were told it failed (a lost COMMIT answer): nobody else recovers it while we live.
+    # were told it failed (a lost COMMIT answer): nobody else recovers it while we live. Those
+    # among them are never claimed back from another (our lease lapsed, another claimed the
+    # order and died): our run ends them, taken over (see `_run`), and a later round claims
+    # them; claimed under the run, its final record (ours again) would land over the undoing.
     _working: Counter[str] = attrs.field(factory=Counter, init=False)
     # Such orders seen in the last recovery round: recovered if seen again in the next, by
     # which time a final record on its way (held for the next commit) has landed.
@@ -356,7 +359,9 @@ class OrderDesk:
     async def _recover_forever(self) -> None:
         while True:
             try:
-                claimed = await self.store.claim_interrupted(self.owner, RECOVERY_BATCH)
+                claimed = await self.store.claim_interrupted(
+                    self.owner, RECOVERY_BATCH, busy=list(self._working)
+                )
             except StoreUnavailable as exc:
                 log.warning("recovery paused: %s", exc)
                 claimed = []

@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -821,6 +821,67 @@ async def test_a_taken_over_order_retried_meanwhile_is_left_to_its_retry(
     assert await store.net_charge("k-1") == 70
 
 
+async def claimed_partly_undone_and_left(store: OrderStore, key: str, claimer: str) -> None:
+    """`claimer` claims `key`'s order, refunds its payment, records that, and dies (it never
+    held a lease): the order is left running under a dead owner, partly undone."""
+    (claimed,) = await store.claim_interrupted(claimer, 10)
+    assert claimed.key == key
+    await store.refund(claimed.attempt_id, key)
+    refunded = StepResult(
+        "payment", StepStatus.OK, 150, None, Compensation(CompensationStatus.OK, 80)
+    )
+    store.record_step(key, claimed.attempt_id, step_record(refunded), owner=claimer)
+
+
+@pytest.mark.parametrize(
+    "vendor_ms",
+    [
+        2000,  # the run ends while the recovery undoes: its `ok` would land, and be answered
+        6000,  # the run ends after the recovery: its vendor step would stay in effect
+    ],
+)
+async def test_an_order_its_own_run_still_runs_is_not_claimed_back_under_it(
+    autojump_clock: trio.testing.MockClock, vendor_ms: int
+) -> None:
+    """A process's lease lapses (an outage) while it runs an order; another claims the order,
+    refunds its payment and dies. Back, the first process's recovery must not claim the order
+    back while its own run goes on: it would undo it under the run, whose later steps then
+    stay in effect, and whose final record (its owner the run's own again) would land. The
+    run ends taken over (409) and undoes its steps; the recovery then claims the order and
+    records it interrupted: every step undone, no money taken, no ok answered."""
+    store = MemoryStore()
+    events: list[tuple[str, str]] = []
+    first = _noting(assemble(Settings(lease_timeout=2.0), store=store).desk, events)
+    order = make_order(
+        "o-1",
+        amount=70,
+        delay_ms={"vendor": vendor_ms},
+        compensation_delay_ms={"vendor": 3000},
+    )
+    answers: list[desk.Answer] = []
+
+    async def send() -> None:
+        answers.append(await first.submit(order, "k-1"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)  # the first process holds no lease yet: its outage
+        await trio.sleep(0.5)  # payment and courier done, the vendor not yet
+        await claimed_partly_undone_and_left(store, "k-1", "dead-claimer")
+        await nursery.start(first.maintain)  # the outage is over; its run goes on
+        while not answers or (await store.get("k-1")).state == RUNNING:  # type: ignore[union-attr] # noqa: ASYNC110
+            await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    stored = await store.get("k-1")
+
+    assert stored is not None
+    assert (stored.kind, stored.owner) == ("interrupted", first.owner)
+    assert ("vendor", "done") in events
+    assert dict(events) == dict.fromkeys(STEP_NAMES, "undone")  # the last word for each
+    assert await store.net_charge("k-1") == 0
+    [answer] = answers
+    assert (answer.status, json.loads(answer.body)["error"]["kind"]) == (409, "order_in_progress")
+
+
 async def test_a_backlog_of_expired_orders_is_forgotten_a_batch_at_a_time(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1559,9 +1620,11 @@ class _Outage(MemoryStore):
             self._refuse()
         await super().renew_lease(owner, timeout)
 
-    async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
+    async def claim_interrupted(
+        self, owner: str, limit: int, *, busy: Collection[str] = ()
+    ) -> list[StoredOrder]:
         self._refuse()
-        return await super().claim_interrupted(owner, limit)
+        return await super().claim_interrupted(owner, limit, busy=busy)
 
     async def running_of(self, owner: str, older_than: float) -> list[StoredOrder]:
         self._refuse()

@@ -423,6 +423,21 @@ async def test_release_lease_lets_others_claim_at_once(store: OrderStore) -> Non
     assert [o.key for o in await store.claim_interrupted("me", 10)] == ["k-1"]
 
 
+async def test_a_claim_leaves_the_keys_its_claimer_still_runs_alone(store: OrderStore) -> None:
+    """A claimer's `busy` keys (orders its own runs go on with, though another claimed them
+    meanwhile and died) are not claimed back, whoever holds them; a later claim takes them."""
+    await begun(store, "k-1", owner="dead")
+    await begun(store, "k-2", owner="dead")
+    await store.renew_lease("me", 60.0)
+
+    claimed = await store.claim_interrupted("me", 10, busy=["k-1", "k-9"])
+    assert [o.key for o in claimed] == ["k-2"]
+    left = await store.get("k-1")
+    assert left is not None
+    assert left.owner == "dead"
+    assert [o.key for o in await store.claim_interrupted("me", 10, busy=[])] == ["k-1"]
+
+
 async def test_concurrent_claimers_get_disjoint_orders(store: OrderStore) -> None:
     """Two live processes claiming at once never both take one order, and leave none behind."""
     keys = {f"k-{i}" for i in range(20)}

@@ -8,7 +8,7 @@ died is found (its owner's lease expired) and compensated by a live process.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Collection
 from typing import Final, Protocol
 
 import attrs
@@ -331,10 +331,15 @@ class OrderStore(Protocol):
         """`owner` is gone (clean shutdown): its running orders may be claimed at once."""
         ...
 
-    async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
+    async def claim_interrupted(
+        self, owner: str, limit: int, *, busy: Collection[str] = ()
+    ) -> list[StoredOrder]:
         """Take up to `limit` running orders whose owner's lease is gone; one claimer each.
 
-        Never `owner`'s own: a process whose lease lapsed still runs its orders."""
+        Never `owner`'s own: a process whose lease lapsed still runs its orders. Nor those
+        under the keys `busy`, which `owner` still runs (or recovers) itself although another
+        claimed them meanwhile: claimed back, the order would be undone under its run, and
+        the run's records, `owner`'s again, would land (its `ok`, say, after a refund)."""
         ...
 
     async def running_of(self, owner: str, older_than: float) -> list[StoredOrder]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Collection
 
 import attrs
 import trio
@@ -184,7 +185,9 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         self._leases.pop(owner, None)
 
-    async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
+    async def claim_interrupted(
+        self, owner: str, limit: int, *, busy: Collection[str] = ()
+    ) -> list[StoredOrder]:
         await trio.lowlevel.checkpoint()
         now = time.time()
         claimed: list[StoredOrder] = []
@@ -194,6 +197,7 @@ class MemoryStore:
             if (
                 order.state == RUNNING
                 and order.owner != owner
+                and key not in busy
                 and self._lease_lapsed(order.owner, now)
             ):
                 self._orders[key] = order = attrs.evolve(order, owner=owner)

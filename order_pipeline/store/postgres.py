@@ -88,7 +88,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any, Final, Generic, TypeVar, cast
 
@@ -714,7 +714,9 @@ class PostgresStore(WriterThread[Conn]):
             lambda conn: _execute(conn, "DELETE FROM leases WHERE owner = %s", (owner,))
         )
 
-    async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
+    async def claim_interrupted(
+        self, owner: str, limit: int, *, busy: Collection[str] = ()
+    ) -> list[StoredOrder]:
         def claim(conn: Conn) -> list[StoredOrder]:
             # The database's clock against ours: clock_timestamp(), the time it answers at
             # (now(), the transaction's start, may be long before in a slow batch), against
@@ -729,7 +731,7 @@ class PostgresStore(WriterThread[Conn]):
             stale = self._clock.owners_to_take(lambda: _leases(conn))
             if stale is None:  # the database's clock stepped: the owners renew on it first
                 return []
-            return _claim(conn, owner, limit, stale)
+            return _claim(conn, owner, limit, stale, busy)
 
         return await self._call(claim)
 
@@ -1168,8 +1170,11 @@ def _list_orders(
     ]
 
 
-def _claim(conn: Conn, owner: str, limit: int, stale: set[str]) -> list[StoredOrder]:
-    """Take up to `limit` orders of dead owners, each for one claimer only.
+def _claim(
+    conn: Conn, owner: str, limit: int, stale: set[str], busy: Collection[str]
+) -> list[StoredOrder]:
+    """Take up to `limit` orders of dead owners, each for one claimer only; not those under
+    the keys `busy` (the claimer's own runs).
 
     First lock candidates, skipping rows another claimer holds. Then take those still
     claimable, judged by a statement of its own: its snapshot, newer than every lock we got,
@@ -1184,9 +1189,9 @@ def _claim(conn: Conn, owner: str, limit: int, stale: set[str]) -> list[StoredOr
     conn.execute("LOCK TABLE leases IN ROW EXCLUSIVE MODE")
     args = {"me": owner, "limit": limit, "stale": sorted(stale)}
     locked = conn.execute(
-        f"SELECT key FROM orders WHERE {_DEAD_OR_STALE_OWNER} LIMIT %(limit)s"
-        " FOR UPDATE SKIP LOCKED",
-        args,
+        f"SELECT key FROM orders WHERE {_DEAD_OR_STALE_OWNER}"
+        " AND key <> ALL(%(busy)s::text[]) LIMIT %(limit)s FOR UPDATE SKIP LOCKED",
+        {**args, "busy": list(busy)},
     ).fetchall()
     if not locked:
         return []

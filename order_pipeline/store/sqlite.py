@@ -37,7 +37,7 @@ import os
 import resource
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -312,7 +312,9 @@ class SqliteStore(WriterThread[Conn]):
             lambda conn: _execute(conn, "DELETE FROM leases WHERE owner = ?", (owner,))
         )
 
-    async def claim_interrupted(self, owner: str, limit: int) -> list[StoredOrder]:
+    async def claim_interrupted(
+        self, owner: str, limit: int, *, busy: Collection[str] = ()
+    ) -> list[StoredOrder]:
         def claim(conn: Conn) -> list[StoredOrder]:
             now = self._now()
             stale = self._clock.owners_to_take(
@@ -320,7 +322,7 @@ class SqliteStore(WriterThread[Conn]):
             )
             if stale is None:  # the wall clock stepped: the owners renew on it first
                 return []
-            return _claim(conn, owner, limit, now, stale)
+            return _claim(conn, owner, limit, now, stale, busy)
 
         return await self._call(claim)
 
@@ -743,15 +745,26 @@ def _list_orders(
     ]
 
 
-def _claim(conn: Conn, owner: str, limit: int, now: float, stale: set[str]) -> list[StoredOrder]:
+def _claim(
+    conn: Conn, owner: str, limit: int, now: float, stale: set[str], busy: Collection[str]
+) -> list[StoredOrder]:
     """Orders of owners without a live lease, or whose lease nobody renewed since the clock
-    stepped back (`stale`: ClockWatch)."""
+    stepped back (`stale`: ClockWatch); not those under the keys `busy` (the claimer's own
+    runs)."""
     rows = conn.execute(
         f"UPDATE orders SET owner = ?1 WHERE key IN (SELECT key FROM orders WHERE state = ?2"
         " AND owner != ?1 AND owner NOT IN (SELECT owner FROM leases WHERE expires_at > ?3"
         " AND owner NOT IN (SELECT value FROM json_each(?5)))"
+        " AND key NOT IN (SELECT value FROM json_each(?6))"
         f" LIMIT ?4) RETURNING {_ORDER}",
-        (owner, RUNNING, now, limit, orjson.dumps(sorted(stale)).decode()),
+        (
+            owner,
+            RUNNING,
+            now,
+            limit,
+            orjson.dumps(sorted(stale)).decode(),
+            orjson.dumps(list(busy)).decode(),
+        ),
     ).fetchall()
     return _orders(conn, rows)
 
