@@ -757,7 +757,9 @@ class _H2Protocol(H2Protocol):
         error although the order was answered and counted drained. The drain is looked for
         once the stream is closed, as hypercorn does: a look before (a wait for this reply's
         end) missed a drain begun in between (0 to 3 of 30 clients in a GET loop cut off).
-        In a drain the wait ends at the grace's end at the latest, as the reply's own does.
+        In a drain the wait ends at the grace's end at the latest, as the reply's own does;
+        an idle close (the drain's, or the timer's) that made the GOAWAY meanwhile, waiting
+        for the same ends, is left to close the connection: a second GOAWAY followed.
 
         After the client's own GOAWAY the connection is closed once no reply's END_STREAM is
         pending (`_close_once_gone_away`). The stream is closed at once, so the idle timer
@@ -773,8 +775,9 @@ class _H2Protocol(H2Protocol):
             await self._close_stream(event.stream_id)
             if self.idle and self.context.terminated.is_set():
                 await self.replies_ended()
-                self.connection.close_connection()
-                await self._flush()
+                if not self._goaway_made():  # by an idle close meanwhile, which closes
+                    self.connection.close_connection()
+                    await self._flush()
             await self.send(Updated(idle=self.idle))
         await self._close_once_gone_away()
 

@@ -667,3 +667,51 @@ async def test_an_idle_close_s_goaway_made_as_a_gone_away_close_waits_is_the_onl
         [h2.errors.ErrorCodes.NO_ERROR],
         False,
     )
+
+
+async def test_an_idle_close_s_goaway_made_as_the_drain_s_close_waits_is_the_only_one(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """In a drain the last stream's close waits, polling every 1 ms, for every reply's
+    END_STREAM before it makes the connection's GOAWAY (`stream_send`); an idle close (the
+    drain's, which that stream's reset by its client starts, or the idle timer's that fired
+    as it opened) waits for the same end, bounded, then makes its own. The stream's close,
+    back after it, asked nothing and made a second GOAWAY. Here the idle close's GOAWAY is
+    made between the end and that poll; it is the only one."""
+    written = bytearray()
+    released = trio.Event()
+    answer = trio.Event()
+    context = WorkerContext(None)
+
+    async def send(event: ConnectionEvent) -> None:
+        """The connection's socket: DATA frames wait for `released`."""
+        if isinstance(event, RawData):
+            if event.data[3] == hyperframe.frame.DataFrame.type:
+                await released.wait()
+            written.extend(event.data)
+
+    async def reply_when_told(scope: Any, receive: Any, send: Any) -> None:
+        await answer.wait()
+        await reply_ok(scope, receive, send)
+
+    client = client_asking_get()
+    async with TaskGroup() as task_group:
+        protocol = h2_protocol(reply_when_told, context, task_group, send)
+        await protocol.initiate()
+        await protocol.handle(RawData(client.data_to_send()))
+        await context.terminated.set()  # the drain begins, the stream open
+        answer.set()
+        await trio.testing.wait_all_tasks_blocked()  # the send task at the DATA; the close polls
+        assert not protocol.streams
+        released.set()
+        await trio.testing.wait_all_tasks_blocked()  # the end sent; the poll not back yet
+        written.extend(protocol.goaway())  # the idle close's, as `_OneConnection` sends it
+        mock_clock.jump(0.001)  # the poll comes back
+        await trio.testing.wait_all_tasks_blocked()
+        await protocol.handle(Closed())  # the idle close's close
+    events = client.receive_data(bytes(written))
+    goaways = [e.error_code for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert (ends_of(events), goaways) == (
+        ["StreamEnded", "ConnectionTerminated"],
+        [h2.errors.ErrorCodes.NO_ERROR],
+    )
