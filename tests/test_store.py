@@ -1515,11 +1515,8 @@ async def test_a_finish_whose_batch_failed_is_replied_once_committed(tmp_path: P
         async with trio.open_nursery() as nursery, one_batch_behind_a_lock(store, nursery):
             store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)  # the finish first
             store._put(fail_the_batch, None)
-
-        async def held_again() -> bool:  # the thread hands it back to Trio after the batch
-            return bool(store._riding)
-
-        await wait_for(held_again, "the failed batch's finish to be held again")
+        # The renewal's batch ran and failed: the writer thread holds the finish again, in
+        # front of the next batch.
         assert len(store._replies) == 0  # nothing of the failed batch's as committed
         commits = store.commits
         reply = await store.finished_reply("k-1", order.attempt_id)  # carries the finish again
@@ -1870,6 +1867,50 @@ async def test_step_records_held_while_an_order_was_taken_over_take_no_undo_back
     assert back.steps == (refunded,)
     assert stored is not None
     assert (stored.owner, stored.steps) == ("w-1", (refunded,))
+
+
+async def test_a_final_record_held_while_an_order_was_taken_over_does_not_land_after_a_claim_back(
+    tmp_path: Path,
+) -> None:
+    """As `test_step_records_held_while_an_order_was_taken_over_take_no_undo_back`, for
+    w-1's final record: its run ended ok in the outage (answered 503); w-2 claimed the order,
+    refunded its payment and died. w-1's claim back, handed over while the batch holding that
+    `ok` failed, must run behind it, not ahead: the writer thread holds a failed batch's
+    records itself (held by Trio, they came after the claim, and the `ok` landed under w-1's
+    name again: the order ended ok with its payment refunded, and a retry replayed it)."""
+    path = tmp_path / "orders.db"
+    async with SqliteStore(path, busy_timeout=1.0) as first, SqliteStore(path) as second:
+        order = await begun(first, owner="w-1")  # w-1 holds no lease: its lease lapsed
+        await second.claim_interrupted("w-2", 10)
+        await second.refund(order.attempt_id, "k-1")
+        refunded = StepRecord("payment", "ok", None, 5, "ok", 3)
+        second.record_step("k-1", order.attempt_id, refunded, owner="w-2")
+        await second.aclose()  # w-2 dies (it never held a lease either)
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+
+            async def renew_in_an_outage() -> None:
+                with pytest.raises(StoreUnavailable):
+                    await first.renew_lease("w-1", 5)  # carries w-1's records: held again
+                other.execute("ROLLBACK")  # the outage ends while the claim waits for the lock
+
+            async def first_taken() -> bool:  # its step record taken, the batch waiting
+                return not first._steps._queued
+
+            other.execute("BEGIN IMMEDIATE")  # w-1's outage: its batch waits for the lock
+            async with trio.open_nursery() as nursery:
+                ran = StepRecord("payment", "ok", None, 5)
+                first.record_step("k-1", order.attempt_id, ran, owner="w-1")
+                reply = b'{"status":"ok"}'
+                first.finish_soon("k-1", order.attempt_id, 200, reply, None, owner="w-1")
+                nursery.start_soon(renew_in_an_outage)
+                await wait_for(first_taken, "the writer to take the failing batch")
+                (back,) = await first.claim_interrupted("w-1", 10)  # the batch behind it
+
+        stored = await first.get("k-1")  # commits what is held
+
+    assert back.state == RUNNING
+    assert stored is not None
+    assert (stored.state, stored.owner) == (RUNNING, "w-1")  # left to w-1's recovery
 
 
 async def test_a_batch_that_raises_unexpectedly_fails_its_callers_instead_of_hanging(

@@ -16,7 +16,10 @@ was never durable, and recovery treats a step without a record as one that may h
 An order's final record (`finish_soon`) whose commit fails for an outage is held again and
 rides on the next call: lost, it would leave its order running under a live lease, which no
 process recovers while its owner lives. Step records are held again too, an attempt's in
-the order recorded (`RowsWrittenTogether`).
+the order recorded (`RowsWrittenTogether`). The thread holds them itself, in front of what
+is handed over next: held by Trio, they came after a batch handed over while theirs ran,
+such as a claim that took their order back from a process that claimed it and died (its
+owner then theirs again: a final `ok` landed over that process's refund).
 
 Cancellation: a call is cancellable until its operation is queued and not after: it then
 waits, shielded, for its batch, so a caller that gets Cancelled knows nothing was written,
@@ -203,16 +206,20 @@ class WriterThread(Generic[C]):
             self._token.run_sync_soon(opened.set)
         try:
             get, get_nowait = self._queue.get, self._queue.get_nowait
+            # Kept operations whose batch failed for an outage, ahead of what comes next (see
+            # the module docstring).
+            held: list[Op[C, Any]] = []
             while True:
                 handed = [get()]
                 with suppress(queue.Empty):
                     while True:
                         handed.append(get_nowait())
                 stop = handed[-1] is None
-                ops = [op for item in handed if item is not None for op in item]
+                ops = held + [op for item in handed if item is not None for op in item]
+                held = []
                 if ops:
                     self._run_handed(ops)
-                    self._wake(ops, closing=stop)
+                    held = self._wake(ops, closing=stop)
                 if stop:
                     return
         finally:
@@ -231,46 +238,58 @@ class WriterThread(Generic[C]):
                 op.error = StoreUnavailable(f"{self.where}: {exc!r}")
                 op.kept = False  # held again, it could fail every batch it rides on
 
-    def _wake(self, ops: list[Op[C, Any]], *, closing: bool) -> None:
-        """Hand every waiting caller its result and the Trio side what is to be held again;
-        log what nobody waits for and was lost."""
+    def _wake(self, ops: list[Op[C, Any]], *, closing: bool) -> list[Op[C, Any]]:
+        """Hand every waiting caller its result and the Trio side the held line; log what
+        nobody waits for and was lost; return what is to be held again, in the writer thread
+        (`_serve`)."""
         waiters: list[trio.lowlevel.Task] = []
         again: list[Op[C, Any]] = []
         stored = False
+        closing = closing or self._closed  # its close began: no call will carry them
         for op in ops:
             if op.waiter is not None:
                 waiters.append(op.waiter)
             else:
                 stored |= settle_unwaited(op, again, closing=closing)
+        for op in again:
+            op.held = True
         if waiters or again or stored:
+            # The line's arguments taken here: the thread runs `again` next, changing them.
+            records, error = sum(op.records for op in again), again[0].error if again else None
             with suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(self._woken, waiters, again, stored)
+                self._token.run_sync_soon(self._woken, waiters, records, error, stored)
+        return again
 
     def _woken(
-        self, waiters: list[trio.lowlevel.Task], again: list[Op[C, Any]], stored: bool
+        self,
+        waiters: list[trio.lowlevel.Task],
+        records: int,
+        error: BaseException | None,
+        stored: bool,
     ) -> None:
         for task in waiters:
             trio.lowlevel.reschedule(task)
-        self._hold_again(again, stored)
+        self._say_held(records, error, stored)
 
     def _hold_again(self, ops: list[Op[C, Any]], stored: bool = False) -> None:
         """Hold `ops` (kept, their batch failed for an outage) again, ahead of what was held
         since: they ride on the next call that waits (the lease renewal, at the latest a
-        second later), so an order's final record is not lost to a moment's outage.
-        `stored`: the batch stored records held before; with none held again, the outage
-        has ended, which the log says (once the held line is due: `SeldomWarning`)."""
-        if not ops:
-            if stored or self._held_line.ending:
-                self._held_line.ended()
-            return
-        if self._closed:  # nothing will carry them
-            for op in ops:
-                log_lost(op)
-            return
+        second later), so an order's final record is not lost to a moment's outage. (A
+        store process's loop, process.py; the writer thread holds them itself, `_serve`.)
+        `stored`: the batch stored records held before."""
         for op in ops:
             op.held = True
-        self._held_line.warning(sum(op.records for op in ops), ops[0].error)
+        self._say_held(sum(op.records for op in ops), ops[0].error if ops else None, stored)
         self._riding[:0] = ops
+
+    def _say_held(self, records: int, error: BaseException | None, stored: bool) -> None:
+        """The held line, in one thread only (`SeldomWarning` is not thread-safe): Trio's, or
+        a store process's loop. `records` held again for `error`; with none, and records
+        held before `stored`, the outage has ended, which the log says (once a line is due)."""
+        if records:
+            self._held_line.warning(records, error)
+        elif stored or self._held_line.ending:
+            self._held_line.ended()
 
     # -- the Trio side --------------------------------------------------------------------
 
@@ -382,8 +401,7 @@ class RowsWrittenTogether(Generic[C]):
     transaction holds), but for those of an attempt (a row's first field) that a held or
     running operation has rows of: they are added to that operation's, after them, for
     `write` writes a later record of a step in the earlier one's place, and the later must
-    win whichever batch commits last (the writer thread may run a batch handed over behind
-    one that failed before Trio holds that one's operations again, ahead of everything). A
+    win whichever batch commits last (a held operation that fails alone again, say). A
     batch that fails for an error of its own loses them with one line in the log, as it
     would each on its own.
     """
