@@ -335,7 +335,9 @@ class OrderDesk:
             raise StoreError(f"cannot take this process's lease: {exc}") from None
 
     async def release(self) -> None:
-        """Give up the lease at a clean exit, so nothing waits for it to expire."""
+        """Give up the lease at a clean exit, so nothing waits for it to expire; and say what
+        the refusals' line left unsaid, which no later order will."""
+        self._refusals.close()
         try:
             await self.store.release_lease(self.owner)
         except StoreUnavailable:
@@ -350,6 +352,8 @@ class OrderDesk:
                 await self.store.renew_lease(self.owner, self.lease_timeout)
             except StoreUnavailable as exc:
                 log.warning("could not renew this process's lease: %s", exc)
+            if self._refusals.ending:  # orders begin again: said once due, not at the next
+                self._refusals.ended()
 
     def _stopped_working(self, key: str) -> None:
         self._working[key] -= 1

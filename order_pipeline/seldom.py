@@ -66,7 +66,8 @@ class SeldomWarning:
     A line left unsaid when it ends is said then, as the last of the outage, in the context
     it was logged in (its request ID). The end is said no sooner than a line would be due
     (so an outage that comes and goes is still a line a second): till then it is `ending`,
-    and a later call of `ended` says it, unless a `warning` says the outage goes on.
+    and a later call of `ended` says it, unless a `warning` says the outage goes on; `close`
+    says it at once when no call will come (the store closes, the process exits).
     """
 
     def __init__(
@@ -101,6 +102,17 @@ class SeldomWarning:
         if not self._seldom.ready():
             self.ending = True
             return
+        self._say_ended()
+
+    def close(self) -> None:
+        """No later call will come (its store closes, its process exits): say the line left
+        unsaid, and the end held back (`ending`), now, so the lines count every occurrence."""
+        if self.ending:
+            self._say_ended()
+        else:
+            self.flush()
+
+    def _say_ended(self) -> None:
         self.flush()
         self._logger.warning(self._ended, self._count, extra={"fields": {"count": self._count}})
         self._count, self._last, self.ending = 0, None, False

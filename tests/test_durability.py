@@ -1990,3 +1990,51 @@ async def test_orders_an_outage_refuses_are_a_line_a_second_that_counts_them_all
         f"order 'o-59' {unavailable} (and 28 more like it since the last such line)",
         "the store begins orders again, after 60 order(s) refused as unavailable",
     ]
+
+
+class _DownAtFirst(MemoryStore):
+    """A store whose `begin` fails as unavailable while `down`: the desk refuses orders."""
+
+    down = True
+
+    async def begin(self, *args: Any) -> Any:
+        if self.down:
+            raise StoreUnavailable("database is locked (a test's)")
+        return await super().begin(*args)
+
+
+async def test_an_outage_s_refusals_are_said_whole_with_no_order_after_it(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.abc.Clock
+) -> None:
+    """The refusals' end waited for an order begun a second after the last line, and the
+    line left unsaid with it: an order begun sooner (the clients' retry) and then none, and
+    neither came, for as long as no order came, nor at all if the process then exited (the
+    lines counted 1 of 3 refusals). The lease's renewal says the end once it is due, and
+    the lease's release the line left unsaid."""
+    refusing = assemble(Settings(), store=(store := _DownAtFirst())).desk
+    unavailable = "refused: the store is unavailable (database is locked (a test's))"
+    with caplog.at_level(logging.WARNING, logger=DESK_LOGGER):
+        for n in range(3):
+            assert (await refusing.submit(make_order(f"o-{n}", amount=5), f"k-{n}")).status == 503
+        store.down = False
+        assert (await refusing.submit(make_order("o-3", amount=5), "k-3")).status == 200
+        async with trio.open_nursery() as nursery:
+            await nursery.start(refusing.maintain)
+            await trio.sleep(2)
+            nursery.cancel_scope.cancel()
+    assert [r.getMessage() for r in caplog.records if r.name == DESK_LOGGER] == [
+        f"order 'o-0' {unavailable}",
+        f"order 'o-2' {unavailable} (and 1 more like it since the last such line)",
+        "the store begins orders again, after 3 order(s) refused as unavailable",
+    ]
+    caplog.clear()
+
+    still_down = assemble(Settings(), store=_DownAtFirst()).desk
+    with caplog.at_level(logging.WARNING, logger=DESK_LOGGER):
+        for n in range(3):
+            assert (await still_down.submit(make_order(f"o-{n}", amount=5), f"k-{n}")).status == 503
+        await still_down.release()  # the process exits: no later line can say the others
+    assert [r.getMessage() for r in caplog.records if r.name == DESK_LOGGER] == [
+        f"order 'o-0' {unavailable}",
+        f"order 'o-2' {unavailable} (and 1 more like it since the last such line)",
+    ]

@@ -1760,6 +1760,32 @@ async def test_an_outage_s_failed_batches_are_a_line_a_second_that_counts_them_a
     assert said + unsaid == batches
 
 
+@pytest.mark.parametrize("in_a_store_process", [False, True])
+async def test_an_outage_that_ends_as_the_store_closes_says_its_end(
+    tmp_path: Path, in_a_store_process: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Records held through an outage and stored by the close's own batch (or by one less
+    than a second after the last line, its end not yet due) had no end line: the store
+    closed with `held for the next commit` as the outage's last word, as if they were never
+    stored. The close says the end it held back."""
+    path, aside = tmp_path / "orders.db", tmp_path / "aside.db"
+    async with sqlite_here_or_in_a_store_process(path, in_a_store_process) as store:
+        order = await begun(store)
+        store.finish_soon("k-1", order.attempt_id, 200, b'{"status":"ok"}', None)
+        path.rename(aside)  # an outage: every commit fails, the final record is held
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable):
+                await store.renew_lease("w-1", 5)
+        aside.rename(path)  # back: the close's batch stores the record held
+    with closing(sqlite3.connect(path)) as db:
+        [(state,)] = db.execute("SELECT state FROM orders WHERE key = 'k-1'").fetchall()
+    assert state == FINISHED
+    said, unsaid = said_and_unsaid(caplog.messages, "held for the next commit")
+    assert said + unsaid == 3
+    held = [m for m in caplog.messages if "held" in m]
+    assert held[-1] == "held records stored, after 3 batch(es) that could not store them"
+
+
 async def test_the_end_of_an_outage_is_a_line_after_the_one_it_left_unsaid(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, autojump_clock: trio.abc.Clock
 ) -> None:

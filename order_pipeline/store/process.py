@@ -523,6 +523,8 @@ def _serve_calls(store: WriterThread[Any], wire: _Wire, messages: list[Any]) -> 
         replies: list[tuple[int, bool, Any]] = []
         if not store._riding:  # nothing to run: wait for calls
             if closing:
+                store._hold_again([], stored)
+                store._held_line.close()  # the end, if the close's batch stored them
                 return
             messages = messages or wire.receive()
             if not messages:  # the server is gone: nothing more will come

@@ -186,6 +186,7 @@ class WriterThread(Generic[C]):
         self._queue.put(None)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._thread.join)
+        self._held_line.close()  # the end, if the close's batch (or one just before) stored them
 
     def _open_driven(self) -> None:
         """Open the store for a store process's loop (process.py), in the calling thread."""
