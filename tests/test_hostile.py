@@ -404,6 +404,8 @@ async def test_a_target_neither_a_path_nor_an_http_uri_is_400(start_server: Star
     assert await answer(b"GET", b"ftp://t/healthz") == refused
     assert await answer(b"POST", b"ftp://t/order", order) == refused
     assert await answer(b"GET", b"mailto:x") == refused
+    assert await answer(b"GET", b"http:///healthz") == refused  # no host: RFC 9110 §4.2.1
+    assert await answer(b"GET", b"https://?x") == refused
     close = b"Connection: close\r\n"
     for served in (b"http://t/healthz", b"HTTPS://other/healthz", b"//healthz"):
         assert await answer(b"GET", served, close=close) == (200, "", "close")

@@ -63,9 +63,9 @@ _VALID_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
 _TRACE_HEADER_MAX: Final = 512
 _TRACE_CONTEXT: Final = TraceContextTextMapPropagator()
 # A target served (RFC 9112 §3.2): a path (origin-form); an http or https URI (absolute-form,
-# which a server must accept: Quart drops its scheme and authority); `*` (asterisk-form,
-# OPTIONS's: no route takes it, a 404).
-_SERVED_TARGET: Final = re.compile(rb"/|\*$|https?://", re.IGNORECASE)
+# which a server must accept: Quart drops its scheme and authority), with a host (RFC 9110
+# §4.2.1: one without is invalid); `*` (asterisk-form, OPTIONS's: no route takes it, a 404).
+_SERVED_TARGET: Final = re.compile(rb"/|\*$|https?://[^/?#]", re.IGNORECASE)
 TARGET_NOT_SERVED: Final = "the request target must be a path (/...) or an http or https URI"
 
 
