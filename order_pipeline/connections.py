@@ -238,6 +238,11 @@ class _H11Protocol(H11Protocol):
     error is read as a request). Until then what the client sends is not read: h11 would keep
     it all, for as long as the reply takes (for ever if the client does not read it).
 
+    The connection gone (the client's EOF or reset, a write failed), a reader waiting behind
+    a pipelined request (h11 PAUSED) ends: when a reply's write failed the stream was closed
+    alone, its app, cancelled as its client's leaving, never ended the cycle that would wake
+    the reader, and the connection and its socket were held until the drain's grace.
+
     The client's EOF (a half-close, or a close: the server cannot tell them apart) ends the
     request whose reply is pending as its client's leaving, as hypercorn does; but a reply
     whose head had gone out (the app sends it as the EOF is read) lost its body to the
@@ -275,6 +280,9 @@ class _H11Protocol(H11Protocol):
             if self._replying():
                 return  # the reply goes on whole; its end closes (h11 has their side CLOSED)
             self._reply_withdrawn = True  # first: the app may be sending its head meanwhile
+        if isinstance(event, Closed):  # gone: a reader paused behind a request ends (`_CanRead`)
+            self.reads_over = True
+            await self.can_read.set()
         if self._closing is not None:
             if isinstance(event, RawData):  # after the error: held back by TCP, not kept
                 await self._closing.wait()
