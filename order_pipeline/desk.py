@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Final
 
 import attrs
@@ -164,6 +165,18 @@ def _running_reply(stored: StoredOrder) -> bytes:
     return dump_reply(Reply("running", stored.order_id, steps or None))
 
 
+@contextmanager
+def _counted(keys: Counter[str], key: str) -> Iterator[None]:
+    """`key` counted in `keys` while the block runs (several may work on one key at once)."""
+    keys[key] += 1
+    try:
+        yield
+    finally:
+        keys[key] -= 1
+        if not keys[key]:
+            del keys[key]
+
+
 @attrs.define(eq=False)
 class OrderDesk:
     """Runs each order once per key, durably, and recovers the orders of dead processes."""
@@ -176,11 +189,14 @@ class OrderDesk:
     owner: str = attrs.field(factory=new_id)
     # The keys this process works on now (submitting, running or recovering them). An order of
     # ours still running that is not among them was left by a call that committed although we
-    # were told it failed (a lost COMMIT answer): nobody else recovers it while we live. Those
-    # among them are never claimed back from another (our lease lapsed, another claimed the
-    # order and died): our run ends them, taken over (see `_run`), and a later round claims
-    # them; claimed under the run, its final record (ours again) would land over the undoing.
+    # were told it failed (a lost COMMIT answer): nobody else recovers it while we live.
     _working: Counter[str] = attrs.field(factory=Counter, init=False)
+    # Of those, the keys whose order this process runs or undoes now: never claimed back from
+    # another (our lease lapsed, another claimed the order and died): our run ends them, taken
+    # over (see `_run`), and a later round claims them; claimed under the run, its final
+    # record (ours again) would land over the undoing. Not a submit that only reads the key
+    # (a retry answered 409): its client retrying at once would keep the order unrecovered.
+    _running: Counter[str] = attrs.field(factory=Counter, init=False)
     # Such orders seen in the last recovery round: recovered if seen again in the next, by
     # which time a final record on its way (held for the next commit) has landed.
     _suspects: set[str] = attrs.field(factory=set, init=False)
@@ -198,11 +214,8 @@ class OrderDesk:
         reported to `on_refused`; a replay is not an order of its own.
         """
         key = key or new_id()
-        self._working[key] += 1
-        try:
+        with _counted(self._working, key):
             answer = await self._submit(order, key)
-        finally:
-            self._stopped_working(key)
         if answer.refused is not None:
             self.on_refused(answer.refused, answer.status, order.order_id, answer.reason)
         return answer
@@ -243,6 +256,11 @@ class OrderDesk:
             return _error(STORE_UNAVAILABLE)
 
     async def _run(self, order: OrderRequest, key: str, stored: StoredOrder) -> Answer:
+        """Run the order, its key in `_running` meanwhile (never claimed back under it)."""
+        with _counted(self._running, key):
+            return await self._run_counted(order, key, stored)
+
+    async def _run_counted(self, order: OrderRequest, key: str, stored: StoredOrder) -> Answer:
         attempt = Attempt(key, stored.attempt_id, self.owner)
         current_attempt.set(attempt)
         # The reporter queues the final record as the pipeline reports the result
@@ -355,16 +373,11 @@ class OrderDesk:
             if self._refusals.ending:  # orders begin again: said once due, not at the next
                 self._refusals.ended()
 
-    def _stopped_working(self, key: str) -> None:
-        self._working[key] -= 1
-        if not self._working[key]:
-            del self._working[key]
-
     async def _recover_forever(self) -> None:
         while True:
             try:
                 claimed = await self.store.claim_interrupted(
-                    self.owner, RECOVERY_BATCH, busy=list(self._working)
+                    self.owner, RECOVERY_BATCH, busy=list(self._running)
                 )
             except StoreUnavailable as exc:
                 log.warning("recovery paused: %s", exc)
@@ -405,8 +418,7 @@ class OrderDesk:
 
     async def _recover(self, stored: StoredOrder) -> None:
         """Undo an interrupted order; the reporter queues its final record."""
-        self._working[stored.key] += 1
-        try:
+        with _counted(self._working, stored.key), _counted(self._running, stored.key):
             current_attempt.set(Attempt(stored.key, stored.attempt_id, self.owner))
             try:
                 order, known = parse_order(stored.body), _known_steps(stored)
@@ -421,8 +433,6 @@ class OrderDesk:
                 self.pipeline.report(OrderResult(stored.order_id, (), COMPENSATION_FAILED))
                 return
             await self.pipeline.undo(order, known, INTERRUPTED)
-        finally:
-            self._stopped_working(stored.key)
 
     async def forget_expired(self) -> int:
         """Delete the orders finished over the retention ago, a batch at a time; their count.

@@ -42,6 +42,7 @@ from order_pipeline.store import (
     RUNNING,
     UNKNOWN_OUTCOME,
     Begun,
+    Existing,
     FinishedReply,
     MemoryStore,
     OrderStore,
@@ -880,6 +881,46 @@ async def test_an_order_its_own_run_still_runs_is_not_claimed_back_under_it(
     assert await store.net_charge("k-1") == 0
     [answer] = answers
     assert (answer.status, json.loads(answer.body)["error"]["kind"]) == (409, "order_in_progress")
+
+
+class _SlowBegin(MemoryStore):
+    """The memory store, whose `begin` answers after 50 ms (a busy database's)."""
+
+    async def begin(
+        self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
+    ) -> Begun | Existing:
+        await trio.sleep(0.05)
+        return await super().begin(key, order_id, request_hash, body, owner)
+
+
+async def test_a_dead_process_order_whose_client_keeps_retrying_is_recovered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A process died running an order; its client retries the key at another process as soon
+    as each 409 comes back. A retry in flight (its `begin` under way) is no run of the order:
+    the recovery claims the order all the same, undoes it, and a retry then runs it again."""
+    store = _SlowBegin()
+    order = make_order("o-1", amount=70)
+    body = canonical(order)
+    dead = await store.begin("k-1", "o-1", hashlib.sha256(body).hexdigest(), body, "dead")
+    assert isinstance(dead, Begun)
+    live = assemble(Settings(lease_timeout=2.0), store=store).desk
+    statuses: list[int] = []
+
+    async def retry_until_answered() -> None:
+        while not statuses or statuses[-1] == 409:
+            statuses.append((await live.submit(order, "k-1")).status)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(live.maintain)
+        with trio.move_on_after(30):
+            await retry_until_answered()
+        nursery.cancel_scope.cancel()
+
+    assert statuses[-1] == 200, f"{statuses.count(409)} answers 409 in 30 s, never run"
+    stored = await store.get("k-1")
+    assert stored is not None
+    assert (stored.state, stored.http_status, stored.attempt) == (FINISHED, 200, 2)
 
 
 async def test_a_backlog_of_expired_orders_is_forgotten_a_batch_at_a_time(
