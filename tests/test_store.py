@@ -1527,6 +1527,39 @@ async def test_a_finish_whose_batch_failed_is_replied_once_committed(tmp_path: P
         assert finished.state == FINISHED
 
 
+async def test_a_finish_whose_batch_fails_as_the_close_begins_is_tried_by_the_close(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch failing for an outage once the store's close has begun: the final record it
+    carried is held for the close's own batch, which follows, and stored if the outage is
+    over by then (not given up at once: no call will carry it, but the close's batch will;
+    one outlasting the close: `test_a_record_whose_batch_fails_once_the_close_began_...`)."""
+    path = tmp_path / "orders.db"
+    async with SqliteStore(path) as store:
+        order = await begun(store)
+
+        def fail_once_the_close_began(conn: sqlite3.Connection) -> None:
+            while not store._closed:  # in the writer thread
+                time.sleep(0.001)
+            conn.execute("ROLLBACK")
+            raise sqlite3.OperationalError("disk I/O error (simulated)")
+
+        store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
+        store._put(fail_once_the_close_began, None).records = 0
+        store._send_riding()  # the batch runs, failing as the close begins
+
+        async def taken() -> bool:
+            return store._queue.empty()
+
+        await wait_for(taken, "the writer to take the batch")
+    async with SqliteStore(path) as store:
+        stored = await store.get("k-1")
+
+    assert stored is not None
+    assert stored.state == FINISHED
+    assert " not stored: " not in caplog.text  # no record given up
+
+
 async def test_step_records_are_written_when_their_batch_runs_again(tmp_path: Path) -> None:
     """The step records a batch took from their queue are its own: when an operation failing
     alone makes the batch run again, they are written all the same (and only once)."""
@@ -2038,8 +2071,9 @@ async def test_step_records_recorded_between_two_calls_ride_as_one_operation(
 async def test_a_record_whose_batch_fails_once_the_close_began_is_logged_lost(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A final record whose batch fails for an outage after the store's close began is not held
-    again (no call will carry it): it is logged as not stored, once."""
+    """A final record whose batch fails for an outage after the store's close began is held for
+    the close's own batch (no call will carry it, that batch will), which fails too (the
+    outage goes on): it is logged as not stored, once."""
     path, aside = tmp_path / "orders.db", tmp_path / "aside.db"
 
     async def fails() -> None:
@@ -2064,7 +2098,7 @@ async def test_a_record_whose_batch_fails_once_the_close_began_is_logged_lost(
             aside.rename(path)
             other.execute("ROLLBACK")
     assert caplog.text.count("a queued record not stored: ") == 1
-    assert "held for the next commit" not in caplog.text
+    assert caplog.text.count("held for the next commit") == 1  # before it, for the close's batch
     async with SqliteStore(path) as store:
         stored = await store.get("k-1")
     assert stored is not None

@@ -242,11 +242,11 @@ class WriterThread(Generic[C]):
     def _wake(self, ops: list[Op[C, Any]], *, closing: bool) -> list[Op[C, Any]]:
         """Hand every waiting caller its result and the Trio side the held line; log what
         nobody waits for and was lost; return what is to be held again, in the writer thread
-        (`_serve`)."""
+        (`_serve`). Held once the close has begun too: the close's own batch, always the
+        last, tries them again (`closing`: this is it)."""
         waiters: list[trio.lowlevel.Task] = []
         again: list[Op[C, Any]] = []
         stored = False
-        closing = closing or self._closed  # its close began: no call will carry them
         for op in ops:
             if op.waiter is not None:
                 waiters.append(op.waiter)
