@@ -611,20 +611,24 @@ async def test_an_http2_client_still_sending_at_the_drain_gets_its_goaway() -> N
 async def test_a_client_that_never_ends_its_connection_holds_the_drain_for_the_linger_at_most(
     monkeypatch: pytest.MonkeyPatch, linger: float, grace: float
 ) -> None:
-    """The drain closes an idle keep-alive connection (EOF), then reads on for its client's
-    EOF: one that neither reads nor closes holds the drain for `LINGER_S` at most, and never
-    beyond the grace."""
+    """An order in flight as the drain begins is answered, and its connection closed (EOF),
+    then read on for its client's EOF: a client that neither reads nor closes holds the
+    drain for `LINGER_S`, at most, and never beyond the grace. (An idle connection is not
+    lingered on: `test_an_idle_http1_connection_is_closed_at_the_drain_without_the_linger`.)"""
     monkeypatch.setattr(connections, "LINGER_S", linger)
     settings = Settings(access_log=False, shutdown_grace=grace)
     drain = trio.Event()
+    order = b'{"order_id": "o-1", "amount": 1}'  # 200 ms: its vendor's delay
     async with contextlib.AsyncExitStack() as client:  # open after the server has ended
         async with serving(settings, shutdown_trigger=drain.wait) as (_, url):
             sock = await client.enter_async_context(await trio.open_tcp_stream(*address(url)))
-            await sock.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert (await sock.receive_some(65536)).startswith(b"HTTP/1.1 200")
+            await sock.send_all(request(order, close=False))
+            await wait_for_steps_in_flight(url, 3)  # the order runs: the drain waits for it
             drain.set()
             began = trio.current_time()
-        assert trio.current_time() - began < min(linger, grace) + 0.5
+            assert (await sock.receive_some(65536)).startswith(b"HTTP/1.1 200")
+        held = trio.current_time() - began
+    assert min(linger, grace) <= held < min(linger, grace) + 0.5
 
 
 async def test_an_idle_http1_connection_is_closed_at_the_drain_without_the_linger(
