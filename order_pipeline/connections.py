@@ -336,7 +336,8 @@ class _H11Protocol(H11Protocol):
 
 def _h2c_settings_refused(request: h11.Request) -> bool:
     """Whether `request` asks for h2c as hypercorn takes it (`Upgrade: h2c`, no body) with an
-    HTTP2-Settings (the last, as hypercorn reads it) that h2 does not take: not base64url,
+    HTTP2-Settings (the last, as hypercorn reads it) that h2 does not take: its base64url
+    not decoding (h2 drops any character outside that alphabet, so `!!!` is no setting),
     not 6 bytes a setting, a value out of range (RFC 7540 §3.2.1)."""
     headers = dict(request.headers)
     with_body = b"content-length" in headers or b"transfer-encoding" in headers
