@@ -1891,11 +1891,13 @@ async def test_step_records_held_while_an_order_was_taken_over_take_no_undo_back
     tmp_path: Path,
 ) -> None:
     """Two processes on one file. w-1's lease lapsed; w-2 claimed its order, recorded its
-    payment refunded and died. w-1's record of the payment, held after an outage, lands once
-    w-1 has claimed the order back: its claim ran in a batch of its own, handed over behind
-    the failed one before Trio held that one's records again, so they commit after it, under
-    w-1's name the order's owner's again. They may not take the refund back (the payment read
-    as not undone)."""
+    payment refunded and died. w-1's record of the payment, held after an outage, landed once
+    w-1 had claimed the order back: its claim ran in a batch of its own, handed over behind
+    the failed one before Trio held that one's records again, so they committed after it,
+    under w-1's name the order's owner's again, and took the refund back (the payment read as
+    not undone). The writer thread now runs the held record ahead of the claim, dropped (the
+    order w-2's then), so this passes without `takes_undo_back` too; the record may not take
+    the refund back either way."""
     path = tmp_path / "orders.db"
     async with SqliteStore(path, busy_timeout=1.0) as first, SqliteStore(path) as second:
         order = await begun(first, owner="w-1")  # w-1 holds no lease: its lease lapsed
