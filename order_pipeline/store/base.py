@@ -67,8 +67,10 @@ def takes_undo_back(stored: str | None, record: str | None) -> bool:
     (`stored`): a step's compensation only goes forward, none, then failed (error, timeout),
     then ok. Such a record is older than the stored one, and not written: a process whose
     lease lapsed in an outage, its order claimed and undone by another that then died, claims
-    the order back (its own name the owner's again), and its records from before (held for
-    the next commit, writer.py; or of its run going on) land after the other's undo. Once a
+    the order back (its own name the owner's again), and a record of its from before held
+    again past that claim (held records ride in front of the next batch, writer.py, but one
+    that meets a lock alone on PostgreSQL is held on) lands after the other's undo. (Its run
+    going on is not claimed back under it: `claim_interrupted`'s `busy`.) Once a
     compensation succeeded the step is undone (compensations are idempotent), whatever a
     record from before says."""
     return (stored is not None and record is None) or (
