@@ -49,6 +49,18 @@ async def read_until_closed(stream: trio.SocketStream) -> bytes:
     return data
 
 
+async def until_our_settings_acknowledged(
+    sock: trio.SocketStream, client: h2.connection.H2Connection
+) -> None:
+    """Read until the server acknowledges `client`'s SETTINGS: it has read our one write."""
+    with trio.fail_after(2):
+        while not any(
+            isinstance(event, h2.events.SettingsAcknowledged)
+            for event in client.receive_data(await sock.receive_some(65536))
+        ):
+            pass
+
+
 async def test_connection_close_is_honoured(address: tuple[str, int]) -> None:
     """A request with `Connection: close` gets its reply and then the server closes."""
     async with await trio.open_tcp_stream(*address) as stream:
@@ -196,12 +208,7 @@ async def test_an_idle_http2_connection_is_closed_when_the_drain_begins() -> Non
     ):
         client = http2_client(stream="reset")
         await sock.send_all(client.data_to_send())
-        with trio.fail_after(2):  # its ack of our SETTINGS: it has read our one write
-            while not any(
-                isinstance(event, h2.events.SettingsAcknowledged)
-                for event in client.receive_data(await sock.receive_some(65536))
-            ):
-                pass
+        await until_our_settings_acknowledged(sock, client)
         drain.set()
         with trio.fail_after(2):
             await read_until_closed(sock)
@@ -592,12 +599,7 @@ async def test_an_http2_client_still_sending_at_the_drain_gets_its_goaway() -> N
     ):
         client = http2_client(stream="none")
         await sock.send_all(client.data_to_send())
-        with trio.fail_after(2):  # its ack of our SETTINGS: it has read our one write
-            while not any(
-                isinstance(event, h2.events.SettingsAcknowledged)
-                for event in client.receive_data(await sock.receive_some(65536))
-            ):
-                pass
+        await until_our_settings_acknowledged(sock, client)
         drain.set()
         with trio.fail_after(10):
             await sock.send_all(unknown_frame * (BYTES_PAST_THE_BUFFERS // len(unknown_frame)))

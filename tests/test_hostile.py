@@ -107,6 +107,26 @@ async def an_order_in_flight(client: RawH2, url: str, *, vendor_ms: int) -> int:
     return stream_id
 
 
+async def sent_on_a_waiting_stream(
+    server: ServerProcess, frame: Callable[[int], bytes]
+) -> tuple[RawH2, int, int, int]:
+    """With an order in flight, open a stream whose body is still to come and send
+    `frame(that stream)`; then, the order answered, post another order and wait until it
+    is answered and the waiting stream reset. (The client, the order's stream, the waiting
+    one, the later order's.)"""
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=500)
+            waiting = client.post(b"{", end=False)  # its body still to come
+            await client.flush()
+            await stream.send_all(frame(waiting))
+            await client.until(lambda: first in client.ended)
+            after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
+            await client.until(lambda: after in client.ended and waiting in client.resets)
+    return client, first, waiting, after
+
+
 async def accepts_connections(url: str) -> bool:
     try:
         await (await trio.open_tcp_stream(*address(url))).aclose()
@@ -844,17 +864,11 @@ async def test_an_http2_window_update_of_0_on_a_stream_resets_that_stream_alone(
     PROTOCOL_ERROR); h2 raised it as the connection's, whose GOAWAY cancelled and undid the
     order in flight beside it. That stream alone is reset, and the connection serves on."""
     server = await start_server("--no-access-log", "--store", "memory")
-    async with await trio.open_tcp_stream(*address(server.url)) as stream:
-        client = RawH2(stream)
-        with trio.fail_after(10):
-            first = await an_order_in_flight(client, server.url, vendor_ms=500)
-            waiting = client.post(b"{", end=False)  # its body still to come
-            await client.flush()
-            update = hyperframe.frame.WindowUpdateFrame(waiting, window_increment=0)
-            await stream.send_all(update.serialize())
-            await client.until(lambda: first in client.ended)
-            after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
-            await client.until(lambda: after in client.ended and waiting in client.resets)
+
+    def update_of_0(stream_id: int) -> bytes:
+        return hyperframe.frame.WindowUpdateFrame(stream_id, window_increment=0).serialize()
+
+    client, first, waiting, after = await sent_on_a_waiting_stream(server, update_of_0)
     assert client.statuses == {first: 200, after: 200}
     assert client.resets == {waiting: h2.errors.ErrorCodes.PROTOCOL_ERROR}
     assert client.goaway is None
@@ -920,17 +934,13 @@ async def test_an_http2_priority_frame_of_a_length_other_than_5_resets_its_strea
     9113 §6.3); h2 raised it as the connection's, whose GOAWAY cancelled and undid the order
     in flight beside it. That stream alone is reset, and the connection serves on."""
     server = await start_server("--no-access-log", "--store", "memory")
-    async with await trio.open_tcp_stream(*address(server.url)) as stream:
-        client = RawH2(stream)
-        with trio.fail_after(10):
-            first = await an_order_in_flight(client, server.url, vendor_ms=500)
-            waiting = client.post(b"{", end=False)  # its body still to come
-            await client.flush()
-            header = length.to_bytes(3, "big") + b"\x02\x00" + waiting.to_bytes(4, "big")
-            await stream.send_all(header + b"\x00" * length)
-            await client.until(lambda: first in client.ended)
-            after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
-            await client.until(lambda: after in client.ended and waiting in client.resets)
+
+    def priority_of_length(stream_id: int) -> bytes:  # type 2, no flags, then the payload
+        return (
+            length.to_bytes(3, "big") + b"\x02\x00" + stream_id.to_bytes(4, "big") + bytes(length)
+        )
+
+    client, first, waiting, after = await sent_on_a_waiting_stream(server, priority_of_length)
     assert client.statuses == {first: 200, after: 200}
     assert client.resets == {waiting: h2.errors.ErrorCodes.FRAME_SIZE_ERROR}
     assert client.goaway is None

@@ -1887,6 +1887,29 @@ async def test_step_records_held_from_two_batches_in_a_row_keep_their_order(
     assert stored.steps == (undone,)
 
 
+async def claimed_back_behind_an_outage(first: SqliteStore, path: Path) -> StoredOrder:
+    """w-1's claim back of its order, handed over behind the batch that carries its queued
+    records (its lease renewal's), which meets an outage (another connection holds the
+    write lock) and fails; the outage ends while the claim waits for the lock. The order
+    as claimed back."""
+    with closing(sqlite3.connect(path, isolation_level=None)) as other:
+
+        async def renew_in_an_outage() -> None:
+            with pytest.raises(StoreUnavailable):
+                await first.renew_lease("w-1", 5)  # carries w-1's records: held again
+            other.execute("ROLLBACK")  # the outage ends while the claim waits for the lock
+
+        async def first_taken() -> bool:  # its step records taken, the batch waiting
+            return not first._steps._queued
+
+        other.execute("BEGIN IMMEDIATE")  # w-1's outage: its batch waits for the lock
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(renew_in_an_outage)
+            await wait_for(first_taken, "the writer to take the failing batch")
+            (back,) = await first.claim_interrupted("w-1", 10)  # the batch behind it
+    return back
+
+
 async def test_step_records_held_while_an_order_was_taken_over_take_no_undo_back(
     tmp_path: Path,
 ) -> None:
@@ -1906,23 +1929,8 @@ async def test_step_records_held_while_an_order_was_taken_over_take_no_undo_back
         second.record_step("k-1", order.attempt_id, refunded, owner="w-2")
         await second.aclose()  # w-2 dies (it never held a lease either)
         ran = StepRecord("payment", "ok", None, 5)
-        with closing(sqlite3.connect(path, isolation_level=None)) as other:
-
-            async def renew_in_an_outage() -> None:
-                with pytest.raises(StoreUnavailable):
-                    await first.renew_lease("w-1", 5)  # carries w-1's record: held again
-                other.execute("ROLLBACK")  # the outage ends while the claim waits for the lock
-
-            async def first_taken() -> bool:  # its step record taken, the batch waiting
-                return not first._steps._queued
-
-            other.execute("BEGIN IMMEDIATE")  # w-1's outage: its batch waits for the lock
-            async with trio.open_nursery() as nursery:
-                first.record_step("k-1", order.attempt_id, ran, owner="w-1")
-                nursery.start_soon(renew_in_an_outage)
-                await wait_for(first_taken, "the writer to take the failing batch")
-                (back,) = await first.claim_interrupted("w-1", 10)  # the batch behind it
-
+        first.record_step("k-1", order.attempt_id, ran, owner="w-1")
+        back = await claimed_back_behind_an_outage(first, path)
         stored = await first.get("k-1")  # commits the held record
 
     assert back.steps == (refunded,)
@@ -1947,26 +1955,11 @@ async def test_a_final_record_held_while_an_order_was_taken_over_does_not_land_a
         refunded = StepRecord("payment", "ok", None, 5, "ok", 3)
         second.record_step("k-1", order.attempt_id, refunded, owner="w-2")
         await second.aclose()  # w-2 dies (it never held a lease either)
-        with closing(sqlite3.connect(path, isolation_level=None)) as other:
-
-            async def renew_in_an_outage() -> None:
-                with pytest.raises(StoreUnavailable):
-                    await first.renew_lease("w-1", 5)  # carries w-1's records: held again
-                other.execute("ROLLBACK")  # the outage ends while the claim waits for the lock
-
-            async def first_taken() -> bool:  # its step record taken, the batch waiting
-                return not first._steps._queued
-
-            other.execute("BEGIN IMMEDIATE")  # w-1's outage: its batch waits for the lock
-            async with trio.open_nursery() as nursery:
-                ran = StepRecord("payment", "ok", None, 5)
-                first.record_step("k-1", order.attempt_id, ran, owner="w-1")
-                reply = b'{"status":"ok"}'
-                first.finish_soon("k-1", order.attempt_id, 200, reply, None, owner="w-1")
-                nursery.start_soon(renew_in_an_outage)
-                await wait_for(first_taken, "the writer to take the failing batch")
-                (back,) = await first.claim_interrupted("w-1", 10)  # the batch behind it
-
+        ran = StepRecord("payment", "ok", None, 5)
+        first.record_step("k-1", order.attempt_id, ran, owner="w-1")
+        reply = b'{"status":"ok"}'
+        first.finish_soon("k-1", order.attempt_id, 200, reply, None, owner="w-1")
+        back = await claimed_back_behind_an_outage(first, path)
         stored = await first.get("k-1")  # commits what is held
 
     assert back.state == RUNNING
