@@ -20,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from typing import Final
+from typing import Final, TypeVar
 
 import attrs
 import orjson
@@ -165,8 +165,11 @@ def _running_reply(stored: StoredOrder) -> bytes:
     return dump_reply(Reply("running", stored.order_id, steps or None))
 
 
+_Counted = TypeVar("_Counted", bound=Hashable)
+
+
 @contextmanager
-def _counted(keys: Counter[str], key: str) -> Iterator[None]:
+def _counted(keys: Counter[_Counted], key: _Counted) -> Iterator[None]:
     """`key` counted in `keys` while the block runs (several may work on one key at once)."""
     keys[key] += 1
     try:
@@ -187,18 +190,21 @@ class OrderDesk:
     retention: float = 86_400.0
     on_refused: OnRefused = lambda kind, status, order_id, reason: None
     owner: str = attrs.field(factory=new_id)
-    # The keys this process works on now (submitting, running or recovering them). An order of
-    # ours still running that is not among them was left by a call that committed although we
-    # were told it failed (a lost COMMIT answer): nobody else recovers it while we live.
-    _working: Counter[str] = attrs.field(factory=Counter, init=False)
-    # Of those, the keys whose order this process runs or undoes now: never claimed back from
-    # another (our lease lapsed, another claimed the order and died): our run ends them, taken
-    # over (see `_run`), and a later round claims them; claimed under the run, its final
-    # record (ours again) would land over the undoing. Not a submit that only reads the key
-    # (a retry answered 409): its client retrying at once would keep the order unrecovered.
+    # The keys whose order this process runs or undoes now. An order of ours still running
+    # that is not among them, nor begun by a submit still under way, was left by a call that
+    # committed although we were told it failed (a lost COMMIT answer): nobody else recovers
+    # it while we live (see `_left_running`). Never claimed back from another (our lease
+    # lapsed, another claimed the order and died): our run ends them, taken over (see `_run`),
+    # and a later round claims them; claimed under the run, its final record (ours again)
+    # would land over the undoing. Not a submit that only reads the key (a retry answered
+    # 409): its client retrying at once would keep the order unrecovered.
     _running: Counter[str] = attrs.field(factory=Counter, init=False)
-    # Such orders seen in the last recovery round: recovered if seen again in the next, by
-    # which time a final record on its way (held for the next commit) has landed.
+    # The submits under way: each its key and the count of `_looks` when it began.
+    _submitting: Counter[tuple[str, int]] = attrs.field(factory=Counter, init=False)
+    # How many times `_left_running` has read our running orders.
+    _looks: int = attrs.field(default=0, init=False)
+    # The attempts of such orders seen at the last look: recovered if seen again at the next,
+    # by which time a final record on its way (held for the next commit) has landed.
     _suspects: set[str] = attrs.field(factory=set, init=False)
     # Orders that ran and whose final reply was not read back (answered 503 or 409): their
     # final record may be held for the next commit (a row locked past the lock timeout may
@@ -214,7 +220,7 @@ class OrderDesk:
         reported to `on_refused`; a replay is not an order of its own.
         """
         key = key or new_id()
-        with _counted(self._working, key):
+        with _counted(self._submitting, (key, self._looks)):
             answer = await self._submit(order, key)
         if answer.refused is not None:
             self.on_refused(answer.refused, answer.status, order.order_id, answer.reason)
@@ -405,20 +411,28 @@ class OrderDesk:
             log.warning("recovered orders could not be recorded yet")
 
     async def _left_running(self) -> list[StoredOrder]:
-        """Our orders running, older than a lease, that we do not work on, twice in a row."""
+        """Our orders running, older than a lease, that we do not work on: the same attempt
+        seen at two looks in a row."""
         if self._held_records:  # those no longer running (of any age) have landed
             running = await self.store.running_of(self.owner, ANY_AGE)
             self._held_records &= {o.key for o in running}
         ours = await self.store.running_of(self.owner, self.lease_timeout)
-        busy = self._working.keys() | self._held_records
-        seen = {o.key for o in ours if o.key not in busy}
-        left = [o for o in ours if o.key in seen & self._suspects]
+        # An attempt seen at the last look was begun (or restarted) before it ended. A submit
+        # that began before then may be the one whose begin committed it and has not answered
+        # yet: it runs the order once it does. One that began since only reads the order (a
+        # retry answered 409, which its client may send again at once, so that one is nearly
+        # always under way): counted busy, it would keep the order unrecovered for ever.
+        begun_before = {key for key, looks in self._submitting if looks < self._looks}
+        self._looks += 1
+        busy = self._running.keys() | begun_before | self._held_records
+        seen = {o.attempt_id for o in ours if o.key not in busy}
+        left = [o for o in ours if o.attempt_id in seen & self._suspects]
         self._suspects = seen
         return left
 
     async def _recover(self, stored: StoredOrder) -> None:
         """Undo an interrupted order; the reporter queues its final record."""
-        with _counted(self._working, stored.key), _counted(self._running, stored.key):
+        with _counted(self._running, stored.key):
             current_attempt.set(Attempt(stored.key, stored.attempt_id, self.owner))
             try:
                 order, known = parse_order(stored.body), _known_steps(stored)

@@ -1088,6 +1088,86 @@ async def test_an_order_of_its_own_left_running_is_recovered_only_when_seen_twic
     assert await store.net_charge("k-1") == 0
 
 
+async def test_an_order_of_its_own_left_running_whose_client_keeps_retrying_is_recovered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An order of this process's left running (a begin whose COMMIT answer was lost), its
+    client retrying the key as soon as each 409 comes back. A retry in flight (its `begin`
+    under way) only reads an order begun before it: this process recovers the order all the
+    same, within its two looks, and a retry then runs it again, charged once."""
+    store = _SlowBegin()
+    live = assemble(Settings(lease_timeout=2.0), store=store).desk
+    await left_running(store, live.owner, "k-1")
+    order = make_order("o-left", amount=70)
+    statuses: list[int] = []
+
+    async def retry_until_answered() -> None:
+        while not statuses or statuses[-1] == 409:
+            statuses.append((await live.submit(order, "k-1")).status)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(live.maintain)
+        with trio.move_on_after(5):
+            await retry_until_answered()
+        nursery.cancel_scope.cancel()
+
+    assert statuses[-1] == 200, f"{statuses.count(409)} answers 409 in 5 s, never run"
+    stored = await store.get("k-1")
+    assert stored is not None
+    assert (stored.state, stored.http_status, stored.attempt) == (FINISHED, 200, 2)
+    assert await store.net_charge("k-1") == 70
+
+
+class _BeginAnsweredLate(MemoryStore):
+    """The memory store, whose `begin` of a new order commits at once, the order begun a
+    minute ago as far as the store's clock goes (the autojump clock is not it), and answers
+    3 s later."""
+
+    async def begin(
+        self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
+    ) -> Begun | Existing:
+        answer = await super().begin(key, order_id, request_hash, body, owner)
+        if isinstance(answer, Begun):
+            self._orders[key] = attrs.evolve(answer.order, started_at=answer.order.started_at - 60)
+            await trio.sleep(3)
+        return answer
+
+
+async def test_an_order_whose_begin_answers_late_is_left_to_its_submit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An order whose begin committed but has not answered yet, for three looks at the orders
+    this process left running, while its client's retries are answered 409: its submit may
+    still run it, so it is not recovered under it; it runs ok, charged once."""
+    store = _BeginAnsweredLate()
+    serving = assemble(Settings(lease_timeout=2.0), store=store).desk
+    order = make_order("o-1", amount=70, delay_ms=dict.fromkeys(STEP_NAMES, 0))
+    answers: list[desk.Answer] = []
+
+    async def send() -> None:
+        answers.append(await serving.submit(order, "k-1"))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serving.maintain)
+        nursery.start_soon(send)
+        retries: set[int] = set()
+        with trio.move_on_after(2.5):  # the begin answers at 3 s
+            while True:
+                await trio.sleep(0.1)
+                retries.add((await serving.submit(order, "k-1")).status)
+        while not answers:  # noqa: ASYNC110
+            await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+    assert retries == {409}
+    [answer] = answers
+    assert (answer.status, json.loads(answer.body)["status"]) == (200, "ok")
+    stored = await store.get("k-1")
+    assert stored is not None
+    assert (stored.kind, stored.http_status, stored.attempt) == (None, 200, 1)
+    assert await store.net_charge("k-1") == 70
+
+
 async def test_a_process_that_ends_cleanly_gives_up_its_lease(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
