@@ -203,6 +203,9 @@ class OrderDesk:
     _submitting: Counter[tuple[str, int]] = attrs.field(factory=Counter, init=False)
     # How many times `_left_running` has read our running orders.
     _looks: int = attrs.field(default=0, init=False)
+    # The attempts it read at the last look, each with the count of `_looks` at the first
+    # look that read it.
+    _first_seen: dict[str, int] = attrs.field(factory=dict, init=False)
     # The attempts of such orders seen at the last look: recovered if seen again at the next,
     # by which time a final record on its way (held for the next commit) has landed.
     _suspects: set[str] = attrs.field(factory=set, init=False)
@@ -417,15 +420,26 @@ class OrderDesk:
             running = await self.store.running_of(self.owner, ANY_AGE)
             self._held_records &= {o.key for o in running}
         ours = await self.store.running_of(self.owner, self.lease_timeout)
-        # An attempt seen at the last look was begun (or restarted) before it ended. A submit
-        # that began before then may be the one whose begin committed it and has not answered
-        # yet: it runs the order once it does. One that began since only reads the order (a
-        # retry answered 409, which its client may send again at once, so that one is nearly
-        # always under way): counted busy, it would keep the order unrecovered for ever.
-        begun_before = {key for key, looks in self._submitting if looks < self._looks}
+        # An attempt was begun (or restarted) before the first look that read it ended. A
+        # submit that began before then may be the one whose begin committed it and has not
+        # answered yet: it runs the order once it does. One that began since only reads the
+        # order (a retry answered 409, which its client may send again at once, so that one
+        # is nearly always under way, and begun before the last look if its store answers
+        # slower than the looks come): counted busy, it would keep the order unrecovered.
+        self._first_seen = {
+            o.attempt_id: self._first_seen.get(o.attempt_id, self._looks) for o in ours
+        }
         self._looks += 1
-        busy = self._running.keys() | begun_before | self._held_records
-        seen = {o.attempt_id for o in ours if o.key not in busy}
+        earliest: dict[str, int] = {}  # each key submitted now: the earliest look it began at
+        for key, looks in self._submitting:
+            earliest[key] = min(looks, earliest.get(key, looks))
+        busy = self._running.keys() | self._held_records
+        seen = {
+            o.attempt_id
+            for o in ours
+            if o.key not in busy
+            and earliest.get(o.key, self._looks) > self._first_seen[o.attempt_id]
+        }
         left = [o for o in ours if o.attempt_id in seen & self._suspects]
         self._suspects = seen
         return left

@@ -1118,6 +1118,46 @@ async def test_an_order_of_its_own_left_running_whose_client_keeps_retrying_is_r
     assert await store.net_charge("k-1") == 70
 
 
+class _SlowerBegin(MemoryStore):
+    """The memory store, whose `begin` answers after 2.5 s (one waiting for a row lock),
+    longer than the time between two looks at the orders this process left running."""
+
+    async def begin(
+        self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
+    ) -> Begun | Existing:
+        await trio.sleep(2.5)
+        return await super().begin(key, order_id, request_hash, body, owner)
+
+
+async def test_an_order_left_running_whose_retries_outlast_a_look_is_recovered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As above, each retry's `begin` answering in 2.5 s: some retry is under way at every
+    look, begun before the one before. None began before the order existed, so none can be
+    its submit: the order is recovered all the same, and a retry then runs it, charged once."""
+    store = _SlowerBegin()
+    live = assemble(Settings(lease_timeout=2.0), store=store).desk
+    await left_running(store, live.owner, "k-1")
+    order = make_order("o-left", amount=70)
+    statuses: list[int] = []
+
+    async def retry_until_answered() -> None:
+        while not statuses or statuses[-1] == 409:
+            statuses.append((await live.submit(order, "k-1")).status)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(live.maintain)
+        with trio.move_on_after(30):
+            await retry_until_answered()
+        nursery.cancel_scope.cancel()
+
+    assert statuses[-1] == 200, f"{statuses.count(409)} answers 409 in 30 s, never run"
+    stored = await store.get("k-1")
+    assert stored is not None
+    assert (stored.state, stored.http_status, stored.attempt) == (FINISHED, 200, 2)
+    assert await store.net_charge("k-1") == 70
+
+
 class _BeginAnsweredLate(MemoryStore):
     """The memory store, whose `begin` of a new order commits at once, the order begun a
     minute ago as far as the store's clock goes (the autojump clock is not it), and answers
@@ -1133,12 +1173,14 @@ class _BeginAnsweredLate(MemoryStore):
         return answer
 
 
+@pytest.mark.parametrize("sent_after", [0.0, 0.5])
 async def test_an_order_whose_begin_answers_late_is_left_to_its_submit(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, sent_after: float
 ) -> None:
     """An order whose begin committed but has not answered yet, for three looks at the orders
     this process left running, while its client's retries are answered 409: its submit may
-    still run it, so it is not recovered under it; it runs ok, charged once."""
+    still run it, so it is not recovered under it; it runs ok, charged once. Its submit sent
+    with the first look, or between two (begun after one, the order read by the next)."""
     store = _BeginAnsweredLate()
     serving = assemble(Settings(lease_timeout=2.0), store=store).desk
     order = make_order("o-1", amount=70, delay_ms=dict.fromkeys(STEP_NAMES, 0))
@@ -1149,6 +1191,7 @@ async def test_an_order_whose_begin_answers_late_is_left_to_its_submit(
 
     async with trio.open_nursery() as nursery:
         await nursery.start(serving.maintain)
+        await trio.sleep(sent_after)
         nursery.start_soon(send)
         retries: set[int] = set()
         with trio.move_on_after(2.5):  # the begin answers at 3 s
