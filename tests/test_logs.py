@@ -151,6 +151,84 @@ def test_a_repeated_warning_left_unsaid_is_said_by_a_flush(
     ]
 
 
+def test_a_repeated_warning_s_lines_count_each_one_once_across_flushes_and_outages(
+    heard: tuple[logging.Logger, Heard],
+) -> None:
+    """A line said (at once, or by a flush) leaves nothing for a later flush to say again,
+    and the next line counts only those after it; each outage's end counts its own."""
+    logger, lines = heard
+    now = [0.0]
+    warning = SeldomWarning(logger, "%d held", "stored, after %d", clock=lambda: now[0])
+    warning.warning(1)
+    now[0] = 0.5
+    warning.warning(2)  # unsaid
+    now[0] = 1.0
+    warning.warning(3)  # said, counting 2
+    warning.flush()  # nothing left unsaid
+    now[0] = 1.5
+    warning.warning(4)
+    warning.warning(5)
+    warning.flush()  # says 5, counting 4
+    now[0] = 2.0
+    warning.warning(6)  # said, counting none: 4 and 5 were counted by the flush's line
+    now[0] = 3.0
+    warning.ended()
+    warning.warning(7)  # another outage
+    now[0] = 4.0
+    warning.ended()
+
+    more = "more like it since the last such line"
+    assert [message for message, _, _ in lines.lines] == [
+        "1 held",
+        f"3 held (and 1 {more})",
+        f"5 held (and 1 {more})",
+        "6 held",
+        "stored, after 6",
+        "7 held",
+        "stored, after 1",
+    ]
+
+
+def test_closing_a_repeated_warning_says_the_line_left_unsaid_and_an_end_only_if_ending(
+    heard: tuple[logging.Logger, Heard],
+) -> None:
+    """`close` with nothing lasting says nothing; with a line left unsaid, says it; with the
+    end held back (`ending`), says it, but not once a warning said the outage goes on."""
+    logger, lines = heard
+    now = [0.0]
+
+    def warning_line() -> SeldomWarning:
+        return SeldomWarning(logger, "%d held", "stored, after %d", clock=lambda: now[0])
+
+    quiet = warning_line()
+    quiet.ended()
+    quiet.close()
+    assert lines.lines == []
+
+    going_on = warning_line()
+    going_on.warning(1)
+    now[0] = 0.5
+    going_on.ended()  # too soon: ending
+    assert going_on.ending
+    going_on.warning(2)  # the outage goes on: no longer ending, so close says no end
+    going_on.close()
+
+    now[0] = 10.0
+    ending = warning_line()
+    ending.warning(3)
+    ending.warning(4)
+    ending.ended()
+    ending.close()
+
+    assert [message for message, _, _ in lines.lines] == [
+        "1 held",
+        "2 held",
+        "3 held",
+        "4 held",
+        "stored, after 2",
+    ]
+
+
 @pytest.mark.parametrize("fmt", ["json", "text"])
 def test_lines_are_in_order_and_as_a_stream_handler_writes_them(
     fmt: str, tmp_path: Path, root_restored: logging.Logger
