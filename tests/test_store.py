@@ -223,6 +223,42 @@ async def test_a_record_taking_an_undo_back_loses_in_one_commit_too(store: Order
     assert stored.steps == (refunded, StepRecord("vendor", "ok", None, 7, "error", 4))
 
 
+async def test_a_later_step_record_stands_unless_it_takes_the_stored_one_s_undo_back(
+    store: OrderStore,
+) -> None:
+    """Each pair of a stored record's compensation and a later record's (none, failed, ok),
+    committed one after the other: the later replaces the stored one, unless it would take
+    its undo back (`takes_undo_back`: none after any, or anything but ok after ok). A step's
+    first record and each record of its compensation's going on are written."""
+    none, failed, timed_out, ok = None, "error", "timeout", "ok"
+    later_stands = {
+        (none, none): True,
+        (none, failed): True,
+        (none, ok): True,
+        (failed, none): False,
+        (failed, timed_out): True,
+        (failed, ok): True,
+        (ok, none): False,
+        (ok, failed): False,
+        (ok, ok): True,
+    }
+    cases = []
+    for n, ((stored, later), stands) in enumerate(later_stands.items()):
+        order = await begun(store, key=f"k-{n}")
+        first = StepRecord("payment", "ok", None, 5, stored, 3 if stored else None)
+        second = StepRecord("payment", "ok", None, 6, later, 4 if later else None)
+        store.record_step(f"k-{n}", order.attempt_id, first)
+        cases.append((f"k-{n}", order.attempt_id, first, second, stands))
+    await store.get("k-0")  # the first records committed
+    for key, attempt_id, _, second, _ in cases:
+        store.record_step(key, attempt_id, second)
+
+    for key, _, first, second, stands in cases:
+        stored_order = await store.get(key)
+        assert stored_order is not None
+        assert stored_order.steps == ((second if stands else first),), (first, second)
+
+
 async def test_a_finish_from_a_process_that_lost_its_order_is_ignored(store: OrderStore) -> None:
     """Once another process has claimed an order, the first one's final record (its own
     reply, by finish and finish_soon) is ignored; the claimer's stands."""
