@@ -22,6 +22,8 @@ import hyperframe.frame
 import pytest
 import trio
 
+from order_pipeline.http.asgi import TARGET_NOT_SERVED
+
 from .rawhttp import address, exchange, parse, post, read_all, request
 from .server_process import ServerProcess, StartServer, wait_for_steps_in_flight
 from .timings import NO_DELAY
@@ -405,7 +407,8 @@ async def test_a_target_neither_a_path_nor_an_http_uri_is_400(start_server: Star
     anything: `healthz` and `order/x` (no leading slash) were served as `/healthz` and
     `/order/x`, and `ftp://t/order` ran an order. Such a target is now 400 `bad_request`,
     its connection closed; an http(s) URI is served as its path, as before. Leading slashes
-    are one (`//healthz`: Werkzeug strips them to match), and `*` a path no route takes."""
+    are one (`//healthz`: Werkzeug strips them to match), and `*` a path no route takes. The
+    400 is the refusal's own (its message), not one a later layer gives such a target."""
     server = await start_server("--no-access-log", "--store", "memory")
 
     async def answer(
@@ -414,10 +417,13 @@ async def test_a_target_neither_a_path_nor_an_http_uri_is_400(start_server: Star
         head = b"%s %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n"
         raw = head % (method, target, len(body), close) + body
         reply = parse(await exchange(server.url, raw))  # the server closes the connection
-        kind = reply.json()["error"]["kind"] if reply.status >= 400 else ""
+        error = reply.json()["error"] if reply.status >= 400 else {}
+        kind = error.get("kind", "")
+        if error.get("message") == TARGET_NOT_SERVED:
+            kind += ": not served"
         return reply.status, kind, reply.headers.get("connection", "")
 
-    refused = (400, "bad_request", "close")
+    refused = (400, "bad_request: not served", "close")
     order = json.dumps({**NORMAL, "order_id": "ftp"}).encode()
     assert await answer(b"GET", b"healthz") == refused
     assert await answer(b"GET", b"order/x") == refused
@@ -426,11 +432,37 @@ async def test_a_target_neither_a_path_nor_an_http_uri_is_400(start_server: Star
     assert await answer(b"GET", b"mailto:x") == refused
     assert await answer(b"GET", b"http:///healthz") == refused  # no host: RFC 9110 §4.2.1
     assert await answer(b"GET", b"https://?x") == refused
+    assert await answer(b"GET", b"http://#x") == refused
+    assert await answer(b"GET", b"*healthz") == refused  # only `*` itself is asterisk-form
     close = b"Connection: close\r\n"
     for served in (b"http://t/healthz", b"HTTPS://other/healthz", b"//healthz"):
         assert await answer(b"GET", served, close=close) == (200, "", "close")
     assert await answer(b"GET", b"*", close=close) == (404, "not_found", "close")
     assert not [line for line in server.log_lines() if line["logger"] == "order_pipeline.orders"]
+
+
+async def test_a_target_not_served_over_http2_is_400_and_ends_only_its_stream(
+    start_server: StartServer,
+) -> None:
+    """Over HTTP/2 a target neither a path nor an http(s) URI is 400 too: its stream ends
+    with the whole reply (not reset), and the connection serves the next stream."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream, as_given=True)  # h2 would refuse to send such a :path
+
+        def get(path: str) -> int:
+            sid = client.conn.get_next_available_stream_id()
+            headers = [(":method", "GET"), (":path", path), (":scheme", "http"),
+                       (":authority", "t")]  # fmt: skip
+            client.conn.send_headers(sid, headers, end_stream=True)
+            return sid
+
+        refused, served = get("healthz"), get("/healthz")
+        with trio.fail_after(10):
+            await client.until(lambda: {refused, served} <= client.ended)
+    assert client.statuses == {refused: 400, served: 200}
+    assert client.resets == {}
+    assert client.goaway is None
 
 
 def h2c_upgrade(settings: bytes) -> bytes:
@@ -463,6 +495,29 @@ async def test_an_h2c_upgrade_with_http2_settings_h2_refuses_gets_a_400(
         async with await trio.open_tcp_stream(*address(server.url)) as stream:
             await stream.send_all(h2c_upgrade(good))
             assert (await stream.receive_some(65_536)).startswith(b"HTTP/1.1 101")
+
+
+async def test_http2_settings_h2_refuses_are_400_only_where_hypercorn_would_upgrade(
+    start_server: StartServer,
+) -> None:
+    """Hypercorn upgrades a request to h2c on `Upgrade: h2c` in any case, and only without a
+    body (one it ignores the upgrade of is served in HTTP/1.1). So an HTTP2-Settings h2 does
+    not take is a 400 on `Upgrade: H2C` too, and nothing where no upgrade would be: with no
+    `Upgrade`, or with a Content-Length or chunks, such a request is served."""
+    server = await start_server("--no-access-log", "--store", "memory")
+
+    async def status(head: bytes, body: bytes = b"") -> int:
+        raw = (
+            b"GET /healthz HTTP/1.1\r\nHost: t\r\nHTTP2-Settings: not base64!\r\n"
+            b"%sConnection: Upgrade, HTTP2-Settings, close\r\n\r\n%s" % (head, body)
+        )
+        return parse(await exchange(server.url, raw)).status
+
+    assert await status(b"Upgrade: H2C\r\n") == 400
+    assert await status(b"") == 200
+    assert await status(b"Upgrade: h2c\r\nContent-Length: 0\r\n") == 200
+    chunked = b"Upgrade: h2c\r\nTransfer-Encoding: chunked\r\n"
+    assert await status(chunked, b"0\r\n\r\n") == 200
 
 
 async def test_an_http2_body_over_the_limit_leaves_the_other_streams_orders_alone(

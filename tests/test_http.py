@@ -12,7 +12,12 @@ from quart_trio import QuartTrio
 from order_pipeline.desk import Answer
 from order_pipeline.http import create_app
 from order_pipeline.http.app import MAX_BODY_BYTES, answer_response
-from order_pipeline.http.asgi import closing_after_ambiguous_framing, finish_responses_shielded
+from order_pipeline.http.asgi import (
+    TARGET_NOT_SERVED,
+    closing_after_ambiguous_framing,
+    finish_responses_shielded,
+    refusing_targets_not_served,
+)
 
 from .fakes import StubProcessor
 
@@ -249,6 +254,36 @@ async def test_only_http1_requests_framed_two_ways_have_their_connection_closed(
         await wrapped({"type": "http", "http_version": version, "headers": framing}, None, send)
 
     assert [message["headers"] for message in sent] == [[(b"connection", b"close")], []]
+
+
+async def test_a_target_not_served_is_a_whole_400_closing_only_an_http1_connection() -> None:
+    """The refusal of a target neither a path nor an http(s) URI is one complete 400 reply
+    (its body the last), `Connection: close` in HTTP/1 only (HTTP/2 forbids the field); a
+    scope with no raw target (a server that gives none) and a path go on to the app."""
+    sent: list[Any] = []
+    reached: list[bytes | None] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope.get("raw_path"))
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    wrapped = refusing_targets_not_served(app)
+    for version in ("1.1", "2"):
+        await wrapped({"type": "http", "http_version": version, "raw_path": b"healthz"}, None, send)
+    await wrapped({"type": "http", "http_version": "1.1"}, None, send)
+    await wrapped({"type": "http", "http_version": "1.1", "raw_path": b"/healthz"}, None, send)
+
+    assert reached == [None, b"/healthz"]
+    starts, bodies = sent[0::2], sent[1::2]
+    assert [start["status"] for start in starts] == [400, 400]
+    connection = [dict(start["headers"]).get(b"connection") for start in starts]
+    assert connection == [b"close", None]
+    for start, body in zip(starts, bodies, strict=True):
+        assert (body["type"], body["more_body"]) == ("http.response.body", False)
+        assert json.loads(body["body"])["error"]["message"] == TARGET_NOT_SERVED
+        assert dict(start["headers"])[b"content-length"] == b"%d" % len(body["body"])
 
 
 async def test_an_order_framed_two_ways_runs_and_its_connection_closes(
