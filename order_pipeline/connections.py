@@ -74,7 +74,8 @@ class _OneConnection(TCPServer):
     code, pgjones/hypercorn#334). Cancellation still passes.
     """
 
-    _reads_ended = False  # the reads have ended: the client's EOF (or a reset), or the linger's
+    _reads_ended = False  # the reader has stopped: the client's EOF or reset, a read timeout,
+    # the linger's end, or cancellation
     _close_begun = False  # the close has begun: what is read from then on is dropped
     _lingering: trio.CancelScope | None = None  # the reads, given a deadline by the close
     _lingers = True  # whether the close lingers: not an idle HTTP/1.1 connection's
@@ -631,6 +632,8 @@ class _H2Protocol(H2Protocol):
             await self.give_up_replies()
 
     def _goaway_made(self) -> bool:
+        """Whether a GOAWAY is made: ours (an idle close, the drain) or h2's own, on a
+        connection error; either way no second one may follow."""
         return self.connection.state_machine.state is h2.connection.ConnectionState.CLOSED
 
     async def give_up_replies(self) -> None:

@@ -69,7 +69,6 @@ __all__ = ["Answer", "OnRefused", "OrderDesk", "canonical"]
 
 log = logging.getLogger(__name__)
 
-
 LEASE_RENEW_S: Final = 1.0
 # Interrupted orders claimed at a time; claimed again at once while a batch comes back full.
 RECOVERY_BATCH: Final = 1000
@@ -169,8 +168,8 @@ _K = TypeVar("_K", bound=Hashable)
 
 class _Counting(Generic[_K]):
     """`key` counted in `keys` while the block runs (several may work on one key at once).
-    A class, not a @contextmanager generator, and the run's in its own body, not a coroutine
-    of its own: those cost 20,000 instructions a request (`nox -s instructions`)."""
+    A class, not a @contextmanager generator, which cost more per order (`_run` counts its
+    key in its own body, not in a coroutine under the count, for the same reason)."""
 
     __slots__ = ("key", "keys")
 
@@ -444,7 +443,8 @@ class OrderDesk:
             if o.key not in busy
             and earliest.get(o.key, self._looks) > self._first_seen[o.attempt_id]
         }
-        left = [o for o in ours if o.attempt_id in seen & self._suspects]
+        twice = seen & self._suspects
+        left = [o for o in ours if o.attempt_id in twice]
         self._suspects = seen
         return left
 

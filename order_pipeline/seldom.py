@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["Seldom", "more_like_it"]
+__all__ = ["Seldom", "SeldomWarning", "more_like_it"]
 
 # At most one line a second while an outage lasts; the first at once.
 EVERY_S: Final = 1.0

@@ -257,7 +257,6 @@ _ORDER = (
 _ORDER_FIELDS: Final = 13
 _new_order: Callable[..., StoredOrder] = StoredOrder  # from a row of _ORDER's columns
 _STEP = "step, status, detail, duration_ms, compensation, compensation_ms"
-_STEP_FIELDS: Final = 6
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 Pool = psycopg_pool.ConnectionPool[Conn]
@@ -717,6 +716,8 @@ class PostgresStore(WriterThread[Conn]):
     async def claim_interrupted(
         self, owner: str, limit: int, *, busy: Collection[str] = ()
     ) -> list[StoredOrder]:
+        busy = list(busy)  # read in the writer thread: a copy, not the caller's live keys
+
         def claim(conn: Conn) -> list[StoredOrder]:
             # The database's clock against ours: clock_timestamp(), the time it answers at
             # (now(), the transaction's start, may be long before in a slow batch), against

@@ -315,6 +315,8 @@ class SqliteStore(WriterThread[Conn]):
     async def claim_interrupted(
         self, owner: str, limit: int, *, busy: Collection[str] = ()
     ) -> list[StoredOrder]:
+        busy = list(busy)  # read in the writer thread: a copy, not the caller's live keys
+
         def claim(conn: Conn) -> list[StoredOrder]:
             now = self._now()
             stale = self._clock.owners_to_take(
