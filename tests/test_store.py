@@ -1541,18 +1541,25 @@ async def test_a_finish_whose_batch_failed_is_replied_once_committed(tmp_path: P
     whose batch failed after it ran (SQLite rolled the transaction back, as on an I/O error)
     is kept as not committed, runs again with the next batch, and is answered from that."""
     path = tmp_path / "orders.db"
+    failed = threading.Event()
 
     def fail_the_batch(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
+        failed.set()
         raise sqlite3.OperationalError("disk I/O error (simulated)")
+
+    async def the_batch_failed() -> bool:
+        return failed.is_set()
 
     async with SqliteStore(path) as store:
         order = await begun(store)
         async with trio.open_nursery() as nursery, one_batch_behind_a_lock(store, nursery):
             store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)  # the finish first
             store._put(fail_the_batch, None)
-        # The renewal's batch ran and failed: the writer thread holds the finish again, in
-        # front of the next batch.
+        # The batch behind the renewal's ran and failed: the writer thread holds the finish
+        # again, in front of the next batch. Until it has run, a call queued now would ride
+        # in that batch and fail with it (seen once under coverage in CI).
+        await wait_for(the_batch_failed, "the batch behind the renewal's to fail")
         assert len(store._replies) == 0  # nothing of the failed batch's as committed
         commits = store.commits
         reply = await store.finished_reply("k-1", order.attempt_id)  # carries the finish again
