@@ -884,12 +884,16 @@ async def test_an_order_its_own_run_still_runs_is_not_claimed_back_under_it(
 
 
 class _SlowBegin(MemoryStore):
-    """The memory store, whose `begin` answers after 50 ms (a busy database's)."""
+    """The memory store, whose `begin` answers after `delay` s (50 ms: a busy database's)."""
+
+    def __init__(self, delay: float = 0.05) -> None:
+        super().__init__()
+        self.delay = delay
 
     async def begin(
         self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
     ) -> Begun | Existing:
-        await trio.sleep(0.05)
+        await trio.sleep(self.delay)
         return await super().begin(key, order_id, request_hash, body, owner)
 
 
@@ -1088,14 +1092,22 @@ async def test_an_order_of_its_own_left_running_is_recovered_only_when_seen_twic
     assert await store.net_charge("k-1") == 0
 
 
+@pytest.mark.parametrize(
+    ("begin_delay", "retrying_for"),
+    [(0.05, 5.0), (2.5, 30.0)],
+    ids=["begin in 50 ms", "begin outlasting a look"],
+)
 async def test_an_order_of_its_own_left_running_whose_client_keeps_retrying_is_recovered(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, begin_delay: float, retrying_for: float
 ) -> None:
     """An order of this process's left running (a begin whose COMMIT answer was lost), its
     client retrying the key as soon as each 409 comes back. A retry in flight (its `begin`
     under way) only reads an order begun before it: this process recovers the order all the
-    same, within its two looks, and a retry then runs it again, charged once."""
-    store = _SlowBegin()
+    same, within its two looks, and a retry then runs it again, charged once. Also where
+    each `begin` answers in 2.5 s (one waiting for a row lock), longer than the time between
+    two looks: some retry is under way at every look, begun before the one before, but none
+    began before the order existed, so none can be its submit."""
+    store = _SlowBegin(begin_delay)
     live = assemble(Settings(lease_timeout=2.0), store=store).desk
     await left_running(store, live.owner, "k-1")
     order = make_order("o-left", amount=70)
@@ -1107,51 +1119,13 @@ async def test_an_order_of_its_own_left_running_whose_client_keeps_retrying_is_r
 
     async with trio.open_nursery() as nursery:
         await nursery.start(live.maintain)
-        with trio.move_on_after(5):
+        with trio.move_on_after(retrying_for):
             await retry_until_answered()
         nursery.cancel_scope.cancel()
 
-    assert statuses[-1] == 200, f"{statuses.count(409)} answers 409 in 5 s, never run"
-    stored = await store.get("k-1")
-    assert stored is not None
-    assert (stored.state, stored.http_status, stored.attempt) == (FINISHED, 200, 2)
-    assert await store.net_charge("k-1") == 70
-
-
-class _SlowerBegin(MemoryStore):
-    """The memory store, whose `begin` answers after 2.5 s (one waiting for a row lock),
-    longer than the time between two looks at the orders this process left running."""
-
-    async def begin(
-        self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
-    ) -> Begun | Existing:
-        await trio.sleep(2.5)
-        return await super().begin(key, order_id, request_hash, body, owner)
-
-
-async def test_an_order_left_running_whose_retries_outlast_a_look_is_recovered(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """As above, each retry's `begin` answering in 2.5 s: some retry is under way at every
-    look, begun before the one before. None began before the order existed, so none can be
-    its submit: the order is recovered all the same, and a retry then runs it, charged once."""
-    store = _SlowerBegin()
-    live = assemble(Settings(lease_timeout=2.0), store=store).desk
-    await left_running(store, live.owner, "k-1")
-    order = make_order("o-left", amount=70)
-    statuses: list[int] = []
-
-    async def retry_until_answered() -> None:
-        while not statuses or statuses[-1] == 409:
-            statuses.append((await live.submit(order, "k-1")).status)
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(live.maintain)
-        with trio.move_on_after(30):
-            await retry_until_answered()
-        nursery.cancel_scope.cancel()
-
-    assert statuses[-1] == 200, f"{statuses.count(409)} answers 409 in 30 s, never run"
+    assert statuses[-1] == 200, (
+        f"{statuses.count(409)} answers 409 in {retrying_for:g} s, never run"
+    )
     stored = await store.get("k-1")
     assert stored is not None
     assert (stored.state, stored.http_status, stored.attempt) == (FINISHED, 200, 2)
