@@ -215,10 +215,11 @@ class OrderDesk:
     # The attempts of such orders seen at the last look: recovered if seen again at the next,
     # by which time a final record on its way (held for the next commit) has landed.
     _suspects: set[str] = attrs.field(factory=set, init=False)
-    # Orders that ran and whose final reply was not read back (answered 503 or 409): their
-    # final record may be held for the next commit (a row locked past the lock timeout may
-    # hold it for long). Never recovered here while they run, for the record (ok, say) would
-    # land after the undoing, and a retry replay it with the money back.
+    # Orders that ran and whose final reply was not read back (answered 503 or 409, or their
+    # submit cancelled: its client gone, the drain's grace over): their final record may be
+    # held for the next commit (a row locked past the lock timeout may hold it for long).
+    # Never recovered here while they run, for the record (ok, say) would land after the
+    # undoing, and a retry replay it with the money back.
     _held_records: set[str] = attrs.field(factory=set, init=False)
     _refusals: SeldomWarning = attrs.field(factory=_refusals_line, init=False)
 
@@ -275,42 +276,51 @@ class OrderDesk:
         with _Counting(self._running, key):
             attempt = Attempt(key, stored.attempt_id, self.owner)
             current_attempt.set(attempt)
-            # The reporter queues the final record as the pipeline reports the result
-            # (cancelled orders included); reading its reply back waits for that commit, and
-            # finds none if another process claimed the order meanwhile. If the commit fails,
-            # the store keeps the record for its next commit (writer.py): a retry finds it.
-            result = await self.pipeline.process(order)
-            # The order ran: the reporter gave it its line and count, so these are not refusals.
             try:
-                final = await self.store.finished_reply(key, attempt.id)
-            except StoreUnavailable:
-                return self._not_recorded_yet(order, key)
-            if final is None or final.kind == INTERRUPTED:
-                ours = await self._holding(attempt)
-                if ours is not None and ours.owner == self.owner:
-                    # Nobody claimed it: our final record failed alone (a row locked past the
-                    # lock timeout) and is held for the next commit (writer.py), not lost; or it
-                    # landed since, with the look that read the order (a claim makes the claimer
-                    # its owner).
-                    if ours.state == RUNNING:
-                        return self._not_recorded_yet(order, key)
-                    assert ours.http_status is not None
-                    assert ours.reply is not None
-                    final = FinishedReply(ours.http_status, ours.reply, ours.kind)
-                elif ours is not None:
-                    # Our lease lapsed and another process claimed the order to undo it, while
-                    # our run went on: a step of ours that took effect after its undo is ours to
-                    # undo (compensations are idempotent). Not once a retry runs the key again:
-                    # the vendor's and the courier's compensations act on the order, not the
-                    # attempt.
-                    log.warning(
-                        "order %r was taken over by another process: undoing it", order.order_id
-                    )
-                    await self.pipeline.undo(order, result.steps, INTERRUPTED, report=False)
-            if final is None:
-                self._held_records.add(key)  # if its record is ours, held: see _left_running
-                return attrs.evolve(_error(ORDER_IN_PROGRESS, key=key), refused=None)
-            return Answer(final.http_status, final.reply, key, lookup(final.kind).retry_after)
+                # The reporter queues the final record as the pipeline reports the result
+                # (cancelled orders included); reading its reply back waits for that commit,
+                # and finds none if another process claimed the order meanwhile. If the commit
+                # fails, the store keeps the record for its next commit (writer.py): a retry
+                # finds it.
+                result = await self.pipeline.process(order)
+                # The order ran: the reporter gave it its line and count, so these are not
+                # refusals.
+                try:
+                    final = await self.store.finished_reply(key, attempt.id)
+                except StoreUnavailable:
+                    return self._not_recorded_yet(order, key)
+                if final is None or final.kind == INTERRUPTED:
+                    ours = await self._holding(attempt)
+                    if ours is not None and ours.owner == self.owner:
+                        # Nobody claimed it: our final record failed alone (a row locked past
+                        # the lock timeout) and is held for the next commit (writer.py), not
+                        # lost; or it landed since, with the look that read the order (a claim
+                        # makes the claimer its owner).
+                        if ours.state == RUNNING:
+                            return self._not_recorded_yet(order, key)
+                        assert ours.http_status is not None
+                        assert ours.reply is not None
+                        final = FinishedReply(ours.http_status, ours.reply, ours.kind)
+                    elif ours is not None:
+                        # Our lease lapsed and another process claimed the order to undo it,
+                        # while our run went on: a step of ours that took effect after its undo
+                        # is ours to undo (compensations are idempotent). Not once a retry runs
+                        # the key again: the vendor's and the courier's compensations act on
+                        # the order, not the attempt.
+                        log.warning(
+                            "order %r was taken over by another process: undoing it",
+                            order.order_id,
+                        )
+                        await self.pipeline.undo(order, result.steps, INTERRUPTED, report=False)
+                if final is None:
+                    self._held_records.add(key)  # if its record is ours, held: _left_running
+                    return attrs.evolve(_error(ORDER_IN_PROGRESS, key=key), refused=None)
+                return Answer(final.http_status, final.reply, key, lookup(final.kind).retry_after)
+            except BaseException:
+                # Cancelled (its client gone, the drain's grace over) or failed: its final
+                # record, queued, was not read back and may be held. See _left_running.
+                self._held_records.add(key)
+                raise
 
     def _not_recorded_yet(self, order: OrderRequest, key: str) -> Answer:
         """503: the order ran, but its result is not stored yet (a retry replays it once it

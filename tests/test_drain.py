@@ -34,7 +34,8 @@ from order_pipeline.handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL
 from order_pipeline.kinds import label, lookup
 from order_pipeline.main import DrainCount, receive_signals
 from order_pipeline.model import OrderResult
-from order_pipeline.server import Readiness, Settings
+from order_pipeline.server import Readiness, Settings, assemble, serve
+from order_pipeline.store import FINISHED, RUNNING
 
 from .conftest import serving
 from .launch import serve_argv
@@ -559,6 +560,84 @@ async def test_an_order_the_drain_gives_up_on_is_a_warning_one_whose_client_left
         warning.getMessage(),
     )
     assert fields(warning) == {"order_id": "kept", "undone": {"payment": "ok", "courier": "ok"}}
+
+
+@pytest.mark.postgres
+async def test_an_order_the_drain_gave_up_on_whose_final_record_meets_a_lock_is_not_recovered(
+    schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As `test_an_order_whose_client_left_and_whose_final_record_meets_a_lock_is_not_recovered`
+    (test_durability), for an order the drain gave up on (its grace over): its final record
+    held behind a row lock, the order over a lease old and running under this process's
+    live lease while the drain waits for another order's undoing (6 s), its process
+    recovered it at every look. It is left to its held record: `canceled`, reported once."""
+    from .test_durability import looked
+    from .test_store import postgres_stores, row_locked
+
+    settings = Settings(
+        port=0, lease_timeout=1.0, drain_delay=0, shutdown_grace=0.5, compensation_timeout=10
+    )
+    long = {"payment": 0, "vendor": 0, "courier": 60_000}
+    held = {"order_id": "o-held", "amount": 70, "delay_ms": long}
+    slow = {**held, "order_id": "o-slow", "compensation_delay_ms": {"vendor": 6_000}}
+    outcomes: list[int | str] = []
+
+    async def post_under(key: str, body: dict[str, Any]) -> None:
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=WAIT_S) as client:
+                headers = {"Idempotency-Key": key}
+                outcomes.append(
+                    (await client.post("/order", json=body, headers=headers)).status_code
+                )
+        except httpx.TransportError as exc:
+            outcomes.append(type(exc).__name__)
+
+    async with postgres_stores(postgres_url(schema=schema), 1, timeout=0.3) as (store,):
+        assembly = assemble(settings, store=store)
+        stop, drained = trio.Event(), trio.Event()
+
+        async def serve_until_drained(task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve(assembly, settings, shutdown_trigger=stop.wait, task_status=task_status)
+            drained.set()
+
+        with caplog.at_level(logging.INFO):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(assembly.desk.maintain)  # looks a second apart
+                (url,) = await nursery.start(serve_until_drained)
+                nursery.start_soon(post_under, "k-held", held)
+                nursery.start_soon(post_under, "k-slow", slow)
+                with trio.fail_after(5):
+                    for key in ("k-held", "k-slow"):
+                        while not await store.net_charge(key):  # noqa: ASYNC110 # no event
+                            await trio.sleep(0.01)
+                    await assembly.tracker.wait_for(lambda n: n == 2)  # the two couriers'
+                async with row_locked(schema, "k-held"):
+                    stop.set()  # the grace ends half a second later
+                    with trio.fail_after(5):
+                        await assembly.tracker.wait_for(lambda n: n == 1)  # o-slow's undoing
+                    await looked(assembly.desk, 4)  # o-held over a lease old at two looks
+                    meanwhile = await store.get("k-held")
+                    draining = not drained.is_set()
+                with trio.fail_after(10):
+                    await drained.wait()
+                await store.renew_lease(assembly.desk.owner, 1.0)  # carries the held record
+                nursery.cancel_scope.cancel()
+        stored = await store.get("k-held")
+        charged = await store.net_charge("k-held")
+
+    assert outcomes == ["RemoteProtocolError"] * 2  # cancelled, no reply sent
+    assert draining
+    assert meanwhile is not None
+    assert meanwhile.state == RUNNING
+    assert stored is not None
+    assert (stored.state, stored.kind) == (FINISHED, "canceled")
+    assert charged == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "order_pipeline.orders"]
+    assert sorted(line.split(" ", 3)[1:3] for line in lines) == [
+        ["o-held", "canceled"],
+        ["o-slow", "canceled"],
+    ]
+    assert "left running" not in caplog.text
 
 
 async def test_the_hard_deadline_holds_while_a_stalled_store_is_released_and_closed(

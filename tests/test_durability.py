@@ -1336,6 +1336,87 @@ async def test_an_order_whose_held_final_record_lands_before_the_desk_looks_agai
     assert "taken over" not in caplog.text
 
 
+async def looked(serving: OrderDesk, times: int) -> None:
+    """Wait until `serving` has looked at the orders it left running `times` more times."""
+    until = serving._looks + times
+    with trio.fail_after(10):
+        while serving._looks < until:  # noqa: ASYNC110 # no event tells a look
+            await trio.sleep(0.05)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("fields", "in_flight", "kind"),
+    [
+        ({"delay_ms": {"payment": 0, "vendor": 0, "courier": 60_000}}, [1], "canceled"),
+        (
+            {
+                "delay_ms": {"payment": 0, "vendor": 0, "courier": 100},
+                "fail_step": "courier",
+                "compensation_delay_ms": {"payment": 1000, "vendor": 1000},
+            },
+            [1, 2],
+            "no_courier",
+        ),
+    ],
+    ids=["while its steps run", "while it is undone"],
+)
+async def test_an_order_whose_client_left_and_whose_final_record_meets_a_lock_is_not_recovered(
+    schema: str,
+    caplog: pytest.LogCaptureFixture,
+    fields: dict[str, Any],
+    in_flight: list[int],
+    kind: str,
+) -> None:
+    """A client leaves (its order undone, no reply sent) while the order's final record meets
+    a row lock held past lock_timeout: the record is held for the next commit, and the order
+    stays running, over a lease old, under this process's live lease. Its process took it for
+    one it left running (its run over, no reply read back) and recovered it at every look
+    while the lock lasted: undone again and reported again, `interrupted`, each time (the
+    held record, first in line, still landed first). It is left to its held record, which
+    lands once the lock is gone: reported once. The client left while the steps ran (the
+    order `canceled`), or while a failed order was undone (its kind stands; the desk's read
+    of the reply is what is cancelled)."""
+    from .test_store import postgres_stores, row_locked
+
+    async with postgres_stores(postgres_url(schema=schema), 1, timeout=0.3) as (store,):
+        assembly = assemble(Settings(lease_timeout=1.0), store=store)
+        order = make_order("o-c", amount=70, **fields)
+        request = trio.CancelScope()  # the HTTP request's
+
+        async def client() -> None:
+            with request:
+                await assembly.desk.submit(order, "k-1")
+
+        with caplog.at_level(logging.INFO):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(assembly.desk.maintain)  # looks a second apart
+                nursery.start_soon(client)
+                with trio.fail_after(5):
+                    for count in in_flight:  # charged; the courier's, or the undoing
+                        await assembly.tracker.wait_for(count.__eq__)
+                async with row_locked(schema, "k-1"):
+                    request.cancel()  # the client leaves
+                    with trio.fail_after(5):
+                        await assembly.tracker.wait_for(lambda n: n == 0)  # undone
+                    await looked(assembly.desk, 4)  # over a lease old at two looks
+                    meanwhile = await store.get("k-1")
+                await store.renew_lease(assembly.desk.owner, 1.0)  # carries the held record
+                nursery.cancel_scope.cancel()
+        stored = await store.get("k-1")
+        charged = await store.net_charge("k-1")
+
+    assert meanwhile is not None
+    assert meanwhile.state == RUNNING
+    assert stored is not None
+    assert (stored.state, stored.kind) == (FINISHED, kind)
+    assert charged == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == ORDERS_LOGGER]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"order o-c {kind} ")
+    assert "left running" not in caplog.text
+
+
 @pytest.mark.parametrize("path", ["/order/%00", "/order/k%00-1", "/order/a%20b", "/order/%C3%A9"])
 async def test_lookup_of_a_key_no_order_can_hold_is_404(assembly: Assembly, path: str) -> None:
     """A key that is no Idempotency-Key (nor a server-made one) is 404, not looked up."""
