@@ -309,11 +309,18 @@ class _H11Protocol(H11Protocol):
     async def _check_protocol(self, event: h11.Request) -> None:
         """Hypercorn's, but an h2c upgrade whose HTTP2-Settings h2 does not take gets a 400
         and the connection's close instead of the 101: after the 101 h2 failed on it, and
-        the connection's handler with it (a traceback logged as an error)."""
-        if _h2c_settings_refused(event):
-            await self._send_error_response(400)
-            await self.send(Closed())
-            raise _ReadsOver
+        the connection's handler with it (a traceback logged as an error). One with no
+        HTTP2-Settings, or more than one, is not upgraded (RFC 7540 §3.2.1), but served in
+        HTTP/1.1 as any request whose `Upgrade` a server ignores (RFC 9110 §7.8); hypercorn
+        upgraded it on `Upgrade: h2c` alone."""
+        if _asks_h2c(event):
+            settings = [value for name, value in event.headers if name == b"http2-settings"]
+            if len(settings) != 1:
+                return  # hypercorn's check past the upgrade is for the preface alone
+            if _h2c_settings_refused(settings[0]):
+                await self._send_error_response(400)
+                await self.send(Closed())
+                raise _ReadsOver
         await super()._check_protocol(event)
 
     async def _send_h11_event(self, event: H11SendableEvent) -> None:
@@ -335,18 +342,21 @@ class _H11Protocol(H11Protocol):
         )
 
 
-def _h2c_settings_refused(request: h11.Request) -> bool:
-    """Whether `request` asks for h2c as hypercorn takes it (`Upgrade: h2c`, no body) with an
-    HTTP2-Settings (the last, as hypercorn reads it) that h2 does not take: its base64url
-    not decoding (h2 drops any character outside that alphabet, so `!!!` is no setting),
-    not 6 bytes a setting, a value out of range (RFC 7540 §3.2.1)."""
+def _asks_h2c(request: h11.Request) -> bool:
+    """Whether `request` asks for h2c as hypercorn takes it: `Upgrade: h2c` (the last, in any
+    case), no body."""
     headers = dict(request.headers)
     with_body = b"content-length" in headers or b"transfer-encoding" in headers
-    if headers.get(b"upgrade", b"").lower() != b"h2c" or with_body:
-        return False
+    return headers.get(b"upgrade", b"").lower() == b"h2c" and not with_body
+
+
+def _h2c_settings_refused(settings: bytes) -> bool:
+    """Whether h2 does not take `settings`, an h2c upgrade's HTTP2-Settings: its base64url
+    not decoding (h2 drops any character outside that alphabet, so `!!!` is no setting),
+    not 6 bytes a setting, a value out of range (RFC 7540 §3.2.1)."""
     connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     try:
-        connection.initiate_upgrade_connection(headers.get(b"http2-settings"))
+        connection.initiate_upgrade_connection(settings)
     except (ValueError, hyperframe.exceptions.HyperframeError, h2.exceptions.ProtocolError):
         return True
     return False

@@ -497,6 +497,28 @@ async def test_an_h2c_upgrade_with_http2_settings_h2_refuses_gets_a_400(
             assert (await stream.receive_some(65_536)).startswith(b"HTTP/1.1 101")
 
 
+@pytest.mark.parametrize("count", [0, 2], ids=["none", "two"])
+async def test_an_h2c_upgrade_without_one_http2_settings_is_served_in_http1(
+    start_server: StartServer, count: int
+) -> None:
+    """A server must not upgrade to h2c a request with no HTTP2-Settings, or more than one
+    (RFC 7540 §3.2.1); hypercorn upgraded it (101) on `Upgrade: h2c` alone. Such a request
+    is served in HTTP/1.1, as any whose upgrade a server ignores, and its connection goes
+    on in HTTP/1.1: the request behind it is served too."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    settings = client.initiate_upgrade_connection()
+    assert settings is not None
+    upgrade = (
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\n%s\r\n" % (b"HTTP2-Settings: %s\r\n" % settings * count)
+    )
+    behind = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    raw = await exchange(server.url, upgrade + behind)
+    assert raw.startswith(b"HTTP/1.1 200 "), raw[:100]
+    assert raw.count(b"HTTP/1.1 200 ") == 2
+
+
 async def test_http2_settings_h2_refuses_are_400_only_where_hypercorn_would_upgrade(
     start_server: StartServer,
 ) -> None:
