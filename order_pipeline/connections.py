@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from math import inf
 from typing import Any
 
@@ -350,10 +351,18 @@ def _asks_h2c(request: h11.Request) -> bool:
     return headers.get(b"upgrade", b"").lower() == b"h2c" and not with_body
 
 
+# An h2c upgrade's HTTP2-Settings: base64url, without padding (RFC 7540 §3.2.1).
+_BASE64URL = re.compile(rb"[A-Za-z0-9_-]+")
+
+
 def _h2c_settings_refused(settings: bytes) -> bool:
-    """Whether h2 does not take `settings`, an h2c upgrade's HTTP2-Settings: its base64url
-    not decoding (h2 drops any character outside that alphabet, so `!!!` is no setting),
-    not 6 bytes a setting, a value out of range (RFC 7540 §3.2.1)."""
+    """Whether `settings`, an h2c upgrade's HTTP2-Settings, is not a SETTINGS payload (RFC
+    7540 §3.2.1): not base64url without padding (token68), which h2 does not check (it
+    decodes as base64 does: `+`, `/` and padding taken, any other character dropped, an
+    empty value taken for no setting), or not one h2 takes: not 6 bytes a setting, a value
+    out of range."""
+    if not _BASE64URL.fullmatch(settings):
+        return True
     connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     try:
         connection.initiate_upgrade_connection(settings)

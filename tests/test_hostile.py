@@ -475,8 +475,8 @@ def h2c_upgrade(settings: bytes) -> bytes:
 
 @pytest.mark.parametrize(
     "settings",
-    [b"not base64!", b"AAAAAA==", b"AASAAAAA"],
-    ids=["not base64url", "4 bytes", "a window over 2^31-1"],
+    [b"not base64!", b"AAAAAAAAAAAA", b"AASAAAAA"],
+    ids=["not base64url", "9 bytes", "a window over 2^31-1"],
 )
 async def test_an_h2c_upgrade_with_http2_settings_h2_refuses_gets_a_400(
     start_server: StartServer, settings: bytes
@@ -495,6 +495,19 @@ async def test_an_h2c_upgrade_with_http2_settings_h2_refuses_gets_a_400(
         async with await trio.open_tcp_stream(*address(server.url)) as stream:
             await stream.send_all(h2c_upgrade(good))
             assert (await stream.receive_some(65_536)).startswith(b"HTTP/1.1 101")
+
+
+async def test_an_h2c_upgrade_with_http2_settings_not_base64url_unpadded_gets_a_400(
+    start_server: StartServer,
+) -> None:
+    """HTTP2-Settings is base64url with no padding (RFC 7540 §3.2.1: token68). h2 decodes it
+    as base64 would, leniently: `+` and `/` (base64's own), padding, a character of neither
+    alphabet dropped, nothing at all (no setting); each got its 101. Each is refused as
+    settings h2 does not take are: a 400, and the connection closed."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    for settings in (b"AAMA+ABk", b"AAMA/ABk", b"AAMAAABk==", b"AAMA.AABk", b"AAMA~AABk", b""):
+        reply = parse(await exchange(server.url, h2c_upgrade(settings)))
+        assert (reply.status, reply.headers["connection"]) == (400, "close"), settings
 
 
 @pytest.mark.parametrize("count", [0, 2], ids=["none", "two"])
