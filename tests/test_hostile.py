@@ -437,15 +437,42 @@ async def test_a_target_neither_a_path_nor_an_http_uri_is_400(start_server: Star
     close = b"Connection: close\r\n"
     for served in (b"http://t/healthz", b"HTTPS://other/healthz", b"//healthz"):
         assert await answer(b"GET", served, close=close) == (200, "", "close")
-    assert await answer(b"GET", b"*", close=close) == (404, "not_found", "close")
     assert not [line for line in server.log_lines() if line["logger"] == "order_pipeline.orders"]
+
+
+async def test_the_asterisk_form_is_an_options_target_alone(start_server: StartServer) -> None:
+    """`*` as a target (asterisk-form) is for OPTIONS alone (RFC 9112 §3.2.4): any other
+    method with it is 400 `bad_request`, the refusal's own, its connection closed, as for a
+    target not served; it was a 404 (a path no route takes). `OPTIONS *` asks after the
+    server itself, a ping (RFC 9110 §9.3.7): it is still a 404, an answer, the server having
+    no options of its own to state, and its connection goes on. `*?x` is no asterisk-form."""
+    server = await start_server("--no-access-log", "--store", "memory")
+
+    async def answer(method: bytes, target: bytes) -> tuple[int, str, str]:
+        raw = b"%s %s HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n" % (method, target)
+        reply = parse(await exchange(server.url, raw))  # the server closes the connection
+        error = reply.json()["error"]
+        not_served = ": not served" if error["message"] == TARGET_NOT_SERVED else ""
+        return reply.status, error["kind"] + not_served, reply.headers.get("connection", "")
+
+    refused = (400, "bad_request: not served", "close")
+    for method in (b"GET", b"POST", b"DELETE"):
+        assert await answer(method, b"*") == refused, method
+    assert await answer(b"OPTIONS", b"*?x") == refused
+    options = b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n"
+    then = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    raw = await exchange(server.url, options + then)
+    assert raw.startswith(b"HTTP/1.1 404 "), raw[:200]
+    assert b'"kind":"not_found"' in raw
+    assert raw.count(b"HTTP/1.1 200 ") == 1
 
 
 async def test_a_target_not_served_over_http2_is_400_and_ends_only_its_stream(
     start_server: StartServer,
 ) -> None:
-    """Over HTTP/2 a target neither a path nor an http(s) URI is 400 too: its stream ends
-    with the whole reply (not reset), and the connection serves the next stream."""
+    """Over HTTP/2 a target neither a path nor an http(s) URI is 400 too, and `*` but for
+    OPTIONS: its stream ends with the whole reply (not reset), and the connection serves
+    the next stream."""
     server = await start_server("--no-access-log", "--store", "memory")
     async with await trio.open_tcp_stream(*address(server.url)) as stream:
         client = RawH2(stream, as_given=True)  # h2 would refuse to send such a :path
@@ -457,10 +484,10 @@ async def test_a_target_not_served_over_http2_is_400_and_ends_only_its_stream(
             client.conn.send_headers(sid, headers, end_stream=True)
             return sid
 
-        refused, served = get("healthz"), get("/healthz")
+        refused, asterisk, served = get("healthz"), get("*"), get("/healthz")
         with trio.fail_after(10):
-            await client.until(lambda: {refused, served} <= client.ended)
-    assert client.statuses == {refused: 400, served: 200}
+            await client.until(lambda: {refused, asterisk, served} <= client.ended)
+    assert client.statuses == {refused: 400, asterisk: 400, served: 200}
     assert client.resets == {}
     assert client.goaway is None
 

@@ -10,7 +10,7 @@ becomes the OpenTelemetry context of the request's task, which Trio copies into
 every task the request starts: the order's span continues the caller's trace.
 
 `refusing_targets_not_served` answers 400 to a request whose target is neither a path nor
-an http(s) URI (RFC 9112 §3.2), before Quart makes a path of it.
+an http(s) URI (RFC 9112 §3.2), nor `*` for OPTIONS, before Quart makes a path of it.
 
 `finish_responses_shielded`: hypercorn runs its end-of-response bookkeeping
 (close the connection on `Connection: close`, or start the keep-alive idle
@@ -64,8 +64,8 @@ _TRACE_HEADER_MAX: Final = 512
 _TRACE_CONTEXT: Final = TraceContextTextMapPropagator()
 # A target served (RFC 9112 §3.2): a path (origin-form); an http or https URI (absolute-form,
 # which a server must accept: Quart drops its scheme and authority), with a host (RFC 9110
-# §4.2.1: one without is invalid); `*` (asterisk-form, OPTIONS's: no route takes it, a 404).
-_SERVED_TARGET: Final = re.compile(rb"/|\*$|https?://[^/?#]", re.IGNORECASE)
+# §4.2.1: one without is invalid). `*` (asterisk-form) is OPTIONS's alone (`_served`).
+_SERVED_TARGET: Final = re.compile(rb"/|https?://[^/?#]", re.IGNORECASE)
 TARGET_NOT_SERVED: Final = "the request target must be a path (/...) or an http or https URI"
 
 
@@ -124,10 +124,11 @@ def with_request_ids(app: Any) -> Any:
 
 
 def refusing_targets_not_served(app: Any) -> Any:
-    """Wrap an ASGI app so a request whose target is neither a path nor an http(s) URI gets a
-    400 `bad_request`, its connection closed after it (HTTP/1.1). Quart made a path of any
-    target: `healthz` (no leading slash) was served as `/healthz`, and `ftp://t/order` ran
-    an order, a resource of no scheme this server serves."""
+    """Wrap an ASGI app so a request whose target is neither a path nor an http(s) URI (nor
+    `*` for OPTIONS) gets a 400 `bad_request`, its connection closed after it (HTTP/1.1).
+    Quart made a path of any target: `healthz` (no leading slash) was served as `/healthz`,
+    `ftp://t/order` ran an order, a resource of no scheme this server serves, and `GET *`
+    was a 404, though `*` is a target of OPTIONS alone (RFC 9112 §3.2.4)."""
     status, body = encode_error(BAD_REQUEST, TARGET_NOT_SERVED)
 
     async def wrapped(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -145,6 +146,8 @@ def refusing_targets_not_served(app: Any) -> Any:
 
 def _served(scope: HTTPScope) -> bool:
     target = scope.get("raw_path")  # bytes from hypercorn; None from some other servers
+    if target == b"*":  # asterisk-form: OPTIONS's alone (RFC 9112 §3.2.4); no route, a 404
+        return scope["method"] == "OPTIONS" and not scope["query_string"]
     return target is None or _SERVED_TARGET.match(target) is not None
 
 
