@@ -12,7 +12,9 @@ client does not read is given up when the client goes or the drain's grace ends
 that renames them fails tests/test_hostile.py and tests/test_server.py, not silently.
 
 A connection closed is read on, briefly, until its client's end, so that a client still
-sending reads its reply rather than a reset (`_OneConnection._close`).
+sending reads its reply rather than a reset (`_OneConnection._close`). An HTTP/1.1 request
+with another pipelined behind it is read on too, to a bound, so that its client's leaving
+cancels it (`_CanRead`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from math import inf
 from typing import Any
 
@@ -65,6 +68,11 @@ GOAWAY_WAIT_S = 0.1
 # client that sends on (or never closes) must not hold the connection, nor the drain.
 LINGER_S = 2.0
 
+# How much of what an HTTP/1.1 client sends behind a request under way is read while that
+# request runs, for the client's end (`_CanRead`): no more than one read of hypercorn's could
+# already leave unhandled; past it the reads wait for the reply, as hypercorn's did at once.
+PIPELINED_MAX = MAX_RECV
+
 
 class _OneConnection(TCPServer):
     """Hypercorn's handler of one connection, whose unexpected error ends that connection alone.
@@ -80,6 +88,8 @@ class _OneConnection(TCPServer):
     _close_begun = False  # the close has begun: what is read from then on is dropped
     _lingering: trio.CancelScope | None = None  # the reads, given a deadline by the close
     _lingers = True  # whether the close lingers: not an idle HTTP/1.1 connection's
+    _ended = False  # the client's end is read: every read from then on returns it (`_receive`)
+    _end: bytes | None = b""  # that end: b"" its EOF; None a reset, the stream closed, a timeout
 
     async def run(self) -> None:
         try:
@@ -93,12 +103,17 @@ class _OneConnection(TCPServer):
         shielded, to be sent, and held the drain to its hard deadline (the order was final
         and recorded).
 
+        An HTTP/1.1 request waiting behind another (h11 PAUSED) has the reads go on meanwhile,
+        for the client's end (`_CanRead`).
+
         Once the close has begun, what is read is dropped, until the client's EOF or the
         linger's end (`_close`). Once the reads have ended, the idle timer is stopped, and
         not restarted (`protocol_send`): hypercorn left it running, and it held a connection
         its client had closed before a request (a load balancer's TCP check), and its
         descriptor, until the header timeout."""
         self._lingering = trio.CancelScope()
+        if isinstance(self.protocol.protocol, _H11Protocol):
+            self.protocol.protocol.can_read.read_on = self._receive
         try:
             with self._lingering:
                 await self._read_until_the_client_ends()
@@ -111,17 +126,28 @@ class _OneConnection(TCPServer):
         await self.idle_task.stop()
 
     async def _read_until_the_client_ends(self) -> None:
-        while True:
-            try:
-                with trio.fail_after(self.config.read_timeout or inf):
-                    data = await self.stream.receive_some(MAX_RECV)
-            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
-                break
+        while (data := await self._receive()) is not None:
             if not self._close_begun:
-                await self.protocol.handle(RawData(bytes(data)))
+                await self.protocol.handle(RawData(data))
             if data == b"":
                 break
         await self.protocol.handle(Closed())
+
+    async def _receive(self, max_bytes: int = MAX_RECV) -> bytes | None:
+        """One read: what the client sent, b"" at its EOF, None once the connection is gone (a
+        reset, the stream closed) or silent past the read timeout. Once the client's end is
+        read, every read returns it again: one read while a request runs (`_CanRead`) leaves
+        it to the reader, whose read then ends the request as its client's leaving."""
+        if not self._ended:
+            try:
+                with trio.fail_after(self.config.read_timeout or inf):
+                    data = bytes(await self.stream.receive_some(max_bytes))
+            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                data = None
+            if data:
+                return data
+            self._ended, self._end = True, data
+        return self._end
 
     async def protocol_send(self, event: ConnectionEvent) -> None:
         """Hypercorn's, but once the reads have ended the idle timer stays stopped: an HTTP/2
@@ -258,7 +284,7 @@ class _H11Protocol(H11Protocol):
         self._reply_withdrawn = False  # the request's reply not begun at that EOF: none sent
         self._closing: trio.Event | None = None  # set when the close held back is made
         self.reads_over = False  # the close is sent
-        self.can_read = _CanRead(self)
+        self.can_read: _CanRead = _CanRead(self)
         close_or_write = self.send
 
         async def send(event: ConnectionEvent) -> None:
@@ -379,17 +405,52 @@ class _CanRead(EventWrapper):
     """Hypercorn's `can_read` of an HTTP/1.1 connection, which its reader waits on while a
     request it read waits for the reply before it (h11 PAUSED); once the connection's close
     is sent, the wait ends that request's handling (`_ReadsOver`), where hypercorn's reader,
-    woken by the close, found it PAUSED still and waited again, for good."""
+    woken by the close, found it PAUSED still and waited again, for good.
+
+    While it waits, the reads go on (`read_on`, the connection's), what they read kept for h11
+    up to `PIPELINED_MAX` bytes, so that the client's end (its EOF, a reset) is seen while the
+    request before runs: the wait ends there, and the reader, reading that end again, ends
+    the request under way as its client's leaving, as when nothing follows it. Hypercorn read
+    nothing until the reply: a client that left with a request pipelined behind its order
+    was not seen leaving, and the order ran to its end, its reply sent to no one. Past
+    `PIPELINED_MAX` the reads stop until the reply, as hypercorn's did."""
+
+    read_on: Callable[[int], Awaitable[bytes | None]] | None = None  # one read, of at most N
+    _reading: trio.CancelScope | None = None  # the read under way in `wait`, which `set` ends
 
     def __init__(self, protocol: _H11Protocol) -> None:
         super().__init__()
         self._protocol = protocol
 
     async def wait(self) -> None:
+        await self._read_on()
         if not self._protocol.reads_over:
             await super().wait()
         if self._protocol.reads_over:
             raise _ReadsOver
+
+    async def set(self) -> None:
+        await super().set()
+        if self._reading is not None:
+            self._reading.cancel()
+
+    async def _read_on(self) -> None:
+        """Read what the client sends into h11 until the wait is over (`set`), the client's
+        end (`_ReadsOver`: the reader reads it next), or `PIPELINED_MAX` bytes are kept."""
+        connection = self._protocol.connection
+        while self.read_on is not None and not self.is_set() and not self._protocol.reads_over:
+            room = PIPELINED_MAX - len(connection.trailing_data[0])
+            if room <= 0:
+                return
+            reading = self._reading = trio.CancelScope()
+            with reading:
+                data = await self.read_on(room)
+            self._reading = None
+            if reading.cancelled_caught:
+                return  # `set`: the wait is over
+            if not data:
+                raise _ReadsOver  # the client's end
+            connection.receive_data(data)
 
 
 def _reset_malformed(

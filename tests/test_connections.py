@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -97,38 +98,75 @@ async def test_a_connection_its_client_ends_before_a_request_is_closed_at_once(
     assert trio.current_time() - started < 1
 
 
-def replies_in(raw: bytes) -> list[bytes]:
-    """The status lines of the HTTP/1.1 replies in `raw`, each checked whole (its body as
-    long as its Content-Length)."""
-    statuses = []
+def replies_in(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """The status lines and bodies of the HTTP/1.1 replies in `raw`, each checked whole (its
+    body as long as its Content-Length)."""
+    replies = []
     while raw:
         head, _, raw = raw.partition(b"\r\n\r\n")
         length = int(parse(head + b"\r\n\r\n").headers["content-length"])
         assert len(raw) >= length, f"a reply cut off: {head!r} then {len(raw)} of {length}"
-        statuses.append(head.partition(b"\r\n")[0])
+        replies.append((head.partition(b"\r\n")[0], raw[:length]))
         raw = raw[length:]
-    return statuses
+    return replies
 
 
 async def test_a_reply_begun_when_its_client_half_closes_is_sent_whole(
     address: tuple[str, int],
 ) -> None:
-    """A request pipelined behind an order, then the client's half-close: the EOF, read once
-    the order is answered, ended the second request as its client's leaving (README), but
+    """A request behind an order on its connection, then the client's half-close: the EOF,
+    read as the second request is taken in, ends it as its client's leaving (README), but
     its reply's head had gone out (or went out as the EOF was read), and the close cut off
     its body: the client had a `200` head and none of the body its Content-Length promised
-    (7 of 10 such connections by hand). A reply begun
+    (7 of 10 such connections by hand, the GET pipelined behind the order; pipelined now,
+    the EOF is read while the order runs, and cancels it). A reply begun
     is now sent whole before the close, and one not begun is not sent at all (RFC 9112
     §9.3.2: the client retries what is unanswered)."""
     order = b'{"order_id": "o-%d", "amount": 1, "delay_ms": {"payment": 100}}'
     health = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
     for n in range(5):
         async with await trio.open_tcp_stream(*address) as stream:
-            await stream.send_all(request(order % n, close=False) + health)
-            await stream.send_eof()
+            await stream.send_all(request(order % n, close=False))
             with trio.fail_after(5):
-                statuses = replies_in(await read_until_closed(stream))
+                answered = await receive_a_reply(stream)
+                await stream.send_all(health)
+                await stream.send_eof()
+                replies = replies_in(answered + await read_until_closed(stream))
+            statuses = [status for status, _ in replies]
         assert statuses in ([b"HTTP/1.1 200 "], [b"HTTP/1.1 200 "] * 2)
+
+
+async def receive_a_reply(stream: trio.SocketStream) -> bytes:
+    """Read until one HTTP/1.1 reply is whole (its body as long as its Content-Length)."""
+    data = b""
+    while True:
+        _, head_read, body = data.partition(b"\r\n\r\n")
+        if head_read and len(body) >= int(parse(data).headers["content-length"]):
+            return data
+        data += await stream.receive_some(65536)
+
+
+async def test_requests_pipelined_behind_an_order_are_answered_whole_in_order() -> None:
+    """Requests pipelined behind an order, with it and while it runs (read then, and kept
+    for after its reply: `_CanRead`), are each answered whole, in the order sent, on the one
+    connection, which the last request's `Connection: close` ends."""
+    order = b'{"order_id": "o-%d", "amount": 1, "delay_ms": {"payment": 100}}'
+    health = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    async with (
+        serving(Settings(access_log=False)) as (service, url),
+        await trio.open_tcp_stream(*address(url)) as stream,
+    ):
+        await stream.send_all(request(order % 1, close=False) + health)
+        with trio.fail_after(5):
+            await service.tracker.wait_for(lambda n: n == 3)  # the first order runs
+            await stream.send_all(request(order % 2, close=False) + health)
+            await stream.send_all(request(order % 3))
+            replies = replies_in(await read_until_closed(stream))
+    assert [status for status, _ in replies] == [b"HTTP/1.1 200 "] * 5
+    bodies = [json.loads(body) for _, body in replies]
+    assert [body.get("order_id", body["status"]) for body in bodies] == [
+        "o-1", "ok", "o-2", "ok", "o-3"
+    ]  # fmt: skip
 
 
 async def test_an_http2_client_gone_with_its_reply_held_back_is_closed_at_once(
@@ -243,20 +281,23 @@ async def test_a_request_read_behind_a_reply_the_drain_waits_for_does_not_hold_t
 async def test_a_client_gone_with_a_request_pipelined_behind_its_order_frees_the_connection() -> (
     None
 ):
-    """A client that pipelines requests behind an order and resets the connection: the
-    server reads nothing while the order runs (h11 PAUSED behind it), and the order's reply,
-    its write failing, closed that stream alone; its app, cancelled as its client's leaving,
-    never ended the cycle, and the reader waited for it for good: the connection and its
-    socket held until the drain's grace (the drain held to its end: 15.02 s, 4 of 5 times by
-    hand). The connection now ends once the write fails; the requests behind are not run."""
+    """A client that pipelines requests behind an order, more than the server reads while the
+    order runs (`PIPELINED_MAX`), and resets the connection: the server learns of it by the
+    order's reply, whose write, failing, closed that stream alone; its app, cancelled as its
+    client's leaving, never ended the cycle, and the reader waited for it for good: the
+    connection and its socket held until the drain's grace (the drain held to its end:
+    15.02 s, 4 of 5 times by hand). The connection now ends once the write fails; the
+    requests behind are not run."""
     settings = Settings(access_log=False, shutdown_grace=5)
     drain = trio.Event()
     order = b'{"order_id": "o-%d", "amount": 1, "delay_ms": {"vendor": 200}}'
+    health = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    behind = health * (2 * connections.PIPELINED_MAX // len(health))
     with trio.fail_after(4):  # within the grace
         async with serving(settings, shutdown_trigger=drain.wait) as (_, url):
             for _ in range(3):  # the app's end races its cancellation: each way, thrice
                 sock = await trio.open_tcp_stream(*address(url))
-                await sock.send_all(b"".join(request(order % n, close=False) for n in range(3)))
+                await sock.send_all(request(order % 0, close=False) + behind)
                 await wait_for_steps_in_flight(url, 3)  # the first order runs
                 reset = struct.pack("ii", 1, 0)  # SO_LINGER 0: the close is a reset
                 sock.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset)
@@ -264,6 +305,44 @@ async def test_a_client_gone_with_a_request_pipelined_behind_its_order_frees_the
                 await wait_for_steps_in_flight(url, 0)  # it ended: its reply's write failed
             await trio.sleep(0.1)
             drain.set()
+
+
+async def test_what_a_client_pipelines_behind_a_request_under_way_is_read_up_to_a_bound() -> None:
+    """While a request runs, what its client pipelines behind it is read, so that the
+    client's end is seen (`test_a_client_gone_with_a_request_pipelined_behind_its_order_...`
+    in test_disconnects.py), but only up to `PIPELINED_MAX` bytes kept: a client that
+    pipelines without end holds no more of the server's memory than that, and the rest waits
+    in its socket, unread, for the reply, as hypercorn left it all."""
+    health = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    read = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        """A request that runs until its client is gone."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def read_on(max_bytes: int) -> bytes:
+        """The client's socket, pipelining GETs without end."""
+        nonlocal read
+        await trio.lowlevel.checkpoint()
+        read += max_bytes
+        return (health * (max_bytes // len(health) + 1))[:max_bytes]
+
+    async def send(event: ConnectionEvent) -> None:
+        pass
+
+    async with TaskGroup() as task_group, trio.open_nursery() as reader:
+        protocol = connections._H11Protocol(
+            ASGIWrapper(app), Config(), WorkerContext(None), task_group,
+            ConnectionState({}), False, None, None, send,
+        )  # fmt: skip
+        protocol.can_read.read_on = read_on
+        reader.start_soon(protocol.handle, RawData(health * 2))
+        with trio.fail_after(5):  # reads without a bound never block
+            await trio.testing.wait_all_tasks_blocked()
+        kept = len(protocol.connection.trailing_data[0])
+        await protocol.handle(Closed())  # the client is gone: the request, and the wait, end
+    assert (kept, read) == (connections.PIPELINED_MAX, connections.PIPELINED_MAX - len(health))
 
 
 async def reply_ok(scope: Any, receive: Any, send: Any) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
+import socket
+import struct
 from collections.abc import AsyncIterator
 
 import pytest
@@ -41,6 +44,42 @@ async def test_disconnect_cancels_the_order_within_50_ms(served: tuple[Assembly,
 
     assert trio.current_time() - closed_at < 0.05
     assert service.pool.in_use == 0
+
+
+@pytest.mark.parametrize("leaving", ["close", "reset"])
+@pytest.mark.parametrize(
+    "behind",
+    [b"", b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n", request(b'{"order_id": "next"}')],
+    ids=["nothing", "a GET", "an order"],
+)
+async def test_a_client_gone_with_a_request_pipelined_behind_its_order_cancels_it_at_once(
+    served: tuple[Assembly, str], caplog: pytest.LogCaptureFixture, behind: bytes, leaving: str
+) -> None:
+    """A client that pipelines a request behind its order and then leaves (a close, or a
+    reset) cancels the order at once, as one with nothing behind it does: same line, same
+    count. The server read nothing past a request pipelined behind another (h11 PAUSED)
+    until that other's reply, so it never saw the client leave: the order ran its 5 s to its
+    end, logged and counted as answered, and its reply went to no one."""
+    caplog.set_level(logging.INFO, logger="order_pipeline.orders")
+    service, url = served
+    body = json.dumps({"order_id": "gone", "amount": 1, "delay_ms": LONG}).encode()
+    stream = await trio.open_tcp_stream(*address(url))
+    await stream.send_all(request(body, close=False) + behind)
+    with trio.fail_after(5):
+        await service.tracker.wait_for(lambda n: n == 3)
+
+    if leaving == "reset":  # SO_LINGER 0: the close is a reset
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+    closed_at = trio.current_time()
+    with trio.fail_after(1):  # the steps take 5 s
+        await service.tracker.wait_for(lambda n: n == 0)
+
+    assert trio.current_time() - closed_at < 0.05
+    (line,) = [r.__dict__["fields"] for r in caplog.records if r.name == "order_pipeline.orders"]
+    assert (line["order_id"], line["kind"], line["http_status"]) == ("gone", "canceled", None)
+    canceled = service.metrics.registry.get_sample_value("order_pipeline_orders_canceled_total")
+    assert (canceled, service.pool.in_use) == (1, 0)
 
 
 async def test_a_thousand_orders_half_of_them_abandoned(served: tuple[Assembly, str]) -> None:
