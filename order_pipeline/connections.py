@@ -12,16 +12,19 @@ client does not read is given up when the client goes or the drain's grace ends
 that renames them fails tests/test_hostile.py and tests/test_server.py, not silently.
 
 A connection closed is read on, briefly, until its client's end, so that a client still
-sending reads its reply rather than a reset (`_OneConnection._close`). An HTTP/1.1 request
-with another pipelined behind it is read on too, to a bound, so that its client's leaving
-cancels it (`_CanRead`).
+sending reads its reply rather than a reset (`_OneConnection._close`); in a drain, an
+HTTP/1.1 one only while another connection holds the drain, its replies there saying
+`Connection: close` (`_OneConnection._linger`). An HTTP/1.1 request with another pipelined
+behind it is read on too, to a bound, so that its client's leaving cancels it (`_CanRead`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
+import weakref
 from collections.abc import Awaitable, Callable
 from math import inf
 from typing import Any
@@ -44,11 +47,11 @@ import trio
 from hypercorn.events import Closed, RawData, Updated
 from hypercorn.events import Event as ConnectionEvent
 from hypercorn.protocol.events import Event as StreamEvent
-from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.events import Response, StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
-from hypercorn.trio.worker_context import EventWrapper
+from hypercorn.trio.worker_context import EventWrapper, WorkerContext
 from hypercorn.typing import H11SendableEvent
 
 from .http.app import MAX_BODY_BYTES
@@ -73,6 +76,8 @@ LINGER_S = 2.0
 # already leave unhandled; past it the reads wait for the reply, as hypercorn's did at once.
 PIPELINED_MAX = MAX_RECV
 
+_CONNECTION_CLOSE = (b"connection", b"close")
+
 
 class _OneConnection(TCPServer):
     """Hypercorn's handler of one connection, whose unexpected error ends that connection alone.
@@ -90,12 +95,18 @@ class _OneConnection(TCPServer):
     _lingers = True  # whether the close lingers: not an idle HTTP/1.1 connection's
     _ended = False  # the client's end is read: every read from then on returns it (`_receive`)
     _end: bytes | None = b""  # that end: b"" its EOF; None a reset, the stream closed, a timeout
+    _busy = False  # counted among the connections a drain waits for (`_Busy`)
+    _drain_watch: trio.CancelScope | None = None  # the linger's watch for the drain's end
 
     async def run(self) -> None:
+        self._busy = True
+        _busy_of(self.context).count_in(1)
         try:
             await super().run()
         except Exception:
             log.exception("a connection failed in the HTTP server: closed it alone")
+        finally:
+            self._not_busy()
 
     async def _read_data(self) -> None:
         """Hypercorn's reads (its loop, below), but cancelled (the drain's grace is over, or a
@@ -123,6 +134,8 @@ class _OneConnection(TCPServer):
             raise
         finally:
             self._reads_ended = True
+            if self._drain_watch is not None:
+                self._drain_watch.cancel()
         await self.idle_task.stop()
 
     async def _read_until_the_client_ends(self) -> None:
@@ -234,12 +247,67 @@ class _OneConnection(TCPServer):
     def _linger(self) -> bool:
         """Have the reader read on until the client's EOF, `LINGER_S` at most; False if the
         reads have ended (or never began), and so nothing is left to wait for, or the close
-        is not to linger (an idle HTTP/1.1 connection's, `_initiate_server_close`)."""
+        is not to linger (an idle HTTP/1.1 connection's, `_initiate_server_close`).
+
+        An HTTP/1.1 connection lingers after its last reply is sent: a drain does not wait
+        for it, but ends its linger once it waits for no other connection (`_Busy`). A client
+        that never noticed the end (a raw socket; its reply said `Connection: close`) held
+        the drain's end `LINGER_S`; lingering while other connections hold the drain costs
+        nothing. HTTP/2's lingers hold the drain as before."""
         if self._lingering is None or self._reads_ended or not self._lingers:
             return False
         end = trio.current_time() + LINGER_S
         self._lingering.deadline = min(self._lingering.deadline, end)
+        if isinstance(self.protocol.protocol, _H11Protocol) and self._busy:
+            self._not_busy()
+            self._drain_watch = trio.CancelScope()
+            self._task_group.spawn(self._end_at_the_drain_s_end, self._drain_watch, self._lingering)
         return True
+
+    async def _end_at_the_drain_s_end(
+        self, watch: trio.CancelScope, lingering: trio.CancelScope
+    ) -> None:
+        """End the linger once a drain waits for no connection; `watch` ends with the reads."""
+        with watch:
+            await self.context.terminated.wait()
+            await _busy_of(self.context).none()
+            lingering.cancel()
+
+    def _not_busy(self) -> None:
+        """No longer among the connections a drain waits for: lingering, or ended."""
+        if self._busy:
+            self._busy = False
+            _busy_of(self.context).count_in(-1)
+
+
+class _Busy:
+    """How many of a hypercorn worker's connections its drain waits for: every one but the
+    HTTP/1.1 ones lingering after their last reply, whose lingers end once it is none."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._none = trio.Event()  # set, and renewed, each time the count comes to 0
+
+    def count_in(self, change: int) -> None:
+        self.count += change
+        if not self.count:
+            self._none.set()
+            self._none = trio.Event()
+
+    async def none(self) -> None:
+        while self.count:
+            await self._none.wait()
+
+
+# The busy connections of each worker (its hypercorn context: one per `serve`).
+_BUSY: weakref.WeakKeyDictionary[WorkerContext, _Busy] = weakref.WeakKeyDictionary()
+
+
+def _busy_of(context: WorkerContext) -> _Busy:
+    busy = _BUSY.get(context)
+    if busy is None:
+        busy = _BUSY[context] = _Busy()
+    return busy
 
 
 class _H11Protocol(H11Protocol):
@@ -316,13 +384,32 @@ class _H11Protocol(H11Protocol):
                 await self._closing.wait()
                 return
             self._closing.set()  # Closed: the client is gone (a write failed)
+        if isinstance(event, RawData) and event.data and self._reply_closes():
+            return  # sent after a reply that said the close: its end makes it, with the linger
         with contextlib.suppress(_ReadsOver):
             await super().handle(event)
 
     async def stream_send(self, event: StreamEvent) -> None:
+        """Hypercorn's, a reply begun in a drain saying `Connection: close`: its connection
+        is closed after it, and a client told so before the end does not send on it."""
         if self._reply_withdrawn and not isinstance(event, StreamClosed):
             return
+        if isinstance(event, Response) and self._closes_unsaid(event):
+            event = dataclasses.replace(event, headers=[*event.headers, _CONNECTION_CLOSE])
         await super().stream_send(event)
+
+    def _closes_unsaid(self, reply: Response) -> bool:
+        """Whether the connection closes after `reply` (the drain) and no header says so: the
+        app's, or hypercorn's at its `keep_alive_max_requests`."""
+        return (
+            reply.status_code >= 200
+            and self.context.terminated.is_set()
+            and self.keep_alive_requests < self.config.keep_alive_max_requests
+            and not any(
+                name.lower() == b"connection" and b"close" in value.lower()
+                for name, value in reply.headers
+            )
+        )
 
     async def _create_stream(self, request: h11.Request) -> None:
         # h11 has made a Content-Length one number; with chunks it is no size (RFC 9112 §6.1).
@@ -357,6 +444,14 @@ class _H11Protocol(H11Protocol):
             and self._body_refused
         ):
             await super()._send_h11_event(event)
+
+    def _reply_closes(self) -> bool:
+        """Whether the reply, handed over whole, said `Connection: close` (or the request did):
+        h11 took any byte after it for the client's error, whose close, at once, found the
+        reply's last write under way, and so no EOF and no linger: a reset (a client that sent
+        on after a drain's reply read the reply, then `Connection reset by peer`)."""
+        connection = self.connection
+        return isinstance(connection, h11.Connection) and connection.our_state is h11.MUST_CLOSE
 
     def _replying(self) -> bool:
         """Whether a reply's head is sent but not its end, and its stream is still open: a

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import httpx
 import pytest
 import trio
 
+from order_pipeline import connections
 from order_pipeline.cli import parse_args
 from order_pipeline.handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL
 from order_pipeline.kinds import label, lookup
@@ -40,7 +41,7 @@ from order_pipeline.store import FINISHED, RUNNING
 from .conftest import serving
 from .launch import serve_argv
 from .pg import admin, postgres_url, with_params
-from .rawhttp import address
+from .rawhttp import address, parse, request
 from .server_process import (
     ServerProcess,
     StartServer,
@@ -48,6 +49,7 @@ from .server_process import (
     wait_for_steps_in_flight,
     wait_for_url,
 )
+from .test_connections import BYTES_PAST_THE_BUFFERS, receive_a_reply
 from .test_hostile import RawH2, an_order_in_flight
 from .test_supervisor import pid_of_start, poll, supervisor_lines
 
@@ -638,6 +640,40 @@ async def test_an_order_the_drain_gave_up_on_whose_final_record_meets_a_lock_is_
         ["o-slow", "canceled"],
     ]
     assert "left running" not in caplog.text
+
+
+async def test_a_reply_in_the_drain_says_close_and_its_linger_holds_only_what_the_drain_waits_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An HTTP/1.1 reply sent in the drain says `Connection: close` (it said nothing, and its
+    connection was closed after it), and the connection, closed (its EOF sent), lingers for
+    its client's end only while the drain waits for another: a client that never ends its
+    connection (a raw socket) held the drain's end for the linger (2 s; 5 s here) after the
+    last order. While the other order runs, what the client sends on after its reply is
+    read and dropped (no reset): the linger's purpose kept where it costs the drain nothing."""
+    monkeypatch.setattr(connections, "LINGER_S", 5.0)
+    settings = Settings(access_log=False, shutdown_grace=5)
+    drain = trio.Event()
+    short = b'{"order_id": "short", "amount": 1}'  # 200 ms: its vendor's delay
+    long = json.dumps({"order_id": "long", "amount": 1, "delay_ms": LONG}).encode()
+    async with AsyncExitStack() as clients:  # open until the server has ended
+        async with serving(settings, shutdown_trigger=drain.wait) as (service, url):
+            answered, left = [
+                await clients.enter_async_context(await trio.open_tcp_stream(*address(url)))
+                for _ in range(2)
+            ]
+            with trio.fail_after(5):
+                await left.send_all(request(long, close=False))
+                await service.tracker.wait_for(lambda n: n == 1)  # its vendor step
+                await answered.send_all(request(short, close=False))
+                await service.tracker.wait_for(lambda n: n == 1 + 3)
+                drain.set()
+                reply = parse(await receive_a_reply(answered))
+                await answered.send_all(b" " * BYTES_PAST_THE_BUFFERS)  # the drain still waits
+            await left.aclose()  # its order is cancelled: the drain waits for nothing more
+            left_at = trio.current_time()
+        held = trio.current_time() - left_at
+    assert (reply.status, reply.headers.get("connection"), held < 0.5) == (200, "close", True)
 
 
 async def test_the_hard_deadline_holds_while_a_stalled_store_is_released_and_closed(
