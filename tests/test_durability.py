@@ -614,17 +614,20 @@ async def test_a_cancelled_order_s_record_survives_a_moment_s_outage(
         async with trio.open_nursery() as nursery:
             await nursery.start(assembly.desk.maintain)
             request = trio.CancelScope()  # the HTTP request's
+            ended = trio.Event()
 
             async def client() -> None:
                 with request:
                     await assembly.desk.submit(order, "k-13")
+                ended.set()
 
             nursery.start_soon(client)
             await assembly.tracker.wait_for(lambda n: n == 3)
             blocker.execute("BEGIN IMMEDIATE")
             request.cancel()  # the client leaves
-            await assembly.tracker.wait_for(lambda n: n == 0)  # undone: the record queued
-            await trio.sleep(1.5)  # a lease renewal carries it, and fails
+            await ended.wait()  # undone: the record queued
+            with pytest.raises(StoreUnavailable):  # a commit carries it (a renewal's, or this)
+                await store.get("k-13")
             blocker.execute("ROLLBACK")
             with trio.fail_after(5):
                 while (await store.get("k-13")).state == RUNNING:  # type: ignore[union-attr] # noqa: ASYNC110
@@ -945,7 +948,7 @@ async def test_a_backlog_of_expired_orders_is_forgotten_a_batch_at_a_time(
         return batches[-1]
 
     monkeypatch.setattr(store, "purge", counted_purge)
-    await trio.sleep(0.1)
+    await trio.sleep(0.1)  # ages are on the store's clock: real time, past the 0.05 s retention
 
     assert await assembly.desk.forget_expired() == 5
     assert batches == [2, 2, 1]
@@ -953,11 +956,16 @@ async def test_a_backlog_of_expired_orders_is_forgotten_a_batch_at_a_time(
 
 
 async def five_finished_orders() -> MemoryStore:
-    """A store of five orders finished now (keys k-0 to k-4), to be purged in batches."""
+    """A store of five orders finished a minute ago (keys k-0 to k-4), to be purged in
+    batches: expired under a shorter retention with no wait, whatever the clock (the store's
+    is the wall clock, which an autojump clock does not move)."""
     store = MemoryStore()
     for n in range(5):
         order = await begun(store, f"k-{n}")
         await store.finish(f"k-{n}", order.attempt_id, 200, b"{}", None)
+        done = store._orders[f"k-{n}"]
+        assert done.finished_at is not None
+        store._orders[f"k-{n}"] = attrs.evolve(done, finished_at=done.finished_at - 60)
     return store
 
 
@@ -981,7 +989,6 @@ async def test_a_backlog_leaves_the_store_to_the_orders_half_the_time(
 
     monkeypatch.setattr(store, "purge", slow_purge)
     forgetting = assemble(Settings(retention=0.001), store=store).desk
-    await trio.sleep(0.01)
 
     assert await forgetting.forget_expired() == 5
     assert len(batches) == 3
@@ -1269,6 +1276,7 @@ async def test_an_order_whose_final_record_meets_a_lock_is_503_and_keeps_its_cha
                         await trio.sleep(0.05)
                 # Answered at about 1.3 s: younger than a lease then, over a lease old and
                 # seen running by two recovery rounds (a second apart) before the lock ends.
+                # Time must pass: only then can the charge standing show nothing was undone.
                 await trio.sleep(4.5)
                 charged_meanwhile = await store.net_charge("k-1")
             nursery.cancel_scope.cancel()
@@ -1953,7 +1961,6 @@ async def test_a_purge_cut_short_by_an_outage_counts_what_it_forgot_and_says_why
 
     monkeypatch.setattr(store, "purge", failing_purge)
     forgetting = assemble(Settings(retention=0.001), store=store).desk
-    await trio.sleep(0.01)
 
     with caplog.at_level(logging.INFO, logger=DESK_LOGGER):
         assert await forgetting.forget_expired() == 2
