@@ -259,12 +259,13 @@ async def test_an_order_the_drain_gave_up_on_while_it_compensated_says_so(
                 outcomes.append(type(exc).__name__)
 
     async with (
-        serving(Settings(shutdown_grace=0.5), shutdown_trigger=stop.wait) as (_, url),
+        serving(Settings(shutdown_grace=0.5), shutdown_trigger=stop.wait) as (service, url),
         trio.open_nursery() as nursery,
     ):
         nursery.start_soon(post, url)
-        await trio.sleep(0.3)  # the vendor failed at 100 ms; the refund runs until 1.6 s
-        stop.set()
+        await service.tracker.wait_for(lambda n: n > 0)  # the steps run
+        await service.tracker.wait_for(lambda n: n == 0)  # the vendor failed at 100 ms
+        stop.set()  # the refund runs until 1.6 s
 
     assert outcomes == ["RemoteProtocolError"]
     [line] = lines(caplog)
