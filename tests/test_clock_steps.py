@@ -79,7 +79,8 @@ async def test_a_forward_step_does_not_undo_a_live_worker_s_running_order(
     path = tmp_path / "orders.db"
     async with SqliteStore(path) as store_a, SqliteStore(path) as store_b:
         worker_a = assemble(Settings(), store=store_a).desk
-        worker_b = assemble(Settings(), store=store_b).desk
+        serving_b = assemble(Settings(), store=store_b)
+        worker_b = serving_b.desk
         answers: list[Answer] = []
         order = make_order("o-1", amount=250, delay_ms={"vendor": 3000})
 
@@ -89,7 +90,8 @@ async def test_a_forward_step_does_not_undo_a_live_worker_s_running_order(
         async with trio.open_nursery() as nursery:
             await nursery.start(worker_b.maintain)
             nursery.start_soon(send)
-            await trio.sleep(0.3)  # payment and courier done, the vendor still running
+            await serving_b.tracker.wait_for(lambda n: n == 3)  # its steps run
+            await serving_b.tracker.wait_for(lambda n: n == 1)  # payment and courier done
             wall(10.0)  # an NTP step, a resume: before B's next renewal, at ~1 s
             await nursery.start(worker_a.maintain)  # its recovery round: at once
             with trio.fail_after(10):
