@@ -2809,11 +2809,11 @@ async def test_leases_and_times_are_the_database_clocks(
         assert await other.claim_interrupted("other", 10) == []  # alive, by the database
         await slow.renew_lease("slow", 0.3)
         assert await other.claim_interrupted("other", 10) == []
-        await trio.sleep(0.5)
+        await trio.sleep(0.5)  # the 0.3 s lease lapses: on the database's clock, real time
         (claimed,) = await other.claim_interrupted("other", 10)
         assert claimed.key == "k-1"
         await other.finish("k-1", claimed.attempt_id, 503, b"{}", "interrupted")
-        await trio.sleep(0.3)
+        await trio.sleep(0.3)  # k-1 ages past the 0.1 s retention, on the same clock
         assert await slow.purge(0.1, limit=10) == 1  # retention counted on the database's clock
 
 
@@ -3650,8 +3650,18 @@ async def test_a_batch_run_again_for_an_operation_s_error_still_waits_for_locks(
                 start("charge", lambda: store.charge("c-1", "k-0", 2**70))
                 start("k-x", lambda: store.begin("k-x", "o", "h", BODY, "w-1"))
 
+                async def begin_waits() -> bool:  # for the other host's insert of k-x
+                    return bool(
+                        await sql(
+                            "SELECT 1 FROM pg_stat_activity WHERE application_name = %s"
+                            " AND %s = ANY(pg_blocking_pids(pid))",
+                            app,
+                            other.info.backend_pid,
+                        )
+                    )
+
                 async def commit_later() -> None:
-                    await trio.sleep(0.5)
+                    await wait_for(begin_waits, "the begin to wait for the other's insert")
                     await trio.to_thread.run_sync(other.execute, "COMMIT")
 
                 start("commit", commit_later)
