@@ -902,3 +902,53 @@ async def test_a_close_waiting_for_a_reply_s_end_sleeps_until_it_is_sent(
             await goaway_made.wait()
         await protocol.handle(Closed())  # the connection's close
     assert ends_of(client.receive_data(bytes(written))) == ["StreamEnded", "ConnectionTerminated"]
+
+
+@pytest.mark.parametrize("ending", ["closed", "given up"])
+@pytest.mark.parametrize("waiting", ["gone away", "draining"])
+async def test_a_close_waiting_for_a_reply_s_end_wakes_as_the_connection_closes(
+    waiting: str, ending: str
+) -> None:
+    """A close that waits for a reply's END_STREAM (after the client's GOAWAY(NO_ERROR), or
+    the drain's, once the last stream is closed) sleeps until the send task sends it, or
+    the connection closes (hypercorn's close, the idle close's or the client's; the replies
+    given up at the drain's grace end). Here the send task's write of the reply's DATA is
+    held for good, as by a client that reads nothing: only the close can end the wait, and
+    the reply's task, waiting, returns."""
+    released = trio.Event()
+    answer = trio.Event()
+    replied = trio.Event()
+    context = WorkerContext(None)
+
+    async def send(event: ConnectionEvent) -> None:
+        """The connection's socket: DATA frames wait for `released`."""
+        if isinstance(event, RawData) and event.data[3] == hyperframe.frame.DataFrame.type:
+            await released.wait()
+
+    async def reply_when_told(scope: Any, receive: Any, send: Any) -> None:
+        await answer.wait()
+        await reply_ok(scope, receive, send)
+        replied.set()
+
+    client = client_asking_get()
+    goaway = hyperframe.frame.GoAwayFrame(0, error_code=h2.errors.ErrorCodes.NO_ERROR)
+    async with TaskGroup() as task_group:
+        protocol = h2_protocol(reply_when_told, context, task_group, send)
+        await protocol.initiate()
+        await protocol.handle(RawData(client.data_to_send()))
+        if waiting == "gone away":
+            await protocol.handle(RawData(goaway.serialize()))
+        else:
+            await context.terminated.set()  # the drain begins, the stream open
+        answer.set()
+        await trio.testing.wait_all_tasks_blocked()  # the send task at the DATA; the close waits
+        assert protocol._ending(1)
+        assert not replied.is_set()
+        if ending == "closed":
+            await protocol.handle(Closed())
+        else:
+            await protocol.give_up_replies()
+        await trio.testing.wait_all_tasks_blocked()
+        assert replied.is_set()
+        released.set()
+        await protocol.handle(Closed())
