@@ -478,10 +478,10 @@ _BASE64URL = re.compile(rb"[A-Za-z0-9_-]+")
 
 def _h2c_settings_refused(settings: bytes) -> bool:
     """Whether `settings`, an h2c upgrade's HTTP2-Settings, is not a SETTINGS payload (RFC
-    7540 §3.2.1): not base64url without padding (token68), which h2 does not check (it
-    decodes as base64 does: `+`, `/` and padding taken, any other character dropped, an
-    empty value taken for no setting), or not one h2 takes: not 6 bytes a setting, a value
-    out of range."""
+    7540 §3.2.1): not base64url without padding (its text; the grammar's token68 would
+    also take `+`, `/`, `.`, `~`, padding), which h2 does not check (it decodes as base64
+    does: `+`, `/` and padding taken, any other character dropped, an empty value taken for
+    no setting), or not one h2 takes: not 6 bytes a setting, a value out of range."""
     if not _BASE64URL.fullmatch(settings):
         return True
     connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))

@@ -407,8 +407,8 @@ async def test_a_target_neither_a_path_nor_an_http_uri_is_400(start_server: Star
     anything: `healthz` and `order/x` (no leading slash) were served as `/healthz` and
     `/order/x`, and `ftp://t/order` ran an order. Such a target is now 400 `bad_request`,
     its connection closed; an http(s) URI is served as its path, as before. Leading slashes
-    are one (`//healthz`: Werkzeug strips them to match), and `*` a path no route takes. The
-    400 is the refusal's own (its message), not one a later layer gives such a target."""
+    are one (`//healthz`: Werkzeug strips them to match); `*` is OPTIONS's alone (below).
+    The 400 is the refusal's own (its message), not one a later layer gives such a target."""
     server = await start_server("--no-access-log", "--store", "memory")
 
     async def answer(
@@ -527,10 +527,11 @@ async def test_an_h2c_upgrade_with_http2_settings_h2_refuses_gets_a_400(
 async def test_an_h2c_upgrade_with_http2_settings_not_base64url_unpadded_gets_a_400(
     start_server: StartServer,
 ) -> None:
-    """HTTP2-Settings is base64url with no padding (RFC 7540 §3.2.1: token68). h2 decodes it
-    as base64 would, leniently: `+` and `/` (base64's own), padding, a character of neither
-    alphabet dropped, nothing at all (no setting); each got its 101. Each is refused as
-    settings h2 does not take are: a 400, and the connection closed."""
+    """HTTP2-Settings is base64url with no padding (RFC 7540 §3.2.1's text, narrower than
+    its grammar's token68). h2 decodes it as base64 would, leniently: `+` and `/` (base64's
+    own), padding, a character of neither alphabet dropped, nothing at all (no setting);
+    each got its 101. Each is refused as settings h2 does not take are: a 400, and the
+    connection closed."""
     server = await start_server("--no-access-log", "--store", "memory")
     for settings in (b"AAMA+ABk", b"AAMA/ABk", b"AAMAAABk==", b"AAMA.AABk", b"AAMA~AABk", b""):
         reply = parse(await exchange(server.url, h2c_upgrade(settings)))
