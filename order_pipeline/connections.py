@@ -2,9 +2,10 @@
 
 `install` puts these in hypercorn's place; `server` does it when imported. One connection's
 unexpected error ends that connection alone (`_OneConnection`); over HTTP/1.1 a reply under
-way ends whole before a close, a body over the limit gets its 413 instead of a 100, and an
-h2c upgrade whose settings h2 refuses its 400 instead of a 101 (`_H11Protocol`); over HTTP/2
-a malformed stream is that stream's error alone, as RFC 9113 makes it, not the whole
+way ends whole before a close, a body over the limit gets its 413 instead of a 100, an
+h2c upgrade whose settings h2 refuses its 400 instead of a 101 (`_H11Protocol`), and bytes
+after a request that closes its connection are not taken for one (`_H11Connection`); over
+HTTP/2 a malformed stream is that stream's error alone, as RFC 9113 makes it, not the whole
 connection's, a client's GOAWAY(NO_ERROR) leaves its open streams to be answered, a
 connection with no stream open is closed at the idle limit (GOAWAY first), and a reply its
 client does not read is given up when the client goes or the drain's grace ends
@@ -353,6 +354,9 @@ class _H11Protocol(H11Protocol):
         self._closing: trio.Event | None = None  # set when the close held back is made
         self.reads_over = False  # the close is sent
         self.can_read: _CanRead = _CanRead(self)
+        self.connection = _H11Connection(
+            h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
+        )
         close_or_write = self.send
 
         async def send(event: ConnectionEvent) -> None:
@@ -384,8 +388,8 @@ class _H11Protocol(H11Protocol):
                 await self._closing.wait()
                 return
             self._closing.set()  # Closed: the client is gone (a write failed)
-        if isinstance(event, RawData) and event.data and self._reply_closes():
-            return  # sent after a reply that said the close: its end makes it, with the linger
+        if isinstance(event, RawData) and event.data and self._closes_after_the_reply():
+            return  # sent after a request or reply that said the close: no request of its runs
         with contextlib.suppress(_ReadsOver):
             await super().handle(event)
 
@@ -445,13 +449,20 @@ class _H11Protocol(H11Protocol):
         ):
             await super()._send_h11_event(event)
 
-    def _reply_closes(self) -> bool:
-        """Whether the reply, handed over whole, said `Connection: close` (or the request did):
-        h11 took any byte after it for the client's error, whose close, at once, found the
-        reply's last write under way, and so no EOF and no linger: a reset (a client that sent
-        on after a drain's reply read the reply, then `Connection reset by peer`)."""
+    def _closes_after_the_reply(self) -> bool:
+        """Whether the connection closes once the reply is sent: the request, read whole, said
+        `Connection: close` (or is HTTP/1.0), or the reply, handed over whole, did. No request
+        that follows is processed (RFC 9112 §9.6); h11 took any byte after them for the
+        client's error. After the request, its 400 went out in place of the reply, and the
+        order was cancelled (a CRLF after an HTTP/1.0 POST's body, as old clients send); after
+        the reply, its close, at once, found the reply's last write under way, and so no EOF
+        and no linger: a reset (a client that sent on after a drain's reply read the reply,
+        then `Connection reset by peer`)."""
         connection = self.connection
-        return isinstance(connection, h11.Connection) and connection.our_state is h11.MUST_CLOSE
+        return isinstance(connection, h11.Connection) and h11.MUST_CLOSE in (
+            connection.our_state,
+            connection.their_state,
+        )
 
     def _replying(self) -> bool:
         """Whether a reply's head is sent but not its end, and its stream is still open: a
@@ -462,6 +473,19 @@ class _H11Protocol(H11Protocol):
             and isinstance(connection, h11.Connection)
             and connection.our_state is h11.SEND_BODY
         )
+
+
+class _H11Connection(h11.Connection):
+    """h11's server side, taking nothing the client sends after a request that closes the
+    connection (`Connection: close`, HTTP/1.0) for a request: the server processes none
+    (RFC 9112 §9.6), and the connection closes after the reply. What came in the same read
+    as the request is left unread here; what comes later is dropped as it is read
+    (`_H11Protocol._closes_after_the_reply`)."""
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        if self.their_state is h11.MUST_CLOSE and self.trailing_data[0]:
+            return h11.NEED_DATA  # h11's error: its 400 in place of the reply, which it cancelled
+        return super().next_event()
 
 
 def _asks_h2c(request: h11.Request) -> bool:

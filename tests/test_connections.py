@@ -72,6 +72,43 @@ async def test_connection_close_is_honoured(address: tuple[str, int]) -> None:
     assert reply.endswith(b'{"status":"ok"}')
 
 
+@pytest.mark.parametrize("while_it_runs", [False, True], ids=["with it", "while it runs"])
+@pytest.mark.parametrize(
+    ("version", "behind"),
+    [
+        (b"HTTP/1.1", b"\r\n"),
+        (b"HTTP/1.0", b"\r\n"),
+        (b"HTTP/1.1", b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"),
+    ],
+    ids=["a CRLF after Connection: close", "a CRLF after HTTP/1.0", "a request after close"],
+)
+async def test_bytes_after_a_request_that_closes_do_not_replace_its_reply(
+    version: bytes, behind: bytes, while_it_runs: bool
+) -> None:
+    """A request that closes its connection (`Connection: close`, or HTTP/1.0), followed by
+    more bytes (a CRLF after a POST's body, as old clients send; a request the client should
+    not have sent), in the same write or while its order runs: the server processes no
+    further request on it (RFC 9112 §9.6), so they are dropped. h11 took them for the
+    client's error: its 400 went out in place of the order's reply, and the order was
+    cancelled."""
+    order = b'{"order_id": "o-1", "amount": 1}'  # 200 ms: its vendor's delay
+    head = request(order).replace(b"HTTP/1.1", version, 1)
+    async with (
+        serving(Settings(access_log=False)) as (service, url),
+        await trio.open_tcp_stream(*address(url)) as stream,
+    ):
+        with trio.fail_after(5):
+            if while_it_runs:
+                await stream.send_all(head)
+                await service.tracker.wait_for(lambda n: n == 3)  # its steps run
+                await stream.send_all(behind)
+            else:
+                await stream.send_all(head + behind)
+            reply = parse(await read_until_closed(stream))
+    assert reply.status == 200, reply
+    assert reply.json()["order_id"] == "o-1"
+
+
 async def test_idle_keep_alive_connection_is_closed(address: tuple[str, int]) -> None:
     """A keep-alive connection left idle after its reply is closed after the idle limit."""
     async with await trio.open_tcp_stream(*address) as stream:
