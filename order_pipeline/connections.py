@@ -187,9 +187,14 @@ class _OneConnection(TCPServer):
 
         An HTTP/1.1 one is closed without the linger (`_close`): no request is under way,
         so nothing its client sends is the rest of one; lingering held each pool's idle
-        connection, and so the drain, for `LINGER_S` (0.07 s to 2.03 s with ten clients)."""
+        connection, and so the drain, for `LINGER_S` (0.07 s to 2.03 s with ten clients).
+        A request taken in as the timer fired keeps it, as a stream keeps an HTTP/2 one: the
+        close cut the request off, its order cancelled as for a client that left (its key
+        then replayed `canceled`); its reply's end restarts the timer, or closes in a drain."""
         protocol = self.protocol.protocol
         if not isinstance(protocol, _H2Protocol):
+            if isinstance(protocol, _H11Protocol) and not protocol.idle:
+                return
             self._lingers = False
         else:
             with trio.move_on_after(GOAWAY_WAIT_S):
@@ -353,6 +358,7 @@ class _H11Protocol(H11Protocol):
         self._reply_withdrawn = False  # the request's reply not begun at that EOF: none sent
         self._closing: trio.Event | None = None  # set when the close held back is made
         self.reads_over = False  # the close is sent
+        self.idle = True  # no request under way: as hypercorn tells the idle timer (`Updated`)
         self.can_read: _CanRead = _CanRead(self)
         self.connection = _H11Connection(
             h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
@@ -360,6 +366,8 @@ class _H11Protocol(H11Protocol):
         close_or_write = self.send
 
         async def send(event: ConnectionEvent) -> None:
+            if isinstance(event, Updated):
+                self.idle = event.idle  # before the timer is stopped, which may wait
             if isinstance(event, Closed):
                 if self._replying():
                     self._closing = self._closing or trio.Event()

@@ -506,7 +506,7 @@ class FullSocket:
         self.closed = False
 
     async def send_all(self, data: bytes) -> None:
-        if data[3] == hyperframe.frame.DataFrame.type:
+        if data[3:4] == bytes([hyperframe.frame.DataFrame.type]):  # not an HTTP/1.1 write
             await self.released.wait()
         if self.closed:
             raise trio.ClosedResourceError
@@ -592,6 +592,47 @@ async def test_a_stream_opened_as_the_idle_timer_fires_is_answered_before_the_cl
     data = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
     ends = ends_of(events)
     assert (data, ends, socket.closed) == (b"ok", ["StreamEnded", "ConnectionTerminated"], True)
+
+
+async def test_a_request_taken_in_as_the_idle_timer_fires_is_answered_before_the_close() -> None:
+    """HTTP/1.1, as HTTP/2 above: the idle timer fires (at the idle limit, or at once as the
+    drain begins) as a request on a keep-alive connection is taken in, before the request
+    stops the timer. The timer's close, shielded, ran on with the request under way and cut
+    it off: its order, begun, was cancelled as for a client that left, and its key replayed
+    `canceled` to the client's retry (`nox -s chaos` with drains, seed 104: an order begun
+    60 ms into a drain, cancelled 8 ms later, `cancelled by their clients: 1`). Here the
+    close runs with the request under way, as the timer's that fired just before it was
+    taken in; the request is answered, then the drain closes the connection."""
+    socket = FullSocket()
+    socket.released.set()
+    context = WorkerContext(None)
+    answer = trio.Event()
+
+    async def reply_when_told(scope: Any, receive: Any, send: Any) -> None:
+        await answer.wait()
+        headers = [(b"content-length", b"8")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"answered"})
+
+    async with TaskGroup() as task_group:
+        connection = connections._OneConnection(
+            ASGIWrapper(reply_when_told), Config(), context, {}, socket,  # type: ignore[arg-type]
+        )  # fmt: skip
+        connection._task_group = task_group
+        protocol = connections._H11Protocol(
+            ASGIWrapper(reply_when_told), Config(), context, task_group,
+            ConnectionState({}), False, None, None, connection.protocol_send,
+        )  # fmt: skip
+        connection.protocol = SimpleNamespace(protocol=protocol, handle=protocol.handle)  # type: ignore[assignment]
+        await protocol.handle(RawData(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+        await context.terminated.set()  # the drain begins
+        async with trio.open_nursery() as timer:
+            timer.start_soon(connection._initiate_server_close)  # it fired as the request came
+            await trio.testing.wait_all_tasks_blocked()
+            answer.set()
+    written = bytes(socket.written)
+    assert written.startswith(b"HTTP/1.1 200 "), written  # b"": cut off, nothing sent
+    assert (parse(written).body, socket.closed) == (b"answered", True)
 
 
 async def test_a_drain_begun_as_a_stream_closes_sends_its_reply_s_end_before_the_goaway() -> None:
