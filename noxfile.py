@@ -60,7 +60,8 @@ def postgres(session: nox.Session) -> None:
 def chaos(session: nox.Session) -> None:
     """SIGKILL a real server at random while clients retry: no order lost, no money taken twice.
 
-    CHAOS_ORDERS (500) orders and CHAOS_KILLS (5) kills; CHAOS_SEED repeats a run.
+    A third of the strikes are drains (SIGTERM), some cut short by a SIGKILL.
+    CHAOS_ORDERS (500) orders and CHAOS_KILLS (5) strikes; CHAOS_SEED repeats a run.
     """
     session.install("-e", *TEST_DEPS)
     session.run("pytest", "-m", "chaos", "-s", *session.posargs)
