@@ -3,13 +3,14 @@
 `install` puts these in hypercorn's place; `server` does it when imported. One connection's
 unexpected error ends that connection alone (`_OneConnection`); over HTTP/1.1 a reply under
 way ends whole before a close, a body over the limit gets its 413 instead of a 100, an
-h2c upgrade whose settings h2 refuses its 400 instead of a 101 (`_H11Protocol`), and bytes
-after a request that closes its connection are not taken for one (`_H11Connection`); over
-HTTP/2 a malformed stream is that stream's error alone, as RFC 9113 makes it, not the whole
-connection's, a client's GOAWAY(NO_ERROR) leaves its open streams to be answered, a
-connection with no stream open is closed at the idle limit (GOAWAY first), and a reply its
-client does not read is given up when the client goes or the drain's grace ends
-(`_H2Protocol`). They rely on hypercorn's (0.17, 0.18) and h2 4's internals: a later version
+h2c upgrade whose settings h2 refuses its 400 instead of a 101, and a WebSocket handshake
+is served as any request (`_H11Protocol`), and bytes after a request that closes its
+connection are not taken for one (`_H11Connection`); over HTTP/2, where a CONNECT is a
+plain request too, a malformed stream is that stream's error alone, as RFC 9113 makes it,
+not the whole connection's, a client's GOAWAY(NO_ERROR) leaves its open streams to be
+answered, a connection with no stream open is closed at the idle limit (GOAWAY first), and
+a reply its client does not read is given up when the client goes or the drain's grace
+ends (`_H2Protocol`). They rely on hypercorn's (0.17, 0.18) and h2 4's internals: a later version
 that renames them fails tests/test_hostile.py and tests/test_server.py, not silently.
 
 A connection closed is read on, briefly, until its client's end, so that a client still
@@ -40,6 +41,7 @@ import h2.settings
 import h2.stream
 import h11
 import hypercorn.protocol
+import hypercorn.protocol.h2
 import hypercorn.trio.run
 import hyperframe.exceptions
 import hyperframe.frame
@@ -51,6 +53,8 @@ from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import Response, StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.http_stream import HTTPStream
+from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import EventWrapper, WorkerContext
 from hypercorn.typing import H11SendableEvent
@@ -319,7 +323,8 @@ def _busy_of(context: WorkerContext) -> _Busy:
 class _H11Protocol(H11Protocol):
     """Hypercorn's HTTP/1.1 protocol, answering `Expect: 100-continue` for a body over the
     limit with its 413 alone, and ending a reply under way before it closes the connection
-    on the client's protocol error.
+    on the client's protocol error, and serving a WebSocket handshake as any request
+    (`_upgrade_ignored`).
 
     Once the connection's close is sent, nothing read is handled: a request read while the
     reply before it was under way (pipelined, or sent as that reply's end arrived) waits for
@@ -430,6 +435,8 @@ class _H11Protocol(H11Protocol):
             b"transfer-encoding" not in headers
             and int(headers.get(b"content-length", 0)) > MAX_BODY_BYTES
         )
+        if headers.get(b"upgrade", b"").lower() == b"websocket":
+            request = _upgrade_ignored(request)
         await super()._create_stream(request)
 
     async def _check_protocol(self, event: h11.Request) -> None:
@@ -494,6 +501,23 @@ class _H11Connection(h11.Connection):
         if self.their_state is h11.MUST_CLOSE and self.trailing_data[0]:
             return h11.NEED_DATA  # h11's error: its 400 in place of the reply, which it cancelled
         return super().next_event()
+
+
+def _upgrade_ignored(request: h11.Request) -> h11.Request:
+    """`request` without its `Upgrade` fields, for hypercorn to serve it as any request (a
+    server may ignore `Upgrade`, RFC 9110 §7.8): no path takes a WebSocket. On `Upgrade:
+    websocket` hypercorn made a WebSocket stream, whose handshake, if invalid (no
+    `Sec-WebSocket-Key`), got a bare 400 saying `Connection: close`, and the stream never
+    ended: the connection stayed open for as long as its client liked, its idle timer
+    stopped, and held a drain to its grace; a valid one got the app's error for a WebSocket
+    (a JSON 400 on `/healthz`), its connection closed. h11 has taken the request's upgrade
+    for a proposal, which the reply (not a 101) declines: the connection serves on."""
+    return h11.Request(
+        method=request.method,
+        target=request.target,
+        headers=[(n, v) for n, v in request.headers.raw_items() if n.lower() != b"upgrade"],
+        http_version=request.http_version,
+    )
 
 
 def _asks_h2c(request: h11.Request) -> bool:
@@ -803,6 +827,13 @@ class _H2Protocol(H2Protocol):
     multiplexes many, from one client or from every client of a proxy). Such DATA is
     acknowledged, so the connection's flow-control window is not lost, and dropped; also when
     the stream closed while earlier frames of the same read were taken in.
+
+    Hypercorn made every CONNECT with a :path (RFC 8441's, for a WebSocket; an h2c upgrade of
+    a CONNECT) a WebSocket stream, whose handshake, if invalid (no `sec-websocket-version`),
+    got a bare 400 and never ended: its connection was never idle, held for good, and a
+    drain to its grace. No path takes a WebSocket: none is offered (no
+    SETTINGS_ENABLE_CONNECT_PROTOCOL), and such a CONNECT is served as any request (`install`
+    has hypercorn make it a plain stream; no route takes CONNECT: a JSON 405).
     """
 
     _gone_away = False  # the client's GOAWAY(NO_ERROR) came: it opens no more streams
@@ -817,6 +848,8 @@ class _H2Protocol(H2Protocol):
         _window_update_of_0_as_stream_error(self.connection)
         _priority_errors_as_stream_errors(self.connection)
         _graceful_goaway_keeps_streams_open(self.connection)
+        # No WebSocket is served: RFC 8441's CONNECT for one is not offered (§3).
+        del self.connection.local_settings[h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL]
 
     async def initiate(
         self, headers: list[tuple[bytes, bytes]] | None = None, settings: bytes | None = None
@@ -1059,3 +1092,5 @@ def install() -> None:
     hypercorn.protocol.H2Protocol = _H2Protocol  # type: ignore[attr-defined] # see _H2Protocol
     assert hypercorn.protocol.H11Protocol in (H11Protocol, _H11Protocol)  # type: ignore[attr-defined]
     hypercorn.protocol.H11Protocol = _H11Protocol  # type: ignore[attr-defined] # see _H11Protocol
+    assert hypercorn.protocol.h2.WSStream in (WSStream, HTTPStream)  # type: ignore[attr-defined]
+    hypercorn.protocol.h2.WSStream = HTTPStream  # type: ignore[attr-defined,assignment] # see _H2Protocol

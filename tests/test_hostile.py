@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 from collections.abc import Callable
 
@@ -24,7 +25,7 @@ import trio
 
 from order_pipeline.http.asgi import TARGET_NOT_SERVED
 
-from .rawhttp import address, exchange, parse, post, read_all, request
+from .rawhttp import Reply, address, exchange, parse, post, read_all, request
 from .server_process import ServerProcess, StartServer, wait_for_steps_in_flight
 from .timings import NO_DELAY
 
@@ -376,29 +377,78 @@ async def test_an_http2_request_hypercorn_fails_on_ends_its_connection_alone(
     assert server.process.returncode is None
 
 
-async def test_a_websocket_handshake_and_doubled_slashes_get_json_errors(
-    start_server: StartServer,
-) -> None:
-    """No path takes a WebSocket: a handshake gets the JSON error of its path (it was a bare
-    500, with two tracebacks logged). A doubled slash is a path no route takes: a JSON 404
-    (it was a 308 to a URL built from the Host header)."""
-    server = await start_server("--no-access-log", "--store", "memory")
-    handshake = (
-        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+WEBSOCKET_KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+
+
+def websocket_handshake(path: bytes, key: bytes, connection: bytes = b"Upgrade") -> bytes:
+    """A WebSocket handshake (RFC 6455 §4.1) on `path`, valid but for `key` (or its lack)."""
+    return (
+        b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: %s\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\n%s\r\n" % (path, connection, key)
     )
 
-    async def answer(method: bytes, path: bytes, extra: bytes = b"") -> tuple[int, str]:
-        raw = b"%s %s HTTP/1.1\r\nHost: evil.example\r\n%s\r\n"
-        reply = parse(
-            await exchange(server.url, raw % (method, path, extra or b"Connection: close\r\n"))
-        )
-        return reply.status, reply.json()["error"]["kind"]
 
-    assert await answer(b"GET", b"/healthz", handshake) == (400, "bad_request")
-    assert await answer(b"GET", b"/nope", handshake) == (404, "not_found")
-    assert await answer(b"GET", b"/order", handshake) == (405, "method_not_allowed")
-    assert await answer(b"GET", b"/order//k-1") == (404, "not_found")
+async def one_reply(stream: trio.SocketStream) -> Reply:
+    """Read one HTTP/1.1 reply, whole by its Content-Length, leaving the connection open."""
+    data = b""
+    while True:
+        _, ended, body = data.partition(b"\r\n\r\n")
+        if ended and len(body) >= int(parse(data).headers["content-length"]):
+            return parse(data)
+        chunk = await stream.receive_some(65_536)
+        assert chunk, f"closed before the reply was whole: {data!r}"
+        data += chunk
+
+
+@pytest.mark.parametrize("key", [WEBSOCKET_KEY, b""], ids=["valid", "no Sec-WebSocket-Key"])
+async def test_a_websocket_handshake_is_served_as_any_request(
+    start_server: StartServer, key: bytes
+) -> None:
+    """No path takes a WebSocket, and a server may ignore `Upgrade` (RFC 9110 §7.8): a
+    handshake is served as the GET it also is (by the app: JSON, `X-Request-ID`), and its
+    connection serves on, the request behind it answered, or closes if asked to. Hypercorn
+    made it a WebSocket: a valid one got the app's error for one (a JSON 400 on /healthz),
+    its connection closed; one without `Sec-WebSocket-Key` a bare 400, and its connection
+    was held, its idle timer stopped, for as long as its client liked (asked to close or
+    not)."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    behind = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    answers = {b"/healthz": (200, None), b"/nope": (404, "not_found"),
+               b"/order": (405, "method_not_allowed")}  # fmt: skip
+    for path, (status, kind) in answers.items():
+        with trio.fail_after(5):  # a connection held is held for good
+            served_on = await exchange(server.url, websocket_handshake(path, key) + behind)
+            closing = websocket_handshake(path, key, connection=b"Upgrade, close")
+            reply = parse(await exchange(server.url, closing))
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", served_on)
+        assert statuses == [b"%d" % status, b"200"], served_on
+        assert (reply.status, reply.headers["connection"]) == (status, "close")
+        assert "x-request-id" in reply.headers
+        assert reply.json().get("error", {}).get("kind") == kind
+
+
+async def test_a_websocket_handshake_does_not_hold_the_drain(start_server: StartServer) -> None:
+    """A handshake without `Sec-WebSocket-Key` got its bare 400 and its connection was never
+    idle again: the drain waited for it to the end of its grace (15 s). Served as any
+    request, its connection is idle after the reply, and the drain closes it at once."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        await stream.send_all(websocket_handshake(b"/healthz", b""))
+        with trio.fail_after(5):
+            reply = await one_reply(stream)
+            server.process.send_signal(signal.SIGTERM)
+            assert await read_all(stream) == b""
+            assert await server.process.wait() == 0
+    assert reply.status == 200
+
+
+async def test_a_doubled_slash_is_a_json_404(start_server: StartServer) -> None:
+    """A doubled slash is a path no route takes: a JSON 404 (it was a 308 to a URL built from
+    the Host header)."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    raw = b"GET /order//k-1 HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+    reply = parse(await exchange(server.url, raw))
+    assert (reply.status, reply.json()["error"]["kind"]) == (404, "not_found")
 
 
 async def test_a_target_neither_a_path_nor_an_http_uri_is_400(start_server: StartServer) -> None:
@@ -949,6 +999,63 @@ async def test_an_http2_connect_request_is_refused_on_its_stream_alone(
             after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
             await client.until(lambda: after in client.ended)
     assert client.statuses == {first: 200, connect: 405, after: 200}
+
+
+@pytest.mark.parametrize("closed_at", ["the drain", "the idle limit"])
+@pytest.mark.parametrize(
+    "version", [[("sec-websocket-version", "13")], []], ids=["valid", "no version"]
+)
+async def test_an_http2_connect_for_a_websocket_is_served_as_any_request(
+    start_server: StartServer, version: list[tuple[str, str]], closed_at: str
+) -> None:
+    """Hypercorn offered RFC 8441's CONNECT for WebSockets (SETTINGS_ENABLE_CONNECT_PROTOCOL)
+    and made each CONNECT with a :path a WebSocket stream: a valid handshake got the app's
+    error for one (400), one without `sec-websocket-version` a bare 400, and its stream
+    never ended: the connection was never idle, held for good (and a drain to its grace).
+    No path takes a WebSocket: none is offered, and such a CONNECT is served as any request
+    (no route takes CONNECT: a JSON 405), its connection closed as an idle one."""
+    limit = "1" if closed_at == "the idle limit" else "60"
+    server = await start_server("--no-access-log", "--store", "memory", "--header-timeout", limit)
+    connect = [(":method", "CONNECT"), (":protocol", "websocket"), (":path", "/healthz"),
+               (":scheme", "http"), (":authority", "127.0.0.1"), *version]  # fmt: skip
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        sid = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(sid, connect)
+        with trio.fail_after(5):
+            await client.until(lambda: sid in client.ended)
+            if closed_at == "the drain":
+                server.process.send_signal(signal.SIGTERM)
+            await client.until_closed()
+            if closed_at == "the drain":
+                assert await server.process.wait() == 0
+    assert client.conn.remote_settings.enable_connect_protocol == 0
+    assert (client.statuses, client.goaway, client.last_stream_id) == (
+        {sid: 405}, h2.errors.ErrorCodes.NO_ERROR, sid,
+    )  # fmt: skip
+
+
+async def test_an_h2c_upgrade_of_a_connect_is_served_as_any_request(
+    start_server: StartServer,
+) -> None:
+    """An h2c upgrade of a CONNECT request goes on in HTTP/2 as a CONNECT stream with a :path
+    (its target), which hypercorn made a WebSocket stream: a bare 400, and the connection
+    held for good. It is served as any request: a JSON 405 on its stream (no route takes
+    CONNECT), the connection closed at the idle limit."""
+    server = await start_server("--no-access-log", "--store", "memory", "--header-timeout", "1")
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    settings = client.initiate_upgrade_connection()
+    assert settings is not None
+    upgrade = h2c_upgrade(settings).replace(b"GET ", b"CONNECT ", 1)
+    with trio.fail_after(5):
+        async with await trio.open_tcp_stream(*address(server.url)) as stream:
+            await stream.send_all(upgrade + client.data_to_send())
+            head, _, rest = (await read_all(stream)).partition(b"\r\n\r\n")
+    events = client.receive_data(rest)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    replies = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert [(e.stream_id, dict(e.headers)[b":status"]) for e in replies] == [(1, b"405")]
+    assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == 1 for e in events)
 
 
 async def test_http2_priority_frames_on_many_streams_leave_the_connection_alone(
