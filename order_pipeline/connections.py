@@ -435,7 +435,7 @@ class _H11Protocol(H11Protocol):
             b"transfer-encoding" not in headers
             and int(headers.get(b"content-length", 0)) > MAX_BODY_BYTES
         )
-        if headers.get(b"upgrade", b"").lower() == b"websocket":
+        if b"upgrade" in headers:  # whatever its value (`_upgrade_ignored`)
             request = _upgrade_ignored(request)
         await super()._create_stream(request)
 
@@ -511,7 +511,11 @@ def _upgrade_ignored(request: h11.Request) -> h11.Request:
     ended: the connection stayed open for as long as its client liked, its idle timer
     stopped, and held a drain to its grace; a valid one got the app's error for a WebSocket
     (a JSON 400 on `/healthz`), its connection closed. h11 has taken the request's upgrade
-    for a proposal, which the reply (not a 101) declines: the connection serves on."""
+    for a proposal, which the reply (not a 101) declines: the connection serves on.
+
+    Every `Upgrade` is dropped, an h2c one having been taken or ignored (`_check_protocol`):
+    hypercorn strips the value as text (`str.strip`: \\x1c-\\x1f, \\x85, \\xa0 too), where h11
+    keeps those bytes, so `websocket\\xa0` was not this `websocket` but still hypercorn's."""
     return h11.Request(
         method=request.method,
         target=request.target,

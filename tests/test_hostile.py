@@ -442,6 +442,21 @@ async def test_a_websocket_handshake_does_not_hold_the_drain(start_server: Start
     assert reply.status == 200
 
 
+@pytest.mark.parametrize("value", [b"websocket\x1f", b"websocket\xa0", b"\x85websocket"])
+async def test_a_websocket_upgrade_whose_value_hypercorn_strips_is_served_as_any_request(
+    start_server: StartServer, value: bytes
+) -> None:
+    """Hypercorn strips an `Upgrade` value as text (`str.strip`: \\x1c-\\x1f, \\x85, \\xa0
+    too), which h11 keeps as the value's own bytes: such a handshake was still made a WebSocket
+    (a bare 400, the connection held for good) though `Upgrade: websocket` was ignored."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    handshake = websocket_handshake(b"/healthz", b"").replace(b"websocket", value)
+    behind = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    with trio.fail_after(5):  # a connection held is held for good
+        served_on = await exchange(server.url, handshake + behind)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", served_on) == [b"200", b"200"], served_on
+
+
 async def test_a_doubled_slash_is_a_json_404(start_server: StartServer) -> None:
     """A doubled slash is a path no route takes: a JSON 404 (it was a 308 to a URL built from
     the Host header)."""
