@@ -152,9 +152,10 @@ class _OrderRun:
 
     def to_undo(self) -> list[int]:
         """The steps that ran to success, or may have done their work, and can be undone."""
+        steps_and_results = zip(self.steps, self.results, strict=True)  # pragma: no mutate
         return [
             index
-            for index, (step, result) in enumerate(zip(self.steps, self.results, strict=True))
+            for index, (step, result) in enumerate(steps_and_results)
             if (result.status in _MAY_HAVE_RUN or index in self.uncertain)
             and result.compensation is None
             and step.compensate is not None
@@ -167,7 +168,7 @@ class _OrderRun:
         assert step.compensate is not None
         started = self.clock.current_time()
         # Only the compensation deadline can cancel this task: that is a timeout.
-        status, why = CompensationStatus.TIMEOUT, ""
+        status, why = CompensationStatus.TIMEOUT, ""  # pragma: no mutate
         try:
             await step.compensate(self.order)
             status = CompensationStatus.OK
