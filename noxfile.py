@@ -129,8 +129,9 @@ def cover(session: nox.Session) -> None:
 
 def _under_coverage(session: nox.Session, marker: str, *python_flags: str) -> None:
     """pytest on `marker`'s tests under branch coverage of order_pipeline, the server
-    subprocesses included; fails under 95 %, unless tests are named after `--` (run
-    alone, their coverage is only reported). HTML report in htmlcov/index.html."""
+    subprocesses included; fails under 95 %, unless anything is passed after `--` (tests
+    named, `-k`, `-x`: a part of the suite, whose coverage is only reported). HTML report
+    in htmlcov/index.html."""
     session.install("-e", *TEST_DEPS)
     session.run("coverage", "erase")
     session.run(
