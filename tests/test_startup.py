@@ -176,16 +176,23 @@ def test_a_ctrl_c_while_the_modules_load_ends_the_command_quietly(
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
     # Its stderr a pipe of one page, read here line by line: the command cannot get more than
     # a page of import lines (about 50 modules, of some 480 after Trio) ahead of this test, so
-    # it is still loading modules when the signal lands, however late this test sends it. On
-    # a pipe of the usual 64 KiB a slow test sent it once the modules had loaded (CI of
-    # f1c8cc5): `orders` had ended (no store there, status 2), and the server, started,
-    # served on, the signal lost, while the test waited on it for good.
+    # it is still loading modules when the signal lands, however late this test sends it (on
+    # a pipe of the usual 64 KiB, a test held up 1.5 s sent it once they had loaded).
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
     with (
         os.fdopen(read_end) as stderr_lines,
         subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=write_end, text=True, env=env
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+            text=True,
+            env=env,
+            # A test run from a shell's background job inherits SIGINT ignored, and Python
+            # then raises no KeyboardInterrupt: the command would load, ignoring it (CI of
+            # f1c8cc5 and 7f8a69d, started so: `orders` ended, status 2, and the server
+            # served on). A Ctrl+C from a terminal meets SIGINT's default, as here.
+            preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
         ) as command_process,
     ):
         os.close(write_end)
