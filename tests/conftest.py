@@ -30,6 +30,10 @@ FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "5000"))
 # A server keeps an inherited ignored SIGHUP ignored (nohup); the tests that send it need the
 # servers they start to inherit its default, whatever this runner was started with.
 signal.signal(signal.SIGHUP, signal.SIG_DFL)
+# Likewise SIGINT, ignored in a shell's background job: a command started with it ignored
+# raises no KeyboardInterrupt while it loads (a CI run started so failed the Ctrl+C test of
+# tests/test_startup.py). Python's own handler here; a command exec'd gets the default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 settings.register_profile("default", deadline=None)
 settings.register_profile(

@@ -7,7 +7,6 @@ what is pinned is what a person sees: the exit status and stderr.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import importlib.metadata
 import json
@@ -17,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,43 +172,21 @@ def test_a_ctrl_c_while_the_modules_load_ends_the_command_quietly(
     store = f"sqlite:///{tmp_path / 'orders.db'}"
     argv = [sys.executable, "-m", "order_pipeline", *command, "--store", store]
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
-    # Its stderr a pipe of one page, read here line by line: the command cannot get more than
-    # a page of import lines (about 50 modules, of some 480 after Trio) ahead of this test, so
-    # it is still loading modules when the signal lands, however late this test sends it (on
-    # a pipe of the usual 64 KiB, a test held up 1.5 s sent it once they had loaded).
-    read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-    with (
-        os.fdopen(read_end) as stderr_lines,
-        subprocess.Popen(
-            argv,
-            stdout=subprocess.DEVNULL,
-            stderr=write_end,
-            text=True,
-            env=env,
-            # A test run from a shell's background job inherits SIGINT ignored, and Python
-            # then raises no KeyboardInterrupt: the command would load, ignoring it (CI of
-            # f1c8cc5 and 7f8a69d, started so: `orders` ended, status 2, and the server
-            # served on). A Ctrl+C from a terminal meets SIGINT's default, as here.
-            preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
-        ) as command_process,
-    ):
-        os.close(write_end)
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as command_process:
+        assert command_process.stderr is not None
         try:
-            for line in stderr_lines:  # one line per module imported, as it is
+            for line in command_process.stderr:  # one line per module imported, as it is
                 if re.search(r"\|\s+trio$", line.rstrip()):
                     break
             command_process.send_signal(signal.SIGINT)
-            rest: list[str] = []  # read on, or the command would wait on the full pipe
-            reader = threading.Thread(target=lambda: rest.append(stderr_lines.read()))
-            reader.start()
-            command_process.wait(timeout=EXIT_TIMEOUT_S)
-            reader.join()
+            _, stderr = command_process.communicate(timeout=EXIT_TIMEOUT_S)
         finally:
             command_process.kill()  # ended already, unless the test failed: never left running
 
     assert command_process.returncode == -signal.SIGINT
-    assert "Traceback" not in rest[0], rest[0][-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
 
 
 @pytest.mark.parametrize(
