@@ -495,12 +495,34 @@ class _H11Connection(h11.Connection):
     connection (`Connection: close`, HTTP/1.0) for a request: the server processes none
     (RFC 9112 §9.6), and the connection closes after the reply. What came in the same read
     as the request is left unread here; what comes later is dropped as it is read
-    (`_H11Protocol._closes_after_the_reply`)."""
+    (`_H11Protocol._closes_after_the_reply`).
+
+    Empty lines before a request line are dropped (RFC 9112 §2.2: a server should ignore
+    them), a CR alone waiting for its LF: h11 took one for its protocol error, a bare 400
+    and the close, so a CRLF some clients send after a POST's body failed the request that
+    followed it on a keep-alive connection. Dropping them does not hold the idle timer off
+    (hypercorn stops it at a request, not at bytes)."""
 
     def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         if self.their_state is h11.MUST_CLOSE and self.trailing_data[0]:
             return h11.NEED_DATA  # h11's error: its 400 in place of the reply, which it cancelled
+        if self.their_state is h11.IDLE and self._empty_lines_dropped():
+            return h11.NEED_DATA
         return super().next_event()
+
+    def _empty_lines_dropped(self) -> bool:
+        """Drop the empty lines at the start of what is read; whether a CR is left alone,
+        its LF not read yet (the client still sending: h11 would take it for an error)."""
+        received = self._receive_buffer
+        data = received._data
+        if data.startswith((b"\r", b"\n")) and (empty := _EMPTY_LINES.match(data)):
+            received._extract(empty.end())
+        return data == b"\r" and not self._receive_buffer_closed
+
+
+# Empty lines before a request line (RFC 9112 §2.2), ended by CRLF or by LF alone (h11
+# takes either).
+_EMPTY_LINES = re.compile(rb"(?:\r?\n)+")
 
 
 def _upgrade_ignored(request: h11.Request) -> h11.Request:

@@ -310,6 +310,33 @@ async def test_a_reply_that_closes_its_connection_is_sent_whole_whatever_follows
         assert answer.count(b"HTTP/1.1 ") == 1
 
 
+async def test_empty_lines_before_a_request_line_are_ignored(start_server: StartServer) -> None:
+    """RFC 9112 §2.2: a server should ignore empty lines before a request line. A CRLF some
+    clients send after a POST's body, on a keep-alive connection, was h11's protocol error
+    when the next request came: a bare 400 and the connection closed, the request behind it
+    never served. Now the lines are dropped however they arrive (a CR and its LF in two
+    reads too), and each request is answered."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    body = json.dumps(NORMAL).encode()
+    get = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    closing = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+
+    answer = await exchange(
+        server.url, b"\r\n\n" + request(body, close=False) + b"\r\n" + get + b"\r\n\r\n" + closing
+    )
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200", b"200", b"200"], answer
+
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        with trio.fail_after(5):
+            await stream.send_all(get)
+            assert (await one_reply(stream)).status == 200
+            for part in (b"\r", b"\n\r", b"\n", closing):  # a CR alone waits for its LF
+                await stream.send_all(part)
+                await trio.sleep(0.05)  # each its own read, most of the time
+            answer = await read_all(stream)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200"], answer
+
+
 async def test_a_body_too_large_to_take_is_refused_before_the_client_sends_it(
     start_server: StartServer,
 ) -> None:
