@@ -4,6 +4,11 @@ A Ctrl+C before a server receives its signals itself (while the modules load, or
 store opens) or during `order-pipeline orders` ends the process quietly, by SIGINT's own
 default action, as a shell and a supervisor expect of an interrupted command; not with a
 traceback of whatever line it interrupted.
+
+While the modules load, SIGINT is blocked, and a Ctrl+C then ends the command as soon as
+they are loaded: its KeyboardInterrupt, raised in whatever Python code runs as the signal
+comes, could be raised inside an extension's own initialisation, and orjson's then crashed
+the process (SIGSEGV) instead of ending it.
 """
 
 import os
@@ -12,10 +17,13 @@ import signal
 
 def run() -> None:
     """The console script's entry: `main.main`, imported here so that its imports (about
-    half a second) are interruptible quietly too."""
+    half a second) are interruptible quietly too, once they are done."""
     try:
-        from .main import main
-
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            from .main import main
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl+C since raises here
         main()
     except BaseException as exc:
         if not _only_interrupted(exc):

@@ -189,6 +189,46 @@ def test_a_ctrl_c_while_the_modules_load_ends_the_command_quietly(
     assert "Traceback" not in stderr, stderr[-2000:]
 
 
+# Run as `python -c`: the command, a Ctrl+C coming while an extension's initialisation
+# (orjson's, which imports modules of its own) imports a module.
+INTERRUPTED_IN_AN_EXTENSION = """
+import os, signal, sys
+
+class Interrupting:
+    extension_loading = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "orjson.orjson":
+            Interrupting.extension_loading = True
+        elif Interrupting.extension_loading:
+            Interrupting.extension_loading = False
+            print("SIGINT while orjson's initialisation imports", name, file=sys.stderr)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, Interrupting())
+sys.argv = ["order-pipeline", *sys.argv[1:]]
+from order_pipeline.__main__ import run
+run()
+"""
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["orders"]], ids=lambda c: c[0])
+def test_a_ctrl_c_inside_an_extension_s_initialisation_ends_the_command_quietly(
+    command: list[str], tmp_path: Path
+) -> None:
+    """A KeyboardInterrupt raised inside orjson's module initialisation (its import of a module
+    of its own, as a Ctrl+C can land there) crashed the command with SIGSEGV. SIGINT is held
+    back while the modules load: the command ends by SIGINT once they are loaded."""
+    store = f"sqlite:///{tmp_path / 'orders.db'}"
+    argv = [sys.executable, "-c", INTERRUPTED_IN_AN_EXTENSION, *command, "--store", store]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=EXIT_TIMEOUT_S, check=False)
+
+    assert "SIGINT while orjson's initialisation imports" in done.stderr  # it came there
+    assert done.returncode == -signal.SIGINT, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     "raised",
     [
