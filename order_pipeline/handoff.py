@@ -53,11 +53,14 @@ MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 def stop_signals() -> tuple[int, ...]:
     """What starts a drain (and, heard again, cuts it short): an orchestrator's stop, a Ctrl+C,
     and a terminal or ssh session that hangs up (which would otherwise kill the server, its
-    orders unanswered); but not SIGHUP if the process was started ignoring it (`nohup`: its
-    operator means it to outlive the terminal). Read before the process sets any of them.
-    A worker ignores the two a terminal sends its whole group, and hears its supervisor."""
-    hang_up = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
-    return (signal.SIGTERM, signal.SIGINT, *hang_up)
+    orders unanswered); but not a terminal's signal the process was started ignoring: SIGHUP
+    (`nohup`: its operator means it to outlive the terminal) or SIGINT (a shell script's
+    background job, `order-pipeline serve &`, which a Ctrl+C meant for the script does not
+    stop; Python raises no KeyboardInterrupt for it while the modules load either). Read
+    before the process sets any of them. A worker ignores the two a terminal sends its whole
+    group, and hears its supervisor."""
+    terminal = [s for s in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
+    return (signal.SIGTERM, *terminal)
 
 
 @attrs.frozen
