@@ -233,7 +233,12 @@ class _Supervisor:
                 return
             if self.gives_up(number, deaths, f"pid {process.pid}, with {code}"):
                 return
-            log.error("worker %d (pid %d) died with %d: restarting", number, process.pid, code)
+            if code in DRAINED:  # stopped alone (a SIGTERM to it), drained: not a crash
+                log.warning(
+                    "worker %d (pid %d) exited with %d: restarting", number, process.pid, code
+                )
+            else:
+                log.error("worker %d (pid %d) died with %d: restarting", number, process.pid, code)
             with trio.move_on_after(RESTART_PAUSE_S):
                 await self.stopping.wait()
 
