@@ -29,6 +29,10 @@ def run() -> None:
         if not _only_interrupted(exc):
             raise  # a bare SystemExit keeps its status, an error its traceback
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # Unblocked, should the KeyboardInterrupt have come from the block itself (a Ctrl+C
+        # just before it: the block is made, then the signal raised), where the `finally`
+        # above never ran: blocked, this SIGINT waited, and the command exited 130.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         os.kill(os.getpid(), signal.SIGINT)
         raise SystemExit(128 + signal.SIGINT) from None  # if the kill has not ended it yet
 

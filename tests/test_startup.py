@@ -229,6 +229,42 @@ def test_a_ctrl_c_inside_an_extension_s_initialisation_ends_the_command_quietly(
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
+# Run as `python -c`: the command, a Ctrl+C coming as SIGINT is blocked, between the last
+# check for signals and the block's own system call (no bytecode runs between the two C calls
+# here): the call blocks SIGINT, then raises the KeyboardInterrupt (CPython checks for
+# signals after it), so the mask is left blocking SIGINT.
+INTERRUPTED_AS_SIGINT_IS_BLOCKED = """
+import _signal, _thread, itertools, operator, signal, sys
+
+wrapper = signal.pthread_sigmask
+
+def blocking_as_a_ctrl_c_comes(how, mask):
+    signal.pthread_sigmask = wrapper  # once
+    print("SIGINT as it is blocked", file=sys.stderr)
+    calls = [(_thread.interrupt_main,), (_signal.pthread_sigmask, how, mask)]
+    list(itertools.starmap(operator.call, calls))
+
+signal.pthread_sigmask = blocking_as_a_ctrl_c_comes
+sys.argv = ["order-pipeline", "orders", *sys.argv[1:]]
+from order_pipeline.__main__ import run
+run()
+"""
+
+
+def test_a_ctrl_c_as_sigint_is_blocked_ends_the_command_by_sigint(tmp_path: Path) -> None:
+    """A Ctrl+C that comes as SIGINT is blocked for the imports raises its KeyboardInterrupt
+    from the block itself, made: the quiet end's own SIGINT was then held pending, and the
+    command exited 130 instead of ending by SIGINT (a shell running it in a script would
+    carry on as after a failure, not stop as after a Ctrl+C)."""
+    store = f"sqlite:///{tmp_path / 'orders.db'}"
+    argv = [sys.executable, "-c", INTERRUPTED_AS_SIGINT_IS_BLOCKED, "--store", store]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=EXIT_TIMEOUT_S, check=False)
+
+    assert "SIGINT as it is blocked" in done.stderr  # it came there
+    assert done.returncode == -signal.SIGINT, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     "raised",
     [
