@@ -1189,6 +1189,46 @@ async def test_a_foreign_file_with_a_wal_left_beside_it_is_refused_untouched(
     assert (path.read_bytes(), wal.read_bytes()) == before
 
 
+def _in_wal_mode(make: Callable[[Path], object]) -> Callable[[Path], None]:
+    """`make`'s database, then switched to WAL mode and closed cleanly (no -wal left)."""
+
+    def made(path: Path) -> None:
+        make(path)
+        with closing(sqlite3.connect(path)) as conn:
+            conn.execute("PRAGMA journal_mode = WAL")
+
+    return made
+
+
+@pytest.mark.parametrize("reader", [False, True], ids=["server", "listing"])
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (_in_wal_mode(_foreign_tables), "not an order store"),
+        (_in_wal_mode(_newer_schema), "newer than this program"),
+    ],
+    ids=["other-tables", "newer-schema"],
+)
+async def test_a_wal_mode_file_that_is_not_ours_is_refused_with_nothing_left_beside_it(
+    tmp_path: Path, make: Callable[[Path], object], reason: str, reader: bool
+) -> None:
+    """Refusing a WAL-mode database that is not ours (another program's, a newer version's
+    store) leaves no -wal or -shm beside it: a read-only connection makes both and cannot
+    remove them, and another user's so left kept the file's owner from writing it
+    ("attempt to write a readonly database")."""
+    path = tmp_path / "orders.db"
+    make(path)
+    before = path.read_bytes()
+    assert _names(tmp_path) == ["orders.db"]
+
+    with pytest.raises(StoreError, match=reason):
+        async with SqliteStore(path, reader=reader):
+            pass
+
+    assert path.read_bytes() == before
+    assert _names(tmp_path) == ["orders.db"]
+
+
 @pytest.mark.parametrize(
     "where",
     ["missing/dir/orders.db", ".", "fifo", "x" * 300],

@@ -440,10 +440,12 @@ def _connect_reader(path: Path, busy_timeout: float) -> Conn:
     return conn
 
 
-def _connect_read_only(path: Path) -> Conn:
+def _connect_read_only(path: Path, *, immutable: bool = False) -> Conn:
     # file:// and the path's own bytes: a path may begin with // or not be UTF-8.
     uri = f"file://{quote(os.fsencode(path.absolute()))}?mode=ro"
-    return sqlite3.connect(uri, uri=True, isolation_level=None)
+    return sqlite3.connect(
+        uri + ("&immutable=1" if immutable else ""), uri=True, isolation_level=None
+    )
 
 
 def _cannot_open(path: Path, exc: sqlite3.Error, *, reader: bool) -> StoreError:
@@ -489,9 +491,17 @@ def _free_bytes(directory: Path) -> int | None:
 def _check_read_only(path: Path, *, reader: bool) -> int:
     """The file's schema version (0: no store yet), or StoreError if the file is not ours to
     use, read on a read-only connection: refusing it must not write it (closing a read-write
-    one would checkpoint a WAL left beside it)."""
+    one would checkpoint a WAL left beside it), nor leave files beside it.
+
+    With no -wal beside the file, every commit is in the file (SQLite keeps its log there
+    only while the file is open, or after a crash), which is read as immutable: a read-only
+    connection to a WAL-mode file makes a -wal and a -shm that it cannot remove, and another
+    user's left beside a file it refused kept the file's owner from writing it. A process
+    opening the file meanwhile writes to its own -wal, not the file, until a checkpoint; a
+    read torn by one would be a failed check, and a server checks again under the write lock.
+    """
     try:
-        conn = _connect_read_only(path)
+        conn = _connect_read_only(path, immutable=not Path(f"{path}-wal").exists())
         with closing(conn), _transaction(conn, "BEGIN"):  # one snapshot for the reads
             return _schema_version(conn, path)
     except sqlite3.Error as exc:
