@@ -750,10 +750,22 @@ def test_store_urls_parse(url: str, parsed: StoreURL) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["", "sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite://host/x.db", "mem", "pg://x"],
+    [
+        "",
+        "sqlite://",
+        "sqlite:///",
+        "sqlite:///:memory:",
+        "sqlite://host/x.db",
+        "mem",
+        "pg://x",
+        # The scheme as written, with its path: not 'SQLITE://', as if the path were empty.
+        "SQLITE:///orders.db",
+        "Sqlite:////var/lib/orders.db",
+    ],
 )
 async def test_other_store_urls_are_refused(url: str) -> None:
-    """Anything else is a one-line StoreError naming the URL and what would do, even to open."""
+    """Anything else is a one-line StoreError naming the URL (whole) and what would do, even
+    to open."""
     with pytest.raises(StoreError, match="unsupported store URL") as raised:
         parse_store_url(url)
     assert repr(url) in str(raised.value)

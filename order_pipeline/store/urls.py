@@ -18,8 +18,9 @@ NOT_SHOWN: Final = "(not shown: it may hold a password)"
 def shown_url(url: str) -> str:
     """A SQLite URL (or memory) whole; any other only from its last `@` to the end of its
     host: a password may hold `?`, `#` or `/` (libpq itself then misreads the URL), and a
-    URL that is not one (`host=db password=...`, `postgresql:/u:p@db`) is not shown."""
-    if url == "memory" or url.startswith("sqlite:"):
+    URL that is not one (`host=db password=...`, `postgresql:/u:p@db`) is not shown. A
+    SQLite one in any case (`SQLITE:///orders.db`, refused): holding no password, whole."""
+    if url == "memory" or url.lower().startswith("sqlite:"):
         return url
     if "://" not in url:
         return NOT_SHOWN if "@" in url or "=" in url else url
