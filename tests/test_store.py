@@ -826,6 +826,17 @@ def test_a_sqlite_url_names_a_file_alone(url: str) -> None:
         parse_store_url(url)
 
 
+def test_a_sqlite_url_whose_path_is_not_utf_8_is_refused_saying_so() -> None:
+    """A file name of bytes that are not UTF-8 (a Latin-1 `café.db`, which the command line
+    and the environment carry as os.fsdecode's escapes) is refused for what it is, naming the
+    byte: not as a control character, which it is not."""
+    url = "sqlite:///" + os.fsdecode("café.db".encode("latin-1"))
+    with pytest.raises(StoreError) as raised:
+        parse_store_url(url)
+    assert "not UTF-8 (byte 0xe9)" in str(raised.value)
+    assert "control character" not in str(raised.value)
+
+
 @pytest.mark.parametrize(
     "url",
     ["postgresql://orders:s3cret@db.example/orders\n", "postgresql://orders:s3cret@db\texample/o"],

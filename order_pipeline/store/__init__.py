@@ -83,6 +83,15 @@ def parse_store_url(url: str) -> StoreURL:
         return StoreURL("memory")
     if url.startswith(_SQLITE) and url[len(_SQLITE) :] not in ("", "/", ":memory:"):
         path = url[len(_SQLITE) :]
+        # os.fsdecode's escapes of bytes that are not UTF-8 (a Latin-1 name): not printable,
+        # so they were refused as control characters; refused for what they are (the logs,
+        # JSON, could not hold the name).
+        escaped = [c for c in path if "\udc80" <= c <= "\udcff"]
+        if escaped:
+            raise StoreError(
+                f"{url!r}: the path is not UTF-8 (byte {ord(escaped[0]) - 0xDC00:#04x}), as a"
+                " sqlite:/// URL's must be: rename the file, or link to it under a UTF-8 name"
+            )
         if path != path.strip() or any(c in "?#" or not c.isprintable() for c in path):
             # Taken as part of the file's name, `?mode=ro` would make a new store elsewhere;
             # so would a space an env file kept at the end (`orders.db `).
