@@ -63,8 +63,11 @@ def order_summary(order: StoredOrder, net_charge: int) -> dict[str, Any]:
 
 
 def _shown(text: str) -> str:
-    """`text` on one line: a client's order_id may hold a newline, which would forge a line."""
-    return text if text.isprintable() else orjson.dumps(text).decode()
+    """`text` as one field of its line: a client's order_id may hold a newline, which would
+    forge a line, or spaces, which would forge fields (`x  NEEDS ATTENTION`); such a one is
+    quoted (JSON), and so is one that begins with a quote, which would read as quoted."""
+    plain = text.isprintable() and " " not in text and not text.startswith('"')
+    return text if plain else orjson.dumps(text).decode()
 
 
 def _text(line: dict[str, Any]) -> str:

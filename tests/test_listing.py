@@ -233,6 +233,35 @@ async def test_an_order_id_cannot_forge_a_line_of_the_listing(tmp_path: Path) ->
     assert f"order={json.dumps(forged)}  ok" in line
 
 
+async def test_an_order_id_cannot_forge_a_field_of_its_line(tmp_path: Path) -> None:
+    """An order_id with spaces, or one that begins with a quote, is shown quoted too: unquoted,
+    `x  NEEDS ATTENTION` read as that mark, a field of the line of an order that needs none,
+    and the order_id `"a\\nb"`, quotes and backslash its own, was shown as the order_id `a`,
+    newline, `b` is."""
+    db = tmp_path / "orders.db"
+    ids = {
+        "k-marked": "gift  error  kind=compensation_failed  NEEDS ATTENTION",
+        "k-quoted": '"a\\nb"',
+        "k-newline": "a\nb",
+    }
+    async with SqliteStore(db) as store:
+        client = assemble(Settings(), store=store).app.test_client()
+        for key, order_id in ids.items():
+            await client.post(
+                "/order", json={"order_id": order_id, "amount": 1}, headers={"Idempotency-Key": key}
+            )
+
+    done = await trio.to_thread.run_sync(orders_command, "--store", f"sqlite:///{db}")
+
+    assert done.returncode == 0, done.stderr
+    lines = {line.split("  ", 1)[0]: line for line in done.stdout.splitlines()}
+    assert not any(line.endswith("NEEDS ATTENTION") for line in lines.values())
+    for key, order_id in ids.items():
+        assert f"  order={json.dumps(order_id)}  ok  " in lines[key]
+    shown = {line.split("  order=", 1)[1].split("  ok  ")[0] for line in lines.values()}
+    assert len(shown) == len(ids)
+
+
 def listing_to_a_closed_pipe(db: Path) -> tuple[int, str]:
     """`orders` whose stdout's reader has gone before it writes: its status and stderr."""
     argv = [sys.executable, "-m", "order_pipeline", "orders", "--store", f"sqlite:///{db}"]
