@@ -119,7 +119,9 @@ class DrainCount(Metrics):
 
     def observe_order(self, result: OrderResult, kind: str, http_status: int) -> None:
         super().observe_order(result, kind, http_status)
-        if not self.draining:
+        # Another process's order undone by recovery (its lease lapsed) is no order of this
+        # drain's: counted by the metrics, not by the last line.
+        if not self.draining or result.recovered:
             return
         if not result.cancelled:
             self.drained += 1

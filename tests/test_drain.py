@@ -193,6 +193,23 @@ def test_the_drain_counts_an_order_cancelled_whose_undoing_failed_as_cancelled()
     assert (count.drained, count.canceled_in_drain) == (1, 2)
 
 
+def test_an_order_recovered_during_the_drain_is_not_counted_as_drained() -> None:
+    """Another process's order that this one undoes by recovery while it drains (its lease
+    lapsed) is no order of this drain's: the last line does not count it (it said `drained
+    orders: 1` for a server that served nothing during its drain), though the metrics do."""
+    count = DrainCount()
+    count.draining = True
+    for cancelled in (False, True):
+        recovered = OrderResult("o-1", (), "interrupted", 80, cancelled, recovered=True)
+        count.observe_order(recovered, label(recovered.kind), lookup(recovered.kind).status)
+
+    assert (count.drained, count.canceled_in_drain, count.canceled_by_client) == (0, 0, 0)
+    total = count.registry.get_sample_value(
+        "order_pipeline_orders_total", {"kind": "interrupted", "http_status": "503"}
+    )
+    assert total == 2
+
+
 async def test_an_http2_client_s_own_cancel_during_the_drain_is_not_counted_the_drain_s(
     start_server: StartServer,
 ) -> None:
