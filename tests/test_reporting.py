@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,6 +10,7 @@ from contextlib import contextmanager
 import attrs
 import pytest
 
+from order_pipeline.logs import JsonFormatter
 from order_pipeline.metrics import Metrics
 from order_pipeline.model import (
     Attempt,
@@ -186,6 +188,21 @@ def test_a_refused_order_s_line_has_no_steps_and_its_reason(
         "reason": "this key was used before",
     }
     assert line.summary is True  # type: ignore[attr-defined] # set by `extra`
+
+
+def test_a_refused_order_without_an_order_id_has_it_null_in_its_json_line(
+    reporter: OrderReporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No order_id (none in the body, or the body not parsed): the JSON line still has the
+    field, `null`, as README says; the words say `order refused ...`."""
+    with caplog.at_level(logging.INFO, logger=ORDERS_LOGGER):
+        reporter.refused("unsupported_media_type", 415, None, "send it uncompressed")
+
+    (line,) = order_lines(caplog)
+    assert line.getMessage() == "order refused 415 unsupported_media_type: send it uncompressed"
+    written = json.loads(JsonFormatter().format(line))
+    assert "order_id" in written
+    assert written["order_id"] is None
 
 
 def test_a_cancelled_order_says_no_reply_was_sent_whatever_its_kind(

@@ -340,6 +340,11 @@ async def test_failed_and_stuck_compensations_are_errors(
     assert stuck.status.status_code is StatusCode.ERROR
     assert stuck.end_time == ns(0.6)
     assert spans["order"].status.description == COMPENSATION_FAILED
+    # The failing step keeps the kind it failed with, not the order's (README, "Tracing").
+    failing = spans["step courier"]
+    assert failing.attributes is not None
+    assert failing.attributes["kind"] == "no_courier"
+    assert failing.status.description == "no_courier"
 
 
 async def test_a_recovered_order_has_a_span_of_its_own(
