@@ -7,9 +7,10 @@ bare-ASGI floor, the Quart-Trio floor and the service; drives each with wrk
 and benchmarks/order.lua; then runs benchmarks/inflight.py (the service and the
 Trio floor). It does all of that `--rounds` times and reports medians, since a
 shared machine's speed drifts by tens of per cent within minutes. Writes
-docs/loadtest.json, rewrites the results section of docs/performance.md and draws
-docs/latency.svg. Ratios are what to read: every figure comes from the same
-run on the same machine. No test asserts a time.
+docs/loadtest.json (or loadtest.json in `--out`), rewrites the results section of
+docs/performance.md and draws docs/latency.svg (those two whatever `--out` says).
+Ratios are what to read: every figure comes from the same run on the same machine.
+No test asserts a time.
 
 The PostgreSQL scenarios need psycopg (`pip install -e '.[postgres]'`) and a server:
 ORDER_PIPELINE_TEST_POSTGRES (default postgresql://postgres@127.0.0.1:5432/test), as for
