@@ -204,8 +204,9 @@ def _settings(
                 serve.error(f"{flag}: {exc}")
     settings = Settings(**values)
     if settings.store == "memory" and settings.workers > 1:
+        store_source = "--store" if args.store is not None else Settings.env_name("store")
         serve.error(
-            "--store memory: each worker would keep orders of its own, so one key could run"
-            " once on each; serve it with one worker, or use a sqlite:/// store"
+            f"{store_source}: memory: each worker would keep orders of its own, so one key could"
+            " run once on each; serve it with one worker, or use a sqlite:/// store"
         )
     return settings

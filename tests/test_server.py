@@ -233,9 +233,25 @@ def test_the_access_log_variable_takes_the_usual_spellings_in_any_case(
         (
             ["serve", "--store", "memory", "--workers", "2"],
             {},
-            "--store memory: each worker would keep orders of its own",
+            "--store: memory: each worker would keep orders of its own",
         ),
-        (["serve", "--workers", "2"], {"ORDER_PIPELINE_STORE": "memory"}, "--store memory:"),
+        # The variable's value, whichever source gave the workers: the message names it.
+        (
+            ["serve", "--workers", "2"],
+            {"ORDER_PIPELINE_STORE": "memory"},
+            "ORDER_PIPELINE_STORE: memory: each worker would keep orders of its own",
+        ),
+        (
+            ["serve"],
+            {"ORDER_PIPELINE_STORE": "memory", "ORDER_PIPELINE_WORKERS": "2"},
+            "ORDER_PIPELINE_STORE: memory: each worker would keep orders of its own",
+        ),
+        # The flag's, over a variable that also says memory.
+        (
+            ["serve", "--store", "memory"],
+            {"ORDER_PIPELINE_STORE": "memory", "ORDER_PIPELINE_WORKERS": "2"},
+            "--store: memory: each worker would keep orders of its own",
+        ),
         (
             ["serve"],
             {"ORDER_PIPELINE_STORE": "sqlite:///orders.db "},
