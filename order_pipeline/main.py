@@ -222,10 +222,13 @@ async def receive_signals(
     drain short, and `CUT_SHORT_SIGNAL`, which does; and SIGTERM, which cuts it short only
     when heard a second time. So a SIGTERM to the whole process group, which reaches the
     worker besides its supervisor's `DRAIN_SIGNAL`, counts once; a worker whose supervisor
-    is gone is cut short by SIGTERM twice, as a lone server is."""
+    is gone is cut short by SIGTERM twice, as a lone server is: the first is taken for the one
+    that started its drain (systemd's, say, to what is left of the unit), and said so."""
     heard: set[int] = set()
     async for signum in received:
         name = signal.Signals(signum).name
+        # Draining before any signal: only the lifeline starts a worker's drain so.
+        orphaned = supervised and not heard and not readiness.is_ready()
         if supervised:
             again = signum in heard and signum != DRAIN_SIGNAL
             cut_short = signum == CUT_SHORT_SIGNAL or again
@@ -243,6 +246,12 @@ async def receive_signals(
         elif readiness.is_ready():
             log.info("received %s: draining", name, extra=ANY_LEVEL)
             readiness.start_draining()
+        elif orphaned and signum == signal.SIGTERM:
+            log.info(  # not silence: the operator's signal would seem lost
+                "received SIGTERM while draining (the supervisor is gone): the drain goes on; "
+                "a second SIGTERM cancels the orders in flight",
+                extra=ANY_LEVEL,
+            )
 
 
 async def drain_when_supervisor_ends(handoff: Handoff, readiness: Readiness) -> None:

@@ -270,6 +270,37 @@ async def test_which_signals_cut_a_drain_short(
 
 
 @pytest.mark.parametrize(
+    ("supervisor_gone", "heard", "said"),
+    [
+        (True, [TERM], True),
+        (True, [TERM, TERM], True),  # then the second cuts the drain short
+        (False, [DRAIN_SIGNAL, TERM], False),  # a SIGTERM to the group: the drain said so
+    ],
+)
+async def test_a_sigterm_to_a_worker_draining_because_its_supervisor_is_gone_is_said(
+    supervisor_gone: bool, heard: list[int], said: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker's drain started by its lifeline, not by a signal: the first SIGTERM changes
+    nothing, and says so (it was silent), with what a second does."""
+    readiness = Readiness()
+    if supervisor_gone:
+        readiness.start_draining()  # as `drain_when_supervisor_ends` does
+    send, received = trio.open_memory_channel[int](len(heard))
+    for signum in heard:
+        send.send_nowait(signum)
+    send.close()
+    with caplog.at_level(logging.INFO, logger="order_pipeline.main"), trio.CancelScope() as serving:
+        await receive_signals(received, readiness, serving, supervised=True)
+
+    orphan_sigterm = (
+        "received SIGTERM while draining (the supervisor is gone): the drain goes on; "
+        "a second SIGTERM cancels the orders in flight"
+    )
+    assert (orphan_sigterm in caplog.messages) == said
+    assert serving.cancel_called == (heard.count(TERM) == 2)
+
+
+@pytest.mark.parametrize(
     "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name
 )
 async def test_a_signal_to_the_process_group_drains_every_worker_once_with_the_delay(

@@ -21,6 +21,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -42,6 +43,11 @@ WAIT_S = 20  # for something a subprocess does
 # /proc/net/tcp's states (include/net/tcp_states.h).
 ESTABLISHED, LISTEN = "01", "0A"
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+# A worker's, SIGTERMed while it drains because its supervisor is gone.
+ORPHAN_SIGTERM = (
+    "received SIGTERM while draining (the supervisor is gone): the drain goes on; "
+    "a second SIGTERM cancels the orders in flight"
+)
 
 
 def supervisor_lines(server: ServerProcess) -> list[tuple[str, str]]:
@@ -549,6 +555,61 @@ async def test_workers_whose_supervisor_is_killed_drain_and_exit(
     assert {
         line["pid"] for line in lines if line["message"] == "the supervisor is gone: draining"
     } == set(workers)
+
+
+async def test_a_sigterm_to_a_worker_whose_supervisor_is_gone_is_acknowledged(
+    start_server: StartServer,
+) -> None:
+    """The supervisor SIGKILLed, a worker draining a long order: a SIGTERM then (systemd's, to
+    what is left of the unit) is taken for the one that started the drain, which goes on, and
+    the worker says so (it said nothing: the operator's signal seemed lost); a second SIGTERM
+    cuts the drain short, the order cancelled and undone, exit status 1."""
+    server = await start_server(
+        "--workers", "2", "--no-access-log", expect_errors=True, check_exit=False
+    )
+    workers = [await pid_of_start(server, 0, 1), await pid_of_start(server, 1, 1)]
+    metrics_dir = environ_of(workers[0])[MULTIPROC_ENV]
+    long = {"payment": 0, "courier": 0, "vendor": 60_000}  # its 10 s deadline: past the test
+    body = json.dumps({"order_id": "orphaned", "amount": 100, "delay_ms": long}).encode()
+    outcomes: list[int | str] = []
+
+    async def long_order(stream: trio.SocketStream) -> None:
+        outcomes.append(await exchange(stream, rawhttp.request(body)))
+
+    def said(message: str) -> Callable[[list[dict[str, Any]]], bool]:
+        return lambda lines: any(
+            (line["pid"], line["message"]) == (workers[1], message) for line in lines
+        )
+
+    try:
+        async with trio.open_nursery() as nursery:
+            stream = await connection_to(server, workers[1], workers)
+            nursery.start_soon(long_order, stream)
+            await wait_for_steps_in_flight(server.url, 1)  # its vendor step
+            server.process.kill()
+            await server.wait_for_lines(said("the supervisor is gone: draining"))
+            os.kill(workers[1], signal.SIGTERM)
+            await server.wait_for_lines(said(ORPHAN_SIGTERM))
+            os.kill(workers[1], signal.SIGTERM)
+            await poll(lambda: all(exited(pid) for pid in workers))
+    finally:
+        for pid in workers:  # one still draining if the test failed (reparented: not waited for)
+            if not exited(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    assert outcomes == ["no reply"]  # cancelled: no reply sent
+    messages = [line["message"] for line in server.log_lines() if line["pid"] == workers[1]]
+    drain = [m for m in messages if m.startswith(("the supervisor is gone", "received"))]
+    assert drain == [
+        "the supervisor is gone: draining",
+        ORPHAN_SIGTERM,
+        "received SIGTERM while draining: cancelling the orders in flight",
+    ]
+    assert messages[-1] == (
+        "drained orders: 0, cancelled: 1, cancelled by their clients: 0; exit status 1"
+    )
 
 
 def test_a_worker_whose_supervisor_is_gone_before_it_serves_does_not_fail_saying_so(
