@@ -118,10 +118,12 @@ def canonical(order: OrderRequest) -> bytes:
     return compact(orjson.dumps(converter.unstructure(order), option=orjson.OPT_SORT_KEYS))
 
 
-def _error(kind: str, message: str | None = None, *, key: str | None = None) -> Answer:
+def _error(
+    kind: str, message: str | None = None, *, key: str | None = None, order_id: str | None = None
+) -> Answer:
     entry = lookup(kind)
     reason = message or entry.message
-    status, body = encode_error(kind, reason)
+    status, body = encode_error(kind, reason, order_id=order_id)
     return Answer(status, body, key, entry.retry_after, refused=kind, reason=reason)
 
 
@@ -247,9 +249,9 @@ class OrderDesk:
                     return await self._run(order, key, begun.order)
                 stored = begun.order
                 if stored.request_hash != request_hash:
-                    return _error(IDEMPOTENCY_KEY_REUSED)
+                    return _error(IDEMPOTENCY_KEY_REUSED, order_id=order.order_id)
                 if stored.state == RUNNING:
-                    return _error(ORDER_IN_PROGRESS, key=key)
+                    return _error(ORDER_IN_PROGRESS, key=key, order_id=order.order_id)
                 if stored.kind != INTERRUPTED:
                     assert stored.http_status is not None
                     assert stored.reply is not None
@@ -266,7 +268,7 @@ class OrderDesk:
                     begun = Existing(again)
             if isinstance(begun, Begun):  # the last try's begin: run it, never leave it unrun
                 return await self._run(order, key, begun.order)
-            return _error(ORDER_IN_PROGRESS, key=key)
+            return _error(ORDER_IN_PROGRESS, key=key, order_id=order.order_id)
         except StoreUnavailable as exc:
             self._refusals.warning(order.order_id, exc)
             return _error(STORE_UNAVAILABLE)
@@ -314,7 +316,9 @@ class OrderDesk:
                         await self.pipeline.undo(order, result.steps, INTERRUPTED, report=False)
                 if final is None:
                     self._held_records.add(key)  # if its record is ours, held: _left_running
-                    return attrs.evolve(_error(ORDER_IN_PROGRESS, key=key), refused=None)
+                    return attrs.evolve(
+                        _error(ORDER_IN_PROGRESS, key=key, order_id=order.order_id), refused=None
+                    )
                 return Answer(final.http_status, final.reply, key, lookup(final.kind).retry_after)
             except BaseException:
                 # Cancelled (its client gone, the drain's grace over) or failed: its final

@@ -9,6 +9,7 @@ demand stands in for a store that is unavailable).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Awaitable
 from functools import partial
@@ -24,6 +25,7 @@ from quart import Response
 from order_pipeline.http import create_app
 from order_pipeline.model import OrderRequest
 from order_pipeline.orchestrator import Step
+from order_pipeline.reporting import ORDERS_LOGGER
 from order_pipeline.server import Settings, assemble
 from order_pipeline.store import MemoryStore, StoreUnavailable
 
@@ -280,6 +282,45 @@ async def test_the_same_key_for_another_order_is_422(autojump_clock: trio.abc.Cl
     await _post(client, ORDER, key="k-taken")
     other = await _post(client, {**ORDER, "amount": 1}, key="k-taken")
     await verify(other, "POST", "/order", Expect(422, "idempotency_key_reused"))
+
+
+async def test_a_busy_or_taken_key_s_refusal_carries_the_request_s_order_id(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.abc.Clock
+) -> None:
+    """The body was parsed, so a 409 or a 422 names the order it refuses, as a 400 for a bad
+    field does: in the reply and in its line. A 422's is the request's, not the key's order."""
+    client = assemble(Settings()).app.test_client()
+    await _post(client, ORDER, key="k-taken")
+    with caplog.at_level(logging.INFO, logger=ORDERS_LOGGER):
+        taken = await _post(client, {"order_id": "o-2", "amount": 1}, key="k-taken")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(_post, client, {**ORDER, "delay_ms": LONG}, "k-busy"))
+            await trio.testing.wait_all_tasks_blocked()
+            busy = await _post(client, {**ORDER, "delay_ms": LONG}, key="k-busy")
+            nursery.cancel_scope.cancel()
+
+    assert json.loads(await taken.get_data()) == {
+        "status": "error",
+        "order_id": "o-2",
+        "error": {
+            "kind": "idempotency_key_reused",
+            "message": "this key was used for a different order",
+        },
+    }
+    assert json.loads(await busy.get_data()) == {
+        "status": "error",
+        "order_id": "o-1",
+        "error": {
+            "kind": "order_in_progress",
+            "message": "an order with this key is still running",
+        },
+    }
+    refused = [
+        (r.fields["http_status"], r.fields["order_id"])  # type: ignore[attr-defined] # set by `extra`
+        for r in caplog.records
+        if r.name == ORDERS_LOGGER and r.fields["kind"] != "canceled"  # type: ignore[attr-defined]
+    ]
+    assert refused == [(422, "o-2"), (409, "o-1")]
 
 
 async def test_a_store_that_cannot_begin_is_503_with_retry_after() -> None:
