@@ -271,7 +271,7 @@ class OrderDesk:
             return _error(ORDER_IN_PROGRESS, key=key, order_id=order.order_id)
         except StoreUnavailable as exc:
             self._refusals.warning(order.order_id, exc)
-            return _error(STORE_UNAVAILABLE)
+            return _error(STORE_UNAVAILABLE, order_id=order.order_id)
 
     async def _run(self, order: OrderRequest, key: str, stored: StoredOrder) -> Answer:
         """Run the order, its key in `_running` meanwhile (never claimed back under it)."""
@@ -331,7 +331,9 @@ class OrderDesk:
         is); not a refusal, since the reporter gave the order its line and count."""
         log.warning("order %r: its result could not be recorded yet", order.order_id)
         self._held_records.add(key)
-        return attrs.evolve(_error(STORE_UNAVAILABLE, key=key), refused=None)
+        return attrs.evolve(
+            _error(STORE_UNAVAILABLE, key=key, order_id=order.order_id), refused=None
+        )
 
     async def _holding(self, attempt: Attempt) -> StoredOrder | None:
         """The stored order if its key still holds `attempt`; None if not, or unreadable

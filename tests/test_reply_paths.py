@@ -323,6 +323,18 @@ async def test_a_busy_or_taken_key_s_refusal_carries_the_request_s_order_id(
     assert refused == [(422, "o-2"), (409, "o-1")]
 
 
+@pytest.mark.parametrize("failing", ["begin", "finished_reply"])
+async def test_a_store_unavailable_reply_to_an_order_carries_its_order_id(
+    failing: str, autojump_clock: trio.abc.Clock
+) -> None:
+    """A 503 store_unavailable to a parsed body names its order too: not begun (nothing
+    ran), or run with its result not recorded yet."""
+    client = assemble(Settings(), store=FlakyStore(failing)).app.test_client()
+    reply = json.loads(await (await _post(client, ORDER, key="k-down")).get_data())
+
+    assert (reply["error"]["kind"], reply.get("order_id")) == ("store_unavailable", "o-1")
+
+
 async def test_a_store_that_cannot_begin_is_503_with_retry_after() -> None:
     client = assemble(Settings(), store=FlakyStore("begin")).app.test_client()
     await verify(
