@@ -10,9 +10,11 @@ mutation tester can change it.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping
 from contextlib import suppress
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import attrs
 import cattrs
@@ -185,6 +187,48 @@ def _why_not_json(body: bytes, error: orjson.JSONDecodeError) -> str:
     return str(error)
 
 
+# A JSON number (RFC 8259 §6).
+_NUMBER: Final = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+# How many numbers too large for a float are named by their field (each costs a parse of the
+# body): as many as an order holds, its amount and six delays. Past them, the first is
+# refused by its place.
+_HUGE_NUMBERS_NAMED: Final = 7
+
+
+def _huge_number(error: orjson.JSONDecodeError) -> re.Match[str] | None:
+    """The number where orjson stopped, if it stopped at one too large for a float."""
+    number = _NUMBER.match(error.doc, error.pos)
+    return number if number is not None and math.isinf(float(number[0])) else None
+
+
+def _not_json(body: bytes, error: orjson.JSONDecodeError, using: cattrs.Converter) -> InvalidOrder:
+    """Why orjson refused `body`.
+
+    A number too large for a float (`1e400`; an integer of over 308 digits) is JSON, but
+    orjson cannot hold it and says only where it is. So the body is read again, by orjson,
+    with each such number written as `1.5`, which no field takes: the refusal names the
+    field as any bad field's does (`... @ $.amount`). Only refused bodies pay for this.
+    """
+    huge = _huge_number(error)
+    if huge is None:
+        return InvalidOrder(f"body is not valid JSON: {_why_not_json(body, error)}")
+    where = f"line {error.lineno} column {error.colno} (char {error.pos})"
+    text = error.doc
+    for _ in range(_HUGE_NUMBERS_NAMED):
+        # As long as the number, so that every place orjson names stays where it was.
+        text = text[: huge.start()] + "1.5".ljust(len(huge[0])) + text[huge.end() :]
+        try:
+            _order_of(text.encode(), orjson.loads(text), using)
+        except InvalidOrder as named:
+            return named
+        except orjson.JSONDecodeError as again:
+            huge = _huge_number(again)
+            if huge is not None:
+                continue  # the next such number
+        break  # invalid JSON further on; or 1.5 taken (by a converter with a float field)
+    return InvalidOrder(f"body has a number out of range at {where}")
+
+
 def parse_order(body: bytes, using: cattrs.Converter = converter) -> OrderRequest:
     """Turn a request body into a valid order, or raise `InvalidOrder`.
 
@@ -194,7 +238,12 @@ def parse_order(body: bytes, using: cattrs.Converter = converter) -> OrderReques
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidOrder(f"body is not valid JSON: {_why_not_json(body, exc)}") from None
+        raise _not_json(body, exc, using) from None
+    return _order_of(body, document, using)
+
+
+def _order_of(body: bytes, document: Any, using: cattrs.Converter) -> OrderRequest:
+    """The order `document` (parsed from `body`) holds, or `InvalidOrder`."""
     if not isinstance(document, dict):
         raise InvalidOrder("body must be a JSON object")
     _refuse_duplicate_keys(body, document)

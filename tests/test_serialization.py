@@ -21,6 +21,7 @@ from order_pipeline.model import (
     Compensation,
     CompensationStatus,
     ErrorInfo,
+    Int64,
     OrderId,
     OrderResult,
     Reply,
@@ -200,6 +201,57 @@ def test_a_body_the_standard_parser_refuses_is_named_exactly(body: bytes, messag
         parse_order(body, make_converter())
 
     assert refused.value.message == message
+
+
+_AMOUNT = f"must be an integer from {INT64_MIN} to {INT64_MAX}"
+_DELAY = "must be an integer from 0 to 600000"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"order_id": "o", "amount": 1e400}', f"{_AMOUNT} @ $.amount"),
+        (b'{"order_id": "o", "amount": -1' + b"0" * 400 + b"}", f"{_AMOUNT} @ $.amount"),
+        # Each such number, not the first alone.
+        (
+            b'{"order_id": "o", "delay_ms": {"payment": 1e400, "vendor": 2e999}}',
+            f"{_DELAY} @ $.delay_ms['payment']; {_DELAY} @ $.delay_ms['vendor']",
+        ),
+        (
+            b'{"order_id": "o", "x": [' + b", ".join([b"1e400"] * 7) + b"]}",
+            "unknown field(s): 'x' @ $",
+        ),
+        # More than an order holds: the first's place.
+        (
+            b'{"order_id": "o", "x": [' + b", ".join([b"1e400"] * 8) + b"]}",
+            "body has a number out of range at line 1 column 25 (char 24)",
+        ),
+        # Not JSON further on; the place in characters, as orjson counts it.
+        (
+            '{"order_id": "é", "amount": 1e400,}'.encode(),
+            "body has a number out of range at line 1 column 29 (char 28)",
+        ),
+    ],
+)
+def test_a_number_too_large_for_a_float_is_refused_by_its_field(body: bytes, message: str) -> None:
+    """orjson refuses such a number as not JSON, saying only where it is: the refusal names
+    its field, as for any bad value, and says what and where when it cannot."""
+    with pytest.raises(InvalidOrder) as refused:
+        parse_order(body, make_converter())
+
+    assert refused.value.message == message
+
+
+def test_a_number_too_large_for_a_float_is_refused_where_a_field_would_take_it() -> None:
+    """Read again with such a number as 1.5, a body is never taken: with a converter that
+    takes a float, it is refused by the number's place."""
+    converter = make_converter()
+    converter.register_structure_hook(Int64, lambda value, _: value)
+
+    with pytest.raises(InvalidOrder) as refused:
+        parse_order(b'{"order_id": "o", "amount": 1e400}', converter)
+
+    assert refused.value.message == "body has a number out of range at line 1 column 29 (char 28)"
 
 
 def test_a_compact_body_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
