@@ -130,6 +130,11 @@ def parse_command(
         parser.exit(2)
     if args.command == "orders":
         env = Settings.env_name("store")
+        if args.store is not None and env in environ:  # as `serve` refuses it: wrong either way
+            try:
+                _parse_store(environ[env])
+            except ValueError as exc:
+                command.error(f"{env}: {exc}{_overridden('--store')}")
         source, store = (
             ("--store", args.store) if args.store is not None else (env, environ.get(env))
         )
@@ -172,6 +177,11 @@ def misspelt_variables(environ: Mapping[str, str]) -> list[str]:
     ]
 
 
+def _overridden(flag: str) -> str:
+    """What the refusal of a bad variable adds when a flag overrides it."""
+    return f" ({flag} overrides it, but the environment is wrong: fix or unset it)"
+
+
 def _parse_store(text: str) -> str:
     parse: Parse = attrs.fields(Settings).store.metadata["parse"]
     return str(parse(text))
@@ -189,12 +199,7 @@ def _settings(
             try:
                 values[field.name] = parse(environ[env])
             except ValueError as exc:
-                overridden = (
-                    f" ({flag} overrides it, but the environment is wrong: fix or unset it)"
-                    if given is not None
-                    else ""
-                )
-                serve.error(f"{env}: {exc}{overridden}")
+                serve.error(f"{env}: {exc}{_overridden(flag) if given is not None else ''}")
         if isinstance(given, bool):  # --access-log / --no-access-log
             values[field.name] = given
         elif given is not None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from order_pipeline.cli import parse_command
+from order_pipeline.cli import ListOrders, parse_command
 from order_pipeline.listing import list_orders, order_summary
 from order_pipeline.model import Compensation, OrderResult, StepResult, StepStatus
 from order_pipeline.model import CompensationStatus as Undone
@@ -166,6 +166,32 @@ def test_a_bad_store_in_the_environment_is_named_as_such() -> None:
 
     assert done.returncode == 2
     assert "error: ORDER_PIPELINE_STORE: 'bogus': unsupported store URL" in done.stderr
+
+
+def test_a_bad_store_in_the_environment_exits_2_even_under_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As for `serve`: the operator's environment is wrong either way, and the next command
+    run without the flag, or a server started from it, would read it."""
+    environ = {"ORDER_PIPELINE_STORE": "mysql://x"}
+    with pytest.raises(SystemExit) as exited:
+        parse_command(["orders", "--store", "sqlite:///orders.db"], environ=environ)
+
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "order-pipeline orders: error: ORDER_PIPELINE_STORE: 'mysql://x': unsupported store URL"
+        " (use sqlite:///PATH or memory, or postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME)"
+        " (--store overrides it, but the environment is wrong: fix or unset it)\n"
+    )
+
+
+def test_a_memory_store_in_the_environment_gives_way_to_the_flag() -> None:
+    """`memory` is a good setting for a server, only not one `orders` can read: the flag's
+    store is listed."""
+    environ = {"ORDER_PIPELINE_STORE": "memory"}
+    command = parse_command(["orders", "--store", "sqlite:///orders.db"], environ=environ)
+
+    assert command == ListOrders("sqlite:///orders.db")
 
 
 @pytest.mark.parametrize(
