@@ -573,38 +573,57 @@ async def test_workers_both_serve_and_sum_their_metrics(start_server: StartServe
 
 async def test_workers_gauges_count_every_workers_steps(start_server: StartServer) -> None:
     """--workers 2: a scrape's in-flight gauge is the sum over both workers' steps."""
-    server = await start_server("--workers", "2", "--no-access-log", "--courier-pool-size", "128")
+    # An order's three steps run at once (orchestrator.py). Each takes a minute here, within a
+    # deadline longer still, and the clients leave within 15 s: until then an order counts 0
+    # steps, then up to 3, never fewer again; a worker's figure (even a second old, as another
+    # worker's scrape reads it) only grows, and all of them sum to 3 per order only once every
+    # order has come. (With the default payment and courier delays, 60 was also read while
+    # orders still came, three steps each; and a 20 s vendor step timed out at the default
+    # 10 s deadline, a "timeout", not "canceled", on a machine slow enough.)
+    server = await start_server(
+        "--workers", "2", "--no-access-log", "--courier-pool-size", "128",
+        "--request-timeout", "120",
+    )  # fmt: skip # the flags in pairs
     orders = 60
+    steps = orders * len(DELAY_MS)
+    long = dict.fromkeys(DELAY_MS, 60_000)
+    # One client, one connection per order (the kernel spreads them over the workers): a client
+    # each built an SSL context each, 27 ms of this process's CPU, 1.6 s for 60.
+    limits = httpx.Limits(max_connections=orders)
+    # No timeout but the test's: a scrape may wait while a loaded machine runs the orders' work.
+    # "Connection: close", a fresh connection each time: either worker may answer.
+    close = {"Connection": "close"}
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=None, limits=limits) as client,
+        httpx.AsyncClient(base_url=server.url, timeout=None, headers=close) as scraper,
+    ):
 
-    async def order(n: int) -> None:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-            body = {"order_id": f"g{n}", "amount": 1, "delay_ms": {"vendor": 20_000}}
+        async def order(n: int) -> None:
+            body = {"order_id": f"g{n}", "amount": 1, "delay_ms": long}
             await client.post("/order", json=body)
 
-    async def in_flight() -> float:
-        # A fresh connection each time: either worker may answer.
-        async with httpx.AsyncClient(base_url=server.url) as scraper:
+        async def in_flight() -> float:
             return metric((await scraper.get("/metrics")).text, "order_pipeline_steps_in_flight")
 
-    async with trio.open_nursery() as nursery:
-        for n in range(orders):
-            nursery.start_soon(order, n)
-        with trio.fail_after(15):  # polling another process: no event to wait on
-            # Payments and couriers done, every vendor step still running:
+        async with trio.open_nursery() as nursery:
+            for n in range(orders):
+                nursery.start_soon(order, n)
+            with trio.fail_after(15):  # polling another process: no event to wait on
+                while True:
+                    if await in_flight() == steps:  # every order's every step running
+                        break
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()  # the clients leave; the server cancels their orders
+
+        def order_lines() -> list[dict[str, Any]]:
+            lines = server.log_lines()
+            return [line for line in lines if line["logger"] == "order_pipeline.orders"]
+
+        with trio.fail_after(15):
             while True:
-                if await in_flight() == orders:
+                if len(order_lines()) == orders and await in_flight() == 0:
                     break
                 await trio.sleep(0.05)
-        nursery.cancel_scope.cancel()  # the clients leave; the server cancels their orders
-
-    def order_lines() -> list[dict[str, Any]]:
-        return [line for line in server.log_lines() if line["logger"] == "order_pipeline.orders"]
-
-    with trio.fail_after(15):
-        while True:
-            if len(order_lines()) == orders and await in_flight() == 0:
-                break
-            await trio.sleep(0.05)
     assert {line["kind"] for line in order_lines()} == {"canceled"}
     assert len({line["pid"] for line in order_lines()}) == 2  # both workers had orders
 
