@@ -19,7 +19,11 @@ scrape takes to read it, stays bounded however often workers are restarted
 (one file pair per restart grew it without end: 6,000 files made each scrape
 block its worker for 0.6 s). Scrapes read the directory under a shared lock,
 the retirement writes it under an exclusive one: a scrape sees a dead worker's
-figures once, never twice or not at all.
+figures once, never twice or not at all. prometheus-client makes a worker's file
+(at its start, and at its first histogram's first figure) before it gives the
+file its size: one of 0 bytes holds no figure yet, and is left out of a scrape
+(prometheus-client's reader raised struct.error on it, the scrape a 500:
+prometheus/client_python#1199) and removed with its worker if it died then.
 
 No `_created` series: they read like counts of orders, and say only when the
 process started, which `process_start_time_seconds` says once. The standard
@@ -32,8 +36,9 @@ process (PostgreSQL) has the same metrics under `order_pipeline_store_process_`.
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, Final
 
@@ -48,8 +53,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
 
 from .model import OrderResult
 
@@ -187,11 +194,33 @@ class Metrics:
         if self.multiprocess_dir is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped upstream
+        registry.register(_Workers(self.multiprocess_dir))
         ProcessCollector(registry=registry)
         self._store_collector(registry)
         with _locked(self.multiprocess_dir, exclusive=False):
             return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _Workers(Collector):
+    """Every worker's figures, as prometheus-client's `MultiProcessCollector` reads them from
+    the directory's files, less the files of 0 bytes (being made: see the module docstring)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        files = [f for f in glob.glob(os.path.join(self.directory, "*.db")) if _sized(f)]
+        merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]  # untyped upstream
+        return merged
+
+
+def _sized(path: str) -> bool:
+    """Whether a metrics file has been given its size (it never shrinks). One gone is not: a
+    dead worker's gauges are removed unlocked (`mark_process_dead`)."""
+    try:
+        return os.path.getsize(path) > 0
+    except FileNotFoundError:
+        return False
 
 
 class _Busy(Exception):
@@ -235,6 +264,9 @@ def _retire(pid: int, directory: str) -> None:
     for kind in ("counter", "histogram"):
         dead = os.path.join(directory, f"{kind}_{pid}.db")
         if not os.path.exists(dead):
+            continue
+        if not _sized(dead):  # made as the worker died, before its size: no figure in it
+            os.remove(dead)
             continue
         retired = os.path.join(directory, f"{kind}_{RETIRED}.db")
         totals: dict[str, tuple[float, float]] = {}

@@ -155,6 +155,29 @@ def test_retired_workers_are_counted_once_and_a_scrape_holds_their_files(tmp_pat
     )
 
 
+def test_a_worker_s_file_of_0_bytes_fails_no_scrape_and_no_retirement(tmp_path: Path) -> None:
+    """prometheus-client makes a worker's file, then gives it its size: a scrape by another
+    worker in between read 0 bytes and raised struct.error (a 500, every figure lost), and so
+    did the retirement of a worker that died in between (the supervisor's end). Such a file
+    holds no figure: the scrape leaves it out, the retirement removes it."""
+    directory = str(tmp_path)
+    count = (
+        "import sys; from order_pipeline.metrics import Metrics; m = Metrics(sys.argv[1]);"
+        " m.count_order('ok', 200)"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory}
+    subprocess.run([sys.executable, "-c", count, directory], env=env, check=True)
+    dying = 2**22 + 1  # no process's pid (Linux's pid_max is at most 2**22)
+    for kind in ("counter", "histogram", "gauge_livesum"):
+        (tmp_path / f"{kind}_{dying}.db").touch()
+
+    counted = 'order_pipeline_orders_total{http_status="200",kind="ok"} 1.0'
+    assert counted in Metrics(directory).exposition()[0].decode()
+    assert retire_worker(dying, directory)
+    assert not [name for name in os.listdir(directory) if str(dying) in name]
+    assert counted in Metrics(directory).exposition()[0].decode()
+
+
 # A worker that counted, exited and lost its gauges (mark_process_dead); then the filesystem
 # of the metrics directory fills up, and the worker is retired.
 RETIRE_ON_A_FULL_DISK = """
