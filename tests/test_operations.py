@@ -156,7 +156,8 @@ async def test_sigterm_with_100_orders_in_flight(start_server: StartServer) -> N
     async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
 
         async def order(n: int) -> None:
-            body = {"order_id": f"t-{n}", "amount": 1, "delay_ms": {"vendor": 2000}}
+            delays = {"payment": 2000, "vendor": 2000, "courier": 2000}
+            body = {"order_id": f"t-{n}", "amount": 1, "delay_ms": delays}
             statuses.append((await client.post("/order", json=body)).status_code)
 
         async with trio.open_nursery() as nursery:
@@ -165,8 +166,9 @@ async def test_sigterm_with_100_orders_in_flight(start_server: StartServer) -> N
             with trio.fail_after(10):
                 while True:
                     text = (await client.get("/metrics")).text
-                    # Payments and couriers done, the 100 two-second vendor steps running:
-                    if metric(text, "order_pipeline_steps_in_flight") == 100:
+                    # Every order's three two-second steps running (they run at once: a
+                    # gauge of 100 could be read before the last orders had come):
+                    if metric(text, "order_pipeline_steps_in_flight") == 300:
                         break
                     await trio.sleep(0.02)
             server.process.send_signal(signal.SIGTERM)
