@@ -196,7 +196,10 @@ _HUGE_NUMBERS_NAMED: Final = 7
 
 
 def _huge_number(error: orjson.JSONDecodeError) -> re.Match[str] | None:
-    """The number where orjson stopped, if it stopped at one too large for a float."""
+    """The number where orjson stopped, if it stopped for one too large for a float (not for
+    what the number stands in place of: a key, content after the document)."""
+    if not error.msg.startswith("number is infinity"):
+        return None
     number = _NUMBER.match(error.doc, error.pos)
     return number if number is not None and math.isinf(float(number[0])) else None
 
@@ -204,7 +207,7 @@ def _huge_number(error: orjson.JSONDecodeError) -> re.Match[str] | None:
 def _not_json(body: bytes, error: orjson.JSONDecodeError, using: cattrs.Converter) -> InvalidOrder:
     """Why orjson refused `body`.
 
-    A number too large for a float (`1e400`; an integer of over 308 digits) is JSON, but
+    A number too large for a float (`1e400`; an integer past about 1.8e308) is JSON, but
     orjson cannot hold it and says only where it is. So the body is read again, by orjson,
     with each such number written as `1.5`, which no field takes: the refusal names the
     field as any bad field's does (`... @ $.amount`). Only refused bodies pay for this.

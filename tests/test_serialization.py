@@ -231,6 +231,16 @@ _DELAY = "must be an integer from 0 to 600000"
             '{"order_id": "é", "amount": 1e400,}'.encode(),
             "body has a number out of range at line 1 column 29 (char 28)",
         ),
+        # Not JSON where the number is: orjson's reason, not the number's.
+        (
+            b'{"order_id": "o"} 1e400',
+            "body is not valid JSON: unexpected content after document: line 1 column 19 (char 18)",
+        ),
+        (
+            b"{1e400: 1}",
+            "body is not valid JSON: unexpected character, expected a string key: line 1 column 2"
+            " (char 1)",
+        ),
     ],
 )
 def test_a_number_too_large_for_a_float_is_refused_by_its_field(body: bytes, message: str) -> None:
