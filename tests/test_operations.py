@@ -149,14 +149,14 @@ async def test_orders_past_the_grace_are_cancelled_and_compensated(
 
 
 async def test_sigterm_with_100_orders_in_flight(start_server: StartServer) -> None:
-    """SIGTERM while 100 two-second orders run: all 100 get their 200 and the process exits 0."""
+    """SIGTERM while 100 five-second orders run: all 100 get their 200 and the process exits 0."""
     server = await start_server("--no-access-log", "--courier-pool-size", "128")
     statuses: list[int] = []
     limits = httpx.Limits(max_connections=200)
     async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
 
         async def order(n: int) -> None:
-            delays = {"payment": 2000, "vendor": 2000, "courier": 2000}
+            delays = {"payment": 5000, "vendor": 5000, "courier": 5000}
             body = {"order_id": f"t-{n}", "amount": 1, "delay_ms": delays}
             statuses.append((await client.post("/order", json=body)).status_code)
 
@@ -166,8 +166,9 @@ async def test_sigterm_with_100_orders_in_flight(start_server: StartServer) -> N
             with trio.fail_after(10):
                 while True:
                     text = (await client.get("/metrics")).text
-                    # Every order's three two-second steps running (they run at once: a
-                    # gauge of 100 could be read before the last orders had come):
+                    # Every order's three steps running (they run at once: a gauge of 100
+                    # could be read before the last orders had come; 5 s each, so that all
+                    # 100 orders come before the first ends, on a slow machine too):
                     if metric(text, "order_pipeline_steps_in_flight") == 300:
                         break
                     await trio.sleep(0.02)
