@@ -1,7 +1,8 @@
 """What a worker inherits from its supervisor: its own listening socket, the metrics directory,
-a pipe to say that it serves, a pipe that tells it when the supervisor ends, and every
-setting, all through the environment; the two signals by which the supervisor stops it; and
-the signals by which an operator stops a server, supervisor or lone.
+a pipe to say that it serves (and that it drains alone), a pipe that tells it when the
+supervisor ends, and every setting, all through the environment; the two signals by which
+the supervisor stops it; and the signals by which an operator stops a server, supervisor or
+lone.
 
 The supervisor writes it (`Handoff.environ`) and the worker's entry point reads
 it, once (`Handoff.from_environ`); nothing else reads these variables. The
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Mapping
+from contextlib import suppress
 from typing import Final
 
 import attrs
@@ -34,7 +36,8 @@ __all__ = [
 
 # A worker serves the listening socket it inherited as this file descriptor.
 LISTEN_FD_ENV: Final = "ORDER_PIPELINE_LISTEN_FD"
-# The write end of the pipe on which a worker says, once, that it serves.
+# The write end of the pipe on which a worker says, once, that it serves (`.`), and that a
+# SIGTERM to it alone began its drain (`d<pid>` and a newline).
 READY_FD_ENV: Final = "ORDER_PIPELINE_READY_FD"
 # The read end of a pipe whose only write end the supervisor holds and never writes to: it
 # reads as ended once the supervisor has ended, however it ended (SIGKILL too).
@@ -86,14 +89,20 @@ class Handoff:
         return env
 
     def say_serving(self) -> None:
-        """In the worker: tell the supervisor, once, that this process serves. A supervisor
-        that is gone by then hears nothing; the lifeline drains this worker."""
-        try:
-            os.write(self.ready_fd, b".")
-        except BrokenPipeError:
-            pass
-        finally:
-            os.close(self.ready_fd)
+        """In the worker: tell the supervisor, once, that this process serves."""
+        self._say(b".")
+
+    def say_draining_alone(self) -> None:
+        """In the worker: tell the supervisor that a SIGTERM to this process alone began its
+        drain, so that it starts this worker's replacement now: the kernel keeps queueing
+        connections on this worker's socket, which would wait for the drain's end."""
+        self._say(b"d%d\n" % os.getpid())
+
+    def _say(self, word: bytes) -> None:
+        """Write `word` on the ready pipe (atomic: under PIPE_BUF). A supervisor that is gone
+        hears nothing; the lifeline drains this worker."""
+        with suppress(BrokenPipeError):
+            os.write(self.ready_fd, word)
 
     async def wait_for_supervisor_to_end(self) -> None:
         """In the worker: return once the supervisor has ended. A supervisor that is killed

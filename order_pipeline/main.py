@@ -213,6 +213,7 @@ async def receive_signals(
     serving: trio.CancelScope,
     *,
     supervised: bool = False,
+    on_draining_alone: Callable[[], None] | None = None,
 ) -> None:
     """Start the drain at the first signal; at any later one, cancel `serving`, so the orders
     in flight are cancelled, undone and reported now (for an operator who cannot wait and
@@ -223,7 +224,9 @@ async def receive_signals(
     when heard a second time. So a SIGTERM to the whole process group, which reaches the
     worker besides its supervisor's `DRAIN_SIGNAL`, counts once; a worker whose supervisor
     is gone is cut short by SIGTERM twice, as a lone server is: the first is taken for the one
-    that started its drain (systemd's, say, to what is left of the unit), and said so."""
+    that started its drain (systemd's, say, to what is left of the unit), and said so. A
+    SIGTERM that starts a worker's drain calls `on_draining_alone` (its supervisor may not
+    have heard one: it then starts the worker's replacement)."""
     heard: set[int] = set()
     async for signum in received:
         name = signal.Signals(signum).name
@@ -246,6 +249,8 @@ async def receive_signals(
         elif readiness.is_ready():
             log.info("received %s: draining", name, extra=ANY_LEVEL)
             readiness.start_draining()
+            if signum == signal.SIGTERM and on_draining_alone is not None:
+                on_draining_alone()
         elif orphaned and signum == signal.SIGTERM:
             log.info(  # not silence: the operator's signal would seem lost
                 "received SIGTERM while draining (the supervisor is gone): the drain goes on; "
@@ -315,6 +320,7 @@ async def serve_here(settings: Settings, listen_fd: int, handoff: Handoff | None
                             assembly.readiness,
                             serving.cancel_scope,
                             supervised=handoff is not None,
+                            on_draining_alone=handoff.say_draining_alone if handoff else None,
                         )
                     )
                     (url, *_) = await serving.start(

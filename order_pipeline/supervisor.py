@@ -25,10 +25,15 @@ in one file of every exited worker's: `metrics.retire_worker`).
 
 Each worker writes a byte to a pipe once it serves (`Handoff.say_serving`): the
 supervisor says "Running on" only when all of them do, since tools take that
-line to mean that the server answers. A supervisor that is killed (SIGKILL, the
-out-of-memory killer) tells them nothing: its workers then see a pipe whose only
-write end it held close (`Handoff.wait_for_supervisor_to_end`), and drain and exit
-as on SIGTERM, rather than serve on, orphaned, beside the next server started.
+line to mean that the server answers. A worker whose drain a SIGTERM to it alone began
+(an operator recycling it) says so on the same pipe (`Handoff.say_draining_alone`), and
+the supervisor starts its replacement on its socket at once: the kernel goes on queueing
+connections there, which would otherwise wait for the end of that drain.
+
+A supervisor that is killed (SIGKILL, the out-of-memory killer) tells them nothing: its
+workers then see a pipe whose only write end it held close
+(`Handoff.wait_for_supervisor_to_end`), and drain and exit as on SIGTERM, rather than serve
+on, orphaned, beside the next server started.
 """
 
 from __future__ import annotations
@@ -122,6 +127,9 @@ class _Supervisor:
     shared_fds: tuple[int, int]  # every worker's besides its socket: handoff.py's pipes
     metrics_dir: str
     running: set[trio.Process] = attrs.field(factory=set)
+    numbers: dict[int, int] = attrs.field(factory=dict)  # each running process's worker, by pid
+    # Processes draining alone (a SIGTERM to them), their replacements started.
+    replaced: set[int] = attrs.field(factory=set)
     # Set as the drain begins (the sockets are closed, or about to be): it also ends a worker's
     # restart pause, and the wait of a worker's end by a stop signal.
     stopping: trio.Event = attrs.field(factory=trio.Event)
@@ -145,7 +153,7 @@ class _Supervisor:
         with trio.open_signal_receiver(*stops) as signals:
             async with trio.open_nursery() as forwarding:
                 async with trio.open_nursery() as nursery:
-                    watching = await nursery.start(self.watch_readiness, ready, on_serving)
+                    watching = await nursery.start(self.watch_workers, ready, on_serving, nursery)
                     for number in range(self.settings.workers):
                         nursery.start_soon(self.worker, number)
                     with self.waiting:
@@ -179,6 +187,7 @@ class _Supervisor:
                 pass_fds=(self.sockets[number].fileno(), *self.shared_fds),
             )
             self.running.add(process)
+            self.numbers[process.pid] = number
         log.info("worker %d started (pid %d)", number, process.pid)
         return process
 
@@ -204,6 +213,7 @@ class _Supervisor:
             try:
                 code = await process.wait()
             finally:
+                del self.numbers[process.pid]  # before any checkpoint: see `replace`
                 if process.returncode is None:  # the hard deadline passed
                     log.error("worker %d (pid %d) still draining: killing it", number, process.pid)
                     # Here, not below: the deadline's Cancelled leaves this task at this block.
@@ -221,6 +231,13 @@ class _Supervisor:
                         break
                     with trio.CancelScope(shield=True):
                         await trio.sleep(RETIRE_PAUSE_S)
+            if process.pid in self.replaced:  # it drained alone, its replacement started
+                self.replaced.discard(process.pid)
+                level = logging.INFO if code in DRAINED else logging.WARNING
+                log.log(
+                    level, "worker %d (pid %d) exited with %d (replaced)", number, process.pid, code
+                )
+                return
             # The supervisor's copy of a stop signal may be unread yet; once the drain has begun,
             # no checkpoint here, where the kill deadline's cancellation would drop the line.
             if code in ENDED_BY_STOP_SIGNAL and not self.stopping.is_set():
@@ -256,22 +273,46 @@ class _Supervisor:
         self.waiting.cancel()
         return True
 
-    async def watch_readiness(
+    async def watch_workers(
         self,
         ready: trio.lowlevel.FdStream,
         on_serving: Callable[[], None],
+        nursery: trio.Nursery,
         task_status: trio.TaskStatus[trio.CancelScope],
     ) -> None:
-        """Call `on_serving` once as many workers as were started have said they serve, then
-        keep reading so that the pipe never fills. (A worker restarted before the others serve
-        says so twice: in such a crash loop the line may come with one fewer serving.)"""
+        """Read what the workers say until the drain: call `on_serving` once as many workers
+        as were started have said they serve (`.`; a worker restarted before the others serve
+        says so twice: in such a crash loop the line may come with one fewer serving), and
+        `replace` each that says it drains alone (`d<pid>` and a newline)."""
         with trio.CancelScope() as scope:
             task_status.started(scope)
-            said = 0
+            said, unfinished = 0, b""
             async for data in ready:
-                said += len(data)
-                if said - len(data) < self.settings.workers <= said:
+                serving = data.count(b".")
+                said += serving
+                if said - serving < self.settings.workers <= said:
                     on_serving()
+                *words, unfinished = (unfinished + data.replace(b".", b"")).split(b"\n")
+                for word in words:
+                    if word[:1] == b"d" and word[1:].isdigit():  # else not this version's
+                        nursery.start_soon(self.replace, int(word[1:]), nursery)
+
+    async def replace(self, pid: int, nursery: trio.Nursery) -> None:
+        """Start another process for the worker whose process `pid` drains alone (a SIGTERM to
+        it, not to the supervisor), unless the supervisor's own drain begins meanwhile (a
+        SIGTERM to the whole group reached that worker first) or it has ended (its task
+        restarts it). Its own task then ends with it, not restarting it again."""
+        with trio.move_on_after(STOP_SIGNAL_WAIT_S):
+            await self.stopping.wait()
+        # No checkpoint from here on: its task may not take its end for a death meanwhile.
+        number = self.numbers.get(pid)
+        if self.stopping.is_set() or number is None or pid in self.replaced:
+            return
+        self.replaced.add(pid)
+        log.warning(
+            "worker %d (pid %d) drains alone (a SIGTERM to it): starting another", number, pid
+        )
+        nursery.start_soon(self.worker, number)
 
     async def forward_later_signals(self, signals: AsyncIterator[int]) -> None:
         """Each signal after the first cuts the workers' drains short: tell them."""

@@ -26,8 +26,9 @@ its orders are recovered once its lease lapses, by the other worker or its resta
 and the others on the supervisor with its workers (their process group), started
 again; and two hosts (two server processes) on one PostgreSQL database, clients
 spreading their requests over both and the kills falling on either. A drain falls
-likewise: on one worker (SIGTERM to it alone: it drains, exits 0 and is restarted;
-or, still starting, ends by the signal before it takes an order), or on the
+likewise: on one worker (SIGTERM to it alone: it drains and exits 0, its replacement
+started as its drain begins, or as it ends if that comes first; or, still starting, it ends
+by the signal before it takes an order), or on the
 supervisor's process group (each worker drains once, the supervisor exits 0), or
 on a host.
 """
@@ -86,7 +87,7 @@ CANCELLED_BY_THE_DRAIN = re.compile(r"order (\S+) cancelled by the drain: ")
 
 def worker_ended(number: int, pid: int) -> re.Pattern[bytes]:
     """The supervisor's line for worker `number`'s end: `died with C: restarting`, or `exited
-    with C` once the supervisor drains too."""
+    with C` (restarting; replaced, as it drained alone; once the supervisor drains too)."""
     return re.compile(rb"worker %d \(pid %d\) (?:died|exited) with (-?\d+)" % (number, pid))
 
 
@@ -200,7 +201,7 @@ class Server:
         self.drains.append(Drain(self.log, frozenset(pids), status, killed))
 
     async def drain_worker(self, number: int, pid: int, cut_after: float | None) -> None:
-        """SIGTERM one worker alone (it drains and is restarted), and SIGKILL it `cut_after`
+        """SIGTERM one worker alone (it drains and is replaced), and SIGKILL it `cut_after`
         seconds later if it is still the supervisor's child then; wait for the supervisor's
         line on its end."""
         os.kill(pid, signal.SIGTERM)
@@ -209,7 +210,7 @@ class Server:
         with trio.fail_after(DRAIN_LIMIT_S):
             if cut_after is not None:
                 await trio.sleep(cut_after)
-                if self.live_workers().get(number) == pid:
+                if self.is_child(pid):  # draining still (its replacement may serve already)
                     os.kill(pid, signal.SIGKILL)
                     killed = True
             # The supervisor's process: no event to wait on, so poll its log.
@@ -250,18 +251,18 @@ class Server:
     def live_workers(self) -> dict[int, int]:
         """Each worker's latest pid, from the supervisor's `worker N started (pid P)` lines,
         if that process is still the supervisor's child (not one being restarted)."""
-        assert self.process is not None
         latest = {int(n): int(pid) for n, pid in WORKER_STARTED.findall(self.log.read_bytes())}
-        live = {}
-        for number, pid in latest.items():
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except FileNotFoundError:
-                continue
-            state, ppid = stat.rpartition(")")[2].split()[:2]
-            if state != "Z" and int(ppid) == self.process.pid:
-                live[number] = pid
-        return live
+        return {number: pid for number, pid in latest.items() if self.is_child(pid)}
+
+    def is_child(self, pid: int) -> bool:
+        """Whether process `pid` is the supervisor's child still, not ended."""
+        assert self.process is not None
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        state, ppid = stat.rpartition(")")[2].split()[:2]
+        return state != "Z" and int(ppid) == self.process.pid
 
     async def stop(self) -> int:
         assert self.process is not None

@@ -138,6 +138,11 @@ async def connection_to(
             await stream.aclose()
 
 
+async def connect(server: ServerProcess) -> trio.SocketStream:
+    """A new connection to `server`, to whichever worker the kernel gives it."""
+    return await trio.open_tcp_stream(*rawhttp.address(server.url))
+
+
 async def exchange(stream: trio.SocketStream, raw: bytes) -> int | str:
     """Send `raw` on `stream` and read until the server closes it: the reply's status, or
     "no reply"."""
@@ -404,25 +409,82 @@ async def test_a_worker_ended_by_the_groups_stop_signal_is_not_taken_for_dead(
     assert code == 0
 
 
-async def test_a_worker_sigtermed_alone_drains_and_is_restarted(
+async def test_a_worker_sigtermed_alone_drains_and_is_replaced(
     start_server: StartServer,
 ) -> None:
     """SIGTERM to one worker alone (no drain of the supervisor's follows) drains that worker,
-    which ends with 0, as a worker ended by the group's stop signal does: once the supervisor
-    has waited for its own copy of a signal that never comes, it is restarted, said as a
-    warning (it was an error, `died with 0`, as for a crash)."""
+    which ends with 0 and is replaced once, said as a warning (it was an error, `died with 0`,
+    as for a crash), not counted as a death."""
     server = await start_server("--workers", "2", "--no-access-log", expect_errors=True)
     first = await pid_of_start(server, 0, 1)
     os.kill(first, signal.SIGTERM)
-    restarted = await pid_of_start(server, 0, 2)
+    replacement = await pid_of_start(server, 0, 2)
+    await poll(lambda: exited(first))
     code = await server.stop()
 
-    assert restarted != first
+    assert replacement != first
     assert server.errors() == []
-    ended = ("warning", f"worker 0 (pid {first}) exited with 0: restarting")
-    assert ended in supervisor_lines(server)
-    exits = [m for _, m in supervisor_lines(server) if m.startswith(f"worker 0 (pid {restarted})")]
-    assert len(exits) == 1, exits  # the restart ran until the drain (still starting, or serving)
+    assert len(started_pids(server, 0)) == 2  # replaced once, not also restarted
+    said = [(level, m) for level, m in supervisor_lines(server) if f"(pid {first})" in m]
+    assert said[1:] in (
+        [  # it said it drains alone before it ended
+            ("warning", f"worker 0 (pid {first}) drains alone (a SIGTERM to it): starting another"),
+            ("info", f"worker 0 (pid {first}) exited with 0 (replaced)"),
+        ],
+        # it ended first (idle, no drain delay: before the supervisor's look), and its task
+        # restarted it
+        [("warning", f"worker 0 (pid {first}) exited with 0: restarting")],
+    )
+    exits = [
+        m for _, m in supervisor_lines(server) if m.startswith(f"worker 0 (pid {replacement})")
+    ]
+    assert len(exits) == 1, exits  # the replacement ran until the drain
+    assert code == 0
+
+
+async def test_a_worker_sigtermed_alone_is_replaced_at_once_so_its_socket_waits_for_nothing(
+    start_server: StartServer,
+) -> None:
+    """An operator recycling a worker (SIGTERM to it alone) while it runs a long order: its
+    replacement serves its socket at once. The kernel goes on queueing connections on that
+    socket (about one in two here), which waited for the end of the old worker's drain, as
+    long as its order (30 s here) before its restart served them."""
+    server = await start_server(
+        "--workers", "2", "--no-access-log", "--request-timeout", "120",
+        "--shutdown-grace", "120", expect_errors=True,
+    )  # fmt: skip # the flags in pairs
+    workers = [await pid_of_start(server, 0, 1), await pid_of_start(server, 1, 1)]
+    long = {"payment": 0, "courier": 0, "vendor": 30_000}
+    body = json.dumps({"order_id": "recycled", "amount": 100, "delay_ms": long}).encode()
+    outcomes: list[int | str] = []
+
+    async def long_order(stream: trio.SocketStream) -> None:
+        outcomes.append(await exchange(stream, rawhttp.request(body)))
+
+    async with trio.open_nursery() as nursery:
+        stream = await connection_to(server, workers[1], workers)
+        nursery.start_soon(long_order, stream)
+        await wait_for_steps_in_flight(server.url, 1)  # its vendor step
+        os.kill(workers[1], signal.SIGTERM)
+        replacement = await pid_of_start(server, 1, 2)
+        with trio.fail_after(10):  # a third of the old drain: no connection waits for it
+            healthz = [await exchange(await connect(server), HEALTHZ) for _ in range(12)]
+            assert not exited(workers[1])  # still draining its order
+        os.kill(workers[1], signal.SIGTERM)  # a second: cut its drain short
+    code = await server.stop()
+
+    assert healthz == [200] * 12
+    assert outcomes == ["no reply"]  # the drain cut short cancelled it (its key replays that)
+    assert len(started_pids(server, 1)) == 2  # replaced once, not also restarted
+    said = [(level, m) for level, m in supervisor_lines(server) if f"(pid {workers[1]})" in m]
+    assert said[1:] == [
+        (
+            "warning",
+            f"worker 1 (pid {workers[1]}) drains alone (a SIGTERM to it): starting another",
+        ),
+        ("warning", f"worker 1 (pid {workers[1]}) exited with 1 (replaced)"),
+    ]
+    assert replacement not in workers
     assert code == 0
 
 
@@ -625,10 +687,11 @@ def test_a_worker_whose_supervisor_is_gone_before_it_serves_does_not_fail_saying
     os.close(ready_read)  # the supervisor is gone
     os.close(lifeline_write)
     try:
-        Handoff(0, str(tmp_path), ready_write, lifeline_read).say_serving()
-        with pytest.raises(OSError, match="Bad file descriptor"):  # closed, as when heard
-            os.fstat(ready_write)
+        handoff = Handoff(0, str(tmp_path), ready_write, lifeline_read)
+        handoff.say_serving()
+        handoff.say_draining_alone()
     finally:
+        os.close(ready_write)
         os.close(lifeline_read)
 
 
@@ -651,11 +714,13 @@ async def test_a_worker_of_a_supervisor_without_a_lifeline_serves_on(
 @pytest.mark.parametrize(
     "chunks",
     [
-        [(b"x", 0), (b"x", 0), (b"x", 1), (b"x", 1), (b"xx", 1)],
-        [(b"x", 0), (b"xx", 1), (b"x", 1)],  # the last two read together
-        [(b"xxx", 1), (b"x", 1)],
+        [(b".", 0), (b".", 0), (b".", 1), (b".", 1), (b"..", 1)],
+        [(b".", 0), (b"..", 1), (b".", 1)],  # the last two read together
+        [(b"...", 1), (b".", 1)],
+        # A worker's word that it drains alone is not one that it serves.
+        [(b".", 0), (b"d1\n", 0), (b"d2\n.", 0), (b"d3", 0), (b"\n.", 1)],
     ],
-    ids=["one-by-one", "two-at-once", "all-at-once"],
+    ids=["one-by-one", "two-at-once", "all-at-once", "among-draining-words"],
 )
 async def test_the_supervisor_says_it_serves_once_the_last_worker_does_and_once_only(
     chunks: list[tuple[bytes, int]],
@@ -670,7 +735,7 @@ async def test_the_supervisor_says_it_serves_once_the_last_worker_does_and_once_
     try:
         async with trio.lowlevel.FdStream(ready_read) as ready, trio.open_nursery() as nursery:
             watching = await nursery.start(
-                supervisor.watch_readiness, ready, lambda: said.append(None)
+                supervisor.watch_workers, ready, lambda: said.append(None), nursery
             )
             written = 0
             for chunk, lines in chunks:
