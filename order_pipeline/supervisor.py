@@ -130,6 +130,8 @@ class _Supervisor:
     numbers: dict[int, int] = attrs.field(factory=dict)  # each running process's worker, by pid
     # Processes draining alone (a SIGTERM to them), their replacements started.
     replaced: set[int] = attrs.field(factory=set)
+    # Each worker's latest deaths, kept across its replacements (`gives_up`).
+    deaths: dict[int, deque[float]] = attrs.field(factory=dict)
     # Set as the drain begins (the sockets are closed, or about to be): it also ends a worker's
     # restart pause, and the wait of a worker's end by a stop signal.
     stopping: trio.Event = attrs.field(factory=trio.Event)
@@ -195,7 +197,7 @@ class _Supervisor:
         """Run worker `number`, restarting it while serving, until the drain or giving up."""
         from .metrics import retire_worker  # imports prometheus-client: only with workers
 
-        deaths: deque[float] = deque(maxlen=RESTART_LIMIT)
+        deaths = self.deaths.setdefault(number, deque(maxlen=RESTART_LIMIT))
         while True:
             try:
                 process = await self.start(number)
@@ -237,6 +239,8 @@ class _Supervisor:
                 log.log(
                     level, "worker %d (pid %d) exited with %d (replaced)", number, process.pid, code
                 )
+                if code not in DRAINED and self.stopping.is_set():  # as below
+                    self.drained_in_full = False
                 return
             # The supervisor's copy of a stop signal may be unread yet; once the drain has begun,
             # no checkpoint here, where the kill deadline's cancellation would drop the line.
@@ -248,12 +252,12 @@ class _Supervisor:
                 if code not in DRAINED:
                     self.drained_in_full = False
                 return
-            if self.gives_up(number, deaths, f"pid {process.pid}, with {code}"):
-                return
-            if code in DRAINED:  # stopped alone (a SIGTERM to it), drained: not a crash
+            if code in DRAINED:  # stopped alone (a SIGTERM to it), drained: no death
                 log.warning(
                     "worker %d (pid %d) exited with %d: restarting", number, process.pid, code
                 )
+            elif self.gives_up(number, deaths, f"pid {process.pid}, with {code}"):
+                return
             else:
                 log.error("worker %d (pid %d) died with %d: restarting", number, process.pid, code)
             with trio.move_on_after(RESTART_PAUSE_S):
@@ -288,7 +292,7 @@ class _Supervisor:
             task_status.started(scope)
             said, unfinished = 0, b""
             async for data in ready:
-                serving = data.count(b".")
+                serving = data.count(b".")  # a `.` is in no other word
                 said += serving
                 if said - serving < self.settings.workers <= said:
                     on_serving()
