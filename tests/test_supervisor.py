@@ -576,6 +576,22 @@ async def test_a_worker_that_keeps_dying_is_given_up_on(start_server: StartServe
     assert [line["message"] for line in server.errors()] == [*restarted, gave_up]
 
 
+async def test_a_worker_sigtermed_alone_again_and_again_is_never_given_up_on(
+    start_server: StartServer,
+) -> None:
+    """A worker ended by SIGTERMs to it alone, RESTART_LIMIT times and once more, each as soon
+    as it starts (it ends by the signal; one that already serves drains): an operator's
+    signal, not a crash, so no death toward the restart limit (it gave up on the fifth)."""
+    server = await start_server("--workers", "2", "--no-access-log", expect_errors=True)
+    for start in range(1, RESTART_LIMIT + 2):
+        os.kill(await pid_of_start(server, 0, start), signal.SIGTERM)
+    await pid_of_start(server, 0, RESTART_LIMIT + 2)
+    code = await server.stop()
+
+    assert server.errors() == []
+    assert code == 0
+
+
 def environ_of(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/environ", "rb") as environ:
         pairs = (item.partition(b"=") for item in environ.read().split(b"\0") if item)
