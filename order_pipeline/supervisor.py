@@ -126,8 +126,7 @@ class _Supervisor:
     environs: list[dict[str, str]]  # worker k's
     shared_fds: tuple[int, int]  # every worker's besides its socket: handoff.py's pipes
     metrics_dir: str
-    running: set[trio.Process] = attrs.field(factory=set)
-    numbers: dict[int, int] = attrs.field(factory=dict)  # each running process's worker, by pid
+    running: dict[trio.Process, int] = attrs.field(factory=dict)  # each with its worker's number
     # Processes draining alone (a SIGTERM to them), their replacements started.
     replaced: set[int] = attrs.field(factory=set)
     # Each worker's latest deaths, kept across its replacements (`gives_up`).
@@ -188,8 +187,7 @@ class _Supervisor:
                 env=self.environs[number],
                 pass_fds=(self.sockets[number].fileno(), *self.shared_fds),
             )
-            self.running.add(process)
-            self.numbers[process.pid] = number
+            self.running[process] = number
         log.info("worker %d started (pid %d)", number, process.pid)
         return process
 
@@ -215,7 +213,6 @@ class _Supervisor:
             try:
                 code = await process.wait()
             finally:
-                del self.numbers[process.pid]  # before any checkpoint: see `replace`
                 if process.returncode is None:  # the hard deadline passed
                     log.error("worker %d (pid %d) still draining: killing it", number, process.pid)
                     # Here, not below: the deadline's Cancelled leaves this task at this block.
@@ -223,7 +220,7 @@ class _Supervisor:
                     process.kill()
                     with trio.CancelScope(shield=True):
                         code = await process.wait()
-                self.running.discard(process)
+                del self.running[process]
                 for _ in range(RETIRE_TRIES):  # a scrape holds the lock for milliseconds
                     try:
                         if retire_worker(process.pid, self.metrics_dir):
@@ -308,8 +305,10 @@ class _Supervisor:
         restarts it). Its own task then ends with it, not restarting it again."""
         with trio.move_on_after(STOP_SIGNAL_WAIT_S):
             await self.stopping.wait()
-        # No checkpoint from here on: its task may not take its end for a death meanwhile.
-        number = self.numbers.get(pid)
+        # No checkpoint from here on: its task may not take its end for a death meanwhile. One
+        # that has ended (its returncode polled) is its task's to restart.
+        alive = (n for p, n in self.running.items() if p.pid == pid and p.returncode is None)
+        number = next(alive, None)
         if self.stopping.is_set() or number is None or pid in self.replaced:
             return
         self.replaced.add(pid)
