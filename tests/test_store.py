@@ -26,10 +26,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, closing, contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+import httpx
 import orjson
 import pytest
 import trio
@@ -64,6 +66,7 @@ from order_pipeline.store.writer import Op
 from . import pg
 from .conftest import examples
 from .pg import POSTGRES_URL, admin, postgres_url, table_locked, with_params
+from .server_process import StartServer
 
 if TYPE_CHECKING:
     import psycopg
@@ -4173,17 +4176,26 @@ class Blackhole:
     """A TCP proxy on 127.0.0.1 (a port of 18700-18799) to the test server, which can stop
     forwarding without closing anything (`stop`, `resume`): its kernel still acknowledges
     what is sent, so TCP's own timeouts (tcp_user_timeout, keepalives) never fire, as behind
-    a stalled pooler or a path that drops what it forwards."""
+    a stalled pooler or a path that drops what it forwards. Or it can end its connections
+    and every new one at once (`refuse`), as a database shut down does."""
 
     def __init__(self) -> None:
         self.port = 0
         self._flowing = trio.Event()
         self._flowing.set()
+        self._refusing = False
+        self._open: set[trio.CancelScope] = set()  # the connections it forwards
 
     def stop(self) -> None:
         self._flowing = trio.Event()
 
+    def refuse(self) -> None:
+        self._refusing = True
+        for scope in self._open:
+            scope.cancel()
+
     def resume(self) -> None:
+        self._refusing = False
         self._flowing.set()
 
     def url(self, url: str) -> str:
@@ -4206,13 +4218,17 @@ class Blackhole:
         """Forward one connection both ways until either side ends it, then end both."""
         target = urlsplit(POSTGRES_URL)
         try:
+            if self._refusing:
+                raise OSError("refusing")
             server = await trio.open_tcp_stream(target.hostname or "127.0.0.1", target.port or 5432)
         except OSError:
             await client.aclose()
             return
         async with client, server, trio.open_nursery() as nursery:
+            self._open.add(nursery.cancel_scope)
             nursery.start_soon(self._forward, client, server, nursery.cancel_scope)
             nursery.start_soon(self._forward, server, client, nursery.cancel_scope)
+        self._open.discard(nursery.cancel_scope)
 
     async def _forward(
         self, source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
@@ -4321,6 +4337,59 @@ async def test_a_commit_that_gets_no_answer_may_have_taken_effect(schema: str) -
             proxy.resume()
         assert 1.5 <= took < 5.0, took
         assert lost.value.may_have_taken_effect is True
+
+
+async def _timed(
+    http: httpx.AsyncClient, method: str, path: str, replies: list[tuple[int, float]], **kw: Any
+) -> None:
+    started = time.monotonic()
+    status = (await http.request(method, path, **kw)).status_code
+    replies.append((status, time.monotonic() - started))
+
+
+@pytest.mark.postgres
+async def test_an_outage_gets_its_503_within_about_the_store_timeout(
+    start_server: StartServer, schema: str
+) -> None:
+    """A server whose database refuses connections answers 503 store_unavailable within
+    about its store's timeout (5 s) of a request, not behind a batch already waiting that
+    long for a connection (the lease's renewal, recovery's look queue one each second) and
+    then a full wait of its own (before: 8 s for an order sent 2 s into the outage, 5 to
+    10 s later on); and serves again once the database is back."""
+    async with blackhole() as proxy:
+        url = proxy.url(postgres_url(schema=schema))
+        server = await start_server("--store", url, "--no-access-log")
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            order = {"order_id": "o-1", "amount": 5}
+            assert (
+                await http.post("/order", json=order, headers={"Idempotency-Key": "k-1"})
+            ).status_code == 200
+            proxy.refuse()
+            await trio.sleep(2)
+            replies: list[tuple[int, float]] = []
+            await _timed(
+                http, "POST", "/order", replies, json=order, headers={"Idempotency-Key": "k-2"}
+            )
+            async with trio.open_nursery() as nursery:  # the outage known: each at its own phase
+                for n in range(5):
+                    key = {"Idempotency-Key": f"k-{n + 3}"}
+                    nursery.start_soon(
+                        partial(_timed, http, "POST", "/order", replies, json=order, headers=key)
+                    )
+                    await trio.sleep(1.3)
+                nursery.start_soon(_timed, http, "GET", "/order/k-1", replies)
+            assert [status for status, _ in replies] == [503] * 7
+            assert replies[0][1] < 7.0, replies
+            assert max(took for _, took in replies[1:]) < 4.0, replies
+            proxy.resume()
+            with trio.fail_after(15):  # the pool reconnects in the background, with backoff
+                for _ in range(30):
+                    back = await http.post("/order", json=order, headers={"Idempotency-Key": "k-9"})
+                    if back.status_code == 200:
+                        break
+                    await trio.sleep(0.5)
+                else:
+                    pytest.fail("the server did not serve again once the database was back")
 
 
 async def _continue_after(pid: int, seconds: float) -> None:

@@ -36,7 +36,11 @@ transaction. Whatever makes the whole batch fail is handled for the whole batch:
   runs again; unknown (no connection within `timeout`), StoreUnavailable that says it may
   have taken effect (so a payment whose charge it was is refunded);
 * no connection within `timeout`, the database refusing to commit: every operation of the
-  batch raises StoreUnavailable. A batch is run at most `_TRIES` times;
+  batch raises StoreUnavailable. A batch is run at most `_TRIES` times. Once a batch has
+  found no connection, the next ones wait for one only briefly (`OUTAGE_WAIT_S`) until one
+  is got again: else each waited its full `timeout` behind another that did (the lease's
+  renewal and recovery's look queue one each second), and a call got its 503 only after
+  up to two;
 * no answer at all (a server or pooler that stalls, a path that stops forwarding while its
   kernel still acknowledges, so that tcp_user_timeout never fires): psycopg would wait on
   the socket without end, and every caller with it. A batch still running `STALL_TIMEOUTS`
@@ -76,7 +80,8 @@ Cancellation, as for SQLite: a coroutine is cancellable until its operation is q
 after: it waits (shielded) for its batch to commit, so a caller that gets Cancelled knows
 nothing was written, and a caller that gets a result knows it is durable. The wait is bounded
 by the batch ahead and its own, each at most `STALL_TIMEOUTS` `timeout`s (two more to look
-up a lost commit), a reader's excepted.
+up a lost commit), a reader's excepted; in an outage, once a batch has found no connection,
+`OUTAGE_WAIT_S` each.
 """
 
 from __future__ import annotations
@@ -161,6 +166,12 @@ LOCK_WAIT_S: Final = 2.0
 # each operation that meets a lock fails at once, alone (a host frozen in a transaction may
 # hold many), so the rest of the batch, the lease's renewal among them, commits in time.
 _RERUN_LOCK_WAIT_MS: Final = 10
+# The longest a batch waits for a connection once one before it found none within `timeout`,
+# until one is got again (see the module docstring): a call then gets its StoreUnavailable
+# within `timeout` and about two of these of being made, not two `timeout`s. The pool goes on
+# reconnecting in the background meanwhile (1 to 4 s apart), and a connection it made is
+# taken at once.
+OUTAGE_WAIT_S: Final = 1.0
 # A batch, all its tries, ends within this many `timeout`s (see the module docstring): a
 # few, for a batch may wait `timeout` for a connection, a lock and a deadlock's detection.
 STALL_TIMEOUTS: Final = 3
@@ -332,7 +343,8 @@ _LAST_LOOKUP_S: Final = 0.1
 class PostgresStore(WriterThread[Conn]):
     """Orders in a PostgreSQL database; `async with PostgresStore(url) as store:` opens it.
 
-    `timeout` bounds each wait of a batch: for a connection (at start too), for a row lock
+    `timeout` bounds each wait of a batch: for a connection (at start too; OUTAGE_WAIT_S
+    once a batch found none, until one is got again), for a row lock
     held by someone else (lock_timeout, at most LOCK_WAIT_S: past it only the operation
     that waited fails), for the outcome of a commit whose connection was lost; past it the
     batch raises StoreUnavailable. A batch gets STALL_TIMEOUTS times it in all. `commits`
@@ -346,6 +358,7 @@ class PostgresStore(WriterThread[Conn]):
         self.timeout = timeout
         self.commits = 0
         self._lock_met = False  # the batch being run met a lock held past lock_timeout
+        self._no_connection = False  # a batch found no connection in time, and none is got since
         self._deadline = math.inf  # the batch being run's, on time.monotonic()'s clock
         self._steps = RowsWrittenTogether(self, _record_steps)
         self._replies = RepliesWritten()  # what finish_soon wrote, for finished_reply
@@ -497,11 +510,14 @@ class PostgresStore(WriterThread[Conn]):
         again statement by statement, which tells whose it was. Past the batch's deadline the
         watchdog breaks the connection off."""
         self._replies.transaction_begins()
+        wait = min(self.timeout, OUTAGE_WAIT_S) if self._no_connection else self.timeout
         try:
-            conn = self._pool.getconn()
+            conn = self._pool.getconn(wait)
         except psycopg_pool.PoolTimeout as exc:
+            self._no_connection = True
             _fail(ops, self._unavailable(exc, "no connection to the database"))
             return [], None
+        self._no_connection = False
         pid, committing, xid = conn.info.backend_pid, False, None
         failed: Op[Conn, Any] | None = None
         unknown_failure = False  # an operation failed in the pipeline: whose is not known
