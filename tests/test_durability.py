@@ -1550,6 +1550,40 @@ async def test_recovery_keeps_the_compensations_done_before_the_crash(
     assert await store.net_charge("k-1") == 0
 
 
+async def test_a_step_of_unknown_outcome_undone_before_the_crash_is_not_undone_again(
+    store: SqliteStore, autojump_clock: trio.abc.Clock
+) -> None:
+    """A recovery that died had undone the payment, of unknown outcome (recorded so, its
+    refund ok in 33 ms), not yet the vendor and the courier. The next recovery undoes only
+    those two: the payment's refund is kept as recorded, not made again."""
+    events: list[tuple[str, str]] = []
+    desk = _noting(assemble(Settings(lease_timeout=2.0), store=store).desk, events)
+    attempt_id = await orphan(store, "k-1", charged=True)
+    await store.refund(attempt_id, "k-1")
+    refunded = Compensation(CompensationStatus.OK, 33)
+    payment = StepResult("payment", StepStatus.UNKNOWN, None, None, refunded)
+    store.record_step("k-1", attempt_id, step_record(payment))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(desk.maintain)
+        await trio.sleep(2)
+        nursery.cancel_scope.cancel()
+    stored = await store.get("k-1")
+
+    assert stored is not None
+    assert (stored.state, stored.kind) == (FINISHED, "interrupted")
+    assert sorted(events) == [("courier", "undone"), ("vendor", "undone")]
+    assert stored.reply is not None
+    [payment_shown, *_] = json.loads(stored.reply)["steps"]
+    assert payment_shown == {
+        "name": "payment",
+        "status": "unknown",
+        "duration_ms": None,
+        "compensation": {"status": "ok", "duration_ms": 33},
+    }
+    assert await store.net_charge("k-1") == 0
+
+
 # The backends a server runs on; each keeps a step record's status as it was written.
 STORES = ["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 # The step statuses a version from before `unknown` reads. One meeting another in a step record
