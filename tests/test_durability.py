@@ -2049,6 +2049,62 @@ async def test_a_recovery_taken_over_leaves_the_claimant_s_records_alone(
     assert await store.net_charge("k-1") == 0
 
 
+async def test_a_recovery_taken_over_does_not_finish_the_order_under_its_claimant(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As above, but the claimant's undoing is the slower one (its vendor compensation takes
+    a while): the first recovery's compensation fails and it ends while the claimant still
+    works on the order. The first one's final record (compensation_failed) does not land on
+    the order the claimant runs; the claimant records it, interrupted, every step undone."""
+    store = MemoryStore()
+    await orphan(store, "k-1", charged=True)
+    stalled, claimant_goes_on = trio.Event(), trio.Event()
+
+    def vendor_compensated(desk: OrderDesk, compensate: Any) -> OrderDesk:
+        steps = [
+            attrs.evolve(s, compensate=compensate) if s.name == "vendor" else s
+            for s in desk.pipeline.steps
+        ]
+        return attrs.evolve(desk, pipeline=attrs.evolve(desk.pipeline, steps=steps))
+
+    async def stuck_cancel(order: OrderRequest) -> None:
+        await stalled.wait()
+        raise StepError(VENDOR_CANCEL_FAILED)
+
+    async def slow_cancel(order: OrderRequest) -> None:
+        await claimant_goes_on.wait()
+
+    first = vendor_compensated(
+        assemble(Settings(lease_timeout=2.0), store=store).desk, stuck_cancel
+    )
+    claimant = vendor_compensated(
+        assemble(Settings(lease_timeout=2.0), store=store).desk, slow_cancel
+    )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first.maintain)
+        await trio.sleep(0.5)  # claimed by the first; its vendor compensation hangs
+        await store.release_lease(first.owner)  # its lease lapsed (a stall)
+        await nursery.start(claimant.maintain)
+        while (await store.get("k-1")).owner != claimant.owner:  # type: ignore[union-attr] # noqa: ASYNC110
+            await trio.sleep(0.1)
+        stalled.set()  # the first one's compensation ends, failed, the claimant's not yet
+        await trio.sleep(1)
+        under_the_claimant = await store.get("k-1")
+        claimant_goes_on.set()
+        while (await store.get("k-1")).state == RUNNING:  # type: ignore[union-attr] # noqa: ASYNC110
+            await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    stored = await store.get("k-1")
+
+    assert under_the_claimant is not None
+    assert (under_the_claimant.state, under_the_claimant.owner) == (RUNNING, claimant.owner)
+    assert stored is not None
+    assert (stored.owner, stored.kind) == (claimant.owner, "interrupted")
+    assert {s.step: s.compensation for s in stored.steps} == dict.fromkeys(STEP_NAMES, "ok")
+    assert await store.net_charge("k-1") == 0
+
+
 async def test_an_order_taken_over_is_recorded_by_its_claimant_not_by_its_first_run(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
