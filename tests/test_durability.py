@@ -1142,7 +1142,10 @@ async def test_an_order_of_its_own_left_running_whose_client_keeps_retrying_is_r
 class _BeginAnsweredLate(MemoryStore):
     """The memory store, whose `begin` of a new order commits at once, the order begun a
     minute ago as far as the store's clock goes (the autojump clock is not it), and answers
-    3 s later."""
+    `answered_in` (3 s) later; of an order there already, `existing_in` (at once) later."""
+
+    answered_in = 3.0
+    existing_in = 0.0
 
     async def begin(
         self, key: str, order_id: str, request_hash: str, body: bytes, owner: str
@@ -1150,7 +1153,9 @@ class _BeginAnsweredLate(MemoryStore):
         answer = await super().begin(key, order_id, request_hash, body, owner)
         if isinstance(answer, Begun):
             self._orders[key] = attrs.evolve(answer.order, started_at=answer.order.started_at - 60)
-            await trio.sleep(3)
+            await trio.sleep(self.answered_in)
+        elif self.existing_in:
+            await trio.sleep(self.existing_in)
         return answer
 
 
@@ -1184,6 +1189,40 @@ async def test_an_order_whose_begin_answers_late_is_left_to_its_submit(
         nursery.cancel_scope.cancel()
 
     assert retries == {409}
+    [answer] = answers
+    assert (answer.status, json.loads(answer.body)["status"]) == (200, "ok")
+    stored = await store.get("k-1")
+    assert stored is not None
+    assert (stored.kind, stored.http_status, stored.attempt) == (None, 200, 1)
+    assert await store.net_charge("k-1") == 70
+
+
+async def test_an_order_whose_begin_answers_late_is_left_to_it_while_a_later_retry_waits_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As above, with a retry of the key under way across two looks (its begin waiting 3 s,
+    as on a row lock), begun after the look that first read the order: the submit that
+    counts is the earliest under way, which may still run the order, not the latest; so the
+    order is not recovered under it, and runs ok, charged once."""
+    store = _BeginAnsweredLate()
+    store.answered_in, store.existing_in = 5.0, 3.0
+    serving = assemble(Settings(lease_timeout=2.0), store=store).desk
+    order = make_order("o-1", amount=70, delay_ms=dict.fromkeys(STEP_NAMES, 0))
+    answers: list[desk.Answer] = []
+
+    async def send() -> None:
+        answers.append(await serving.submit(order, "k-1"))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serving.maintain)
+        nursery.start_soon(send)
+        await trio.sleep(1.5)  # the order read by the look at 1 s
+        retry = await serving.submit(order, "k-1")  # under way through the looks at 2 and 3 s
+        while not answers:  # noqa: ASYNC110 # the first begin answers at 5 s
+            await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+    assert retry.status == 409
     [answer] = answers
     assert (answer.status, json.loads(answer.body)["status"]) == (200, "ok")
     stored = await store.get("k-1")
