@@ -2196,6 +2196,45 @@ async def test_an_order_taken_over_is_recorded_by_its_claimant_not_by_its_first_
     assert await store.net_charge("k-1") == 70
 
 
+async def test_an_order_taken_over_and_recorded_by_its_claimant_is_answered_its_record(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As above, but the claimant's undoing is quick: its record (interrupted) is there when
+    the first run ends. The first run undoes its own steps and answers that record, 503
+    interrupted with Retry-After, as a retry of the key would read it; not 409."""
+    store = MemoryStore()
+    first = assemble(Settings(), store=store).desk  # it holds no lease
+    claimant = assemble(Settings(), store=store).desk
+    order = make_order("o-1", amount=70, delay_ms={"vendor": 1000})
+    answers: list[desk.Answer] = []
+
+    async def send() -> None:
+        answers.append(await first.submit(order, "k-1"))
+
+    with caplog.at_level(logging.WARNING, logger=DESK_LOGGER):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            await trio.sleep(0.5)  # payment and courier done, the vendor not yet
+            await nursery.start(claimant.maintain)  # claims k-1 and undoes it at once
+            while (await store.get("k-1")).state == RUNNING:  # type: ignore[union-attr] # noqa: ASYNC110
+                await trio.sleep(0.1)
+            recorded = await store.get("k-1")
+            while not answers:  # noqa: ASYNC110 # the first run ends at 1 s
+                await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+
+    assert recorded is not None
+    assert (recorded.kind, recorded.owner) == ("interrupted", claimant.owner)
+    [answer] = answers
+    assert (answer.status, answer.body, answer.key) == (503, recorded.reply, "k-1")
+    assert json.loads(answer.body)["error"]["kind"] == "interrupted"
+    assert answer.retry_after
+    assert answer.refused is None
+    warnings = [r.getMessage() for r in caplog.records if r.name == DESK_LOGGER]
+    assert "order 'o-1' was taken over by another process: undoing it" in warnings
+    assert await store.net_charge("k-1") == 0
+
+
 async def test_a_retry_of_an_order_still_running_leaves_it_to_its_run(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
