@@ -2150,9 +2150,9 @@ async def test_an_order_taken_over_is_recorded_by_its_claimant_not_by_its_first_
     """A process whose lease lapsed runs on while another claims its order and undoes it
     slowly (a 2 s refund). The first run ends ok meanwhile: its final record must not land
     over the claimant's (the key would replay ok with the money refunded). It answers 409
-    (the claimant's record not there yet), undoes its steps, says so, and has its one order
-    line, not a second one as if refused; the key ends interrupted, by the claimant, and a
-    retry runs it again."""
+    (the claimant's record not there yet) naming the order, undoes its steps, says so, and
+    has its one order line, not a second one as if refused; the key ends interrupted, by the
+    claimant, and a retry runs it again."""
     store = MemoryStore()
     first = assemble(Settings(), store=store).desk  # it holds no lease
     claimant = assemble(Settings(), store=store).desk
@@ -2180,6 +2180,7 @@ async def test_an_order_taken_over_is_recorded_by_its_claimant_not_by_its_first_
     assert (stored.kind, stored.owner) == ("interrupted", claimant.owner)
     [answer] = answers
     assert (answer.status, json.loads(answer.body)["error"]["kind"]) == (409, "order_in_progress")
+    assert json.loads(answer.body)["order_id"] == "o-1"
     assert answer.key == "k-1"  # its Content-Location
     assert await store.net_charge("k-1") == 0
     warnings = [r.getMessage() for r in caplog.records if r.name == DESK_LOGGER]
