@@ -1748,6 +1748,43 @@ async def test_a_step_recorded_unknown_by_a_recovery_that_died_is_undone_again(
         assert payment["compensation"]["status"] == "ok"
 
 
+class _ReplyReadBeforeItLands(MemoryStore):
+    """The memory store, where the first read of a final reply finds none: the record was
+    held for the next commit, which lands before the desk reads the order again."""
+
+    read = False
+
+    async def finished_reply(self, key: str, attempt_id: str) -> Any:
+        if not self.read:
+            self.read = True
+            return None
+        return await super().finished_reply(key, attempt_id)
+
+
+async def test_a_final_record_that_lands_as_the_desk_reads_it_again_is_answered_as_recorded(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An order that failed (no courier) whose final record was not there when its reply was
+    read back, and is when the desk reads the order again: the desk answers the record as it
+    is, 503 no_courier with Retry-After, not as a success; the order is neither undone
+    again nor taken for one taken over."""
+    store = _ReplyReadBeforeItLands()
+    serving = assemble(Settings(lease_timeout=2.0), store=store).desk
+    order = make_order("o-1", amount=70, fail_step="courier")
+
+    with caplog.at_level(logging.WARNING, logger=DESK_LOGGER):
+        answer = await serving.submit(order, "k-1")
+    stored = await store.get("k-1")
+
+    assert stored is not None
+    assert (stored.state, stored.kind, stored.http_status) == (FINISHED, "no_courier", 503)
+    assert (answer.status, answer.body, answer.key) == (503, stored.reply, "k-1")
+    assert answer.retry_after
+    assert (answer.replayed, answer.refused) == (False, None)
+    assert [r for r in caplog.records if r.name == DESK_LOGGER] == []
+    assert await store.net_charge("k-1") == 0
+
+
 class _OneLostReply(MemoryStore):
     """The memory store, where reading back the final reply of `lost` fails once (its commit
     failed: the record is held for the next one, which here lands at once)."""
