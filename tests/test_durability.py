@@ -586,7 +586,7 @@ async def test_an_interrupted_key_whose_every_restart_loses_its_race_is_409(
 ) -> None:
     """Each of the desk's tries to restart an interrupted key finds another process restarted
     it first (and was interrupted again): after the last, the retry is told the order is in
-    progress (409, Retry-After), and runs nothing."""
+    progress (409, Retry-After, naming the order), and runs nothing."""
     async with _AlwaysRaced(tmp_path / "orders.db") as store:
         attempt_id = await orphan(store, "k-1", charged=False)
         await store.finish("k-1", attempt_id, 503, b"{}", "interrupted")
@@ -596,6 +596,7 @@ async def test_an_interrupted_key_whose_every_restart_loses_its_race_is_409(
 
         assert store.races == desk.RESTART_TRIES
         assert (status, json.loads(body)["error"]["kind"]) == (409, "order_in_progress")
+        assert json.loads(body)["order_id"] == "o-orphan"
         assert headers["Retry-After"] == "1"
         assert headers["Content-Location"] == "/order/k-1"
         assert await store.net_charge("k-1") == 0
