@@ -144,7 +144,8 @@ async def test_the_same_key_while_running_is_409(assembly: Assembly) -> None:
     # Real time: the store's thread would let an autojump clock skip the first order's steps.
     async with trio.open_nursery() as nursery:
         nursery.start_soon(post, assembly, slow, "k-3")
-        await assembly.tracker.wait_for(lambda n: n == 3)
+        with trio.fail_after(10):  # a first order that failed would leave this waiting
+            await assembly.tracker.wait_for(lambda n: n == 3)
 
         status, body, headers = await post(assembly, slow, key="k-3")
 
@@ -951,7 +952,8 @@ async def test_a_backlog_of_expired_orders_is_forgotten_a_batch_at_a_time(
     monkeypatch.setattr(store, "purge", counted_purge)
     await trio.sleep(0.1)  # ages are on the store's clock: real time, past the 0.05 s retention
 
-    assert await assembly.desk.forget_expired() == 5
+    with trio.fail_after(5):  # real time: a wrong pause between batches would never end
+        assert await assembly.desk.forget_expired() == 5
     assert batches == [2, 2, 1]
     assert await store.list_orders() == []
 
@@ -2073,7 +2075,7 @@ async def test_a_purge_cut_short_by_an_outage_counts_what_it_forgot_and_says_why
     monkeypatch.setattr(store, "purge", failing_purge)
     forgetting = assemble(Settings(retention=0.001), store=store).desk
 
-    with caplog.at_level(logging.INFO, logger=DESK_LOGGER):
+    with caplog.at_level(logging.INFO, logger=DESK_LOGGER), trio.fail_after(5):  # real time
         assert await forgetting.forget_expired() == 2
 
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == DESK_LOGGER]
