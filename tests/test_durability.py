@@ -2115,8 +2115,9 @@ async def test_a_recovery_taken_over_leaves_the_claimant_s_records_alone(
         assert (await store.get("k-1")).owner == first.owner  # type: ignore[union-attr] # it exists
         await store.release_lease(first.owner)  # its lease lapsed (a stall)
         await nursery.start(claimant.maintain)
-        while (await store.get("k-1")).state == RUNNING:  # type: ignore[union-attr] # noqa: ASYNC110
-            await trio.sleep(0.1)
+        with trio.fail_after(10):
+            while (await store.get("k-1")).state == RUNNING:  # type: ignore[union-attr] # noqa: ASYNC110
+                await trio.sleep(0.1)
         stalled.set()  # the first one's compensation ends, failed
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
@@ -2165,14 +2166,16 @@ async def test_a_recovery_taken_over_does_not_finish_the_order_under_its_claiman
         await trio.sleep(0.5)  # claimed by the first; its vendor compensation hangs
         await store.release_lease(first.owner)  # its lease lapsed (a stall)
         await nursery.start(claimant.maintain)
-        while (await store.get("k-1")).owner != claimant.owner:  # type: ignore[union-attr] # noqa: ASYNC110
-            await trio.sleep(0.1)
+        with trio.fail_after(10):
+            while (await store.get("k-1")).owner != claimant.owner:  # type: ignore[union-attr] # noqa: ASYNC110
+                await trio.sleep(0.1)
         stalled.set()  # the first one's compensation ends, failed, the claimant's not yet
         await trio.sleep(1)
         under_the_claimant = await store.get("k-1")
         claimant_goes_on.set()
-        while (await store.get("k-1")).state == RUNNING:  # type: ignore[union-attr] # noqa: ASYNC110
-            await trio.sleep(0.1)
+        with trio.fail_after(10):
+            while (await store.get("k-1")).state == RUNNING:  # type: ignore[union-attr] # noqa: ASYNC110
+                await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
     stored = await store.get("k-1")
 
