@@ -1216,14 +1216,15 @@ async def test_an_order_whose_begin_answers_late_is_left_to_it_while_a_later_ret
     async def send() -> None:
         answers.append(await serving.submit(order, "k-1"))
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(serving.maintain)
-        nursery.start_soon(send)
-        await trio.sleep(1.5)  # the order read by the look at 1 s
-        retry = await serving.submit(order, "k-1")  # under way through the looks at 2 and 3 s
-        while not answers:  # noqa: ASYNC110 # the first begin answers at 5 s
-            await trio.sleep(0.1)
-        nursery.cancel_scope.cancel()
+    with trio.fail_after(20):  # virtual time: a run that never ends fails the test
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serving.maintain)
+            nursery.start_soon(send)
+            await trio.sleep(1.5)  # the order read by the look at 1 s
+            retry = await serving.submit(order, "k-1")  # under way through the looks at 2 and 3 s
+            while not answers:  # noqa: ASYNC110 # the first begin answers at 5 s
+                await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
 
     assert retry.status == 409
     [answer] = answers
@@ -1779,6 +1780,7 @@ async def test_a_final_record_that_lands_as_the_desk_reads_it_again_is_answered_
         answer = await serving.submit(order, "k-1")
     stored = await store.get("k-1")
 
+    assert store.read  # the reply was read back, and found missing, once
     assert stored is not None
     assert (stored.state, stored.kind, stored.http_status) == (FINISHED, "no_courier", 503)
     assert (answer.status, answer.body, answer.key) == (503, stored.reply, "k-1")
@@ -2164,6 +2166,9 @@ async def test_a_recovery_taken_over_does_not_finish_the_order_under_its_claiman
     async with trio.open_nursery() as nursery:
         nursery.start_soon(first.maintain)
         await trio.sleep(0.5)  # claimed by the first; its vendor compensation hangs
+        claimed = await store.get("k-1")
+        assert claimed is not None
+        assert claimed.owner == first.owner
         await store.release_lease(first.owner)  # its lease lapsed (a stall)
         await nursery.start(claimant.maintain)
         with trio.fail_after(10):
@@ -2255,7 +2260,7 @@ async def test_an_order_taken_over_and_recorded_by_its_claimant_is_answered_its_
     async def send() -> None:
         answers.append(await first.submit(order, "k-1"))
 
-    with caplog.at_level(logging.WARNING, logger=DESK_LOGGER):
+    with caplog.at_level(logging.WARNING, logger=DESK_LOGGER), trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send)
             await trio.sleep(0.5)  # payment and courier done, the vendor not yet

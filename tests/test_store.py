@@ -4217,18 +4217,24 @@ class Blackhole:
     async def connection(self, client: trio.SocketStream) -> None:
         """Forward one connection both ways until either side ends it, then end both."""
         target = urlsplit(POSTGRES_URL)
+        forwarding = trio.CancelScope()
+        self._open.add(forwarding)  # `refuse` ends it, connecting or forwarding
         try:
-            if self._refusing:
-                raise OSError("refusing")
-            server = await trio.open_tcp_stream(target.hostname or "127.0.0.1", target.port or 5432)
-        except OSError:
-            await client.aclose()
-            return
-        async with client, server, trio.open_nursery() as nursery:
-            self._open.add(nursery.cancel_scope)
-            nursery.start_soon(self._forward, client, server, nursery.cancel_scope)
-            nursery.start_soon(self._forward, server, client, nursery.cancel_scope)
-        self._open.discard(nursery.cancel_scope)
+            async with client:
+                with forwarding:
+                    if self._refusing:
+                        return
+                    try:
+                        server = await trio.open_tcp_stream(
+                            target.hostname or "127.0.0.1", target.port or 5432
+                        )
+                    except OSError:
+                        return
+                    async with server, trio.open_nursery() as nursery:
+                        nursery.start_soon(self._forward, client, server, nursery.cancel_scope)
+                        nursery.start_soon(self._forward, server, client, nursery.cancel_scope)
+        finally:
+            self._open.discard(forwarding)
 
     async def _forward(
         self, source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
@@ -4339,6 +4345,44 @@ async def test_a_commit_that_gets_no_answer_may_have_taken_effect(schema: str) -
         assert lost.value.may_have_taken_effect is True
 
 
+@pytest.mark.postgres
+async def test_a_lost_commit_whose_outcome_finds_no_connection_begins_the_brief_waits(
+    schema: str,
+) -> None:
+    """The connection lost as the batch commits, and the database refusing connections
+    since: the look-up of its outcome waits the full `timeout` for one and finds none, so
+    the batches after it wait OUTAGE_WAIT_S at most, as after a batch that found none itself
+    (before: the next call waited its full `timeout` too, 10 s behind a lost commit)."""
+
+    from order_pipeline.store.postgres import OUTAGE_WAIT_S, PostgresStore
+
+    token = trio.lowlevel.current_trio_token()
+
+    class LosesItsCommit(PostgresStore):
+        lose = False
+
+        def _commit(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+            if self.lose:
+                trio.from_thread.run_sync(proxy.refuse, trio_token=token)
+                conn.close()  # lost as COMMIT is sent: its outcome is asked afresh
+            super()._commit(conn)
+
+    async with blackhole() as proxy:
+        store = LosesItsCommit(proxy.url(postgres_url(schema=schema)), timeout=3.0)
+        async with store:
+            store.lose = True
+            with pytest.raises(StoreUnavailable, match="while committing") as lost:
+                await store.charge("c-1", "k-1", 70)
+            store.lose = False
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="no connection"):
+                await store.charge("c-2", "k-2", 70)
+            took = time.monotonic() - started
+            proxy.resume()
+        assert lost.value.may_have_taken_effect is True
+        assert took < OUTAGE_WAIT_S + 1.0 < store.timeout, took
+
+
 async def _timed(
     http: httpx.AsyncClient, method: str, path: str, replies: list[tuple[int, float]], **kw: Any
 ) -> None:
@@ -4390,6 +4434,7 @@ async def test_an_outage_gets_its_503_within_about_the_store_timeout(
                     await trio.sleep(0.5)
                 else:
                     pytest.fail("the server did not serve again once the database was back")
+            assert await server.stop() == 0  # while the proxy forwards: no outage of its own
 
 
 async def _continue_after(pid: int, seconds: float) -> None:

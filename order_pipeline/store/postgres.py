@@ -37,10 +37,10 @@ transaction. Whatever makes the whole batch fail is handled for the whole batch:
   have taken effect (so a payment whose charge it was is refunded);
 * no connection within `timeout`, the database refusing to commit: every operation of the
   batch raises StoreUnavailable. A batch is run at most `_TRIES` times. Once a batch has
-  found no connection, the next ones wait for one only briefly (`OUTAGE_WAIT_S`) until one
-  is got again: else each waited its full `timeout` behind another that did (the lease's
-  renewal and recovery's look queue one each second), and a call got its 503 only after
-  up to two;
+  found no connection (or the look-up of a lost commit's outcome, above, has), the next
+  ones wait for one only briefly (`OUTAGE_WAIT_S`) until one is got again: else each
+  waited its full `timeout` behind another that did (the lease's renewal and recovery's
+  look queue one each second), and a call got its 503 only after up to two;
 * no answer at all (a server or pooler that stalls, a path that stops forwarding while its
   kernel still acknowledges, so that tcp_user_timeout never fires): psycopg would wait on
   the socket without end, and every caller with it. A batch still running `STALL_TIMEOUTS`
@@ -604,6 +604,7 @@ class PostgresStore(WriterThread[Conn]):
                     self._pool.connection(timeout=wait) as conn,
                     self._bounded(conn, deadline + self.timeout),
                 ):
+                    self._no_connection = False
                     # Its backend may not know yet that we are gone: end it (and the
                     # transaction, if the COMMIT never arrived) rather than wait for it; the
                     # xid tells it from another backend that got its pid since.
@@ -619,6 +620,9 @@ class PostgresStore(WriterThread[Conn]):
                             return status
                         time.sleep(0.01)
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+                # No connection in time: the batches after wait briefly, as after a batch's
+                # own (a lost connection's error says one was got).
+                self._no_connection = isinstance(exc, psycopg_pool.PoolTimeout)
                 # Not again with next to no time left: its error would be a pool's "after
                 # 0.00 sec", not why the connections were lost.
                 if time.monotonic() >= deadline - _LAST_LOOKUP_S:
