@@ -841,6 +841,14 @@ def _has_path(request: h2.events.RequestReceived) -> bool:
     return any(name == b":path" for name, _ in request.headers or ())
 
 
+def _ascii_request_line(request: h2.events.RequestReceived) -> bool:
+    """Whether the :method and :path are ASCII, as a method and a URI are: hypercorn decodes
+    both as ASCII."""
+    return all(
+        value.isascii() for name, value in request.headers or () if name in (b":method", b":path")
+    )
+
+
 class _H2Protocol(H2Protocol):
     """Hypercorn's HTTP/2 protocol, dropping the DATA of a stream it has already closed, and
     refusing a stream opened during the drain as REFUSED_STREAM, and ending a stream's reply
@@ -953,6 +961,14 @@ class _H2Protocol(H2Protocol):
                 # takes it: 405 on its stream, and what it sends after is dropped (below).
                 if self._not_closed(event.stream_id):
                     self.connection.send_headers(event.stream_id, [(b":status", b"405")], True)
+                continue
+            if isinstance(event, h2.events.RequestReceived) and not _ascii_request_line(event):
+                # A raw byte past ASCII in :path or :method (`/order/é`, not `%C3%A9`) is no
+                # URI or method, a malformed request (RFC 9113 §8.1.1): hypercorn's decoding
+                # raised UnicodeDecodeError, which ended the connection with every order on
+                # it. Reset alone; what it sends after is dropped (below).
+                if self._not_closed(event.stream_id):
+                    _reset_malformed(self.connection, event.stream_id)
                 continue
             # Each event is handed over alone, right after this look: taking in one DATA frame
             # may let the app reply and close its stream, so a look at the read's start would

@@ -767,6 +767,37 @@ async def test_http2_request_headers_h2_refuses_reset_their_stream_alone(
     assert not [x for x in server.log_lines() if x.get("order_id") == "malformed"]
 
 
+async def test_an_http2_request_line_not_ascii_resets_its_stream_alone(
+    start_server: StartServer,
+) -> None:
+    """A :path or :method with a byte that is not ASCII (a raw `é`, where a URI has `%C3%A9`)
+    is no request target or method, a malformed request (RFC 9113 §8.1.1); hypercorn decoded
+    both as ASCII, and its UnicodeDecodeError ended the connection (no GOAWAY), cancelling and
+    undoing the order in flight beside it, with an error line and its traceback. Now that
+    stream alone is reset (PROTOCOL_ERROR), and the order beside it is answered.
+    (HTTP/1.1: h11 answers such a request line with its bare 400.)"""
+    server = await start_server("--no-access-log", "--store", "memory")
+    heads = [[(":method", "GET"), (":path", "/order/é")],
+             [(":method", "GÉT"), (":path", "/healthz")],
+             [(":method", "POST"), (":path", "/order?é")]]  # fmt: skip
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream, as_given=True)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=500)
+            bad = []
+            for head in heads:
+                sid = client.conn.get_next_available_stream_id()
+                rest = [(":scheme", "http"), (":authority", "127.0.0.1")]
+                client.conn.send_headers(sid, [*head, *rest], end_stream=True)
+                bad.append(sid)
+            await client.until(lambda: first in client.ended)
+            after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
+            await client.until(lambda: after in client.ended)
+    assert client.statuses == {first: 200, after: 200}
+    assert client.resets == dict.fromkeys(bad, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+    assert [x["message"] for x in server.log_lines() if x["level"] == "error"] == []
+
+
 async def test_http2_trailers_h2_refuses_after_the_reply_end_their_stream_alone(
     start_server: StartServer,
 ) -> None:
