@@ -132,7 +132,8 @@ def _host(text: str) -> str | None:
     """Not blank, no space at either end nor control character (a YAML block's newline):
     refused here in one line, not split over two by the error of listening on it. An IPv6
     address may come in a URL's brackets (`[::1]`); they are dropped, and other brackets
-    refused (listening on `[::1]` failed as `[[::1]]`, on `[::1]:8080` as `[[::1]:8080]`)."""
+    refused (listening on `[::1]` failed as `[[::1]]`, on `[::1]:8080` as `[[::1]:8080]`); so is
+    a colon outside an IPv6 address (a host with its port: `--port` gives that)."""
     if text.startswith("[") and text.endswith("]"):
         try:
             ipaddress.IPv6Address(text[1:-1])
@@ -141,6 +142,11 @@ def _host(text: str) -> str | None:
         return text[1:-1]
     if "[" in text or "]" in text:  # in no host name or address
         return None
+    if ":" in text:  # in no host name either: an IPv6 address, or a host with its port
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            return None  # `127.0.0.1:8080` failed to listen as `[127.0.0.1:8080]:8080`
     return text if text and text == text.strip() and text.isprintable() else None
 
 
