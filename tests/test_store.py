@@ -1274,6 +1274,25 @@ async def test_an_unopenable_path_is_refused(tmp_path: Path, where: str) -> None
     assert not (tmp_path / "missing").exists()
 
 
+async def test_a_path_under_a_file_is_refused_saying_that_file_is_no_directory(
+    tmp_path: Path,
+) -> None:
+    """`sqlite:///orders.db/x` (a file taken for a directory): the line said `directory
+    .../orders.db does not exist` while the file was there; it says it is not a directory."""
+    (tmp_path / "orders.db").write_bytes(b"")
+    path = tmp_path / "orders.db" / "x"
+    with pytest.raises(StoreError) as raised:
+        async with open_store(f"sqlite:///{path}"):
+            pass
+    assert str(raised.value) == (
+        f"{path}: cannot open the store: {tmp_path / 'orders.db'} is not a directory"
+    )
+    missing = tmp_path / "missing" / "orders.db"
+    with pytest.raises(StoreError, match=r"directory .*/missing does not exist"):
+        async with open_store(f"sqlite:///{missing}"):
+            pass
+
+
 @contextmanager
 def read_only(path: Path, mode: int = 0o444) -> Iterator[None]:
     """`path` not writable, even by root (immutable: chattr +i), for the block."""

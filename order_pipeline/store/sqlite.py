@@ -357,6 +357,8 @@ def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
     write the file.
     """
     if not path.parent.is_dir():
+        if path.parent.exists():  # a file taken for a directory: `orders.db/x`
+            raise StoreError(f"{path}: cannot open the store: {path.parent} is not a directory")
         raise StoreError(f"{path}: cannot open the store: directory {path.parent} does not exist")
     try:
         if path.exists() and not path.is_file():  # a FIFO would block the read below for good
