@@ -829,6 +829,23 @@ def test_a_sqlite_url_names_a_file_alone(url: str) -> None:
         parse_store_url(url)
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:///orders/", "sqlite:////var/lib/orders/", "sqlite:///orders/.", "sqlite:///x/.."],
+)
+async def test_a_sqlite_url_that_names_a_directory_is_refused(tmp_path: Path, url: str) -> None:
+    """A path that ends in `/` (or `.`, `..`) names a directory, a file name left out; pathlib
+    drops a trailing `/` and `.`, so `sqlite:///orders/` made a new store in a file named
+    `orders` (where that directory was still to be made). Refused before anything is made."""
+    with pytest.raises(StoreError, match="names a file, not a directory"):
+        parse_store_url(url)
+    inside = tmp_path / "orders"
+    with pytest.raises(StoreError, match="names a file, not a directory"):
+        async with open_store(f"sqlite:///{inside}/"):
+            pass
+    assert not inside.exists()
+
+
 def test_a_sqlite_url_whose_path_is_not_utf_8_is_refused_saying_so() -> None:
     """A file name of bytes that are not UTF-8 (a Latin-1 `café.db`, which the command line
     and the environment carry as os.fsdecode's escapes) is refused for what it is, naming the

@@ -99,6 +99,12 @@ def parse_store_url(url: str) -> StoreURL:
                 f"{url!r}: a sqlite:/// URL names a file alone: no ?, # or control characters,"
                 " no space at either end"
             )
+        if path.rpartition("/")[2] in ("", ".", ".."):
+            # pathlib drops a trailing `/` and `.`: `sqlite:///orders/` made a file `orders`.
+            raise StoreError(
+                f"{url!r}: a sqlite:/// URL names a file, not a directory: end it with the"
+                " file's name (sqlite:///PATH/order-pipeline.db)"
+            )
         return StoreURL("sqlite", Path(path))
     if url.startswith(_POSTGRES):
         if not url.isprintable():
