@@ -29,6 +29,7 @@ from order_pipeline.model import (
     StepStatus,
 )
 from order_pipeline.serialization import (
+    MAX_FAULTS_NAMED,
     InvalidOrder,
     dump_reply,
     encode_result,
@@ -156,6 +157,32 @@ def test_a_refusal_names_every_fault_exactly(document: object, message: str) -> 
 
     assert refused.value.message == message
     assert str(refused.value) == message
+
+
+def test_a_refusal_names_the_first_faults_and_counts_the_rest() -> None:
+    """A body of 64 KiB can hold 9,000 bad delays (`"ab":1,`, each a fault of 60 bytes): its
+    400 and its order line were 518 KB each, eight times the body, and the log's queue of
+    10,000 lines (about 6 MB of orders' lines) could hold gigabytes of them. The first
+    faults are named, the rest counted."""
+    converter = make_converter()
+    delays = {f"k{n}": 1 for n in range(5000)}
+    document = {"order_id": "o", "delay_ms": delays, "compensation_delay_ms": {"vendor": -1}}
+
+    with pytest.raises(InvalidOrder) as refused:
+        parse_order(converter.dumps(document), converter)
+
+    faults = refused.value.message.split("; ")
+    assert faults[0] == "must be one of payment, vendor, courier @ $.delay_ms['k0']"
+    assert len(faults) == 11 == MAX_FAULTS_NAMED + 1
+    assert faults[-1] == "and 4991 more"
+    assert len(refused.value.message) < 1000
+    assert refused.value.order_id == "o"
+    # Ten faults are all named.
+    ten = {"order_id": "o", "delay_ms": {f"k{n}": 1 for n in range(10)}}
+    with pytest.raises(InvalidOrder) as refused:
+        parse_order(converter.dumps(ten), converter)
+    assert refused.value.message.count("must be one of") == 10
+    assert "more" not in refused.value.message
 
 
 @pytest.mark.parametrize("error", [RuntimeError("secret internals"), ValueError()])
