@@ -1308,6 +1308,21 @@ async def test_a_path_under_a_file_is_refused_saying_that_file_is_no_directory(
     with pytest.raises(StoreError, match=r"directory .*/missing does not exist"):
         async with open_store(f"sqlite:///{missing}"):
             pass
+    # A symbolic link to a file in a missing directory: that directory is named, not the
+    # open-files limit (SQLite's CANTOPEN, the link's own directory writable).
+    link = tmp_path / "link.db"
+    link.symlink_to(missing)
+    with pytest.raises(StoreError) as raised:
+        async with open_store(f"sqlite:///{link}"):
+            pass
+    assert str(raised.value) == (
+        f"{link}: cannot open the store: directory {missing.parent} does not exist"
+    )
+    loop = tmp_path / "loop.db"
+    loop.symlink_to(loop)
+    with pytest.raises(StoreError, match="Too many levels of symbolic links"):
+        async with open_store(f"sqlite:///{loop}"):
+            pass
 
 
 @contextmanager

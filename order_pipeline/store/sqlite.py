@@ -356,10 +356,13 @@ def _connect(path: Path, busy_timeout: float, *, reader: bool = False) -> Conn:
     `reader` (an operator's listing) neither makes a store where there is none nor needs to
     write the file.
     """
-    if not path.parent.is_dir():
-        if path.parent.exists():  # a file taken for a directory: `orders.db/x`
-            raise StoreError(f"{path}: cannot open the store: {path.parent} is not a directory")
-        raise StoreError(f"{path}: cannot open the store: directory {path.parent} does not exist")
+    # Where SQLite makes the file: a dangling symbolic link's target (whose missing directory
+    # read as an open-files limit too low, SQLite's CANTOPEN beside a writable directory).
+    parent = Path(os.path.realpath(path)).parent if os.path.islink(path) else path.parent
+    if not parent.is_dir():
+        if parent.exists():  # a file taken for a directory: `orders.db/x`
+            raise StoreError(f"{path}: cannot open the store: {parent} is not a directory")
+        raise StoreError(f"{path}: cannot open the store: directory {parent} does not exist")
     try:
         if path.exists() and not path.is_file():  # a FIFO would block the read below for good
             raise StoreError(f"{path}: cannot open the store: not a regular file")
