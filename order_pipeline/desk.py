@@ -477,8 +477,11 @@ class OrderDesk:
                     exc,
                     exc_info=not isinstance(exc, ValueError),  # the traceback of the unforeseen
                 )
-                # Finished as needing an operator's attention, not retried for ever.
-                self.pipeline.report(OrderResult(stored.order_id, (), COMPENSATION_FAILED))
+                # Finished as needing an operator's attention, not retried for ever; a
+                # recovered order as any other (not one this process served: its drain's count).
+                self.pipeline.report(
+                    OrderResult(stored.order_id, (), COMPENSATION_FAILED, recovered=True)
+                )
                 return
             await self.pipeline.undo(order, known, INTERRUPTED)
 

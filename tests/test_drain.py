@@ -36,7 +36,7 @@ from order_pipeline.kinds import label, lookup
 from order_pipeline.main import DrainCount, receive_signals
 from order_pipeline.model import OrderResult
 from order_pipeline.server import Readiness, Settings, assemble, serve
-from order_pipeline.store import FINISHED, RUNNING
+from order_pipeline.store import FINISHED, RUNNING, MemoryStore
 
 from .conftest import serving
 from .launch import serve_argv
@@ -208,6 +208,34 @@ def test_an_order_recovered_during_the_drain_is_not_counted_as_drained() -> None
         "order_pipeline_orders_total", {"kind": "interrupted", "http_status": "503"}
     )
     assert total == 2
+
+
+async def test_an_order_recovery_cannot_read_during_the_drain_is_not_counted_as_drained(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Another process's interrupted order whose record this version cannot parse is left
+    for an operator (compensation_failed) by a recovery as any other is undone: no order of
+    this drain's either. It was reported without `recovered`, so a draining server that
+    served nothing said `drained orders: 1`."""
+    store = MemoryStore()
+    await store.begin("k-new", "o-1", "h", b'{"order_id": "o-1", "amount": 5, "tip": 1}', "gone")
+    count = DrainCount()
+    count.draining = True
+    recovering = assemble(Settings(), store=store, metrics=count).desk
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recovering.maintain)
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+
+    stored = await store.get("k-new")
+    assert stored is not None
+    assert (stored.state, stored.kind) == (FINISHED, "compensation_failed")
+    assert (count.drained, count.canceled_in_drain, count.canceled_by_client) == (0, 0, 0)
+    total = count.registry.get_sample_value(
+        "order_pipeline_orders_total", {"kind": "compensation_failed", "http_status": "500"}
+    )
+    assert total == 1
 
 
 async def test_an_http2_client_s_own_cancel_during_the_drain_is_not_counted_the_drain_s(
