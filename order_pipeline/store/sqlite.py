@@ -141,7 +141,8 @@ _ORDER = (
 )  # in StoredOrder's field order, so StoredOrder(*row) builds one
 _new_order: Callable[..., StoredOrder] = StoredOrder  # from a row of _ORDER's columns
 _STEP = "step, status, detail, duration_ms, compensation, compensation_ms"
-_NET_CHARGE = "SELECT coalesce(sum(amount), 0) FROM ledger WHERE key = ? AND refunded = 0"
+# An order's net charge, the one rule for `net_charge` and the listing (as postgres.py's _NET).
+_NET = "SELECT coalesce(sum(amount), 0) FROM ledger WHERE key = {} AND refunded = 0"
 
 T = TypeVar("T")
 Conn = sqlite3.Connection
@@ -339,7 +340,9 @@ class SqliteStore(WriterThread[Conn]):
         await self._call(lambda conn: _execute(conn, _REFUND, (charge_id, key)))
 
     async def net_charge(self, key: str) -> int:
-        return await self._call(lambda conn: int(conn.execute(_NET_CHARGE, (key,)).fetchone()[0]))
+        return await self._call(
+            lambda conn: int(conn.execute(_NET.format("?"), (key,)).fetchone()[0])
+        )
 
     async def purge(self, older_than: float, limit: int) -> int:
         finished_before = time.time() - older_than
@@ -747,8 +750,7 @@ def _list_orders(
         "limit": limit,
     }
     rows = conn.execute(
-        f"SELECT {_ORDER}, {abandoned}, (SELECT coalesce(sum(amount), 0) FROM ledger"
-        f" WHERE ledger.key = orders.key AND refunded = 0) FROM orders {where}"
+        f"SELECT {_ORDER}, {abandoned}, ({_NET.format('orders.key')}) FROM orders {where}"
         " ORDER BY started_at, key LIMIT :limit",
         args,
     ).fetchall()
