@@ -8,7 +8,8 @@ the connections the kernel queues on a dead worker's socket wait there until its
 restart serves them; if the drain begins first, closing the socket resets them.
 
 Hypercorn's own multi-process mode is not graceful (the first worker to exit
-makes the parent terminate the others). On SIGTERM, SIGINT or SIGHUP this supervisor
+makes the parent terminate the others). On SIGTERM, SIGINT or SIGHUP (not one it was
+started ignoring: `handoff.stop_signals`) this supervisor
 tells every worker to drain (`DRAIN_SIGNAL`), lets each drain on its own (and end itself at
 its hard deadline), kills one still running a little after that (`KILL_AFTER_DEADLINE_S`),
 and restarts a worker that dies while serving. A second signal cuts every worker's drain
@@ -86,8 +87,8 @@ RETIRE_PAUSE_S: Final = 0.01
 async def supervise(
     settings: Settings, sockets: Sequence[socket.socket], on_serving: Callable[[], None]
 ) -> int:
-    """Serve `sockets` with `settings.workers` processes, one each, until SIGTERM, SIGINT or SIGHUP,
-    then drain them.
+    """Serve `sockets` with `settings.workers` processes, one each, until a stop signal
+    (`handoff.stop_signals`: SIGTERM, SIGINT or SIGHUP), then drain them.
 
     `on_serving` is called once every worker serves. Returns the exit status: 1 if a
     worker was given up on (once the others have drained), a second signal cut the drain
