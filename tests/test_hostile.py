@@ -584,6 +584,45 @@ async def test_a_target_not_served_over_http2_is_400_and_ends_only_its_stream(
     assert client.goaway is None
 
 
+async def test_an_http_uri_whose_host_does_not_parse_is_400_not_500(
+    start_server: StartServer,
+) -> None:
+    """An http(s) URI as the target whose authority Python's `urlsplit` refuses (a `[` not
+    closed, a `]` not opened, a bracketed host no IP address, a decoded host that NFKC turns
+    into a delimiter) made Quart's own parse of it raise ValueError: a 500 and an error line
+    with its traceback (`Error in ASGI Framework`), over HTTP/1.1 and HTTP/2, for a client's
+    fault. It is a target not served: 400, the refusal's own; over HTTP/2 on its stream
+    alone, the order in flight beside it answered. A bracketed IPv6 host is served."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    targets = [b"http://[::1/healthz", b"http://%5B::1/healthz", b"https://t]/order",
+               b"http://[x]/healthz", b"http://u@[/healthz",
+               b"http://%EF%BC%9F.t/healthz"]  # fmt: skip
+
+    async def answer(target: bytes) -> tuple[int, str]:
+        raw = b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % target
+        reply = parse(await exchange(server.url, raw))
+        return reply.status, reply.json()["error"]["message"] if reply.status == 400 else ""
+
+    for target in targets:
+        assert await answer(target) == (400, TARGET_NOT_SERVED), target
+    assert await answer(b"http://[::1]/healthz") == (200, "")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream, as_given=True)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=500)
+            refused = []
+            for target in targets:
+                sid = client.conn.get_next_available_stream_id()
+                head = [(b":method", b"GET"), (b":path", target), (b":scheme", b"http"),
+                        (b":authority", b"t")]  # fmt: skip
+                client.conn.send_headers(sid, head, end_stream=True)
+                refused.append(sid)
+            await client.until(lambda: {first, *refused} <= client.ended)
+    assert client.statuses == {first: 200, **dict.fromkeys(refused, 400)}
+    assert client.resets == {}
+    assert [x["message"] for x in server.log_lines() if x["level"] == "error"] == []
+
+
 def h2c_upgrade(settings: bytes) -> bytes:
     """A `GET /healthz` asking to go on in HTTP/2 (h2c) with `settings` as its HTTP2-Settings."""
     return (

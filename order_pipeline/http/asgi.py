@@ -10,7 +10,8 @@ becomes the OpenTelemetry context of the request's task, which Trio copies into
 every task the request starts: the order's span continues the caller's trace.
 
 `refusing_targets_not_served` answers 400 to a request whose target is neither a path nor
-an http(s) URI (RFC 9112 §3.2), nor `*` for OPTIONS, before Quart makes a path of it.
+an http(s) URI (RFC 9112 §3.2), nor `*` for OPTIONS, before Quart makes a path of it (nor
+one whose authority Quart's parse would fail on).
 
 `finish_responses_shielded`: hypercorn runs its end-of-response bookkeeping
 (close the connection on `Connection: close`, or start the keep-alive idle
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import trio
 from hypercorn.typing import (
@@ -128,7 +130,8 @@ def refusing_targets_not_served(app: Any) -> Any:
     `*` for OPTIONS) gets a 400 `bad_request`, its connection closed after it (HTTP/1.1).
     Quart made a path of any target: `healthz` (no leading slash) was served as `/healthz`,
     `ftp://t/order` ran an order, a resource of no scheme this server serves, and `GET *`
-    was a 404, though `*` is a target of OPTIONS alone (RFC 9112 §3.2.4)."""
+    was a 404, though `*` is a target of OPTIONS alone (RFC 9112 §3.2.4). An http(s) URI
+    whose authority does not parse (`http://[::1/order`) is none either (`_splits`)."""
     status, body = encode_error(BAD_REQUEST, TARGET_NOT_SERVED)
 
     async def wrapped(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -148,7 +151,22 @@ def _served(scope: HTTPScope) -> bool:
     target = scope.get("raw_path")  # bytes from hypercorn; None from some other servers
     if target == b"*":  # asterisk-form: OPTIONS's alone (RFC 9112 §3.2.4); no route, a 404
         return scope["method"] == "OPTIONS" and not scope["query_string"]
-    return target is None or _SERVED_TARGET.match(target) is not None
+    if target is None or target.startswith(b"/"):
+        return True
+    return _SERVED_TARGET.match(target) is not None and _splits(scope["path"])
+
+
+def _splits(uri: str) -> bool:
+    """Whether Quart can take `uri`, an absolute-form target as hypercorn decoded it, to its
+    path: its `urlsplit` refuses an authority with a `[` not closed (or a `]` not opened), a
+    bracketed host that is no IP address, or one that NFKC normalization gives a delimiter
+    (`%EF%BC%9F`, a fullwidth `?`). Quart's ValueError was a 500, with an error line and its
+    traceback."""
+    try:
+        urlsplit(uri)
+    except ValueError:
+        return False
+    return True
 
 
 def closing_after_ambiguous_framing(app: Any) -> Any:
