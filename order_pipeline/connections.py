@@ -783,35 +783,51 @@ def _header_fields_as_stream_error(connection: h2.connection.H2Connection) -> No
     lost (§4.3). h2 raises a plain ProtocolError for both; the fields are refused only once
     the block is decoded and its stream taken, and, unlike the stream's state machine
     refusing the frame, they leave that stream open, or close it by their END_STREAM
-    (trailers after the reply's end): that stream is over both ways, and they are dropped."""
+    (trailers after the reply's end): that stream is over both ways, and they are dropped.
+    A HEADERS frame whose END_STREAM ends a body short of its Content-Length is that
+    stream's error too (`_body_short`), as a DATA frame's is (h2 did not look)."""
     receive = connection._frame_dispatch_table[hyperframe.frame.HeadersFrame]
     get_or_create_stream = connection._get_or_create_stream
-    # The stream of the HEADERS frame being received, and whether it was open before it.
-    taken: list[tuple[h2.stream.H2Stream, bool]] = []
+    # The stream of the HEADERS frame being received, whether it was open before it, and its
+    # Content-Length before it (h2 reads it again from trailers: None if they have none).
+    taken: list[tuple[h2.stream.H2Stream, bool, int | None]] = []
 
     def take_stream(stream_id: int, allowed: h2.connection.AllowedStreamIDs) -> h2.stream.H2Stream:
         stream = get_or_create_stream(stream_id, allowed)
-        taken.append((stream, stream.open))
+        taken.append((stream, stream.open, stream._expected_content_length))
         return stream
 
     def receive_headers_frame(frame: Any) -> Any:
         taken.clear()
         try:
-            return receive(frame)
+            frames, events = receive(frame)
         except h2.exceptions.TooManyStreamsError:
             return _refuse_stream(connection, frame)
         except h2.exceptions.ProtocolError as error:
             if type(error) is not h2.exceptions.ProtocolError or not taken:
                 raise  # a subclass is another error (h2 handles some itself)
-            stream, was_open = taken[0]
+            stream, was_open, _ = taken[0]
             if stream.open:
                 return [], _reset_malformed(connection, frame.stream_id)
             if was_open and stream.closed_by is h2.stream.StreamClosedBy.RECV_END_STREAM:
                 return [], []  # closed: no frame may follow (RFC 9113 §5.1), a reset neither
             raise
+        if taken and "END_STREAM" in frame.flags and _body_short(*taken[0]):
+            return frames, _reset_malformed(connection, frame.stream_id)  # as on DATA's end
+        return frames, events
 
     connection._get_or_create_stream = take_stream  # type: ignore[assignment,method-assign]
     connection._frame_dispatch_table[hyperframe.frame.HeadersFrame] = receive_headers_frame
+
+
+def _body_short(stream: h2.stream.H2Stream, was_open: bool, length: int | None) -> bool:
+    """Whether `stream`, its END_STREAM just read on a HEADERS frame (trailers, or the request's
+    own), had less DATA than its Content-Length (RFC 9113 §8.1.1: malformed): h2 counts the
+    length at a DATA frame's end alone, and the request ran on the short body. `length` is
+    the Content-Length before trailers (h2 reads the field again from them). A stream that
+    END_STREAM closed (its reply all sent: a 413) is over, and not reset: h2 refuses to."""
+    expected = length if was_open else stream._expected_content_length
+    return not stream.closed and expected is not None and expected != stream._actual_content_length
 
 
 def _graceful_goaway_keeps_streams_open(connection: h2.connection.H2Connection) -> None:

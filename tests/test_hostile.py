@@ -777,6 +777,39 @@ async def test_an_http2_body_longer_than_its_content_length_ends_its_stream_alon
     assert not [x for x in server.log_lines() if x.get("order_id") == "lying"]
 
 
+async def test_an_http2_body_short_of_its_content_length_at_a_headers_end_is_reset_alone(
+    start_server: StartServer,
+) -> None:
+    """A stream ended by a HEADERS frame (trailers, or the request's own HEADERS with
+    END_STREAM) with less DATA than its Content-Length is as malformed as one ended by DATA
+    (RFC 9113 §8.1.1), but h2 counts the length at a DATA frame's end alone: the order ran on
+    the short body (200), and a POST whose HEADERS ended it at once was refused as an empty
+    body (400). Now each is reset PROTOCOL_ERROR alone, running nothing, and the order in
+    flight beside them is answered; a body as long as its Content-Length, then trailers, runs."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    body = json.dumps({**NORMAL, "order_id": "lying"}).encode()
+    whole = json.dumps({**NORMAL, "order_id": "whole"}).encode()
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=500)
+            short = client.post(body, ("content-length", str(len(body) + 5)), end=False)
+            client.conn.send_headers(short, [("x-trailer", "1")], end_stream=True)
+            empty = client.conn.get_next_available_stream_id()
+            head = [(":method", "POST"), (":path", "/order"), (":scheme", "http"),
+                    (":authority", "127.0.0.1"), ("content-length", "5")]  # fmt: skip
+            client.conn.send_headers(empty, head, end_stream=True)
+            exact = client.post(whole, ("content-length", str(len(whole))), end=False)
+            client.conn.send_headers(exact, [("x-trailer", "1")], end_stream=True)
+            await client.until(lambda: {first, exact} <= client.ended)
+            after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
+            await client.until(lambda: after in client.ended and len(client.resets) >= 2)
+    assert client.statuses == {first: 200, exact: 200, after: 200}
+    error = h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert client.resets == {short: error, empty: error}
+    assert not [x for x in server.log_lines() if x.get("order_id") == "lying"]
+
+
 async def test_http2_request_headers_h2_refuses_reset_their_stream_alone(
     start_server: StartServer,
 ) -> None:
