@@ -1066,13 +1066,27 @@ class _H2Protocol(H2Protocol):
         """Hypercorn's, for its own streams alone, and only as far as its priority tree takes
         it. PRIORITY frames may name any stream, idle ones too (RFC 9113 §6.3): hypercorn put
         each in its tree, which refuses a 1,001st, and that error ended the connection with
-        every order on it. Priority is a hint (deprecated by RFC 9113 §5.3): dropped."""
+        every order on it. Priority is a hint (deprecated by RFC 9113 §5.3): dropped.
+
+        So is a stream made to depend on its own dependant (RFC 9113 §5.3.3): the tree moved
+        that dependant up but left its dependants under it as well, under two parents; once
+        one's reply was sent and it left the tree, the other still scheduled it, and the send
+        task failed on a stream with no reply, ending the connection with every order on it."""
         if event.stream_id not in self.streams:
             return
         if event.depends_on not in self.streams:
             event.depends_on = 0  # the root
+        elif self._depends_on(event.depends_on, event.stream_id):
+            return
         with contextlib.suppress(priority.priority.PriorityError):
             await super()._priority_updated(event)
+
+    def _depends_on(self, stream_id: int, ancestor: int) -> bool:
+        """Whether the priority tree has `stream_id` depend on `ancestor`, at any depth."""
+        node = self.priority._streams.get(stream_id)
+        while node is not None and node.stream_id != ancestor:
+            node = node.parent
+        return node is not None
 
     def _stop_sending(self, stream_id: int) -> None:
         """Reset with NO_ERROR a stream whose reply is all sent but whose client sends on

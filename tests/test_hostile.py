@@ -1227,6 +1227,37 @@ async def test_http2_priority_frames_on_many_streams_leave_the_connection_alone(
     assert client.statuses == {first: 200, after: 200}
 
 
+async def test_an_http2_stream_made_to_depend_on_its_own_dependant_leaves_the_connection_alone(
+    start_server: StartServer,
+) -> None:
+    """A stream may be made to depend on one that depends on it (RFC 9113 §5.3.3, from RFC
+    7540). The priority tree hypercorn keeps (`priority`) then left that dependant's own
+    dependant under two parents; once its reply was sent and it left the tree, the other
+    still scheduled it, and hypercorn's send task failed on a stream with no reply ("a
+    connection failed"), ending the connection, cancelling and undoing the orders in flight
+    on it. Priority is a hint: such a frame is ignored, and the orders are answered."""
+    server = await start_server("--no-access-log", "--store", "memory")
+    async with await trio.open_tcp_stream(*address(server.url)) as stream:
+        client = RawH2(stream)
+        with trio.fail_after(10):
+            first = await an_order_in_flight(client, server.url, vendor_ms=500)
+            order = {**NORMAL, "order_id": "middle", "delay_ms": {**NO_DELAY, "vendor": 500}}
+            middle = client.post(json.dumps(order).encode())
+            last = client.post(json.dumps({**NORMAL, "order_id": "last"}).encode())
+            await client.flush()
+            frames = [
+                hyperframe.frame.PriorityFrame(middle, depends_on=first),
+                hyperframe.frame.PriorityFrame(last, depends_on=middle),
+                hyperframe.frame.PriorityFrame(first, depends_on=middle),  # its own dependant
+            ]
+            await stream.send_all(b"".join(f.serialize() for f in frames))
+            await client.until(lambda: {first, middle, last} <= client.ended)
+            after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
+            await client.until(lambda: after in client.ended)
+    assert client.statuses == {first: 200, middle: 200, last: 200, after: 200}
+    assert [x["message"] for x in server.log_lines() if x["level"] == "error"] == []
+
+
 async def test_an_http2_window_update_of_0_on_a_stream_resets_that_stream_alone(
     start_server: StartServer,
 ) -> None:
