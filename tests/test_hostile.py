@@ -844,14 +844,18 @@ async def test_an_http2_request_line_not_ascii_resets_its_stream_alone(
 ) -> None:
     """A :path or :method with a byte that is not ASCII (a raw `é`, where a URI has `%C3%A9`)
     is no request target or method, a malformed request (RFC 9113 §8.1.1); hypercorn decoded
-    both as ASCII, and its UnicodeDecodeError ended the connection (no GOAWAY), cancelling and
-    undoing the order in flight beside it, with an error line and its traceback. Now that
-    stream alone is reset (PROTOCOL_ERROR), and the order beside it is answered.
-    (HTTP/1.1: h11 answers such a request line with its bare 400.)"""
+    both as ASCII (a path's part before its query), and its UnicodeDecodeError ended the
+    connection (no GOAWAY), cancelling and undoing the order in flight beside it, with an
+    error line and its traceback; a query that is not UTF-8 (`?\x80`) got a 500 and an error
+    line with its traceback (Quart's decoding), one that is (`?é`) was served. Now each such stream
+    alone is reset (PROTOCOL_ERROR), and the order beside it is answered. (HTTP/1.1: h11
+    answers each such request line with its bare 400.)"""
     server = await start_server("--no-access-log", "--store", "memory")
+    heads: list[list[tuple[str | bytes, str | bytes]]]
     heads = [[(":method", "GET"), (":path", "/order/é")],
              [(":method", "GÉT"), (":path", "/healthz")],
-             [(":method", "POST"), (":path", "/order?é")]]  # fmt: skip
+             [(":method", "POST"), (":path", "/order?é")],
+             [(":method", "GET"), (":path", b"/healthz?\x80")]]  # fmt: skip
     async with await trio.open_tcp_stream(*address(server.url)) as stream:
         client = RawH2(stream, as_given=True)
         with trio.fail_after(10):
