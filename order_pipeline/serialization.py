@@ -55,12 +55,22 @@ __all__ = [
 ]
 
 
+# The longest message of a refusal, the 400's body and its order line's: a fault may name a
+# key of 60 KiB (an unknown field's, a delay's, one given twice), or every unknown field of a
+# body at once. Ten faults of an order's own fields take under 1,000 characters.
+MAX_MESSAGE_CHARS: Final = 2000
+
+
 class InvalidOrder(ValueError):
-    """The body is not a valid order; `message` names the field and the fault."""
+    """The body is not a valid order; `message` names the field and the fault (its first
+    MAX_MESSAGE_CHARS characters)."""
 
     kind = BAD_REQUEST
 
     def __init__(self, message: str, order_id: str | None = None) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            cut = len(message) - MAX_MESSAGE_CHARS
+            message = f"{message[:MAX_MESSAGE_CHARS]}... ({cut} characters more)"
         super().__init__(message)
         self.message = message
         self.order_id = order_id
@@ -194,6 +204,7 @@ _NUMBER: Final = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+
 _HUGE_NUMBERS_NAMED: Final = 7
 # Faults named in a refusal, the rest counted: a body of 64 KiB can hold 9,000 bad delays,
 # which made a 400 (and its log line) of 518 KB. A valid order has six fields and six delays.
+# (One fault may be long still: MAX_MESSAGE_CHARS bounds the whole.)
 MAX_FAULTS_NAMED: Final = 10
 
 

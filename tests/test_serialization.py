@@ -7,6 +7,7 @@ time, where a mutation tester can switch it.
 
 from __future__ import annotations
 
+import re
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,7 @@ from order_pipeline.model import (
 )
 from order_pipeline.serialization import (
     MAX_FAULTS_NAMED,
+    MAX_MESSAGE_CHARS,
     InvalidOrder,
     dump_reply,
     encode_result,
@@ -183,6 +185,47 @@ def test_a_refusal_names_the_first_faults_and_counts_the_rest() -> None:
         parse_order(converter.dumps(ten), converter)
     assert refused.value.message.count("must be one of") == 10
     assert "more" not in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "begins"),
+    [
+        # Every unknown field is one fault, named at once: 57 KB from a body of 65 KB.
+        (
+            b'{"order_id": "o", "amount": 5, '
+            + b", ".join(b'"%d": 0' % n for n in range(9000))
+            + b"}",
+            "unknown field(s): '0', '1', '10', '100', '1000', '1001',",
+        ),
+        # One key of 60,000 characters, in a delay's path.
+        (
+            b'{"order_id": "o", "delay_ms": {"' + b"k" * 60_000 + b'": 1}}',
+            "must be one of payment, vendor, courier @ $.delay_ms['kkk",
+        ),
+        # The same long key twice.
+        (
+            b'{"order_id": "o", "' + b"k" * 60_000 + b'": 1, "' + b"k" * 60_000 + b'": 1}',
+            "body has the key 'kkk",
+        ),
+    ],
+)
+def test_a_refusal_s_message_is_cut_at_its_longest(body: bytes, begins: str) -> None:
+    """A fault may name a key of 60 KiB, or every unknown field of a body at once: its 400
+    and its order line were as long as the body (57 to 120 KB), beyond the count of faults
+    named. A message is cut after MAX_MESSAGE_CHARS characters, and says how many it left."""
+    with pytest.raises(InvalidOrder) as refused:
+        parse_order(body, make_converter())
+
+    message = refused.value.message
+    assert message.startswith(begins)
+    head, _, left = message.rpartition("... (")
+    assert len(head) == MAX_MESSAGE_CHARS
+    assert re.fullmatch(r"\d+ characters more\)", left)
+    assert len(head) + int(left.split()[0]) > 57_000
+    assert refused.value.order_id == "o"
+    # A message at the limit is whole.
+    whole = InvalidOrder("x" * MAX_MESSAGE_CHARS)
+    assert whole.message == "x" * MAX_MESSAGE_CHARS
 
 
 @pytest.mark.parametrize("error", [RuntimeError("secret internals"), ValueError()])
