@@ -133,21 +133,31 @@ def _host(text: str) -> str | None:
     refused here in one line, not split over two by the error of listening on it. An IPv6
     address may come in a URL's brackets (`[::1]`); they are dropped, and other brackets
     refused (listening on `[::1]` failed as `[[::1]]`, on `[::1]:8080` as `[[::1]:8080]`); so is
-    a colon outside an IPv6 address (a host with its port: `--port` gives that)."""
+    a colon outside an IPv6 address (a host with its port: `--port` gives that), and an IPv4
+    address written as IPv6 (`::ffff:127.0.0.1`: an IPv6 socket takes none, `invalid
+    argument`)."""
     if text.startswith("[") and text.endswith("]"):
-        try:
-            ipaddress.IPv6Address(text[1:-1])
-        except ValueError:
-            return None
-        return text[1:-1]
+        return _ipv6(text[1:-1], text)
     if "[" in text or "]" in text:  # in no host name or address
         return None
     if ":" in text:  # in no host name either: an IPv6 address, or a host with its port
-        try:
-            ipaddress.IPv6Address(text)
-        except ValueError:
-            return None  # `127.0.0.1:8080` failed to listen as `[127.0.0.1:8080]:8080`
+        return _ipv6(text, text)  # `127.0.0.1:8080` failed to listen as `[127.0.0.1:8080]:8080`
     return text if text and text == text.strip() and text.isprintable() else None
+
+
+def _ipv6(address: str, text: str) -> str | None:
+    """`address` if it is an IPv6 address a socket may listen on; `text` is as given."""
+    try:
+        mapped = ipaddress.IPv6Address(address).ipv4_mapped
+    except ValueError:
+        return None
+    if mapped is not None:
+        raise ValueError(
+            f"must be a host name or address, not {text!r}: an IPv4 address written as IPv6"
+            f" cannot be listened on; give {mapped}"
+        )
+    # A scope id may hold any character but `%` (`::1%a b`), a control one too.
+    return address if address == address.strip() and address.isprintable() else None
 
 
 def _store_url(text: str) -> str:
