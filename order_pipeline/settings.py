@@ -136,13 +136,15 @@ def _host(text: str) -> str | None:
     a colon outside an IPv6 address (a host with its port: `--port` gives that), and an IPv4
     address written as IPv6 (`::ffff:127.0.0.1`: an IPv6 socket takes none, `invalid
     argument`)."""
+    host: str | None = text
     if text.startswith("[") and text.endswith("]"):
-        return _ipv6(text[1:-1], text)
-    if "[" in text or "]" in text:  # in no host name or address
+        host = _ipv6(text[1:-1], text)
+    elif "[" in text or "]" in text:  # in no host name or address
         return None
-    if ":" in text:  # in no host name either: an IPv6 address, or a host with its port
-        return _ipv6(text, text)  # `127.0.0.1:8080` failed to listen as `[127.0.0.1:8080]:8080`
-    return text if text and text == text.strip() and text.isprintable() else None
+    elif ":" in text:  # in no host name either: an IPv6 address, or a host with its port
+        host = _ipv6(text, text)  # `127.0.0.1:8080` failed to listen as `[127.0.0.1:8080]:8080`
+    # An IPv6 address's scope id may hold any character but `%`, a control one too.
+    return host if host and host == host.strip() and host.isprintable() else None
 
 
 def _ipv6(address: str, text: str) -> str | None:
@@ -156,8 +158,7 @@ def _ipv6(address: str, text: str) -> str | None:
             f"must be a host name or address, not {text!r}: an IPv4 address written as IPv6"
             f" cannot be listened on; give {mapped}"
         )
-    # A scope id may hold any character but `%` (`::1%a b`), a control one too.
-    return address if address == address.strip() and address.isprintable() else None
+    return address
 
 
 def _store_url(text: str) -> str:

@@ -11,7 +11,7 @@ import contextlib
 import json
 import re
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import h2.config
 import h2.connection
@@ -64,6 +64,12 @@ class RawH2:
         self.conn.send_headers(sid, headers)
         if body is not None:
             self.conn.send_data(sid, body, end_stream=end)
+        return sid
+
+    def request(self, headers: Iterable[tuple[str | bytes, str | bytes]]) -> int:
+        """A stream of `headers` alone (no body), ended; its id."""
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, headers, end_stream=True)
         return sid
 
     async def flush(self) -> None:
@@ -570,11 +576,8 @@ async def test_a_target_not_served_over_http2_is_400_and_ends_only_its_stream(
         client = RawH2(stream, as_given=True)  # h2 would refuse to send such a :path
 
         def get(path: str) -> int:
-            sid = client.conn.get_next_available_stream_id()
-            headers = [(":method", "GET"), (":path", path), (":scheme", "http"),
-                       (":authority", "t")]  # fmt: skip
-            client.conn.send_headers(sid, headers, end_stream=True)
-            return sid
+            return client.request([(":method", "GET"), (":path", path), (":scheme", "http"),
+                                   (":authority", "t")])  # fmt: skip
 
         refused, asterisk, served = get("healthz"), get("*"), get("/healthz")
         with trio.fail_after(10):
@@ -610,13 +613,8 @@ async def test_an_http_uri_whose_host_does_not_parse_is_400_not_500(
         client = RawH2(stream, as_given=True)
         with trio.fail_after(10):
             first = await an_order_in_flight(client, server.url, vendor_ms=500)
-            refused = []
-            for target in targets:
-                sid = client.conn.get_next_available_stream_id()
-                head = [(b":method", b"GET"), (b":path", target), (b":scheme", b"http"),
-                        (b":authority", b"t")]  # fmt: skip
-                client.conn.send_headers(sid, head, end_stream=True)
-                refused.append(sid)
+            rest = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"t")]
+            refused = [client.request([(b":path", target), *rest]) for target in targets]
             await client.until(lambda: {first, *refused} <= client.ended)
     assert client.statuses == {first: 200, **dict.fromkeys(refused, 400)}
     assert client.resets == {}
@@ -795,10 +793,9 @@ async def test_an_http2_body_short_of_its_content_length_at_a_headers_end_is_res
             first = await an_order_in_flight(client, server.url, vendor_ms=500)
             short = client.post(body, ("content-length", str(len(body) + 5)), end=False)
             client.conn.send_headers(short, [("x-trailer", "1")], end_stream=True)
-            empty = client.conn.get_next_available_stream_id()
             head = [(":method", "POST"), (":path", "/order"), (":scheme", "http"),
                     (":authority", "127.0.0.1"), ("content-length", "5")]  # fmt: skip
-            client.conn.send_headers(empty, head, end_stream=True)
+            empty = client.request(head)
             exact = client.post(whole, ("content-length", str(len(whole))), end=False)
             client.conn.send_headers(exact, [("x-trailer", "1")], end_stream=True)
             await client.until(lambda: {first, exact} <= client.ended)
@@ -860,12 +857,8 @@ async def test_an_http2_request_line_not_ascii_resets_its_stream_alone(
         client = RawH2(stream, as_given=True)
         with trio.fail_after(10):
             first = await an_order_in_flight(client, server.url, vendor_ms=500)
-            bad = []
-            for head in heads:
-                sid = client.conn.get_next_available_stream_id()
-                rest = [(":scheme", "http"), (":authority", "127.0.0.1")]
-                client.conn.send_headers(sid, [*head, *rest], end_stream=True)
-                bad.append(sid)
+            rest = [(":scheme", "http"), (":authority", "127.0.0.1")]
+            bad = [client.request([*head, *rest]) for head in heads]
             await client.until(lambda: first in client.ended)
             after = client.post(json.dumps(NORMAL).encode())  # the connection serves on
             await client.until(lambda: after in client.ended)
@@ -953,11 +946,8 @@ def a_reply_not_read(client: RawH2) -> int:
     """GET /healthz on `client`, which sets its flow-control window to 0: the reply's body
     cannot be sent, as for a client that reads none of it; the stream's id."""
     client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
-    sid = client.conn.get_next_available_stream_id()
-    headers = [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"),
-               (":authority", "127.0.0.1")]  # fmt: skip
-    client.conn.send_headers(sid, headers, end_stream=True)
-    return sid
+    return client.request([(":method", "GET"), (":path", "/healthz"), (":scheme", "http"),
+                           (":authority", "127.0.0.1")])  # fmt: skip
 
 
 async def test_an_http2_reply_not_read_is_given_up_when_its_client_goes(
@@ -1392,10 +1382,7 @@ async def test_an_http2_connection_serves_on_past_1000_streams(start_server: Sta
             first = await an_order_in_flight(client, server.url, vendor_ms=5000)
             gets = []
             for _ in range(21):  # 50 at a time: within the 100 streams open at once
-                batch: list[int] = []
-                for _ in range(50):
-                    batch.append(client.conn.get_next_available_stream_id())
-                    client.conn.send_headers(batch[-1], healthz, end_stream=True)
+                batch = [client.request(healthz) for _ in range(50)]
                 gets += batch
                 await client.until(lambda: set(batch) <= client.ended)  # noqa: B023 # awaited here
             await client.until(lambda: first in client.ended)

@@ -64,10 +64,11 @@ _VALID_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
 # would log a warning for each such request.
 _TRACE_HEADER_MAX: Final = 512
 _TRACE_CONTEXT: Final = TraceContextTextMapPropagator()
-# A target served (RFC 9112 §3.2): a path (origin-form); an http or https URI (absolute-form,
-# which a server must accept: Quart drops its scheme and authority), with a host (RFC 9110
-# §4.2.1: one without is invalid). `*` (asterisk-form) is OPTIONS's alone (`_served`).
-_SERVED_TARGET: Final = re.compile(rb"/|https?://[^/?#]", re.IGNORECASE)
+# A target served besides a path (origin-form, RFC 9112 §3.2): an http or https URI
+# (absolute-form, which a server must accept: Quart drops its scheme and authority), with a
+# host (RFC 9110 §4.2.1: one without is invalid). `*` (asterisk-form) is OPTIONS's alone
+# (`_served`).
+_ABSOLUTE_TARGET: Final = re.compile(rb"https?://[^/?#]", re.IGNORECASE)
 TARGET_NOT_SERVED: Final = "the request target must be a path (/...) or an http or https URI"
 
 
@@ -151,9 +152,9 @@ def _served(scope: HTTPScope) -> bool:
     target = scope.get("raw_path")  # bytes from hypercorn; None from some other servers
     if target == b"*":  # asterisk-form: OPTIONS's alone (RFC 9112 §3.2.4); no route, a 404
         return scope["method"] == "OPTIONS" and not scope["query_string"]
-    if target is None or target.startswith(b"/"):
+    if target is None or target.startswith(b"/"):  # origin-form
         return True
-    return _SERVED_TARGET.match(target) is not None and _splits(scope["path"])
+    return _ABSOLUTE_TARGET.match(target) is not None and _splits(scope["path"])
 
 
 def _splits(uri: str) -> bool:
