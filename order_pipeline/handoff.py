@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 from collections.abc import Mapping
 from contextlib import suppress
 from typing import Final
@@ -31,6 +32,7 @@ __all__ = [
     "MULTIPROC_ENV",
     "READY_FD_ENV",
     "Handoff",
+    "HandoffError",
     "stop_signals",
 ]
 
@@ -64,6 +66,24 @@ def stop_signals() -> tuple[int, ...]:
     group, and hears its supervisor."""
     terminal = [s for s in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
     return (signal.SIGTERM, *terminal)
+
+
+class HandoffError(Exception):
+    """The handoff's variables are set, but not as a supervisor sets them (by hand, say)."""
+
+
+def _inherited_fd(environ: Mapping[str, str], name: str, *, socket: bool = False) -> int:
+    """The open file descriptor (a socket if `socket`) that `environ[name]` names."""
+    text = environ.get(name)
+    if text is None:
+        raise HandoffError(f"{LISTEN_FD_ENV} is set without {name}")
+    try:
+        mode = os.fstat(int(text)).st_mode
+    except (ValueError, OSError):
+        raise HandoffError(f"{name}={text!r} is no open file descriptor") from None
+    if socket and not stat.S_ISSOCK(mode):
+        raise HandoffError(f"{name}={text!r} is no socket")
+    return int(text)
 
 
 @attrs.frozen
@@ -114,13 +134,20 @@ class Handoff:
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Handoff | None:
-        """What this process inherited, or None if no supervisor started it."""
-        listen_fd = environ.get(LISTEN_FD_ENV)
-        if listen_fd is None:
+        """What this process inherited, or None if no supervisor started it; HandoffError
+        if its variables are not a supervisor's (set by hand: they are not settings)."""
+        if LISTEN_FD_ENV not in environ:
             return None
-        return cls(
-            int(listen_fd),
-            environ[MULTIPROC_ENV],
-            int(environ[READY_FD_ENV]),
-            int(environ[LIFELINE_FD_ENV]) if LIFELINE_FD_ENV in environ else None,
-        )
+        try:
+            if MULTIPROC_ENV not in environ:
+                raise HandoffError(f"{LISTEN_FD_ENV} is set without {MULTIPROC_ENV}")
+            return cls(
+                _inherited_fd(environ, LISTEN_FD_ENV, socket=True),
+                environ[MULTIPROC_ENV],
+                _inherited_fd(environ, READY_FD_ENV),
+                _inherited_fd(environ, LIFELINE_FD_ENV) if LIFELINE_FD_ENV in environ else None,
+            )
+        except HandoffError as exc:
+            raise HandoffError(
+                f"{exc}; only `serve --workers` sets {LISTEN_FD_ENV}, for its workers: unset it"
+            ) from None

@@ -28,7 +28,7 @@ import attrs
 import trio
 
 from .cli import VERSION, ListOrders, misspelt_variables, parse_command
-from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff, stop_signals
+from .handoff import CUT_SHORT_SIGNAL, DRAIN_SIGNAL, Handoff, HandoffError, stop_signals
 from .listing import list_orders
 from .logs import (
     ANY_LEVEL,
@@ -62,7 +62,7 @@ ACCEPT_ERROR_EVERY_S: Final = 60.0
 # Exit statuses: 1 for an address that cannot be listened on (as for a drain that
 # overran); 2 for a bad setting or store, like any usage error.
 CANNOT_LISTEN: Final = 1
-BAD_STORE: Final = 2
+BAD_SETTING: Final = 2
 # A drain cut short by a second signal: its orders were cancelled (and undone) rather than
 # finished, as when it overruns its hard deadline; a script or unit sees it was not clean.
 INTERRUPTED_DRAIN: Final = 1
@@ -433,9 +433,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except CannotListen as exc:
         write_line(f"order-pipeline: {exc}")
         raise SystemExit(CANNOT_LISTEN) from None
-    except StoreError as exc:
+    except (StoreError, HandoffError) as exc:
         write_line(f"order-pipeline: {exc}")
-        raise SystemExit(BAD_STORE) from None
+        raise SystemExit(BAD_SETTING) from None
     finally:
         # Before a traceback, or the death by SIGINT of `__main__.run`, is written or happens.
         flush_logs()

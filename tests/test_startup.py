@@ -96,6 +96,38 @@ def test_a_misspelt_variable_is_warned_of_at_start(taken_port: int) -> None:
     assert done.returncode == 1
 
 
+@pytest.mark.parametrize(
+    ("handoff", "message"),
+    [
+        ({}, "ORDER_PIPELINE_LISTEN_FD is set without PROMETHEUS_MULTIPROC_DIR"),
+        (
+            {"PROMETHEUS_MULTIPROC_DIR": "."},
+            "ORDER_PIPELINE_LISTEN_FD='0' is no socket",
+        ),
+        (
+            {"PROMETHEUS_MULTIPROC_DIR": ".", "ORDER_PIPELINE_LISTEN_FD": "x"},
+            "ORDER_PIPELINE_LISTEN_FD='x' is no open file descriptor",
+        ),
+    ],
+)
+def test_a_worker_s_handoff_set_by_hand_is_one_line_and_status_2(
+    handoff: dict[str, str], message: str
+) -> None:
+    """ORDER_PIPELINE_LISTEN_FD is how a supervisor hands a worker its socket, not a setting;
+    set by hand (copied from a worker's environment, say) it was a traceback."""
+    env = {**os.environ, "ORDER_PIPELINE_LISTEN_FD": "0", **handoff}
+    argv = [sys.executable, "-m", "order_pipeline", "serve", "--store", "memory"]
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=EXIT_TIMEOUT_S, check=False, env=env
+    )
+
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"order-pipeline: {message}; only `serve --workers` sets ORDER_PIPELINE_LISTEN_FD,"
+        " for its workers: unset it\n",
+    )
+
+
 async def test_a_port_another_server_with_workers_serves_is_in_use_too(
     start_server: StartServer, tmp_path: Path
 ) -> None:

@@ -17,6 +17,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -723,9 +724,19 @@ async def test_a_worker_of_a_supervisor_without_a_lifeline_serves_on(
 ) -> None:
     """A worker restarted by a supervisor older than the lifeline (an upgrade in place) finds
     none in its environment: it starts and serves, and never takes the supervisor for gone."""
+    listening, (ready_read, ready_write) = socket.socket(), os.pipe()
     # What an older supervisor handed over:
-    env = {LISTEN_FD_ENV: "3", MULTIPROC_ENV: str(tmp_path), READY_FD_ENV: "4"}
-    handoff = Handoff.from_environ(env)
+    env = {
+        LISTEN_FD_ENV: str(listening.fileno()),
+        MULTIPROC_ENV: str(tmp_path),
+        READY_FD_ENV: str(ready_write),
+    }
+    try:
+        handoff = Handoff.from_environ(env)
+    finally:
+        listening.close()
+        os.close(ready_read)
+        os.close(ready_write)
 
     assert handoff is not None
     assert handoff.lifeline_fd is None
