@@ -908,6 +908,8 @@ def test_a_postgresql_store_names_itself_without_a_password_libpq_misread() -> N
         "postgresql://app@db.example:5432/orders"
     )
     assert "s3cr3t" not in PostgresStore("postgresql://app:s3cr3t/x@db.example:5432/o").where
+    # No host: libpq's default (PGHOST, or a Unix socket), which "localhost" would misname.
+    assert PostgresStore("postgresql://app@/orders").where == "postgresql://app@/orders"
 
 
 @pytest.mark.parametrize(

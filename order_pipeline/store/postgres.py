@@ -924,7 +924,8 @@ def _where(params: dict[str, Any], url: str) -> str:
     if not str(params.get("port") or "0").isdigit() or "@" in str(params.get("dbname") or ""):
         return shown_url(url)
     user = f"{params['user']}@" if params.get("user") else ""
-    host = params.get("host") or params.get("hostaddr") or "localhost"
+    # No host given: none shown, for libpq's default is PGHOST's or a Unix socket, not localhost.
+    host = params.get("host") or params.get("hostaddr") or ""
     port = f":{params['port']}" if params.get("port") else ""
     return f"postgresql://{user}{host}{port}/{params.get('dbname') or ''}"
 
