@@ -188,7 +188,8 @@ async def run_once(stores: Stores, run: int, variant: Variant, at: int | None, b
     lease and two looks at the orders left running; then the key retried, over HTTP."""
     # Trio runs each batch of runnable tasks in an order of its random generator's; seeded
     # alike, each run goes as the uncancelled one did up to its cancel (on SQLite, as far as
-    # its thread's batches fall alike).
+    # its thread's batches fall alike). A private name, but pytest-trio's too: it hands the
+    # same generator to Hypothesis.
     trio._core._run._r.seed(0)
     order = variant.order
     async with stores.open(run) as store:
