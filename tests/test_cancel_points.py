@@ -182,10 +182,18 @@ async def left_interrupted(store: OrderStore, order: OrderRequest) -> None:
     await store.charge(dead.order.attempt_id, KEY, order.amount)
 
 
-async def run_once(stores: Stores, run: int, variant: Variant, at: int | None, before: bool) -> Run:
+async def run_once(
+    stores: Stores,
+    run: int,
+    variant: Variant,
+    at: int | None,
+    before: bool,
+    instrument: Callable[..., CancelAt] = CancelAt,
+) -> Run:
     """The order submitted as the desk's maintenance starts (or, restarting its key, once
     the maintenance has recovered it), cancelled at point `at`; the maintenance run past a
-    lease and two looks at the orders left running; then the key retried, over HTTP."""
+    lease and two looks at the orders left running; then the key retried, over HTTP.
+    `instrument` counts the points (a CancelAt that does more at each: test_crash_points)."""
     # Trio runs each batch of runnable tasks in an order of its random generator's; seeded
     # alike, each run goes as the uncancelled one did up to its cancel (on SQLite, as far as
     # its thread's batches fall alike). A private name, but pytest-trio's too: it hands the
@@ -214,7 +222,7 @@ async def run_once(stores: Stores, run: int, variant: Variant, at: int | None, b
                 recovered = await store.get(KEY)
                 assert recovered is not None
                 assert recovered.kind == INTERRUPTED
-            counter = CancelAt(request, at, before=before)
+            counter = instrument(request, at, before=before)
             trio.lowlevel.add_instrument(counter)
             nursery.start_soon(client, name=SUBMIT)
             await ended.wait()
