@@ -72,17 +72,22 @@ class HandoffError(Exception):
     """The handoff's variables are set, but not as a supervisor sets them (by hand, say)."""
 
 
+def _inherited(environ: Mapping[str, str], name: str) -> str:
+    """`environ[name]`, which a supervisor sets beside the listening socket's."""
+    if name not in environ:
+        raise HandoffError(f"{LISTEN_FD_ENV} is set without {name}")
+    return environ[name]
+
+
 def _inherited_fd(environ: Mapping[str, str], name: str, *, socket: bool = False) -> int:
     """The open file descriptor (a socket if `socket`) that `environ[name]` names."""
-    text = environ.get(name)
-    if text is None:
-        raise HandoffError(f"{LISTEN_FD_ENV} is set without {name}")
+    text = _inherited(environ, name)
     try:
         mode = os.fstat(int(text)).st_mode
     except (ValueError, OSError):
-        raise HandoffError(f"{name}={text!r} is no open file descriptor") from None
+        raise HandoffError(f"{name}={text!r} is not an open file descriptor") from None
     if socket and not stat.S_ISSOCK(mode):
-        raise HandoffError(f"{name}={text!r} is no socket")
+        raise HandoffError(f"{name}={text!r} is not a socket")
     return int(text)
 
 
@@ -139,11 +144,10 @@ class Handoff:
         if LISTEN_FD_ENV not in environ:
             return None
         try:
-            if MULTIPROC_ENV not in environ:
-                raise HandoffError(f"{LISTEN_FD_ENV} is set without {MULTIPROC_ENV}")
+            metrics_dir = _inherited(environ, MULTIPROC_ENV)
             return cls(
                 _inherited_fd(environ, LISTEN_FD_ENV, socket=True),
-                environ[MULTIPROC_ENV],
+                metrics_dir,
                 _inherited_fd(environ, READY_FD_ENV),
                 _inherited_fd(environ, LIFELINE_FD_ENV) if LIFELINE_FD_ENV in environ else None,
             )

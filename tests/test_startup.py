@@ -102,11 +102,11 @@ def test_a_misspelt_variable_is_warned_of_at_start(taken_port: int) -> None:
         ({}, "ORDER_PIPELINE_LISTEN_FD is set without PROMETHEUS_MULTIPROC_DIR"),
         (
             {"PROMETHEUS_MULTIPROC_DIR": "."},
-            "ORDER_PIPELINE_LISTEN_FD='0' is no socket",
+            "ORDER_PIPELINE_LISTEN_FD='0' is not a socket",
         ),
         (
             {"PROMETHEUS_MULTIPROC_DIR": ".", "ORDER_PIPELINE_LISTEN_FD": "x"},
-            "ORDER_PIPELINE_LISTEN_FD='x' is no open file descriptor",
+            "ORDER_PIPELINE_LISTEN_FD='x' is not an open file descriptor",
         ),
     ],
 )
@@ -115,10 +115,18 @@ def test_a_worker_s_handoff_set_by_hand_is_one_line_and_status_2(
 ) -> None:
     """ORDER_PIPELINE_LISTEN_FD is how a supervisor hands a worker its socket, not a setting;
     set by hand (copied from a worker's environment, say) it was a traceback."""
-    env = {**os.environ, "ORDER_PIPELINE_LISTEN_FD": "0", **handoff}
+    handed = {"ORDER_PIPELINE_READY_FD", "ORDER_PIPELINE_LIFELINE_FD", "PROMETHEUS_MULTIPROC_DIR"}
+    env = {k: v for k, v in os.environ.items() if k not in handed}
+    env |= {"ORDER_PIPELINE_LISTEN_FD": "0", **handoff}
     argv = [sys.executable, "-m", "order_pipeline", "serve", "--store", "memory"]
     done = subprocess.run(
-        argv, capture_output=True, text=True, timeout=EXIT_TIMEOUT_S, check=False, env=env
+        argv,
+        stdin=subprocess.DEVNULL,  # fd 0: no socket
+        capture_output=True,
+        text=True,
+        timeout=EXIT_TIMEOUT_S,
+        check=False,
+        env=env,
     )
 
     assert (done.returncode, done.stderr) == (
