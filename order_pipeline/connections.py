@@ -10,11 +10,9 @@ plain request too, a malformed stream is that stream's error alone, as RFC 9113 
 not the whole connection's, a client's GOAWAY(NO_ERROR) leaves its open streams to be
 answered, a connection with no stream open is closed at the idle limit (GOAWAY first), and
 a reply its client does not read is given up when the client goes or the drain's grace
-ends (`_H2Protocol`). They rely on internals of hypercorn 0.18, h2 4.4, h11 0.16,
-priority (1.3, 2.0) and hyperframe 6.1, the versions pyproject.toml allows and the tests pass
-on (tests/test_hostile.py, test_connections.py, test_server.py, test_http.py and
-test_disconnects.py); hypercorn 0.17 and h2 before 4.3 fail them, and on h2 4.3 the CONNECT
-test cannot run. A version that renames them fails those tests, not silently.
+ends (`_H2Protocol`). They rely on internals of hypercorn, h2, h11, hyperframe and
+priority: pyproject.toml holds each to the versions the tests pass on, and says which tests
+and why. A version that renames them fails those tests, not silently.
 
 A connection closed is read on, briefly, until its client's end, so that a client still
 sending reads its reply rather than a reset (`_OneConnection._close`); in a drain, an

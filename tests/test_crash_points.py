@@ -62,7 +62,7 @@ from .test_cancel_points import (
     Run,
     Stores,
     Variant,
-    _Sqlite,
+    VirtualSqlite,
     check,
     run_once,
 )
@@ -99,18 +99,6 @@ class Wall:
 
     def __call__(self) -> float:
         return self.base + self.clock.current_time()
-
-
-class _Store(_Sqlite):
-    """test_cancel_points' SQLite (the clock still while Trio waits for its thread), whose
-    monotonic clock is its wall clock (`ClockWatch`): both follow Trio's virtual time here,
-    as both follow real time on a host, so the seconds the autojump skips are not a step of
-    the wall clock (after which claims wait two real seconds for the owners to renew)."""
-
-    def _now(self) -> float:
-        now = time.time()
-        self._clock.observe(now, now)
-        return now
 
 
 @attrs.frozen
@@ -278,7 +266,7 @@ async def restart_on(
     else:
         dead = crash.owner
     wall.base = crash.wall - clock.current_time()
-    async with _Store(crash.path, clock) as store:
+    async with VirtualSqlite(crash.path, clock) as store:
         held, held_net = await store.get(KEY), await store.net_charge(KEY)
         assembly = assemble(Settings(lease_timeout=LEASE_S), store=store)
         assert assembly.desk.owner not in leases
@@ -364,7 +352,8 @@ def check_recovered(r: Recovered, variant: Variant, answer: Answer | None) -> No
                 assert stored.attempt == 1, where
                 assert r.net == 0, where
             else:
-                assert r.net == (AMOUNT if stored.kind in (None, COMPENSATION_FAILED) else 0)
+                kept = stored.kind in (None, COMPENSATION_FAILED)
+                assert r.net == (AMOUNT if kept else 0), where
         assert variant.refund_fails or stored.kind != COMPENSATION_FAILED, where
         assert r.attention == ([stored] if stored.kind == COMPENSATION_FAILED else []), where
     status, body, headers = r.retry
@@ -393,7 +382,7 @@ async def first_crashes(
 
     @asynccontextmanager
     async def store(_: int) -> AsyncIterator[OrderStore]:
-        async with _Store(live, clock) as opened:
+        async with VirtualSqlite(live, clock) as opened:
             yield opened
 
     def snapshots(scope: trio.CancelScope, at: int | None, *, before: bool) -> Snapshots:
@@ -401,7 +390,9 @@ async def first_crashes(
 
     whole = await run_once(Stores(store, exact=False), 0, variant, None, True, snapshots)
     check(whole, variant)
-    assert len(crashes) == whole.points + 1
+    assert whole.answer is not None, str(whole)
+    assert whole.answer.status == variant.status, str(whole)
+    assert len(crashes) == whole.points + 1 > 4, str(whole)  # a copy at each point, and more
     return whole, crashes
 
 
