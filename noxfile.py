@@ -35,8 +35,8 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-m", UNIT, *session.posargs)
 
 
-# What pyproject.toml holds to the versions the tests pass on (their internals are used), and
-# the tests that pass on them (the comment there).
+# What pyproject.toml holds to the versions the tests below pass on (their internals are used;
+# the comment there says which version failed what).
 BOUNDED = ["hypercorn", "h2", "h11", "hyperframe", "priority", "prometheus-client"]
 BOUNDED_TESTS = [
     "tests/test_hostile.py",

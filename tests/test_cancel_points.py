@@ -92,6 +92,18 @@ VARIANTS = {
 }
 
 
+class Wall:
+    """`time.time` for the store: Trio's clock, from `base`; each new process sets `base` so
+    that it starts where the dead one's clock stopped."""
+
+    def __init__(self, clock: trio.testing.MockClock) -> None:
+        self.clock = clock
+        self.base = time.time()
+
+    def __call__(self) -> float:
+        return self.base + self.clock.current_time()
+
+
 class CancelAt(trio.abc.Instrument):
     """Counts the steps Trio runs while the task named SUBMIT lives (of every task but the
     test's own), and cancels `scope` at the one numbered `at`: as it is about to run
@@ -266,18 +278,34 @@ def check(run: Run, variant: Variant) -> None:
         assert variant.refund_fails or stored.kind != COMPENSATION_FAILED, where
         if run.answer is not None:  # the cancel came too late to stop its answer
             assert (run.answer.status, run.answer.body) == (stored.http_status, stored.reply), where
-    status, body, headers = run.retry
+    check_retry(run.retry, run.retried, stored, variant, run.net, run.net_after, where)
+
+
+def check_retry(
+    retry: tuple[int, bytes, Headers],
+    retried: StoredOrder | None,
+    stored: StoredOrder | None,
+    variant: Variant,
+    net: int,
+    net_after: int,
+    where: str,
+) -> None:
+    """The key retried, `stored` what it held before: run again (never begun, or
+    interrupted) as normal, the ledger then the amount iff its answer keeps the money; or
+    replayed byte for byte, the ledger as it was (`net`). Either way the key holds the
+    answer, finished."""
+    status, body, headers = retry
     if stored is None or stored.kind == INTERRUPTED:
         assert "Idempotent-Replayed" not in headers, where
-        assert status == variant.status, where  # run again, uncancelled now
+        assert status == variant.status, where
+        kept = status == 200 or json.loads(body)["error"]["kind"] == COMPENSATION_FAILED
+        assert net_after == (AMOUNT if kept else 0), where
     else:
         assert headers.get("Idempotent-Replayed") == "true", where
         assert (status, body) == (stored.http_status, stored.reply), where
-    retried = run.retried
+        assert net_after == net, where
     assert retried is not None, where
     assert (retried.state, retried.http_status, retried.reply) == (FINISHED, status, body), where
-    kept = status == 200 or json.loads(body)["error"]["kind"] == COMPENSATION_FAILED
-    assert run.net_after == (AMOUNT if kept else 0), where
 
 
 class VirtualSqlite(SqliteStore):
@@ -360,8 +388,7 @@ async def test_an_order_cancelled_at_any_point_ends_one_way_its_money_and_retry_
     final result, the ledger the amount if that is ok (or its refund failed) and nothing
     otherwise, and a retry is its replay (or a new run if it never began), the ledger
     agreeing with that answer too."""
-    start = time.time()
-    monkeypatch.setattr(time, "time", lambda: start + autojump_clock.current_time())
+    monkeypatch.setattr(time, "time", Wall(autojump_clock))
     whole = await run_once(stores, 0, VARIANTS[variant], None, before)
     check(whole, VARIANTS[variant])
     assert whole.answer is not None, str(whole)

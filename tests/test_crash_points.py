@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 import sqlite3
 import time
@@ -63,7 +62,9 @@ from .test_cancel_points import (
     Stores,
     Variant,
     VirtualSqlite,
+    Wall,
     check,
+    check_retry,
     run_once,
 )
 from .test_durability import post
@@ -87,18 +88,6 @@ def timed(variant: str, timing: str) -> Variant:
     return attrs.evolve(
         chosen, order=make_order(**{**converter.unstructure(chosen.order), **APART})
     )
-
-
-class Wall:
-    """`time.time` for the store: Trio's clock, from `base`; each new process sets `base` so
-    that it starts where the dead one's clock stopped."""
-
-    def __init__(self, clock: trio.testing.MockClock) -> None:
-        self.clock = clock
-        self.base = time.time()
-
-    def __call__(self) -> float:
-        return self.base + self.clock.current_time()
 
 
 @attrs.frozen
@@ -356,20 +345,7 @@ def check_recovered(r: Recovered, variant: Variant, answer: Answer | None) -> No
                 assert r.net == (AMOUNT if kept else 0), where
         assert variant.refund_fails or stored.kind != COMPENSATION_FAILED, where
         assert r.attention == ([stored] if stored.kind == COMPENSATION_FAILED else []), where
-    status, body, headers = r.retry
-    if stored is None or stored.kind == INTERRUPTED:
-        # Never begun, or interrupted: run again (a new attempt), as normal.
-        assert "Idempotent-Replayed" not in headers, where
-        assert status == variant.status, where
-        kept = status == 200 or json.loads(body)["error"]["kind"] == COMPENSATION_FAILED
-        assert r.net_after == (AMOUNT if kept else 0), where
-    else:
-        assert headers.get("Idempotent-Replayed") == "true", where
-        assert (status, body) == (stored.http_status, stored.reply), where
-        assert r.net_after == r.net, where
-    retried = r.retried
-    assert retried is not None, where
-    assert (retried.state, retried.http_status, retried.reply) == (FINISHED, status, body), where
+    check_retry(r.retry, r.retried, stored, variant, r.net, r.net_after, where)
 
 
 async def first_crashes(

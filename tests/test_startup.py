@@ -27,6 +27,7 @@ import trio
 import order_pipeline
 import order_pipeline.__main__
 from order_pipeline.cli import parse_command
+from order_pipeline.handoff import LIFELINE_FD_ENV, LISTEN_FD_ENV, MULTIPROC_ENV, READY_FD_ENV
 from order_pipeline.store import open_store
 
 from .pg import postgres_url, table_locked, with_params
@@ -115,9 +116,9 @@ def test_a_worker_s_handoff_set_by_hand_is_one_line_and_status_2(
 ) -> None:
     """ORDER_PIPELINE_LISTEN_FD is how a supervisor hands a worker its socket, not a setting;
     set by hand (copied from a worker's environment, say) it was a traceback."""
-    handed = {"ORDER_PIPELINE_READY_FD", "ORDER_PIPELINE_LIFELINE_FD", "PROMETHEUS_MULTIPROC_DIR"}
+    handed = {READY_FD_ENV, LIFELINE_FD_ENV, MULTIPROC_ENV}
     env = {k: v for k, v in os.environ.items() if k not in handed}
-    env |= {"ORDER_PIPELINE_LISTEN_FD": "0", **handoff}
+    env |= {LISTEN_FD_ENV: "0", **handoff}
     argv = [sys.executable, "-m", "order_pipeline", "serve", "--store", "memory"]
     done = subprocess.run(
         argv,
