@@ -671,6 +671,44 @@ async def test_purge_forgets_old_finished_orders_only(store: OrderStore) -> None
     assert await store.purge(0.5, limit=2) == 0
 
 
+def lease_owners(store: OrderStore, store_url: str) -> set[str]:
+    """The owners whose lease rows the store holds, read from its file or database (memory:
+    its dict): a row that expired and one missing are alike to every method."""
+    parsed = parse_store_url(store_url)
+    if parsed.backend == "memory":
+        assert isinstance(store, MemoryStore)
+        return set(store._leases)
+    if parsed.backend == "sqlite":
+        assert parsed.path is not None
+        with closing(sqlite3.connect(parsed.path)) as conn:
+            return {owner for (owner,) in conn.execute("SELECT owner FROM leases")}
+    import psycopg
+
+    assert parsed.url is not None
+    with psycopg.connect(parsed.url) as conn:  # its search_path: the test's schema
+        return {owner for (owner,) in conn.execute("SELECT owner FROM leases")}
+
+
+async def test_purge_forgets_the_leases_of_processes_long_gone(
+    store: OrderStore, store_url: str
+) -> None:
+    """A process killed leaves its lease (a clean exit releases it): purged once it expired
+    over the retention ago, so that a server restarted after every crash leaves no more rows
+    than a retention's; a live one, or one expired within the retention, stays."""
+    await store.renew_lease("w-killed-long-ago", -10.0)
+    await store.renew_lease("w-killed-lately", -0.1)
+    await store.renew_lease("w-live", 60.0)
+    await begun(store, "k-running", owner="w-killed-long-ago")
+
+    assert await store.purge(5.0, limit=10) == 0  # no order finished: the leases all the same
+    assert lease_owners(store, store_url) == {"w-killed-lately", "w-live"}
+    # Missing is as expired: the dead owner's order is claimed, the live one's lease holds.
+    claimed = await store.claim_interrupted("w-live", limit=10)
+    assert [o.key for o in claimed] == ["k-running"]
+    await store.release_lease("w-live")
+    assert lease_owners(store, store_url) == {"w-killed-lately"}
+
+
 async def test_a_cancelled_begin_did_all_or_nothing(store: OrderStore) -> None:
     """Cancelled before it starts, a begin writes nothing; cancelled in flight, it still returns."""
     with trio.CancelScope() as scope:
@@ -1552,11 +1590,11 @@ class _Planned:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.plans: dict[str, str] = {}  # the statement's first words: its plan
+        self.plans: dict[str, str] = {}  # the statement's first three words: its plan
 
     def execute(self, sql: str, args: Any = ()) -> sqlite3.Cursor:
         plan = self.conn.execute(f"EXPLAIN QUERY PLAN {sql}", args).fetchall()
-        self.plans[" ".join(sql.split()[:2])] = "; ".join(row[3] for row in plan)
+        self.plans[" ".join(sql.split()[:3])] = "; ".join(row[3] for row in plan)
         return self.conn.execute(sql, args)
 
     def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
@@ -1581,10 +1619,11 @@ async def test_sqlite_plans_read_attention_and_purges_through_their_indexes(
         def plans(conn: sqlite3.Connection) -> tuple[str, str, str]:
             planned = _Planned(conn)
             sqlite._list_orders(planned, True, None, 1000, now)  # type: ignore[arg-type]
-            first = planned.plans["SELECT key,"]
+            first = planned.plans["SELECT key, order_id,"]
             sqlite._list_orders(planned, True, (now - 50, "k-50"), 1000, now)  # type: ignore[arg-type]
             sqlite._purge(planned, now - 3600, 100)  # type: ignore[arg-type]
-            return first, planned.plans["SELECT key,"], planned.plans["DELETE FROM"]
+            after = planned.plans["SELECT key, order_id,"]
+            return first, after, planned.plans["DELETE FROM orders"]
 
         first, after, purge = await store._call(plans)
     assert first.startswith("SCAN orders USING INDEX orders_attention"), first

@@ -1258,9 +1258,11 @@ def _purge(conn: Conn, older_than: float, limit: int) -> int:
         f" AND {_PURGEABLE} LIMIT %s FOR UPDATE SKIP LOCKED)"
         " RETURNING key, attempt_id),"
         " s AS (DELETE FROM steps WHERE attempt_id IN (SELECT attempt_id FROM gone)),"
-        " l AS (DELETE FROM ledger WHERE key IN (SELECT key FROM gone))"
+        " l AS (DELETE FROM ledger WHERE key IN (SELECT key FROM gone)),"
+        " d AS (DELETE FROM leases WHERE owner IN (SELECT owner FROM leases"
+        " WHERE expires_at < now() - make_interval(secs => %s) FOR UPDATE SKIP LOCKED))"
         " SELECT count(*) FROM gone",
-        (older_than, limit),
+        (older_than, limit, older_than),
     ).fetchone()
     assert row is not None
     return int(row[0])

@@ -811,4 +811,5 @@ def _purge(conn: Conn, finished_before: float, limit: int) -> int:
     ).fetchall()
     conn.executemany("DELETE FROM steps WHERE attempt_id = ?", [(a,) for _, a in gone])
     conn.executemany("DELETE FROM ledger WHERE key = ?", [(k,) for k, _ in gone])
+    conn.execute("DELETE FROM leases WHERE expires_at < ?", (finished_before,))
     return len(gone)
