@@ -52,7 +52,7 @@ from order_pipeline.server import Settings, assemble
 from order_pipeline.store import FINISHED, RUNNING, OrderStore, StoredOrder
 
 from .conftest import make_order
-from .test_cancel_points import (
+from .points import (
     AMOUNT,
     KEY,
     LEASE_S,
