@@ -12,9 +12,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 import nox
+from packaging.requirements import Requirement  # nox's own dependency
 
 # nox does not put this file's directory on sys.path; tests/launch.py is shared with the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,6 +58,34 @@ def newest(session: nox.Session) -> None:
     session.install("--upgrade", *BOUNDED)
     session.run("pip", "list", "--format=freeze")
     session.run("pytest", "-m", UNIT, *BOUNDED_TESTS, *session.posargs)
+
+
+def _lower_bounds() -> list[str]:
+    """pyproject.toml's runtime requirements (the package's and the postgres extra's), each
+    pinned to its lower bound: `h11>=0.16,<0.17` is `h11==0.16`, `psycopg[binary]>=3.2.1`
+    `psycopg[binary]==3.2.1`."""
+    project = tomllib.loads((Path(__file__).parent / "pyproject.toml").read_text())["project"]
+    pins = []
+    for line in [*project["dependencies"], *project["optional-dependencies"]["postgres"]]:
+        requirement = Requirement(line)
+        lower = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        if len(lower) != 1:
+            raise ValueError(f"pyproject.toml: {line!r} has no one lower bound (>=) to pin")
+        extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+        marker = f"; {requirement.marker}" if requirement.marker else ""
+        pins.append(f"{requirement.name}{extras}=={lower[0]}{marker}")
+    return pins
+
+
+@nox.session
+def oldest(session: nox.Session) -> None:
+    """The `tests` suite with every runtime dependency at its lower bound in pyproject.toml
+    (transitive ones and the test tools as pip resolves them around those): whether the bounds
+    hold. One pip run, so that a test tool that needs a newer one (opentelemetry-sdk pins
+    opentelemetry-api) comes down with it."""
+    session.install("-e", *TEST_DEPS, *_lower_bounds())
+    session.run("pip", "list", "--format=freeze")
+    session.run("pytest", "-m", UNIT, *session.posargs)
 
 
 @nox.session
