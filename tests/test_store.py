@@ -702,11 +702,13 @@ async def test_purge_forgets_the_leases_of_processes_long_gone(
 
     assert await store.purge(5.0, limit=10) == 0  # no order finished: the leases all the same
     assert lease_owners(store, store_url) == {"w-killed-lately", "w-live"}
+    await store.purge(-120.0, limit=10)  # every order finished before two minutes from now
+    assert lease_owners(store, store_url) == {"w-live"}  # but no live lease
     # Missing is as expired: the dead owner's order is claimed, the live one's lease holds.
     claimed = await store.claim_interrupted("w-live", limit=10)
     assert [o.key for o in claimed] == ["k-running"]
     await store.release_lease("w-live")
-    assert lease_owners(store, store_url) == {"w-killed-lately"}
+    assert lease_owners(store, store_url) == set()
 
 
 async def test_a_cancelled_begin_did_all_or_nothing(store: OrderStore) -> None:

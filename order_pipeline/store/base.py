@@ -370,8 +370,9 @@ class OrderStore(Protocol):
         clock), steps and ledger too; their count. At most `limit`, so that one transaction
         stays short however many expired. Not one that ended compensation_failed: its money
         may be held, an operator's to resolve (`order-pipeline orders --needs-attention`
-        lists it until then). The leases that expired over `older_than` ago go too: a
-        process killed leaves its own, and one missing says what one expired does."""
+        lists it until then). The leases that expired over `older_than` ago go too (never a
+        live one): a process killed leaves its own, and one missing says what one expired
+        does."""
         ...
 
 

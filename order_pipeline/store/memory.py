@@ -252,6 +252,7 @@ class MemoryStore:
             self._steps.pop(order.attempt_id, None)
             for charge in self._charges_of.pop(order.key, ()):
                 del self._ledger[charge.charge_id]
-        for owner in [o for o, expires in self._leases.items() if expires < finished_before]:
+        lapsed_before = min(finished_before, time.time())  # not a live lease
+        for owner in [o for o, expires in self._leases.items() if expires < lapsed_before]:
             del self._leases[owner]
         return len(gone)

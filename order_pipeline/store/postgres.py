@@ -1260,7 +1260,8 @@ def _purge(conn: Conn, older_than: float, limit: int) -> int:
         " s AS (DELETE FROM steps WHERE attempt_id IN (SELECT attempt_id FROM gone)),"
         " l AS (DELETE FROM ledger WHERE key IN (SELECT key FROM gone)),"
         " d AS (DELETE FROM leases WHERE owner IN (SELECT owner FROM leases"
-        " WHERE expires_at < now() - make_interval(secs => %s) FOR UPDATE SKIP LOCKED))"
+        " WHERE expires_at < now() - make_interval(secs => greatest(%s, 0))"
+        " FOR UPDATE SKIP LOCKED))"
         " SELECT count(*) FROM gone",
         (older_than, limit, older_than),
     ).fetchone()
