@@ -12,6 +12,7 @@ and dropped after it. Without a server those tests skip, unless ORDER_PIPELINE_R
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import re
@@ -1877,7 +1878,7 @@ async def test_a_final_record_whose_commit_failed_rides_on_the_next_call(
         order = await begun(store)
         store.finish_soon("k-1", order.attempt_id, 200, b'{"status":"ok"}', None)
         path.rename(aside)  # an outage: every commit fails
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(StoreUnavailable) as failed:
             await store.renew_lease("w-1", 5)  # carries the finish
         aside.rename(path)
 
@@ -1887,7 +1888,8 @@ async def test_a_final_record_whose_commit_failed_rides_on_the_next_call(
         assert (stored.state, stored.http_status, stored.reply) == (
             FINISHED, 200, b'{"status":"ok"}'
         )  # fmt: skip
-        assert "1 record(s) not stored yet, held for the next commit" in caplog.text
+        held = f"1 record(s) not stored yet, held for the next commit: {failed.value}"
+        assert held in caplog.messages  # the outage's own words, in a store process too
 
 
 @pytest.mark.parametrize("in_a_store_process", [False, True])
@@ -2047,6 +2049,91 @@ async def test_the_end_of_an_outage_is_a_line_after_the_one_it_left_unsaid(
     assert [m for m in caplog.messages if "held" in m] == [
         held,
         f"{held} (and 1 more like it since the last such line)",
+        "held records stored, after 3 batch(es) that could not store them",
+    ]
+
+
+async def test_the_end_of_an_outage_is_said_when_new_records_ride_with_the_held_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batch that stores the records held through an outage carries records nobody waits
+    for that were never held (another order's, queued since, behind them): the log says the
+    outage's end all the same, whichever of its records comes last."""
+    path, aside = tmp_path / "orders.db", tmp_path / "aside.db"
+    async with SqliteStore(path, busy_timeout=0.2) as store:
+        first, second = await begun(store, "k-1"), await begun(store, "k-2")
+        store.finish_soon("k-1", first.attempt_id, 200, b'{"status":"ok"}', None)
+        path.rename(aside)  # an outage: every commit fails, the final record is held
+        with pytest.raises(StoreUnavailable):
+            await store.renew_lease("w-1", 5)
+        aside.rename(path)
+        store.record_step("k-2", second.attempt_id, StepRecord("payment", "ok", None, 5))
+        await store.renew_lease("w-1", 5)  # the held finish, then k-2's record, both stored
+        stored = [await store.get(key) for key in ("k-1", "k-2")]
+
+    assert [(order.state, order.steps) if order else None for order in stored] == [
+        (FINISHED, ()),
+        (RUNNING, (StepRecord("payment", "ok", None, 5),)),
+    ]
+    held = [m for m in caplog.messages if "held" in m]
+    assert held[-1] == "held records stored, after 1 batch(es) that could not store them"
+
+
+async def test_held_records_lost_are_never_said_stored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record held after an outage that then fails on its own is lost, with a line; the
+    records committed beside it were never held, and the log may not say `held records
+    stored` for them (the outage's end, read as the lost record stored)."""
+    tries = 0
+
+    def fails_for_an_outage_then_on_its_own(conn: sqlite3.Connection) -> None:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            conn.execute("ROLLBACK")  # as SQLite does on an I/O error
+            raise sqlite3.OperationalError("disk I/O error (simulated)")
+        raise ValueError("refused")
+
+    async with SqliteStore(tmp_path / "orders.db") as store:
+        order = await begun(store)
+        store._put(fails_for_an_outage_then_on_its_own, None, kept=True)
+        with pytest.raises(StoreUnavailable) as failed:
+            await store.renew_lease("w-1", 5)  # carries it: held
+        store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)
+        stored = await store.get("k-1")  # tried again, it fails alone; the finish commits
+
+    assert tries == 2
+    assert stored is not None
+    assert stored.state == FINISHED
+    assert [m for m in caplog.messages if "held" in m or "not stored" in m] == [
+        f"1 record(s) not stored yet, held for the next commit: {failed.value}",
+        "a queued record not stored: refused",
+    ]
+
+
+async def test_an_outage_s_lines_are_timed_on_the_store_s_trio_clock(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, autojump_clock: trio.abc.Clock
+) -> None:
+    """The held line of a store in a Trio run is timed on that run's clock (as the rest of
+    the server is): on the virtual clock, batches failing a second apart are a line each,
+    none left unsaid, however little real time passed."""
+    path, aside = tmp_path / "orders.db", tmp_path / "aside.db"
+    async with SqliteStore(path, busy_timeout=0.2) as store:
+        order = await begun(store)
+        store.finish_soon("k-1", order.attempt_id, 200, b'{"status":"ok"}', None)
+        path.rename(aside)  # an outage: every commit fails, the final record is held
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable) as failed:
+                await store.renew_lease("w-1", 5)
+            await trio.sleep(1)
+        aside.rename(path)  # back: the close's batch stores the record, a second later
+
+    held = f"1 record(s) not stored yet, held for the next commit: {failed.value}"
+    assert [m for m in caplog.messages if "held" in m] == [
+        held,
+        held,
+        held,
         "held records stored, after 3 batch(es) that could not store them",
     ]
 
@@ -2324,6 +2411,31 @@ async def test_replies_not_read_back_are_read_from_the_database(store: OrderStor
         assert replied == FinishedReply(200, order.key.encode(), None)
 
 
+async def test_a_reply_finish_soon_wrote_is_read_back_without_a_statement(
+    tmp_path: Path,
+) -> None:
+    """finished_reply answers from what finish_soon wrote, whether it rides in the same batch
+    (as the desk reads back every reply it sends) or was committed by one before, without
+    reading the database: a read each would cost every order a statement in the writer
+    thread."""
+    statements: list[str] = []
+    async with SqliteStore(tmp_path / "orders.db") as store:
+        first, second = await begun(store, "k-1"), await begun(store, "k-2")
+        store.finish_soon("k-2", second.attempt_id, 200, b"2", None)
+        await store.renew_lease("w-1", 5)  # commits k-2's finish
+        await store._call(lambda conn: conn.set_trace_callback(statements.append))
+        store.finish_soon("k-1", first.attempt_id, 200, b"1", None)
+        replies = [
+            await store.finished_reply("k-1", first.attempt_id),  # in the same batch
+            await store.finished_reply("k-2", second.attempt_id),  # committed before
+        ]
+        await store._call(lambda conn: conn.set_trace_callback(None))
+
+    assert replies == [FinishedReply(200, b"1", None), FinishedReply(200, b"2", None)]
+    assert any(s.startswith("UPDATE orders") for s in statements)  # k-1's finish, traced
+    assert [s for s in statements if s.startswith("SELECT")] == []
+
+
 @pytest.mark.parametrize(
     ("code", "busy"),
     [(5, True), (261, True), (517, True), (773, True), (6, False), (1, False), (None, False)],
@@ -2389,6 +2501,73 @@ async def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
             store.record_step("k-1", "a", StepRecord(step, "ok"))
 
 
+async def test_a_store_not_yet_opened_refuses_work(tmp_path: Path) -> None:
+    """Before `async with` opens it, a store refuses every call as a closed one does, rather
+    than queue work for a writer thread that does not run yet (a call that waits for it
+    would wait for ever); closing it is nothing to do."""
+    store = SqliteStore(tmp_path / "orders.db")
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.finish_soon("k-1", "a", 200, b"{}", None)
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.record_step("k-1", "a", StepRecord("payment", "ok"))
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.get("k-1")
+    await store.aclose()
+    assert not (tmp_path / "orders.db").exists()
+
+
+async def test_a_store_whose_opening_is_cancelled_opens_and_closes_all_the_same(
+    tmp_path: Path,
+) -> None:
+    """The writer thread opens the store whatever happens: an `async with` cancelled as it
+    begins (a server stopped as it starts) waits for the open, enters, and closes the store
+    on its way out. Cancelled out of the wait, it would leave the thread behind, holding the
+    file open and waiting for work that no call could give it."""
+    path = tmp_path / "orders.db"
+    store = SqliteStore(path)
+    entered = False
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async with store:
+            entered = True
+            await trio.lowlevel.checkpoint()  # where the cancellation lands
+    assert entered
+    assert store._thread is not None
+    assert not store._thread.is_alive()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.get("k-1")
+
+
+async def test_a_close_that_is_cancelled_still_waits_for_its_batch(tmp_path: Path) -> None:
+    """A store's close is not cancellable: cancelled (a shutdown cut short), it still waits
+    for its own batch to commit what rode on it (here a final record, behind another
+    process's write lock) and for the thread to end. Cancelled out of that wait, it would
+    return with the record not yet committed, and the thread still running."""
+    path = tmp_path / "orders.db"
+    after_the_close: list[object] = []
+
+    async def close_cancelled() -> None:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await store.aclose()
+        assert store._thread is not None
+        after_the_close.append(store._thread.is_alive())
+        with closing(sqlite3.connect(path)) as reader:
+            after_the_close.extend(reader.execute("SELECT state FROM orders").fetchone())
+
+    async with SqliteStore(path, busy_timeout=30) as store:
+        order = await begun(store)
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")  # the close's batch waits for the lock
+            store.finish_soon("k-1", order.attempt_id, 200, b"{}", None)  # rides on the close
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(close_cancelled)
+                await trio.testing.wait_all_tasks_blocked()  # the close waits (or returned)
+                other.execute("ROLLBACK")
+
+    assert after_the_close == [False, FINISHED]
+
+
 def _may_use_sched_batch() -> bool:
     """Whether a thread here may put itself under SCHED_BATCH (a sandbox may refuse it)."""
     allowed: list[bool] = []
@@ -2417,6 +2596,39 @@ async def test_the_writer_thread_does_not_preempt_the_trio_thread(store: OrderSt
     writer = store._thread  # type: ignore[attr-defined]  # both SQL stores'
     assert writer.native_id != threading.get_native_id()
     assert os.sched_getscheduler(writer.native_id) == os.SCHED_BATCH
+
+
+async def test_the_writer_thread_is_named_after_its_store_and_holds_no_exit_back(
+    tmp_path: Path,
+) -> None:
+    """The writer thread bears its store's name (a thread dump, py-spy, an unhandled
+    exception's line say whose it is), and is a daemon: a process whose Trio run ended
+    without closing its store (a crash) still exits, rather than wait for a thread that
+    waits for work."""
+    path = tmp_path / "orders.db"
+    async with SqliteStore(path):
+        (writer,) = [t for t in threading.enumerate() if t.name == f"store writer {path}"]
+        assert writer.daemon
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+async def test_a_writer_thread_refused_sched_batch_says_why_and_works_the_same(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the system refuses SCHED_BATCH (a sandbox's seccomp filter: EPERM), the writer
+    thread keeps its policy, says why at debug level, and the store works the same."""
+
+    def refused(pid: int, policy: int, param: os.sched_param) -> None:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "sched_setscheduler", refused)
+    caplog.set_level("DEBUG", logger="order_pipeline.store")
+    async with SqliteStore(tmp_path / "orders.db") as store:
+        order = await begun(store)
+        assert await store.get("k-1") == order
+    why = os.strerror(errno.EPERM)
+    said = f"the store's writer thread keeps its scheduling policy: [Errno {errno.EPERM}] {why}"
+    assert said in caplog.messages
 
 
 class _CountedPuts(queue.SimpleQueue[Any]):
